@@ -1,0 +1,18 @@
+//! The library's error type. Expected conditions (a lagging member, a peer that went away) are
+//! plain values in their modules, not errors.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("http error: {0}")]
+    Hyper(#[from] hyper::Error),
+    #[error("websocket error: {0}")]
+    WebSocket(#[from] fastwebsockets::WebSocketError),
+    #[error("upgraded connection is not a TCP stream")]
+    NotTcp,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

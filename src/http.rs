@@ -1,0 +1,305 @@
+//! HTTP routing: the JSON API, the web page, and the WebSocket upgrade (every check on the
+//! upgrade request happens here, before the 101, so a refusal is a status code and a JSON body).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpStream;
+
+use crate::names::{validate_room, validate_user};
+use crate::server::Shared;
+use crate::stats::rss_bytes;
+
+pub type Body = Full<Bytes>;
+
+const INDEX_HTML: &str = include_str!("../web/index.html");
+
+/// Answers one HTTP request. Never fails: every problem is a status code with a JSON body.
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match segments.as_slice() {
+        [""] => only(&method, &[Method::GET, Method::HEAD], || html(INDEX_HTML)),
+        ["healthz"] => only(&method, &[Method::GET], || json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        ["metrics"] => only(&method, &[Method::GET], || metrics(&shared)),
+        ["api", "stats"] => only(&method, &[Method::GET], || stats(&shared)),
+        ["api", "rooms"] => only(&method, &[Method::GET], || list_rooms(&shared, &req)),
+        ["api", "rooms", room] => {
+            let room = decode_room(room);
+            only(&method, &[Method::GET], || room.and_then(|r| room_info(&shared, &r, &req)).unwrap_or_else(|e| e))
+        }
+        ["api", "rooms", room, "messages"] => {
+            if method != Method::POST {
+                return method_not_allowed(&[Method::POST]);
+            }
+            match decode_room(room) {
+                Ok(room) => publish(&shared, &room, req).await,
+                Err(resp) => resp,
+            }
+        }
+        ["ws"] | ["ws", _] => {
+            if method != Method::GET {
+                return method_not_allowed(&[Method::GET]);
+            }
+            let path_room = segments.get(1).map(|r| decode_room(r));
+            websocket(shared, req, path_room)
+        }
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    }
+}
+
+fn only(method: &Method, allowed: &[Method], f: impl FnOnce() -> Response<Body>) -> Response<Body> {
+    if allowed.contains(method) {
+        f()
+    } else {
+        method_not_allowed(allowed)
+    }
+}
+
+fn method_not_allowed(allowed: &[Method]) -> Response<Body> {
+    let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route");
+    let allow = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        resp.headers_mut().insert(ALLOW, v);
+    }
+    resp
+}
+
+/// A JSON body with the right content type.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The error body every refusal uses: `{"error": code, "reason": text}`.
+pub fn error(status: StatusCode, code: &str, reason: &str) -> Response<Body> {
+    json_response(status, &json!({"error": code, "reason": reason}))
+}
+
+fn html(page: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(page.as_bytes())));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    resp
+}
+
+/// The first value of `key` in the query string, percent-decoded.
+fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<Cow<'a, str>> {
+    let query = req.uri().query()?;
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+/// A numeric query parameter in `range`, `default` when absent.
+fn number_param(
+    req: &Request<Incoming>,
+    key: &str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, Response<Body>> {
+    match query_param(req, key) {
+        None => Ok(default),
+        Some(v) => v.parse::<u64>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_param",
+                &format!("`{key}` must be an integer from {} to {}", range.start(), range.end()),
+            )
+        }),
+    }
+}
+
+/// A room name from a path segment: percent-decoded, then validated.
+fn decode_room(raw: &str) -> Result<String, Response<Body>> {
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_room", "room name is not valid UTF-8"))?;
+    validate_room(&decoded).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()))?;
+    Ok(decoded.into_owned())
+}
+
+fn metrics(shared: &Shared) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(shared.stats.prometheus_text())));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+fn stats(shared: &Shared) -> Response<Body> {
+    let s = &shared.stats;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "connections": s.connections.get(),
+            "rooms": shared.hub.room_count(),
+            "messages_in": s.messages_in.get(),
+            "published": s.published.get(),
+            "frames_out": s.frames_out.get(),
+            "writes": s.writes.get(),
+            "frames_encoded": s.frames_encoded.get(),
+            "evictions": s.evictions.get(),
+            "connections_refused": s.connections_refused.get(),
+            "rss_bytes": rss_bytes(),
+            "uptime_secs": s.uptime().as_secs(),
+        }),
+    )
+}
+
+fn list_rooms(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    let limit = match number_param(req, "limit", 100, 1..=1000) {
+        Ok(n) => n as usize,
+        Err(resp) => return resp,
+    };
+    let (rooms, total) = shared.hub.list(limit);
+    let rooms: Vec<_> = rooms.iter().map(|(r, n)| json!({"room": r.name(), "members": n})).collect();
+    json_response(StatusCode::OK, &json!({"rooms": rooms, "total": total}))
+}
+
+fn room_info(shared: &Shared, room: &str, req: &Request<Incoming>) -> Result<Response<Body>, Response<Body>> {
+    let limit = number_param(req, "users_limit", 100, 1..=1000)? as usize;
+    let after = match query_param(req, "users_after") {
+        None => None,
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            error(StatusCode::BAD_REQUEST, "bad_param", "`users_after` must be a member id")
+        })?),
+    };
+    let Some(room) = shared.hub.get(room) else {
+        return Err(error(StatusCode::NOT_FOUND, "no_such_room", "no room of that name has members"));
+    };
+    let info = room.info(limit, after);
+    let value = serde_json::to_value(&info).unwrap_or_default();
+    Ok(json_response(StatusCode::OK, &value))
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    text: Option<serde_json::Value>,
+    user: Option<serde_json::Value>,
+}
+
+async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Response<Body> {
+    let max = shared.config.max_message_bytes as usize;
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "body is larger than --max-message-bytes");
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return too_large();
+    }
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "bad_request", "could not read the request body"),
+    };
+    let parsed: PublishBody = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", &format!("body is not a JSON object: {e}")),
+    };
+    let Some(serde_json::Value::String(text)) = parsed.text else {
+        return error(StatusCode::BAD_REQUEST, "bad_message", "`text` must be a string");
+    };
+    if text.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "bad_message", "`text` is empty");
+    }
+    let user = match parsed.user {
+        None => "api".to_owned(),
+        Some(serde_json::Value::String(u)) => match validate_user(&u) {
+            Ok(()) => u,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_user", e.user_reason()),
+        },
+        Some(_) => return error(StatusCode::BAD_REQUEST, "bad_user", "`user` must be a string"),
+    };
+    let Some(room_ref) = shared.hub.get(room) else {
+        return error(StatusCode::NOT_FOUND, "no_such_room", "no room of that name has members");
+    };
+    let seq = room_ref.publish(&user, &text, 0, false);
+    json_response(StatusCode::ACCEPTED, &json!({"room": room, "seq": seq}))
+}
+
+/// Decrements the connection gauge when a WebSocket task ends (or never starts).
+struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.stats.connections.dec();
+    }
+}
+
+fn websocket(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    path_room: Option<Result<String, Response<Body>>>,
+) -> Response<Body> {
+    let room = match path_room {
+        Some(Ok(room)) => Some(room),
+        Some(Err(resp)) => return resp,
+        None => match query_param(&req, "room") {
+            Some(r) => match validate_room(&r) {
+                Ok(()) => Some(r.into_owned()),
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()),
+            },
+            None => None,
+        },
+    };
+    let user = match query_param(&req, "user").or_else(|| query_param(&req, "username")) {
+        Some(u) => match validate_user(&u) {
+            Ok(()) => Some(u.into_owned()),
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_user", e.user_reason()),
+        },
+        None => None,
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "expected a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)",
+        );
+    }
+    if shared.shutdown.is_shutdown() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down");
+    }
+    let stats = &shared.stats;
+    if stats.connections.inc() >= shared.config.max_connections as i64 {
+        stats.connections.dec();
+        stats.connections_refused.inc();
+        return error(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", "the server is at --max-connections");
+    }
+    let guard = ConnectionGuard(shared.clone());
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+    };
+    let id = shared.next_id();
+    let user: Arc<str> = user.unwrap_or_else(|| format!("anon-{id}")).into();
+    let shutdown = shared.shutdown.clone();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let ws = match upgrade.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let upgraded = ws.into_inner().into_inner();
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let stream = parts.io.into_inner();
+                crate::connection::run(shared, stream, parts.read_buf, id, user, room, shutdown).await;
+            }
+            Err(_) => tracing::error!("{}", crate::Error::NotTcp),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}

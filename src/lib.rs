@@ -1,0 +1,21 @@
+//! roomcast: a WebSocket room broadcast engine.
+//!
+//! Data flows one way: `server` (accept) → `http` (routes, upgrade) → `connection` (one task per
+//! socket) → `hub` / `room` (membership, sequence) → every member's writer, which sends the same
+//! pre-encoded bytes (`protocol`).
+
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod names;
+pub mod protocol;
+pub mod room;
+pub mod server;
+pub mod shutdown;
+pub mod stats;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use server::run;

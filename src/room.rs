@@ -1,0 +1,210 @@
+//! One room: its broadcast ring of pre-encoded frames, its members, its sequence and counters.
+//! Membership changes go through `Hub` (which owns the create/remove race); publishing goes
+//! straight here.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+
+use crate::protocol::{self, Outbound, PresenceOut};
+use crate::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
+
+/// Most user names one presence frame lists per direction; the member count stays exact.
+pub const PRESENCE_NAMES_MAX: usize = 100;
+
+pub struct Room {
+    name: Arc<str>,
+    /// Frames for every member. A member that falls `--room-buffer` frames behind gets
+    /// `Lagged` from its receiver and is evicted; the sender never waits for anyone.
+    tx: broadcast::Sender<Arc<Outbound>>,
+    /// Everything that must change together with the sequence: publishing holds this lock while
+    /// it numbers, encodes and sends, so frames enter the ring in `seq` order, and joining holds
+    /// it while it subscribes, so a joiner's `welcome.seq` is exactly the last seq it misses.
+    state: Mutex<RoomState>,
+    evicted: AtomicU64,
+    created_at_ms: u64,
+    /// How long frames waited between publication and the write that carried them.
+    wait: WaitHistogram,
+    stats: Arc<Stats>,
+}
+
+#[derive(Default)]
+pub(crate) struct RoomState {
+    /// Member id (the connection id) → user name. Ordered so the users list pages stably.
+    pub(crate) members: BTreeMap<u64, Arc<str>>,
+    seq: u64,
+    published: u64,
+    rate: RateWindow,
+    /// Joins and leaves since the last presence frame.
+    joined: Vec<Arc<str>>,
+    left: Vec<Arc<str>>,
+    /// Whether the room is already queued for the next presence flush.
+    pub(crate) presence_queued: bool,
+}
+
+/// A point-in-time copy of a room's figures, for the HTTP API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoomInfo {
+    pub room: String,
+    pub members: usize,
+    pub users: Vec<UserEntry>,
+    pub next_users_after: Option<u64>,
+    pub published: u64,
+    pub evicted: u64,
+    pub last_seq: u64,
+    pub created_at: u64,
+    pub messages_per_sec: f64,
+    pub p99_wait_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UserEntry {
+    pub id: u64,
+    pub user: Arc<str>,
+}
+
+impl Room {
+    pub(crate) fn new(name: &str, capacity: usize, stats: Arc<Stats>) -> Self {
+        let (tx, _) = broadcast::channel(capacity);
+        Room {
+            name: name.into(),
+            tx,
+            state: Mutex::new(RoomState::default()),
+            evicted: AtomicU64::new(0),
+            created_at_ms: unix_millis(),
+            wait: WaitHistogram::default(),
+            stats,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, RoomState> {
+        self.state.lock()
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.state.lock().members.len()
+    }
+
+    /// Adds a member under the caller's lock of this room; returns its receiver and the welcome
+    /// frame. Called by `Hub::join` only.
+    pub(crate) fn add_member(
+        &self,
+        state: &mut RoomState,
+        id: u64,
+        user: &Arc<str>,
+    ) -> (broadcast::Receiver<Arc<Outbound>>, bytes::Bytes) {
+        let rx = self.tx.subscribe();
+        state.members.insert(id, user.clone());
+        if state.joined.len() < PRESENCE_NAMES_MAX {
+            state.joined.push(user.clone());
+        }
+        let welcome = protocol::welcome_frame(&self.name, user, state.members.len(), state.seq);
+        (rx, welcome)
+    }
+
+    /// Removes a member under the caller's lock; returns whether it was there.
+    pub(crate) fn remove_member(&self, state: &mut RoomState, id: u64) -> bool {
+        let Some(user) = state.members.remove(&id) else {
+            return false;
+        };
+        if state.left.len() < PRESENCE_NAMES_MAX {
+            state.left.push(user);
+        }
+        true
+    }
+
+    /// Publishes a chat message to every member; returns its seq. Encodes the frame exactly once.
+    pub fn publish(&self, user: &str, text: &str, origin: u64, skip_origin: bool) -> u64 {
+        let now_ms = unix_millis();
+        let mut state = self.state.lock();
+        state.seq += 1;
+        state.published += 1;
+        state.rate.record(now_ms / 1000);
+        let seq = state.seq;
+        let frame = protocol::message_frame(&self.name, user, text, seq, now_ms);
+        self.stats.frames_encoded.inc();
+        self.stats.published.inc();
+        let out = Outbound { frame, origin, skip_origin, published_at: Instant::now() };
+        // No receiver means no member is left to deliver to: nothing is lost.
+        let _ = self.tx.send(Arc::new(out));
+        seq
+    }
+
+    /// Sends the coalesced presence frame if anything changed since the last one.
+    pub(crate) fn flush_presence(&self) {
+        let mut state = self.state.lock();
+        state.presence_queued = false;
+        if state.joined.is_empty() && state.left.is_empty() {
+            return;
+        }
+        let joined = std::mem::take(&mut state.joined);
+        let left = std::mem::take(&mut state.left);
+        if state.members.is_empty() {
+            return;
+        }
+        let frame = protocol::encode_frame(&PresenceOut {
+            kind: "presence",
+            room: &self.name,
+            joined: &joined,
+            left: &left,
+            members: state.members.len(),
+        });
+        self.stats.frames_encoded.inc();
+        let out = Outbound { frame, origin: 0, skip_origin: false, published_at: Instant::now() };
+        let _ = self.tx.send(Arc::new(out));
+    }
+
+    /// Counts a member evicted as a slow consumer. The caller then leaves the room.
+    pub fn record_eviction(&self) {
+        self.evicted.fetch_add(1, Ordering::Relaxed);
+        self.stats.evictions.inc();
+    }
+
+    /// Records how long the oldest frame of a completed write waited in the server.
+    pub fn record_wait(&self, published_at: Instant, now: Instant) {
+        self.wait.record(now.saturating_duration_since(published_at), unix_millis() / 60_000);
+    }
+
+    /// The room's figures, with one page of its users.
+    pub fn info(&self, users_limit: usize, users_after: Option<u64>) -> RoomInfo {
+        let now_ms = unix_millis();
+        let state = self.state.lock();
+        let start = users_after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let users: Vec<UserEntry> = state
+            .members
+            .range((start, std::ops::Bound::Unbounded))
+            .take(users_limit)
+            .map(|(id, user)| UserEntry { id: *id, user: user.clone() })
+            .collect();
+        let next_users_after = match users.last() {
+            Some(last) if state.members.range(last.id + 1..).next().is_some() => Some(last.id),
+            _ => None,
+        };
+        RoomInfo {
+            room: self.name.to_string(),
+            members: state.members.len(),
+            users,
+            next_users_after,
+            published: state.published,
+            evicted: self.evicted.load(Ordering::Relaxed),
+            last_seq: state.seq,
+            created_at: self.created_at_ms,
+            messages_per_sec: state.rate.per_second(now_ms / 1000),
+            p99_wait_ms: self.wait.quantile_ms(0.99, now_ms / 60_000),
+        }
+    }
+}
+
+impl RoomState {
+    pub(crate) fn has_presence_pending(&self) -> bool {
+        !self.joined.is_empty() || !self.left.is_empty()
+    }
+}

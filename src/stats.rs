@@ -1,0 +1,290 @@
+//! Process-wide counters (served as `/api/stats` and Prometheus `/metrics`) and the small
+//! lock-free windows behind the per-room live figures.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Counters shared by every task of one server. Cheap to update: each is one relaxed atomic.
+pub struct Stats {
+    pub connections: Gauge,
+    pub rooms: Gauge,
+    /// Text frames received from clients (every kind, not just chat messages).
+    pub messages_in: Counter,
+    /// Messages published into rooms (WebSocket and REST).
+    pub published: Counter,
+    /// Room frames written to sockets (one per member per message).
+    pub frames_out: Counter,
+    /// Socket writes that carried room frames; `frames_out / writes` is the batching factor.
+    pub writes: Counter,
+    /// Room frames serialised; with fan-out working this equals the published count plus
+    /// presence frames, independent of the number of members.
+    pub frames_encoded: Counter,
+    pub evictions: Counter,
+    pub connections_refused: Counter,
+    rss: Gauge,
+    registry: Registry,
+    started: Instant,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("roomcast");
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let messages_in = counter("messages_in", "Text frames received from clients");
+        let published = counter("published", "Messages published into rooms");
+        let frames_out = counter("frames_out", "Room frames written to sockets");
+        let writes = counter("writes", "Socket writes carrying room frames");
+        let frames_encoded = counter("frames_encoded", "Room frames serialised (once each)");
+        let evictions = counter("evictions", "Members evicted as slow consumers");
+        let connections_refused =
+            counter("connections_refused", "Upgrades refused by --max-connections");
+        let connections = Gauge::default();
+        registry.register("connections", "Open WebSocket connections", connections.clone());
+        let rooms = Gauge::default();
+        registry.register("rooms", "Rooms with at least one member", rooms.clone());
+        let rss = Gauge::default();
+        registry.register("resident_memory_bytes", "Resident set size of the process", rss.clone());
+        Stats {
+            connections,
+            rooms,
+            messages_in,
+            published,
+            frames_out,
+            writes,
+            frames_encoded,
+            evictions,
+            connections_refused,
+            rss,
+            registry,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn prometheus_text(&self) -> String {
+        self.rss.set(rss_bytes() as i64);
+        let mut out = String::with_capacity(2048);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Resident set size of this process in bytes, from /proc (0 where /proc is absent).
+pub fn rss_bytes() -> u64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Messages per second over the last 60 seconds: one counter per second in a ring.
+/// Lives inside the room's lock (publishing already holds it), so it needs no atomics.
+#[derive(Debug)]
+pub struct RateWindow {
+    /// `(second, count)` per slot; a slot whose second is stale counts as zero.
+    slots: [(u64, u32); 60],
+}
+
+impl Default for RateWindow {
+    fn default() -> Self {
+        RateWindow { slots: [(0, 0); 60] }
+    }
+}
+
+impl RateWindow {
+    pub fn record(&mut self, now_sec: u64) {
+        let slot = &mut self.slots[(now_sec % 60) as usize];
+        if slot.0 != now_sec {
+            *slot = (now_sec, 0);
+        }
+        slot.1 = slot.1.saturating_add(1);
+    }
+
+    /// Average rate over the 60 seconds before `now_sec` (the current, partial second excluded).
+    pub fn per_second(&self, now_sec: u64) -> f64 {
+        let total: u64 = self
+            .slots
+            .iter()
+            .filter(|(sec, _)| *sec < now_sec && now_sec - sec <= 60)
+            .map(|(_, n)| u64::from(*n))
+            .sum();
+        total as f64 / 60.0
+    }
+}
+
+/// Histogram of waits (µs) in two alternating one-minute windows, recorded without a lock by
+/// every writer of a room. Buckets are log-linear: 4 sub-buckets per power of two, so a
+/// percentile is exact to within 25 %.
+pub struct WaitHistogram {
+    windows: [Window; 2],
+}
+
+struct Window {
+    minute: AtomicU64,
+    buckets: [AtomicU32; BUCKETS],
+}
+
+const SUB: usize = 4;
+const BUCKETS: usize = 38 * SUB;
+
+impl Default for WaitHistogram {
+    fn default() -> Self {
+        let window = || Window {
+            minute: AtomicU64::new(u64::MAX),
+            buckets: std::array::from_fn(|_| AtomicU32::new(0)),
+        };
+        WaitHistogram { windows: [window(), window()] }
+    }
+}
+
+fn bucket_of(micros: u64) -> usize {
+    if micros < SUB as u64 {
+        return micros as usize;
+    }
+    let exp = 63 - micros.leading_zeros() as usize; // floor(log2), ≥ 2
+    let sub = ((micros >> (exp - 2)) & (SUB as u64 - 1)) as usize;
+    ((exp - 1) * SUB + sub).min(BUCKETS - 1)
+}
+
+/// Upper bound (µs) of a bucket, inverse of `bucket_of`.
+fn bucket_upper(bucket: usize) -> u64 {
+    if bucket < SUB {
+        return bucket as u64 + 1;
+    }
+    let exp = bucket / SUB + 1;
+    let sub = (bucket % SUB) as u64;
+    (SUB as u64 + sub + 1) << (exp - 2)
+}
+
+impl WaitHistogram {
+    pub fn record(&self, wait: Duration, now_minute: u64) {
+        let w = &self.windows[(now_minute % 2) as usize];
+        let seen = w.minute.load(Ordering::Relaxed);
+        if seen != now_minute
+            && w.minute
+                .compare_exchange(seen, now_minute, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            // This thread won the rollover: clear the window it now owns. A few concurrent
+            // records may land on either side of the clear; that is noise, not corruption.
+            for b in &w.buckets {
+                b.store(0, Ordering::Relaxed);
+            }
+        }
+        let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+        w.buckets[bucket_of(micros)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile (0..1) over the current and previous minute, in milliseconds;
+    /// `None` when nothing was recorded.
+    pub fn quantile_ms(&self, q: f64, now_minute: u64) -> Option<f64> {
+        let mut counts = [0u64; BUCKETS];
+        for w in &self.windows {
+            let m = w.minute.load(Ordering::Relaxed);
+            if m == now_minute || m.wrapping_add(1) == now_minute {
+                for (c, b) in counts.iter_mut().zip(&w.buckets) {
+                    *c += u64::from(b.load(Ordering::Relaxed));
+                }
+            }
+        }
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(bucket_upper(i) as f64 / 1000.0);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_bound_their_values() {
+        let mut last = 0;
+        for v in [0u64, 1, 3, 4, 5, 7, 8, 100, 1000, 12_345, 1 << 30, u64::MAX] {
+            let b = bucket_of(v);
+            assert!(b >= last, "{v}");
+            last = b;
+            if v < (1 << 38) {
+                assert!(bucket_upper(b) > v, "{v} -> bucket {b} upper {}", bucket_upper(b));
+                assert!(bucket_upper(b) as f64 <= (v.max(1) as f64) * 1.25 + 1.0, "{v}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantiles_over_two_windows() {
+        let h = WaitHistogram::default();
+        assert_eq!(h.quantile_ms(0.99, 10), None);
+        for _ in 0..99 {
+            h.record(Duration::from_micros(100), 10);
+        }
+        h.record(Duration::from_millis(40), 11);
+        let p50 = h.quantile_ms(0.5, 11).unwrap();
+        assert!((0.1..0.13).contains(&p50), "{p50}");
+        let p100 = h.quantile_ms(1.0, 11).unwrap();
+        assert!((40.0..50.0).contains(&p100), "{p100}");
+        // Two minutes later the old windows no longer count.
+        assert_eq!(h.quantile_ms(0.5, 13), None);
+        // Minute 12 reuses window 0 and clears it first.
+        h.record(Duration::from_millis(2), 12);
+        let p50 = h.quantile_ms(0.5, 12).unwrap();
+        assert!(p50 >= 40.0, "minute 11 is still in: {p50}");
+    }
+
+    #[test]
+    fn rate_window_averages_the_last_minute() {
+        let mut r = RateWindow::default();
+        for s in 100..160 {
+            for _ in 0..3 {
+                r.record(s);
+            }
+        }
+        assert_eq!(r.per_second(160), 3.0);
+        assert_eq!(r.per_second(250), 0.0);
+    }
+
+    #[test]
+    fn rss_is_readable() {
+        assert!(rss_bytes() > 0);
+    }
+}
