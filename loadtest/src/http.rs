@@ -1,0 +1,102 @@
+//! The cross-checks' side door: plain HTTP GETs to a server's JSON API (`/api/stats`,
+//! `/api/rooms/{room}`, `/api/rooms?…`) over a fresh hyper client connection each.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+use crate::config::Server;
+
+/// Largest API body read, bytes.
+const MAX_BODY: usize = 4 << 20;
+/// Time one GET may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET path` and parse the JSON body; `Ok((status, body))` for any HTTP status.
+/// Cancel-safe (it owns its connection).
+pub async fn get_json(server: &Server, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    tokio::time::timeout(TIMEOUT, get_inner(server.addr, &server.host, path))
+        .await
+        .with_context(|| format!("GET {path} on {}: timed out", server.host))?
+}
+
+async fn get_inner(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(hyper::header::HOST, host)
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = Limited::new(resp.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("GET {path}: reading body: {e}"))?
+        .to_bytes();
+    conn.abort();
+    let value = serde_json::from_slice(&body).with_context(|| {
+        format!(
+            "GET {path}: body is not JSON: {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        )
+    })?;
+    Ok((status, value))
+}
+
+/// The fields of `/api/stats` the report uses.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    pub connections: u64,
+    pub rooms: u64,
+    pub rss_bytes: u64,
+    #[serde(default)]
+    pub messages_in: u64,
+    #[serde(default)]
+    pub frames_out: u64,
+    #[serde(default)]
+    pub evictions: u64,
+}
+
+pub async fn stats(server: &Server) -> anyhow::Result<Stats> {
+    let (status, v) = get_json(server, "/api/stats").await?;
+    if status != 200 {
+        bail!("GET /api/stats on {}: HTTP {status}: {v}", server.host);
+    }
+    serde_json::from_value(v).with_context(|| format!("GET /api/stats on {}: unexpected fields", server.host))
+}
+
+/// What `/api/rooms/{room}` says about a room; `None` when the server answers 404.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoomInfo {
+    pub members: u64,
+    #[serde(default)]
+    pub last_seq: u64,
+    #[serde(default)]
+    pub published: u64,
+    #[serde(default)]
+    pub evicted: u64,
+}
+
+pub async fn room(server: &Server, room: &str) -> anyhow::Result<Option<RoomInfo>> {
+    // Room names of this tool (`lt-<n>`) need no percent-encoding.
+    let path = format!("/api/rooms/{room}?users_limit=1");
+    let (status, v) = get_json(server, &path).await?;
+    match status {
+        200 => Ok(Some(serde_json::from_value(v).with_context(|| {
+            format!("GET {path} on {}: unexpected fields", server.host)
+        })?)),
+        404 => Ok(None),
+        s => bail!("GET {path} on {}: HTTP {s}: {v}", server.host),
+    }
+}
