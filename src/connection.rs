@@ -144,8 +144,10 @@ impl Connection {
         let ping_timer = sleep_until(last_seen + ping_interval);
         tokio::pin!(ping_timer);
         loop {
+            // Unbiased on purpose: a client that keeps sending must not starve its own deliveries
+            // (its receiver would lag and be evicted), and a busy room must not starve reading
+            // (its pongs would go unread and it would be dropped for silence).
             tokio::select! {
-                biased;
                 _ = shutdown.recv() => return End::Close(1001, "server shutting down"),
                 (reader, res, owed) = &mut read_fut => {
                     last_seen = Instant::now();

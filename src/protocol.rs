@@ -150,8 +150,10 @@ pub fn encode_frame<T: Serialize>(value: &T) -> Bytes {
 
 /// Encodes a control or close frame that fastwebsockets asked us to send.
 pub fn encode_control(mut frame: Frame<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(frame.payload.len() + MAX_HEAD);
-    frame.write(&mut out);
+    let mut out = Vec::with_capacity(frame.payload.len() + 16);
+    // `write` pads the vector to payload + 16 bytes and returns the part that is the frame.
+    let len = frame.write(&mut out).len();
+    out.truncate(len);
     out
 }
 

@@ -200,22 +200,22 @@ impl Config {
                 smallest_room
             );
         }
-        if !(self.rate > 0.0 && self.rate.is_finite()) {
+        if !positive(self.rate) {
             bail!("--rate must be a positive number");
         }
         if !(self.duration >= 0.0 && self.duration.is_finite()) {
             bail!("--duration must be zero or more seconds");
         }
-        if !(self.ramp_rate > 0.0) || self.connect_concurrency == 0 {
+        if !positive(self.ramp_rate) || self.connect_concurrency == 0 {
             bail!("--ramp-rate and --connect-concurrency must be positive");
         }
-        if !(self.connect_timeout > 0.0) || !(self.step_seconds > 0.0) {
+        if !positive(self.connect_timeout) || !positive(self.step_seconds) {
             bail!("--connect-timeout and --step-seconds must be positive");
         }
         if self.window == 0 {
             bail!("--window must be at least 1");
         }
-        if !(self.churn_lifetime > 0.0) {
+        if !positive(self.churn_lifetime) {
             bail!("--churn-lifetime must be positive");
         }
         if self.payload_bytes > 60_000 {
@@ -255,6 +255,11 @@ impl Config {
     }
 }
 
+/// A finite number above zero (NaN is not).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
 fn parse_server(url: &str) -> anyhow::Result<Server> {
     let rest = url
         .trim()
@@ -267,7 +272,10 @@ fn parse_server(url: &str) -> anyhow::Result<Server> {
     if !(path.is_empty() || path == "/") {
         bail!("{url}: give the server's root (ws://host:port); the tool picks the paths");
     }
-    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         authority.to_string()
     } else {
         format!("{authority}:80")
@@ -305,8 +313,12 @@ pub fn parse_source_ips(spec: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
             Some((a, b)) => (a.trim(), b.trim()),
             None => (part, part),
         };
-        let a: Ipv4Addr = a.parse().with_context(|| format!("--source-ips: bad address {a:?}"))?;
-        let b: Ipv4Addr = b.parse().with_context(|| format!("--source-ips: bad address {b:?}"))?;
+        let a: Ipv4Addr = a
+            .parse()
+            .with_context(|| format!("--source-ips: bad address {a:?}"))?;
+        let b: Ipv4Addr = b
+            .parse()
+            .with_context(|| format!("--source-ips: bad address {b:?}"))?;
         let (lo, hi) = (u32::from(a), u32::from(b));
         if hi < lo {
             bail!("--source-ips: range {part} runs backwards");

@@ -52,7 +52,11 @@ mod tests {
 
         assert_eq!(merged.len(), direct.len());
         for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
-            assert_eq!(merged.value_at_quantile(q), direct.value_at_quantile(q), "q={q}");
+            assert_eq!(
+                merged.value_at_quantile(q),
+                direct.value_at_quantile(q),
+                "q={q}"
+            );
         }
         assert_eq!(merged.max(), direct.max());
     }

@@ -27,7 +27,11 @@ pub async fn get_json(server: &Server, path: &str) -> anyhow::Result<(u16, serde
         .with_context(|| format!("GET {path} on {}: timed out", server.host))?
 }
 
-async fn get_inner(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+async fn get_inner(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
     let stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;
@@ -73,7 +77,8 @@ pub async fn stats(server: &Server) -> anyhow::Result<Stats> {
     if status != 200 {
         bail!("GET /api/stats on {}: HTTP {status}: {v}", server.host);
     }
-    serde_json::from_value(v).with_context(|| format!("GET /api/stats on {}: unexpected fields", server.host))
+    serde_json::from_value(v)
+        .with_context(|| format!("GET /api/stats on {}: unexpected fields", server.host))
 }
 
 /// What `/api/rooms/{room}` says about a room; `None` when the server answers 404.

@@ -55,13 +55,20 @@ pub struct ServerFrame<'a> {
 /// What one text frame from the server means to a client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
-    Welcome { seq: u64 },
+    Welcome {
+        seq: u64,
+    },
     /// A chat message; `stamp` is `None` when the text was not written by this tool.
-    Message { seq: u64, stamp: Option<(u32, u64)> },
+    Message {
+        seq: u64,
+        stamp: Option<(u32, u64)>,
+    },
     Presence,
     Pong,
     Left,
-    Error { code: String },
+    Error {
+        code: String,
+    },
     /// Valid JSON of a type this tool does not know, or not what the protocol promises.
     Other,
 }
@@ -134,7 +141,9 @@ mod tests {
             Incoming::Welcome { seq: 9 }
         );
         assert_eq!(
-            parse_incoming(br#"{"type":"presence","room":"lt-0","joined":["a"],"left":[],"members":2}"#),
+            parse_incoming(
+                br#"{"type":"presence","room":"lt-0","joined":["a"],"left":[],"members":2}"#
+            ),
             Incoming::Presence
         );
         assert_eq!(
@@ -145,11 +154,17 @@ mod tests {
         );
         assert_eq!(parse_incoming(br#"{"type":"pong"}"#), Incoming::Pong);
         assert_eq!(parse_incoming(b"not json"), Incoming::Other);
-        assert_eq!(parse_incoming(br#"{"type":"message","text":"no seq"}"#), Incoming::Other);
+        assert_eq!(
+            parse_incoming(br#"{"type":"message","text":"no seq"}"#),
+            Incoming::Other
+        );
         // escaped text still parses (Cow falls back to an owned string)
         assert_eq!(
             parse_incoming(br#"{"type":"message","text":"a\"b","seq":1}"#),
-            Incoming::Message { seq: 1, stamp: None }
+            Incoming::Message {
+                seq: 1,
+                stamp: None
+            }
         );
     }
 }

@@ -54,7 +54,11 @@ impl Plan {
             Route::Rooms => (room % self.servers, k < self.publishers, k),
             // Members alternate over servers, so the first `publishers × servers` members give
             // every server `publishers` publishers of its own copy of the room.
-            Route::Spread => (k % self.servers, k < self.publishers * self.servers, k / self.servers),
+            Route::Spread => (
+                k % self.servers,
+                k < self.publishers * self.servers,
+                k / self.servers,
+            ),
         };
         Placement {
             room,
@@ -106,7 +110,14 @@ pub fn room_name(i: u32) -> String {
 mod tests {
     use super::*;
 
-    fn plan(clients: u32, rooms: u32, servers: u32, route: Route, publishers: u32, procs: u32) -> Plan {
+    fn plan(
+        clients: u32,
+        rooms: u32,
+        servers: u32,
+        route: Route,
+        publishers: u32,
+        procs: u32,
+    ) -> Plan {
         Plan {
             clients,
             rooms,

@@ -19,10 +19,18 @@ pub struct Check {
 
 impl Check {
     fn ok(what: String) -> Self {
-        Check { ok: true, what, fix: None }
+        Check {
+            ok: true,
+            what,
+            fix: None,
+        }
     }
     fn warn(what: String, fix: String) -> Self {
-        Check { ok: false, what, fix: Some(fix) }
+        Check {
+            ok: false,
+            what,
+            fix: Some(fix),
+        }
     }
 }
 
@@ -57,7 +65,10 @@ pub fn run(config: &Config, servers: &[Server], sources: &[Ipv4Addr], procs: u32
                 ));
             }
         }
-        Err(e) => out.push(Check::warn(format!("nofile: getrlimit failed: {e}"), "check the process limits".into())),
+        Err(e) => out.push(Check::warn(
+            format!("nofile: getrlimit failed: {e}"),
+            "check the process limits".into(),
+        )),
     }
 
     match sys::local_port_range() {
@@ -169,10 +180,16 @@ mod tests {
         let servers = config.servers().expect("servers");
         let sources = config.source_addrs().expect("sources");
         let checks = run(&config, &servers, &sources, 1);
-        let nofile = checks.iter().find(|c| c.what.starts_with("nofile")).expect("nofile check");
+        let nofile = checks
+            .iter()
+            .find(|c| c.what.starts_with("nofile"))
+            .expect("nofile check");
         assert!(!nofile.ok);
         assert!(nofile.fix.as_deref().is_some_and(|f| f.contains("--procs")));
-        let ports = checks.iter().find(|c| c.what.starts_with("ports")).expect("ports check");
+        let ports = checks
+            .iter()
+            .find(|c| c.what.starts_with("ports"))
+            .expect("ports check");
         assert!(!ports.ok, "10M sockets cannot fit 16 source addresses");
     }
 
@@ -186,7 +203,10 @@ mod tests {
         let servers = config.servers().expect("servers");
         let sources = config.source_addrs().expect("sources");
         let checks = run(&config, &servers, &sources, 1);
-        for c in checks.iter().filter(|c| c.what.starts_with("nofile") || c.what.starts_with("ports")) {
+        for c in checks
+            .iter()
+            .filter(|c| c.what.starts_with("nofile") || c.what.starts_with("ports"))
+        {
             assert!(c.ok, "{c:?}");
         }
     }

@@ -53,7 +53,11 @@ impl SeqTracker {
         if seq > self.next {
             let skipped = seq - self.next;
             let shift = skipped + 1;
-            self.seen = if shift >= 128 { 1 } else { (self.seen << shift) | 1 };
+            self.seen = if shift >= 128 {
+                1
+            } else {
+                (self.seen << shift) | 1
+            };
             self.next = seq + 1;
             return Seen::Gap(skipped);
         }

@@ -14,6 +14,8 @@ pub fn nofile() -> io::Result<(u64, u64)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    // rlim_t is u64 on 64-bit Linux but not on every target.
+    #[allow(clippy::unnecessary_cast)]
     Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
 }
 
@@ -106,9 +108,18 @@ mod tests {
 
     #[test]
     fn errno_names() {
-        assert_eq!(errno_name(&io::Error::from_raw_os_error(libc::ECONNREFUSED)), "refused");
-        assert_eq!(errno_name(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)), "addrnotavail");
-        assert_eq!(errno_name(&io::Error::from(io::ErrorKind::UnexpectedEof)), "eof");
+        assert_eq!(
+            errno_name(&io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+            "refused"
+        );
+        assert_eq!(
+            errno_name(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)),
+            "addrnotavail"
+        );
+        assert_eq!(
+            errno_name(&io::Error::from(io::ErrorKind::UnexpectedEof)),
+            "eof"
+        );
     }
 
     #[test]

@@ -278,6 +278,20 @@ try {
     assert(sockets.get('bob') === 2, `bob's page opened ${sockets.get('bob')} WebSockets, expected 2`);
   });
 
+  await check('an error frame from the server is shown visibly', async () => {
+    await carol.evaluate(() => window.roomcast.sendRaw({ type: 'no-such-type' }));
+    await carol.locator('#errors .error', { hasText: 'unknown_type' }).first().waitFor({ timeout: TIMEOUT })
+      .catch(() => { throw new Error('no visible "unknown_type" error after sending an unknown frame type'); });
+    // a message to a room carol is not in: refused with not_joined, delivered to nobody
+    const sneaky = `sneaky ${nonce}`;
+    await carol.evaluate(([room, text]) => window.roomcast.sendRaw({ type: 'message', room, text }), [LOBBY, sneaky]);
+    await carol.locator('#errors .error', { hasText: 'not_joined' }).first().waitFor({ timeout: TIMEOUT })
+      .catch(() => { throw new Error('no visible "not_joined" error after messaging a room not joined'); });
+    await alice.waitForTimeout(QUIET_MS / 2);
+    assert((await countMsgAnywhere(alice, sneaky)) === 0, 'alice received a message from a non-member');
+    assert((await countMsgAnywhere(bob, sneaky)) === 0, 'bob received a message from a non-member');
+  });
+
   await check('no JavaScript errors on any page', async () => {
     assert(pageErrors.length === 0, pageErrors.join('; '));
   });

@@ -180,8 +180,9 @@ impl Client {
 
     /// The next data message as JSON (control frames are skipped).
     pub async fn try_recv(&mut self, within: Duration) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
-            let msg = tokio::time::timeout(within, self.ws.next())
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .map_err(|_| anyhow!("no frame within {within:?}"))?
                 .ok_or_else(|| anyhow!("stream ended"))??;

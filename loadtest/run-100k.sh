@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The 100k-connection run of issue 3, start to finish, on one machine over loopback.
+#
+#   loadtest/run-100k.sh            # both runs, idle then chat each
+#   DURATION=30 RATE=2 loadtest/run-100k.sh
+#   PROFILE=debug CLIENTS=2000 ROOMS=20 DURATION=3 loadtest/run-100k.sh   # try the script cheaply
+#
+# (1) one server process with as many clients as its open-file limit allows (~19,000 clients in
+#     190 rooms when `ulimit -Hn` is 20000), idle then chat;
+# (2) 100,000 clients in 1,000 rooms: on one server when `ulimit -Hn` allows 200k, otherwise over
+#     ceil(100000 / per-server) server processes with --route rooms; idle then chat.
+# Every run starts fresh servers (so RSS figures start from an idle process) and writes
+# loadtest/results/<date>-<name>.json. Only servers this script started are stopped, by PID.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-60}
+RATE=${RATE:-1}
+BASE_PORT=${BASE_PORT:-19100}
+CLIENTS=${CLIENTS:-100000}
+ROOMS=${ROOMS:-1000}
+PROFILE=${PROFILE:-release}
+RESULTS=loadtest/results
+LOGS=target/loadtest-logs
+STAMP=$(date +%Y%m%d-%H%M%S)
+mkdir -p "$RESULTS" "$LOGS"
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+log "building $PROFILE binaries"
+if [ "$PROFILE" = release ]; then
+    cargo build --release -p roomcast -p loadtest
+else
+    cargo build -p roomcast -p loadtest
+fi
+SERVER=target/$PROFILE/roomcast
+LOADTEST=target/$PROFILE/loadtest
+
+# --- limits ---------------------------------------------------------------------------------
+HARD=$(ulimit -Hn)
+if [ "$HARD" = unlimited ]; then HARD=1048576; fi
+ulimit -n "$HARD" 2>/dev/null || true
+log "limits: nofile soft $(ulimit -Sn) hard $HARD; ports $(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null | tr '\t' ' '); somaxconn $(cat /proc/sys/net/core/somaxconn 2>/dev/null)"
+# Headroom for the server's own files and sockets still closing.
+PER_SERVER=$(( (HARD - 1000) / 1000 * 1000 ))
+if [ "$PER_SERVER" -lt 1000 ]; then
+    echo "ulimit -Hn is $HARD: too low for this run (raise it: LimitNOFILE= or /etc/security/limits.conf)" >&2
+    exit 2
+fi
+
+# Source addresses: every 127.0.0.0/8 address routes to lo on Linux; check before assuming.
+SOURCES=127.0.0.1-127.0.0.16
+if command -v ip >/dev/null 2>&1; then
+    if ! ip -o route get 127.0.0.16 2>/dev/null | grep -q ' dev lo'; then
+        log "127.0.0.16 does not route to lo: adding 127.0.0.2-16 to lo (needs root)"
+        for i in $(seq 2 16); do sudo ip addr add "127.0.0.$i/8" dev lo 2>/dev/null || true; done
+    fi
+fi
+
+# --- servers --------------------------------------------------------------------------------
+PIDS=()
+stop_servers() {
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
+}
+trap stop_servers EXIT INT TERM
+
+# start_servers N: N fresh servers on BASE_PORT.. ; sets URLS
+start_servers() {
+    local n=$1 urls=() i port
+    for ((i = 0; i < n; i++)); do
+        port=$((BASE_PORT + i))
+        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" \
+            >"$LOGS/$STAMP-server-$port.log" 2>&1 &
+        PIDS+=($!)
+        urls+=("ws://127.0.0.1:$port")
+    done
+    for ((i = 0; i < n; i++)); do
+        port=$((BASE_PORT + i))
+        for _ in $(seq 1 100); do
+            if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+            sleep 0.1
+        done
+    done
+    URLS=$(IFS=,; echo "${urls[*]}")
+}
+
+FAILED=0
+# run NAME SERVERS CLIENTS ROOMS -- extra loadtest args
+run() {
+    local name=$1 servers=$2 clients=$3 rooms=$4
+    shift 4
+    for scenario in idle chat; do
+        start_servers "$servers"
+        log "$name/$scenario: $clients clients, $rooms rooms, $servers server(s)"
+        if ! "$LOADTEST" --url "$URLS" --route rooms --clients "$clients" --rooms "$rooms" \
+            --scenario "$scenario" --duration "$DURATION" --rate "$RATE" \
+            --source-ips "$SOURCES" --json "$RESULTS/$STAMP-$name-$scenario.json" "$@"; then
+            FAILED=1
+            echo "run $name/$scenario FAILED (exit code above); results kept in $RESULTS" >&2
+        fi
+        stop_servers
+    done
+}
+
+# (1) one server, as many clients as its file limit allows, 100 per room.
+ONE=$(( PER_SERVER < CLIENTS ? PER_SERVER : CLIENTS ))
+run "one-server-$ONE" 1 "$ONE" $(( ONE / 100 ))
+
+# (2) 100k clients over as few servers as the file limit allows.
+if [ "$PER_SERVER" -ge "$CLIENTS" ]; then
+    NSERVERS=1
+else
+    # Rooms land whole on a server (room i -> server i % n): size by rooms, not clients.
+    PER_ROOM=$(( (CLIENTS + ROOMS - 1) / ROOMS ))
+    NSERVERS=$(( (CLIENTS + PER_SERVER - 1) / PER_SERVER ))
+    while (( ( (ROOMS + NSERVERS - 1) / NSERVERS ) * PER_ROOM > PER_SERVER )); do
+        NSERVERS=$((NSERVERS + 1))
+    done
+fi
+run "$CLIENTS-clients-$NSERVERS-servers" "$NSERVERS" "$CLIENTS" "$ROOMS"
+
+log "results in $RESULTS/$STAMP-*.json"
+exit "$FAILED"

@@ -1,0 +1,24 @@
+//! roomcast's load generator: many WebSocket clients in many rooms, publishers stamping send
+//! times, receivers checking every room's `seq` stream, and HTTP cross-checks of what the
+//! servers say. The binary is a thin `main`; tests call [`run`] directly.
+//!
+//! Data flows: `config` → `preflight` → `coordinator` (spawns `worker`s via `link`) →
+//! `client` connections → counters and histograms → `report`.
+
+pub mod client;
+pub mod config;
+pub mod coordinator;
+pub mod hist;
+pub mod http;
+pub mod link;
+pub mod payload;
+pub mod plan;
+pub mod preflight;
+pub mod report;
+pub mod seq;
+pub mod sys;
+pub mod worker;
+
+pub use config::{Config, Route, Scenario};
+pub use coordinator::run;
+pub use report::Report;

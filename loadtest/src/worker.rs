@@ -1,0 +1,987 @@
+//! A worker owns a slice of the clients: it ramps them up, runs their receive loops and
+//! publishers, counts everything, and talks to the coordinator through `Command`s in and
+//! `Event`s out (JSON lines over stdio in a worker process, channels when run in-process).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+
+use crate::client::{self, close_reason, ws_reason, Ws};
+use crate::config::{Config, Route, Scenario, Server};
+use crate::hist::{new_hist, to_buckets};
+use crate::payload::{now_us, parse_incoming, stamped_message, Incoming};
+use crate::plan::{room_name, Placement, Plan};
+use crate::seq::{Seen, SeqTracker};
+
+/// Everything a worker needs; sent as the first stdin line to a worker process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub index: u32,
+    pub procs: u32,
+    pub config: Config,
+    pub servers: Vec<Server>,
+    pub sources: Vec<Ipv4Addr>,
+    /// The worker stops by itself this many seconds after it starts, whatever it hears.
+    pub deadline_secs: f64,
+}
+
+/// Coordinator → worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Publishers send `rate` messages/s per room instance from now on (replaces any pace).
+    Publish { rate: f64 },
+    /// Publishers send as fast as `window` unacknowledged messages allow.
+    PublishWindow { window: u32 },
+    /// Publishers stop sending; sockets stay open.
+    Quiet,
+    /// Answer with `Event::Seqs`.
+    ReportSeqs,
+    /// Send a `Progress` now (a step boundary), besides the one each second.
+    Snapshot,
+    /// Count tail loss against the rooms' final seqs (indexed by instance; empty: skip),
+    /// close every socket, answer with `Event::Result` and end.
+    Finish { final_seq: Vec<u64> },
+    /// Drop everything and end with `Event::Result`.
+    Abort,
+}
+
+/// Counters every client adds to. `loss = gaps + tail_loss - late`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    /// Chat message frames received (duplicates included).
+    pub deliveries: u64,
+    /// Seqs skipped when a later one arrived first.
+    pub gaps: u64,
+    /// Messages that arrived after a later seq (they fill a gap counted before).
+    pub late: u64,
+    pub dups: u64,
+    /// At or before the welcome seq, or too far behind to tell.
+    pub stale: u64,
+    /// Seqs never received by the end (known only at `Finish`).
+    pub tail_loss: u64,
+    /// Messages publishers wrote.
+    pub sent: u64,
+    /// Publishers' own messages echoed back to them.
+    pub acked: u64,
+    pub presence: u64,
+    /// `{"type":"error"}` frames received.
+    pub server_errors: u64,
+    /// Frames this tool could not classify.
+    pub other_frames: u64,
+    /// Chat messages without this tool's stamp (someone else writing in `lt-*`).
+    pub unstamped: u64,
+    /// Stamps from the future (clock step); latency recorded as 0.
+    pub clock_skew: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.deliveries += o.deliveries;
+        self.gaps += o.gaps;
+        self.late += o.late;
+        self.dups += o.dups;
+        self.stale += o.stale;
+        self.tail_loss += o.tail_loss;
+        self.sent += o.sent;
+        self.acked += o.acked;
+        self.presence += o.presence;
+        self.server_errors += o.server_errors;
+        self.other_frames += o.other_frames;
+        self.unstamped += o.unstamped;
+        self.clock_skew += o.clock_skew;
+    }
+
+    /// Messages some member never received.
+    pub fn loss(&self) -> u64 {
+        (self.gaps + self.tail_loss).saturating_sub(self.late)
+    }
+
+    pub fn reorders(&self) -> u64 {
+        self.late + self.stale
+    }
+}
+
+/// Sent once a second.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Connect attempts finished (ok or failed) during the ramp.
+    pub done: u64,
+    /// Sockets open now.
+    pub open: u64,
+    pub failed: u64,
+    pub disconnects: u64,
+    /// Churn: sessions completed (connected, stayed, left cleanly).
+    pub sessions: u64,
+    pub counters: Counters,
+    /// Latencies recorded since the previous progress, µs, as `[value, count]` buckets.
+    pub hist: Vec<(u64, u64)>,
+    /// CPU seconds this worker's process has used so far (user + system).
+    pub cpu_s: f64,
+}
+
+/// One room instance as this worker saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceSeq {
+    pub instance: u32,
+    /// Smallest welcome seq among this worker's members (u64::MAX: none).
+    pub min_welcome: u64,
+    pub max_seen: u64,
+    pub sent: u64,
+}
+
+/// The worker's last word.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerResult {
+    pub counters: Counters,
+    /// Every latency recorded, µs.
+    pub hist: Vec<(u64, u64)>,
+    pub connected: u64,
+    pub failed: BTreeMap<String, u64>,
+    pub disconnects: BTreeMap<String, u64>,
+    pub sessions: u64,
+    /// Sockets that did not finish the close handshake in time.
+    pub unclean_closes: u64,
+    pub cpu_self_s: f64,
+}
+
+/// Worker → coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Event {
+    Progress(Progress),
+    /// Every connect of the ramp finished. `members[instance]` = sockets open there now.
+    Ramped {
+        members: Vec<u32>,
+        failed: BTreeMap<String, u64>,
+    },
+    Seqs {
+        instances: Vec<InstanceSeq>,
+    },
+    Result(Box<WorkerResult>),
+    /// A worker could not run (bad spec, lost its coordinator...).
+    Error {
+        message: String,
+    },
+    /// The worker process ended (made by the coordinator's reader, never by a worker).
+    Exited {
+        code: Option<i32>,
+    },
+}
+
+/// Publishers' pace, broadcast to every publisher of the worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pace {
+    Silent,
+    Rate { rate: f64, since: Instant },
+    Window { window: u32 },
+}
+
+/// Why a client's receive loop is told to end.
+#[derive(Debug, Clone)]
+enum Stop {
+    Running,
+    Finish(Arc<Vec<u64>>),
+    Abort,
+}
+
+/// How a client's loop ended.
+enum End {
+    Finish(Arc<Vec<u64>>),
+    Abort,
+    /// Churn: the session's lifetime is over.
+    Leave,
+    /// The server or the network ended it.
+    Lost(String),
+}
+
+/// Counters and latencies of some clients, behind one lock: one lock per delivery.
+struct Shard {
+    c: Counters,
+    /// Since the last progress.
+    hist: Histogram<u64>,
+}
+
+/// State shared by the worker's clients.
+struct Shared {
+    index: u32,
+    config: Config,
+    plan: Plan,
+    servers: Vec<Server>,
+    sources: Vec<Ipv4Addr>,
+    shards: Vec<Mutex<Shard>>,
+    done: AtomicU64,
+    open: AtomicU64,
+    connected: AtomicU64,
+    sessions: AtomicU64,
+    unclean: AtomicU64,
+    assigned: u64,
+    failed: Mutex<BTreeMap<String, u64>>,
+    disconnects: Mutex<BTreeMap<String, u64>>,
+    members: Vec<AtomicU32>,
+    min_welcome: Vec<AtomicU64>,
+    max_seen: Vec<AtomicU64>,
+    sent: Vec<AtomicU64>,
+    ramp_done: Notify,
+    pace: watch::Sender<Pace>,
+    stop: watch::Sender<Stop>,
+    /// Connects in flight at once (ramp and churn reconnects).
+    connect_slots: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking client cannot leave a counter half-updated in a way that matters here.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const SHARDS: usize = 8;
+/// Publishers write at most this many frames per wake-up before yielding.
+const BURST: u64 = 64;
+/// How long a closing client waits for the server's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+/// Per-client state that outlives one frame.
+struct Me {
+    id: u32,
+    place: Placement,
+    shard: usize,
+    tracker: SeqTracker,
+}
+
+impl Shared {
+    fn shard(&self, i: usize) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[i % self.shards.len()])
+    }
+
+    fn count(map: &Mutex<BTreeMap<String, u64>>, reason: String) {
+        *lock(map).entry(reason).or_insert(0) += 1;
+    }
+
+    /// Accounts one text frame; returns the stamp's publisher for chat messages.
+    fn on_text(&self, me: &mut Me, bytes: &[u8]) -> Option<u32> {
+        let now = now_us();
+        let incoming = parse_incoming(bytes);
+        let mut publisher = None;
+        let mut shard = self.shard(me.shard);
+        match incoming {
+            Incoming::Message { seq, stamp } => {
+                shard.c.deliveries += 1;
+                match me.tracker.observe(seq) {
+                    Seen::InOrder => {}
+                    Seen::Gap(n) => shard.c.gaps += n,
+                    Seen::Late => shard.c.late += 1,
+                    Seen::Duplicate => shard.c.dups += 1,
+                    Seen::Stale => shard.c.stale += 1,
+                }
+                match stamp {
+                    Some((p, sent)) => {
+                        publisher = Some(p);
+                        if now >= sent {
+                            shard.hist.saturating_record((now - sent).max(1));
+                        } else {
+                            shard.c.clock_skew += 1;
+                            shard.hist.saturating_record(1);
+                        }
+                    }
+                    None => shard.c.unstamped += 1,
+                }
+                if me.id == publisher.unwrap_or(u32::MAX) {
+                    shard.c.acked += 1;
+                }
+                drop(shard);
+                let max = &self.max_seen[me.place.instance as usize];
+                if seq > max.load(Relaxed) {
+                    max.fetch_max(seq, Relaxed);
+                }
+            }
+            Incoming::Presence => shard.c.presence += 1,
+            Incoming::Error { .. } => shard.c.server_errors += 1,
+            Incoming::Pong | Incoming::Left => {}
+            Incoming::Welcome { .. } | Incoming::Other => shard.c.other_frames += 1,
+        }
+        publisher
+    }
+
+    fn progress(&self) -> Progress {
+        let mut p = Progress {
+            done: self.done.load(Relaxed),
+            open: self.open.load(Relaxed),
+            failed: lock(&self.failed).values().sum(),
+            disconnects: lock(&self.disconnects).values().sum(),
+            sessions: self.sessions.load(Relaxed),
+            cpu_s: crate::sys::cpu_seconds().0,
+            ..Progress::default()
+        };
+        let mut interval = new_hist();
+        for s in &self.shards {
+            let mut s = lock(s);
+            p.counters.add(&s.c);
+            let _ = interval.add(&s.hist);
+            s.hist.reset();
+        }
+        p.hist = to_buckets(&interval);
+        p
+    }
+
+    fn members(&self) -> Vec<u32> {
+        self.members.iter().map(|m| m.load(Relaxed)).collect()
+    }
+
+    fn seqs(&self) -> Vec<InstanceSeq> {
+        (0..self.plan.instances() as usize)
+            .filter_map(|i| {
+                let min_welcome = self.min_welcome[i].load(Relaxed);
+                let sent = self.sent[i].load(Relaxed);
+                (min_welcome != u64::MAX || sent > 0).then(|| InstanceSeq {
+                    instance: i as u32,
+                    min_welcome,
+                    max_seen: self.max_seen[i].load(Relaxed),
+                    sent,
+                })
+            })
+            .collect()
+    }
+
+    fn source_for(&self, c: u32) -> Option<Ipv4Addr> {
+        if self.sources.is_empty() {
+            None
+        } else {
+            Some(self.sources[c as usize % self.sources.len()])
+        }
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.config.connect_timeout)
+    }
+}
+
+/// Runs one worker to the end. Events are tagged with `spec.index`.
+pub async fn run(
+    spec: WorkerSpec,
+    mut cmds: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<(u32, Event)>,
+) {
+    let index = spec.index;
+    let emit = |e: Event| {
+        let _ = events.send((index, e));
+    };
+    let plan = Plan::new(&spec.config, spec.servers.len() as u32, spec.procs);
+    let instances = plan.instances() as usize;
+    let assigned = u64::from(plan.count_of(index));
+    let per_worker = |total: u32| (total / spec.procs).max(1) as usize;
+    let shared = Arc::new(Shared {
+        index,
+        connect_slots: Arc::new(Semaphore::new(per_worker(spec.config.connect_concurrency))),
+        config: spec.config.clone(),
+        plan,
+        servers: spec.servers.clone(),
+        sources: spec.sources.clone(),
+        shards: (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    c: Counters::default(),
+                    hist: new_hist(),
+                })
+            })
+            .collect(),
+        done: AtomicU64::new(0),
+        open: AtomicU64::new(0),
+        connected: AtomicU64::new(0),
+        sessions: AtomicU64::new(0),
+        unclean: AtomicU64::new(0),
+        assigned,
+        failed: Mutex::new(BTreeMap::new()),
+        disconnects: Mutex::new(BTreeMap::new()),
+        members: (0..instances).map(|_| AtomicU32::new(0)).collect(),
+        min_welcome: (0..instances).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        max_seen: (0..instances).map(|_| AtomicU64::new(0)).collect(),
+        sent: (0..instances).map(|_| AtomicU64::new(0)).collect(),
+        ramp_done: Notify::new(),
+        pace: watch::channel(Pace::Silent).0,
+        stop: watch::channel(Stop::Running).0,
+    });
+
+    // Cumulative latencies: every progress moves its interval in here.
+    let mut total_hist = new_hist();
+    let deadline = Instant::now() + Duration::from_secs_f64(spec.deadline_secs.max(1.0));
+    let mut spawner = tokio::spawn(ramp(shared.clone()));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ramp_reported = assigned == 0;
+    if ramp_reported {
+        emit(Event::Ramped {
+            members: shared.members(),
+            failed: BTreeMap::new(),
+        });
+    }
+
+    let finish = loop {
+        if !ramp_reported && shared.done.load(Relaxed) >= assigned {
+            ramp_reported = true;
+            emit(Event::Ramped {
+                members: shared.members(),
+                failed: lock(&shared.failed).clone(),
+            });
+        }
+        tokio::select! {
+            _ = tick.tick() => {
+                let p = shared.progress();
+                crate::hist::add_buckets(&mut total_hist, &p.hist);
+                emit(Event::Progress(p));
+            }
+            _ = shared.ramp_done.notified(), if !ramp_reported => {}
+            cmd = cmds.recv() => match cmd {
+                Some(Command::Publish { rate }) => {
+                    shared.pace.send_replace(Pace::Rate { rate, since: Instant::now() });
+                }
+                Some(Command::PublishWindow { window }) => {
+                    shared.pace.send_replace(Pace::Window { window });
+                }
+                Some(Command::Quiet) => {
+                    shared.pace.send_replace(Pace::Silent);
+                }
+                Some(Command::ReportSeqs) => emit(Event::Seqs { instances: shared.seqs() }),
+                Some(Command::Snapshot) => {
+                    let p = shared.progress();
+                    crate::hist::add_buckets(&mut total_hist, &p.hist);
+                    emit(Event::Progress(p));
+                }
+                Some(Command::Finish { final_seq }) => break Some(Arc::new(final_seq)),
+                Some(Command::Abort) | None => break None,
+            },
+            _ = sleep_until(deadline) => {
+                eprintln!("loadtest worker {index}: deadline reached, stopping");
+                break None;
+            }
+        }
+    };
+
+    shared.pace.send_replace(Pace::Silent);
+    match finish {
+        Some(final_seq) => {
+            shared.stop.send_replace(Stop::Finish(final_seq));
+            // Every client closes within CLOSE_WAIT; allow for a slow, busy machine.
+            let grace = CLOSE_WAIT * 2 + Duration::from_secs(2);
+            if timeout(grace, &mut spawner).await.is_err() {
+                spawner.abort();
+                let _ = (&mut spawner).await;
+            }
+        }
+        None => {
+            shared.stop.send_replace(Stop::Abort);
+            spawner.abort();
+            let _ = (&mut spawner).await;
+        }
+    }
+    let last = shared.progress();
+    crate::hist::add_buckets(&mut total_hist, &last.hist);
+    let result = WorkerResult {
+        counters: last.counters,
+        hist: to_buckets(&total_hist),
+        connected: shared.connected.load(Relaxed),
+        failed: lock(&shared.failed).clone(),
+        disconnects: lock(&shared.disconnects).clone(),
+        sessions: shared.sessions.load(Relaxed),
+        unclean_closes: shared.unclean.load(Relaxed),
+        cpu_self_s: crate::sys::cpu_seconds().0,
+    };
+    emit(Event::Result(Box::new(result)));
+}
+
+/// Starts this worker's clients at the ramp rate, then waits for all of them to end.
+/// Aborting this task aborts every client (the `JoinSet` drops them).
+async fn ramp(shared: Arc<Shared>) {
+    let plan = shared.plan;
+    let rate = shared.config.ramp_rate / f64::from(plan.procs);
+    let mut set = JoinSet::new();
+    let t0 = Instant::now();
+    let mine: Vec<u32> = plan.clients_of(shared.index).collect();
+    let mut stop = shared.stop.subscribe();
+    for (i, c) in mine.into_iter().enumerate() {
+        if !matches!(*stop.borrow_and_update(), Stop::Running) {
+            break;
+        }
+        let at = t0 + Duration::from_secs_f64(i as f64 / rate);
+        sleep_until(at).await;
+        let Ok(permit) = shared.connect_slots.clone().acquire_owned().await else {
+            break;
+        };
+        let s = shared.clone();
+        if shared.config.scenario == Scenario::Churn {
+            set.spawn(churn_slot(s, c, permit));
+        } else {
+            set.spawn(client_main(s, c, permit));
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        if let Err(e) = r {
+            if e.is_panic() {
+                Shared::count(&shared.disconnects, "panic".into());
+            }
+        }
+    }
+}
+
+/// One steady client: connect, then receive (and publish) until told to stop.
+async fn client_main(shared: Arc<Shared>, c: u32, permit: OwnedSemaphorePermit) {
+    let place = shared.plan.place(c);
+    let server = &shared.servers[place.server as usize];
+    let room = room_name(place.room);
+    let user = format!("u{c}");
+    let connected = timeout(
+        shared.connect_timeout(),
+        client::connect(server, shared.source_for(c), &room, &user),
+    )
+    .await;
+    drop(permit);
+    let done = shared.done.fetch_add(1, Relaxed) + 1;
+    if done >= shared.assigned {
+        shared.ramp_done.notify_one();
+    }
+    let (ws, welcome) = match connected {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(reason)) => return Shared::count(&shared.failed, reason),
+        Err(_) => return Shared::count(&shared.failed, "timeout".into()),
+    };
+    joined(&shared, place.instance, welcome);
+    let mut me = Me {
+        id: c,
+        place,
+        shard: c as usize,
+        tracker: SeqTracker::new(welcome),
+    };
+    let stop = wait_stop(shared.stop.subscribe());
+    let end = if place.publisher {
+        publish_session(&shared, ws, &mut me, stop).await
+    } else {
+        receive_session(&shared, ws, &mut me, stop).await
+    };
+    left(&shared, &me, end);
+}
+
+fn joined(shared: &Shared, instance: u32, welcome: u64) {
+    shared.open.fetch_add(1, Relaxed);
+    shared.connected.fetch_add(1, Relaxed);
+    shared.members[instance as usize].fetch_add(1, Relaxed);
+    shared.min_welcome[instance as usize].fetch_min(welcome, Relaxed);
+}
+
+fn left(shared: &Shared, me: &Me, end: End) {
+    shared.open.fetch_sub(1, Relaxed);
+    shared.members[me.place.instance as usize].fetch_sub(1, Relaxed);
+    match end {
+        End::Finish(final_seq) => {
+            if let Some(&f) = final_seq.get(me.place.instance as usize) {
+                let tail = me.tracker.tail_loss(f);
+                if tail > 0 {
+                    shared.shard(me.shard).c.tail_loss += tail;
+                }
+            }
+        }
+        End::Leave => {
+            shared.sessions.fetch_add(1, Relaxed);
+        }
+        End::Abort => {}
+        End::Lost(reason) => Shared::count(&shared.disconnects, reason),
+    }
+}
+
+/// Resolves when the worker says finish or abort. Cancel-safe.
+async fn wait_stop(mut rx: watch::Receiver<Stop>) -> End {
+    loop {
+        match &*rx.borrow_and_update() {
+            Stop::Running => {}
+            Stop::Finish(f) => return End::Finish(f.clone()),
+            Stop::Abort => return End::Abort,
+        }
+        if rx.changed().await.is_err() {
+            return End::Abort;
+        }
+    }
+}
+
+/// A receiving-only client: one task owns the whole socket; fastwebsockets answers pings.
+async fn receive_session(
+    shared: &Shared,
+    mut ws: Ws,
+    me: &mut Me,
+    stop: impl Future<Output = End>,
+) -> End {
+    let mut stop = pin!(stop);
+    let end = loop {
+        // The read future is dropped only when `stop` wins, and then the socket is being
+        // closed: a half-read frame no longer matters (fastwebsockets' read is not cancel-safe).
+        tokio::select! {
+            frame = ws.read_frame() => match frame {
+                Ok(frame) => match frame.opcode {
+                    OpCode::Text => {
+                        shared.on_text(me, &frame.payload);
+                    }
+                    OpCode::Close => break End::Lost(close_reason(&frame.payload)),
+                    _ => {}
+                },
+                Err(e) => break End::Lost(ws_reason(&e)),
+            },
+            end = &mut stop => break end,
+        }
+    };
+    if matches!(end, End::Finish(_) | End::Leave) {
+        let clean = timeout(CLOSE_WAIT, async {
+            ws.write_frame(Frame::close(1000, b"")).await?;
+            loop {
+                if ws.read_frame().await?.opcode == OpCode::Close {
+                    return Ok::<_, WebSocketError>(());
+                }
+            }
+        })
+        .await;
+        if !matches!(
+            clean,
+            Ok(Ok(())) | Ok(Err(WebSocketError::ConnectionClosed))
+        ) {
+            shared.unclean.fetch_add(1, Relaxed);
+        }
+    }
+    end
+}
+
+/// A publishing client: the socket is split; the reader counts and acknowledges, the writer
+/// paces publications and sends the pongs and close replies the reader owes.
+async fn publish_session(
+    shared: &Shared,
+    ws: Ws,
+    me: &mut Me,
+    stop: impl Future<Output = End>,
+) -> End {
+    let (mut rx, mut tx) = ws.split(tokio::io::split);
+    let acked = AtomicU64::new(0);
+    let ack = Notify::new();
+    let (owed_tx, mut owed_rx) = mpsc::channel::<(OpCode, Vec<u8>)>(8);
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let id = me.id;
+    let instance = me.place.instance;
+    let rank = me.place.publisher_rank;
+
+    let reader = async {
+        let mut stop = pin!(stop);
+        let mut owe = |f: Frame<'_>| {
+            // Pongs and close replies go through the writer; a full queue drops a pong,
+            // which the next ping makes good.
+            let _ = owed_tx.try_send((f.opcode, f.payload.to_vec()));
+            std::future::ready(Ok::<(), WebSocketError>(()))
+        };
+        let end = loop {
+            // As in `receive_session`: the read future is dropped only when stopping.
+            tokio::select! {
+                frame = rx.read_frame(&mut owe) => match frame {
+                    Ok(frame) => match frame.opcode {
+                        OpCode::Text => {
+                            let own_echo = shared.on_text(me, &frame.payload) == Some(id);
+                            if own_echo {
+                                acked.fetch_add(1, Relaxed);
+                                ack.notify_one();
+                            }
+                        }
+                        OpCode::Close => break End::Lost(close_reason(&frame.payload)),
+                        _ => {}
+                    },
+                    Err(e) => break End::Lost(ws_reason(&e)),
+                },
+                end = &mut stop => break end,
+            }
+        };
+        if matches!(end, End::Finish(_) | End::Leave) {
+            let _ = closing_tx.send(true);
+            let clean = timeout(CLOSE_WAIT, async {
+                loop {
+                    if rx.read_frame(&mut owe).await?.opcode == OpCode::Close {
+                        return Ok::<_, WebSocketError>(());
+                    }
+                }
+            })
+            .await;
+            if !matches!(clean, Ok(Ok(()))) {
+                shared.unclean.fetch_add(1, Relaxed);
+            }
+        }
+        drop(owed_tx);
+        end
+    };
+
+    let writer = async {
+        let mut pace_rx = shared.pace.subscribe();
+        let mut closing_rx = closing_rx;
+        let mut pace = *pace_rx.borrow_and_update();
+        // The window compares all sends with all echoes, whatever paces came before.
+        let mut sent_total = 0u64;
+        let publishers = f64::from(shared.plan.publishers);
+        // Spread publishers' send times over the period (golden-ratio sequence).
+        let stagger = (f64::from(id) * 0.618_033_988_75 + f64::from(rank) * 0.5).fract();
+        let far = Instant::now() + Duration::from_secs(86_400);
+        // Publications a pace asks for by `now`: a writer that starts (or a pace that changes)
+        // mid-way begins there instead of catching up on what it was never there for.
+        let due_by = |pace: Pace, now: Instant| -> u64 {
+            match pace {
+                Pace::Rate { rate, since } => {
+                    let elapsed = now.saturating_duration_since(since).as_secs_f64();
+                    let n = (elapsed * rate / publishers - stagger).floor() + 1.0;
+                    n.max(0.0) as u64
+                }
+                _ => 0,
+            }
+        };
+        let mut sent_in_pace = due_by(pace, Instant::now());
+        loop {
+            let now = Instant::now();
+            let (wake, window_full) = match pace {
+                Pace::Silent => (far, false),
+                Pace::Rate { rate, since } => {
+                    let period = publishers / rate;
+                    let at =
+                        since + Duration::from_secs_f64(period * (stagger + sent_in_pace as f64));
+                    (at, false)
+                }
+                Pace::Window { window } => {
+                    let in_flight = sent_total.saturating_sub(acked.load(Relaxed));
+                    if in_flight < u64::from(window) {
+                        (now, false)
+                    } else {
+                        (far, true)
+                    }
+                }
+            };
+            tokio::select! {
+                biased;
+                owed = owed_rx.recv() => match owed {
+                    Some((op, data)) => {
+                        let frame = Frame::new(true, op, None, Payload::Owned(data));
+                        if tx.write_frame(frame).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                r = closing_rx.changed() => {
+                    if r.is_err() || *closing_rx.borrow() {
+                        let _ = tx.write_frame(Frame::close(1000, b"")).await;
+                        // We started the close, so what the reader still owes (the echo of the
+                        // server's close) needs no sending; wait for the reader to finish.
+                        while owed_rx.recv().await.is_some() {}
+                        return;
+                    }
+                }
+                r = pace_rx.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    pace = *pace_rx.borrow_and_update();
+                    sent_in_pace = due_by(pace, Instant::now());
+                }
+                _ = ack.notified(), if window_full => {}
+                _ = sleep_until(wake), if wake < far => {
+                    let mut due = match pace {
+                        Pace::Rate { .. } => due_by(pace, Instant::now())
+                            .saturating_sub(sent_in_pace)
+                            .clamp(1, BURST),
+                        _ => 1,
+                    };
+                    while due > 0 {
+                        let text = stamped_message(id, now_us(), shared.config.payload_bytes);
+                        if tx.write_frame(Frame::text(Payload::Owned(text))).await.is_err() {
+                            return;
+                        }
+                        sent_in_pace += 1;
+                        sent_total += 1;
+                        shared.sent[instance as usize].fetch_add(1, Relaxed);
+                        shared.shard(id as usize).c.sent += 1;
+                        due -= 1;
+                    }
+                }
+            }
+        }
+    };
+
+    let (end, ()) = tokio::join!(reader, writer);
+    end
+}
+
+/// Churn: one slot connects, stays a random while, leaves and comes back, until the run ends.
+async fn churn_slot(shared: Arc<Shared>, c: u32, permit: OwnedSemaphorePermit) {
+    let home = shared.plan.place(c);
+    let mut rng = Rng(u64::from(c).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut permit = Some(permit);
+    let mut first = true;
+    let mut stop_rx = shared.stop.subscribe();
+    loop {
+        if !matches!(*stop_rx.borrow_and_update(), Stop::Running) {
+            break;
+        }
+        let permit = match permit.take() {
+            Some(p) => p,
+            None => match shared.connect_slots.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        // Publishers always return to their own room; the others wander.
+        let place = if home.publisher {
+            home
+        } else {
+            let room = rng.below(shared.plan.rooms);
+            let server = match shared.plan.route {
+                Route::Rooms => room % shared.plan.servers,
+                Route::Spread => rng.below(shared.plan.servers),
+            };
+            Placement {
+                room,
+                server,
+                instance: room * shared.plan.servers + server,
+                publisher: false,
+                publisher_rank: 0,
+            }
+        };
+        let server = &shared.servers[place.server as usize];
+        let connected = timeout(
+            shared.connect_timeout(),
+            client::connect(
+                server,
+                shared.source_for(c),
+                &room_name(place.room),
+                &format!("u{c}"),
+            ),
+        )
+        .await;
+        drop(permit);
+        if first {
+            first = false;
+            let done = shared.done.fetch_add(1, Relaxed) + 1;
+            if done >= shared.assigned {
+                shared.ramp_done.notify_one();
+            }
+        }
+        let (ws, welcome) = match connected {
+            Ok(Ok(ok)) => ok,
+            Ok(Err(reason)) => {
+                Shared::count(&shared.failed, reason);
+                sleep(Duration::from_millis(100 + rng.below(400) as u64)).await;
+                continue;
+            }
+            Err(_) => {
+                Shared::count(&shared.failed, "timeout".into());
+                sleep(Duration::from_millis(100 + rng.below(400) as u64)).await;
+                continue;
+            }
+        };
+        joined(&shared, place.instance, welcome);
+        let mut me = Me {
+            id: c,
+            place,
+            shard: c as usize,
+            tracker: SeqTracker::new(welcome),
+        };
+        let life = Duration::from_secs_f64(shared.config.churn_lifetime * (0.5 + rng.unit()));
+        let stop = {
+            let rx = shared.stop.subscribe();
+            async move {
+                tokio::select! {
+                    end = wait_stop(rx) => match end {
+                        // Final seqs mean nothing while rooms come and go.
+                        End::Finish(_) => End::Leave,
+                        other => other,
+                    },
+                    _ = sleep(life) => End::Leave,
+                }
+            }
+        };
+        let end = if place.publisher {
+            publish_session(&shared, ws, &mut me, stop).await
+        } else {
+            receive_session(&shared, ws, &mut me, stop).await
+        };
+        let abort = matches!(end, End::Abort);
+        left(&shared, &me, end);
+        if abort {
+            break;
+        }
+    }
+}
+
+/// xorshift64*: deterministic per client, good enough to pick rooms and lifetimes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        (self.next() % u64::from(n.max(1))) as u32
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_subtracts_late_fills() {
+        let c = Counters {
+            gaps: 5,
+            late: 2,
+            tail_loss: 1,
+            stale: 1,
+            ..Counters::default()
+        };
+        assert_eq!(c.loss(), 4);
+        assert_eq!(c.reorders(), 3);
+    }
+
+    #[test]
+    fn events_and_commands_round_trip_as_json_lines() {
+        let cmd = Command::Finish {
+            final_seq: vec![3, 4],
+        };
+        let line = serde_json::to_string(&cmd).expect("serialize");
+        assert!(!line.contains('\n'));
+        assert!(matches!(
+            serde_json::from_str::<Command>(&line).expect("parse"),
+            Command::Finish { final_seq } if final_seq == vec![3, 4]
+        ));
+        let ev = Event::Progress(Progress {
+            open: 7,
+            hist: vec![(10, 2)],
+            ..Progress::default()
+        });
+        let line = serde_json::to_string(&ev).expect("serialize");
+        match serde_json::from_str::<Event>(&line).expect("parse") {
+            Event::Progress(p) => assert_eq!((p.open, p.hist), (7, vec![(10, 2)])),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rng_stays_in_range() {
+        let mut r = Rng(12345);
+        for _ in 0..1000 {
+            assert!(r.below(7) < 7);
+            let u = r.unit();
+            assert!((0.0..1.0).contains(&u));
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Fan-out under pressure: slow consumers, many clients, encode-once, pings, shutdown.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use support::{raise_nofile, Client, TestServer, STEP};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Connects with a tiny receive buffer, so that a client that stops reading blocks the
+/// server's writes quickly instead of after megabytes of kernel buffering.
+async fn connect_small_buffer(server: &TestServer, path: &str) -> Client {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(path), stream).await.unwrap();
+    Client { ws }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_falls_behind_is_evicted_and_nobody_else_loses_anything() {
+    let server = TestServer::with(|c| c.room_buffer = 64).await;
+    let (mut fast, _) = Client::join(&server.ws_url("/ws/busy?user=fast")).await;
+    let mut slow = connect_small_buffer(&server, "/ws/busy?user=slow").await;
+    let (mut publisher, _) = Client::join(&server.ws_url("/ws/busy?user=pub")).await;
+
+    // `slow` reads nothing while 400 messages of 16 KiB go by; `fast` reads as they come. The
+    // publisher never runs more than 16 messages ahead of `fast` (the ring holds 64), so only a
+    // reader that stopped reading can fall behind.
+    const N: u64 = 400;
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0u64);
+    let fast_reader = tokio::spawn(async move {
+        for i in 0..N {
+            let m = fast.recv_type("message").await;
+            assert_eq!(m["seq"], i + 1, "fast member gets every message, in order");
+            assert!(m["text"].as_str().unwrap().starts_with(&format!("{i}:")));
+            progress_tx.send_replace(i + 1);
+        }
+        fast
+    });
+    let text = "y".repeat(16 * 1024);
+    for i in 0..N {
+        progress.wait_for(|done| done + 16 >= i).await.unwrap();
+        publisher.send_json(&json!({"text": format!("{i}:{text}"), "echo": false})).await;
+    }
+    let mut fast = fast_reader.await.unwrap();
+
+    // Once `slow` reads again, the server finds it far behind its ring and evicts it.
+    let mut seen = 0u64;
+    let close = loop {
+        let msg = tokio::time::timeout(STEP, slow.ws.next()).await.expect("slow got no close").unwrap().unwrap();
+        match msg {
+            Message::Text(t) if t.as_str().contains("\"message\"") => seen += 1,
+            Message::Close(c) => break c.expect("close code"),
+            _ => {}
+        }
+    };
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1008, "slow consumer"));
+    assert!(seen < N, "the slow member cannot have received everything ({seen})");
+
+    let info = server.wait_for("/api/rooms/busy", "eviction", |_, v| v["members"] == 2).await;
+    assert_eq!(info["evicted"], 1);
+    assert_eq!(server.stats().await["evictions"], 1);
+    fast.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_write_that_never_completes_evicts_after_the_write_timeout() {
+    let server = TestServer::with(|c| c.write_timeout = Duration::from_millis(300)).await;
+    let (mut publisher, _) = Client::join(&server.ws_url("/ws/w?user=pub")).await;
+    let _stuck = connect_small_buffer(&server, "/ws/w?user=stuck").await;
+    let text = "z".repeat(16 * 1024);
+    // Enough to fill the stuck socket's buffers on both sides.
+    for _ in 0..200 {
+        publisher.send_json(&json!({"text": text, "echo": false})).await;
+    }
+    let info = server.wait_for("/api/rooms/w", "write-timeout eviction", |_, v| v["evicted"] == 1).await;
+    assert_eq!(info["members"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_in_ten_rooms_receive_every_message_in_order() {
+    raise_nofile();
+    let server = TestServer::start().await;
+    const ROOMS: usize = 10;
+    const PER_ROOM: usize = 100;
+    const MESSAGES: u64 = 20;
+    let mut joins = tokio::task::JoinSet::new();
+    for r in 0..ROOMS {
+        for u in 0..PER_ROOM {
+            let url = server.ws_url(&format!("/ws/room-{r}?user=u{u}"));
+            joins.spawn(async move { (r, Client::join(&url).await.0) });
+        }
+    }
+    let mut clients: Vec<(usize, Client)> = Vec::new();
+    while let Some(res) = joins.join_next().await {
+        clients.push(res.unwrap());
+    }
+    let (_, list) = server.get("/api/rooms").await;
+    assert_eq!(list["total"], ROOMS);
+    for r in list["rooms"].as_array().unwrap() {
+        assert_eq!(r["members"], PER_ROOM, "{r}");
+    }
+
+    // Every room gets MESSAGES messages over REST, interleaved across rooms.
+    for i in 0..MESSAGES {
+        for r in 0..ROOMS {
+            let (status, v) = server.post(&format!("/api/rooms/room-{r}/messages"), &format!(r#"{{"text":"{r}/{i}"}}"#)).await;
+            assert_eq!((status, v["seq"].as_u64()), (202, Some(i + 1)));
+        }
+    }
+    let mut readers = tokio::task::JoinSet::new();
+    for (r, mut c) in clients {
+        readers.spawn(async move {
+            for i in 0..MESSAGES {
+                let m = c.recv_type("message").await;
+                assert_eq!(m["room"], format!("room-{r}"), "no frame from another room");
+                assert_eq!(m["seq"], i + 1, "no loss, per-room order");
+                assert_eq!(m["text"], format!("{r}/{i}"));
+            }
+        });
+    }
+    while let Some(res) = readers.join_next().await {
+        res.unwrap();
+    }
+    let stats = server.wait_for("/api/stats", "all frames counted", |_, v| {
+        v["frames_out"].as_u64().unwrap() >= ROOMS as u64 * PER_ROOM as u64 * MESSAGES
+    }).await;
+    assert_eq!(stats["published"], ROOMS as u64 * MESSAGES);
+}
+
+#[tokio::test]
+async fn each_message_is_encoded_once_whatever_the_member_count() {
+    let server = TestServer::start().await;
+    let mut members = Vec::new();
+    for i in 0..50 {
+        members.push(Client::join(&server.ws_url(&format!("/ws/once?user=m{i}"))).await.0);
+    }
+    // Let the join presence settle, then measure only the messages.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = server.stats().await;
+    for i in 0..10 {
+        server.post("/api/rooms/once/messages", &format!(r#"{{"text":"m{i}"}}"#)).await;
+    }
+    for m in &mut members {
+        for _ in 0..10 {
+            m.recv_type("message").await;
+        }
+    }
+    let after = server.wait_for("/api/stats", "frames out", |_, v| {
+        v["frames_out"].as_u64().unwrap() >= before["frames_out"].as_u64().unwrap() + 500
+    }).await;
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(delta("frames_out"), 500, "50 members × 10 messages written");
+    assert_eq!(delta("frames_encoded"), 10, "but each message encoded once");
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_after_two_ping_intervals_and_a_live_one_is_not() {
+    let server = TestServer::with(|c| c.ping_interval = Duration::from_millis(200)).await;
+    // A raw client that completes the handshake and then never answers anything.
+    let mut raw = TcpStream::connect(server.addr).await.unwrap();
+    raw.write_all(
+        b"GET /ws/p?user=mute HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // tungstenite answers pings whenever it reads: this one reads all along, so it stays alive.
+    let (mut live, _) = Client::join(&server.ws_url("/ws/p?user=live")).await;
+    let live = tokio::spawn(async move {
+        live.expect_silence(Duration::from_millis(1000)).await;
+        live
+    });
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(STEP, raw.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "server never dropped the silent peer");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(350), "dropped too early: {waited:?}");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(buf.windows(2).any(|w| w == [0x89, 0x00]), "a ping was sent before the drop");
+    let tail = &buf[buf.len() - 2 - "ping timeout".len()..];
+    assert_eq!(&tail[2..], b"ping timeout", "closed with the documented reason");
+
+    let mut live = live.await.unwrap();
+    live.send("still here").await;
+    assert_eq!(live.recv_type("message").await["text"], "still here");
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_socket_with_1001_promptly() {
+    let mut server = TestServer::start().await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(Client::join(&server.ws_url(&format!("/ws/s{}?user=u{i}", i % 3))).await.0);
+    }
+    let (mut multi, _) = Client::join(&server.ws_url("/ws/s0?user=multi")).await;
+    multi.send_json(&json!({"type": "join", "room": "s1"})).await;
+    multi.recv_type("welcome").await;
+    clients.push(multi);
+
+    let stopping = tokio::spawn(async move {
+        let took = server.shutdown().await;
+        (server, took)
+    });
+    for c in &mut clients {
+        assert_eq!(c.expect_close().await, (1001, "server shutting down".into()));
+    }
+    let (server, took) = stopping.await.unwrap();
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    assert!(TcpStream::connect(server.addr).await.is_err(), "listener is closed");
+}
