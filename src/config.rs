@@ -74,7 +74,9 @@ impl Default for Config {
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     if !(secs > 0.0 && secs <= 86_400.0) {
         return Err(format!("`{s}` must be between 0 and 86400 seconds"));
     }
@@ -82,7 +84,9 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_millis(s: &str) -> Result<Duration, String> {
-    let ms: u64 = s.parse().map_err(|_| format!("`{s}` is not a number of milliseconds"))?;
+    let ms: u64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of milliseconds"))?;
     if ms == 0 || ms > 60_000 {
         return Err(format!("`{s}` must be between 1 and 60000 milliseconds"));
     }

@@ -75,12 +75,19 @@ pub async fn run(
     let read = Cursor::new(leftover).chain(read);
     // We write through our own half (pre-encoded frames); fastwebsockets only reads, and the
     // control frames it owes (pong, close echo) come back to us through `read_next`.
-    let (mut reader, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    let (mut reader, _) =
+        fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
     // fastwebsockets refuses frames of `len >= max`; our limit is inclusive.
     reader.set_max_message_size(shared.config.max_message_bytes as usize + 1);
 
-    let mut conn =
-        Connection { id, user, shared, writer, rooms: SmallVec::new(), partial: None };
+    let mut conn = Connection {
+        id,
+        user,
+        shared,
+        writer,
+        rooms: SmallVec::new(),
+        partial: None,
+    };
     let end = match first_room {
         Some(room) => match conn.join(&room).await {
             Ok(()) => None,
@@ -113,7 +120,11 @@ impl From<Frame<'_>> for InFrame {
             Payload::Bytes(b) => b,
             other => BytesMut::from(&other[..]),
         };
-        InFrame { fin: frame.fin, opcode: frame.opcode, payload }
+        InFrame {
+            fin: frame.fin,
+            opcode: frame.opcode,
+            payload,
+        }
     }
 }
 
@@ -248,10 +259,16 @@ impl Connection {
         }
     }
 
-    fn publish(&mut self, room: Option<&str>, text: &str, echo: bool) -> Result<(), Result<ProtocolError, End>> {
+    fn publish(
+        &mut self,
+        room: Option<&str>,
+        text: &str,
+        echo: bool,
+    ) -> Result<(), Result<ProtocolError, End>> {
         let target = match room {
             Some(name) => {
-                validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+                validate_room(name)
+                    .map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
                 self.rooms.iter().find(|m| m.room.name() == name)
             }
             None if self.rooms.len() > 1 => {
@@ -263,7 +280,10 @@ impl Connection {
             None => self.rooms.first(),
         };
         let Some(member) = target else {
-            return Err(Ok(ProtocolError::new("not_joined", "join the room before sending to it")));
+            return Err(Ok(ProtocolError::new(
+                "not_joined",
+                "join the room before sending to it",
+            )));
         };
         member.room.publish(&self.user, text, self.id, !echo);
         Ok(())
@@ -274,23 +294,35 @@ impl Connection {
     async fn join(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
         validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
         if self.rooms.iter().any(|m| m.room.name() == name) {
-            return Err(Ok(ProtocolError::new("already_joined", "this socket is already in that room")));
+            return Err(Ok(ProtocolError::new(
+                "already_joined",
+                "this socket is already in that room",
+            )));
         }
         if self.rooms.len() >= usize::from(self.shared.config.max_rooms_per_connection) {
             return Err(Ok(ProtocolError::new(
                 "too_many_rooms",
-                format!("a socket may be in at most {} rooms", self.shared.config.max_rooms_per_connection),
+                format!(
+                    "a socket may be in at most {} rooms",
+                    self.shared.config.max_rooms_per_connection
+                ),
             )));
         }
         let joined = self.shared.hub.join(name, self.id, &self.user);
-        self.rooms.push(Membership { room: joined.room, rx: joined.rx });
+        self.rooms.push(Membership {
+            room: joined.room,
+            rx: joined.rx,
+        });
         self.write_own(&joined.welcome).await
     }
 
     async fn leave(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
         validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
         let Some(index) = self.rooms.iter().position(|m| m.room.name() == name) else {
-            return Err(Ok(ProtocolError::new("not_joined", "this socket is not in that room")));
+            return Err(Ok(ProtocolError::new(
+                "not_joined",
+                "this socket is not in that room",
+            )));
         };
         let m = self.rooms.remove(index);
         self.shared.hub.leave(&m.room, self.id);
@@ -305,7 +337,11 @@ impl Connection {
 
     /// Handles the first frame `recv_any` produced, then drains whatever else is already queued
     /// in any room (up to `MAX_BATCH`) and writes it all in one vectored write.
-    async fn on_room_frame(&mut self, index: usize, first: Result<Arc<Outbound>, RecvError>) -> Option<End> {
+    async fn on_room_frame(
+        &mut self,
+        index: usize,
+        first: Result<Arc<Outbound>, RecvError>,
+    ) -> Option<End> {
         let mut batch: SmallVec<[(usize, Arc<Outbound>); 16]> = SmallVec::new();
         match first {
             Ok(out) => {
@@ -380,7 +416,9 @@ impl Connection {
     }
 
     async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), End> {
-        self.write_own(bytes).await.map_err(|e| e.err().unwrap_or(End::Gone))
+        self.write_own(bytes)
+            .await
+            .map_err(|e| e.err().unwrap_or(End::Gone))
     }
 
     /// Sends our close frame and our FIN, then reads (and discards) what the peer still sends
@@ -447,9 +485,9 @@ fn end_for_read_error(e: WebSocketError) -> End {
         WebSocketError::InvalidCloseCode => End::Gone,
         WebSocketError::FrameTooLarge => End::Close(1009, "message too big"),
         WebSocketError::InvalidUTF8 => End::Close(1007, "invalid utf-8"),
-        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
-            End::Gone
-        }
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::IoError(_)
+        | WebSocketError::ConnectionClosed => End::Gone,
         _ => End::Close(1002, "protocol error"),
     }
 }

@@ -29,13 +29,18 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
     let method = req.method().clone();
     match segments.as_slice() {
         [""] => only(&method, &[Method::GET, Method::HEAD], || html(INDEX_HTML)),
-        ["healthz"] => only(&method, &[Method::GET], || json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        ["healthz"] => only(&method, &[Method::GET], || {
+            json_response(StatusCode::OK, &json!({"status": "ok"}))
+        }),
         ["metrics"] => only(&method, &[Method::GET], || metrics(&shared)),
         ["api", "stats"] => only(&method, &[Method::GET], || stats(&shared)),
         ["api", "rooms"] => only(&method, &[Method::GET], || list_rooms(&shared, &req)),
         ["api", "rooms", room] => {
             let room = decode_room(room);
-            only(&method, &[Method::GET], || room.and_then(|r| room_info(&shared, &r, &req)).unwrap_or_else(|e| e))
+            only(&method, &[Method::GET], || {
+                room.and_then(|r| room_info(&shared, &r, &req))
+                    .unwrap_or_else(|e| e)
+            })
         }
         ["api", "rooms", room, "messages"] => {
             if method != Method::POST {
@@ -66,8 +71,16 @@ fn only(method: &Method, allowed: &[Method], f: impl FnOnce() -> Response<Body>)
 }
 
 fn method_not_allowed(allowed: &[Method]) -> Response<Body> {
-    let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route");
-    let allow = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+    let mut resp = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    );
+    let allow = allowed
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
     if let Ok(v) = HeaderValue::from_str(&allow) {
         resp.headers_mut().insert(ALLOW, v);
     }
@@ -78,8 +91,10 @@ fn method_not_allowed(allowed: &[Method]) -> Response<Body> {
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -90,14 +105,19 @@ pub fn error(status: StatusCode, code: &str, reason: &str) -> Response<Body> {
 
 fn html(page: &'static str) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from_static(page.as_bytes())));
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     resp
 }
 
 /// The first value of `key` in the query string, percent-decoded.
 fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<Cow<'a, str>> {
     let query = req.uri().query()?;
-    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == key).map(|(_, v)| v)
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
 }
 
 /// A numeric query parameter in `range`, `default` when absent.
@@ -109,13 +129,21 @@ fn number_param(
 ) -> Result<u64, Response<Body>> {
     match query_param(req, key) {
         None => Ok(default),
-        Some(v) => v.parse::<u64>().ok().filter(|n| range.contains(n)).ok_or_else(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "bad_param",
-                &format!("`{key}` must be an integer from {} to {}", range.start(), range.end()),
-            )
-        }),
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_param",
+                    &format!(
+                        "`{key}` must be an integer from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            }),
     }
 }
 
@@ -123,8 +151,15 @@ fn number_param(
 fn decode_room(raw: &str) -> Result<String, Response<Body>> {
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_room", "room name is not valid UTF-8"))?;
-    validate_room(&decoded).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()))?;
+        .map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_room",
+                "room name is not valid UTF-8",
+            )
+        })?;
+    validate_room(&decoded)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()))?;
     Ok(decoded.into_owned())
 }
 
@@ -163,20 +198,35 @@ fn list_rooms(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         Err(resp) => return resp,
     };
     let (rooms, total) = shared.hub.list(limit);
-    let rooms: Vec<_> = rooms.iter().map(|(r, n)| json!({"room": r.name(), "members": n})).collect();
+    let rooms: Vec<_> = rooms
+        .iter()
+        .map(|(r, n)| json!({"room": r.name(), "members": n}))
+        .collect();
     json_response(StatusCode::OK, &json!({"rooms": rooms, "total": total}))
 }
 
-fn room_info(shared: &Shared, room: &str, req: &Request<Incoming>) -> Result<Response<Body>, Response<Body>> {
+fn room_info(
+    shared: &Shared,
+    room: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, Response<Body>> {
     let limit = number_param(req, "users_limit", 100, 1..=1000)? as usize;
     let after = match query_param(req, "users_after") {
         None => None,
         Some(v) => Some(v.parse::<u64>().map_err(|_| {
-            error(StatusCode::BAD_REQUEST, "bad_param", "`users_after` must be a member id")
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_param",
+                "`users_after` must be a member id",
+            )
         })?),
     };
     let Some(room) = shared.hub.get(room) else {
-        return Err(error(StatusCode::NOT_FOUND, "no_such_room", "no room of that name has members"));
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "no_such_room",
+            "no room of that name has members",
+        ));
     };
     let info = room.info(limit, after);
     let value = serde_json::to_value(&info).unwrap_or_default();
@@ -191,22 +241,48 @@ struct PublishBody {
 
 async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Response<Body> {
     let max = shared.config.max_message_bytes as usize;
-    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "body is larger than --max-message-bytes");
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "body is larger than --max-message-bytes",
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         return too_large();
     }
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Err(_) => return error(StatusCode::BAD_REQUEST, "bad_request", "could not read the request body"),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "could not read the request body",
+            )
+        }
     };
     let parsed: PublishBody = match serde_json::from_slice(&body) {
         Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", &format!("body is not a JSON object: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                &format!("body is not a JSON object: {e}"),
+            )
+        }
     };
     let Some(serde_json::Value::String(text)) = parsed.text else {
-        return error(StatusCode::BAD_REQUEST, "bad_message", "`text` must be a string");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_message",
+            "`text` must be a string",
+        );
     };
     if text.is_empty() {
         return error(StatusCode::BAD_REQUEST, "bad_message", "`text` is empty");
@@ -217,10 +293,20 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
             Ok(()) => u,
             Err(e) => return error(StatusCode::BAD_REQUEST, "bad_user", e.user_reason()),
         },
-        Some(_) => return error(StatusCode::BAD_REQUEST, "bad_user", "`user` must be a string"),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_user",
+                "`user` must be a string",
+            )
+        }
     };
     let Some(room_ref) = shared.hub.get(room) else {
-        return error(StatusCode::NOT_FOUND, "no_such_room", "no room of that name has members");
+        return error(
+            StatusCode::NOT_FOUND,
+            "no_such_room",
+            "no room of that name has members",
+        );
     };
     let seq = room_ref.publish(&user, &text, 0, false);
     json_response(StatusCode::ACCEPTED, &json!({"room": room, "seq": seq}))
@@ -266,13 +352,21 @@ fn websocket(
         );
     }
     if shared.shutdown.is_shutdown() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        );
     }
     let stats = &shared.stats;
     if stats.connections.inc() >= shared.config.max_connections as i64 {
         stats.connections.dec();
         stats.connections_refused.inc();
-        return error(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", "the server is at --max-connections");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "the server is at --max-connections",
+        );
     }
     let guard = ConnectionGuard(shared.clone());
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -295,7 +389,8 @@ fn websocket(
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let stream = parts.io.into_inner();
-                crate::connection::run(shared, stream, parts.read_buf, id, user, room, shutdown).await;
+                crate::connection::run(shared, stream, parts.read_buf, id, user, room, shutdown)
+                    .await;
             }
             Err(_) => tracing::error!("{}", crate::Error::NotTcp),
         }

@@ -119,8 +119,13 @@ impl Hub {
             rooms.extend(shard.lock().values().cloned());
         }
         let total = rooms.len();
-        let mut counted: Vec<(Arc<Room>, usize)> =
-            rooms.into_iter().map(|r| { let n = r.member_count(); (r, n) }).collect();
+        let mut counted: Vec<(Arc<Room>, usize)> = rooms
+            .into_iter()
+            .map(|r| {
+                let n = r.member_count();
+                (r, n)
+            })
+            .collect();
         counted.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.name().cmp(b.0.name())));
         counted.truncate(limit);
         (counted, total)
@@ -134,6 +139,12 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The JSON payload of a server frame (skips the 2- or 4-byte header).
+    fn payload(frame: &[u8]) -> serde_json::Value {
+        let start = if frame[1] == 126 { 4 } else { 2 };
+        serde_json::from_slice(&frame[start..]).unwrap()
+    }
 
     fn hub() -> Hub {
         Hub::new(4, 16, Arc::new(Stats::new()))
@@ -166,12 +177,12 @@ mod tests {
         assert_eq!(a.room.publish("u", "one", 1, false), 1);
         assert_eq!(a.room.publish("u", "two", 1, false), 2);
         let mut b = hub.join("r", 2, &u);
-        let v: serde_json::Value = serde_json::from_slice(&b.welcome[2..]).unwrap();
+        let v: serde_json::Value = payload(&b.welcome);
         assert_eq!(v["seq"], 2);
         assert_eq!(v["members"], 2);
         a.room.publish("u", "three", 1, false);
         let first = b.rx.try_recv().unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&first.frame[2..]).unwrap();
+        let v: serde_json::Value = payload(&first.frame);
         assert_eq!(v["seq"], 3, "the joiner's first frame follows its welcome");
     }
 
@@ -214,7 +225,7 @@ mod tests {
         hub.flush_presence();
         let rx = &mut joined[0].rx;
         let f = rx.try_recv().unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&f.frame[2..]).unwrap();
+        let v: serde_json::Value = payload(&f.frame);
         assert_eq!(v["type"], "presence");
         assert_eq!(v["members"], 50);
         assert_eq!(v["joined"].as_array().unwrap().len(), 50);

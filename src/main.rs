@@ -10,12 +10,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ROOMCAST_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ROOMCAST_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .init();
     let config = Config::parse();
     raise_nofile_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("roomcast: cannot start the runtime: {e}");
@@ -23,9 +27,14 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| {
-            roomcast::Error::Io(std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen)))
-        })?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| {
+                roomcast::Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {}: {e}", config.listen),
+                ))
+            })?;
         roomcast::run(listener, config, shutdown_signal()).await
     });
     match result {

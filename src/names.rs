@@ -70,7 +70,15 @@ mod tests {
 
     #[test]
     fn room_names() {
-        for ok in ["general", "#general", "post:42", "channel:general", "a", "team@acme", "x.y-z_1"] {
+        for ok in [
+            "general",
+            "#general",
+            "post:42",
+            "channel:general",
+            "a",
+            "team@acme",
+            "x.y-z_1",
+        ] {
             assert_eq!(validate_room(ok), Ok(()), "{ok}");
         }
         assert_eq!(validate_room(&"a".repeat(64)), Ok(()));

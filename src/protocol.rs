@@ -38,7 +38,10 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(code: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
-        ProtocolError { code, reason: reason.into() }
+        ProtocolError {
+            code,
+            reason: reason.into(),
+        }
     }
 }
 
@@ -61,7 +64,11 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
         if input.trim().is_empty() {
             return Err(ProtocolError::new("bad_message", "message text is empty"));
         }
-        return Ok(ClientMessage::Message { room: None, text: Cow::Borrowed(input), echo: true });
+        return Ok(ClientMessage::Message {
+            room: None,
+            text: Cow::Borrowed(input),
+            echo: true,
+        });
     }
     let raw: RawClientMessage<'_> = serde_json::from_str(input).map_err(|e| {
         if e.is_data() {
@@ -81,10 +88,18 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
             if text.is_empty() {
                 return Err(ProtocolError::new("bad_message", "message text is empty"));
             }
-            Ok(ClientMessage::Message { room: raw.room, text, echo: raw.echo.unwrap_or(true) })
+            Ok(ClientMessage::Message {
+                room: raw.room,
+                text,
+                echo: raw.echo.unwrap_or(true),
+            })
         }
-        Some("join") => Ok(ClientMessage::Join { room: need_room(raw.room)? }),
-        Some("leave") => Ok(ClientMessage::Leave { room: need_room(raw.room)? }),
+        Some("join") => Ok(ClientMessage::Join {
+            room: need_room(raw.room)?,
+        }),
+        Some("leave") => Ok(ClientMessage::Leave {
+            room: need_room(raw.room)?,
+        }),
         Some("ping") => Ok(ClientMessage::Ping),
         Some(other) => Err(ProtocolError::new(
             "unknown_type",
@@ -164,7 +179,12 @@ pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
 
 /// A server ping carrying no payload.
 pub fn ping_frame() -> Vec<u8> {
-    encode_control(Frame::new(true, fastwebsockets::OpCode::Ping, None, Payload::Borrowed(&[])))
+    encode_control(Frame::new(
+        true,
+        fastwebsockets::OpCode::Ping,
+        None,
+        Payload::Borrowed(&[]),
+    ))
 }
 
 #[derive(Serialize)]
@@ -222,15 +242,33 @@ struct LeftOut<'a> {
 }
 
 pub fn message_frame(room: &str, user: &str, text: &str, seq: u64, ts: u64) -> Bytes {
-    encode_frame(&MessageOut { kind: "message", room, user, text, seq, ts })
+    encode_frame(&MessageOut {
+        kind: "message",
+        room,
+        user,
+        text,
+        seq,
+        ts,
+    })
 }
 
 pub fn welcome_frame(room: &str, user: &str, members: usize, seq: u64) -> Bytes {
-    encode_frame(&WelcomeOut { kind: "welcome", room, user, members, seq })
+    encode_frame(&WelcomeOut {
+        kind: "welcome",
+        room,
+        user,
+        members,
+        seq,
+    })
 }
 
 pub fn error_frame(err: &ProtocolError, room: Option<&str>) -> Bytes {
-    encode_frame(&ErrorOut { kind: "error", code: err.code, reason: &err.reason, room })
+    encode_frame(&ErrorOut {
+        kind: "error",
+        code: err.code,
+        reason: &err.reason,
+        room,
+    })
 }
 
 pub fn pong_frame() -> Bytes {
@@ -249,7 +287,10 @@ mod tests {
         assert_eq!(frame[0], 0x81, "FIN + text opcode");
         let (len, start) = match frame[1] {
             126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
-            127 => (u64::from_be_bytes(frame[2..10].try_into().unwrap()) as usize, 10),
+            127 => (
+                u64::from_be_bytes(frame[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
             n => (n as usize, 2),
         };
         assert_eq!(frame.len(), start + len, "header length matches payload");
@@ -260,26 +301,41 @@ mod tests {
     fn plain_text_is_a_message() {
         assert_eq!(
             parse_client_message("hello there").unwrap(),
-            ClientMessage::Message { room: None, text: "hello there".into(), echo: true }
+            ClientMessage::Message {
+                room: None,
+                text: "hello there".into(),
+                echo: true
+            }
         );
         assert_eq!(parse_client_message("   ").unwrap_err().code, "bad_message");
-        assert_eq!(parse_client_message("[1,2]").unwrap(), ClientMessage::Message {
-            room: None,
-            text: "[1,2]".into(),
-            echo: true
-        });
+        assert_eq!(
+            parse_client_message("[1,2]").unwrap(),
+            ClientMessage::Message {
+                room: None,
+                text: "[1,2]".into(),
+                echo: true
+            }
+        );
     }
 
     #[test]
     fn json_shapes() {
         assert_eq!(
             parse_client_message(r#"{"text":"hi"}"#).unwrap(),
-            ClientMessage::Message { room: None, text: "hi".into(), echo: true }
+            ClientMessage::Message {
+                room: None,
+                text: "hi".into(),
+                echo: true
+            }
         );
         assert_eq!(
             parse_client_message(r#"{"type":"message","room":"r","text":"h\"i","echo":false}"#)
                 .unwrap(),
-            ClientMessage::Message { room: Some("r".into()), text: "h\"i".into(), echo: false }
+            ClientMessage::Message {
+                room: Some("r".into()),
+                text: "h\"i".into(),
+                echo: false
+            }
         );
         assert_eq!(
             parse_client_message(r#" {"type":"join","room":"a"}"#).unwrap(),
@@ -289,7 +345,10 @@ mod tests {
             parse_client_message(r#"{"type":"leave","room":"a"}"#).unwrap(),
             ClientMessage::Leave { room: "a".into() }
         );
-        assert_eq!(parse_client_message(r#"{"type":"ping"}"#).unwrap(), ClientMessage::Ping);
+        assert_eq!(
+            parse_client_message(r#"{"type":"ping"}"#).unwrap(),
+            ClientMessage::Ping
+        );
     }
 
     #[test]

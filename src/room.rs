@@ -132,7 +132,12 @@ impl Room {
         let frame = protocol::message_frame(&self.name, user, text, seq, now_ms);
         self.stats.frames_encoded.inc();
         self.stats.published.inc();
-        let out = Outbound { frame, origin, skip_origin, published_at: Instant::now() };
+        let out = Outbound {
+            frame,
+            origin,
+            skip_origin,
+            published_at: Instant::now(),
+        };
         // No receiver means no member is left to deliver to: nothing is lost.
         let _ = self.tx.send(Arc::new(out));
         seq
@@ -158,7 +163,12 @@ impl Room {
             members: state.members.len(),
         });
         self.stats.frames_encoded.inc();
-        let out = Outbound { frame, origin: 0, skip_origin: false, published_at: Instant::now() };
+        let out = Outbound {
+            frame,
+            origin: 0,
+            skip_origin: false,
+            published_at: Instant::now(),
+        };
         let _ = self.tx.send(Arc::new(out));
     }
 
@@ -170,7 +180,10 @@ impl Room {
 
     /// Records how long the oldest frame of a completed write waited in the server.
     pub fn record_wait(&self, published_at: Instant, now: Instant) {
-        self.wait.record(now.saturating_duration_since(published_at), unix_millis() / 60_000);
+        self.wait.record(
+            now.saturating_duration_since(published_at),
+            unix_millis() / 60_000,
+        );
     }
 
     /// The room's figures, with one page of its users.
@@ -182,7 +195,10 @@ impl Room {
             .members
             .range((start, std::ops::Bound::Unbounded))
             .take(users_limit)
-            .map(|(id, user)| UserEntry { id: *id, user: user.clone() })
+            .map(|(id, user)| UserEntry {
+                id: *id,
+                user: user.clone(),
+            })
             .collect();
         let next_users_after = match users.last() {
             Some(last) if state.members.range(last.id + 1..).next().is_some() => Some(last.id),

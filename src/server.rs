@@ -38,11 +38,19 @@ impl Shared {
 
 /// Serves `listener` until `signal` completes, then closes every WebSocket with 1001 and
 /// returns once every connection task has ended or `--shutdown-timeout` has passed.
-pub async fn run(listener: TcpListener, config: Config, signal: impl Future<Output = ()>) -> crate::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    signal: impl Future<Output = ()>,
+) -> crate::Result<()> {
     let (trigger, shutdown) = shutdown::channel();
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let stats = Arc::new(Stats::new());
-    let hub = Hub::new(usize::from(config.shards), config.room_buffer as usize, stats.clone());
+    let hub = Hub::new(
+        usize::from(config.shards),
+        config.room_buffer as usize,
+        stats.clone(),
+    );
     let shutdown_timeout = config.shutdown_timeout;
     let shared = Arc::new(Shared {
         config,
@@ -78,7 +86,10 @@ pub async fn run(listener: TcpListener, config: Config, signal: impl Future<Outp
     drop(listener);
     trigger.trigger();
     drop(shared);
-    if tokio::time::timeout(shutdown_timeout, alive_rx.recv()).await.is_err() {
+    if tokio::time::timeout(shutdown_timeout, alive_rx.recv())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not finish within {shutdown_timeout:?}");
     }
     Ok(())

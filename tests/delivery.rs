@@ -18,7 +18,9 @@ async fn connect_small_buffer(server: &TestServer, path: &str) -> Client {
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(server.addr).await.unwrap();
     let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(path), stream).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(path), stream)
+        .await
+        .unwrap();
     Client { ws }
 }
 
@@ -46,24 +48,38 @@ async fn a_reader_that_falls_behind_is_evicted_and_nobody_else_loses_anything() 
     let text = "y".repeat(16 * 1024);
     for i in 0..N {
         progress.wait_for(|done| done + 16 >= i).await.unwrap();
-        publisher.send_json(&json!({"text": format!("{i}:{text}"), "echo": false})).await;
+        publisher
+            .send_json(&json!({"text": format!("{i}:{text}"), "echo": false}))
+            .await;
     }
     let mut fast = fast_reader.await.unwrap();
 
     // Once `slow` reads again, the server finds it far behind its ring and evicts it.
     let mut seen = 0u64;
     let close = loop {
-        let msg = tokio::time::timeout(STEP, slow.ws.next()).await.expect("slow got no close").unwrap().unwrap();
+        let msg = tokio::time::timeout(STEP, slow.ws.next())
+            .await
+            .expect("slow got no close")
+            .unwrap()
+            .unwrap();
         match msg {
             Message::Text(t) if t.as_str().contains("\"message\"") => seen += 1,
             Message::Close(c) => break c.expect("close code"),
             _ => {}
         }
     };
-    assert_eq!((u16::from(close.code), close.reason.as_str()), (1008, "slow consumer"));
-    assert!(seen < N, "the slow member cannot have received everything ({seen})");
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1008, "slow consumer")
+    );
+    assert!(
+        seen < N,
+        "the slow member cannot have received everything ({seen})"
+    );
 
-    let info = server.wait_for("/api/rooms/busy", "eviction", |_, v| v["members"] == 2).await;
+    let info = server
+        .wait_for("/api/rooms/busy", "eviction", |_, v| v["members"] == 2)
+        .await;
     assert_eq!(info["evicted"], 1);
     assert_eq!(server.stats().await["evictions"], 1);
     fast.expect_silence(Duration::from_millis(200)).await;
@@ -77,9 +93,15 @@ async fn a_write_that_never_completes_evicts_after_the_write_timeout() {
     let text = "z".repeat(16 * 1024);
     // Enough to fill the stuck socket's buffers on both sides.
     for _ in 0..200 {
-        publisher.send_json(&json!({"text": text, "echo": false})).await;
+        publisher
+            .send_json(&json!({"text": text, "echo": false}))
+            .await;
     }
-    let info = server.wait_for("/api/rooms/w", "write-timeout eviction", |_, v| v["evicted"] == 1).await;
+    let info = server
+        .wait_for("/api/rooms/w", "write-timeout eviction", |_, v| {
+            v["evicted"] == 1
+        })
+        .await;
     assert_eq!(info["members"], 1);
 }
 
@@ -110,7 +132,12 @@ async fn a_thousand_clients_in_ten_rooms_receive_every_message_in_order() {
     // Every room gets MESSAGES messages over REST, interleaved across rooms.
     for i in 0..MESSAGES {
         for r in 0..ROOMS {
-            let (status, v) = server.post(&format!("/api/rooms/room-{r}/messages"), &format!(r#"{{"text":"{r}/{i}"}}"#)).await;
+            let (status, v) = server
+                .post(
+                    &format!("/api/rooms/room-{r}/messages"),
+                    &format!(r#"{{"text":"{r}/{i}"}}"#),
+                )
+                .await;
             assert_eq!((status, v["seq"].as_u64()), (202, Some(i + 1)));
         }
     }
@@ -128,9 +155,11 @@ async fn a_thousand_clients_in_ten_rooms_receive_every_message_in_order() {
     while let Some(res) = readers.join_next().await {
         res.unwrap();
     }
-    let stats = server.wait_for("/api/stats", "all frames counted", |_, v| {
-        v["frames_out"].as_u64().unwrap() >= ROOMS as u64 * PER_ROOM as u64 * MESSAGES
-    }).await;
+    let stats = server
+        .wait_for("/api/stats", "all frames counted", |_, v| {
+            v["frames_out"].as_u64().unwrap() >= ROOMS as u64 * PER_ROOM as u64 * MESSAGES
+        })
+        .await;
     assert_eq!(stats["published"], ROOMS as u64 * MESSAGES);
 }
 
@@ -139,22 +168,30 @@ async fn each_message_is_encoded_once_whatever_the_member_count() {
     let server = TestServer::start().await;
     let mut members = Vec::new();
     for i in 0..50 {
-        members.push(Client::join(&server.ws_url(&format!("/ws/once?user=m{i}"))).await.0);
+        members.push(
+            Client::join(&server.ws_url(&format!("/ws/once?user=m{i}")))
+                .await
+                .0,
+        );
     }
     // Let the join presence settle, then measure only the messages.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let before = server.stats().await;
     for i in 0..10 {
-        server.post("/api/rooms/once/messages", &format!(r#"{{"text":"m{i}"}}"#)).await;
+        server
+            .post("/api/rooms/once/messages", &format!(r#"{{"text":"m{i}"}}"#))
+            .await;
     }
     for m in &mut members {
         for _ in 0..10 {
             m.recv_type("message").await;
         }
     }
-    let after = server.wait_for("/api/stats", "frames out", |_, v| {
-        v["frames_out"].as_u64().unwrap() >= before["frames_out"].as_u64().unwrap() + 500
-    }).await;
+    let after = server
+        .wait_for("/api/stats", "frames out", |_, v| {
+            v["frames_out"].as_u64().unwrap() >= before["frames_out"].as_u64().unwrap() + 500
+        })
+        .await;
     let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
     assert_eq!(delta("frames_out"), 500, "50 members × 10 messages written");
     assert_eq!(delta("frames_encoded"), 10, "but each message encoded once");
@@ -182,12 +219,22 @@ async fn a_silent_peer_is_dropped_after_two_ping_intervals_and_a_live_one_is_not
     let read = tokio::time::timeout(STEP, raw.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "server never dropped the silent peer");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(350), "dropped too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(350),
+        "dropped too early: {waited:?}"
+    );
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
-    assert!(buf.windows(2).any(|w| w == [0x89, 0x00]), "a ping was sent before the drop");
+    assert!(
+        buf.windows(2).any(|w| w == [0x89, 0x00]),
+        "a ping was sent before the drop"
+    );
     let tail = &buf[buf.len() - 2 - "ping timeout".len()..];
-    assert_eq!(&tail[2..], b"ping timeout", "closed with the documented reason");
+    assert_eq!(
+        &tail[2..],
+        b"ping timeout",
+        "closed with the documented reason"
+    );
 
     let mut live = live.await.unwrap();
     live.send("still here").await;
@@ -199,10 +246,16 @@ async fn shutdown_closes_every_socket_with_1001_promptly() {
     let mut server = TestServer::start().await;
     let mut clients = Vec::new();
     for i in 0..20 {
-        clients.push(Client::join(&server.ws_url(&format!("/ws/s{}?user=u{i}", i % 3))).await.0);
+        clients.push(
+            Client::join(&server.ws_url(&format!("/ws/s{}?user=u{i}", i % 3)))
+                .await
+                .0,
+        );
     }
     let (mut multi, _) = Client::join(&server.ws_url("/ws/s0?user=multi")).await;
-    multi.send_json(&json!({"type": "join", "room": "s1"})).await;
+    multi
+        .send_json(&json!({"type": "join", "room": "s1"}))
+        .await;
     multi.recv_type("welcome").await;
     clients.push(multi);
 
@@ -211,9 +264,15 @@ async fn shutdown_closes_every_socket_with_1001_promptly() {
         (server, took)
     });
     for c in &mut clients {
-        assert_eq!(c.expect_close().await, (1001, "server shutting down".into()));
+        assert_eq!(
+            c.expect_close().await,
+            (1001, "server shutting down".into())
+        );
     }
     let (server, took) = stopping.await.unwrap();
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
-    assert!(TcpStream::connect(server.addr).await.is_err(), "listener is closed");
+    assert!(
+        TcpStream::connect(server.addr).await.is_err(),
+        "listener is closed"
+    );
 }

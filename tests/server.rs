@@ -15,7 +15,10 @@ use tokio_tungstenite::tungstenite::Message;
 async fn welcome_message_and_presence_have_their_documented_shape() {
     let server = TestServer::start().await;
     let (mut alice, w) = Client::join(&server.ws_url("/ws/general?user=alice")).await;
-    assert_eq!(w, json!({"type": "welcome", "room": "general", "user": "alice", "members": 1, "seq": 0}));
+    assert_eq!(
+        w,
+        json!({"type": "welcome", "room": "general", "user": "alice", "members": 1, "seq": 0})
+    );
 
     let (mut bob, w) = Client::join(&server.ws_url("/ws/general?user=bob")).await;
     assert_eq!(w["members"], 2);
@@ -30,7 +33,10 @@ async fn welcome_message_and_presence_have_their_documented_shape() {
     };
     assert_eq!(p["room"], "general");
     assert_eq!(p["members"], 2);
-    assert!(p["joined"].as_array().unwrap().contains(&json!("bob")), "{p}");
+    assert!(
+        p["joined"].as_array().unwrap().contains(&json!("bob")),
+        "{p}"
+    );
     assert!(p["left"].as_array().unwrap().is_empty() || p["left"].is_array());
 
     bob.send("hello <b>world</b>").await;
@@ -41,7 +47,10 @@ async fn welcome_message_and_presence_have_their_documented_shape() {
         assert_eq!(m["text"], "hello <b>world</b>");
         assert_eq!(m["seq"], 1);
         let ts = m["ts"].as_u64().unwrap();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
         assert!(ts <= now && now - ts < 10_000, "ts {ts} now {now}");
     }
 
@@ -59,7 +68,8 @@ async fn rooms_are_isolated_and_seq_is_gapless_per_room() {
     let (mut b1, _) = Client::join(&server.ws_url("/ws?room=b&username=b1")).await;
 
     for i in 0..20 {
-        a1.send_json(&json!({"type": "message", "text": format!("a-{i}")})).await;
+        a1.send_json(&json!({"type": "message", "text": format!("a-{i}")}))
+            .await;
         b1.send_json(&json!({"text": format!("b-{i}")})).await;
     }
     for (client, room) in [(&mut a2, "a"), (&mut a1, "a"), (&mut b1, "b")] {
@@ -95,44 +105,71 @@ async fn one_socket_joins_switches_and_leaves_rooms() {
     let (mut one, _) = Client::join(&server.ws_url("/ws/one?user=o")).await;
     let (mut two, _) = Client::join(&server.ws_url("/ws/two?user=t")).await;
 
-    multi.send_json(&json!({"type": "join", "room": "two"})).await;
+    multi
+        .send_json(&json!({"type": "join", "room": "two"}))
+        .await;
     let w = multi.recv_type("welcome").await;
-    assert_eq!((w["room"].as_str(), w["members"].as_u64()), (Some("two"), Some(2)));
+    assert_eq!(
+        (w["room"].as_str(), w["members"].as_u64()),
+        (Some("two"), Some(2))
+    );
 
     // In two rooms a message must name its room.
     multi.send("which room?").await;
     let e = multi.recv_type("error").await;
     assert_eq!(e["code"], "room_required");
 
-    multi.send_json(&json!({"type": "message", "room": "two", "text": "to two"})).await;
-    multi.send_json(&json!({"type": "message", "room": "one", "text": "to one"})).await;
+    multi
+        .send_json(&json!({"type": "message", "room": "two", "text": "to two"}))
+        .await;
+    multi
+        .send_json(&json!({"type": "message", "room": "one", "text": "to one"}))
+        .await;
     assert_eq!(two.recv_type("message").await["text"], "to two");
     assert_eq!(one.recv_type("message").await["text"], "to one");
     let mut got = vec![];
     for _ in 0..2 {
         let m = multi.recv_type("message").await;
-        got.push((m["room"].as_str().unwrap().to_owned(), m["text"].as_str().unwrap().to_owned()));
+        got.push((
+            m["room"].as_str().unwrap().to_owned(),
+            m["text"].as_str().unwrap().to_owned(),
+        ));
     }
     got.sort();
-    assert_eq!(got, vec![("one".into(), "to one".into()), ("two".into(), "to two".into())]);
+    assert_eq!(
+        got,
+        vec![
+            ("one".into(), "to one".into()),
+            ("two".into(), "to two".into())
+        ]
+    );
 
     // Switch: leave `one`; messages there no longer arrive, and plain text goes to `two`.
-    multi.send_json(&json!({"type": "leave", "room": "one"})).await;
+    multi
+        .send_json(&json!({"type": "leave", "room": "one"}))
+        .await;
     assert_eq!(multi.recv_type("left").await["room"], "one");
     one.send("anyone?").await;
     assert_eq!(one.recv_type("message").await["text"], "anyone?");
     multi.send("now plain text works again").await;
     let m = multi.recv_type("message").await;
-    assert_eq!((m["room"].as_str(), m["text"].as_str()), (Some("two"), Some("now plain text works again")));
+    assert_eq!(
+        (m["room"].as_str(), m["text"].as_str()),
+        (Some("two"), Some("now plain text works again"))
+    );
     assert_eq!(two.recv_type("message").await["room"], "two");
     multi.expect_silence(Duration::from_millis(300)).await;
 
     // Leave the last room: the socket stays open and can join again.
-    multi.send_json(&json!({"type": "leave", "room": "two"})).await;
+    multi
+        .send_json(&json!({"type": "leave", "room": "two"}))
+        .await;
     multi.recv_type("left").await;
     multi.send("nobody hears this").await;
     assert_eq!(multi.recv_type("error").await["code"], "not_joined");
-    multi.send_json(&json!({"type": "join", "room": "one"})).await;
+    multi
+        .send_json(&json!({"type": "join", "room": "one"}))
+        .await;
     assert_eq!(multi.recv_type("welcome").await["seq"], 2);
     multi.send_json(&json!({"type": "ping"})).await;
     assert_eq!(multi.recv_type("pong").await, json!({"type": "pong"}));
@@ -147,10 +184,26 @@ async fn bad_client_frames_get_error_frames_and_the_socket_stays_open() {
         (json!(null), r#"{"type":"dance"}"#, "unknown_type"),
         (json!(null), r#"{"type":"join"}"#, "bad_message"),
         (json!(null), r#"{"text":42}"#, "bad_message"),
-        (json!(null), r#"{"type":"join","room":"bad room"}"#, "bad_room"),
-        (json!(null), r#"{"type":"join","room":"r"}"#, "already_joined"),
-        (json!(null), r#"{"type":"leave","room":"elsewhere"}"#, "not_joined"),
-        (json!(null), r#"{"type":"message","room":"elsewhere","text":"x"}"#, "not_joined"),
+        (
+            json!(null),
+            r#"{"type":"join","room":"bad room"}"#,
+            "bad_room",
+        ),
+        (
+            json!(null),
+            r#"{"type":"join","room":"r"}"#,
+            "already_joined",
+        ),
+        (
+            json!(null),
+            r#"{"type":"leave","room":"elsewhere"}"#,
+            "not_joined",
+        ),
+        (
+            json!(null),
+            r#"{"type":"message","room":"elsewhere","text":"x"}"#,
+            "not_joined",
+        ),
     ];
     for (_, frame, code) in cases {
         c.send(frame).await;
@@ -163,7 +216,8 @@ async fn bad_client_frames_get_error_frames_and_the_socket_stays_open() {
     c.send_json(&json!({"type": "join", "room": "t"})).await;
     assert_eq!(c.recv_type("error").await["code"], "too_many_rooms");
     // Still open and working.
-    c.send_json(&json!({"type": "message", "room": "r", "text": "still here"})).await;
+    c.send_json(&json!({"type": "message", "room": "r", "text": "still here"}))
+        .await;
     assert_eq!(c.recv_type("message").await["text"], "still here");
 }
 
@@ -172,7 +226,10 @@ async fn binary_frames_close_1003() {
     let server = TestServer::start().await;
     let (mut c, _) = Client::join(&server.ws_url("/ws/r")).await;
     c.ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
-    assert_eq!(c.expect_close().await, (1003, "binary frames are not supported".into()));
+    assert_eq!(
+        c.expect_close().await,
+        (1003, "binary frames are not supported".into())
+    );
 }
 
 #[tokio::test]
@@ -185,8 +242,20 @@ async fn invalid_utf8_closes_1007() {
 
     // Split across fragments, the invalid sequence is only visible once reassembled.
     let (mut c, _) = Client::join(&server.ws_url("/ws/r")).await;
-    c.ws.send(Message::Frame(Frame::message(vec![b'o', 0xc3], OpCode::Data(Data::Text), false))).await.unwrap();
-    c.ws.send(Message::Frame(Frame::message(vec![0x28u8], OpCode::Data(Data::Continue), true))).await.unwrap();
+    c.ws.send(Message::Frame(Frame::message(
+        vec![b'o', 0xc3],
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    c.ws.send(Message::Frame(Frame::message(
+        vec![0x28u8],
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
     assert_eq!(c.expect_close().await.0, 1007);
 }
 
@@ -196,8 +265,20 @@ async fn fragmented_messages_are_reassembled() {
     let (mut c, _) = Client::join(&server.ws_url("/ws/r")).await;
     // "héllo" with the two bytes of é in different fragments.
     let bytes = "héllo".as_bytes().to_vec();
-    c.ws.send(Message::Frame(Frame::message(bytes[..2].to_vec(), OpCode::Data(Data::Text), false))).await.unwrap();
-    c.ws.send(Message::Frame(Frame::message(bytes[2..].to_vec(), OpCode::Data(Data::Continue), true))).await.unwrap();
+    c.ws.send(Message::Frame(Frame::message(
+        bytes[..2].to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    c.ws.send(Message::Frame(Frame::message(
+        bytes[2..].to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
     assert_eq!(c.recv_type("message").await["text"], "héllo");
 }
 
@@ -206,14 +287,30 @@ async fn oversized_messages_close_1009() {
     let server = TestServer::with(|c| c.max_message_bytes = 1024).await;
     let (mut c, _) = Client::join(&server.ws_url("/ws/r")).await;
     c.send(&"x".repeat(1024)).await;
-    assert_eq!(c.recv_type("message").await["text"].as_str().unwrap().len(), 1024, "the limit itself is allowed");
+    assert_eq!(
+        c.recv_type("message").await["text"].as_str().unwrap().len(),
+        1024,
+        "the limit itself is allowed"
+    );
     c.send(&"x".repeat(1025)).await;
     assert_eq!(c.expect_close().await, (1009, "message too big".into()));
 
     // The limit covers all fragments of a message together.
     let (mut c, _) = Client::join(&server.ws_url("/ws/r")).await;
-    c.ws.send(Message::Frame(Frame::message(vec![b'a'; 600], OpCode::Data(Data::Text), false))).await.unwrap();
-    c.ws.send(Message::Frame(Frame::message(vec![b'a'; 600], OpCode::Data(Data::Continue), true))).await.unwrap();
+    c.ws.send(Message::Frame(Frame::message(
+        vec![b'a'; 600],
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    c.ws.send(Message::Frame(Frame::message(
+        vec![b'a'; 600],
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
     assert_eq!(c.expect_close().await.0, 1009);
 }
 
@@ -239,29 +336,44 @@ async fn bad_upgrade_requests_are_refused_before_the_upgrade() {
         ("/ws/%ff", 400, "bad_room"),
     ];
     for (path, status, code) in cases {
-        let r = http_with(server.addr, "GET", path, &upgrade, None).await.unwrap();
+        let r = http_with(server.addr, "GET", path, &upgrade, None)
+            .await
+            .unwrap();
         assert_eq!(r.status, status, "{path}");
         assert_eq!(r.headers["content-type"], "application/json", "{path}");
         assert_eq!(r.json()["error"], code, "{path}");
     }
     // Not an upgrade at all.
     let r = http(server.addr, "GET", "/ws/r", None).await.unwrap();
-    assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("bad_request")));
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("bad_request"))
+    );
     // Wrong version.
     let mut v12 = upgrade;
     v12[2] = ("sec-websocket-version", "12");
-    let r = http_with(server.addr, "GET", "/ws/r", &v12, None).await.unwrap();
+    let r = http_with(server.addr, "GET", "/ws/r", &v12, None)
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
 
     // Names that need percent-decoding work, and %23 is '#'.
     let (_c, w) = Client::join(&server.ws_url("/ws/%23general?user=Zo%C3%AB")).await;
-    assert_eq!((w["room"].as_str(), w["user"].as_str()), (Some("#general"), Some("Zoë")));
+    assert_eq!(
+        (w["room"].as_str(), w["user"].as_str()),
+        (Some("#general"), Some("Zoë"))
+    );
     let (_d, w) = Client::join(&server.ws_url("/ws/post:42")).await;
     assert!(w["user"].as_str().unwrap().starts_with("anon-"), "{w}");
 
     // A third socket is over --max-connections 2.
-    let r = http_with(server.addr, "GET", "/ws/r", &upgrade, None).await.unwrap();
-    assert_eq!((r.status, r.json()["error"].as_str()), (503, Some("too_many_connections")));
+    let r = http_with(server.addr, "GET", "/ws/r", &upgrade, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (503, Some("too_many_connections"))
+    );
     assert_eq!(server.stats().await["connections_refused"], 1);
 }
 
@@ -272,33 +384,76 @@ async fn http_api_errors_are_json_with_correct_status() {
         ("GET", "/nope", None, 404, "not_found"),
         ("POST", "/api/stats", None, 405, "method_not_allowed"),
         ("DELETE", "/api/rooms/x", None, 405, "method_not_allowed"),
-        ("GET", "/api/rooms/x/messages", None, 405, "method_not_allowed"),
+        (
+            "GET",
+            "/api/rooms/x/messages",
+            None,
+            405,
+            "method_not_allowed",
+        ),
         ("GET", "/api/rooms/missing", None, 404, "no_such_room"),
         ("GET", "/api/rooms/bad%20name", None, 400, "bad_room"),
         ("GET", "/api/rooms?limit=0", None, 400, "bad_param"),
         ("GET", "/api/rooms?limit=abc", None, 400, "bad_param"),
-        ("POST", "/api/rooms/missing/messages", Some(r#"{"text":"hi"}"#), 404, "no_such_room"),
-        ("POST", "/api/rooms/r/messages", Some("{oops"), 400, "bad_json"),
-        ("POST", "/api/rooms/r/messages", Some(r#"{"user":"x"}"#), 400, "bad_message"),
-        ("POST", "/api/rooms/r/messages", Some(r#"{"text":"hi","user":""}"#), 400, "bad_user"),
+        (
+            "POST",
+            "/api/rooms/missing/messages",
+            Some(r#"{"text":"hi"}"#),
+            404,
+            "no_such_room",
+        ),
+        (
+            "POST",
+            "/api/rooms/r/messages",
+            Some("{oops"),
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/api/rooms/r/messages",
+            Some(r#"{"user":"x"}"#),
+            400,
+            "bad_message",
+        ),
+        (
+            "POST",
+            "/api/rooms/r/messages",
+            Some(r#"{"text":"hi","user":""}"#),
+            400,
+            "bad_user",
+        ),
     ];
     for (method, path, body, status, code) in cases {
-        let r = http(server.addr, method, path, body.map(str::to_owned)).await.unwrap();
+        let r = http(server.addr, method, path, body.map(str::to_owned))
+            .await
+            .unwrap();
         assert_eq!(r.status, status, "{method} {path}");
-        assert_eq!(r.headers["content-type"], "application/json", "{method} {path}");
+        assert_eq!(
+            r.headers["content-type"], "application/json",
+            "{method} {path}"
+        );
         assert_eq!(r.json()["error"], code, "{method} {path}");
     }
     let r = http(server.addr, "POST", "/api/stats", None).await.unwrap();
     assert_eq!(r.headers["allow"], "GET");
     let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(200));
-    let r = http(server.addr, "POST", "/api/rooms/r/messages", Some(big)).await.unwrap();
-    assert_eq!((r.status, r.json()["error"].as_str()), (413, Some("payload_too_large")));
+    let r = http(server.addr, "POST", "/api/rooms/r/messages", Some(big))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (413, Some("payload_too_large"))
+    );
 
     let (status, v) = server.get("/healthz").await;
     assert_eq!((status, v), (200, json!({"status": "ok"})));
     let page = http(server.addr, "GET", "/", None).await.unwrap();
     assert_eq!(page.status, 200);
-    assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     assert!(String::from_utf8_lossy(&page.body).contains("roomcast"));
 }
 
@@ -307,15 +462,28 @@ async fn rest_publish_reaches_websocket_members() {
     let server = TestServer::start().await;
     let (mut a, _) = Client::join(&server.ws_url("/ws/news?user=a")).await;
     let (mut b, _) = Client::join(&server.ws_url("/ws/news?user=b")).await;
-    let (status, v) = server.post("/api/rooms/news/messages", r#"{"text":"from the backend","user":"bot"}"#).await;
+    let (status, v) = server
+        .post(
+            "/api/rooms/news/messages",
+            r#"{"text":"from the backend","user":"bot"}"#,
+        )
+        .await;
     assert_eq!((status, v), (202, json!({"room": "news", "seq": 1})));
-    let (status, v) = server.post("/api/rooms/news/messages", r#"{"text":"anonymous"}"#).await;
+    let (status, v) = server
+        .post("/api/rooms/news/messages", r#"{"text":"anonymous"}"#)
+        .await;
     assert_eq!((status, v["seq"].as_u64()), (202, Some(2)));
     for c in [&mut a, &mut b] {
         let m = c.recv_type("message").await;
-        assert_eq!((m["user"].as_str(), m["text"].as_str(), m["seq"].as_u64()), (Some("bot"), Some("from the backend"), Some(1)));
+        assert_eq!(
+            (m["user"].as_str(), m["text"].as_str(), m["seq"].as_u64()),
+            (Some("bot"), Some("from the backend"), Some(1))
+        );
         let m = c.recv_type("message").await;
-        assert_eq!((m["user"].as_str(), m["seq"].as_u64()), (Some("api"), Some(2)));
+        assert_eq!(
+            (m["user"].as_str(), m["seq"].as_u64()),
+            (Some("api"), Some(2))
+        );
     }
 }
 
@@ -324,17 +492,32 @@ async fn room_info_counts_follow_joins_and_leaves() {
     let server = TestServer::start().await;
     let mut clients = Vec::new();
     for i in 0..5 {
-        clients.push(Client::join(&server.ws_url(&format!("/ws/count?user=u{i}"))).await.0);
+        clients.push(
+            Client::join(&server.ws_url(&format!("/ws/count?user=u{i}")))
+                .await
+                .0,
+        );
     }
     let (_other, _) = Client::join(&server.ws_url("/ws/small?user=s")).await;
     let (status, info) = server.get("/api/rooms/count").await;
     assert_eq!(status, 200);
     assert_eq!(info["room"], "count");
     assert_eq!(info["members"], 5);
-    let users: Vec<&str> = info["users"].as_array().unwrap().iter().map(|u| u["user"].as_str().unwrap()).collect();
+    let users: Vec<&str> = info["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user"].as_str().unwrap())
+        .collect();
     assert_eq!(users, ["u0", "u1", "u2", "u3", "u4"]);
     assert_eq!(info["next_users_after"], serde_json::Value::Null);
-    for key in ["published", "evicted", "last_seq", "created_at", "messages_per_sec"] {
+    for key in [
+        "published",
+        "evicted",
+        "last_seq",
+        "created_at",
+        "messages_per_sec",
+    ] {
         assert!(info[key].is_number(), "{key} in {info}");
     }
     assert!(info.get("p99_wait_ms").is_some());
@@ -343,20 +526,34 @@ async fn room_info_counts_follow_joins_and_leaves() {
     let (_, page1) = server.get("/api/rooms/count?users_limit=2").await;
     assert_eq!(page1["users"].as_array().unwrap().len(), 2);
     let after = page1["next_users_after"].as_u64().unwrap();
-    let (_, page2) = server.get(&format!("/api/rooms/count?users_limit=2&users_after={after}")).await;
+    let (_, page2) = server
+        .get(&format!(
+            "/api/rooms/count?users_limit=2&users_after={after}"
+        ))
+        .await;
     assert_eq!(page2["users"][0]["user"], "u2");
 
     let (_, list) = server.get("/api/rooms").await;
     assert_eq!(list["total"], 2);
-    assert_eq!(list["rooms"][0], json!({"room": "count", "members": 5}), "largest first");
+    assert_eq!(
+        list["rooms"][0],
+        json!({"room": "count", "members": 5}),
+        "largest first"
+    );
     assert_eq!(list["rooms"][1], json!({"room": "small", "members": 1}));
     let (_, list) = server.get("/api/rooms?limit=1").await;
     assert_eq!(list["rooms"].as_array().unwrap().len(), 1);
 
     clients.truncate(2);
-    server.wait_for("/api/rooms/count", "3 leaves", |s, v| s == 200 && v["members"] == 2).await;
+    server
+        .wait_for("/api/rooms/count", "3 leaves", |s, v| {
+            s == 200 && v["members"] == 2
+        })
+        .await;
     clients.clear();
-    server.wait_for("/api/rooms/count", "room removal", |s, _| s == 404).await;
+    server
+        .wait_for("/api/rooms/count", "room removal", |s, _| s == 404)
+        .await;
     let stats = server.stats().await;
     assert_eq!(stats["rooms"], 1);
     assert_eq!(stats["connections"], 1);
@@ -369,12 +566,23 @@ async fn prometheus_metrics_are_exposed() {
     c.send("x").await;
     c.recv_type("message").await;
     // The write is counted once it completed, which can be just after the client read it.
-    server.wait_for("/api/stats", "frames_out", |_, v| v["frames_out"] == 1).await;
+    // The join's presence frame is a room frame too: wait until both are counted.
+    server
+        .wait_for("/api/stats", "frames_out", |_, v| v["frames_out"] == 2)
+        .await;
     let r = http(server.addr, "GET", "/metrics", None).await.unwrap();
     assert_eq!(r.status, 200);
     let text = String::from_utf8(r.body.to_vec()).unwrap();
-    for line in ["roomcast_connections 1", "roomcast_rooms 1", "roomcast_published_total 1", "roomcast_frames_out_total 1"] {
-        assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+    for line in [
+        "roomcast_connections 1",
+        "roomcast_rooms 1",
+        "roomcast_published_total 1",
+        "roomcast_frames_out_total 2",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in\n{text}"
+        );
     }
     assert!(text.contains("# EOF"));
 }

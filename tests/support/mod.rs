@@ -43,7 +43,11 @@ impl TestServer {
         let handle = tokio::spawn(roomcast::run(listener, config, async {
             let _ = rx.await;
         }));
-        TestServer { addr, stop: Some(tx), handle: Some(handle) }
+        TestServer {
+            addr,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     pub fn ws_url(&self, path_and_query: &str) -> String {
@@ -57,7 +61,10 @@ impl TestServer {
             let _ = tx.send(());
         }
         if let Some(handle) = self.handle.take() {
-            handle.await.expect("server task panicked").expect("server returned an error");
+            handle
+                .await
+                .expect("server task panicked")
+                .expect("server returned an error");
         }
         started.elapsed()
     }
@@ -68,7 +75,9 @@ impl TestServer {
     }
 
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let r = http(self.addr, "POST", path, Some(body.to_owned())).await.unwrap();
+        let r = http(self.addr, "POST", path, Some(body.to_owned()))
+            .await
+            .unwrap();
         (r.status, r.json())
     }
 
@@ -79,7 +88,12 @@ impl TestServer {
     }
 
     /// Polls `GET path` until `pred` holds on its JSON, or fails after `STEP`.
-    pub async fn wait_for(&self, path: &str, what: &str, pred: impl Fn(u16, &Value) -> bool) -> Value {
+    pub async fn wait_for(
+        &self,
+        path: &str,
+        what: &str,
+        pred: impl Fn(u16, &Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + STEP;
         loop {
             let (status, v) = self.get(path).await;
@@ -110,13 +124,22 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 }
 
 /// One HTTP/1.1 request on a fresh connection.
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<String>) -> Result<HttpResponse> {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<HttpResponse> {
     http_with(addr, method, path, &[], body).await
 }
 
@@ -131,7 +154,10 @@ pub async fn http_with(
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let mut req = hyper::Request::builder().method(method).uri(path).header("host", addr.to_string());
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -143,7 +169,11 @@ pub async fn http_with(
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await?.to_bytes();
-    Ok(HttpResponse { status, headers, body })
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -155,7 +185,9 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        Self::try_connect(url).await.unwrap_or_else(|e| panic!("connect {url}: {e}"))
+        Self::try_connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"))
     }
 
     pub async fn try_connect(url: &str) -> Result<Client> {
@@ -187,7 +219,9 @@ impl Client {
                 .map_err(|_| anyhow!("no frame within {within:?}"))?
                 .ok_or_else(|| anyhow!("stream ended"))??;
             match msg {
-                Message::Text(t) => return serde_json::from_str(t.as_str()).context("text frame is not JSON"),
+                Message::Text(t) => {
+                    return serde_json::from_str(t.as_str()).context("text frame is not JSON")
+                }
                 Message::Close(c) => bail!("closed: {c:?}"),
                 Message::Binary(_) => bail!("unexpected binary frame"),
                 _ => continue,

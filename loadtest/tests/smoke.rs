@@ -1,0 +1,47 @@
+//! CI smoke run: the real load generator against a real in-process roomcast server.
+//! Asserts correctness (no failed connect, no loss, exact counts), never timing.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_clients_in_twenty_rooms_lose_nothing() {
+    loadtest::sys::raise_nofile().expect("raise the open-file soft limit");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = roomcast::Config::default();
+    config.listen = addr;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(roomcast::run(listener, config, async {
+        let _ = stopped.await;
+    }));
+
+    let report = loadtest::run(loadtest::Config {
+        url: vec![format!("ws://{addr}")],
+        clients: 2000,
+        rooms: 20,
+        rate: 5.0,
+        duration: 5.0,
+        max_seconds: Some(120.0),
+        quiet: true,
+        ..loadtest::Config::default()
+    })
+    .await
+    .expect("the load test runs");
+
+    assert_eq!(report.failed_connects, 0, "{:?}", report.failed_by_reason);
+    assert_eq!(report.loss, 0);
+    assert_eq!(report.dups, 0);
+    assert_eq!(report.reorders, 0);
+    assert!(
+        report.count_mismatches.is_empty(),
+        "{:?}",
+        report.count_mismatches
+    );
+    assert!(
+        report.deliveries >= 2000 * 5 * 4,
+        "deliveries: {}",
+        report.deliveries
+    );
+    assert!(report.ok(), "{:?}", report.failures);
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

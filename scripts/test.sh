@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one command that runs every test: installs what the tests need when it is missing
+# (Debian's chromium for the browser test, playwright-core from npm), then runs the whole
+# workspace's suite with cargo-nextest (or cargo test where nextest is absent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+
+need_apt=()
+[ -x "${CHROMIUM:-/usr/bin/chromium}" ] || need_apt+=(chromium)
+command -v node >/dev/null || need_apt+=(nodejs npm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "scripts/test.sh: installing ${need_apt[*]}"
+  if ! { as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}"; }; then
+    echo "scripts/test.sh: WARNING: could not install ${need_apt[*]}; the browser test will skip (or fail under CI=true)" >&2
+  fi
+fi
+if command -v npm >/dev/null && [ ! -d tests/browser/node_modules/playwright-core ]; then
+  echo "scripts/test.sh: installing playwright-core (no browser download)"
+  (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund) ||
+    echo "scripts/test.sh: WARNING: npm ci failed; the browser test will skip (or fail under CI=true)" >&2
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi

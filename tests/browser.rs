@@ -1,0 +1,57 @@
+//! The web page in a real headless browser: Debian's chromium driven by playwright-core
+//! (tests/browser/chat.mjs). Needs `chromium`, `node` and `tests/browser/node_modules`;
+//! `scripts/test.sh` installs them. Without them this test says so loudly and skips, except
+//! under CI (`CI=true`), where it fails.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::TestServer;
+
+fn missing_prerequisites(dir: &Path) -> Vec<String> {
+    let mut missing = Vec::new();
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        missing.push(format!("{chromium} (apt-get install -y chromium)"));
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        missing.push("node (apt-get install -y nodejs)".into());
+    }
+    if !dir.join("node_modules/playwright-core").exists() {
+        missing.push("tests/browser/node_modules (npm ci --prefix tests/browser)".into());
+    }
+    missing
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_page_works_in_a_real_browser() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let missing = missing_prerequisites(&dir);
+    if !missing.is_empty() {
+        let msg = format!("browser test cannot run, missing: {}", missing.join(", "));
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{msg}");
+        }
+        eprintln!("\n!!!!! SKIPPED: {msg}\n!!!!! run scripts/test.sh to install them\n");
+        return;
+    }
+    let server = TestServer::start().await;
+    let url = format!("http://{}", server.addr);
+    let script = dir.join("chat.mjs");
+    let output =
+        tokio::task::spawn_blocking(move || Command::new("node").arg(script).arg(url).output())
+            .await
+            .unwrap()
+            .expect("run node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "browser test failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains(" 0 failed"), "no summary line:\n{stdout}");
+}
