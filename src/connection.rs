@@ -219,9 +219,7 @@ impl Connection {
                 if !frame.fin {
                     return None;
                 }
-                let Some((opcode, buf)) = self.partial.take() else {
-                    return None;
-                };
+                let (opcode, buf) = self.partial.take()?;
                 (opcode, buf)
             }
         };

@@ -39,7 +39,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             let room = decode_room(room);
             only(&method, &[Method::GET], || {
                 room.and_then(|r| room_info(&shared, &r, &req))
-                    .unwrap_or_else(|e| e)
+                    .unwrap_or_else(|e| e.response())
             })
         }
         ["api", "rooms", room, "messages"] => {
@@ -48,7 +48,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             }
             match decode_room(room) {
                 Ok(room) => publish(&shared, &room, req).await,
-                Err(resp) => resp,
+                Err(e) => e.response(),
             }
         }
         ["ws"] | ["ws", _] => {
@@ -98,6 +98,33 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     resp
 }
 
+/// A refused request: status, machine-readable code, human reason. Turned into a JSON response
+/// only at the edge, so handlers can use `?`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    reason: Cow<'static, str>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        reason: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        ApiError {
+            status,
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn response(&self) -> Response<Body> {
+        error(self.status, self.code, &self.reason)
+    }
+}
+
 /// The error body every refusal uses: `{"error": code, "reason": text}`.
 pub fn error(status: StatusCode, code: &str, reason: &str) -> Response<Body> {
     json_response(status, &json!({"error": code, "reason": reason}))
@@ -126,7 +153,7 @@ fn number_param(
     key: &str,
     default: u64,
     range: std::ops::RangeInclusive<u64>,
-) -> Result<u64, Response<Body>> {
+) -> Result<u64, ApiError> {
     match query_param(req, key) {
         None => Ok(default),
         Some(v) => v
@@ -134,10 +161,10 @@ fn number_param(
             .ok()
             .filter(|n| range.contains(n))
             .ok_or_else(|| {
-                error(
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "bad_param",
-                    &format!(
+                    format!(
                         "`{key}` must be an integer from {} to {}",
                         range.start(),
                         range.end()
@@ -148,18 +175,18 @@ fn number_param(
 }
 
 /// A room name from a path segment: percent-decoded, then validated.
-fn decode_room(raw: &str) -> Result<String, Response<Body>> {
+fn decode_room(raw: &str) -> Result<String, ApiError> {
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| {
-            error(
+            ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_room",
                 "room name is not valid UTF-8",
             )
         })?;
     validate_room(&decoded)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()))?;
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()))?;
     Ok(decoded.into_owned())
 }
 
@@ -195,7 +222,7 @@ fn stats(shared: &Shared) -> Response<Body> {
 fn list_rooms(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
     let limit = match number_param(req, "limit", 100, 1..=1000) {
         Ok(n) => n as usize,
-        Err(resp) => return resp,
+        Err(e) => return e.response(),
     };
     let (rooms, total) = shared.hub.list(limit);
     let rooms: Vec<_> = rooms
@@ -209,12 +236,12 @@ fn room_info(
     shared: &Shared,
     room: &str,
     req: &Request<Incoming>,
-) -> Result<Response<Body>, Response<Body>> {
+) -> Result<Response<Body>, ApiError> {
     let limit = number_param(req, "users_limit", 100, 1..=1000)? as usize;
     let after = match query_param(req, "users_after") {
         None => None,
         Some(v) => Some(v.parse::<u64>().map_err(|_| {
-            error(
+            ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_param",
                 "`users_after` must be a member id",
@@ -222,7 +249,7 @@ fn room_info(
         })?),
     };
     let Some(room) = shared.hub.get(room) else {
-        return Err(error(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "no_such_room",
             "no room of that name has members",
@@ -324,11 +351,11 @@ impl Drop for ConnectionGuard {
 fn websocket(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
-    path_room: Option<Result<String, Response<Body>>>,
+    path_room: Option<Result<String, ApiError>>,
 ) -> Response<Body> {
     let room = match path_room {
         Some(Ok(room)) => Some(room),
-        Some(Err(resp)) => return resp,
+        Some(Err(e)) => return e.response(),
         None => match query_param(&req, "room") {
             Some(r) => match validate_room(&r) {
                 Ok(()) => Some(r.into_owned()),

@@ -6,8 +6,10 @@ async fn two_thousand_clients_in_twenty_rooms_lose_nothing() {
     loadtest::sys::raise_nofile().expect("raise the open-file soft limit");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut config = roomcast::Config::default();
-    config.listen = addr;
+    let config = roomcast::Config {
+        listen: addr,
+        ..roomcast::Config::default()
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(roomcast::run(listener, config, async {
         let _ = stopped.await;
