@@ -72,6 +72,10 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) {
     let (read, writer) = stream.into_split();
+    // hyper hands over what it read past the request as a freeze of its whole read buffer
+    // (8 KiB or more): holding that `Bytes` would keep the buffer alive for the connection's
+    // life. Keep a copy of just the leftover bytes (usually none).
+    let leftover = Bytes::copy_from_slice(&leftover);
     let read = Cursor::new(leftover).chain(read);
     // We write through our own half (pre-encoded frames); fastwebsockets only reads, and the
     // control frames it owes (pong, close echo) come back to us through `read_next`.
