@@ -391,6 +391,14 @@ impl Coordinator {
         }
     }
 
+    /// Whether every worker has sent a progress report since `ticks` were read (or exited).
+    fn all_reported_since(&self, ticks: &[u64]) -> bool {
+        self.views
+            .iter()
+            .zip(ticks)
+            .all(|(v, t)| v.ticks > *t || v.exited)
+    }
+
     /// Handles events until `done(self)` or `limit`; `Ok(false)` when the limit came first.
     /// Fails with `DeadlineHit` at `--max-seconds`.
     async fn wait_for(
@@ -578,15 +586,7 @@ impl Coordinator {
             // A fresh progress from every worker before judging.
             let ticks: Vec<u64> = self.views.iter().map(|v| v.ticks).collect();
             let fresh = self
-                .wait_for(
-                    |c| {
-                        c.views
-                            .iter()
-                            .zip(&ticks)
-                            .all(|(v, t)| v.ticks > *t || v.exited)
-                    },
-                    limit,
-                )
+                .wait_for(|c| c.all_reported_since(&ticks), limit)
                 .await?;
             if !fresh {
                 self.report
@@ -743,17 +743,9 @@ impl Coordinator {
         let ticks: Vec<u64> = self.views.iter().map(|v| v.ticks).collect();
         self.broadcast(Command::Snapshot);
         let limit = Instant::now() + Duration::from_secs(5);
-        self.wait_for(
-            |c| {
-                c.views
-                    .iter()
-                    .zip(&ticks)
-                    .all(|(v, t)| v.ticks > *t || v.exited)
-            },
-            limit,
-        )
-        .await
-        .map(|_| ())
+        self.wait_for(|c| c.all_reported_since(&ticks), limit)
+            .await
+            .map(|_| ())
     }
 
     /// After every client closed: connections should return to where they were.
