@@ -22,6 +22,18 @@ if command -v npm >/dev/null && [ ! -d tests/browser/node_modules/playwright-cor
     echo "scripts/test.sh: WARNING: npm ci failed; the browser test will skip (or fail under CI=true)" >&2
 fi
 
+# WebSocket conformance (Autobahn|Testsuite against `roomcast --echo`, ~30 s plus a one-time
+# install of about a minute). Runs before the Rust suite so the runner's summary stays last.
+if [ -d ../shared/autobahn ]; then
+  scripts/autobahn.sh
+  scripts/autobahn.sh '9.*'
+elif [ "${CI:-}" = true ]; then
+  echo "scripts/test.sh: ../shared/autobahn is missing: cannot run the conformance suite under CI" >&2
+  exit 1
+else
+  echo "!!!!! SKIPPED: Autobahn conformance (../shared/autobahn not found beside the checkout)" >&2
+fi
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

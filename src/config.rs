@@ -59,6 +59,11 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = "10", value_parser = parse_secs)]
     pub handshake_timeout: Duration,
 
+    /// Adds a `/echo` WebSocket endpoint that echoes every text and binary message exactly, for
+    /// conformance testing (Autobahn). Off by default: it is not part of the chat protocol.
+    #[arg(long, env = "ROOMCAST_ECHO")]
+    pub echo: bool,
+
     /// Time given to open sockets to receive their close 1001 on shutdown before the process
     /// exits anyway. Unit: seconds. Default: 4.
     #[arg(long, env = "ROOMCAST_SHUTDOWN_TIMEOUT", default_value = "4", value_parser = parse_secs)]

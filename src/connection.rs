@@ -34,6 +34,15 @@ const MAX_BATCH: usize = 64;
 /// How long a closing socket is given to answer our close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// What a socket is for.
+#[derive(Debug)]
+pub enum Mode {
+    /// The chat protocol, optionally joining a first room straight away.
+    Rooms { first_room: Option<String> },
+    /// Echo every message back exactly (`--echo`, for conformance testing only).
+    Echo,
+}
+
 /// A room this socket is in.
 struct Membership {
     room: Arc<Room>,
@@ -58,6 +67,7 @@ pub struct Connection {
     rooms: SmallVec<[Membership; 1]>,
     /// A fragmented message being reassembled, and its first frame's opcode.
     partial: Option<(OpCode, BytesMut)>,
+    echo: bool,
 }
 
 /// Splits the upgraded TCP stream and runs the connection to its end.
@@ -68,7 +78,7 @@ pub async fn run(
     leftover: Bytes,
     id: u64,
     user: Arc<str>,
-    first_room: Option<String>,
+    mode: Mode,
     mut shutdown: Shutdown,
 ) {
     let (read, writer) = stream.into_split();
@@ -84,6 +94,10 @@ pub async fn run(
     // fastwebsockets refuses frames of `len >= max`; our limit is inclusive.
     reader.set_max_message_size(shared.config.max_message_bytes as usize + 1);
 
+    let (first_room, echo) = match mode {
+        Mode::Rooms { first_room } => (first_room, false),
+        Mode::Echo => (None, true),
+    };
     let mut conn = Connection {
         id,
         user,
@@ -91,6 +105,7 @@ pub async fn run(
         writer,
         rooms: SmallVec::new(),
         partial: None,
+        echo,
     };
     let end = match first_room {
         Some(room) => match conn.join(&room).await {
@@ -227,6 +242,9 @@ impl Connection {
                 (opcode, buf)
             }
         };
+        if self.echo {
+            return self.echo_back(message.0, message.1).await;
+        }
         match message {
             (OpCode::Binary, _) => Some(End::Close(1003, "binary frames are not supported")),
             (_, bytes) if bytes.len() > max => Some(End::Close(1009, "message too big")),
@@ -234,6 +252,23 @@ impl Connection {
                 Ok(text) => self.on_text(text).await,
                 Err(_) => Some(End::Close(1007, "invalid utf-8")),
             },
+        }
+    }
+
+    /// Echo mode: writes the message back with its opcode; text must be UTF-8.
+    async fn echo_back(&mut self, opcode: OpCode, payload: BytesMut) -> Option<End> {
+        if opcode == OpCode::Text && std::str::from_utf8(&payload).is_err() {
+            return Some(End::Close(1007, "invalid utf-8"));
+        }
+        let mut head = [0u8; 10];
+        let len = Frame::new(true, opcode, None, Payload::Borrowed(&payload)).fmt_head(&mut head);
+        let timeout = self.shared.config.write_timeout;
+        let parts: [&[u8]; 2] = [&head[..len], &payload];
+        let write = write_all_vectored(&mut self.writer, &parts);
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some(End::Gone),
+            Err(_) => Some(End::Close(1008, "slow consumer")),
         }
     }
 

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpStream;
 
+use crate::connection::Mode;
 use crate::names::{validate_room, validate_user};
 use crate::server::Shared;
 use crate::stats::rss_bytes;
@@ -56,7 +57,13 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                 return method_not_allowed(&[Method::GET]);
             }
             let path_room = segments.get(1).map(|r| decode_room(r));
-            websocket(shared, req, path_room)
+            websocket(shared, req, Some(path_room))
+        }
+        ["echo"] if shared.config.echo => {
+            if method != Method::GET {
+                return method_not_allowed(&[Method::GET]);
+            }
+            websocket(shared, req, None)
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
@@ -348,14 +355,18 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// Checks and upgrades a WebSocket request. `route` is `None` for the echo endpoint, else the
+/// room from the path (if the path names one).
 fn websocket(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
-    path_room: Option<Result<String, ApiError>>,
+    route: Option<Option<Result<String, ApiError>>>,
 ) -> Response<Body> {
-    let room = match path_room {
+    let echo = route.is_none();
+    let room = match route.flatten() {
         Some(Ok(room)) => Some(room),
         Some(Err(e)) => return e.response(),
+        None if echo => None,
         None => match query_param(&req, "room") {
             Some(r) => match validate_room(&r) {
                 Ok(()) => Some(r.into_owned()),
@@ -416,7 +427,12 @@ fn websocket(
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let stream = parts.io.into_inner();
-                crate::connection::run(shared, stream, parts.read_buf, id, user, room, shutdown)
+                let mode = if echo {
+                    Mode::Echo
+                } else {
+                    Mode::Rooms { first_room: room }
+                };
+                crate::connection::run(shared, stream, parts.read_buf, id, user, mode, shutdown)
                     .await;
             }
             Err(_) => tracing::error!("{}", crate::Error::NotTcp),

@@ -586,3 +586,28 @@ async fn prometheus_metrics_are_exposed() {
     }
     assert!(text.contains("# EOF"));
 }
+
+#[tokio::test]
+async fn echo_endpoint_exists_only_with_the_flag_and_echoes_exactly() {
+    let plain = TestServer::start().await;
+    let r = http(plain.addr, "GET", "/echo", None).await.unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (404, Some("not_found"))
+    );
+
+    let server = TestServer::with(|c| c.echo = true).await;
+    let mut c = Client::connect(&server.ws_url("/echo")).await;
+    c.ws.send(Message::text("{not even json")).await.unwrap();
+    c.ws.send(Message::binary(vec![0u8, 255, 7])).await.unwrap();
+    use futures_util::StreamExt;
+    let first = c.ws.next().await.unwrap().unwrap();
+    assert_eq!(first, Message::text("{not even json"));
+    let second = c.ws.next().await.unwrap().unwrap();
+    assert_eq!(second, Message::binary(vec![0u8, 255, 7]));
+    assert_eq!(
+        server.stats().await["rooms"],
+        0,
+        "echo sockets join no room"
+    );
+}
