@@ -4,6 +4,7 @@
 use clap::Parser;
 use roomcast::Config;
 
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
