@@ -275,13 +275,13 @@ impl Connection {
     /// Handles one complete client text message; protocol errors answer with an error frame.
     async fn on_text(&mut self, text: &str) -> Option<End> {
         self.shared.stats.messages_in.inc();
+        // `room` borrows from `text`; it is only needed again to label an error frame.
         let (result, room) = match parse_client_message(text) {
             Ok(ClientMessage::Message { room, text, echo }) => {
-                let r = self.publish(room.as_deref(), &text, echo);
-                (r, room.map(|r| r.into_owned()))
+                (self.publish(room.as_deref(), &text, echo), room)
             }
-            Ok(ClientMessage::Join { room }) => (self.join(&room).await, Some(room.into_owned())),
-            Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room.into_owned())),
+            Ok(ClientMessage::Join { room }) => (self.join(&room).await, Some(room)),
+            Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
             Ok(ClientMessage::Ping) => (self.write_own(&protocol::pong_frame()).await, None),
             Err(e) => (Err(Ok(e)), None),
         };
