@@ -56,14 +56,16 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            let path_room = segments.get(1).map(|r| decode_room(r));
-            websocket(shared, req, Some(path_room))
+            match requested_room(&req, segments.get(1).copied()) {
+                Ok(first_room) => websocket(shared, req, Mode::Rooms { first_room }),
+                Err(e) => e.response(),
+            }
         }
         ["echo"] if shared.config.echo => {
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            websocket(shared, req, None)
+            websocket(shared, req, Mode::Echo)
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
@@ -355,26 +357,25 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Checks and upgrades a WebSocket request. `route` is `None` for the echo endpoint, else the
-/// room from the path (if the path names one).
-fn websocket(
-    shared: Arc<Shared>,
-    mut req: Request<Incoming>,
-    route: Option<Option<Result<String, ApiError>>>,
-) -> Response<Body> {
-    let echo = route.is_none();
-    let room = match route.flatten() {
-        Some(Ok(room)) => Some(room),
-        Some(Err(e)) => return e.response(),
-        None if echo => None,
-        None => match query_param(&req, "room") {
-            Some(r) => match validate_room(&r) {
-                Ok(()) => Some(r.into_owned()),
-                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()),
-            },
-            None => None,
-        },
-    };
+/// The room a chat upgrade asks to join first: the path segment (`/ws/{room}`), else the
+/// `room` query parameter (`/ws?room=`), else none.
+fn requested_room(
+    req: &Request<Incoming>,
+    path_segment: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    if let Some(raw) = path_segment {
+        return decode_room(raw).map(Some);
+    }
+    match query_param(req, "room") {
+        Some(r) => validate_room(&r)
+            .map(|()| Some(r.into_owned()))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason())),
+        None => Ok(None),
+    }
+}
+
+/// Checks and upgrades a WebSocket request for `mode` (whose room, if any, is already valid).
+fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Response<Body> {
     let user = match query_param(&req, "user").or_else(|| query_param(&req, "username")) {
         Some(u) => match validate_user(&u) {
             Ok(()) => Some(u.into_owned()),
@@ -427,11 +428,6 @@ fn websocket(
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let stream = parts.io.into_inner();
-                let mode = if echo {
-                    Mode::Echo
-                } else {
-                    Mode::Rooms { first_room: room }
-                };
                 crate::connection::run(shared, stream, parts.read_buf, id, user, mode, shutdown)
                     .await;
             }
