@@ -144,6 +144,7 @@ fn encode(c: &mut Criterion) {
                         user: black_box(USER),
                         text: black_box(text),
                         seq: black_box(42),
+                        id: None,
                         ts: black_box(1_700_000_000_000),
                     };
                     serde_json::to_vec(&msg).expect("serialising into memory cannot fail")

@@ -1,9 +1,13 @@
 //! Configuration: every bound the server enforces, parsed once in `main` and passed down.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+
+use crate::archive::Retention;
+use crate::history::{HistorySettings, LagPolicy};
 
 /// Server settings. Every field is a bound or a timing; the policy applied past each bound is
 /// documented on the field and in docs/PROTOCOL.md.
@@ -68,6 +72,58 @@ pub struct Config {
     /// exits anyway. Unit: seconds. Default: 4.
     #[arg(long, env = "ROOMCAST_SHUTDOWN_TIMEOUT", default_value = "4", value_parser = parse_secs)]
     pub shutdown_timeout: Duration,
+
+    /// Messages each room keeps in memory, as the frames already encoded for the broadcast,
+    /// for joins with `history`/`since` and the paging API; 0 turns history off.
+    /// Unit: messages per room. Default: 100.
+    #[arg(long, env = "ROOMCAST_HISTORY", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub history: u32,
+
+    /// What happens to a member that falls `--room-buffer` messages behind: `evict` closes it
+    /// with 1008 "slow consumer"; `resync` sends it a `lagged` frame naming the seqs it missed
+    /// and keeps it in the room. Default: evict.
+    #[arg(long, env = "ROOMCAST_LAG_POLICY", value_enum, default_value = "evict")]
+    pub lag_policy: LagPolicy,
+
+    /// A message whose `id` repeats one published in the same room within this window is
+    /// acknowledged but not broadcast again; 0 turns deduplication off.
+    /// Unit: seconds. Default: 120.
+    #[arg(long, env = "ROOMCAST_DEDUPE_WINDOW", default_value = "120", value_parser = parse_secs_or_zero)]
+    pub dedupe_window: Duration,
+
+    /// Most message ids a room remembers for deduplication; past it the oldest is forgotten
+    /// before its window ends. Unit: ids per room. Default: 10000.
+    #[arg(long, env = "ROOMCAST_DEDUPE_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub dedupe_max: u32,
+
+    /// SQLite file for durable history (created if missing; WAL mode). Messages are written in
+    /// batches by a dedicated thread and served across restarts. Default: none (memory only).
+    #[arg(long, env = "ROOMCAST_HISTORY_DB")]
+    pub history_db: Option<PathBuf>,
+
+    /// What the history database keeps: an age (`90s`, `30m`, `12h`, `7d`) or a bare number of
+    /// messages per room (`1000`). Older messages are pruned every minute. Default: 7d.
+    #[arg(long, env = "ROOMCAST_RETENTION", default_value = "7d")]
+    pub retention: Retention,
+
+    /// Messages waiting for the history database writer; past it new messages are not written
+    /// (counted as `history_db_dropped`) and delivery goes on. Unit: messages. Default: 16384.
+    #[arg(long, env = "ROOMCAST_HISTORY_DB_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
+    pub history_db_queue: u32,
+}
+
+impl Config {
+    /// The history part of the configuration.
+    pub fn history_settings(&self) -> HistorySettings {
+        HistorySettings {
+            capacity: self.history as usize,
+            dedupe_window: self.dedupe_window,
+            dedupe_max: self.dedupe_max as usize,
+            db: self.history_db.clone(),
+            retention: self.retention,
+            db_queue: self.history_db_queue as usize,
+        }
+    }
 }
 
 impl Default for Config {
@@ -86,6 +142,13 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` must be between 0 and 86400 seconds"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_secs(s)
 }
 
 fn parse_millis(s: &str) -> Result<Duration, String> {
@@ -111,6 +174,33 @@ mod tests {
         assert_eq!(c.ping_interval, Duration::from_secs(30));
         assert_eq!(c.presence_interval, Duration::from_millis(250));
         assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(c.history, 100);
+        assert_eq!(c.lag_policy, LagPolicy::Evict);
+        assert_eq!(c.dedupe_window, Duration::from_secs(120));
+        assert_eq!(c.history_db, None);
+        assert_eq!(c.retention, Retention::Age(Duration::from_secs(7 * 86_400)));
+    }
+
+    #[test]
+    fn history_flags() {
+        let c = Config::try_parse_from([
+            "roomcast",
+            "--history",
+            "0",
+            "--lag-policy",
+            "resync",
+            "--dedupe-window",
+            "0",
+            "--retention",
+            "500",
+        ])
+        .unwrap();
+        assert_eq!(c.history, 0);
+        assert_eq!(c.lag_policy, LagPolicy::Resync);
+        assert_eq!(c.dedupe_window, Duration::ZERO);
+        assert_eq!(c.retention, Retention::PerRoom(500));
+        assert!(Config::try_parse_from(["roomcast", "--lag-policy", "drop"]).is_err());
+        assert!(Config::try_parse_from(["roomcast", "--retention", "7w"]).is_err());
     }
 
     #[test]

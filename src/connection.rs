@@ -19,9 +19,10 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
 use tokio::time::{sleep_until, Instant};
 
+use crate::history::{LagPolicy, ReplayRequest};
 use crate::names::validate_room;
 use crate::protocol::{self, parse_client_message, ClientMessage, Outbound, ProtocolError};
-use crate::room::Room;
+use crate::room::{Publish, Room};
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
 
@@ -37,8 +38,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// What a socket is for.
 #[derive(Debug)]
 pub enum Mode {
-    /// The chat protocol, optionally joining a first room straight away.
-    Rooms { first_room: Option<String> },
+    /// The chat protocol, optionally joining a first room straight away (with past messages
+    /// when the URL asked for `history` or `since`).
+    Rooms {
+        first_room: Option<String>,
+        replay: Option<ReplayRequest>,
+    },
     /// Echo every message back exactly (`--echo`, for conformance testing only).
     Echo,
 }
@@ -47,6 +52,61 @@ pub enum Mode {
 struct Membership {
     room: Arc<Room>,
     rx: Receiver<Arc<Outbound>>,
+    /// Seq of the last message seen from this room (delivered or skipped by `echo:false`).
+    last_seq: u64,
+    /// `--lag-policy resync`: the first seq this member missed; announced by a `lagged` frame
+    /// just before the next message it does get.
+    gap_from: Option<u64>,
+}
+
+impl Membership {
+    fn new(room: Arc<Room>, rx: Receiver<Arc<Outbound>>, last_seq: u64) -> Self {
+        Membership {
+            room,
+            rx,
+            last_seq,
+            gap_from: None,
+        }
+    }
+
+    /// Adds a frame from this room (room index `i`) to `batch` if it is for connection
+    /// `conn`, preceded by a `lagged` notice when a gap is pending.
+    fn accept(
+        &mut self,
+        i: usize,
+        out: Arc<Outbound>,
+        conn: u64,
+        batch: &mut SmallVec<[(usize, Arc<Outbound>); 16]>,
+        stats: &crate::stats::Stats,
+    ) {
+        if out.seq > 0 {
+            if let Some(from) = self.gap_from.take() {
+                if out.seq > from {
+                    stats.lag_resyncs.inc();
+                    let notice = Outbound {
+                        frame: protocol::lagged_frame(self.room.name(), from, out.seq - 1),
+                        origin: 0,
+                        skip_origin: false,
+                        published_at: out.published_at,
+                        seq: 0,
+                    };
+                    batch.push((i, Arc::new(notice)));
+                }
+            }
+            self.last_seq = out.seq;
+        }
+        if out.is_for(conn) {
+            batch.push((i, out));
+        }
+    }
+
+    /// The receiver skipped frames (`--lag-policy resync`): everything after the last seq seen
+    /// is missing until the next message says where the gap ends.
+    fn lagged(&mut self) {
+        if self.gap_from.is_none() {
+            self.gap_from = Some(self.last_seq + 1);
+        }
+    }
 }
 
 /// Why the connection ends; decides the close frame it sends.
@@ -94,9 +154,9 @@ pub async fn run(
     // fastwebsockets refuses frames of `len >= max`; our limit is inclusive.
     reader.set_max_message_size(shared.config.max_message_bytes as usize + 1);
 
-    let (first_room, echo) = match mode {
-        Mode::Rooms { first_room } => (first_room, false),
-        Mode::Echo => (None, true),
+    let (first_room, replay, echo) = match mode {
+        Mode::Rooms { first_room, replay } => (first_room, replay, false),
+        Mode::Echo => (None, None, true),
     };
     let mut conn = Connection {
         id,
@@ -108,7 +168,7 @@ pub async fn run(
         echo,
     };
     let end = match first_room {
-        Some(room) => match conn.join(&room).await {
+        Some(room) => match conn.join(&room, replay).await {
             Ok(()) => None,
             Err(Ok(_)) => Some(End::Close(1011, "could not join the room")),
             Err(Err(end)) => Some(end),
@@ -277,10 +337,22 @@ impl Connection {
         self.shared.stats.messages_in.inc();
         // `room` borrows from `text`; it is only needed again to label an error frame.
         let (result, room) = match parse_client_message(text) {
-            Ok(ClientMessage::Message { room, text, echo }) => {
-                (self.publish(room.as_deref(), &text, echo), room)
+            Ok(ClientMessage::Message {
+                room,
+                text,
+                echo,
+                id,
+            }) => {
+                let res = match self.publish(room.as_deref(), &text, echo, id.as_deref()) {
+                    Ok(Some(ack)) => self.write_own(&ack).await,
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                (res, room)
             }
-            Ok(ClientMessage::Join { room }) => (self.join(&room).await, Some(room)),
+            Ok(ClientMessage::Join { room, replay }) => {
+                (self.join(&room, replay).await, Some(room))
+            }
             Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
             Ok(ClientMessage::Ping) => (self.write_own(&protocol::pong_frame()).await, None),
             Err(e) => (Err(Ok(e)), None),
@@ -296,12 +368,15 @@ impl Connection {
         }
     }
 
+    /// Publishes into the named (or only) room. `Ok(Some(frame))`: the message repeated an
+    /// `id` and was not broadcast; the frame acknowledges it to the sender alone.
     fn publish(
         &mut self,
         room: Option<&str>,
         text: &str,
         echo: bool,
-    ) -> Result<(), Result<ProtocolError, End>> {
+        id: Option<&str>,
+    ) -> Result<Option<Bytes>, Result<ProtocolError, End>> {
         let target = match room {
             Some(name) => {
                 validate_room(name)
@@ -322,13 +397,30 @@ impl Connection {
                 "join the room before sending to it",
             )));
         };
-        member.room.publish(&self.user, text, self.id, !echo);
-        Ok(())
+        let published = member.room.publish_message(&Publish {
+            user: &self.user,
+            text,
+            id,
+            origin: self.id,
+            skip_origin: !echo,
+        });
+        Ok(match (published.duplicate, id) {
+            (true, Some(id)) => Some(protocol::duplicate_ack_frame(
+                member.room.name(),
+                id,
+                published.seq,
+            )),
+            _ => None,
+        })
     }
 
-    /// Joins `name` and writes its welcome frame. `Err(Ok(_))` is answered with an error frame;
-    /// `Err(Err(_))` ends the connection.
-    async fn join(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
+    /// Joins `name` and writes its welcome frame, then the past messages `replay` asks for.
+    /// `Err(Ok(_))` is answered with an error frame; `Err(Err(_))` ends the connection.
+    async fn join(
+        &mut self,
+        name: &str,
+        replay: Option<ReplayRequest>,
+    ) -> Result<(), Result<ProtocolError, End>> {
         validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
         if self.rooms.iter().any(|m| m.room.name() == name) {
             return Err(Ok(ProtocolError::new(
@@ -345,12 +437,29 @@ impl Connection {
                 ),
             )));
         }
-        let joined = self.shared.hub.join(name, self.id, &self.user);
-        self.rooms.push(Membership {
-            room: joined.room,
-            rx: joined.rx,
-        });
-        self.write_own(&joined.welcome).await
+        let joined = self
+            .shared
+            .hub
+            .join_with_replay(name, self.id, &self.user, replay);
+        self.rooms
+            .push(Membership::new(joined.room, joined.rx, joined.last_seq));
+        let Some(replay) = joined.replay else {
+            return self.write_own(&joined.welcome).await;
+        };
+        // Welcome, announcement, past messages: written before anything live from the room.
+        let mut frames: Vec<&[u8]> = Vec::with_capacity(replay.frames.len() + 2);
+        frames.push(&joined.welcome);
+        frames.push(&replay.header);
+        frames.extend(replay.frames.iter().map(|o| &o.frame[..]));
+        let timeout = self.shared.config.write_timeout;
+        for chunk in frames.chunks(MAX_BATCH) {
+            match tokio::time::timeout(timeout, write_all_vectored(&mut self.writer, chunk)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Err(End::Gone)),
+                Err(_) => return Err(Err(End::Close(1008, "slow consumer"))),
+            }
+        }
+        Ok(())
     }
 
     async fn leave(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
@@ -380,31 +489,40 @@ impl Connection {
         first: Result<Arc<Outbound>, RecvError>,
     ) -> Option<End> {
         let mut batch: SmallVec<[(usize, Arc<Outbound>); 16]> = SmallVec::new();
+        let resync = self.shared.config.lag_policy == LagPolicy::Resync;
+        let stats = &self.shared.stats;
         match first {
             Ok(out) => {
-                if out.is_for(self.id) {
-                    batch.push((index, out));
+                if let Some(m) = self.rooms.get_mut(index) {
+                    m.accept(index, out, self.id, &mut batch, stats);
+                }
+            }
+            Err(RecvError::Lagged(_)) if resync => {
+                if let Some(m) = self.rooms.get_mut(index) {
+                    m.lagged();
                 }
             }
             Err(RecvError::Lagged(_)) => return Some(self.evict(index)),
             // The room's sender lives in the Room we hold: it cannot close while we are in it.
             Err(RecvError::Closed) => return Some(End::Close(1011, "room closed")),
         }
+        let mut evict = None;
         'rooms: for (i, m) in self.rooms.iter_mut().enumerate() {
             while batch.len() < MAX_BATCH {
                 match m.rx.try_recv() {
-                    Ok(out) => {
-                        if out.is_for(self.id) {
-                            batch.push((i, out));
-                        }
-                    }
+                    Ok(out) => m.accept(i, out, self.id, &mut batch, stats),
+                    Err(TryRecvError::Lagged(_)) if resync => m.lagged(),
                     Err(TryRecvError::Lagged(_)) => {
-                        return Some(self.evict(i));
+                        evict = Some(i);
+                        break 'rooms;
                     }
                     Err(TryRecvError::Empty | TryRecvError::Closed) => continue 'rooms,
                 }
             }
             break;
+        }
+        if let Some(i) = evict {
+            return Some(self.evict(i));
         }
         if batch.is_empty() {
             return None;

@@ -11,6 +11,8 @@ pub enum Error {
     Hyper(#[from] hyper::Error),
     #[error("websocket error: {0}")]
     WebSocket(#[from] fastwebsockets::WebSocketError),
+    #[error("history database: {0}")]
+    Db(#[from] rusqlite::Error),
     #[error("upgraded connection is not a TCP stream")]
     NotTcp,
 }

@@ -14,8 +14,11 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpStream;
 
+use crate::archive::payload_of;
 use crate::connection::Mode;
+use crate::history::ReplayRequest;
 use crate::names::{validate_room, validate_user};
+use crate::room::Publish;
 use crate::server::Shared;
 use crate::stats::rss_bytes;
 
@@ -44,10 +47,13 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             })
         }
         ["api", "rooms", room, "messages"] => {
-            if method != Method::POST {
-                return method_not_allowed(&[Method::POST]);
+            if method != Method::POST && method != Method::GET {
+                return method_not_allowed(&[Method::GET, Method::POST]);
             }
             match decode_room(room) {
+                Ok(room) if method == Method::GET => history_page(&shared, room, &req)
+                    .await
+                    .unwrap_or_else(|e| e.response()),
                 Ok(room) => publish(&shared, &room, req).await,
                 Err(e) => e.response(),
             }
@@ -56,8 +62,12 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            match requested_room(&req, segments.get(1).copied()) {
-                Ok(first_room) => websocket(shared, req, Mode::Rooms { first_room }),
+            let mode = requested_room(&req, segments.get(1).copied()).and_then(|first_room| {
+                let replay = requested_replay(&req, first_room.is_some())?;
+                Ok(Mode::Rooms { first_room, replay })
+            });
+            match mode {
+                Ok(mode) => websocket(shared, req, mode),
                 Err(e) => e.response(),
             }
         }
@@ -222,6 +232,10 @@ fn stats(shared: &Shared) -> Response<Body> {
             "frames_encoded": s.frames_encoded.get(),
             "evictions": s.evictions.get(),
             "connections_refused": s.connections_refused.get(),
+            "duplicates": s.duplicates.get(),
+            "lag_resyncs": s.lag_resyncs.get(),
+            "history_db_written": s.history_db_written.get(),
+            "history_db_dropped": s.history_db_dropped.get(),
             "rss_bytes": rss_bytes(),
             "uptime_secs": s.uptime().as_secs(),
         }),
@@ -269,10 +283,129 @@ fn room_info(
     Ok(json_response(StatusCode::OK, &value))
 }
 
+/// `GET /api/rooms/{room}/messages?limit=&before=`: kept messages, newest first. The room's
+/// ring answers first; older pages come from the archive when there is one. Messages are the
+/// JSON payloads exactly as they were broadcast (no re-encoding).
+async fn history_page(
+    shared: &Arc<Shared>,
+    room: String,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let limit = number_param(req, "limit", 50, 1..=1000)? as usize;
+    let before = match query_param(req, "before") {
+        None => u64::MAX,
+        Some(v) => v.parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_param",
+                "`before` must be a positive integer (a seq)",
+            )
+        })?,
+    };
+    let history = shared.hub.history().clone();
+    let live = shared.hub.get(&room);
+    if live.is_none() && history.archive().is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_room",
+            "no room of that name has members",
+        ));
+    }
+    // One more than asked, to know whether there is a next page.
+    let mut page: Vec<(u64, Bytes)> = Vec::new();
+    let mut older_than = before;
+    if let Some(room) = &live {
+        let (frames, ring_first) = room.history_page(before, limit + 1);
+        page.extend(frames.iter().map(|o| (o.seq, payload_of(o))));
+        if let Some(first) = ring_first {
+            older_than = older_than.min(first);
+        }
+    }
+    if page.len() <= limit && history.archive().is_some() {
+        let want = limit + 1 - page.len();
+        let name = room.clone();
+        let rows = tokio::task::spawn_blocking(move || match history.archive() {
+            Some(archive) => archive.page(&name, older_than, want),
+            None => Ok(Vec::new()),
+        })
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "history read failed",
+            )
+        })?
+        .map_err(|e| {
+            tracing::warn!(error = %e, "history page read failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "history_unavailable",
+                "the history database could not be read",
+            )
+        })?;
+        page.extend(rows.into_iter().map(|(seq, p)| (seq, Bytes::from(p))));
+    }
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next_before = match (more, page.last()) {
+        (true, Some((seq, _))) => seq.to_string(),
+        _ => "null".to_owned(),
+    };
+    let room_json = serde_json::to_string(&room).unwrap_or_default();
+    let mut body = Vec::with_capacity(64 + page.iter().map(|(_, p)| p.len() + 1).sum::<usize>());
+    body.extend_from_slice(b"{\"room\":");
+    body.extend_from_slice(room_json.as_bytes());
+    body.extend_from_slice(b",\"messages\":[");
+    for (i, (_, payload)) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(payload);
+    }
+    body.extend_from_slice(b"],\"next_before\":");
+    body.extend_from_slice(next_before.as_bytes());
+    body.push(b'}');
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// `history=N` or `since=SEQ` on a chat upgrade URL; only with a room to join.
+fn requested_replay(
+    req: &Request<Incoming>,
+    has_room: bool,
+) -> Result<Option<ReplayRequest>, ApiError> {
+    let bad = |reason: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_param", reason);
+    let history = match query_param(req, "history") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u32>()
+                .map_err(|_| bad("`history` must be a non-negative integer".into()))?,
+        ),
+    };
+    let since = match query_param(req, "since") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| bad("`since` must be a non-negative integer (a seq)".into()))?,
+        ),
+    };
+    let replay = ReplayRequest::from_parts(history, since).map_err(bad)?;
+    if replay.is_some() && !has_room {
+        return Err(bad("`history` and `since` need a room to join".into()));
+    }
+    Ok(replay)
+}
+
 #[derive(Deserialize)]
 struct PublishBody {
     text: Option<serde_json::Value>,
     user: Option<serde_json::Value>,
+    id: Option<serde_json::Value>,
 }
 
 async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Response<Body> {
@@ -337,6 +470,14 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
             )
         }
     };
+    let id = match parsed.id {
+        None => None,
+        Some(serde_json::Value::String(id)) => match crate::dedupe::validate_id(&id) {
+            Ok(()) => Some(id),
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_id", e),
+        },
+        Some(_) => return error(StatusCode::BAD_REQUEST, "bad_id", "`id` must be a string"),
+    };
     let Some(room_ref) = shared.hub.get(room) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -344,8 +485,23 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
             "no room of that name has members",
         );
     };
-    let seq = room_ref.publish(&user, &text, 0, false);
-    json_response(StatusCode::ACCEPTED, &json!({"room": room, "seq": seq}))
+    let published = room_ref.publish_message(&Publish {
+        user: &user,
+        text: &text,
+        id: id.as_deref(),
+        origin: 0,
+        skip_origin: false,
+    });
+    let body = match &id {
+        None => json!({"room": room, "seq": published.seq}),
+        Some(id) => json!({
+            "room": room,
+            "seq": published.seq,
+            "id": id,
+            "duplicate": published.duplicate,
+        }),
+    };
+    json_response(StatusCode::ACCEPTED, &body)
 }
 
 /// Decrements the connection gauge when a WebSocket task ends (or never starts).

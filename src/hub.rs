@@ -10,6 +10,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
+use crate::history::{History, HistoryService, Replay, ReplayRequest};
 use crate::protocol::Outbound;
 use crate::room::Room;
 use crate::stats::Stats;
@@ -21,6 +22,8 @@ pub struct Hub {
     hasher: RandomState,
     /// Broadcast ring size of every new room (`--room-buffer`).
     room_buffer: usize,
+    /// History settings and archive, shared by every room.
+    history: Arc<HistoryService>,
     stats: Arc<Stats>,
     /// Rooms with joins or leaves not yet announced; drained by the presence task.
     presence_queue: Mutex<Vec<Arc<Room>>>,
@@ -32,15 +35,35 @@ pub struct Joined {
     pub rx: broadcast::Receiver<Arc<Outbound>>,
     /// The `welcome` frame, to be written before anything from `rx`.
     pub welcome: Bytes,
+    /// Past messages asked for, to be written after the welcome and before anything from `rx`.
+    pub replay: Option<Replay>,
+    /// The room's last seq at the join (the welcome's `seq`): live frames start after it.
+    pub last_seq: u64,
 }
 
 impl Hub {
+    /// A registry whose rooms keep no history.
     pub fn new(shards: usize, room_buffer: usize, stats: Arc<Stats>) -> Self {
+        Self::with_history(
+            shards,
+            room_buffer,
+            Arc::new(HistoryService::disabled()),
+            stats,
+        )
+    }
+
+    pub fn with_history(
+        shards: usize,
+        room_buffer: usize,
+        history: Arc<HistoryService>,
+        stats: Arc<Stats>,
+    ) -> Self {
         let shards = shards.max(1).next_power_of_two();
         Hub {
             shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             room_buffer: room_buffer.max(1),
+            history,
             stats,
             presence_queue: Mutex::new(Vec::new()),
         }
@@ -51,25 +74,61 @@ impl Hub {
         &self.shards[h & (self.shards.len() - 1)]
     }
 
+    pub fn history(&self) -> &Arc<HistoryService> {
+        &self.history
+    }
+
     /// Adds member `id` named `user` to room `name`, creating the room if needed.
     /// The name must already be valid.
     pub fn join(&self, name: &str, id: u64, user: &Arc<str>) -> Joined {
+        self.join_with_replay(name, id, user, None)
+    }
+
+    /// `join`, also taking the past messages `replay` asks for, atomically with the
+    /// subscription (no gap, no duplicate between them and live messages).
+    pub fn join_with_replay(
+        &self,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        replay: Option<ReplayRequest>,
+    ) -> Joined {
         let mut shard = self.shard(name).lock();
         let room = match shard.get(name) {
             Some(room) => room.clone(),
             None => {
-                let room = Arc::new(Room::new(name, self.room_buffer, self.stats.clone()));
+                let room = self.create_room(name, self.history.settings().capacity);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
                 room
             }
         };
         let mut state = room.lock();
-        let (rx, welcome) = room.add_member(&mut state, id, user);
+        let (rx, welcome, replay) = room.add_member(&mut state, id, user, replay);
+        let last_seq = state.seq();
         self.queue_presence(&room, &mut state);
         drop(state);
         drop(shard);
-        Joined { room, rx, welcome }
+        Joined {
+            room,
+            rx,
+            welcome,
+            replay,
+            last_seq,
+        }
+    }
+
+    /// A new room keeping `history_capacity` messages, continuing from its archived past.
+    /// Called under the shard lock.
+    fn create_room(&self, name: &str, history_capacity: usize) -> Arc<Room> {
+        let seed = self.history.new_room(name, history_capacity);
+        Arc::new(Room::new(
+            name,
+            self.room_buffer,
+            seed,
+            self.history.clone(),
+            self.stats.clone(),
+        ))
     }
 
     /// Removes member `id` from `room`; the room leaves the map with its last member.
@@ -86,6 +145,9 @@ impl Hub {
             if shard.get(room.name()).is_some_and(|r| Arc::ptr_eq(r, room)) {
                 shard.remove(room.name());
                 self.stats.rooms.dec();
+                state.retired = true;
+                let history = std::mem::replace(&mut state.history, History::new(0));
+                self.history.retire(room.name_arc(), state.seq(), history);
             }
         } else {
             self.queue_presence(room, &mut state);
@@ -230,5 +292,59 @@ mod tests {
         assert_eq!(v["members"], 50);
         assert_eq!(v["joined"].as_array().unwrap().len(), 50);
         assert!(rx.try_recv().is_err(), "one frame for fifty joins");
+    }
+
+    #[test]
+    fn replay_and_live_frames_meet_exactly_under_concurrent_publishing() {
+        use crate::history::{HistorySettings, ReplayRequest};
+        let stats = Arc::new(Stats::new());
+        let settings = HistorySettings {
+            capacity: 100_000,
+            ..HistorySettings::default()
+        };
+        let service = Arc::new(HistoryService::new(settings, stats.clone()).unwrap());
+        let hub = Arc::new(Hub::with_history(4, 1 << 16, service, stats));
+        let u: Arc<str> = "u".into();
+        let anchor = hub.join("r", 1, &u);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let publishers: Vec<_> = (0..2)
+            .map(|_| {
+                let room = anchor.room.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        room.publish("p", "x", 0, false);
+                    }
+                })
+            })
+            .collect();
+        for id in 2..200u64 {
+            // Some messages back: well inside the ring, and more arrive during the join.
+            let since = anchor.room.last_seq().saturating_sub(20);
+            let mut j = hub.join_with_replay("r", id, &u, Some(ReplayRequest::Since(since)));
+            let replay = j.replay.take().unwrap();
+            let mut expect = since + 1;
+            for f in &replay.frames {
+                assert_eq!(f.seq, expect, "replay is gapless");
+                expect += 1;
+            }
+            assert_eq!(expect, j.last_seq + 1, "replay ends at the welcome's seq");
+            // The first live message is the one right after.
+            loop {
+                match j.rx.try_recv() {
+                    Ok(out) if out.seq == 0 => continue,
+                    Ok(out) => {
+                        assert_eq!(out.seq, expect, "live starts right after the replay");
+                        break;
+                    }
+                    Err(_) => std::thread::yield_now(),
+                }
+            }
+            hub.leave(&j.room, id);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for p in publishers {
+            p.join().unwrap();
+        }
     }
 }

@@ -4,9 +4,12 @@
 //! socket) → `hub` / `room` (membership, sequence) → every member's writer, which sends the same
 //! pre-encoded bytes (`protocol`).
 
+pub mod archive;
 pub mod config;
 pub mod connection;
+pub mod dedupe;
 pub mod error;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod names;

@@ -10,6 +10,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use fastwebsockets::{Frame, Payload};
 use serde::{Deserialize, Serialize};
 
+use crate::history::ReplayRequest;
+
 /// What a client asked for in one text frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientMessage<'a> {
@@ -19,9 +21,13 @@ pub enum ClientMessage<'a> {
         text: Cow<'a, str>,
         /// `false` when the sender asked not to receive its own copy.
         echo: bool,
+        /// Idempotency key: a repeat within `--dedupe-window` is acknowledged, not broadcast.
+        id: Option<Cow<'a, str>>,
     },
     Join {
         room: Cow<'a, str>,
+        /// Past messages to send before live ones (`history` or `since`).
+        replay: Option<ReplayRequest>,
     },
     Leave {
         room: Cow<'a, str>,
@@ -55,6 +61,12 @@ struct RawClientMessage<'a> {
     text: Option<Cow<'a, str>>,
     #[serde(default)]
     echo: Option<bool>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    history: Option<u32>,
+    #[serde(default)]
+    since: Option<u64>,
 }
 
 /// Parses one client text frame. Text whose first non-blank character is not `{` is a plain chat
@@ -68,6 +80,7 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
             room: None,
             text: Cow::Borrowed(input),
             echo: true,
+            id: None,
         });
     }
     let raw: RawClientMessage<'_> = serde_json::from_str(input).map_err(|e| {
@@ -88,14 +101,20 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
             if text.is_empty() {
                 return Err(ProtocolError::new("bad_message", "message text is empty"));
             }
+            if let Some(id) = &raw.id {
+                crate::dedupe::validate_id(id).map_err(|e| ProtocolError::new("bad_id", e))?;
+            }
             Ok(ClientMessage::Message {
                 room: raw.room,
                 text,
                 echo: raw.echo.unwrap_or(true),
+                id: raw.id,
             })
         }
         Some("join") => Ok(ClientMessage::Join {
             room: need_room(raw.room)?,
+            replay: ReplayRequest::from_parts(raw.history, raw.since)
+                .map_err(|e| ProtocolError::new("bad_message", e))?,
         }),
         Some("leave") => Ok(ClientMessage::Leave {
             room: need_room(raw.room)?,
@@ -131,6 +150,8 @@ pub struct Outbound {
     pub skip_origin: bool,
     /// When it was published, to measure how long it waited before being written.
     pub published_at: Instant,
+    /// The room seq of a chat message; 0 for every other frame (presence, notices).
+    pub seq: u64,
 }
 
 impl Outbound {
@@ -196,6 +217,9 @@ pub struct MessageOut<'a> {
     pub text: &'a str,
     pub seq: u64,
     pub ts: u64,
+    /// The publisher's idempotency key, when it gave one (lets it match its own copy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -242,6 +266,17 @@ struct LeftOut<'a> {
 }
 
 pub fn message_frame(room: &str, user: &str, text: &str, seq: u64, ts: u64) -> Bytes {
+    message_frame_with_id(room, user, text, seq, ts, None)
+}
+
+pub fn message_frame_with_id(
+    room: &str,
+    user: &str,
+    text: &str,
+    seq: u64,
+    ts: u64,
+    id: Option<&str>,
+) -> Bytes {
     encode_frame(&MessageOut {
         kind: "message",
         room,
@@ -249,6 +284,109 @@ pub fn message_frame(room: &str, user: &str, text: &str, seq: u64, ts: u64) -> B
         text,
         seq,
         ts,
+        id,
+    })
+}
+
+/// The JSON payload of a complete unmasked frame made by `encode_frame` (its header skipped).
+pub fn frame_payload(frame: &[u8]) -> &[u8] {
+    let start = match frame.get(1) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(start..).unwrap_or(&[])
+}
+
+/// A complete text frame around a JSON payload that is already encoded (history read back from
+/// disk): only the header is written, the JSON is copied as it is.
+pub fn frame_from_payload(payload: &[u8]) -> Bytes {
+    let mut head = [0u8; MAX_HEAD];
+    let head_len = Frame::text(Payload::Borrowed(payload)).fmt_head(&mut head);
+    let mut buf = BytesMut::with_capacity(head_len + payload.len());
+    buf.extend_from_slice(&head[..head_len]);
+    buf.extend_from_slice(payload);
+    buf.freeze()
+}
+
+/// Announces the replay that follows a join with `history`: the next `count` message frames
+/// of `room` are past messages.
+pub fn history_frame(room: &str, count: usize) -> Bytes {
+    #[derive(Serialize)]
+    struct HistoryOut<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        room: &'a str,
+        count: usize,
+    }
+    encode_frame(&HistoryOut {
+        kind: "history",
+        room,
+        count,
+    })
+}
+
+/// Announces the replay that follows a join with `since`: the next `count` message frames of
+/// `room` are past messages starting at seq `from`. `complete` is false when messages between
+/// `since` and `from` are no longer kept.
+pub fn recovery_frame(room: &str, since: u64, complete: bool, from: u64, count: usize) -> Bytes {
+    #[derive(Serialize)]
+    struct RecoveryOut<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        room: &'a str,
+        since: u64,
+        complete: bool,
+        from: u64,
+        count: usize,
+    }
+    encode_frame(&RecoveryOut {
+        kind: "recovery",
+        room,
+        since,
+        complete,
+        from,
+        count,
+    })
+}
+
+/// Tells a member (`--lag-policy resync`) that it missed messages `missed_from..=missed_to`.
+pub fn lagged_frame(room: &str, missed_from: u64, missed_to: u64) -> Bytes {
+    #[derive(Serialize)]
+    struct LaggedOut<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        room: &'a str,
+        missed_from: u64,
+        missed_to: u64,
+    }
+    encode_frame(&LaggedOut {
+        kind: "lagged",
+        room,
+        missed_from,
+        missed_to,
+    })
+}
+
+/// Acknowledges a message whose `id` was already published within the dedupe window: it was
+/// not broadcast again; `seq` is the seq the first copy got.
+pub fn duplicate_ack_frame(room: &str, id: &str, seq: u64) -> Bytes {
+    #[derive(Serialize)]
+    struct AckOut<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        room: &'a str,
+        id: &'a str,
+        seq: u64,
+        duplicate: bool,
+    }
+    encode_frame(&AckOut {
+        kind: "ack",
+        room,
+        id,
+        seq,
+        duplicate: true,
     })
 }
 
@@ -304,7 +442,8 @@ mod tests {
             ClientMessage::Message {
                 room: None,
                 text: "hello there".into(),
-                echo: true
+                echo: true,
+                id: None,
             }
         );
         assert_eq!(parse_client_message("   ").unwrap_err().code, "bad_message");
@@ -313,7 +452,8 @@ mod tests {
             ClientMessage::Message {
                 room: None,
                 text: "[1,2]".into(),
-                echo: true
+                echo: true,
+                id: None,
             }
         );
     }
@@ -325,7 +465,8 @@ mod tests {
             ClientMessage::Message {
                 room: None,
                 text: "hi".into(),
-                echo: true
+                echo: true,
+                id: None,
             }
         );
         assert_eq!(
@@ -334,12 +475,16 @@ mod tests {
             ClientMessage::Message {
                 room: Some("r".into()),
                 text: "h\"i".into(),
-                echo: false
+                echo: false,
+                id: None,
             }
         );
         assert_eq!(
             parse_client_message(r#" {"type":"join","room":"a"}"#).unwrap(),
-            ClientMessage::Join { room: "a".into() }
+            ClientMessage::Join {
+                room: "a".into(),
+                replay: None
+            }
         );
         assert_eq!(
             parse_client_message(r#"{"type":"leave","room":"a"}"#).unwrap(),
@@ -349,6 +494,64 @@ mod tests {
             parse_client_message(r#"{"type":"ping"}"#).unwrap(),
             ClientMessage::Ping
         );
+    }
+
+    #[test]
+    fn join_replay_and_message_ids() {
+        assert_eq!(
+            parse_client_message(r#"{"type":"join","room":"a","history":20}"#).unwrap(),
+            ClientMessage::Join {
+                room: "a".into(),
+                replay: Some(ReplayRequest::Last(20))
+            }
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"join","room":"a","since":7}"#).unwrap(),
+            ClientMessage::Join {
+                room: "a".into(),
+                replay: Some(ReplayRequest::Since(7))
+            }
+        );
+        assert_eq!(
+            parse_client_message(r#"{"text":"hi","id":"k-1"}"#).unwrap(),
+            ClientMessage::Message {
+                room: None,
+                text: "hi".into(),
+                echo: true,
+                id: Some("k-1".into()),
+            }
+        );
+        let code = |s: &str| parse_client_message(s).unwrap_err().code;
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","history":-1}"#),
+            "bad_message"
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","history":"5"}"#),
+            "bad_message"
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","since":1,"history":1}"#),
+            "bad_message"
+        );
+        assert_eq!(code(r#"{"text":"hi","id":""}"#), "bad_id");
+        assert_eq!(code(r#"{"text":"hi","id":7}"#), "bad_message");
+        let long = format!(r#"{{"text":"hi","id":"{}"}}"#, "x".repeat(65));
+        assert_eq!(code(&long), "bad_id");
+    }
+
+    #[test]
+    fn payloads_round_trip_through_frames() {
+        for n in [10, 200, 70_000] {
+            let f = message_frame("r", "u", &"x".repeat(n), 1, 1);
+            let p = frame_payload(&f);
+            assert_eq!(frame_from_payload(p), f);
+        }
+        let v = payload(&message_frame_with_id("r", "u", "t", 3, 4, Some("abc")));
+        assert_eq!(v["id"], "abc");
+        assert!(payload(&message_frame("r", "u", "t", 3, 4))
+            .get("id")
+            .is_none());
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
+use crate::dedupe::Dedupe;
+use crate::history::{History, HistoryService, Replay, ReplayRequest, Seed};
 use crate::protocol::{self, Outbound, PresenceOut};
 use crate::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
 
@@ -29,10 +31,12 @@ pub struct Room {
     created_at_ms: u64,
     /// How long frames waited between publication and the write that carried them.
     wait: WaitHistogram,
+    /// Where published messages are archived (and where the room's history goes when it
+    /// leaves memory).
+    history_service: Arc<HistoryService>,
     stats: Arc<Stats>,
 }
 
-#[derive(Default)]
 pub(crate) struct RoomState {
     /// Member id (the connection id) → user name. Ordered so the users list pages stably.
     pub(crate) members: BTreeMap<u64, Arc<str>>,
@@ -44,6 +48,34 @@ pub(crate) struct RoomState {
     left: Vec<Arc<str>>,
     /// Whether the room is already queued for the next presence flush.
     pub(crate) presence_queued: bool,
+    /// The last messages, for joins with `history`/`since` and the paging API. Under this
+    /// lock so that a joiner's replay and subscription happen between two publications.
+    pub(crate) history: History,
+    /// Recently published message ids (idempotent publishing).
+    dedupe: Dedupe,
+    /// The room left the registry: a late REST publish into it reaches nobody and is not kept.
+    pub(crate) retired: bool,
+}
+
+/// A chat message to publish.
+pub struct Publish<'a> {
+    pub user: &'a str,
+    pub text: &'a str,
+    /// Idempotency key (already validated).
+    pub id: Option<&'a str>,
+    /// Connection that publishes it (0 for REST).
+    pub origin: u64,
+    /// The origin asked not to receive its own copy.
+    pub skip_origin: bool,
+}
+
+/// The outcome of a publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    /// The `id` was already published within the dedupe window: `seq` is the first copy's and
+    /// nothing was broadcast.
+    pub duplicate: bool,
 }
 
 /// A point-in-time copy of a room's figures, for the HTTP API.
@@ -68,20 +100,45 @@ pub struct UserEntry {
 }
 
 impl Room {
-    pub(crate) fn new(name: &str, capacity: usize, stats: Arc<Stats>) -> Self {
+    /// A room with a broadcast ring of `capacity` frames, starting from `seed` (its last seq and
+    /// kept messages; the ring's capacity is the room's history setting).
+    pub(crate) fn new(
+        name: &str,
+        capacity: usize,
+        seed: Seed,
+        history_service: Arc<HistoryService>,
+        stats: Arc<Stats>,
+    ) -> Self {
         let (tx, _) = broadcast::channel(capacity);
+        let state = RoomState {
+            members: BTreeMap::new(),
+            seq: seed.last_seq,
+            published: 0,
+            rate: RateWindow::default(),
+            joined: Vec::new(),
+            left: Vec::new(),
+            presence_queued: false,
+            history: seed.history,
+            dedupe: history_service.new_dedupe(),
+            retired: false,
+        };
         Room {
             name: name.into(),
             tx,
-            state: Mutex::new(RoomState::default()),
+            state: Mutex::new(state),
             evicted: AtomicU64::new(0),
             created_at_ms: unix_millis(),
             wait: WaitHistogram::default(),
+            history_service,
             stats,
         }
     }
 
     pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn name_arc(&self) -> &Arc<str> {
         &self.name
     }
 
@@ -95,19 +152,27 @@ impl Room {
 
     /// Adds a member under the caller's lock of this room; returns its receiver and the welcome
     /// frame. Called by `Hub::join` only.
+    /// With `replay`, also returns the past messages to write right after the welcome: taken
+    /// under the same lock as the subscription, they end exactly where `rx` begins.
     pub(crate) fn add_member(
         &self,
         state: &mut RoomState,
         id: u64,
         user: &Arc<str>,
-    ) -> (broadcast::Receiver<Arc<Outbound>>, bytes::Bytes) {
+        replay: Option<ReplayRequest>,
+    ) -> (
+        broadcast::Receiver<Arc<Outbound>>,
+        bytes::Bytes,
+        Option<Replay>,
+    ) {
         let rx = self.tx.subscribe();
         state.members.insert(id, user.clone());
         if state.joined.len() < PRESENCE_NAMES_MAX {
             state.joined.push(user.clone());
         }
         let welcome = protocol::welcome_frame(&self.name, user, state.members.len(), state.seq);
-        (rx, welcome)
+        let replay = replay.map(|req| state.history.replay(&self.name, req, state.seq));
+        (rx, welcome, replay)
     }
 
     /// Removes a member under the caller's lock; returns whether it was there.
@@ -123,24 +188,69 @@ impl Room {
 
     /// Publishes a chat message to every member; returns its seq. Encodes the frame exactly once.
     pub fn publish(&self, user: &str, text: &str, origin: u64, skip_origin: bool) -> u64 {
+        self.publish_message(&Publish {
+            user,
+            text,
+            id: None,
+            origin,
+            skip_origin,
+        })
+        .seq
+    }
+
+    /// Publishes `p` unless its `id` repeats one inside the dedupe window. Encodes the frame
+    /// exactly once; history and archive keep that same frame.
+    pub fn publish_message(&self, p: &Publish<'_>) -> Published {
         let now_ms = unix_millis();
         let mut state = self.state.lock();
+        if let Some(id) = p.id {
+            if let Some(seq) = state.dedupe.check(id, now_ms) {
+                self.stats.duplicates.inc();
+                return Published {
+                    seq,
+                    duplicate: true,
+                };
+            }
+        }
         state.seq += 1;
         state.published += 1;
         state.rate.record(now_ms / 1000);
         let seq = state.seq;
-        let frame = protocol::message_frame(&self.name, user, text, seq, now_ms);
+        let frame = protocol::message_frame_with_id(&self.name, p.user, p.text, seq, now_ms, p.id);
         self.stats.frames_encoded.inc();
         self.stats.published.inc();
-        let out = Outbound {
+        let out = Arc::new(Outbound {
             frame,
-            origin,
-            skip_origin,
+            origin: p.origin,
+            skip_origin: p.skip_origin,
             published_at: Instant::now(),
-        };
+            seq,
+        });
+        if let Some(id) = p.id {
+            state.dedupe.record(id, seq, now_ms);
+        }
+        if !state.retired {
+            state.history.push(&out);
+            self.history_service.record(&self.name, now_ms, &out);
+        }
         // No receiver means no member is left to deliver to: nothing is lost.
-        let _ = self.tx.send(Arc::new(out));
-        seq
+        let _ = self.tx.send(out);
+        Published {
+            seq,
+            duplicate: false,
+        }
+    }
+
+    /// Up to `limit` kept messages with a seq below `before`, newest first, and the oldest seq
+    /// the ring keeps (older ones can only come from the archive).
+    pub fn history_page(&self, before: u64, limit: usize) -> (Vec<Arc<Outbound>>, Option<u64>) {
+        let state = self.state.lock();
+        (state.history.page(before, limit), state.history.first_seq())
+    }
+
+    /// The room's last seq.
+    pub fn last_seq(&self) -> u64 {
+        self.state.lock().seq
     }
 
     /// Sends the coalesced presence frame if anything changed since the last one.
@@ -168,6 +278,7 @@ impl Room {
             origin: 0,
             skip_origin: false,
             published_at: Instant::now(),
+            seq: 0,
         };
         let _ = self.tx.send(Arc::new(out));
     }
@@ -220,6 +331,10 @@ impl Room {
 }
 
 impl RoomState {
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
     pub(crate) fn has_presence_pending(&self) -> bool {
         !self.joined.is_empty() || !self.left.is_empty()
     }

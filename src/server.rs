@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::history::HistoryService;
 use crate::hub::Hub;
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
@@ -46,9 +47,14 @@ pub async fn run(
     let (trigger, shutdown) = shutdown::channel();
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let stats = Arc::new(Stats::new());
-    let hub = Hub::new(
+    let history = Arc::new(HistoryService::new(
+        config.history_settings(),
+        stats.clone(),
+    )?);
+    let hub = Hub::with_history(
         usize::from(config.shards),
         config.room_buffer as usize,
+        history.clone(),
         stats.clone(),
     );
     let shutdown_timeout = config.shutdown_timeout;
@@ -92,6 +98,8 @@ pub async fn run(
     {
         tracing::warn!("some connections did not finish within {shutdown_timeout:?}");
     }
+    // Whatever is still queued for the history database is written before `run` returns.
+    let _ = tokio::task::spawn_blocking(move || history.close(shutdown_timeout)).await;
     Ok(())
 }
 

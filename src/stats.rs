@@ -25,6 +25,15 @@ pub struct Stats {
     pub frames_encoded: Counter,
     pub evictions: Counter,
     pub connections_refused: Counter,
+    /// Messages not broadcast because their `id` repeated one inside the dedupe window.
+    pub duplicates: Counter,
+    /// `lagged` notices sent instead of evictions (`--lag-policy resync`).
+    pub lag_resyncs: Counter,
+    /// Messages committed to the history database.
+    pub history_db_written: Counter,
+    /// Messages the history database never got: its writer queue was full (or it failed at
+    /// shutdown). Delivery is never affected.
+    pub history_db_dropped: Counter,
     rss: Gauge,
     registry: Registry,
     started: Instant,
@@ -54,6 +63,19 @@ impl Stats {
             "connections_refused",
             "Upgrades refused by --max-connections",
         );
+        let duplicates = counter("duplicates", "Messages not broadcast: repeated id");
+        let lag_resyncs = counter(
+            "lag_resyncs",
+            "Lagged notices sent instead of evictions (--lag-policy resync)",
+        );
+        let history_db_written = counter(
+            "history_db_written",
+            "Messages committed to the history database",
+        );
+        let history_db_dropped = counter(
+            "history_db_dropped",
+            "Messages dropped from the history database (writer queue full)",
+        );
         let connections = Gauge::default();
         registry.register(
             "connections",
@@ -78,6 +100,10 @@ impl Stats {
             frames_encoded,
             evictions,
             connections_refused,
+            duplicates,
+            lag_resyncs,
+            history_db_written,
+            history_db_dropped,
             rss,
             registry,
             started: Instant::now(),

@@ -1,0 +1,598 @@
+//! Durable history (`--history-db`): every published message goes to SQLite, written in
+//! batches by one dedicated writer thread. Publishing only `try_send`s a pointer to the frame it
+//! already encoded into a bounded queue: when the writer falls behind (slow or locked disk) the
+//! message is dropped from the archive and counted, never waited for. The room rings in memory
+//! stay the source for live replay; the archive feeds them when a room is created (after a
+//! restart, or when an emptied room comes back) and serves the paging API beyond them.
+//!
+//! Seq continuity: a room that comes back must continue its numbering even when its last
+//! messages are still in the writer queue (or were dropped from it). Rooms that leave memory
+//! and messages that are dropped leave an `Unflushed` note with their last seq; a new room takes
+//! the larger of the note and the database, and the writer removes a note once the database has
+//! caught up with it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use crate::history::{History, Seed};
+use crate::protocol::{self, Outbound};
+use crate::stats::{unix_millis, Stats};
+
+/// Most messages one transaction writes.
+const BATCH: usize = 1024;
+/// How often old messages are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long the writer waits on a locked database before it retries (and the queue fills).
+const WRITER_BUSY: Duration = Duration::from_millis(250);
+/// How long a read (room seed, paging) waits on a locked database.
+const READER_BUSY: Duration = Duration::from_secs(2);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    room    TEXT    NOT NULL,
+    seq     INTEGER NOT NULL,
+    ts      INTEGER NOT NULL,   -- Unix milliseconds, for age retention
+    payload TEXT    NOT NULL,   -- the message frame's JSON, exactly as it was broadcast
+    PRIMARY KEY (room, seq)
+);
+CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
+";
+
+/// How much the archive keeps (`--retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Messages younger than this.
+    Age(Duration),
+    /// The last N messages of each room.
+    PerRoom(u64),
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention::Age(Duration::from_secs(7 * 86_400))
+    }
+}
+
+impl FromStr for Retention {
+    type Err = String;
+
+    /// `7d`, `12h`, `30m`, `90s`: an age. A bare integer: that many messages per room.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("`{s}`: expected an age with a unit (90s, 30m, 12h, 7d) or a message count per room (1000)")
+        };
+        let unit = s.chars().last().ok_or_else(bad)?;
+        let secs_per = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => {
+                let n: u64 = s.parse().map_err(|_| bad())?;
+                if n == 0 {
+                    return Err(bad());
+                }
+                return Ok(Retention::PerRoom(n));
+            }
+        };
+        let n: u64 = s[..s.len() - 1].parse().map_err(|_| bad())?;
+        if n == 0 || n > 3650 * 86_400 / secs_per {
+            return Err(bad());
+        }
+        Ok(Retention::Age(Duration::from_secs(n * secs_per)))
+    }
+}
+
+/// One message on its way to disk: pointers only, nothing copied on the publishing side.
+struct Record {
+    room: Arc<str>,
+    ts: u64,
+    out: Arc<Outbound>,
+}
+
+enum Job {
+    Append(Record),
+    /// The room left memory: drop its `Unflushed` note once the database has its last seq.
+    Retired(Arc<str>),
+    Stop,
+}
+
+/// What memory knows about a room that the database may not have yet.
+struct Unflushed {
+    /// The room's last used seq.
+    last_seq: u64,
+    /// Its ring when it left memory, fresher than the database while the writer catches up.
+    frames: Option<VecDeque<Arc<Outbound>>>,
+}
+
+type Notes = Arc<Mutex<HashMap<Box<str>, Unflushed>>>;
+
+pub struct Archive {
+    tx: SyncSender<Job>,
+    /// Seeds and pages; the writer has its own connection (WAL: readers never wait for it).
+    reader: Mutex<Connection>,
+    notes: Notes,
+    stats: Arc<Stats>,
+    stopping: Arc<AtomicBool>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Archive {
+    /// Opens (creating if needed) the database at `path` in WAL mode and starts the writer.
+    pub fn open(
+        path: &Path,
+        retention: Retention,
+        queue: usize,
+        stats: Arc<Stats>,
+    ) -> crate::Result<Archive> {
+        let conn = Connection::open(path)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(%mode, "SQLite did not switch to WAL mode");
+        }
+        // In WAL mode NORMAL keeps the database consistent and loses no commit on a process
+        // crash; only a power loss can lose the last commits. One fsync per checkpoint, not per
+        // batch.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(WRITER_BUSY)?;
+        conn.execute_batch(SCHEMA)?;
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(READER_BUSY)?;
+
+        let (tx, rx) = mpsc::sync_channel(queue.max(1));
+        let notes: Notes = Arc::default();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            conn,
+            rx,
+            notes: notes.clone(),
+            stats: stats.clone(),
+            retention,
+            stopping: stopping.clone(),
+            touched: HashSet::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("roomcast-history-db".into())
+            .spawn(move || writer.run())?;
+        tracing::info!(path = %path.display(), ?retention, "durable history");
+        Ok(Archive {
+            tx,
+            reader: Mutex::new(reader),
+            notes,
+            stats,
+            stopping,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Queues a published message. Never blocks; a full queue drops it (counted) and notes the
+    /// seq so that the room's numbering never reuses it.
+    pub(crate) fn append(&self, room: &Arc<str>, ts: u64, out: &Arc<Outbound>) {
+        let job = Job::Append(Record {
+            room: room.clone(),
+            ts,
+            out: out.clone(),
+        });
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(job) {
+            self.stats.history_db_dropped.inc();
+            let mut notes = self.notes.lock();
+            let note = notes.entry(room.as_ref().into()).or_insert(Unflushed {
+                last_seq: 0,
+                frames: None,
+            });
+            note.last_seq = note.last_seq.max(out.seq);
+        }
+    }
+
+    /// A room leaves memory with its last seq and ring.
+    pub(crate) fn retire(&self, room: &Arc<str>, last_seq: u64, history: History) {
+        let mut frames = Some(history.into_frames());
+        if self.tx.try_send(Job::Retired(room.clone())).is_err() {
+            // Nobody would free the ring: keep just the seq, the ring comes from disk later.
+            frames = None;
+        }
+        let mut notes = self.notes.lock();
+        let note = notes.entry(room.as_ref().into()).or_insert(Unflushed {
+            last_seq: 0,
+            frames: None,
+        });
+        note.last_seq = note.last_seq.max(last_seq);
+        note.frames = frames;
+    }
+
+    /// Where room `name` starts when it is created: its last seq and its last `capacity`
+    /// messages. A database error is logged and the room starts from what memory knows.
+    pub fn seed(&self, name: &str, capacity: usize) -> Seed {
+        let note = self.notes.lock().remove(name);
+        if let Some(Unflushed {
+            last_seq,
+            frames: Some(frames),
+        }) = note
+        {
+            return Seed {
+                last_seq,
+                history: History::with_frames(capacity, frames),
+            };
+        }
+        let floor = note.map_or(0, |n| n.last_seq);
+        let from_db = (|| -> rusqlite::Result<(u64, Vec<(u64, String)>)> {
+            let conn = self.reader.lock();
+            let max: Option<i64> = conn.query_row(
+                "SELECT max(seq) FROM messages WHERE room = ?1",
+                [name],
+                |r| r.get(0),
+            )?;
+            let rows = read_rows(&conn, name, i64::MAX, capacity)?;
+            Ok((max.unwrap_or(0) as u64, rows))
+        })();
+        match from_db {
+            Ok((max, mut rows)) => {
+                rows.reverse();
+                Seed {
+                    last_seq: max.max(floor),
+                    history: History::with_frames(
+                        capacity,
+                        rows.into_iter().map(|(seq, p)| outbound(seq, &p)),
+                    ),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(room = name, error = %e, "could not read the room's history");
+                Seed {
+                    last_seq: floor,
+                    history: History::new(capacity),
+                }
+            }
+        }
+    }
+
+    /// Up to `limit` archived messages of `room` with a seq below `before`, newest first, as
+    /// `(seq, JSON payload)`. Blocking: call from `spawn_blocking`.
+    pub fn page(&self, room: &str, before: u64, limit: usize) -> crate::Result<Vec<(u64, String)>> {
+        let before = i64::try_from(before).unwrap_or(i64::MAX);
+        Ok(read_rows(&self.reader.lock(), room, before, limit)?)
+    }
+
+    /// Asks the writer to flush what is queued and stop; waits at most `within`. Blocking.
+    pub fn close(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        self.stopping.store(true, Ordering::Relaxed);
+        while let Err(TrySendError::Full(_)) = self.tx.try_send(Job::Stop) {
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut writer = self.writer.lock();
+        while writer.as_ref().is_some_and(|h| !h.is_finished()) {
+            if Instant::now() >= deadline {
+                tracing::warn!("the history writer did not finish within {within:?}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(h) = writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Archive {
+    fn drop(&mut self) {
+        // The writer stops by itself once the queue's sender is gone; don't wait for it here.
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+}
+
+fn read_rows(
+    conn: &Connection,
+    room: &str,
+    before: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<(u64, String)>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, payload FROM messages WHERE room = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![room, before, limit], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+    })?;
+    rows.collect()
+}
+
+/// A kept message read back from disk, ready to be replayed: header + the stored JSON.
+fn outbound(seq: u64, payload: &str) -> Arc<Outbound> {
+    Arc::new(Outbound {
+        frame: protocol::frame_from_payload(payload.as_bytes()),
+        origin: 0,
+        skip_origin: false,
+        published_at: Instant::now(),
+        seq,
+    })
+}
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    rx: Receiver<Job>,
+    notes: Notes,
+    stats: Arc<Stats>,
+    retention: Retention,
+    stopping: Arc<AtomicBool>,
+    /// Rooms written since the last prune (per-room retention prunes only those).
+    touched: HashSet<Arc<str>>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        self.prune();
+        let mut last_prune = Instant::now();
+        loop {
+            let first = match self.rx.recv_timeout(PRUNE_EVERY) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.prune();
+                    last_prune = Instant::now();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut appends = Vec::new();
+            let mut retired = Vec::new();
+            let mut stop = false;
+            let mut job = Some(first);
+            while let Some(j) = job.take() {
+                match j {
+                    Job::Append(r) => appends.push(r),
+                    Job::Retired(room) => retired.push(room),
+                    Job::Stop => stop = true,
+                }
+                if appends.len() < BATCH && !stop {
+                    job = self.rx.try_recv().ok();
+                }
+            }
+            if !appends.is_empty() {
+                self.write(&appends);
+            }
+            for room in retired {
+                self.forget_note_if_flushed(&room);
+            }
+            if stop {
+                self.prune();
+                return;
+            }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                self.prune();
+                last_prune = Instant::now();
+            }
+        }
+    }
+
+    /// Writes one batch in one transaction, retrying while the database is locked or failing.
+    /// While it retries, the queue fills and publishers drop (and count) instead of waiting.
+    fn write(&mut self, batch: &[Record]) {
+        let mut backoff = Duration::from_millis(20);
+        let mut warned = false;
+        loop {
+            match insert_batch(&mut self.conn, batch) {
+                Ok(()) => {
+                    self.stats.history_db_written.inc_by(batch.len() as u64);
+                    for r in batch {
+                        if !self.touched.contains(&r.room) {
+                            self.touched.insert(r.room.clone());
+                        }
+                    }
+                    if warned {
+                        tracing::info!("history database writable again");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if self.stopping.load(Ordering::Relaxed) {
+                        tracing::warn!(error = %e, lost = batch.len(), "history not written at shutdown");
+                        self.stats.history_db_dropped.inc_by(batch.len() as u64);
+                        return;
+                    }
+                    if !warned {
+                        tracing::warn!(error = %e, "history database write failed; retrying");
+                        warned = true;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn forget_note_if_flushed(&self, room: &str) {
+        let max: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT max(seq) FROM messages WHERE room = ?1",
+                [room],
+                |r| r.get(0),
+            )
+            .optional()
+            .ok()
+            .flatten()
+            .flatten();
+        let on_disk = max.unwrap_or(0) as u64;
+        let mut notes = self.notes.lock();
+        if notes.get(room).is_some_and(|n| n.last_seq <= on_disk) {
+            notes.remove(room);
+        }
+    }
+
+    fn prune(&mut self) {
+        let result = match self.retention {
+            Retention::Age(age) => {
+                let cutoff = unix_millis().saturating_sub(age.as_millis() as u64);
+                self.conn
+                    .execute("DELETE FROM messages WHERE ts < ?1", [cutoff as i64])
+                    .map(|n| n as u64)
+            }
+            Retention::PerRoom(keep) => {
+                let mut total = 0u64;
+                let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+                let mut result = Ok(0);
+                for room in self.touched.drain() {
+                    match self.conn.execute(
+                        "DELETE FROM messages WHERE room = ?1 AND seq <= \
+                         (SELECT max(seq) FROM messages WHERE room = ?1) - ?2",
+                        params![room.as_ref(), keep],
+                    ) {
+                        Ok(n) => total += n as u64,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                result.map(|_: u64| total)
+            }
+        };
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "history pruned"),
+            Err(e) => tracing::warn!(error = %e, "history prune failed"),
+        }
+    }
+}
+
+fn insert_batch(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR REPLACE INTO messages (room, seq, ts, payload) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for r in batch {
+            let Ok(payload) = std::str::from_utf8(protocol::frame_payload(&r.out.frame)) else {
+                continue;
+            };
+            stmt.execute(params![
+                r.room.as_ref(),
+                r.out.seq as i64,
+                r.ts as i64,
+                payload
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+/// The JSON payload of a kept frame, for the paging API (no decoding: the bytes as sent).
+pub fn payload_of(out: &Outbound) -> Bytes {
+    let p = protocol::frame_payload(&out.frame);
+    out.frame.slice_ref(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_parses_ages_and_counts() {
+        assert_eq!(
+            "7d".parse::<Retention>(),
+            Ok(Retention::Age(Duration::from_secs(7 * 86_400)))
+        );
+        assert_eq!(
+            "90s".parse::<Retention>(),
+            Ok(Retention::Age(Duration::from_secs(90)))
+        );
+        assert_eq!("1000".parse::<Retention>(), Ok(Retention::PerRoom(1000)));
+        for bad in ["", "0", "0d", "x", "7w", "-1", "d"] {
+            assert!(bad.parse::<Retention>().is_err(), "{bad}");
+        }
+    }
+
+    fn publish(seq: u64) -> Arc<Outbound> {
+        Arc::new(Outbound {
+            frame: protocol::message_frame("r", "u", &format!("m{seq}"), seq, 1),
+            origin: 0,
+            skip_origin: false,
+            published_at: Instant::now(),
+            seq,
+        })
+    }
+
+    #[test]
+    fn messages_survive_reopening_and_seq_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let stats = Arc::new(Stats::new());
+        let room: Arc<str> = "r".into();
+        {
+            let a = Archive::open(&path, Retention::default(), 100, stats.clone()).unwrap();
+            for seq in 1..=5 {
+                a.append(&room, unix_millis(), &publish(seq));
+            }
+            a.close(Duration::from_secs(10));
+        }
+        assert_eq!(stats.history_db_written.get(), 5);
+        let a = Archive::open(&path, Retention::default(), 100, stats).unwrap();
+        let seed = a.seed("r", 3);
+        assert_eq!(seed.last_seq, 5);
+        assert_eq!(seed.history.first_seq(), Some(3));
+        let page = a.page("r", 5, 10).unwrap();
+        assert_eq!(
+            page.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            [4, 3, 2, 1]
+        );
+        let v: serde_json::Value = serde_json::from_str(&page[0].1).unwrap();
+        assert_eq!(v["text"], "m4");
+        assert_eq!(a.seed("other", 3).last_seq, 0);
+    }
+
+    #[test]
+    fn a_retired_room_keeps_its_seq_before_the_writer_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::new());
+        let a =
+            Archive::open(&dir.path().join("h.sqlite"), Retention::default(), 1, stats).unwrap();
+        // A queue of one: most of these are dropped, and the seq must still not go back.
+        let room: Arc<str> = "r".into();
+        let mut ring = History::new(4);
+        for seq in 1..=50 {
+            let out = publish(seq);
+            a.append(&room, unix_millis(), &out);
+            ring.push(&out);
+        }
+        a.retire(&room, 50, ring);
+        let seed = a.seed("r", 4);
+        assert_eq!(seed.last_seq, 50);
+        a.close(Duration::from_secs(10));
+    }
+
+    #[test]
+    fn per_room_retention_keeps_the_last_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let stats = Arc::new(Stats::new());
+        let room: Arc<str> = "r".into();
+        let a = Archive::open(&path, Retention::PerRoom(3), 100, stats.clone()).unwrap();
+        for seq in 1..=10 {
+            a.append(&room, unix_millis(), &publish(seq));
+        }
+        // The writer prunes the rooms it wrote to when it stops.
+        a.close(Duration::from_secs(10));
+        let page = a.page("r", u64::MAX, 100).unwrap();
+        assert_eq!(page.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [10, 9, 8]);
+    }
+}
