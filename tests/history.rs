@@ -1,0 +1,619 @@
+//! Message history (#6): history on join, gapless recovery, the paging API, idempotent
+//! publishing, both lag policies, and the SQLite archive (restart, stalled writer).
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use support::{Client, TestServer, STEP};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Publishes over REST and returns the seq.
+async fn publish(server: &TestServer, room: &str, text: &str) -> u64 {
+    let (status, v) = server
+        .post(
+            &format!("/api/rooms/{room}/messages"),
+            &json!({ "text": text }).to_string(),
+        )
+        .await;
+    assert_eq!(status, 202, "{v}");
+    v["seq"].as_u64().unwrap()
+}
+
+/// Reads a replay announcement and the `count` message frames after it; returns both.
+async fn read_replay(c: &mut Client, kind: &str) -> (Value, Vec<Value>) {
+    let header = c.recv_non_presence().await;
+    assert_eq!(header["type"], kind, "{header}");
+    let count = header["count"].as_u64().unwrap();
+    let mut frames = Vec::new();
+    for _ in 0..count {
+        let m = c.recv_non_presence().await;
+        assert_eq!(m["type"], "message", "{m}");
+        frames.push(m);
+    }
+    (header, frames)
+}
+
+/// Reads live messages until `seen` holds `n` seqs.
+async fn read_until(c: &mut Client, n: usize, seen: &mut Vec<u64>) {
+    while seen.len() < n {
+        let m = c.recv_non_presence().await;
+        assert_eq!(m["type"], "message", "{m}");
+        seen.push(m["seq"].as_u64().unwrap());
+    }
+}
+
+fn seqs(frames: &[Value]) -> Vec<u64> {
+    frames.iter().map(|m| m["seq"].as_u64().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn history_on_join_in_both_forms() {
+    let server = TestServer::start().await;
+    let (mut anchor, _) = Client::join(&server.ws_url("/ws/talk?user=anchor")).await;
+    for i in 1..=5 {
+        publish(&server, "talk", &format!("m{i}")).await;
+    }
+
+    // URL form.
+    let (mut a, welcome) = Client::join(&server.ws_url("/ws/talk?user=a&history=3")).await;
+    assert_eq!(welcome["seq"], 5);
+    let (header, frames) = read_replay(&mut a, "history").await;
+    assert_eq!(
+        header,
+        json!({"type": "history", "room": "talk", "count": 3})
+    );
+    assert_eq!(seqs(&frames), [3, 4, 5]);
+    assert_eq!(frames[0]["text"], "m3");
+
+    // Join-frame form, asking for more than is kept.
+    let mut b = Client::connect(&server.ws_url("/ws?user=b")).await;
+    b.send_json(&json!({"type": "join", "room": "talk", "history": 50}))
+        .await;
+    assert_eq!(b.recv_type("welcome").await["seq"], 5);
+    let (_, frames) = read_replay(&mut b, "history").await;
+    assert_eq!(seqs(&frames), [1, 2, 3, 4, 5]);
+
+    // Then live messages, once.
+    publish(&server, "talk", "live").await;
+    for _ in 1..=5 {
+        anchor.recv_type("message").await;
+    }
+    for c in [&mut a, &mut b, &mut anchor] {
+        let m = c.recv_type("message").await;
+        assert_eq!(
+            (m["seq"].as_u64(), m["text"].as_str()),
+            (Some(6), Some("live"))
+        );
+    }
+    a.expect_silence(Duration::from_millis(200)).await;
+
+    // A plain join gets no replay at all.
+    let (mut c, _) = Client::join(&server.ws_url("/ws/talk?user=c")).await;
+    c.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn history_off_keeps_nothing() {
+    let server = TestServer::with(|c| c.history = 0).await;
+    let (_anchor, _) = Client::join(&server.ws_url("/ws/r?user=anchor")).await;
+    publish(&server, "r", "one").await;
+    let (mut a, _) = Client::join(&server.ws_url("/ws/r?history=10")).await;
+    let (header, frames) = read_replay(&mut a, "history").await;
+    assert_eq!((header["count"].as_u64(), frames.len()), (Some(0), 0));
+    let (mut b, _) = Client::join(&server.ws_url("/ws/r?since=0")).await;
+    let (header, _) = read_replay(&mut b, "recovery").await;
+    assert_eq!(header["complete"], false);
+    assert_eq!(header["from"], 2);
+}
+
+/// One reader drops its connection twice while three publishers keep going; each time it
+/// comes back with `since` (URL form, then join-frame form). It must see every seq exactly
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_after_a_disconnect_under_concurrent_publishing_is_gapless() {
+    let server = TestServer::with(|c| c.history = 10_000).await;
+    const PUBLISHERS: u64 = 3;
+    const EACH: u64 = 200;
+    const TOTAL: u64 = PUBLISHERS * EACH;
+    let (mut reader, _) = Client::join(&server.ws_url("/ws/flow?user=reader")).await;
+    let mut publishers = tokio::task::JoinSet::new();
+    for p in 0..PUBLISHERS {
+        let (mut c, _) = Client::join(&server.ws_url(&format!("/ws/flow?user=p{p}"))).await;
+        publishers.spawn(async move {
+            for i in 0..EACH {
+                c.send_json(&json!({"text": format!("p{p}-{i}"), "echo": false}))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            // Stay in the room until the reader is done, so it is never emptied.
+            c
+        });
+    }
+
+    let mut seen: Vec<u64> = Vec::new();
+    read_until(&mut reader, 150, &mut seen).await;
+    drop(reader); // the phone lost its connection
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let last = *seen.last().unwrap();
+    let (mut reader, welcome) =
+        Client::join(&server.ws_url(&format!("/ws/flow?user=reader&since={last}"))).await;
+    let (header, frames) = read_replay(&mut reader, "recovery").await;
+    assert_eq!(header["complete"], true, "{header}");
+    assert!(
+        welcome["seq"].as_u64().unwrap() < TOTAL,
+        "the reader came back while messages were still flowing"
+    );
+    assert_eq!(header["since"], last);
+    assert_eq!(header["from"], last + 1);
+    assert_eq!(
+        frames.len() as u64,
+        welcome["seq"].as_u64().unwrap() - last,
+        "replay runs up to the welcome's seq"
+    );
+    seen.extend(seqs(&frames));
+    read_until(&mut reader, 350, &mut seen).await;
+    drop(reader);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let last = *seen.last().unwrap();
+    let mut reader = Client::connect(&server.ws_url("/ws?user=reader")).await;
+    reader
+        .send_json(&json!({"type": "join", "room": "flow", "since": last}))
+        .await;
+    reader.recv_type("welcome").await;
+    let (header, frames) = read_replay(&mut reader, "recovery").await;
+    assert_eq!(header["complete"], true, "{header}");
+    seen.extend(seqs(&frames));
+    read_until(&mut reader, TOTAL as usize, &mut seen).await;
+
+    let expected: Vec<u64> = (1..=TOTAL).collect();
+    assert_eq!(seen, expected, "every seq once, in order");
+    while let Some(p) = publishers.join_next().await {
+        p.unwrap();
+    }
+    reader.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn recovery_from_too_far_back_says_so_and_sends_what_is_kept() {
+    let server = TestServer::with(|c| c.history = 5).await;
+    let (_anchor, _) = Client::join(&server.ws_url("/ws/r?user=anchor")).await;
+    for i in 1..=20 {
+        publish(&server, "r", &format!("m{i}")).await;
+    }
+    let (mut c, _) = Client::join(&server.ws_url("/ws/r?since=3")).await;
+    let (header, frames) = read_replay(&mut c, "recovery").await;
+    assert_eq!(
+        header,
+        json!({"type": "recovery", "room": "r", "since": 3, "complete": false, "from": 16, "count": 5})
+    );
+    assert_eq!(seqs(&frames), [16, 17, 18, 19, 20]);
+
+    // Up to date: complete, nothing to send.
+    let (mut d, _) = Client::join(&server.ws_url("/ws/r?since=20")).await;
+    let (header, frames) = read_replay(&mut d, "recovery").await;
+    assert_eq!(
+        (header["complete"].as_bool(), frames.len()),
+        (Some(true), 0)
+    );
+    assert_eq!(header["from"], 21);
+
+    // A seq the room never reached (its numbering restarted): everything kept, incomplete.
+    let (mut e, _) = Client::join(&server.ws_url("/ws/r?since=999")).await;
+    let (header, frames) = read_replay(&mut e, "recovery").await;
+    assert_eq!(header["complete"], false);
+    assert_eq!(seqs(&frames), [16, 17, 18, 19, 20]);
+}
+
+#[tokio::test]
+async fn bad_history_parameters_are_refused() {
+    let server = TestServer::start().await;
+    for (path, code) in [
+        ("/ws/r?history=abc", "bad_param"),
+        ("/ws/r?history=-1", "bad_param"),
+        ("/ws/r?since=x", "bad_param"),
+        ("/ws/r?since=1&history=1", "bad_param"),
+        ("/ws?user=a&history=5", "bad_param"),
+    ] {
+        let r = support::http_with(
+            server.addr,
+            "GET",
+            path,
+            &[
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (r.status, r.json()["error"].as_str()),
+            (400, Some(code)),
+            "{path}"
+        );
+    }
+    let mut c = Client::connect(&server.ws_url("/ws?user=a")).await;
+    for frame in [
+        json!({"type": "join", "room": "r", "history": "ten"}),
+        json!({"type": "join", "room": "r", "since": -4}),
+        json!({"type": "join", "room": "r", "since": 1, "history": 2}),
+    ] {
+        c.send_json(&frame).await;
+        let e = c.recv_non_presence().await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some("bad_message")),
+            "{frame}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn paging_api_walks_kept_history_newest_first() {
+    let server = TestServer::with(|c| c.history = 10).await;
+    let (_anchor, _) = Client::join(&server.ws_url("/ws/%23pages?user=anchor")).await;
+    for i in 1..=25 {
+        publish(&server, "%23pages", &format!("m{i}")).await;
+    }
+    let mut got = Vec::new();
+    let mut path = "/api/rooms/%23pages/messages?limit=4".to_owned();
+    loop {
+        let (status, v) = server.get(&path).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["room"], "#pages");
+        let page = v["messages"].as_array().unwrap();
+        assert!(page.len() <= 4);
+        for m in page {
+            assert_eq!(m["type"], "message");
+            assert_eq!(m["text"], format!("m{}", m["seq"]));
+            got.push(m["seq"].as_u64().unwrap());
+        }
+        match v["next_before"].as_u64() {
+            Some(before) => path = format!("/api/rooms/%23pages/messages?limit=4&before={before}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        got,
+        (16..=25).rev().collect::<Vec<u64>>(),
+        "the ring keeps the last 10"
+    );
+    let (_, v) = server.get("/api/rooms/%23pages/messages").await;
+    assert_eq!(
+        v["messages"].as_array().unwrap().len(),
+        10,
+        "default limit covers the ring"
+    );
+    assert_eq!(v["next_before"], Value::Null);
+
+    for (path, status, code) in [
+        ("/api/rooms/%23pages/messages?limit=0", 400, "bad_param"),
+        ("/api/rooms/%23pages/messages?limit=1001", 400, "bad_param"),
+        ("/api/rooms/%23pages/messages?limit=x", 400, "bad_param"),
+        ("/api/rooms/%23pages/messages?before=0", 400, "bad_param"),
+        ("/api/rooms/%23pages/messages?before=-3", 400, "bad_param"),
+        ("/api/rooms/bad%20room/messages", 400, "bad_room"),
+        ("/api/rooms/nobody/messages", 404, "no_such_room"),
+    ] {
+        let (s, v) = server.get(path).await;
+        assert_eq!((s, v["error"].as_str()), (status, Some(code)), "{path}");
+    }
+    let r = support::http(server.addr, "DELETE", "/api/rooms/x/messages", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers["allow"], "GET, POST");
+}
+
+#[tokio::test]
+async fn a_repeated_id_is_acknowledged_but_not_broadcast_again() {
+    let server = TestServer::start().await;
+    let (mut sender, _) = Client::join(&server.ws_url("/ws/d?user=s")).await;
+    let (mut other, _) = Client::join(&server.ws_url("/ws/d?user=o")).await;
+
+    sender.send_json(&json!({"text": "once", "id": "k1"})).await;
+    let m = sender.recv_type("message").await;
+    assert_eq!((m["seq"].as_u64(), m["id"].as_str()), (Some(1), Some("k1")));
+    // The retry (e.g. after a lost acknowledgement).
+    sender.send_json(&json!({"text": "once", "id": "k1"})).await;
+    let ack = sender.recv_non_presence().await;
+    assert_eq!(
+        ack,
+        json!({"type": "ack", "room": "d", "id": "k1", "seq": 1, "duplicate": true})
+    );
+    // REST shares the same window.
+    let (status, v) = server
+        .post("/api/rooms/d/messages", r#"{"text":"once","id":"k1"}"#)
+        .await;
+    assert_eq!(
+        (status, v),
+        (
+            202,
+            json!({"room": "d", "seq": 1, "id": "k1", "duplicate": true})
+        )
+    );
+    let (status, v) = server
+        .post("/api/rooms/d/messages", r#"{"text":"twice","id":"k2"}"#)
+        .await;
+    assert_eq!(
+        (status, v["duplicate"].as_bool(), v["seq"].as_u64()),
+        (202, Some(false), Some(2))
+    );
+
+    let first = other.recv_type("message").await;
+    assert_eq!(
+        (first["seq"].as_u64(), first["text"].as_str()),
+        (Some(1), Some("once"))
+    );
+    let second = other.recv_type("message").await;
+    assert_eq!(second["seq"], 2, "the duplicates were never broadcast");
+    other.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(server.stats().await["duplicates"], 2);
+
+    // Bad ids.
+    sender.send_json(&json!({"text": "x", "id": ""})).await;
+    assert_eq!(sender.recv_type("error").await["code"], "bad_id");
+    let long = "z".repeat(65);
+    let (status, v) = server
+        .post(
+            "/api/rooms/d/messages",
+            &json!({"text": "x", "id": long}).to_string(),
+        )
+        .await;
+    assert_eq!((status, v["error"].as_str()), (400, Some("bad_id")));
+    let (status, v) = server
+        .post("/api/rooms/d/messages", r#"{"text":"x","id":5}"#)
+        .await;
+    assert_eq!((status, v["error"].as_str()), (400, Some("bad_id")));
+}
+
+#[tokio::test]
+async fn ids_are_forgotten_after_the_dedupe_window() {
+    let server = TestServer::with(|c| c.dedupe_window = Duration::from_millis(300)).await;
+    let (_anchor, _) = Client::join(&server.ws_url("/ws/w?user=anchor")).await;
+    let post = |id: &str| json!({"text": "t", "id": id}).to_string();
+    let (_, v) = server.post("/api/rooms/w/messages", &post("a")).await;
+    assert_eq!(v["duplicate"], false);
+    let (_, v) = server.post("/api/rooms/w/messages", &post("a")).await;
+    assert_eq!(v["duplicate"], true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, v) = server.post("/api/rooms/w/messages", &post("a")).await;
+    assert_eq!(
+        (v["duplicate"].as_bool(), v["seq"].as_u64()),
+        (Some(false), Some(2))
+    );
+}
+
+/// A member that stops reading while 400 messages of 16 KiB go by, with a tiny receive buffer.
+/// Returns it and the publisher (which must stay in the room).
+async fn lag_one_member(server: &TestServer) -> (Client, Client) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        server.ws_url("/ws/lag?user=slow"),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    let mut slow = Client { ws };
+    slow.recv_type("welcome").await;
+    let (mut publisher, _) = Client::join(&server.ws_url("/ws/lag?user=pub")).await;
+    let text = "y".repeat(16 * 1024);
+    for i in 0..400 {
+        publisher
+            .send_json(&json!({"text": format!("{i}:{text}"), "echo": false}))
+            .await;
+    }
+    // Wait until all 400 are published before the slow member reads again.
+    server
+        .wait_for("/api/rooms/lag", "400 published", |_, v| {
+            v["last_seq"] == 400
+        })
+        .await;
+    (slow, publisher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_policy_evict_closes_the_laggard() {
+    let server = TestServer::with(|c| c.room_buffer = 32).await;
+    let (mut slow, _publisher) = lag_one_member(&server).await;
+    assert_eq!(
+        slow.expect_close().await,
+        (1008, "slow consumer".to_owned())
+    );
+    assert_eq!(server.stats().await["lag_resyncs"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_policy_resync_reports_the_gap_and_keeps_the_member() {
+    let server = TestServer::with(|c| {
+        c.room_buffer = 32;
+        c.history = 1000;
+        c.lag_policy = roomcast::history::LagPolicy::Resync;
+    })
+    .await;
+    let (mut slow, _publisher) = lag_one_member(&server).await;
+    let mut expected_next = 1u64;
+    let mut gaps = Vec::new();
+    while expected_next <= 400 {
+        let msg = tokio::time::timeout(STEP, slow.ws.next())
+            .await
+            .expect("frames keep coming")
+            .expect("stream open")
+            .expect("no error");
+        let v: Value = match msg {
+            Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+            Message::Close(c) => panic!("closed instead of resynced: {c:?}"),
+            _ => continue,
+        };
+        match v["type"].as_str() {
+            Some("lagged") => {
+                assert_eq!(v["room"], "lag");
+                let (from, to) = (
+                    v["missed_from"].as_u64().unwrap(),
+                    v["missed_to"].as_u64().unwrap(),
+                );
+                assert_eq!(
+                    from, expected_next,
+                    "the gap starts right after the last seq seen"
+                );
+                assert!(to >= from);
+                gaps.push((from, to));
+                expected_next = to + 1;
+            }
+            Some("message") => {
+                assert_eq!(
+                    v["seq"], expected_next,
+                    "after a notice, messages resume at missed_to + 1"
+                );
+                expected_next += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(!gaps.is_empty(), "the slow member must have lagged");
+    let stats = server.stats().await;
+    assert_eq!(stats["evictions"], 0);
+    assert_eq!(stats["lag_resyncs"], gaps.len());
+    // Still a member, still receiving live messages; the gap can be fetched from history.
+    publish(&server, "lag", "after").await;
+    assert_eq!(slow.recv_type("message").await["seq"], 401);
+    let (from, _) = gaps[0];
+    let (_, v) = server
+        .get(&format!(
+            "/api/rooms/lag/messages?before={}&limit=1",
+            from + 1
+        ))
+        .await;
+    assert_eq!(
+        v["messages"][0]["seq"], from,
+        "the missed message is in the history"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_history_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("roomcast.sqlite");
+    let with_db = |db: std::path::PathBuf| {
+        move |c: &mut roomcast::Config| {
+            c.history = 20;
+            c.history_db = Some(db);
+        }
+    };
+
+    let mut first = TestServer::with(with_db(db.clone())).await;
+    let (anchor, _) = Client::join(&first.ws_url("/ws/keep?user=anchor")).await;
+    for i in 1..=30 {
+        publish(&first, "keep", &format!("m{i}")).await;
+    }
+    // The room empties and comes back within the same server: numbering continues.
+    drop(anchor);
+    first
+        .wait_for("/api/rooms/keep", "room emptied", |s, _| s == 404)
+        .await;
+    let (anchor, welcome) = Client::join(&first.ws_url("/ws/keep?user=anchor")).await;
+    assert_eq!(welcome["seq"], 30);
+    assert_eq!(publish(&first, "keep", "m31").await, 31);
+    drop(anchor);
+    first.shutdown().await;
+    assert!(db.exists());
+
+    let second = TestServer::with(with_db(db.clone())).await;
+    let (mut a, welcome) = Client::join(&second.ws_url("/ws/keep?user=a&history=5")).await;
+    assert_eq!(welcome["seq"], 31, "seq continues from the database");
+    let (_, frames) = read_replay(&mut a, "history").await;
+    assert_eq!(seqs(&frames), [27, 28, 29, 30, 31]);
+    assert_eq!(frames[4]["text"], "m31");
+
+    let (mut b, _) = Client::join(&second.ws_url("/ws/keep?user=b&since=15")).await;
+    let (header, frames) = read_replay(&mut b, "recovery").await;
+    assert_eq!(header["complete"], true, "{header}");
+    assert_eq!(seqs(&frames), (16..=31).collect::<Vec<u64>>());
+
+    assert_eq!(publish(&second, "keep", "new").await, 32);
+    // The paging API reaches past the ring (20) into the database.
+    let (_, v) = second
+        .get("/api/rooms/keep/messages?before=6&limit=10")
+        .await;
+    assert_eq!(seqs(v["messages"].as_array().unwrap()), [5, 4, 3, 2, 1]);
+    assert_eq!(v["next_before"], Value::Null);
+    let (_, v) = second.get("/api/rooms/keep/messages?limit=1000").await;
+    assert_eq!(v["messages"].as_array().unwrap().len(), 32);
+    drop((a, b));
+    // With no member left the room is served from the database alone.
+    second
+        .wait_for(
+            "/api/rooms/keep/messages?limit=2",
+            "served from disk",
+            |s, v| s == 200 && v["messages"][0]["seq"] == 32,
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_writer_never_stalls_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("stall.sqlite");
+    let path = db.clone();
+    let server = TestServer::with(move |c| {
+        c.history_db = Some(path);
+        c.history_db_queue = 16;
+    })
+    .await;
+    let (mut reader, _) = Client::join(&server.ws_url("/ws/s?user=reader")).await;
+    let (mut publisher, _) = Client::join(&server.ws_url("/ws/s?user=pub")).await;
+    publisher
+        .send_json(&json!({"text": "before", "echo": false}))
+        .await;
+    reader.recv_type("message").await;
+    server
+        .wait_for("/api/stats", "first write", |_, v| {
+            v["history_db_written"] == 1
+        })
+        .await;
+
+    // Another process holds the database's write lock: the writer cannot commit anything.
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.busy_timeout(STEP).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    const N: u64 = 500;
+    for i in 0..N {
+        publisher
+            .send_json(&json!({"text": format!("m{i}"), "echo": false}))
+            .await;
+    }
+    for i in 0..N {
+        let m = reader.recv_type("message").await;
+        assert_eq!(m["seq"], i + 2, "every message delivered, in order");
+    }
+    let stats = server.stats().await;
+    assert_eq!(stats["history_db_written"], 1, "nothing could be written");
+    assert!(
+        stats["history_db_dropped"].as_u64().unwrap() > 0,
+        "the full queue dropped and counted: {stats}"
+    );
+    let metrics = support::http(server.addr, "GET", "/metrics", None)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&metrics.body).contains("roomcast_history_db_dropped_total"));
+
+    // The lock goes away: the writer catches up with what it still holds.
+    lock.execute_batch("ROLLBACK").unwrap();
+    server
+        .wait_for("/api/stats", "writer caught up", |_, v| {
+            v["history_db_written"].as_u64().unwrap() + v["history_db_dropped"].as_u64().unwrap()
+                == N + 1
+        })
+        .await;
+}
