@@ -233,6 +233,26 @@ try {
     }
   });
 
+  await check(`a page opening ${LOBBY} later shows its recent history, marked as past`, async () => {
+    const dave = await openUser('dave');
+    await joinRoom(dave, LOBBY);
+    for (const text of [fromAlice, fromBob, XSS]) {
+      await dave.locator(`${sel.msgs(LOBBY)}.history`, { hasText: text }).first()
+        .waitFor({ state: 'attached', timeout: TIMEOUT })
+        .catch(() => { throw new Error(`dave does not show ${JSON.stringify(text)} as history`); });
+    }
+    await dave.locator(`.messages[data-room="${LOBBY}"] [data-testid="history"]`)
+      .filter({ hasText: 'earlier message' }).first().waitFor({ state: 'attached', timeout: TIMEOUT });
+    assert((await countMsgIn(dave, LOBBY, fromAlice)) === 1, 'history shown more than once');
+    // live messages after the history are not marked as past
+    const live = `live after history ${nonce}`;
+    await sendIn(alice, LOBBY, live);
+    await waitMsg(dave, LOBBY, live);
+    const cls = await dave.locator(sel.msgs(LOBBY), { hasText: live }).first().getAttribute('class');
+    assert(!cls.includes('history'), `a live message is marked as history (${cls})`);
+    await dave.context().close();
+  });
+
   const inLobby = `alice in lobby ${nonce}`;
   const inSecond = `alice in second ${nonce}`;
 
@@ -276,6 +296,33 @@ try {
     await sendIn(alice, LOBBY, afterReconnect);
     await waitMsg(bob, LOBBY, afterReconnect);
     assert(sockets.get('bob') === 2, `bob's page opened ${sockets.get('bob')} WebSockets, expected 2`);
+  });
+
+  await check('after being offline bob recovers what was said meanwhile, once each, in order', async () => {
+    await bob.evaluate(() => window.roomcast.offline());
+    await bob.locator(`${sel.status}[data-state="offline"]`).waitFor({ timeout: TIMEOUT });
+    const missed = [1, 2, 3].map((i) => `while bob was away ${i} ${nonce}`);
+    for (const text of missed) {
+      await sendIn(alice, LOBBY, text);
+      await waitMsg(alice, LOBBY, text);
+    }
+    assert((await countMsgAnywhere(bob, missed[0])) === 0, 'bob got a message while offline');
+    await bob.evaluate(() => window.roomcast.online());
+    await bob.locator(`${sel.status}[data-state="connected"]`).waitFor({ timeout: TIMEOUT });
+    for (const text of missed) await waitMsg(bob, LOBBY, text);
+    await bob.locator(`.messages[data-room="${LOBBY}"] [data-testid="recovery"]`)
+      .filter({ hasText: 'recovered 3 missed messages' }).first()
+      .waitFor({ state: 'attached', timeout: TIMEOUT });
+    await bob.waitForTimeout(QUIET_MS / 2);
+    for (const text of missed) {
+      assert((await countMsgIn(bob, LOBBY, text)) === 1, `${JSON.stringify(text)} shown more than once`);
+    }
+    const seqs = (await bob.locator(sel.msgs(LOBBY)).evaluateAll(
+      (els) => els.map((e) => Number(e.dataset.seq))));
+    for (let i = 1; i < seqs.length; i++) {
+      assert(seqs[i] > seqs[i - 1], `bob's ${LOBBY} messages out of order or duplicated: ${seqs.join(',')}`);
+    }
+    assert((await countMsgIn(bob, LOBBY, fromAlice)) === 1, 'old messages were replayed again');
   });
 
   await check('an error frame from the server is shown visibly', async () => {
