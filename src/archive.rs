@@ -595,4 +595,20 @@ mod tests {
         let page = a.page("r", u64::MAX, 100).unwrap();
         assert_eq!(page.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [10, 9, 8]);
     }
+
+    #[test]
+    fn age_retention_deletes_older_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let stats = Arc::new(Stats::new());
+        let room: Arc<str> = "r".into();
+        let a = Archive::open(&path, Retention::Age(Duration::from_secs(60)), 100, stats).unwrap();
+        let now = unix_millis();
+        a.append(&room, now - 120_000, &publish(1));
+        a.append(&room, now - 90_000, &publish(2));
+        a.append(&room, now, &publish(3));
+        a.close(Duration::from_secs(10));
+        let page = a.page("r", u64::MAX, 100).unwrap();
+        assert_eq!(page.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [3]);
+    }
 }

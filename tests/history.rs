@@ -438,6 +438,8 @@ async fn lag_policy_resync_reports_the_gap_and_keeps_the_member() {
     let server = TestServer::with(|c| {
         c.room_buffer = 32;
         c.history = 1000;
+        // The slow member's write blocks while the publisher sends; only lag may act here.
+        c.write_timeout = Duration::from_secs(60);
         c.lag_policy = roomcast::history::LagPolicy::Resync;
     })
     .await;
