@@ -19,6 +19,8 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
 use tokio::time::{sleep_until, Instant};
 
+use crate::auth::Grant;
+use crate::limit::{retry_after_ms, ConnectionLimiter, Verdict};
 use crate::names::validate_room;
 use crate::protocol::{self, parse_client_message, ClientMessage, Outbound, ProtocolError};
 use crate::room::Room;
@@ -37,8 +39,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// What a socket is for.
 #[derive(Debug)]
 pub enum Mode {
-    /// The chat protocol, optionally joining a first room straight away.
-    Rooms { first_room: Option<String> },
+    /// The chat protocol, optionally joining a first room straight away. `grant` is the
+    /// verified access token when `--jwt-secret` is set; later joins are checked against it.
+    Rooms {
+        first_room: Option<String>,
+        grant: Option<Arc<Grant>>,
+    },
     /// Echo every message back exactly (`--echo`, for conformance testing only).
     Echo,
 }
@@ -68,6 +74,9 @@ pub struct Connection {
     /// A fragmented message being reassembled, and its first frame's opcode.
     partial: Option<(OpCode, BytesMut)>,
     echo: bool,
+    grant: Option<Arc<Grant>>,
+    /// `--rate-limit` on the messages this socket sends.
+    limiter: Option<ConnectionLimiter>,
 }
 
 /// Splits the upgraded TCP stream and runs the connection to its end.
@@ -94,9 +103,15 @@ pub async fn run(
     // fastwebsockets refuses frames of `len >= max`; our limit is inclusive.
     reader.set_max_message_size(shared.config.max_message_bytes as usize + 1);
 
-    let (first_room, echo) = match mode {
-        Mode::Rooms { first_room } => (first_room, false),
-        Mode::Echo => (None, true),
+    let (first_room, echo, grant) = match mode {
+        Mode::Rooms { first_room, grant } => (first_room, false, grant),
+        Mode::Echo => (None, true, None),
+    };
+    // Echo mode is for conformance runs, which send as fast as they can.
+    let limiter = if echo {
+        None
+    } else {
+        shared.config.connection_rate().map(ConnectionLimiter::new)
     };
     let mut conn = Connection {
         id,
@@ -106,6 +121,8 @@ pub async fn run(
         rooms: SmallVec::new(),
         partial: None,
         echo,
+        grant,
+        limiter,
     };
     let end = match first_room {
         Some(room) => match conn.join(&room).await {
@@ -275,6 +292,24 @@ impl Connection {
     /// Handles one complete client text message; protocol errors answer with an error frame.
     async fn on_text(&mut self, text: &str) -> Option<End> {
         self.shared.stats.messages_in.inc();
+        if let Some(limiter) = &mut self.limiter {
+            match limiter.check() {
+                Verdict::Allow => {}
+                Verdict::Refuse { retry_after } => {
+                    self.shared.stats.rate_limited.inc();
+                    let err = ProtocolError::rate_limited(
+                        "this socket sends faster than --rate-limit; the message was dropped",
+                        retry_after_ms(retry_after),
+                    );
+                    let frame = protocol::error_frame(&err, None);
+                    return self.write_own(&frame).await.err().and_then(Result::err);
+                }
+                Verdict::Flooding => {
+                    self.shared.stats.rate_limited.inc();
+                    return Some(End::Close(1008, "rate limit exceeded"));
+                }
+            }
+        }
         // `room` borrows from `text`; it is only needed again to label an error frame.
         let (result, room) = match parse_client_message(text) {
             Ok(ClientMessage::Message { room, text, echo }) => {
@@ -322,6 +357,13 @@ impl Connection {
                 "join the room before sending to it",
             )));
         };
+        if let Err(wait) = member.room.admit() {
+            self.shared.stats.rate_limited.inc();
+            return Err(Ok(ProtocolError::rate_limited(
+                "the room is at its --room-rate-limit; the message was dropped",
+                retry_after_ms(wait),
+            )));
+        }
         member.room.publish(&self.user, text, self.id, !echo);
         Ok(())
     }
@@ -330,6 +372,20 @@ impl Connection {
     /// `Err(Err(_))` ends the connection.
     async fn join(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
         validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+        if let Some(grant) = &self.grant {
+            if grant.expired() {
+                return Err(Ok(ProtocolError::new(
+                    "token_expired",
+                    "the access token has expired: reconnect with a fresh one",
+                )));
+            }
+            if !grant.allows(name) {
+                return Err(Ok(ProtocolError::new(
+                    "forbidden_room",
+                    "the access token does not allow this room",
+                )));
+            }
+        }
         if self.rooms.iter().any(|m| m.room.name() == name) {
             return Err(Ok(ProtocolError::new(
                 "already_joined",

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
+use crate::limit::RateSpec;
 use crate::protocol::Outbound;
 use crate::room::Room;
 use crate::stats::Stats;
@@ -21,6 +22,8 @@ pub struct Hub {
     hasher: RandomState,
     /// Broadcast ring size of every new room (`--room-buffer`).
     room_buffer: usize,
+    /// Publish limit of every new room (`--room-rate-limit`).
+    room_rate: Option<RateSpec>,
     stats: Arc<Stats>,
     /// Rooms with joins or leaves not yet announced; drained by the presence task.
     presence_queue: Mutex<Vec<Arc<Room>>>,
@@ -41,9 +44,16 @@ impl Hub {
             shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             room_buffer: room_buffer.max(1),
+            room_rate: None,
             stats,
             presence_queue: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Sets the publish limit of rooms created from now on.
+    pub fn with_room_rate(mut self, spec: Option<RateSpec>) -> Self {
+        self.room_rate = spec;
+        self
     }
 
     fn shard(&self, name: &str) -> &Shard {
@@ -58,7 +68,9 @@ impl Hub {
         let room = match shard.get(name) {
             Some(room) => room.clone(),
             None => {
-                let room = Arc::new(Room::new(name, self.room_buffer, self.stats.clone()));
+                let room = Room::new(name, self.room_buffer, self.stats.clone())
+                    .with_rate_limit(self.room_rate);
+                let room = Arc::new(room);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
                 room

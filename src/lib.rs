@@ -4,11 +4,13 @@
 //! socket) → `hub` / `room` (membership, sequence) → every member's writer, which sends the same
 //! pre-encoded bytes (`protocol`).
 
+pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod limit;
 pub mod names;
 pub mod protocol;
 pub mod room;

@@ -34,6 +34,8 @@ pub enum ClientMessage<'a> {
 pub struct ProtocolError {
     pub code: &'static str,
     pub reason: Cow<'static, str>,
+    /// For `rate_limited`: when the client may send again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ProtocolError {
@@ -41,6 +43,16 @@ impl ProtocolError {
         ProtocolError {
             code,
             reason: reason.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// A message dropped by a rate limit; the client may retry after `retry_after_ms`.
+    pub fn rate_limited(reason: &'static str, retry_after_ms: u64) -> Self {
+        ProtocolError {
+            code: "rate_limited",
+            reason: Cow::Borrowed(reason),
+            retry_after_ms: Some(retry_after_ms),
         }
     }
 }
@@ -226,6 +238,8 @@ pub struct ErrorOut<'a> {
     pub reason: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -268,6 +282,7 @@ pub fn error_frame(err: &ProtocolError, room: Option<&str>) -> Bytes {
         code: err.code,
         reason: &err.reason,
         room,
+        retry_after_ms: err.retry_after_ms,
     })
 }
 

@@ -7,8 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use governor::DefaultDirectRateLimiter;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
+
+use crate::limit::RateSpec;
 
 use crate::protocol::{self, Outbound, PresenceOut};
 use crate::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
@@ -30,6 +33,8 @@ pub struct Room {
     /// How long frames waited between publication and the write that carried them.
     wait: WaitHistogram,
     stats: Arc<Stats>,
+    /// `--room-rate-limit`: publishes past it are refused before they are numbered.
+    limiter: Option<DefaultDirectRateLimiter>,
 }
 
 #[derive(Default)]
@@ -78,6 +83,25 @@ impl Room {
             created_at_ms: unix_millis(),
             wait: WaitHistogram::default(),
             stats,
+            limiter: None,
+        }
+    }
+
+    /// Limits how many messages the room accepts per second.
+    pub(crate) fn with_rate_limit(mut self, spec: Option<RateSpec>) -> Self {
+        self.limiter = spec.map(RateSpec::limiter);
+        self
+    }
+
+    /// Takes one message from the room's rate budget, or says how long until there is one.
+    /// Called before `publish`; a room without a limit always admits.
+    pub fn admit(&self) -> Result<(), std::time::Duration> {
+        use governor::clock::{Clock, DefaultClock};
+        match &self.limiter {
+            None => Ok(()),
+            Some(l) => l
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
         }
     }
 

@@ -2,6 +2,7 @@
 //! every accepted socket, and runs the explicit shutdown sequence.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::auth::Verifier;
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::limit::PerIpLimit;
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
 
@@ -23,6 +26,10 @@ pub struct Shared {
     pub hub: Hub,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
+    /// Token verification, when `--jwt-secret` is set.
+    pub auth: Option<Verifier>,
+    /// Connections per client IP, when `--max-connections-per-ip` is set.
+    pub per_ip: Option<PerIpLimit>,
     next_id: AtomicU64,
     /// Never sent on: the shutdown sequence waits until every copy of `Shared` (one per live
     /// task) has been dropped, which closes this channel.
@@ -50,13 +57,18 @@ pub async fn run(
         usize::from(config.shards),
         config.room_buffer as usize,
         stats.clone(),
-    );
+    )
+    .with_room_rate(config.room_rate());
     let shutdown_timeout = config.shutdown_timeout;
+    let auth = config.jwt_secret.as_deref().map(Verifier::new);
+    let per_ip = config.max_connections_per_ip.map(PerIpLimit::new);
     let shared = Arc::new(Shared {
         config,
         hub,
         stats,
         shutdown: shutdown.clone(),
+        auth,
+        per_ip,
         next_id: AtomicU64::new(1),
         _alive: alive_tx,
     });
@@ -68,7 +80,7 @@ pub async fn run(
     loop {
         let stream = tokio::select! {
             res = listener.accept() => match res {
-                Ok((stream, _)) => { backoff = Duration::from_millis(5); stream }
+                Ok((stream, peer)) => { backoff = Duration::from_millis(5); (stream, peer) }
                 Err(e) => {
                     // Running out of file descriptors or memory is transient: back off, go on.
                     tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
@@ -79,7 +91,8 @@ pub async fn run(
             },
             () = &mut signal => break,
         };
-        tokio::spawn(serve_http(shared.clone(), stream));
+        let (stream, peer) = stream;
+        tokio::spawn(serve_http(shared.clone(), stream, peer.ip()));
     }
 
     tracing::info!("shutting down: closing every socket with 1001");
@@ -97,7 +110,7 @@ pub async fn run(
 
 /// Serves HTTP/1.1 on one socket. An upgrade hands the socket to a `connection` task; plain
 /// keep-alive connections are told to finish on shutdown.
-async fn serve_http(shared: Arc<Shared>, stream: TcpStream) {
+async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peer: IpAddr) {
     // Chat frames are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
     let mut shutdown = shared.shutdown.clone();
@@ -105,7 +118,7 @@ async fn serve_http(shared: Arc<Shared>, stream: TcpStream) {
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(crate::http::handle(shared, req).await) }
+        async move { Ok::<_, std::convert::Infallible>(crate::http::handle(shared, peer, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
