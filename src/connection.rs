@@ -2,17 +2,14 @@
 //! them, joining and leaving rooms, writing room frames (several per vectored write), pinging
 //! idle peers, evicting itself when it falls behind, and closing with a precise code.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::io::{self, Cursor, IoSlice};
-use std::pin::Pin;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead};
+use fastwebsockets::{Frame, OpCode, Payload};
 use smallvec::SmallVec;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Chain};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -20,6 +17,7 @@ use tokio::sync::broadcast::Receiver;
 use tokio::time::{sleep_until, Instant};
 
 use crate::auth::Grant;
+use crate::frame::{self, close_request, CloseRequest, InFrame};
 use crate::limit::{retry_after_ms, ConnectionLimiter, Verdict};
 use crate::names::validate_room;
 use crate::protocol::{self, parse_client_message, ClientMessage, Outbound, ProtocolError};
@@ -27,12 +25,10 @@ use crate::room::Room;
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
 
-type Reader = WebSocketRead<Chain<Cursor<Bytes>, OwnedReadHalf>>;
-type ReadOutcome = (Reader, Result<InFrame, WebSocketError>, Vec<u8>);
-type ReadFuture = Pin<Box<dyn Future<Output = ReadOutcome> + Send>>;
-
 /// Most room frames gathered into one vectored write.
 const MAX_BATCH: usize = 64;
+/// Bytes asked of the kernel per read. The buffer exists only while bytes are in flight.
+const READ_CHUNK: usize = 4096;
 /// How long a closing socket is given to answer our close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -91,17 +87,10 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) {
     let (read, writer) = stream.into_split();
-    // hyper hands over what it read past the request as a freeze of its whole read buffer
-    // (8 KiB or more): holding that `Bytes` would keep the buffer alive for the connection's
-    // life. Keep a copy of just the leftover bytes (usually none).
-    let leftover = Bytes::copy_from_slice(&leftover);
-    let read = Cursor::new(leftover).chain(read);
-    // We write through our own half (pre-encoded frames); fastwebsockets only reads, and the
-    // control frames it owes (pong, close echo) come back to us through `read_next`.
-    let (mut reader, _) =
-        fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    // fastwebsockets refuses frames of `len >= max`; our limit is inclusive.
-    reader.set_max_message_size(shared.config.max_message_bytes as usize + 1);
+    // What hyper read past the request (rarely anything) is the start of the first frame.
+    // hyper hands it over as a freeze of its whole read buffer: copy just these bytes.
+    let inbuf = BytesMut::from(&leftover[..]);
+    drop(leftover);
 
     let (first_room, echo, grant) = match mode {
         Mode::Rooms { first_room, grant } => (first_room, false, grant),
@@ -134,7 +123,7 @@ pub async fn run(
     };
     let end = match end {
         Some(end) => end,
-        None => conn.serve(reader, &mut shutdown).await,
+        None => conn.serve(read, inbuf, &mut shutdown).await,
     };
     conn.leave_all();
     if let End::Close(code, reason) = end {
@@ -142,50 +131,18 @@ pub async fn run(
     }
 }
 
-/// A frame read from the client, detached from the reader's buffer.
-struct InFrame {
-    fin: bool,
-    opcode: OpCode,
-    payload: BytesMut,
-}
-
-impl From<Frame<'_>> for InFrame {
-    fn from(frame: Frame<'_>) -> Self {
-        let payload = match frame.payload {
-            // fastwebsockets hands out the bytes it read as `Payload::Bytes`: no copy.
-            Payload::Bytes(b) => b,
-            other => BytesMut::from(&other[..]),
-        };
-        InFrame {
-            fin: frame.fin,
-            opcode: frame.opcode,
-            payload,
-        }
-    }
-}
-
-/// Starts reading the next complete frame. fastwebsockets' `read_frame` is not cancel-safe, so
-/// the future owns the reader and is kept alive across `select!` iterations until it finishes;
-/// then it hands the reader back for the next one.
-fn read_next(mut reader: Reader) -> ReadFuture {
-    Box::pin(async move {
-        let mut owed = Vec::new();
-        let res = reader
-            .read_frame(&mut |frame: Frame<'_>| {
-                owed.extend_from_slice(&protocol::encode_control(frame));
-                std::future::ready(Ok::<(), Infallible>(()))
-            })
-            .await
-            .map(InFrame::from);
-        (reader, res, owed)
-    })
-}
-
 impl Connection {
-    /// Runs until the connection must end. The pending read is dropped on return: nothing else
-    /// reads from the socket until `close` drains it.
-    async fn serve(&mut self, reader: Reader, shutdown: &mut Shutdown) -> End {
-        let mut read_fut = read_next(reader);
+    /// Runs until the connection must end. Reading waits for readiness with no buffer held, so an
+    /// idle socket costs no read buffer; `inbuf` holds only a partial frame between reads.
+    async fn serve(
+        &mut self,
+        read: OwnedReadHalf,
+        mut inbuf: BytesMut,
+        shutdown: &mut Shutdown,
+    ) -> End {
+        if let Err(end) = self.drain_frames(&mut inbuf).await {
+            return end;
+        }
         let ping_interval = self.shared.config.ping_interval;
         let mut last_seen = Instant::now();
         let ping_timer = sleep_until(last_seen + ping_interval);
@@ -196,18 +153,14 @@ impl Connection {
             // (its pongs would go unread and it would be dropped for silence).
             tokio::select! {
                 _ = shutdown.recv() => return End::Close(1001, "server shutting down"),
-                (reader, res, owed) = &mut read_fut => {
-                    last_seen = Instant::now();
-                    if !owed.is_empty() && self.write_raw(&owed).await.is_err() {
+                ready = read.readable() => {
+                    if ready.is_err() {
                         return End::Gone;
                     }
-                    let frame = match res {
-                        Ok(frame) => frame,
-                        Err(e) => return end_for_read_error(e),
-                    };
-                    read_fut = read_next(reader);
-                    if let Some(end) = self.on_frame(frame).await {
-                        return end;
+                    match self.read_available(&read, &mut inbuf).await {
+                        Ok(true) => last_seen = Instant::now(),
+                        Ok(false) => {}
+                        Err(end) => return end,
                     }
                 }
                 (index, res) = recv_any(&mut self.rooms) => {
@@ -230,12 +183,67 @@ impl Connection {
         }
     }
 
+    /// One read after a readiness event (one per event, so a fast sender cannot monopolise the
+    /// task), then every complete frame handled in order. Returns whether any bytes came in.
+    /// The buffer is released as soon as it holds no partial frame.
+    async fn read_available(
+        &mut self,
+        read: &OwnedReadHalf,
+        inbuf: &mut BytesMut,
+    ) -> Result<bool, End> {
+        inbuf.reserve(READ_CHUNK);
+        match read.try_read_buf(inbuf) {
+            Ok(0) => return Err(End::Gone),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if inbuf.is_empty() {
+                    *inbuf = BytesMut::new();
+                }
+                return Ok(false);
+            }
+            Err(_) => return Err(End::Gone),
+        }
+        self.drain_frames(inbuf).await?;
+        if inbuf.is_empty() {
+            *inbuf = BytesMut::new();
+        }
+        Ok(true)
+    }
+
+    /// Handles every complete frame in `inbuf`, leaving a partial one in place.
+    async fn drain_frames(&mut self, inbuf: &mut BytesMut) -> Result<(), End> {
+        let max = self.shared.config.max_message_bytes as usize;
+        loop {
+            match frame::decode(inbuf, max) {
+                Ok(None) => return Ok(()),
+                Ok(Some(frame)) => {
+                    if let Some(end) = self.on_frame(frame).await {
+                        return Err(end);
+                    }
+                }
+                Err(e) => {
+                    let (code, reason) = e.close();
+                    return Err(End::Close(code, reason));
+                }
+            }
+        }
+    }
+
     /// Handles one frame from the client; `Some` ends the connection.
     async fn on_frame(&mut self, frame: InFrame) -> Option<End> {
         let max = self.shared.config.max_message_bytes as usize;
         let message = match frame.opcode {
-            OpCode::Close => return Some(End::Gone), // fastwebsockets answered it already
-            OpCode::Ping | OpCode::Pong => return None,
+            OpCode::Close => {
+                return Some(match close_request(&frame.payload) {
+                    CloseRequest::Answer(code) => End::Close(code, ""),
+                    CloseRequest::Refuse(code, reason) => End::Close(code, reason),
+                })
+            }
+            OpCode::Ping => {
+                let pong = protocol::encode_control(Frame::pong(Payload::Borrowed(&frame.payload)));
+                return self.write_raw(&pong).await.err();
+            }
+            OpCode::Pong => return None,
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
                 return Some(End::Close(1002, "expected a continuation frame"));
             }
@@ -568,19 +576,4 @@ async fn write_all_vectored(writer: &mut OwnedWriteHalf, frames: &[&[u8]]) -> io
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
-}
-
-/// The close code for a frame the reader refused.
-fn end_for_read_error(e: WebSocketError) -> End {
-    match e {
-        // fastwebsockets already queued its own close 1002 for a bad close code: it was sent
-        // with `owed` above.
-        WebSocketError::InvalidCloseCode => End::Gone,
-        WebSocketError::FrameTooLarge => End::Close(1009, "message too big"),
-        WebSocketError::InvalidUTF8 => End::Close(1007, "invalid utf-8"),
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => End::Gone,
-        _ => End::Close(1002, "protocol error"),
-    }
 }

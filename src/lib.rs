@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod frame;
 pub mod http;
 pub mod hub;
 pub mod limit;
