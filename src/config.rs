@@ -1,6 +1,7 @@
 //! Configuration: every bound the server enforces, parsed once in `main` and passed down.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -68,6 +69,18 @@ pub struct Config {
     /// exits anyway. Unit: seconds. Default: 4.
     #[arg(long, env = "ROOMCAST_SHUTDOWN_TIMEOUT", default_value = "4", value_parser = parse_secs)]
     pub shutdown_timeout: Duration,
+
+    /// Per-room settings file (TOML: `[defaults]` and `[rooms."NAME"]` / `[rooms."PREFIX*"]`
+    /// with `password`, `max_members`, `history`, `rate_limit`, `presence`, `room_buffer`).
+    /// A bad file stops the server at start; SIGHUP reloads it, keeping the old settings if the
+    /// new file is bad. Default: none (every room open, flags' values).
+    #[arg(long, env = "ROOMCAST_ROOMS_CONFIG")]
+    pub rooms_config: Option<PathBuf>,
+
+    /// Rooms listed, busiest first, in the `$lobby`'s `room_counts` frame (at most one a
+    /// second). Unit: rooms. Default: 50.
+    #[arg(long, env = "ROOMCAST_LOBBY_TOP", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub lobby_top: u16,
 }
 
 impl Default for Config {

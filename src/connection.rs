@@ -19,7 +19,8 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
 use tokio::time::{sleep_until, Instant};
 
-use crate::names::validate_room;
+use crate::hub::Joined;
+use crate::names::{is_server_room, validate_joinable_room, validate_room, NameError};
 use crate::protocol::{self, parse_client_message, ClientMessage, Outbound, ProtocolError};
 use crate::room::Room;
 use crate::server::Shared;
@@ -35,12 +36,21 @@ const MAX_BATCH: usize = 64;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a socket is for.
-#[derive(Debug)]
 pub enum Mode {
-    /// The chat protocol, optionally joining a first room straight away.
-    Rooms { first_room: Option<String> },
+    /// The chat protocol, with the first room (if the upgrade named one) already joined before
+    /// the 101, so that a refused join could still be an HTTP status.
+    Rooms { first: Option<Joined> },
     /// Echo every message back exactly (`--echo`, for conformance testing only).
     Echo,
+}
+
+impl Mode {
+    /// Gives back a membership taken before the upgrade when the socket never arrives.
+    pub fn abandon(self, shared: &Shared, id: u64) {
+        if let Mode::Rooms { first: Some(j) } = self {
+            shared.hub.leave(&j.room, id);
+        }
+    }
 }
 
 /// A room this socket is in.
@@ -94,8 +104,8 @@ pub async fn run(
     // fastwebsockets refuses frames of `len >= max`; our limit is inclusive.
     reader.set_max_message_size(shared.config.max_message_bytes as usize + 1);
 
-    let (first_room, echo) = match mode {
-        Mode::Rooms { first_room } => (first_room, false),
+    let (first, echo) = match mode {
+        Mode::Rooms { first } => (first, false),
         Mode::Echo => (None, true),
     };
     let mut conn = Connection {
@@ -107,12 +117,11 @@ pub async fn run(
         partial: None,
         echo,
     };
-    let end = match first_room {
-        Some(room) => match conn.join(&room).await {
-            Ok(()) => None,
-            Err(Ok(_)) => Some(End::Close(1011, "could not join the room")),
-            Err(Err(end)) => Some(end),
-        },
+    let end = match first {
+        Some(joined) => conn.enter(joined).await.err().map(|e| match e {
+            Ok(_) => End::Close(1011, "could not join the room"),
+            Err(end) => end,
+        }),
         None => None,
     };
     let end = match end {
@@ -280,7 +289,9 @@ impl Connection {
             Ok(ClientMessage::Message { room, text, echo }) => {
                 (self.publish(room.as_deref(), &text, echo), room)
             }
-            Ok(ClientMessage::Join { room }) => (self.join(&room).await, Some(room)),
+            Ok(ClientMessage::Join { room, password }) => {
+                (self.join(&room, password.as_deref()).await, Some(room))
+            }
             Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
             Ok(ClientMessage::Ping) => (self.write_own(&protocol::pong_frame()).await, None),
             Err(e) => (Err(Ok(e)), None),
@@ -288,7 +299,9 @@ impl Connection {
         match result {
             Ok(()) => None,
             Err(Ok(e)) => {
-                let room = room.filter(|r| validate_room(r).is_ok());
+                // Only a well-formed name is echoed back (`$` names included).
+                let room =
+                    room.filter(|r| matches!(validate_room(r), Ok(()) | Err(NameError::Reserved)));
                 let frame = protocol::error_frame(&e, room.as_deref());
                 self.write_own(&frame).await.err().and_then(Result::err)
             }
@@ -304,17 +317,26 @@ impl Connection {
     ) -> Result<(), Result<ProtocolError, End>> {
         let target = match room {
             Some(name) => {
-                validate_room(name)
-                    .map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+                validate_room(name).map_err(|e| Ok(room_error(e)))?;
                 self.rooms.iter().find(|m| m.room.name() == name)
             }
-            None if self.rooms.len() > 1 => {
-                return Err(Ok(ProtocolError::new(
-                    "room_required",
-                    "this socket is in several rooms: name one with \"room\"",
-                )))
+            // The server's rooms (`$lobby`) take no messages, so they never make the choice
+            // ambiguous.
+            None => {
+                let mut chat = self.rooms.iter().filter(|m| !is_server_room(m.room.name()));
+                match (chat.next(), chat.next()) {
+                    (Some(_), Some(_)) => {
+                        return Err(Ok(ProtocolError::new(
+                            "room_required",
+                            "this socket is in several rooms: name one with \"room\"",
+                        )))
+                    }
+                    (None, _) if !self.rooms.is_empty() => {
+                        return Err(Ok(room_error(NameError::Reserved)))
+                    }
+                    (only, _) => only,
+                }
             }
-            None => self.rooms.first(),
         };
         let Some(member) = target else {
             return Err(Ok(ProtocolError::new(
@@ -328,8 +350,12 @@ impl Connection {
 
     /// Joins `name` and writes its welcome frame. `Err(Ok(_))` is answered with an error frame;
     /// `Err(Err(_))` ends the connection.
-    async fn join(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
-        validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+    async fn join(
+        &mut self,
+        name: &str,
+        password: Option<&str>,
+    ) -> Result<(), Result<ProtocolError, End>> {
+        validate_joinable_room(name).map_err(|e| Ok(room_error(e)))?;
         if self.rooms.iter().any(|m| m.room.name() == name) {
             return Err(Ok(ProtocolError::new(
                 "already_joined",
@@ -345,7 +371,16 @@ impl Connection {
                 ),
             )));
         }
-        let joined = self.shared.hub.join(name, self.id, &self.user);
+        let joined = self
+            .shared
+            .hub
+            .join(name, self.id, &self.user, password)
+            .map_err(|e| Ok(ProtocolError::new(e.code(), e.to_string())))?;
+        self.enter(joined).await
+    }
+
+    /// Takes a membership `Hub::join` granted and writes its welcome frame.
+    async fn enter(&mut self, joined: Joined) -> Result<(), Result<ProtocolError, End>> {
         self.rooms.push(Membership {
             room: joined.room,
             rx: joined.rx,
@@ -354,7 +389,7 @@ impl Connection {
     }
 
     async fn leave(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
-        validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+        validate_joinable_room(name).map_err(|e| Ok(room_error(e)))?;
         let Some(index) = self.rooms.iter().position(|m| m.room.name() == name) else {
             return Err(Ok(ProtocolError::new(
                 "not_joined",
@@ -480,6 +515,11 @@ impl Connection {
             }
         }
     }
+}
+
+/// The error frame's content for a refused room name.
+fn room_error(e: NameError) -> ProtocolError {
+    ProtocolError::new(e.room_code(), e.room_reason())
 }
 
 /// Waits for the next frame from any of the rooms. Cancel-safe: `broadcast::Receiver::recv`

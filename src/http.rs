@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::net::TcpStream;
 
 use crate::connection::Mode;
-use crate::names::{validate_room, validate_user};
+use crate::names::{validate_joinable_room, validate_room, validate_user};
 use crate::server::Shared;
 use crate::stats::rss_bytes;
 
@@ -57,7 +57,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                 return method_not_allowed(&[Method::GET]);
             }
             match requested_room(&req, segments.get(1).copied()) {
-                Ok(first_room) => websocket(shared, req, Mode::Rooms { first_room }),
+                Ok(first_room) => websocket(shared, req, Wanted::Rooms { first_room }),
                 Err(e) => e.response(),
             }
         }
@@ -65,7 +65,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            websocket(shared, req, Mode::Echo)
+            websocket(shared, req, Wanted::Echo)
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
@@ -183,8 +183,15 @@ fn number_param(
     }
 }
 
-/// A room name from a path segment: percent-decoded, then validated.
+/// A room name from a path segment: percent-decoded, then validated (`$` names refused).
 fn decode_room(raw: &str) -> Result<String, ApiError> {
+    decode_room_with(raw, validate_room)
+}
+
+fn decode_room_with(
+    raw: &str,
+    validate: fn(&str) -> Result<(), crate::names::NameError>,
+) -> Result<String, ApiError> {
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| {
@@ -194,8 +201,8 @@ fn decode_room(raw: &str) -> Result<String, ApiError> {
                 "room name is not valid UTF-8",
             )
         })?;
-    validate_room(&decoded)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()))?;
+    validate(&decoded)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason()))?;
     Ok(decoded.into_owned())
 }
 
@@ -358,24 +365,34 @@ impl Drop for ConnectionGuard {
 }
 
 /// The room a chat upgrade asks to join first: the path segment (`/ws/{room}`), else the
-/// `room` query parameter (`/ws?room=`), else none.
+/// `room` query parameter (`/ws?room=`), else none. `$lobby` is allowed, other `$` names not.
 fn requested_room(
     req: &Request<Incoming>,
     path_segment: Option<&str>,
 ) -> Result<Option<String>, ApiError> {
     if let Some(raw) = path_segment {
-        return decode_room(raw).map(Some);
+        return decode_room_with(raw, validate_joinable_room).map(Some);
     }
     match query_param(req, "room") {
-        Some(r) => validate_room(&r)
+        Some(r) => validate_joinable_room(&r)
             .map(|()| Some(r.into_owned()))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason())),
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason())),
         None => Ok(None),
     }
 }
 
-/// Checks and upgrades a WebSocket request for `mode` (whose room, if any, is already valid).
-fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Response<Body> {
+/// What an upgrade request asks for, before anything is granted.
+enum Wanted {
+    /// The chat protocol; the first room's name is already valid.
+    Rooms {
+        first_room: Option<String>,
+    },
+    Echo,
+}
+
+/// Checks and upgrades a WebSocket request. The first room is joined here, before the 101, so a
+/// wrong password or a full room is an HTTP 403 and leaves no membership behind.
+fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, wanted: Wanted) -> Response<Body> {
     let user = match query_param(&req, "user").or_else(|| query_param(&req, "username")) {
         Some(u) => match validate_user(&u) {
             Ok(()) => Some(u.into_owned()),
@@ -414,6 +431,22 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
     };
     let id = shared.next_id();
     let user: Arc<str> = user.unwrap_or_else(|| format!("anon-{id}")).into();
+    let mode = match wanted {
+        Wanted::Echo => Mode::Echo,
+        Wanted::Rooms { first_room: None } => Mode::Rooms { first: None },
+        Wanted::Rooms {
+            first_room: Some(room),
+        } => {
+            // The password travels in the query only; it is never logged.
+            let password = query_param(&req, "password");
+            match shared.hub.join(&room, id, &user, password.as_deref()) {
+                Ok(joined) => Mode::Rooms {
+                    first: Some(joined),
+                },
+                Err(e) => return error(StatusCode::FORBIDDEN, e.code(), &e.to_string()),
+            }
+        }
+    };
     let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let _guard = guard;
@@ -421,6 +454,7 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
             Ok(ws) => ws,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade did not complete");
+                mode.abandon(&shared, id);
                 return;
             }
         };
@@ -431,7 +465,10 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
                 crate::connection::run(shared, stream, parts.read_buf, id, user, mode, shutdown)
                     .await;
             }
-            Err(_) => tracing::error!("{}", crate::Error::NotTcp),
+            Err(_) => {
+                tracing::error!("{}", crate::Error::NotTcp);
+                mode.abandon(&shared, id);
+            }
         }
     });
     let (parts, _) = response.into_parts();

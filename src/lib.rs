@@ -9,10 +9,12 @@ pub mod connection;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod lobby;
 pub mod names;
 pub mod protocol;
 pub mod room;
 pub mod server;
+pub mod settings;
 pub mod shutdown;
 pub mod stats;
 
