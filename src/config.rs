@@ -124,6 +124,8 @@ mod tests {
         assert_eq!(c.ping_interval, Duration::from_secs(30));
         assert_eq!(c.presence_interval, Duration::from_millis(250));
         assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(c.rooms_config, None);
+        assert_eq!(c.lobby_top, 50);
     }
 
     #[test]

@@ -425,6 +425,32 @@ mod tests {
     }
 
     #[test]
+    fn room_buffer_sizes_new_rooms_and_a_reload_leaves_live_rings_alone() {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let hub = hub_with("[rooms.\"tiny:*\"]\nroom_buffer = 2\n");
+        let u: Arc<str> = "u".into();
+        let lags_after = |j: &mut Joined, n: u64| {
+            for i in 0..n {
+                j.room.publish("u", &format!("m{i}"), 0, false);
+            }
+            matches!(j.rx.try_recv(), Err(TryRecvError::Lagged(_)))
+        };
+        let mut tiny = hub.join("tiny:1", 1, &u, None).unwrap();
+        assert!(lags_after(&mut tiny, 3), "a 2-frame ring overflows at 3");
+        let mut other = hub.join("other", 2, &u, None).unwrap();
+        assert!(!lags_after(&mut other, 3), "the flag's 16 frames elsewhere");
+
+        hub.reload(Settings::parse("[rooms.\"tiny:*\"]\nroom_buffer = 64\n", "t", 16).unwrap());
+        let mut live = hub.join("tiny:1", 3, &u, None).unwrap();
+        assert!(lags_after(&mut live, 3), "the live room keeps its ring");
+        let mut fresh = hub.join("tiny:2", 4, &u, None).unwrap();
+        assert!(
+            !lags_after(&mut fresh, 40),
+            "a room created after the reload gets 64"
+        );
+    }
+
+    #[test]
     fn the_lobby_is_not_a_room() {
         let hub = hub();
         let u: Arc<str> = "u".into();
