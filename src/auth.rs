@@ -61,7 +61,11 @@ enum RoomPattern {
 
 impl Grant {
     /// Whether the token allows joining `room`.
+    /// The `$lobby` is open to every valid token.
     pub fn allows(&self, room: &str) -> bool {
+        if room == crate::names::LOBBY {
+            return true;
+        }
         let Some(patterns) = &self.rooms else {
             return true;
         };
@@ -283,6 +287,10 @@ mod tests {
             ))
             .unwrap();
         assert!(!g.allows("anything"), "an empty list allows nothing");
+        assert!(
+            g.allows("$lobby"),
+            "but the lobby is open to every valid token"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Configuration: every bound the server enforces, parsed once in `main` and passed down.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -108,6 +109,18 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_ip: Option<u32>,
 
+    /// Per-room settings file (TOML: `[defaults]` and `[rooms."NAME"]` / `[rooms."PREFIX*"]`
+    /// with `password`, `max_members`, `history`, `rate_limit`, `presence`, `room_buffer`).
+    /// A bad file stops the server at start; SIGHUP reloads it, keeping the old settings if the
+    /// new file is bad. Default: none (every room open, flags' values).
+    #[arg(long, env = "ROOMCAST_ROOMS_CONFIG")]
+    pub rooms_config: Option<PathBuf>,
+
+    /// Rooms listed, busiest first, in the `$lobby`'s `room_counts` frame (at most one a
+    /// second). Unit: rooms. Default: 50.
+    #[arg(long, env = "ROOMCAST_LOBBY_TOP", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub lobby_top: u16,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -187,6 +200,8 @@ mod tests {
         assert!(c.room_rate().is_none());
         assert!(c.jwt_secret.is_none() && c.api_key.is_none() && c.allowed_origins.is_empty());
         assert!(c.max_connections_per_ip.is_none());
+        assert_eq!(c.rooms_config, None);
+        assert_eq!(c.lobby_top, 50);
     }
 
     #[test]

@@ -18,8 +18,9 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::auth::Grant;
 use crate::frame::{self, close_request, CloseRequest, InFrame};
+use crate::hub::Joined;
 use crate::limit::{retry_after_ms, ConnectionLimiter, Verdict};
-use crate::names::validate_room;
+use crate::names::{is_server_room, validate_joinable_room, validate_room, NameError};
 use crate::protocol::{self, parse_client_message, ClientMessage, Outbound, ProtocolError};
 use crate::room::Room;
 use crate::server::Shared;
@@ -33,16 +34,25 @@ const READ_CHUNK: usize = 4096;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a socket is for.
-#[derive(Debug)]
 pub enum Mode {
-    /// The chat protocol, optionally joining a first room straight away. `grant` is the
-    /// verified access token when `--jwt-secret` is set; later joins are checked against it.
+    /// The chat protocol, with the first room (if the upgrade named one) already joined before
+    /// the 101, so that a refused join could still be an HTTP status. `grant` is the verified
+    /// access token when `--jwt-secret` is set; later joins are checked against it.
     Rooms {
-        first_room: Option<String>,
+        first: Option<Joined>,
         grant: Option<Arc<Grant>>,
     },
     /// Echo every message back exactly (`--echo`, for conformance testing only).
     Echo,
+}
+
+impl Mode {
+    /// Gives back a membership taken before the upgrade when the socket never arrives.
+    pub fn abandon(self, shared: &Shared, id: u64) {
+        if let Mode::Rooms { first: Some(j), .. } = self {
+            shared.hub.leave(&j.room, id);
+        }
+    }
 }
 
 /// A room this socket is in.
@@ -92,8 +102,8 @@ pub async fn run(
     let inbuf = BytesMut::from(&leftover[..]);
     drop(leftover);
 
-    let (first_room, echo, grant) = match mode {
-        Mode::Rooms { first_room, grant } => (first_room, false, grant),
+    let (first, echo, grant) = match mode {
+        Mode::Rooms { first, grant } => (first, false, grant),
         Mode::Echo => (None, true, None),
     };
     // Echo mode is for conformance runs, which send as fast as they can.
@@ -113,12 +123,11 @@ pub async fn run(
         grant,
         limiter,
     };
-    let end = match first_room {
-        Some(room) => match conn.join(&room).await {
-            Ok(()) => None,
-            Err(Ok(_)) => Some(End::Close(1011, "could not join the room")),
-            Err(Err(end)) => Some(end),
-        },
+    let end = match first {
+        Some(joined) => conn.enter(joined).await.err().map(|e| match e {
+            Ok(_) => End::Close(1011, "could not join the room"),
+            Err(end) => end,
+        }),
         None => None,
     };
     let end = match end {
@@ -323,7 +332,9 @@ impl Connection {
             Ok(ClientMessage::Message { room, text, echo }) => {
                 (self.publish(room.as_deref(), &text, echo), room)
             }
-            Ok(ClientMessage::Join { room }) => (self.join(&room).await, Some(room)),
+            Ok(ClientMessage::Join { room, password }) => {
+                (self.join(&room, password.as_deref()).await, Some(room))
+            }
             Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
             Ok(ClientMessage::Ping) => (self.write_own(&protocol::pong_frame()).await, None),
             Err(e) => (Err(Ok(e)), None),
@@ -331,7 +342,9 @@ impl Connection {
         match result {
             Ok(()) => None,
             Err(Ok(e)) => {
-                let room = room.filter(|r| validate_room(r).is_ok());
+                // Only a well-formed name is echoed back (`$` names included).
+                let room =
+                    room.filter(|r| matches!(validate_room(r), Ok(()) | Err(NameError::Reserved)));
                 let frame = protocol::error_frame(&e, room.as_deref());
                 self.write_own(&frame).await.err().and_then(Result::err)
             }
@@ -347,17 +360,26 @@ impl Connection {
     ) -> Result<(), Result<ProtocolError, End>> {
         let target = match room {
             Some(name) => {
-                validate_room(name)
-                    .map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+                validate_room(name).map_err(|e| Ok(room_error(e)))?;
                 self.rooms.iter().find(|m| m.room.name() == name)
             }
-            None if self.rooms.len() > 1 => {
-                return Err(Ok(ProtocolError::new(
-                    "room_required",
-                    "this socket is in several rooms: name one with \"room\"",
-                )))
+            // The server's rooms (`$lobby`) take no messages, so they never make the choice
+            // ambiguous.
+            None => {
+                let mut chat = self.rooms.iter().filter(|m| !is_server_room(m.room.name()));
+                match (chat.next(), chat.next()) {
+                    (Some(_), Some(_)) => {
+                        return Err(Ok(ProtocolError::new(
+                            "room_required",
+                            "this socket is in several rooms: name one with \"room\"",
+                        )))
+                    }
+                    (None, _) if !self.rooms.is_empty() => {
+                        return Err(Ok(room_error(NameError::Reserved)))
+                    }
+                    (only, _) => only,
+                }
             }
-            None => self.rooms.first(),
         };
         let Some(member) = target else {
             return Err(Ok(ProtocolError::new(
@@ -378,8 +400,12 @@ impl Connection {
 
     /// Joins `name` and writes its welcome frame. `Err(Ok(_))` is answered with an error frame;
     /// `Err(Err(_))` ends the connection.
-    async fn join(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
-        validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+    async fn join(
+        &mut self,
+        name: &str,
+        password: Option<&str>,
+    ) -> Result<(), Result<ProtocolError, End>> {
+        validate_joinable_room(name).map_err(|e| Ok(room_error(e)))?;
         if let Some(grant) = &self.grant {
             if grant.expired() {
                 return Err(Ok(ProtocolError::new(
@@ -409,7 +435,16 @@ impl Connection {
                 ),
             )));
         }
-        let joined = self.shared.hub.join(name, self.id, &self.user);
+        let joined = self
+            .shared
+            .hub
+            .join(name, self.id, &self.user, password)
+            .map_err(|e| Ok(ProtocolError::new(e.code(), e.to_string())))?;
+        self.enter(joined).await
+    }
+
+    /// Takes a membership `Hub::join` granted and writes its welcome frame.
+    async fn enter(&mut self, joined: Joined) -> Result<(), Result<ProtocolError, End>> {
         self.rooms.push(Membership {
             room: joined.room,
             rx: joined.rx,
@@ -418,7 +453,7 @@ impl Connection {
     }
 
     async fn leave(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
-        validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+        validate_joinable_room(name).map_err(|e| Ok(room_error(e)))?;
         let Some(index) = self.rooms.iter().position(|m| m.room.name() == name) else {
             return Err(Ok(ProtocolError::new(
                 "not_joined",
@@ -544,6 +579,11 @@ impl Connection {
             }
         }
     }
+}
+
+/// The error frame's content for a refused room name.
+fn room_error(e: NameError) -> ProtocolError {
+    ProtocolError::new(e.room_code(), e.room_reason())
 }
 
 /// Waits for the next frame from any of the rooms. Cancel-safe: `broadcast::Receiver::recv`

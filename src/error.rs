@@ -15,6 +15,8 @@ pub enum Error {
     NotTcp,
     #[error("cannot make a token: {0}")]
     Token(String),
+    #[error("{0}")]
+    Settings(#[from] crate::settings::SettingsError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

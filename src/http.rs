@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use crate::auth::{self, AuthError, Grant};
 use crate::connection::Mode;
 use crate::limit::retry_after_ms;
-use crate::names::{validate_room, validate_user};
+use crate::names::{validate_joinable_room, validate_room, validate_user};
 use crate::server::Shared;
 use crate::stats::rss_bytes;
 
@@ -71,7 +71,7 @@ pub async fn handle(shared: Arc<Shared>, peer: IpAddr, req: Request<Incoming>) -
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            upgrade(shared, peer, req, Mode::Echo, None)
+            upgrade(shared, peer, req, Wanted::Echo, None)
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
@@ -189,8 +189,15 @@ fn number_param(
     }
 }
 
-/// A room name from a path segment: percent-decoded, then validated.
+/// A room name from a path segment: percent-decoded, then validated (`$` names refused).
 fn decode_room(raw: &str) -> Result<String, ApiError> {
+    decode_room_with(raw, validate_room)
+}
+
+fn decode_room_with(
+    raw: &str,
+    validate: fn(&str) -> Result<(), crate::names::NameError>,
+) -> Result<String, ApiError> {
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| {
@@ -200,8 +207,8 @@ fn decode_room(raw: &str) -> Result<String, ApiError> {
                 "room name is not valid UTF-8",
             )
         })?;
-    validate_room(&decoded)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()))?;
+    validate(&decoded)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason()))?;
     Ok(decoded.into_owned())
 }
 
@@ -404,18 +411,18 @@ impl Drop for ConnectionGuard {
 }
 
 /// The room a chat upgrade asks to join first: the path segment (`/ws/{room}`), else the
-/// `room` query parameter (`/ws?room=`), else none.
+/// `room` query parameter (`/ws?room=`), else none. `$lobby` is allowed, other `$` names not.
 fn requested_room(
     req: &Request<Incoming>,
     path_segment: Option<&str>,
 ) -> Result<Option<String>, ApiError> {
     if let Some(raw) = path_segment {
-        return decode_room(raw).map(Some);
+        return decode_room_with(raw, validate_joinable_room).map(Some);
     }
     match query_param(req, "room") {
-        Some(r) => validate_room(&r)
+        Some(r) => validate_joinable_room(&r)
             .map(|()| Some(r.into_owned()))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason())),
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason())),
         None => Ok(None),
     }
 }
@@ -466,11 +473,16 @@ fn websocket(
             Some(Arc::new(grant))
         }
     };
-    let mode = Mode::Rooms {
-        first_room,
-        grant: grant.clone(),
-    };
-    upgrade(shared, peer, req, mode, grant)
+    upgrade(shared, peer, req, Wanted::Rooms { first_room }, grant)
+}
+
+/// What an upgrade request asks for, before anything is granted.
+enum Wanted {
+    /// The chat protocol; the first room's name is already valid.
+    Rooms {
+        first_room: Option<String>,
+    },
+    Echo,
 }
 
 fn unauthorized(e: &AuthError) -> Response<Body> {
@@ -508,12 +520,13 @@ fn offers_subprotocol(req: &Request<Incoming>) -> bool {
         .any(|p| p.trim() == auth::SUBPROTOCOL)
 }
 
-/// Checks and upgrades a WebSocket request for `mode` (whose room, if any, is already valid).
+/// Checks and upgrades a WebSocket request. The first room is joined here, before the 101, so a
+/// wrong password or a full room is an HTTP 403 and leaves no membership behind.
 fn upgrade(
     shared: Arc<Shared>,
     peer: IpAddr,
     mut req: Request<Incoming>,
-    mode: Mode,
+    wanted: Wanted,
     grant: Option<Arc<Grant>>,
 ) -> Response<Body> {
     let user = match &grant {
@@ -583,6 +596,23 @@ fn upgrade(
     };
     let id = shared.next_id();
     let user: Arc<str> = user.unwrap_or_else(|| format!("anon-{id}")).into();
+    let mode = match wanted {
+        Wanted::Echo => Mode::Echo,
+        Wanted::Rooms { first_room: None } => Mode::Rooms { first: None, grant },
+        Wanted::Rooms {
+            first_room: Some(room),
+        } => {
+            // The password travels in the query only; it is never logged.
+            let password = query_param(&req, "password");
+            match shared.hub.join(&room, id, &user, password.as_deref()) {
+                Ok(joined) => Mode::Rooms {
+                    first: Some(joined),
+                    grant,
+                },
+                Err(e) => return error(StatusCode::FORBIDDEN, e.code(), &e.to_string()),
+            }
+        }
+    };
     let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let _guard = guard;
@@ -590,6 +620,7 @@ fn upgrade(
             Ok(ws) => ws,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade did not complete");
+                mode.abandon(&shared, id);
                 return;
             }
         };
@@ -600,7 +631,10 @@ fn upgrade(
                 crate::connection::run(shared, stream, parts.read_buf, id, user, mode, shutdown)
                     .await;
             }
-            Err(_) => tracing::error!("{}", crate::Error::NotTcp),
+            Err(_) => {
+                tracing::error!("{}", crate::Error::NotTcp);
+                mode.abandon(&shared, id);
+            }
         }
     });
     let (mut parts, _) = response.into_parts();

@@ -12,10 +12,12 @@ pub mod frame;
 pub mod http;
 pub mod hub;
 pub mod limit;
+pub mod lobby;
 pub mod names;
 pub mod protocol;
 pub mod room;
 pub mod server;
+pub mod settings;
 pub mod shutdown;
 pub mod stats;
 

@@ -117,6 +117,24 @@ impl ConnectionLimiter {
     }
 }
 
+/// The publish limiter of a new room: its settings' `rate_limit` when the rooms file sets one
+/// (`off` included), else `--room-rate-limit`.
+pub fn room_limiter(
+    from_settings: Option<crate::settings::RateLimit>,
+    flag: Option<RateSpec>,
+) -> Option<DefaultDirectRateLimiter> {
+    use crate::settings::RateLimit;
+    match from_settings {
+        None => flag.map(RateSpec::limiter),
+        Some(RateLimit::Off) => None,
+        Some(RateLimit::Limit { per_second, burst }) => {
+            let period = Duration::from_secs_f64(1.0 / per_second.max(1e-6));
+            let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+            Quota::with_period(period).map(|q| RateLimiter::direct(q.allow_burst(burst)))
+        }
+    }
+}
+
 /// `--max-connections-per-ip`: WebSocket connections held per client address. Consulted once
 /// per upgrade and once per close, so one mutex is plenty.
 pub struct PerIpLimit {

@@ -11,9 +11,8 @@ use governor::DefaultDirectRateLimiter;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use crate::limit::RateSpec;
-
 use crate::protocol::{self, Outbound, PresenceOut};
+use crate::settings::{Presence, RoomSettings};
 use crate::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
 
 /// Most user names one presence frame lists per direction; the member count stays exact.
@@ -49,6 +48,9 @@ pub(crate) struct RoomState {
     left: Vec<Arc<str>>,
     /// Whether the room is already queued for the next presence flush.
     pub(crate) presence_queued: bool,
+    /// This room's settings (`--rooms-config`), replaced on reload. Under the room lock so a join
+    /// checks password and cap against exactly the members it is added to.
+    pub(crate) settings: RoomSettings,
 }
 
 /// A point-in-time copy of a room's figures, for the HTTP API.
@@ -64,6 +66,10 @@ pub struct RoomInfo {
     pub created_at: u64,
     pub messages_per_sec: f64,
     pub p99_wait_ms: Option<f64>,
+    /// Whether joining needs a password (the password itself is never shown).
+    pub password_protected: bool,
+    /// The member cap, `None` without one.
+    pub max_members: Option<u32>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -73,12 +79,16 @@ pub struct UserEntry {
 }
 
 impl Room {
-    pub(crate) fn new(name: &str, capacity: usize, stats: Arc<Stats>) -> Self {
-        let (tx, _) = broadcast::channel(capacity);
+    /// A room whose ring holds `settings.room_buffer` frames.
+    pub(crate) fn new(name: &str, settings: RoomSettings, stats: Arc<Stats>) -> Self {
+        let (tx, _) = broadcast::channel(settings.room_buffer.max(1));
         Room {
             name: name.into(),
             tx,
-            state: Mutex::new(RoomState::default()),
+            state: Mutex::new(RoomState {
+                settings,
+                ..RoomState::default()
+            }),
             evicted: AtomicU64::new(0),
             created_at_ms: unix_millis(),
             wait: WaitHistogram::default(),
@@ -88,8 +98,8 @@ impl Room {
     }
 
     /// Limits how many messages the room accepts per second.
-    pub(crate) fn with_rate_limit(mut self, spec: Option<RateSpec>) -> Self {
-        self.limiter = spec.map(RateSpec::limiter);
+    pub(crate) fn with_limiter(mut self, limiter: Option<DefaultDirectRateLimiter>) -> Self {
+        self.limiter = limiter;
         self
     }
 
@@ -127,7 +137,7 @@ impl Room {
     ) -> (broadcast::Receiver<Arc<Outbound>>, bytes::Bytes) {
         let rx = self.tx.subscribe();
         state.members.insert(id, user.clone());
-        if state.joined.len() < PRESENCE_NAMES_MAX {
+        if state.settings.presence != Presence::Off && state.joined.len() < PRESENCE_NAMES_MAX {
             state.joined.push(user.clone());
         }
         let welcome = protocol::welcome_frame(&self.name, user, state.members.len(), state.seq);
@@ -139,7 +149,7 @@ impl Room {
         let Some(user) = state.members.remove(&id) else {
             return false;
         };
-        if state.left.len() < PRESENCE_NAMES_MAX {
+        if state.settings.presence != Presence::Off && state.left.len() < PRESENCE_NAMES_MAX {
             state.left.push(user);
         }
         true
@@ -176,23 +186,31 @@ impl Room {
         }
         let joined = std::mem::take(&mut state.joined);
         let left = std::mem::take(&mut state.left);
-        if state.members.is_empty() {
+        if state.members.is_empty() || state.settings.presence == Presence::Off {
             return;
         }
+        // `counts` keeps the frame's shape (clients need not care) but names nobody.
+        let named = state.settings.presence == Presence::Events;
         let frame = protocol::encode_frame(&PresenceOut {
             kind: "presence",
             room: &self.name,
-            joined: &joined,
-            left: &left,
+            joined: if named { &joined } else { &[] },
+            left: if named { &left } else { &[] },
             members: state.members.len(),
         });
         self.stats.frames_encoded.inc();
+        self.send_frame(frame);
+    }
+
+    /// Sends a frame the server made (presence, lobby events) to every member. No seq.
+    pub(crate) fn send_frame(&self, frame: bytes::Bytes) {
         let out = Outbound {
             frame,
             origin: 0,
             skip_origin: false,
             published_at: Instant::now(),
         };
+        // No receiver means no member is left to deliver to: nothing is lost.
         let _ = self.tx.send(Arc::new(out));
     }
 
@@ -239,6 +257,8 @@ impl Room {
             created_at: self.created_at_ms,
             messages_per_sec: state.rate.per_second(now_ms / 1000),
             p99_wait_ms: self.wait.quantile_ms(0.99, now_ms / 60_000),
+            password_protected: state.settings.password.is_some(),
+            max_members: state.settings.max_members,
         }
     }
 }

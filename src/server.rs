@@ -17,6 +17,7 @@ use crate::auth::Verifier;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limit::PerIpLimit;
+use crate::settings::Settings;
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
 
@@ -45,17 +46,24 @@ impl Shared {
 
 /// Serves `listener` until `signal` completes, then closes every WebSocket with 1001 and
 /// returns once every connection task has ended or `--shutdown-timeout` has passed.
+/// Fails at once if `--rooms-config` names a file that is unreadable or invalid.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     signal: impl Future<Output = ()>,
 ) -> crate::Result<()> {
+    let room_buffer = config.room_buffer as usize;
+    let settings = match &config.rooms_config {
+        Some(path) => Settings::load(path, room_buffer)?,
+        None => Settings::from_flags(room_buffer),
+    };
     let (trigger, shutdown) = shutdown::channel();
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let stats = Arc::new(Stats::new());
-    let hub = Hub::new(
+    let hub = Hub::with_settings(
         usize::from(config.shards),
-        config.room_buffer as usize,
+        settings,
+        usize::from(config.lobby_top),
         stats.clone(),
     )
     .with_room_rate(config.room_rate());
@@ -73,6 +81,10 @@ pub async fn run(
         _alive: alive_tx,
     });
     tokio::spawn(presence_task(shared.clone()));
+    tokio::spawn(lobby_task(shared.clone()));
+    if shared.config.rooms_config.is_some() {
+        reload_on_sighup(shared.clone());
+    }
     tracing::info!(addr = %listener.local_addr()?, "roomcast listening");
 
     tokio::pin!(signal);
@@ -151,3 +163,53 @@ async fn presence_task(shared: Arc<Shared>) {
         }
     }
 }
+
+/// Sends the `$lobby`'s coalesced frames once per `lobby::TICK` until shutdown. With nobody in
+/// the lobby a tick is one atomic load.
+async fn lobby_task(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut tick = tokio::time::interval(crate::lobby::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.hub.flush_lobby(),
+            () = shutdown.recv() => return,
+        }
+    }
+}
+
+/// Reloads `--rooms-config` on every SIGHUP until shutdown. A bad file is logged (with its line
+/// and key) and the settings in force stay.
+#[cfg(unix)]
+fn reload_on_sighup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => hup,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: --rooms-config will not reload");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut shutdown = shared.shutdown.clone();
+        loop {
+            tokio::select! {
+                got = hup.recv() => if got.is_none() { return },
+                () = shutdown.recv() => return,
+            }
+            match shared.hub.settings().reload() {
+                Some(Ok(settings)) => {
+                    shared.hub.reload(settings);
+                    tracing::info!("rooms config reloaded");
+                }
+                Some(Err(e)) => {
+                    tracing::error!("rooms config not reloaded, the previous settings stay: {e}");
+                }
+                None => {}
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn reload_on_sighup(_shared: Arc<Shared>) {}
