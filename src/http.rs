@@ -18,6 +18,7 @@ use crate::connection::Mode;
 use crate::names::{validate_room, validate_user};
 use crate::server::Shared;
 use crate::stats::rss_bytes;
+use crate::target::{parse_user, parse_ws_target, WsTarget};
 
 pub type Body = Full<Bytes>;
 
@@ -56,8 +57,10 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            match requested_room(&req, segments.get(1).copied()) {
-                Ok(first_room) => websocket(shared, req, Mode::Rooms { first_room }),
+            match parse_ws_target(&path, req.uri().query()) {
+                Ok(WsTarget { room, user }) => {
+                    websocket(shared, req, Mode::Rooms { first_room: room }, user)
+                }
                 Err(e) => e.response(),
             }
         }
@@ -65,7 +68,10 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            websocket(shared, req, Mode::Echo)
+            match parse_user(req.uri().query()) {
+                Ok(user) => websocket(shared, req, Mode::Echo, user),
+                Err(e) => e.response(),
+            }
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
@@ -132,6 +138,18 @@ impl ApiError {
     pub fn response(&self) -> Response<Body> {
         error(self.status, self.code, &self.reason)
     }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
 }
 
 /// The error body every refusal uses: `{"error": code, "reason": text}`.
@@ -184,7 +202,7 @@ fn number_param(
 }
 
 /// A room name from a path segment: percent-decoded, then validated.
-fn decode_room(raw: &str) -> Result<String, ApiError> {
+pub(crate) fn decode_room(raw: &str) -> Result<String, ApiError> {
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| {
@@ -357,32 +375,13 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// The room a chat upgrade asks to join first: the path segment (`/ws/{room}`), else the
-/// `room` query parameter (`/ws?room=`), else none.
-fn requested_room(
-    req: &Request<Incoming>,
-    path_segment: Option<&str>,
-) -> Result<Option<String>, ApiError> {
-    if let Some(raw) = path_segment {
-        return decode_room(raw).map(Some);
-    }
-    match query_param(req, "room") {
-        Some(r) => validate_room(&r)
-            .map(|()| Some(r.into_owned()))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason())),
-        None => Ok(None),
-    }
-}
-
-/// Checks and upgrades a WebSocket request for `mode` (whose room, if any, is already valid).
-fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Response<Body> {
-    let user = match query_param(&req, "user").or_else(|| query_param(&req, "username")) {
-        Some(u) => match validate_user(&u) {
-            Ok(()) => Some(u.into_owned()),
-            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_user", e.user_reason()),
-        },
-        None => None,
-    };
+/// Checks and upgrades a WebSocket request for `mode` and `user` (both already valid).
+fn websocket(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    mode: Mode,
+    user: Option<String>,
+) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return error(
             StatusCode::BAD_REQUEST,

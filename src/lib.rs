@@ -15,6 +15,7 @@ pub mod room;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod target;
 
 pub use config::Config;
 pub use error::{Error, Result};
