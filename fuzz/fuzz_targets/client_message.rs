@@ -59,18 +59,17 @@ fn check_accepted(input: &str, msg: ClientMessage<'_>) {
     let kind = field("type").map(|v| v.as_str().expect("`type` is a string"));
     match msg {
         ClientMessage::Message { room, text, echo } => {
-            assert!(matches!(kind, None | Some("message")), "{kind:?} as message");
+            assert!(
+                matches!(kind, None | Some("message")),
+                "{kind:?} as message"
+            );
             assert!(!text.is_empty(), "empty text accepted");
             assert_eq!(field("text").and_then(Value::as_str), Some(&*text));
             assert_eq!(field("room").and_then(Value::as_str), room.as_deref());
-            assert_eq!(field("echo").map(|v| v.as_bool().expect("bool echo")), {
-                if field("echo").is_some() {
-                    Some(echo)
-                } else {
-                    assert!(echo, "echo defaults to true");
-                    None
-                }
-            });
+            match field("echo") {
+                Some(v) => assert_eq!(v.as_bool(), Some(echo)),
+                None => assert!(echo, "echo defaults to true"),
+            }
             if let Some(room) = room.as_deref() {
                 check_room(room);
             }
@@ -136,7 +135,11 @@ fn check_refused(e: &ProtocolError) {
 fn check_broadcast_frame(text: &str) {
     let v = decode_text_frame(&message_frame("room", "user", text, 7, 1));
     assert_eq!(v["type"], "message");
-    assert_eq!(v["text"].as_str(), Some(text), "broadcast frame changes the text");
+    assert_eq!(
+        v["text"].as_str(),
+        Some(text),
+        "broadcast frame changes the text"
+    );
     assert_eq!(v["seq"], 7);
 }
 
@@ -154,6 +157,10 @@ fn decode_text_frame(frame: &[u8]) -> Value {
         n => (usize::from(n), 2),
     };
     assert!(frame[1] & 0x80 == 0, "server frames are unmasked");
-    assert_eq!(frame.len(), start + len, "header length matches the payload");
+    assert_eq!(
+        frame.len(),
+        start + len,
+        "header length matches the payload"
+    );
     serde_json::from_slice(&frame[start..]).expect("frame payload is JSON")
 }

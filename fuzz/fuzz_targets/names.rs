@@ -46,8 +46,7 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn room_rule(name: &str) -> Result<(), NameError> {
-    const ALLOWED: &[u8] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:#@";
+    const ALLOWED: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:#@";
     if name.is_empty() {
         Err(NameError::Empty)
     } else if name.len() > 64 {
