@@ -21,9 +21,10 @@ use tokio::net::TcpStream;
 use crate::auth::{self, AuthError, Grant};
 use crate::connection::Mode;
 use crate::limit::retry_after_ms;
-use crate::names::{validate_joinable_room, validate_room, validate_user};
+use crate::names::{validate_room, validate_user};
 use crate::server::Shared;
 use crate::stats::rss_bytes;
+use crate::target::{parse_user, parse_ws_target, WsTarget};
 
 pub type Body = Full<Bytes>;
 
@@ -62,8 +63,8 @@ pub async fn handle(shared: Arc<Shared>, peer: IpAddr, req: Request<Incoming>) -
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            match requested_room(&req, segments.get(1).copied()) {
-                Ok(first_room) => websocket(shared, peer, req, first_room),
+            match parse_ws_target(&path, req.uri().query()) {
+                Ok(WsTarget { room, user }) => websocket(shared, peer, req, room, user),
                 Err(e) => e.response(),
             }
         }
@@ -71,7 +72,10 @@ pub async fn handle(shared: Arc<Shared>, peer: IpAddr, req: Request<Incoming>) -
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            upgrade(shared, peer, req, Wanted::Echo, None)
+            match parse_user(req.uri().query()) {
+                Ok(user) => upgrade(shared, peer, req, Wanted::Echo, None, user),
+                Err(e) => e.response(),
+            }
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
@@ -138,6 +142,18 @@ impl ApiError {
     pub fn response(&self) -> Response<Body> {
         error(self.status, self.code, &self.reason)
     }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
 }
 
 /// The error body every refusal uses: `{"error": code, "reason": text}`.
@@ -190,11 +206,12 @@ fn number_param(
 }
 
 /// A room name from a path segment: percent-decoded, then validated (`$` names refused).
-fn decode_room(raw: &str) -> Result<String, ApiError> {
+pub(crate) fn decode_room(raw: &str) -> Result<String, ApiError> {
     decode_room_with(raw, validate_room)
 }
 
-fn decode_room_with(
+/// A room name from a path segment, percent-decoded, then checked by `validate`.
+pub(crate) fn decode_room_with(
     raw: &str,
     validate: fn(&str) -> Result<(), crate::names::NameError>,
 ) -> Result<String, ApiError> {
@@ -410,29 +427,13 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// The room a chat upgrade asks to join first: the path segment (`/ws/{room}`), else the
-/// `room` query parameter (`/ws?room=`), else none. `$lobby` is allowed, other `$` names not.
-fn requested_room(
-    req: &Request<Incoming>,
-    path_segment: Option<&str>,
-) -> Result<Option<String>, ApiError> {
-    if let Some(raw) = path_segment {
-        return decode_room_with(raw, validate_joinable_room).map(Some);
-    }
-    match query_param(req, "room") {
-        Some(r) => validate_joinable_room(&r)
-            .map(|()| Some(r.into_owned()))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason())),
-        None => Ok(None),
-    }
-}
-
 /// Checks a chat upgrade (token, room grant) and upgrades it. `first_room` is already valid.
 fn websocket(
     shared: Arc<Shared>,
     peer: IpAddr,
     req: Request<Incoming>,
     first_room: Option<String>,
+    user: Option<String>,
 ) -> Response<Body> {
     let grant = match &shared.auth {
         None => None,
@@ -459,10 +460,7 @@ fn websocket(
                     );
                 }
             }
-            if query_param(&req, "user")
-                .or_else(|| query_param(&req, "username"))
-                .is_some_and(|u| *u != *grant.user)
-            {
+            if user.as_deref().is_some_and(|u| u != &*grant.user) {
                 shared.stats.auth_refused.inc();
                 return error(
                     StatusCode::FORBIDDEN,
@@ -473,7 +471,7 @@ fn websocket(
             Some(Arc::new(grant))
         }
     };
-    upgrade(shared, peer, req, Wanted::Rooms { first_room }, grant)
+    upgrade(shared, peer, req, Wanted::Rooms { first_room }, grant, user)
 }
 
 /// What an upgrade request asks for, before anything is granted.
@@ -528,16 +526,12 @@ fn upgrade(
     mut req: Request<Incoming>,
     wanted: Wanted,
     grant: Option<Arc<Grant>>,
+    user: Option<String>,
 ) -> Response<Body> {
+    // With auth on, the user name is the token's `sub` (a different `user=` was refused).
     let user = match &grant {
         Some(grant) => Some(grant.user.to_string()),
-        None => match query_param(&req, "user").or_else(|| query_param(&req, "username")) {
-            Some(u) => match validate_user(&u) {
-                Ok(()) => Some(u.into_owned()),
-                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_user", e.user_reason()),
-            },
-            None => None,
-        },
+        None => user,
     };
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return error(

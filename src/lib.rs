@@ -20,6 +20,7 @@ pub mod server;
 pub mod settings;
 pub mod shutdown;
 pub mod stats;
+pub mod target;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -87,10 +87,14 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
         });
     }
     let raw: RawClientMessage<'_> = serde_json::from_str(input).map_err(|e| {
+        // serde quotes a wrongly typed string value in full (`invalid type: string "…"`): cap the
+        // reason so an error frame never echoes a whole 64 KiB message back (found by fuzzing).
+        let detail = e.to_string();
+        let detail = clip(&detail, MAX_DETAIL_CHARS);
         if e.is_data() {
-            ProtocolError::new("bad_message", format!("unexpected field value: {e}"))
+            ProtocolError::new("bad_message", format!("unexpected field value: {detail}"))
         } else {
-            ProtocolError::new("malformed_json", format!("malformed JSON: {e}"))
+            ProtocolError::new("malformed_json", format!("malformed JSON: {detail}"))
         }
     })?;
     match raw.kind.as_deref() {
@@ -127,6 +131,19 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
 
 fn need_room(room: Option<Cow<'_, str>>) -> Result<Cow<'_, str>, ProtocolError> {
     room.ok_or_else(|| ProtocolError::new("bad_message", "`room` is required"))
+}
+
+/// Longest parser detail quoted in an error reason, in characters.
+const MAX_DETAIL_CHARS: usize = 160;
+
+/// `s` cut to `max_chars` characters, with `…` when it was cut.
+fn clip(s: &str, max_chars: usize) -> Cow<'_, str> {
+    let cut = truncate(s, max_chars);
+    if cut.len() == s.len() {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(format!("{cut}…"))
+    }
 }
 
 fn truncate(s: &str, max_chars: usize) -> &str {
@@ -430,6 +447,12 @@ mod tests {
         assert_eq!(
             code(r#"{"type":"join","room":"a","password":1}"#),
             "bad_message"
+        );
+        let long_value = format!(r#"{{"echo":"{}"}}"#, "x".repeat(70_000));
+        let reason = parse_client_message(&long_value).unwrap_err().reason;
+        assert!(
+            reason.chars().count() < 200,
+            "reason echoes the input: {reason}"
         );
     }
 
