@@ -2,50 +2,60 @@
 //! them, joining and leaving rooms, writing room frames (several per vectored write), pinging
 //! idle peers, evicting itself when it falls behind, and closing with a precise code.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::io::{self, Cursor, IoSlice};
-use std::pin::Pin;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead};
+use fastwebsockets::{Frame, OpCode, Payload};
 use smallvec::SmallVec;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Chain};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
 use tokio::time::{sleep_until, Instant};
 
+use crate::auth::Grant;
+use crate::frame::{self, close_request, CloseRequest, InFrame};
 use crate::history::{LagPolicy, ReplayRequest};
-use crate::names::validate_room;
+use crate::hub::Joined;
+use crate::limit::{retry_after_ms, ConnectionLimiter, Verdict};
+use crate::names::{is_server_room, validate_joinable_room, validate_room, NameError};
 use crate::protocol::{self, parse_client_message, ClientMessage, Outbound, ProtocolError};
 use crate::room::{Publish, Room};
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
 
-type Reader = WebSocketRead<Chain<Cursor<Bytes>, OwnedReadHalf>>;
-type ReadOutcome = (Reader, Result<InFrame, WebSocketError>, Vec<u8>);
-type ReadFuture = Pin<Box<dyn Future<Output = ReadOutcome> + Send>>;
-
 /// Most room frames gathered into one vectored write.
 const MAX_BATCH: usize = 64;
+/// Bytes asked of the kernel per read. The buffer exists only while bytes are in flight.
+const READ_CHUNK: usize = 4096;
 /// How long a closing socket is given to answer our close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a socket is for.
-#[derive(Debug)]
 pub enum Mode {
-    /// The chat protocol, optionally joining a first room straight away (with past messages
-    /// when the URL asked for `history` or `since`).
+    /// The chat protocol, with the first room (if the upgrade named one) already joined before
+    /// the 101, so that a refused join could still be an HTTP status; the past messages its URL
+    /// asked for (`history`/`since`) were taken with the join and are written after the welcome.
+    /// `grant` is the verified access token when `--jwt-secret` is set; later joins are checked
+    /// against it.
     Rooms {
-        first_room: Option<String>,
-        replay: Option<ReplayRequest>,
+        first: Option<Joined>,
+        grant: Option<Arc<Grant>>,
     },
     /// Echo every message back exactly (`--echo`, for conformance testing only).
     Echo,
+}
+
+impl Mode {
+    /// Gives back a membership taken before the upgrade when the socket never arrives.
+    pub fn abandon(self, shared: &Shared, id: u64) {
+        if let Mode::Rooms { first: Some(j), .. } = self {
+            shared.hub.leave(&j.room, id);
+        }
+    }
 }
 
 /// A room this socket is in.
@@ -128,6 +138,9 @@ pub struct Connection {
     /// A fragmented message being reassembled, and its first frame's opcode.
     partial: Option<(OpCode, BytesMut)>,
     echo: bool,
+    grant: Option<Arc<Grant>>,
+    /// `--rate-limit` on the messages this socket sends.
+    limiter: Option<ConnectionLimiter>,
 }
 
 /// Splits the upgraded TCP stream and runs the connection to its end.
@@ -142,21 +155,20 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) {
     let (read, writer) = stream.into_split();
-    // hyper hands over what it read past the request as a freeze of its whole read buffer
-    // (8 KiB or more): holding that `Bytes` would keep the buffer alive for the connection's
-    // life. Keep a copy of just the leftover bytes (usually none).
-    let leftover = Bytes::copy_from_slice(&leftover);
-    let read = Cursor::new(leftover).chain(read);
-    // We write through our own half (pre-encoded frames); fastwebsockets only reads, and the
-    // control frames it owes (pong, close echo) come back to us through `read_next`.
-    let (mut reader, _) =
-        fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    // fastwebsockets refuses frames of `len >= max`; our limit is inclusive.
-    reader.set_max_message_size(shared.config.max_message_bytes as usize + 1);
+    // What hyper read past the request (rarely anything) is the start of the first frame.
+    // hyper hands it over as a freeze of its whole read buffer: copy just these bytes.
+    let inbuf = BytesMut::from(&leftover[..]);
+    drop(leftover);
 
-    let (first_room, replay, echo) = match mode {
-        Mode::Rooms { first_room, replay } => (first_room, replay, false),
-        Mode::Echo => (None, None, true),
+    let (first, echo, grant) = match mode {
+        Mode::Rooms { first, grant } => (first, false, grant),
+        Mode::Echo => (None, true, None),
+    };
+    // Echo mode is for conformance runs, which send as fast as they can.
+    let limiter = if echo {
+        None
+    } else {
+        shared.config.connection_rate().map(ConnectionLimiter::new)
     };
     let mut conn = Connection {
         id,
@@ -166,18 +178,19 @@ pub async fn run(
         rooms: SmallVec::new(),
         partial: None,
         echo,
+        grant,
+        limiter,
     };
-    let end = match first_room {
-        Some(room) => match conn.join(&room, replay).await {
-            Ok(()) => None,
-            Err(Ok(_)) => Some(End::Close(1011, "could not join the room")),
-            Err(Err(end)) => Some(end),
-        },
+    let end = match first {
+        Some(joined) => conn.enter(joined).await.err().map(|e| match e {
+            Ok(_) => End::Close(1011, "could not join the room"),
+            Err(end) => end,
+        }),
         None => None,
     };
     let end = match end {
         Some(end) => end,
-        None => conn.serve(reader, &mut shutdown).await,
+        None => conn.serve(read, inbuf, &mut shutdown).await,
     };
     conn.leave_all();
     if let End::Close(code, reason) = end {
@@ -185,50 +198,18 @@ pub async fn run(
     }
 }
 
-/// A frame read from the client, detached from the reader's buffer.
-struct InFrame {
-    fin: bool,
-    opcode: OpCode,
-    payload: BytesMut,
-}
-
-impl From<Frame<'_>> for InFrame {
-    fn from(frame: Frame<'_>) -> Self {
-        let payload = match frame.payload {
-            // fastwebsockets hands out the bytes it read as `Payload::Bytes`: no copy.
-            Payload::Bytes(b) => b,
-            other => BytesMut::from(&other[..]),
-        };
-        InFrame {
-            fin: frame.fin,
-            opcode: frame.opcode,
-            payload,
-        }
-    }
-}
-
-/// Starts reading the next complete frame. fastwebsockets' `read_frame` is not cancel-safe, so
-/// the future owns the reader and is kept alive across `select!` iterations until it finishes;
-/// then it hands the reader back for the next one.
-fn read_next(mut reader: Reader) -> ReadFuture {
-    Box::pin(async move {
-        let mut owed = Vec::new();
-        let res = reader
-            .read_frame(&mut |frame: Frame<'_>| {
-                owed.extend_from_slice(&protocol::encode_control(frame));
-                std::future::ready(Ok::<(), Infallible>(()))
-            })
-            .await
-            .map(InFrame::from);
-        (reader, res, owed)
-    })
-}
-
 impl Connection {
-    /// Runs until the connection must end. The pending read is dropped on return: nothing else
-    /// reads from the socket until `close` drains it.
-    async fn serve(&mut self, reader: Reader, shutdown: &mut Shutdown) -> End {
-        let mut read_fut = read_next(reader);
+    /// Runs until the connection must end. Reading waits for readiness with no buffer held, so an
+    /// idle socket costs no read buffer; `inbuf` holds only a partial frame between reads.
+    async fn serve(
+        &mut self,
+        read: OwnedReadHalf,
+        mut inbuf: BytesMut,
+        shutdown: &mut Shutdown,
+    ) -> End {
+        if let Err(end) = self.drain_frames(&mut inbuf).await {
+            return end;
+        }
         let ping_interval = self.shared.config.ping_interval;
         let mut last_seen = Instant::now();
         let ping_timer = sleep_until(last_seen + ping_interval);
@@ -239,18 +220,14 @@ impl Connection {
             // (its pongs would go unread and it would be dropped for silence).
             tokio::select! {
                 _ = shutdown.recv() => return End::Close(1001, "server shutting down"),
-                (reader, res, owed) = &mut read_fut => {
-                    last_seen = Instant::now();
-                    if !owed.is_empty() && self.write_raw(&owed).await.is_err() {
+                ready = read.readable() => {
+                    if ready.is_err() {
                         return End::Gone;
                     }
-                    let frame = match res {
-                        Ok(frame) => frame,
-                        Err(e) => return end_for_read_error(e),
-                    };
-                    read_fut = read_next(reader);
-                    if let Some(end) = self.on_frame(frame).await {
-                        return end;
+                    match self.read_available(&read, &mut inbuf).await {
+                        Ok(true) => last_seen = Instant::now(),
+                        Ok(false) => {}
+                        Err(end) => return end,
                     }
                 }
                 (index, res) = recv_any(&mut self.rooms) => {
@@ -273,12 +250,67 @@ impl Connection {
         }
     }
 
+    /// One read after a readiness event (one per event, so a fast sender cannot monopolise the
+    /// task), then every complete frame handled in order. Returns whether any bytes came in.
+    /// The buffer is released as soon as it holds no partial frame.
+    async fn read_available(
+        &mut self,
+        read: &OwnedReadHalf,
+        inbuf: &mut BytesMut,
+    ) -> Result<bool, End> {
+        inbuf.reserve(READ_CHUNK);
+        match read.try_read_buf(inbuf) {
+            Ok(0) => return Err(End::Gone),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if inbuf.is_empty() {
+                    *inbuf = BytesMut::new();
+                }
+                return Ok(false);
+            }
+            Err(_) => return Err(End::Gone),
+        }
+        self.drain_frames(inbuf).await?;
+        if inbuf.is_empty() {
+            *inbuf = BytesMut::new();
+        }
+        Ok(true)
+    }
+
+    /// Handles every complete frame in `inbuf`, leaving a partial one in place.
+    async fn drain_frames(&mut self, inbuf: &mut BytesMut) -> Result<(), End> {
+        let max = self.shared.config.max_message_bytes as usize;
+        loop {
+            match frame::decode(inbuf, max) {
+                Ok(None) => return Ok(()),
+                Ok(Some(frame)) => {
+                    if let Some(end) = self.on_frame(frame).await {
+                        return Err(end);
+                    }
+                }
+                Err(e) => {
+                    let (code, reason) = e.close();
+                    return Err(End::Close(code, reason));
+                }
+            }
+        }
+    }
+
     /// Handles one frame from the client; `Some` ends the connection.
     async fn on_frame(&mut self, frame: InFrame) -> Option<End> {
         let max = self.shared.config.max_message_bytes as usize;
         let message = match frame.opcode {
-            OpCode::Close => return Some(End::Gone), // fastwebsockets answered it already
-            OpCode::Ping | OpCode::Pong => return None,
+            OpCode::Close => {
+                return Some(match close_request(&frame.payload) {
+                    CloseRequest::Answer(code) => End::Close(code, ""),
+                    CloseRequest::Refuse(code, reason) => End::Close(code, reason),
+                })
+            }
+            OpCode::Ping => {
+                let pong = protocol::encode_control(Frame::pong(Payload::Borrowed(&frame.payload)));
+                return self.write_raw(&pong).await.err();
+            }
+            OpCode::Pong => return None,
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
                 return Some(End::Close(1002, "expected a continuation frame"));
             }
@@ -335,6 +367,24 @@ impl Connection {
     /// Handles one complete client text message; protocol errors answer with an error frame.
     async fn on_text(&mut self, text: &str) -> Option<End> {
         self.shared.stats.messages_in.inc();
+        if let Some(limiter) = &mut self.limiter {
+            match limiter.check() {
+                Verdict::Allow => {}
+                Verdict::Refuse { retry_after } => {
+                    self.shared.stats.rate_limited.inc();
+                    let err = ProtocolError::rate_limited(
+                        "this socket sends faster than --rate-limit; the message was dropped",
+                        retry_after_ms(retry_after),
+                    );
+                    let frame = protocol::error_frame(&err, None);
+                    return self.write_own(&frame).await.err().and_then(Result::err);
+                }
+                Verdict::Flooding => {
+                    self.shared.stats.rate_limited.inc();
+                    return Some(End::Close(1008, "rate limit exceeded"));
+                }
+            }
+        }
         // `room` borrows from `text`; it is only needed again to label an error frame.
         let (result, room) = match parse_client_message(text) {
             Ok(ClientMessage::Message {
@@ -350,9 +400,14 @@ impl Connection {
                 };
                 (res, room)
             }
-            Ok(ClientMessage::Join { room, replay }) => {
-                (self.join(&room, replay).await, Some(room))
-            }
+            Ok(ClientMessage::Join {
+                room,
+                password,
+                replay,
+            }) => (
+                self.join(&room, password.as_deref(), replay).await,
+                Some(room),
+            ),
             Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
             Ok(ClientMessage::Ping) => (self.write_own(&protocol::pong_frame()).await, None),
             Err(e) => (Err(Ok(e)), None),
@@ -360,7 +415,9 @@ impl Connection {
         match result {
             Ok(()) => None,
             Err(Ok(e)) => {
-                let room = room.filter(|r| validate_room(r).is_ok());
+                // Only a well-formed name is echoed back (`$` names included).
+                let room =
+                    room.filter(|r| matches!(validate_room(r), Ok(()) | Err(NameError::Reserved)));
                 let frame = protocol::error_frame(&e, room.as_deref());
                 self.write_own(&frame).await.err().and_then(Result::err)
             }
@@ -379,17 +436,26 @@ impl Connection {
     ) -> Result<Option<Bytes>, Result<ProtocolError, End>> {
         let target = match room {
             Some(name) => {
-                validate_room(name)
-                    .map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+                validate_room(name).map_err(|e| Ok(room_error(e)))?;
                 self.rooms.iter().find(|m| m.room.name() == name)
             }
-            None if self.rooms.len() > 1 => {
-                return Err(Ok(ProtocolError::new(
-                    "room_required",
-                    "this socket is in several rooms: name one with \"room\"",
-                )))
+            // The server's rooms (`$lobby`) take no messages, so they never make the choice
+            // ambiguous.
+            None => {
+                let mut chat = self.rooms.iter().filter(|m| !is_server_room(m.room.name()));
+                match (chat.next(), chat.next()) {
+                    (Some(_), Some(_)) => {
+                        return Err(Ok(ProtocolError::new(
+                            "room_required",
+                            "this socket is in several rooms: name one with \"room\"",
+                        )))
+                    }
+                    (None, _) if !self.rooms.is_empty() => {
+                        return Err(Ok(room_error(NameError::Reserved)))
+                    }
+                    (only, _) => only,
+                }
             }
-            None => self.rooms.first(),
         };
         let Some(member) = target else {
             return Err(Ok(ProtocolError::new(
@@ -397,6 +463,13 @@ impl Connection {
                 "join the room before sending to it",
             )));
         };
+        if let Err(wait) = member.room.admit() {
+            self.shared.stats.rate_limited.inc();
+            return Err(Ok(ProtocolError::rate_limited(
+                "the room is at its --room-rate-limit; the message was dropped",
+                retry_after_ms(wait),
+            )));
+        }
         let published = member.room.publish_message(&Publish {
             user: &self.user,
             text,
@@ -415,13 +488,31 @@ impl Connection {
     }
 
     /// Joins `name` and writes its welcome frame, then the past messages `replay` asks for.
-    /// `Err(Ok(_))` is answered with an error frame; `Err(Err(_))` ends the connection.
+    /// Checks, in order: the name, the access token, then (under the room's lock, in
+    /// `Hub::join_with_replay`) password and member cap, subscribing and taking the replay in
+    /// the same step. `Err(Ok(_))` is answered with an error frame; `Err(Err(_))` ends the
+    /// connection.
     async fn join(
         &mut self,
         name: &str,
+        password: Option<&str>,
         replay: Option<ReplayRequest>,
     ) -> Result<(), Result<ProtocolError, End>> {
-        validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+        validate_joinable_room(name).map_err(|e| Ok(room_error(e)))?;
+        if let Some(grant) = &self.grant {
+            if grant.expired() {
+                return Err(Ok(ProtocolError::new(
+                    "token_expired",
+                    "the access token has expired: reconnect with a fresh one",
+                )));
+            }
+            if !grant.allows(name) {
+                return Err(Ok(ProtocolError::new(
+                    "forbidden_room",
+                    "the access token does not allow this room",
+                )));
+            }
+        }
         if self.rooms.iter().any(|m| m.room.name() == name) {
             return Err(Ok(ProtocolError::new(
                 "already_joined",
@@ -440,13 +531,19 @@ impl Connection {
         let joined = self
             .shared
             .hub
-            .join_with_replay(name, self.id, &self.user, replay);
+            .join_with_replay(name, self.id, &self.user, password, replay)
+            .map_err(|e| Ok(ProtocolError::new(e.code(), e.to_string())))?;
+        self.enter(joined).await
+    }
+
+    /// Takes a membership `Hub::join` granted and writes its welcome frame, then its replay
+    /// (announcement and past messages), all before anything live from the room.
+    async fn enter(&mut self, joined: Joined) -> Result<(), Result<ProtocolError, End>> {
         self.rooms
             .push(Membership::new(joined.room, joined.rx, joined.last_seq));
         let Some(replay) = joined.replay else {
             return self.write_own(&joined.welcome).await;
         };
-        // Welcome, announcement, past messages: written before anything live from the room.
         let mut frames: Vec<&[u8]> = Vec::with_capacity(replay.frames.len() + 2);
         frames.push(&joined.welcome);
         frames.push(&replay.header);
@@ -463,7 +560,7 @@ impl Connection {
     }
 
     async fn leave(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
-        validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+        validate_joinable_room(name).map_err(|e| Ok(room_error(e)))?;
         let Some(index) = self.rooms.iter().position(|m| m.room.name() == name) else {
             return Err(Ok(ProtocolError::new(
                 "not_joined",
@@ -600,6 +697,11 @@ impl Connection {
     }
 }
 
+/// The error frame's content for a refused room name.
+fn room_error(e: NameError) -> ProtocolError {
+    ProtocolError::new(e.room_code(), e.room_reason())
+}
+
 /// Waits for the next frame from any of the rooms. Cancel-safe: `broadcast::Receiver::recv`
 /// loses nothing when dropped before completion.
 async fn recv_any(rooms: &mut [Membership]) -> (usize, Result<Arc<Outbound>, RecvError>) {
@@ -630,19 +732,4 @@ async fn write_all_vectored(writer: &mut OwnedWriteHalf, frames: &[&[u8]]) -> io
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
-}
-
-/// The close code for a frame the reader refused.
-fn end_for_read_error(e: WebSocketError) -> End {
-    match e {
-        // fastwebsockets already queued its own close 1002 for a bad close code: it was sent
-        // with `owed` above.
-        WebSocketError::InvalidCloseCode => End::Gone,
-        WebSocketError::FrameTooLarge => End::Close(1009, "message too big"),
-        WebSocketError::InvalidUTF8 => End::Close(1007, "invalid utf-8"),
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => End::Gone,
-        _ => End::Close(1002, "protocol error"),
-    }
 }

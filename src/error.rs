@@ -15,6 +15,10 @@ pub enum Error {
     Db(#[from] rusqlite::Error),
     #[error("upgraded connection is not a TCP stream")]
     NotTcp,
+    #[error("cannot make a token: {0}")]
+    Token(String),
+    #[error("{0}")]
+    Settings(#[from] crate::settings::SettingsError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -2,12 +2,16 @@
 //! upgrade request happens here, before the 101, so a refusal is a status code and a JSON body).
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ORIGIN, RETRY_AFTER,
+    SEC_WEBSOCKET_PROTOCOL, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -15,19 +19,22 @@ use serde_json::json;
 use tokio::net::TcpStream;
 
 use crate::archive::payload_of;
+use crate::auth::{self, AuthError, Grant};
 use crate::connection::Mode;
 use crate::history::ReplayRequest;
+use crate::limit::retry_after_ms;
 use crate::names::{validate_room, validate_user};
 use crate::room::Publish;
 use crate::server::Shared;
 use crate::stats::rss_bytes;
+use crate::target::{parse_user, parse_ws_target, WsTarget};
 
 pub type Body = Full<Bytes>;
 
 const INDEX_HTML: &str = include_str!("../web/index.html");
 
 /// Answers one HTTP request. Never fails: every problem is a status code with a JSON body.
-pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(shared: Arc<Shared>, peer: IpAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -51,9 +58,12 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                 return method_not_allowed(&[Method::GET, Method::POST]);
             }
             match decode_room(room) {
-                Ok(room) if method == Method::GET => history_page(&shared, room, &req)
-                    .await
-                    .unwrap_or_else(|e| e.response()),
+                Ok(room) if method == Method::GET => match read_refusal(&shared, &room, &req) {
+                    None => history_page(&shared, room, &req)
+                        .await
+                        .unwrap_or_else(|e| e.response()),
+                    Some(refusal) => refusal,
+                },
                 Ok(room) => publish(&shared, &room, req).await,
                 Err(e) => e.response(),
             }
@@ -62,12 +72,14 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            let mode = requested_room(&req, segments.get(1).copied()).and_then(|first_room| {
-                let replay = requested_replay(&req, first_room.is_some())?;
-                Ok(Mode::Rooms { first_room, replay })
+            let wanted = parse_ws_target(&path, req.uri().query()).and_then(|t| {
+                let replay = requested_replay(&req, t.room.is_some())?;
+                Ok((t, replay))
             });
-            match mode {
-                Ok(mode) => websocket(shared, req, mode),
+            match wanted {
+                Ok((WsTarget { room, user }, replay)) => {
+                    websocket(shared, peer, req, room, replay, user)
+                }
                 Err(e) => e.response(),
             }
         }
@@ -75,7 +87,10 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            websocket(shared, req, Mode::Echo)
+            match parse_user(req.uri().query()) {
+                Ok(user) => upgrade(shared, peer, req, Wanted::Echo, None, user),
+                Err(e) => e.response(),
+            }
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
@@ -142,6 +157,18 @@ impl ApiError {
     pub fn response(&self) -> Response<Body> {
         error(self.status, self.code, &self.reason)
     }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
 }
 
 /// The error body every refusal uses: `{"error": code, "reason": text}`.
@@ -193,8 +220,16 @@ fn number_param(
     }
 }
 
-/// A room name from a path segment: percent-decoded, then validated.
-fn decode_room(raw: &str) -> Result<String, ApiError> {
+/// A room name from a path segment: percent-decoded, then validated (`$` names refused).
+pub(crate) fn decode_room(raw: &str) -> Result<String, ApiError> {
+    decode_room_with(raw, validate_room)
+}
+
+/// A room name from a path segment, percent-decoded, then checked by `validate`.
+pub(crate) fn decode_room_with(
+    raw: &str,
+    validate: fn(&str) -> Result<(), crate::names::NameError>,
+) -> Result<String, ApiError> {
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| {
@@ -204,8 +239,8 @@ fn decode_room(raw: &str) -> Result<String, ApiError> {
                 "room name is not valid UTF-8",
             )
         })?;
-    validate_room(&decoded)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()))?;
+    validate(&decoded)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason()))?;
     Ok(decoded.into_owned())
 }
 
@@ -232,6 +267,8 @@ fn stats(shared: &Shared) -> Response<Body> {
             "frames_encoded": s.frames_encoded.get(),
             "evictions": s.evictions.get(),
             "connections_refused": s.connections_refused.get(),
+            "rate_limited": s.rate_limited.get(),
+            "auth_refused": s.auth_refused.get(),
             "duplicates": s.duplicates.get(),
             "lag_resyncs": s.lag_resyncs.get(),
             "history_db_written": s.history_db_written.get(),
@@ -374,6 +411,48 @@ async fn history_page(
     Ok(resp)
 }
 
+/// Why the request may not read `room`'s messages, if it may not: reading is for whoever could
+/// join the room. A request carrying `--api-key` reads any room (backends); otherwise
+/// `--jwt-secret` needs a token (`Authorization: Bearer` or `?token=`) that allows the room
+/// (401/403), and a room with a password needs it as `?password=` (403 `bad_password`), as on
+/// the upgrade URL.
+fn read_refusal(shared: &Shared, room: &str, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if let Some(key) = shared.config.api_key.as_deref() {
+        if auth::api_key_matches(req.headers(), key) {
+            return None;
+        }
+    }
+    if let Some(verifier) = &shared.auth {
+        let query_token = query_param(req, "token");
+        let Some((token, _)) = auth::find_token(req.headers(), query_token.as_deref()) else {
+            shared.stats.auth_refused.inc();
+            return Some(unauthorized(&AuthError::Missing));
+        };
+        let grant = match verifier.verify(token) {
+            Ok(grant) => grant,
+            Err(e) => {
+                shared.stats.auth_refused.inc();
+                return Some(unauthorized(&e));
+            }
+        };
+        if !grant.allows(room) {
+            shared.stats.auth_refused.inc();
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                "forbidden_room",
+                "the access token does not allow this room",
+            ));
+        }
+    }
+    let expected = shared.hub.settings().resolve(room).password?;
+    let e = match query_param(req, "password") {
+        Some(given) if expected.matches(&given) => return None,
+        Some(_) => crate::hub::JoinError::WrongPassword,
+        None => crate::hub::JoinError::PasswordRequired,
+    };
+    Some(error(StatusCode::FORBIDDEN, e.code(), &e.to_string()))
+}
+
 /// `history=N` or `since=SEQ` on a chat upgrade URL; only with a room to join.
 fn requested_replay(
     req: &Request<Incoming>,
@@ -409,6 +488,18 @@ struct PublishBody {
 }
 
 async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Response<Body> {
+    if let Some(key) = shared.config.api_key.as_deref() {
+        if !auth::api_key_matches(req.headers(), key) {
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs `Authorization: Bearer <api key>`",
+            );
+            resp.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
     let max = shared.config.max_message_bytes as usize;
     let too_large = || {
         error(
@@ -485,6 +576,9 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
             "no room of that name has members",
         );
     };
+    if let Err(wait) = room_ref.admit() {
+        return rate_limited(wait);
+    }
     let published = room_ref.publish_message(&Publish {
         user: &user,
         text: &text,
@@ -504,40 +598,154 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
     json_response(StatusCode::ACCEPTED, &body)
 }
 
-/// Decrements the connection gauge when a WebSocket task ends (or never starts).
-struct ConnectionGuard(Arc<Shared>);
+/// 429 with `Retry-After` (whole seconds, rounded up) and `retry_after_ms` in the body.
+fn rate_limited(wait: std::time::Duration) -> Response<Body> {
+    let ms = retry_after_ms(wait);
+    let mut resp = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &json!({
+            "error": "rate_limited",
+            "reason": "the room's --room-rate-limit is reached",
+            "retry_after_ms": ms,
+        }),
+    );
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+    resp
+}
+
+/// Gives back what an accepted upgrade holds (the connection gauge and the per-IP count) when
+/// its task ends, or never starts.
+struct ConnectionGuard {
+    shared: Arc<Shared>,
+    ip: Option<IpAddr>,
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.stats.connections.dec();
+        self.shared.stats.connections.dec();
+        if let (Some(ip), Some(per_ip)) = (self.ip, &self.shared.per_ip) {
+            per_ip.release(ip);
+        }
     }
 }
 
-/// The room a chat upgrade asks to join first: the path segment (`/ws/{room}`), else the
-/// `room` query parameter (`/ws?room=`), else none.
-fn requested_room(
-    req: &Request<Incoming>,
-    path_segment: Option<&str>,
-) -> Result<Option<String>, ApiError> {
-    if let Some(raw) = path_segment {
-        return decode_room(raw).map(Some);
-    }
-    match query_param(req, "room") {
-        Some(r) => validate_room(&r)
-            .map(|()| Some(r.into_owned()))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason())),
-        None => Ok(None),
-    }
-}
-
-/// Checks and upgrades a WebSocket request for `mode` (whose room, if any, is already valid).
-fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Response<Body> {
-    let user = match query_param(&req, "user").or_else(|| query_param(&req, "username")) {
-        Some(u) => match validate_user(&u) {
-            Ok(()) => Some(u.into_owned()),
-            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_user", e.user_reason()),
-        },
+/// Checks a chat upgrade (token, room grant) and upgrades it. `first_room` is already valid;
+/// `replay` (`history`/`since`) is taken with the first room's join.
+fn websocket(
+    shared: Arc<Shared>,
+    peer: IpAddr,
+    req: Request<Incoming>,
+    first_room: Option<String>,
+    replay: Option<ReplayRequest>,
+    user: Option<String>,
+) -> Response<Body> {
+    let grant = match &shared.auth {
         None => None,
+        Some(verifier) => {
+            let query_token = query_param(&req, "token");
+            let Some((token, _)) = auth::find_token(req.headers(), query_token.as_deref()) else {
+                shared.stats.auth_refused.inc();
+                return unauthorized(&AuthError::Missing);
+            };
+            let grant = match verifier.verify(token) {
+                Ok(grant) => grant,
+                Err(e) => {
+                    shared.stats.auth_refused.inc();
+                    return unauthorized(&e);
+                }
+            };
+            if let Some(room) = &first_room {
+                if !grant.allows(room) {
+                    shared.stats.auth_refused.inc();
+                    return error(
+                        StatusCode::FORBIDDEN,
+                        "forbidden_room",
+                        "the access token does not allow this room",
+                    );
+                }
+            }
+            if user.as_deref().is_some_and(|u| u != &*grant.user) {
+                shared.stats.auth_refused.inc();
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden_user",
+                    "the user name comes from the access token's `sub`",
+                );
+            }
+            Some(Arc::new(grant))
+        }
+    };
+    upgrade(
+        shared,
+        peer,
+        req,
+        Wanted::Rooms { first_room, replay },
+        grant,
+        user,
+    )
+}
+
+/// What an upgrade request asks for, before anything is granted.
+enum Wanted {
+    /// The chat protocol; the first room's name is already valid. `replay` is only asked for
+    /// with a first room.
+    Rooms {
+        first_room: Option<String>,
+        replay: Option<ReplayRequest>,
+    },
+    Echo,
+}
+
+fn unauthorized(e: &AuthError) -> Response<Body> {
+    let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+    resp.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Whether the browser `Origin` of the request may open a WebSocket (`--allowed-origins`).
+fn origin_allowed(shared: &Shared, req: &Request<Incoming>) -> bool {
+    let allowed = &shared.config.allowed_origins;
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        return true;
+    }
+    match req.headers().get(ORIGIN) {
+        // Not a browser: origin checks protect browsers' ambient credentials only.
+        None => true,
+        Some(origin) => origin.to_str().is_ok_and(|o| {
+            let o = o.trim_end_matches('/');
+            allowed
+                .iter()
+                .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(o))
+        }),
+    }
+}
+
+/// Whether the client offered the `roomcast` subprotocol (then the response selects it).
+fn offers_subprotocol(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == auth::SUBPROTOCOL)
+}
+
+/// Checks and upgrades a WebSocket request. The first room is joined here, before the 101, so a
+/// wrong password or a full room is an HTTP 403 and leaves no membership behind.
+fn upgrade(
+    shared: Arc<Shared>,
+    peer: IpAddr,
+    mut req: Request<Incoming>,
+    wanted: Wanted,
+    grant: Option<Arc<Grant>>,
+    user: Option<String>,
+) -> Response<Body> {
+    // With auth on, the user name is the token's `sub` (a different `user=` was refused).
+    let user = match &grant {
+        Some(grant) => Some(grant.user.to_string()),
+        None => user,
     };
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return error(
@@ -553,9 +761,35 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
             "the server is shutting down",
         );
     }
+    if !origin_allowed(&shared, &req) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this Origin is not in --allowed-origins",
+        );
+    }
+    let ip = match &shared.per_ip {
+        Some(per_ip) => {
+            if !per_ip.try_acquire(peer) {
+                shared.stats.connections_refused.inc();
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections_from_ip",
+                    "this address holds --max-connections-per-ip connections",
+                );
+            }
+            Some(peer)
+        }
+        None => None,
+    };
     let stats = &shared.stats;
-    if stats.connections.inc() >= shared.config.max_connections as i64 {
-        stats.connections.dec();
+    // From here on the guard gives back the per-IP count and the gauge on every path.
+    stats.connections.inc();
+    let guard = ConnectionGuard {
+        shared: shared.clone(),
+        ip,
+    };
+    if stats.connections.get() > shared.config.max_connections as i64 {
         stats.connections_refused.inc();
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -563,13 +797,37 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
             "the server is at --max-connections",
         );
     }
-    let guard = ConnectionGuard(shared.clone());
+    let select_protocol = offers_subprotocol(&req);
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
     let id = shared.next_id();
     let user: Arc<str> = user.unwrap_or_else(|| format!("anon-{id}")).into();
+    let mode = match wanted {
+        Wanted::Echo => Mode::Echo,
+        Wanted::Rooms {
+            first_room: None, ..
+        } => Mode::Rooms { first: None, grant },
+        Wanted::Rooms {
+            first_room: Some(room),
+            replay,
+        } => {
+            // The password travels in the query only; it is never logged. The replay is taken
+            // with the membership (atomic with publishing) and written after the welcome.
+            let password = query_param(&req, "password");
+            match shared
+                .hub
+                .join_with_replay(&room, id, &user, password.as_deref(), replay)
+            {
+                Ok(joined) => Mode::Rooms {
+                    first: Some(joined),
+                    grant,
+                },
+                Err(e) => return error(StatusCode::FORBIDDEN, e.code(), &e.to_string()),
+            }
+        }
+    };
     let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let _guard = guard;
@@ -577,6 +835,7 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
             Ok(ws) => ws,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade did not complete");
+                mode.abandon(&shared, id);
                 return;
             }
         };
@@ -587,9 +846,18 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
                 crate::connection::run(shared, stream, parts.read_buf, id, user, mode, shutdown)
                     .await;
             }
-            Err(_) => tracing::error!("{}", crate::Error::NotTcp),
+            Err(_) => {
+                tracing::error!("{}", crate::Error::NotTcp);
+                mode.abandon(&shared, id);
+            }
         }
     });
-    let (parts, _) = response.into_parts();
+    let (mut parts, _) = response.into_parts();
+    if select_protocol {
+        parts.headers.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(auth::SUBPROTOCOL),
+        );
+    }
     Response::from_parts(parts, Full::new(Bytes::new()))
 }

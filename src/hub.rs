@@ -1,18 +1,23 @@
 //! The room registry: a sharded map from room name to `Room`. It owns the life of rooms: created
 //! on first join, removed with the last leave. Both happen under the shard lock, so a joiner can
-//! never land in a room that was just removed from the map.
+//! never land in a room that was just removed from the map. Admission (password, member cap)
+//! is decided under the same locks, and the `$lobby` is told of every room created and closed.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
 use crate::history::{History, HistoryService, Replay, ReplayRequest};
+use crate::limit::RateSpec;
+use crate::lobby::Lobby;
+use crate::names::LOBBY;
 use crate::protocol::Outbound;
 use crate::room::Room;
+use crate::settings::{RoomSettings, Settings};
 use crate::stats::Stats;
 
 type Shard = Mutex<HashMap<Box<str>, Arc<Room>>>;
@@ -20,13 +25,54 @@ type Shard = Mutex<HashMap<Box<str>, Arc<Room>>>;
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: RandomState,
-    /// Broadcast ring size of every new room (`--room-buffer`).
-    room_buffer: usize,
+    /// Per-room settings (`--room-buffer`, `--rooms-config`); read when a room is created,
+    /// replaced on reload.
+    settings: RwLock<Arc<Settings>>,
+    /// Publish limit of new rooms whose settings do not set `rate_limit` (`--room-rate-limit`).
+    room_rate: Option<RateSpec>,
     /// History settings and archive, shared by every room.
     history: Arc<HistoryService>,
     stats: Arc<Stats>,
     /// Rooms with joins or leaves not yet announced; drained by the presence task.
     presence_queue: Mutex<Vec<Arc<Room>>>,
+    lobby: Lobby,
+}
+
+/// Why a join was refused. Nothing changed: no membership, no room created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("this room needs a password")]
+    PasswordRequired,
+    #[error("wrong password for this room")]
+    WrongPassword,
+    #[error("the room is full ({max} members)")]
+    RoomFull { max: u32 },
+}
+
+impl JoinError {
+    /// The error code clients see (HTTP 403 body or error frame).
+    pub fn code(&self) -> &'static str {
+        match self {
+            JoinError::PasswordRequired | JoinError::WrongPassword => "bad_password",
+            JoinError::RoomFull { .. } => "room_full",
+        }
+    }
+}
+
+/// Whether a joiner may enter a room with `settings` that has `members` now. The password is
+/// checked first, so a full room tells nothing to someone without it.
+fn admit(settings: &RoomSettings, members: usize, password: Option<&str>) -> Result<(), JoinError> {
+    if let Some(expected) = &settings.password {
+        match password {
+            None => return Err(JoinError::PasswordRequired),
+            Some(given) if !expected.matches(given) => return Err(JoinError::WrongPassword),
+            Some(_) => {}
+        }
+    }
+    match settings.max_members {
+        Some(max) if members >= max as usize => Err(JoinError::RoomFull { max }),
+        _ => Ok(()),
+    }
 }
 
 /// What a successful join hands to the connection.
@@ -42,31 +88,52 @@ pub struct Joined {
 }
 
 impl Hub {
-    /// A registry whose rooms keep no history.
+    /// A hub whose rooms all get `room_buffer` and no restriction (no settings file), and keep
+    /// no history.
     pub fn new(shards: usize, room_buffer: usize, stats: Arc<Stats>) -> Self {
-        Self::with_history(
+        Self::with_settings(
             shards,
-            room_buffer,
-            Arc::new(HistoryService::disabled()),
+            Settings::from_flags(room_buffer),
+            crate::lobby::DEFAULT_TOP,
             stats,
         )
     }
 
-    pub fn with_history(
+    /// A hub with per-room `settings`, whose lobby lists the `lobby_top` busiest rooms.
+    pub fn with_settings(
         shards: usize,
-        room_buffer: usize,
-        history: Arc<HistoryService>,
+        settings: Settings,
+        lobby_top: usize,
         stats: Arc<Stats>,
     ) -> Self {
         let shards = shards.max(1).next_power_of_two();
         Hub {
             shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
-            room_buffer: room_buffer.max(1),
-            history,
+            settings: RwLock::new(Arc::new(settings)),
+            room_rate: None,
+            history: Arc::new(HistoryService::disabled()),
+            lobby: Lobby::new(lobby_top, stats.clone()),
             stats,
             presence_queue: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Sets the publish limit of rooms created from now on whose settings do not set one.
+    pub fn with_room_rate(mut self, spec: Option<RateSpec>) -> Self {
+        self.room_rate = spec;
+        self
+    }
+
+    /// Gives rooms created from now on history (their ring holds the resolved per-room
+    /// `history` setting, `--history` where the settings leave it unset) and the archive.
+    pub fn with_history(mut self, history: Arc<HistoryService>) -> Self {
+        self.history = history;
+        self
+    }
+
+    pub fn history(&self) -> &Arc<HistoryService> {
+        &self.history
     }
 
     fn shard(&self, name: &str) -> &Shard {
@@ -74,66 +141,93 @@ impl Hub {
         &self.shards[h & (self.shards.len() - 1)]
     }
 
-    pub fn history(&self) -> &Arc<HistoryService> {
-        &self.history
-    }
-
-    /// Adds member `id` named `user` to room `name`, creating the room if needed.
-    /// The name must already be valid.
-    pub fn join(&self, name: &str, id: u64, user: &Arc<str>) -> Joined {
-        self.join_with_replay(name, id, user, None)
+    /// Adds member `id` named `user` to room `name` (`$lobby` included), creating the room if
+    /// needed, if `password` and the room's member cap allow. The name must already be valid.
+    /// The checks and the membership happen under the shard and room locks: two joiners can
+    /// never both take a room's last place.
+    pub fn join(
+        &self,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        password: Option<&str>,
+    ) -> Result<Joined, JoinError> {
+        self.join_with_replay(name, id, user, password, None)
     }
 
     /// `join`, also taking the past messages `replay` asks for, atomically with the
-    /// subscription (no gap, no duplicate between them and live messages).
+    /// subscription (no gap, no duplicate between them and live messages). A refused join
+    /// replays nothing.
     pub fn join_with_replay(
         &self,
         name: &str,
         id: u64,
         user: &Arc<str>,
+        password: Option<&str>,
         replay: Option<ReplayRequest>,
-    ) -> Joined {
+    ) -> Result<Joined, JoinError> {
+        if name == LOBBY {
+            return Ok(self.lobby.join(id, user, replay));
+        }
         let mut shard = self.shard(name).lock();
-        let room = match shard.get(name) {
-            Some(room) => room.clone(),
+        let (room, created) = match shard.get(name) {
+            Some(room) => (room.clone(), false),
             None => {
-                let room = self.create_room(name, self.history.settings().capacity);
+                let settings = self.settings.read().resolve(name);
+                admit(&settings, 0, password)?;
+                let room = self.create_room(name, settings);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
-                room
+                self.lobby.room_created(name);
+                (room, true)
             }
         };
         let mut state = room.lock();
+        if !created {
+            admit(&state.settings, state.members.len(), password)?;
+        }
         let (rx, welcome, replay) = room.add_member(&mut state, id, user, replay);
         let last_seq = state.seq();
         self.queue_presence(&room, &mut state);
         drop(state);
         drop(shard);
-        Joined {
+        self.lobby.counts_changed();
+        Ok(Joined {
             room,
             rx,
             welcome,
             replay,
             last_seq,
-        }
+        })
     }
 
-    /// A new room keeping `history_capacity` messages, continuing from its archived past.
-    /// Called under the shard lock.
-    fn create_room(&self, name: &str, history_capacity: usize) -> Arc<Room> {
-        let seed = self.history.new_room(name, history_capacity);
-        Arc::new(Room::new(
-            name,
-            self.room_buffer,
-            seed,
-            self.history.clone(),
-            self.stats.clone(),
-        ))
+    /// A new room with `settings`, continuing from its archived past. Its history ring holds
+    /// `settings.history` messages, or `--history` where the settings leave it unset.
+    /// Called under the shard lock, so it never races the same room's `retire`.
+    fn create_room(&self, name: &str, settings: RoomSettings) -> Arc<Room> {
+        let capacity = settings
+            .history
+            .map_or(self.history.settings().capacity, |n| n as usize);
+        let seed = self.history.new_room(name, capacity);
+        let limiter = crate::limit::room_limiter(settings.rate_limit, self.room_rate);
+        Arc::new(
+            Room::new(
+                name,
+                settings,
+                seed,
+                self.history.clone(),
+                self.stats.clone(),
+            )
+            .with_limiter(limiter),
+        )
     }
 
     /// Removes member `id` from `room`; the room leaves the map with its last member.
     /// Returns whether the member was there.
     pub fn leave(&self, room: &Arc<Room>, id: u64) -> bool {
+        if self.lobby.is(room) {
+            return self.lobby.leave(id);
+        }
         let mut shard = self.shard(room.name()).lock();
         let mut state = room.lock();
         if !room.remove_member(&mut state, id) {
@@ -148,11 +242,41 @@ impl Hub {
                 state.retired = true;
                 let history = std::mem::replace(&mut state.history, History::new(0));
                 self.history.retire(room.name_arc(), state.seq(), history);
+                self.lobby.room_closed(room.name());
             }
         } else {
             self.queue_presence(room, &mut state);
         }
+        drop(state);
+        drop(shard);
+        self.lobby.counts_changed();
         true
+    }
+
+    /// Puts new settings in force: rooms created from now on get them whole; every existing
+    /// room takes its new password, cap and presence mode now (its broadcast and history rings
+    /// keep their sizes until the room closes).
+    pub fn reload(&self, settings: Settings) {
+        let settings = Arc::new(settings);
+        // Swap first: a room created while the loop below runs either reads the new settings or
+        // sits in a shard the loop has yet to visit.
+        *self.settings.write() = settings.clone();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            for (name, room) in shard.iter() {
+                room.lock().settings = settings.resolve(name);
+            }
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().clone()
+    }
+
+    /// Sends the lobby's coalesced frames for this tick (nothing when nobody is in it).
+    pub fn flush_lobby(&self) {
+        self.lobby.flush(|top| self.list(top));
     }
 
     fn queue_presence(&self, room: &Arc<Room>, state: &mut crate::room::RoomState) {
@@ -216,8 +340,8 @@ mod tests {
     fn rooms_live_exactly_as_long_as_their_members() {
         let hub = hub();
         let alice: Arc<str> = "alice".into();
-        let a = hub.join("r", 1, &alice);
-        let b = hub.join("r", 2, &alice);
+        let a = hub.join("r", 1, &alice, None).unwrap();
+        let b = hub.join("r", 2, &alice, None).unwrap();
         assert!(Arc::ptr_eq(&a.room, &b.room));
         assert_eq!(hub.room_count(), 1);
         assert!(hub.leave(&a.room, 1));
@@ -227,7 +351,7 @@ mod tests {
         assert!(hub.get("r").is_none());
         assert_eq!(hub.room_count(), 0);
         // A fresh join creates a fresh room.
-        let c = hub.join("r", 3, &alice);
+        let c = hub.join("r", 3, &alice, None).unwrap();
         assert!(!Arc::ptr_eq(&c.room, &a.room));
     }
 
@@ -235,10 +359,10 @@ mod tests {
     fn welcome_seq_is_the_last_seq_before_the_joiner() {
         let hub = hub();
         let u: Arc<str> = "u".into();
-        let a = hub.join("r", 1, &u);
+        let a = hub.join("r", 1, &u, None).unwrap();
         assert_eq!(a.room.publish("u", "one", 1, false), 1);
         assert_eq!(a.room.publish("u", "two", 1, false), 2);
-        let mut b = hub.join("r", 2, &u);
+        let mut b = hub.join("r", 2, &u, None).unwrap();
         let v: serde_json::Value = payload(&b.welcome);
         assert_eq!(v["seq"], 2);
         assert_eq!(v["members"], 2);
@@ -261,7 +385,7 @@ mod tests {
                     for i in 0..2000u64 {
                         let id = t * 1_000_000 + i;
                         let name = format!("r{}", i % 3);
-                        let j = hub.join(&name, id, &u);
+                        let j = hub.join(&name, id, &u, None).unwrap();
                         assert!(hub.get(&name).is_some_and(|r| Arc::ptr_eq(&r, &j.room)));
                         assert!(hub.leave(&j.room, id));
                     }
@@ -275,13 +399,170 @@ mod tests {
         assert_eq!(hub.stats.rooms.get(), 0);
     }
 
+    fn hub_with(file: &str) -> Hub {
+        let settings = Settings::parse(file, "test.toml", 16).unwrap();
+        Hub::with_settings(4, settings, 50, Arc::new(Stats::new()))
+    }
+
+    #[test]
+    fn racing_joiners_never_exceed_the_member_cap() {
+        let hub = Arc::new(hub_with("[rooms.capped]\nmax_members = 5\n"));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let hub = hub.clone();
+                std::thread::spawn(move || {
+                    let u: Arc<str> = "u".into();
+                    let mut kept = Vec::new();
+                    for i in 0..200u64 {
+                        match hub.join("capped", t * 1000 + i, &u, None) {
+                            Ok(j) => kept.push(j),
+                            Err(e) => assert_eq!(e, JoinError::RoomFull { max: 5 }),
+                        }
+                    }
+                    kept
+                })
+            })
+            .collect();
+        let joined: Vec<Joined> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(joined.len(), 5, "exactly the cap got in");
+        assert_eq!(hub.get("capped").unwrap().member_count(), 5);
+        // One leaves: exactly one more place.
+        let room = &joined[0].room;
+        let id = room.info(1, None).users[0].id;
+        assert!(hub.leave(room, id));
+        let u: Arc<str> = "late".into();
+        assert!(hub.join("capped", 9_999, &u, None).is_ok());
+        assert!(hub.join("capped", 10_000, &u, None).is_err());
+    }
+
+    #[test]
+    fn a_refused_join_creates_nothing() {
+        let hub = hub_with("[rooms.\"vip:*\"]\npassword = \"pw\"\nmax_members = 1\n");
+        let u: Arc<str> = "u".into();
+        assert_eq!(
+            hub.join("vip:1", 1, &u, None).err(),
+            Some(JoinError::PasswordRequired)
+        );
+        assert_eq!(
+            hub.join("vip:1", 1, &u, Some("PW")).err(),
+            Some(JoinError::WrongPassword)
+        );
+        assert_eq!(
+            hub.room_count(),
+            0,
+            "no room was created for a refused join"
+        );
+        let a = hub.join("vip:1", 1, &u, Some("pw")).unwrap();
+        // Full, but the password is checked first.
+        assert_eq!(
+            hub.join("vip:1", 2, &u, Some("x")).err(),
+            Some(JoinError::WrongPassword)
+        );
+        assert_eq!(
+            hub.join("vip:1", 2, &u, Some("pw")).err(),
+            Some(JoinError::RoomFull { max: 1 })
+        );
+        assert_eq!(JoinError::WrongPassword.code(), "bad_password");
+        assert_eq!(JoinError::RoomFull { max: 1 }.code(), "room_full");
+        let info = a.room.info(10, None);
+        assert!(info.password_protected);
+        assert_eq!(info.max_members, Some(1));
+        assert!(
+            hub.join("open", 3, &u, None).is_ok(),
+            "other rooms are open"
+        );
+    }
+
+    #[test]
+    fn reload_reaches_existing_rooms_and_new_ones() {
+        let hub = hub_with("[rooms.a]\nmax_members = 1\n");
+        let u: Arc<str> = "u".into();
+        let a = hub.join("a", 1, &u, None).unwrap();
+        assert!(hub.join("a", 2, &u, None).is_err());
+        hub.reload(
+            Settings::parse(
+                "[defaults]\nroom_buffer = 3\n[rooms.a]\npassword = \"p\"\n",
+                "t",
+                16,
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            hub.join("a", 2, &u, None).err(),
+            Some(JoinError::PasswordRequired),
+            "the cap is gone and the password is in force for the live room"
+        );
+        assert!(hub.join("a", 2, &u, Some("p")).is_ok());
+        assert_eq!(a.room.info(1, None).max_members, None);
+        assert_eq!(hub.settings().resolve("b").room_buffer, 3);
+    }
+
+    #[test]
+    fn room_buffer_sizes_new_rooms_and_a_reload_leaves_live_rings_alone() {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let hub = hub_with("[rooms.\"tiny:*\"]\nroom_buffer = 2\n");
+        let u: Arc<str> = "u".into();
+        let lags_after = |j: &mut Joined, n: u64| {
+            for i in 0..n {
+                j.room.publish("u", &format!("m{i}"), 0, false);
+            }
+            matches!(j.rx.try_recv(), Err(TryRecvError::Lagged(_)))
+        };
+        let mut tiny = hub.join("tiny:1", 1, &u, None).unwrap();
+        assert!(lags_after(&mut tiny, 3), "a 2-frame ring overflows at 3");
+        let mut other = hub.join("other", 2, &u, None).unwrap();
+        assert!(!lags_after(&mut other, 3), "the flag's 16 frames elsewhere");
+
+        hub.reload(Settings::parse("[rooms.\"tiny:*\"]\nroom_buffer = 64\n", "t", 16).unwrap());
+        let mut live = hub.join("tiny:1", 3, &u, None).unwrap();
+        assert!(lags_after(&mut live, 3), "the live room keeps its ring");
+        let mut fresh = hub.join("tiny:2", 4, &u, None).unwrap();
+        assert!(
+            !lags_after(&mut fresh, 40),
+            "a room created after the reload gets 64"
+        );
+    }
+
+    #[test]
+    fn the_lobby_is_not_a_room() {
+        let hub = hub();
+        let u: Arc<str> = "u".into();
+        let mut l = hub.join(LOBBY, 1, &u, None).unwrap();
+        assert_eq!(payload(&l.welcome)["room"], LOBBY);
+        assert_eq!(hub.room_count(), 0);
+        assert!(hub.get(LOBBY).is_none());
+        assert_eq!(hub.stats.rooms.get(), 0);
+        let r = hub.join("r", 2, &u, None).unwrap();
+        hub.flush_lobby();
+        assert_eq!(
+            payload(&l.rx.try_recv().unwrap().frame),
+            serde_json::json!({"type": "room_created", "room": "r"})
+        );
+        let counts = payload(&l.rx.try_recv().unwrap().frame);
+        assert_eq!(
+            counts,
+            serde_json::json!({"type": "room_counts", "rooms": [{"room": "r", "members": 1}], "total": 1})
+        );
+        assert!(hub.leave(&r.room, 2));
+        hub.flush_lobby();
+        assert_eq!(
+            payload(&l.rx.try_recv().unwrap().frame),
+            serde_json::json!({"type": "room_closed", "room": "r"})
+        );
+        assert!(hub.leave(&l.room, 1));
+        assert!(!hub.leave(&l.room, 1));
+    }
+
     #[test]
     fn presence_is_coalesced_per_room() {
         let hub = hub();
         let mut joined = Vec::new();
         for id in 0..50u64 {
             let u: Arc<str> = format!("u{id}").into();
-            joined.push(hub.join("r", id, &u));
+            joined.push(hub.join("r", id, &u, None).unwrap());
         }
         hub.flush_presence();
         hub.flush_presence();
@@ -303,9 +584,9 @@ mod tests {
             ..HistorySettings::default()
         };
         let service = Arc::new(HistoryService::new(settings, stats.clone()).unwrap());
-        let hub = Arc::new(Hub::with_history(4, 1 << 16, service, stats));
+        let hub = Arc::new(Hub::new(4, 1 << 16, stats).with_history(service));
         let u: Arc<str> = "u".into();
-        let anchor = hub.join("r", 1, &u);
+        let anchor = hub.join("r", 1, &u, None).unwrap();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let publishers: Vec<_> = (0..2)
             .map(|_| {
@@ -321,7 +602,9 @@ mod tests {
         for id in 2..200u64 {
             // Some messages back: well inside the ring, and more arrive during the join.
             let since = anchor.room.last_seq().saturating_sub(20);
-            let mut j = hub.join_with_replay("r", id, &u, Some(ReplayRequest::Since(since)));
+            let mut j = hub
+                .join_with_replay("r", id, &u, None, Some(ReplayRequest::Since(since)))
+                .unwrap();
             let replay = j.replay.take().unwrap();
             let mut expect = since + 1;
             for f in &replay.frames {
@@ -346,5 +629,69 @@ mod tests {
         for p in publishers {
             p.join().unwrap();
         }
+    }
+
+    #[test]
+    fn history_depth_comes_from_the_room_settings_then_the_flag() {
+        use crate::history::{HistorySettings, ReplayRequest};
+        let stats = Arc::new(Stats::new());
+        let flag = HistorySettings {
+            capacity: 3,
+            ..HistorySettings::default()
+        };
+        let service = Arc::new(HistoryService::new(flag, stats.clone()).unwrap());
+        let settings = Settings::parse(
+            "[rooms.\"deep:*\"]\nhistory = 10\n[rooms.off]\nhistory = 0\n",
+            "t",
+            16,
+        )
+        .unwrap();
+        let hub = Hub::with_settings(4, settings, 50, stats).with_history(service);
+        let u: Arc<str> = "u".into();
+        let kept = |name: &str| {
+            let a = hub.join(name, 1, &u, None).unwrap();
+            for i in 0..20 {
+                a.room.publish("u", &format!("m{i}"), 1, false);
+            }
+            let b = hub
+                .join_with_replay(name, 2, &u, None, Some(ReplayRequest::Last(100)))
+                .unwrap();
+            let n = b.replay.map(|r| r.frames.len());
+            hub.leave(&a.room, 1);
+            hub.leave(&b.room, 2);
+            n
+        };
+        assert_eq!(kept("deep:1"), Some(10), "the file's depth");
+        assert_eq!(
+            kept("off"),
+            Some(0),
+            "history = 0 turns it off for that room"
+        );
+        assert_eq!(kept("plain"), Some(3), "unset: the --history flag");
+    }
+
+    #[test]
+    fn a_refused_join_replays_nothing_and_a_password_join_replays() {
+        use crate::history::{HistorySettings, ReplayRequest};
+        let stats = Arc::new(Stats::new());
+        let flag = HistorySettings {
+            capacity: 10,
+            ..HistorySettings::default()
+        };
+        let service = Arc::new(HistoryService::new(flag, stats.clone()).unwrap());
+        let settings = Settings::parse("[rooms.vip]\npassword = \"pw\"\n", "t", 16).unwrap();
+        let hub = Hub::with_settings(4, settings, 50, stats).with_history(service);
+        let u: Arc<str> = "u".into();
+        let a = hub.join("vip", 1, &u, Some("pw")).unwrap();
+        a.room.publish("u", "secret", 1, false);
+        let since = Some(ReplayRequest::Since(0));
+        assert_eq!(
+            hub.join_with_replay("vip", 2, &u, Some("no"), since).err(),
+            Some(JoinError::WrongPassword)
+        );
+        let b = hub
+            .join_with_replay("vip", 2, &u, Some("pw"), since)
+            .unwrap();
+        assert_eq!(b.replay.map(|r| r.frames.len()), Some(1));
     }
 }

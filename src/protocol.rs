@@ -26,6 +26,8 @@ pub enum ClientMessage<'a> {
     },
     Join {
         room: Cow<'a, str>,
+        /// For a password-protected room (`--rooms-config`). Never logged.
+        password: Option<Cow<'a, str>>,
         /// Past messages to send before live ones (`history` or `since`).
         replay: Option<ReplayRequest>,
     },
@@ -40,6 +42,8 @@ pub enum ClientMessage<'a> {
 pub struct ProtocolError {
     pub code: &'static str,
     pub reason: Cow<'static, str>,
+    /// For `rate_limited`: when the client may send again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ProtocolError {
@@ -47,6 +51,16 @@ impl ProtocolError {
         ProtocolError {
             code,
             reason: reason.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// A message dropped by a rate limit; the client may retry after `retry_after_ms`.
+    pub fn rate_limited(reason: &'static str, retry_after_ms: u64) -> Self {
+        ProtocolError {
+            code: "rate_limited",
+            reason: Cow::Borrowed(reason),
+            retry_after_ms: Some(retry_after_ms),
         }
     }
 }
@@ -67,6 +81,8 @@ struct RawClientMessage<'a> {
     history: Option<u32>,
     #[serde(default)]
     since: Option<u64>,
+    #[serde(borrow, default)]
+    password: Option<Cow<'a, str>>,
 }
 
 /// Parses one client text frame. Text whose first non-blank character is not `{` is a plain chat
@@ -84,10 +100,14 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
         });
     }
     let raw: RawClientMessage<'_> = serde_json::from_str(input).map_err(|e| {
+        // serde quotes a wrongly typed string value in full (`invalid type: string "…"`): cap the
+        // reason so an error frame never echoes a whole 64 KiB message back (found by fuzzing).
+        let detail = e.to_string();
+        let detail = clip(&detail, MAX_DETAIL_CHARS);
         if e.is_data() {
-            ProtocolError::new("bad_message", format!("unexpected field value: {e}"))
+            ProtocolError::new("bad_message", format!("unexpected field value: {detail}"))
         } else {
-            ProtocolError::new("malformed_json", format!("malformed JSON: {e}"))
+            ProtocolError::new("malformed_json", format!("malformed JSON: {detail}"))
         }
     })?;
     match raw.kind.as_deref() {
@@ -113,6 +133,7 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
         }
         Some("join") => Ok(ClientMessage::Join {
             room: need_room(raw.room)?,
+            password: raw.password,
             replay: ReplayRequest::from_parts(raw.history, raw.since)
                 .map_err(|e| ProtocolError::new("bad_message", e))?,
         }),
@@ -129,6 +150,19 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
 
 fn need_room(room: Option<Cow<'_, str>>) -> Result<Cow<'_, str>, ProtocolError> {
     room.ok_or_else(|| ProtocolError::new("bad_message", "`room` is required"))
+}
+
+/// Longest parser detail quoted in an error reason, in characters.
+const MAX_DETAIL_CHARS: usize = 160;
+
+/// `s` cut to `max_chars` characters, with `…` when it was cut.
+fn clip(s: &str, max_chars: usize) -> Cow<'_, str> {
+    let cut = truncate(s, max_chars);
+    if cut.len() == s.len() {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(format!("{cut}…"))
+    }
 }
 
 fn truncate(s: &str, max_chars: usize) -> &str {
@@ -250,6 +284,8 @@ pub struct ErrorOut<'a> {
     pub reason: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -263,6 +299,41 @@ struct LeftOut<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     room: &'a str,
+}
+
+/// `room_created` / `room_closed` in `$lobby`: one room's change.
+#[derive(Serialize)]
+pub struct RoomEventOut<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub room: &'a str,
+}
+
+/// `rooms_changed` in `$lobby`: a burst of creations and closures within one lobby tick.
+#[derive(Serialize)]
+pub struct RoomsChangedOut<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub created: &'a [&'a str],
+    pub closed: &'a [&'a str],
+    /// More changed than one frame lists: re-read `GET /api/rooms`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// `room_counts` in `$lobby`: the busiest rooms and how many rooms there are.
+#[derive(Serialize)]
+pub struct RoomCountsOut<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub rooms: &'a [RoomCount<'a>],
+    pub total: usize,
+}
+
+#[derive(Serialize)]
+pub struct RoomCount<'a> {
+    pub room: &'a str,
+    pub members: usize,
 }
 
 pub fn message_frame(room: &str, user: &str, text: &str, seq: u64, ts: u64) -> Bytes {
@@ -406,6 +477,7 @@ pub fn error_frame(err: &ProtocolError, room: Option<&str>) -> Bytes {
         code: err.code,
         reason: &err.reason,
         room,
+        retry_after_ms: err.retry_after_ms,
     })
 }
 
@@ -483,6 +555,15 @@ mod tests {
             parse_client_message(r#" {"type":"join","room":"a"}"#).unwrap(),
             ClientMessage::Join {
                 room: "a".into(),
+                password: None,
+                replay: None
+            }
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"join","room":"a","password":"p\u0041"}"#).unwrap(),
+            ClientMessage::Join {
+                room: "a".into(),
+                password: Some("pA".into()),
                 replay: None
             }
         );
@@ -502,6 +583,7 @@ mod tests {
             parse_client_message(r#"{"type":"join","room":"a","history":20}"#).unwrap(),
             ClientMessage::Join {
                 room: "a".into(),
+                password: None,
                 replay: Some(ReplayRequest::Last(20))
             }
         );
@@ -509,7 +591,16 @@ mod tests {
             parse_client_message(r#"{"type":"join","room":"a","since":7}"#).unwrap(),
             ClientMessage::Join {
                 room: "a".into(),
+                password: None,
                 replay: Some(ReplayRequest::Since(7))
+            }
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"join","room":"a","password":"p","since":3}"#).unwrap(),
+            ClientMessage::Join {
+                room: "a".into(),
+                password: Some("p".into()),
+                replay: Some(ReplayRequest::Since(3))
             }
         );
         assert_eq!(
@@ -565,6 +656,16 @@ mod tests {
         assert_eq!(code(r#"{"text":""}"#), "bad_message");
         assert_eq!(code(r#"{"hello":"x"}"#), "bad_message");
         assert_eq!(code(r#"{"type":7}"#), "bad_message");
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","password":1}"#),
+            "bad_message"
+        );
+        let long_value = format!(r#"{{"echo":"{}"}}"#, "x".repeat(70_000));
+        let reason = parse_client_message(&long_value).unwrap_err().reason;
+        assert!(
+            reason.chars().count() < 200,
+            "reason echoes the input: {reason}"
+        );
     }
 
     #[test]

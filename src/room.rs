@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use governor::DefaultDirectRateLimiter;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use crate::dedupe::Dedupe;
 use crate::history::{History, HistoryService, Replay, ReplayRequest, Seed};
 use crate::protocol::{self, Outbound, PresenceOut};
+use crate::settings::{Presence, RoomSettings};
 use crate::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
 
 /// Most user names one presence frame lists per direction; the member count stays exact.
@@ -35,6 +37,8 @@ pub struct Room {
     /// leaves memory).
     history_service: Arc<HistoryService>,
     stats: Arc<Stats>,
+    /// `--room-rate-limit`: publishes past it are refused before they are numbered.
+    limiter: Option<DefaultDirectRateLimiter>,
 }
 
 pub(crate) struct RoomState {
@@ -55,6 +59,9 @@ pub(crate) struct RoomState {
     dedupe: Dedupe,
     /// The room left the registry: a late REST publish into it reaches nobody and is not kept.
     pub(crate) retired: bool,
+    /// This room's settings (`--rooms-config`), replaced on reload. Under the room lock so a join
+    /// checks password and cap against exactly the members it is added to.
+    pub(crate) settings: RoomSettings,
 }
 
 /// A chat message to publish.
@@ -91,6 +98,10 @@ pub struct RoomInfo {
     pub created_at: u64,
     pub messages_per_sec: f64,
     pub p99_wait_ms: Option<f64>,
+    /// Whether joining needs a password (the password itself is never shown).
+    pub password_protected: bool,
+    /// The member cap, `None` without one.
+    pub max_members: Option<u32>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -100,16 +111,16 @@ pub struct UserEntry {
 }
 
 impl Room {
-    /// A room with a broadcast ring of `capacity` frames, starting from `seed` (its last seq and
-    /// kept messages; the ring's capacity is the room's history setting).
+    /// A room whose broadcast ring holds `settings.room_buffer` frames, starting from `seed` (its
+    /// last seq and its history ring, sized by the room's resolved `history` setting).
     pub(crate) fn new(
         name: &str,
-        capacity: usize,
+        settings: RoomSettings,
         seed: Seed,
         history_service: Arc<HistoryService>,
         stats: Arc<Stats>,
     ) -> Self {
-        let (tx, _) = broadcast::channel(capacity);
+        let (tx, _) = broadcast::channel(settings.room_buffer.max(1));
         let state = RoomState {
             members: BTreeMap::new(),
             seq: seed.last_seq,
@@ -121,6 +132,7 @@ impl Room {
             history: seed.history,
             dedupe: history_service.new_dedupe(),
             retired: false,
+            settings,
         };
         Room {
             name: name.into(),
@@ -131,6 +143,25 @@ impl Room {
             wait: WaitHistogram::default(),
             history_service,
             stats,
+            limiter: None,
+        }
+    }
+
+    /// Limits how many messages the room accepts per second.
+    pub(crate) fn with_limiter(mut self, limiter: Option<DefaultDirectRateLimiter>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// Takes one message from the room's rate budget, or says how long until there is one.
+    /// Called before `publish`; a room without a limit always admits.
+    pub fn admit(&self) -> Result<(), std::time::Duration> {
+        use governor::clock::{Clock, DefaultClock};
+        match &self.limiter {
+            None => Ok(()),
+            Some(l) => l
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
         }
     }
 
@@ -167,7 +198,7 @@ impl Room {
     ) {
         let rx = self.tx.subscribe();
         state.members.insert(id, user.clone());
-        if state.joined.len() < PRESENCE_NAMES_MAX {
+        if state.settings.presence != Presence::Off && state.joined.len() < PRESENCE_NAMES_MAX {
             state.joined.push(user.clone());
         }
         let welcome = protocol::welcome_frame(&self.name, user, state.members.len(), state.seq);
@@ -180,7 +211,7 @@ impl Room {
         let Some(user) = state.members.remove(&id) else {
             return false;
         };
-        if state.left.len() < PRESENCE_NAMES_MAX {
+        if state.settings.presence != Presence::Off && state.left.len() < PRESENCE_NAMES_MAX {
             state.left.push(user);
         }
         true
@@ -262,17 +293,24 @@ impl Room {
         }
         let joined = std::mem::take(&mut state.joined);
         let left = std::mem::take(&mut state.left);
-        if state.members.is_empty() {
+        if state.members.is_empty() || state.settings.presence == Presence::Off {
             return;
         }
+        // `counts` keeps the frame's shape (clients need not care) but names nobody.
+        let named = state.settings.presence == Presence::Events;
         let frame = protocol::encode_frame(&PresenceOut {
             kind: "presence",
             room: &self.name,
-            joined: &joined,
-            left: &left,
+            joined: if named { &joined } else { &[] },
+            left: if named { &left } else { &[] },
             members: state.members.len(),
         });
         self.stats.frames_encoded.inc();
+        self.send_frame(frame);
+    }
+
+    /// Sends a frame the server made (presence, lobby events) to every member. No seq.
+    pub(crate) fn send_frame(&self, frame: bytes::Bytes) {
         let out = Outbound {
             frame,
             origin: 0,
@@ -280,6 +318,7 @@ impl Room {
             published_at: Instant::now(),
             seq: 0,
         };
+        // No receiver means no member is left to deliver to: nothing is lost.
         let _ = self.tx.send(Arc::new(out));
     }
 
@@ -326,6 +365,8 @@ impl Room {
             created_at: self.created_at_ms,
             messages_per_sec: state.rate.per_second(now_ms / 1000),
             p99_wait_ms: self.wait.quantile_ms(0.99, now_ms / 60_000),
+            password_protected: state.settings.password.is_some(),
+            max_members: state.settings.max_members,
         }
     }
 }

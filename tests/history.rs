@@ -115,7 +115,11 @@ async fn history_off_keeps_nothing() {
 /// once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_after_a_disconnect_under_concurrent_publishing_is_gapless() {
-    let server = TestServer::with(|c| c.history = 10_000).await;
+    let server = TestServer::with(|c| {
+        c.history = 10_000;
+        c.rate_limit = roomcast::limit::RateLimitArg(None);
+    })
+    .await;
     const PUBLISHERS: u64 = 3;
     const EACH: u64 = 200;
     const TOTAL: u64 = PUBLISHERS * EACH;
@@ -393,7 +397,8 @@ async fn ids_are_forgotten_after_the_dedupe_window() {
 }
 
 /// A member that stops reading while 400 messages of 16 KiB go by, with a tiny receive buffer.
-/// Returns it and the publisher (which must stay in the room).
+/// Returns it and the publisher (which must stay in the room). The server needs `--rate-limit
+/// off`: one socket publishes all 400 at once.
 async fn lag_one_member(server: &TestServer) -> (Client, Client) {
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -424,7 +429,11 @@ async fn lag_one_member(server: &TestServer) -> (Client, Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_policy_evict_closes_the_laggard() {
-    let server = TestServer::with(|c| c.room_buffer = 32).await;
+    let server = TestServer::with(|c| {
+        c.room_buffer = 32;
+        c.rate_limit = roomcast::limit::RateLimitArg(None);
+    })
+    .await;
     let (mut slow, _publisher) = lag_one_member(&server).await;
     assert_eq!(
         slow.expect_close().await,
@@ -441,6 +450,7 @@ async fn lag_policy_resync_reports_the_gap_and_keeps_the_member() {
         // The slow member's write blocks while the publisher sends; only lag may act here.
         c.write_timeout = Duration::from_secs(60);
         c.lag_policy = roomcast::history::LagPolicy::Resync;
+        c.rate_limit = roomcast::limit::RateLimitArg(None);
     })
     .await;
     let (mut slow, _publisher) = lag_one_member(&server).await;
@@ -570,6 +580,7 @@ async fn a_stalled_disk_writer_never_stalls_delivery() {
     let server = TestServer::with(move |c| {
         c.history_db = Some(path);
         c.history_db_queue = 16;
+        c.rate_limit = roomcast::limit::RateLimitArg(None);
     })
     .await;
     let (mut reader, _) = Client::join(&server.ws_url("/ws/s?user=reader")).await;
@@ -618,4 +629,245 @@ async fn a_stalled_disk_writer_never_stalls_delivery() {
                 == N + 1
         })
         .await;
+}
+
+// ---- History together with per-room settings (#7) and security (#5) ----
+
+const UPGRADE: [(&str, &str); 4] = [
+    ("connection", "Upgrade"),
+    ("upgrade", "websocket"),
+    ("sec-websocket-version", "13"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
+/// An upgrade the server refuses before the 101: its status and JSON error code.
+async fn refused(server: &TestServer, path: &str) -> (u16, String) {
+    let r = support::http_with(server.addr, "GET", path, &UPGRADE, None)
+        .await
+        .unwrap();
+    (
+        r.status,
+        r.json()["error"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// GET with headers: status and JSON error code (empty on success).
+async fn get_code(server: &TestServer, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let r = support::http_with(server.addr, "GET", path, headers, None)
+        .await
+        .unwrap();
+    (
+        r.status,
+        r.json()["error"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn replay_joins_carry_the_password_and_rooms_keep_their_own_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rooms.toml");
+    std::fs::write(
+        &file,
+        "[rooms.\"deep:*\"]\nhistory = 3\n[rooms.off]\nhistory = 0\n[rooms.vip]\npassword = \"pw\"\n",
+    )
+    .unwrap();
+    let server = TestServer::with(|c| {
+        c.history = 10;
+        c.rooms_config = Some(file);
+    })
+    .await;
+
+    // Depth: the file's value, 0 from the file, the flag where the file says nothing.
+    for (room, kept) in [("deep:1", 3), ("off", 0), ("plain", 10)] {
+        let (_anchor, _) = Client::join(&server.ws_url(&format!("/ws/{room}?user=a"))).await;
+        for i in 1..=12 {
+            publish(&server, room, &format!("m{i}")).await;
+        }
+        let (mut c, _) = Client::join(&server.ws_url(&format!("/ws/{room}?history=100"))).await;
+        let (header, frames) = read_replay(&mut c, "history").await;
+        assert_eq!(header["count"], kept, "{room}");
+        assert_eq!(frames.len(), kept, "{room}");
+    }
+
+    let (_anchor, _) = Client::join(&server.ws_url("/ws/vip?user=a&password=pw")).await;
+    for i in 1..=5 {
+        publish(&server, "vip", &format!("v{i}")).await;
+    }
+    // URL form: no password, no replay; the right one gets both.
+    assert_eq!(
+        refused(&server, "/ws/vip?since=0").await,
+        (403, "bad_password".to_owned())
+    );
+    assert_eq!(
+        refused(&server, "/ws/vip?password=no&history=5").await,
+        (403, "bad_password".to_owned())
+    );
+    let (mut b, welcome) = Client::join(&server.ws_url("/ws/vip?password=pw&since=2")).await;
+    assert_eq!(welcome["seq"], 5);
+    let (header, frames) = read_replay(&mut b, "recovery").await;
+    assert_eq!(header["complete"], true, "{header}");
+    assert_eq!(seqs(&frames), [3, 4, 5]);
+
+    // Join-frame form: a wrong password is an error frame and nothing is replayed.
+    let mut c = Client::connect(&server.ws_url("/ws?user=c")).await;
+    c.send_json(&json!({"type": "join", "room": "vip", "password": "no", "history": 2}))
+        .await;
+    let e = c.recv_non_presence().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad_password"))
+    );
+    c.expect_silence(Duration::from_millis(200)).await;
+    c.send_json(&json!({"type": "join", "room": "vip", "password": "pw", "history": 2}))
+        .await;
+    assert_eq!(c.recv_non_presence().await["type"], "welcome");
+    let (_, frames) = read_replay(&mut c, "history").await;
+    assert_eq!(seqs(&frames), [4, 5]);
+
+    // Reading the history over REST needs the password too.
+    let path = "/api/rooms/vip/messages";
+    assert_eq!(
+        get_code(&server, path, &[]).await,
+        (403, "bad_password".to_owned())
+    );
+    assert_eq!(
+        get_code(&server, &format!("{path}?password=no"), &[]).await,
+        (403, "bad_password".to_owned())
+    );
+    let (status, v) = server.get(&format!("{path}?password=pw&limit=2")).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(seqs(v["messages"].as_array().unwrap()), [5, 4]);
+}
+
+#[tokio::test]
+async fn replay_and_history_reads_follow_the_access_token() {
+    const SECRET: &str = "history-test-secret-of-some-length";
+    const KEY: &str = "backend-key";
+    let server = TestServer::with(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.api_key = Some(KEY.into());
+    })
+    .await;
+    let hour = Duration::from_secs(3600);
+    let alice = roomcast::auth::issue(SECRET, "alice", Some("open"), hour).unwrap();
+    let admin = roomcast::auth::issue(SECRET, "admin", None, hour).unwrap();
+    let key_header = format!("Bearer {KEY}");
+    let auth = [("authorization", key_header.as_str())];
+    // Members that keep both rooms alive until the end.
+    let mut anchors = Vec::new();
+    for room in ["open", "secret"] {
+        let (c, _) = Client::join(&server.ws_url(&format!("/ws/{room}?token={admin}"))).await;
+        anchors.push(c);
+        for i in 1..=3 {
+            let r = support::http_with(
+                server.addr,
+                "POST",
+                &format!("/api/rooms/{room}/messages"),
+                &auth,
+                Some(json!({ "text": format!("{room}{i}") }).to_string()),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.status, 202);
+        }
+    }
+
+    // The token is checked before the join and its replay.
+    assert_eq!(
+        refused(&server, &format!("/ws/secret?since=0&token={alice}")).await,
+        (403, "forbidden_room".to_owned())
+    );
+    assert_eq!(
+        refused(&server, "/ws/open?since=0").await,
+        (401, "unauthorized".to_owned())
+    );
+    let (mut a, _) = Client::join(&server.ws_url(&format!("/ws/open?since=1&token={alice}"))).await;
+    let (_, frames) = read_replay(&mut a, "recovery").await;
+    assert_eq!(seqs(&frames), [2, 3]);
+    a.send_json(&json!({"type": "join", "room": "secret", "since": 0}))
+        .await;
+    let e = a.recv_non_presence().await;
+    assert_eq!(e["code"], "forbidden_room", "{e}");
+    a.expect_silence(Duration::from_millis(200)).await;
+
+    // REST reads: the same rules, or the API key.
+    let bearer = format!("Bearer {alice}");
+    let as_alice = [("authorization", bearer.as_str())];
+    assert_eq!(
+        get_code(&server, "/api/rooms/open/messages", &[]).await,
+        (401, "unauthorized".to_owned())
+    );
+    assert_eq!(
+        get_code(&server, "/api/rooms/open/messages", &as_alice).await,
+        (200, String::new())
+    );
+    assert_eq!(
+        get_code(
+            &server,
+            &format!("/api/rooms/open/messages?token={alice}"),
+            &[]
+        )
+        .await,
+        (200, String::new())
+    );
+    assert_eq!(
+        get_code(&server, "/api/rooms/secret/messages", &as_alice).await,
+        (403, "forbidden_room".to_owned())
+    );
+    let r = support::http_with(
+        server.addr,
+        "GET",
+        "/api/rooms/secret/messages",
+        &auth,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(seqs(r.json()["messages"].as_array().unwrap()), [3, 2, 1]);
+
+    // `/api/stats` keeps both sides' counters.
+    let stats = server.stats().await;
+    for key in [
+        "rate_limited",
+        "auth_refused",
+        "duplicates",
+        "lag_resyncs",
+        "history_db_written",
+        "history_db_dropped",
+        "connections_refused",
+    ] {
+        assert!(stats[key].is_u64(), "{key} missing: {stats}");
+    }
+    assert!(stats["auth_refused"].as_u64().unwrap() >= 4);
+    drop(anchors);
+}
+
+#[tokio::test]
+async fn a_retried_id_still_passes_the_rate_limits() {
+    let server = TestServer::with(|c| {
+        c.rate_limit = "1:1".parse().unwrap();
+    })
+    .await;
+    let (mut c, _) = Client::join(&server.ws_url("/ws/r?user=c")).await;
+    c.send_json(&json!({"text": "once", "id": "k1"})).await;
+    assert_eq!(c.recv_non_presence().await["id"], "k1");
+    // An immediate retry is over the socket's budget: refused, not acknowledged.
+    c.send_json(&json!({"text": "once", "id": "k1"})).await;
+    let e = c.recv_non_presence().await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    // After the wait it hints at, the retry is recognised as a duplicate.
+    let wait = e["retry_after_ms"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(wait + 50)).await;
+    c.send_json(&json!({"text": "once", "id": "k1"})).await;
+    let ack = c.recv_non_presence().await;
+    assert_eq!(
+        (
+            ack["type"].as_str(),
+            ack["duplicate"].as_bool(),
+            ack["seq"].as_u64()
+        ),
+        (Some("ack"), Some(true), Some(1)),
+        "{ack}"
+    );
 }

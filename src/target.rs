@@ -1,0 +1,133 @@
+//! What a WebSocket upgrade asks for (first room, user name), read from the request target
+//! alone: a pure function of path and query, so it can be unit-tested and fuzzed without a
+//! socket. `http` calls it before any other upgrade check.
+
+use std::borrow::Cow;
+
+use hyper::StatusCode;
+
+use crate::http::{decode_room_with, ApiError};
+use crate::names::{validate_joinable_room, validate_user};
+
+/// A chat upgrade's request target, every name in it already valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsTarget {
+    /// The room to join first: `/ws/{room}`, else `?room=`, else none (join later).
+    pub room: Option<String>,
+    /// `?user=`, else `?username=`; `None` lets the server pick `anon-<n>`.
+    pub user: Option<String>,
+}
+
+/// Parses the target of a chat upgrade, `/ws` or `/ws/{room}` with its query string.
+///
+/// Checks happen in this order, so a request with several problems always gets the same answer:
+/// path (404 `not_found` unless it is one of the two forms), room (400 `bad_room`), user
+/// (400 `bad_user`). The path segment is percent-decoded as UTF-8 (invalid: `bad_room`); query
+/// values are form-decoded (`+` is a space, invalid UTF-8 becomes U+FFFD and then fails or
+/// passes validation like any other character).
+pub fn parse_ws_target(path: &str, query: Option<&str>) -> Result<WsTarget, ApiError> {
+    let mut segments = path.trim_start_matches('/').split('/');
+    let path_room = match (segments.next(), segments.next(), segments.next()) {
+        (Some("ws"), None, _) => None,
+        (Some("ws"), Some(segment), None) => Some(segment),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route",
+            ))
+        }
+    };
+    let room = match path_room {
+        // `$lobby` may be joined; other `$` names are the server's (`reserved_room`).
+        Some(raw) => Some(decode_room_with(raw, validate_joinable_room)?),
+        None => match query_value(query, "room") {
+            Some(r) => {
+                validate_joinable_room(&r).map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason())
+                })?;
+                Some(r.into_owned())
+            }
+            None => None,
+        },
+    };
+    Ok(WsTarget {
+        room,
+        user: parse_user(query)?,
+    })
+}
+
+/// The user name an upgrade asks for (`?user=`, else `?username=`), validated.
+pub fn parse_user(query: Option<&str>) -> Result<Option<String>, ApiError> {
+    match query_value(query, "user").or_else(|| query_value(query, "username")) {
+        Some(u) => match validate_user(&u) {
+            Ok(()) => Ok(Some(u.into_owned())),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_user",
+                e.user_reason(),
+            )),
+        },
+        None => Ok(None),
+    }
+}
+
+/// The first value of `key` in the query string, form-decoded.
+fn query_value<'a>(query: Option<&'a str>, key: &str) -> Option<Cow<'a, str>> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(path: &str, query: Option<&str>) -> (Option<String>, Option<String>) {
+        let t = parse_ws_target(path, query).unwrap();
+        (t.room, t.user)
+    }
+
+    fn code(path: &str, query: Option<&str>) -> (u16, &'static str) {
+        let e = parse_ws_target(path, query).unwrap_err();
+        (e.status().as_u16(), e.code())
+    }
+
+    fn s(v: &str) -> Option<String> {
+        Some(v.to_owned())
+    }
+
+    #[test]
+    fn the_three_forms() {
+        assert_eq!(
+            ok("/ws/general", Some("user=alice")),
+            (s("general"), s("alice"))
+        );
+        assert_eq!(
+            ok("/ws", Some("room=general&username=bob")),
+            (s("general"), s("bob"))
+        );
+        assert_eq!(ok("/ws", Some("user=carol")), (None, s("carol")));
+        assert_eq!(ok("/ws", None), (None, None));
+        assert_eq!(ok("/ws/%23general", None), (s("#general"), None));
+        // The path wins over the query; `user` wins over `username`.
+        assert_eq!(
+            ok("/ws/a", Some("room=b&username=x&user=y")),
+            (s("a"), s("y"))
+        );
+        assert_eq!(ok("/ws", Some("user=a+b%21")), (None, s("a b!")));
+    }
+
+    #[test]
+    fn refusals_in_order() {
+        assert_eq!(code("/ws/", None), (400, "bad_room"));
+        assert_eq!(code("/ws/a%20b", Some("user=")), (400, "bad_room"));
+        assert_eq!(code("/ws/%ff", None), (400, "bad_room"));
+        assert_eq!(code("/ws", Some("room=a/b")), (400, "bad_room"));
+        assert_eq!(code("/ws/a", Some("user=")), (400, "bad_user"));
+        assert_eq!(code("/ws", Some("username=%0a")), (400, "bad_user"));
+        assert_eq!(code("/ws/a/b", None), (404, "not_found"));
+        assert_eq!(code("/api/rooms", None), (404, "not_found"));
+        assert_eq!(code("", None), (404, "not_found"));
+    }
+}
