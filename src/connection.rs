@@ -278,7 +278,7 @@ impl Connection {
         // `room` borrows from `text`; it is only needed again to label an error frame.
         let (result, room) = match parse_client_message(text) {
             Ok(ClientMessage::Message { room, text, echo }) => {
-                (self.publish(room.as_deref(), &text, echo), room)
+                (self.publish(room.as_deref(), &text, echo).await, room)
             }
             Ok(ClientMessage::Join { room }) => (self.join(&room).await, Some(room)),
             Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
@@ -296,7 +296,7 @@ impl Connection {
         }
     }
 
-    fn publish(
+    async fn publish(
         &mut self,
         room: Option<&str>,
         text: &str,
@@ -322,7 +322,21 @@ impl Connection {
                 "join the room before sending to it",
             )));
         };
-        member.room.publish(&self.user, text, self.id, !echo);
+        let Some(cluster) = &self.shared.cluster else {
+            member.room.publish(&self.user, text, self.id, !echo);
+            return Ok(());
+        };
+        // Cluster mode: the message comes back to local members through Redis. Boxed so that
+        // the cluster's future does not grow every connection's task.
+        let room = member.room.clone();
+        let sent = Box::pin(cluster.publish(&room, &self.user, text, self.id, !echo)).await;
+        if let Err(e) = sent {
+            cluster.publish_local(&room, &self.user, text, self.id, !echo);
+            return Err(Ok(ProtocolError::new(
+                "cluster_unavailable",
+                format!("{e}: delivered to members on this server only"),
+            )));
+        }
         Ok(())
     }
 
@@ -345,7 +359,14 @@ impl Connection {
                 ),
             )));
         }
-        let joined = self.shared.hub.join(name, self.id, &self.user);
+        let joined = match &self.shared.cluster {
+            None => self.shared.hub.join(name, self.id, &self.user),
+            // Waits (at most --redis-timeout) for the room's subscription, so that the welcome's
+            // seq is exact cluster-wide. Boxed for the same reason as in `publish`.
+            Some(cluster) => {
+                Box::pin(cluster.join(&self.shared.hub, name, self.id, &self.user)).await
+            }
+        };
         self.rooms.push(Membership {
             room: joined.room,
             rx: joined.rx,
@@ -362,13 +383,13 @@ impl Connection {
             )));
         };
         let m = self.rooms.remove(index);
-        self.shared.hub.leave(&m.room, self.id);
+        leave_room(&self.shared, &m.room, self.id);
         self.write_own(&protocol::left_frame(name)).await
     }
 
     fn leave_all(&mut self) {
         for m in self.rooms.drain(..) {
-            self.shared.hub.leave(&m.room, self.id);
+            leave_room(&self.shared, &m.room, self.id);
         }
     }
 
@@ -480,6 +501,14 @@ impl Connection {
             }
         }
     }
+}
+
+/// Leaves `room` locally and, in cluster mode, gives up this membership's stake in its channel.
+fn leave_room(shared: &Shared, room: &Arc<Room>, id: u64) {
+    match &shared.cluster {
+        Some(cluster) => cluster.leave(&shared.hub, room, id),
+        None => shared.hub.leave(room, id),
+    };
 }
 
 /// Waits for the next frame from any of the rooms. Cancel-safe: `broadcast::Receiver::recv`

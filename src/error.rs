@@ -13,6 +13,8 @@ pub enum Error {
     WebSocket(#[from] fastwebsockets::WebSocketError),
     #[error("upgraded connection is not a TCP stream")]
     NotTcp,
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

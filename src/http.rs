@@ -28,6 +28,27 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
+    // Cluster mode answers these with cluster-wide figures (src/cluster/api.rs).
+    if let Some(cluster) = &shared.cluster {
+        if method == Method::GET {
+            match segments.as_slice() {
+                ["healthz"] => return json_response(StatusCode::OK, &cluster.health_json()),
+                ["api", "stats"] => return crate::cluster::api::stats(&shared, cluster).await,
+                ["api", "rooms"] => {
+                    return crate::cluster::api::list_rooms(&shared, cluster, &req).await
+                }
+                ["api", "rooms", room] => {
+                    return match decode_room(room) {
+                        Ok(room) => crate::cluster::api::room_info(&shared, cluster, &room, &req)
+                            .await
+                            .unwrap_or_else(|e| e.response()),
+                        Err(e) => e.response(),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
     match segments.as_slice() {
         [""] => only(&method, &[Method::GET, Method::HEAD], || html(INDEX_HTML)),
         ["healthz"] => only(&method, &[Method::GET], || {
@@ -149,7 +170,7 @@ fn html(page: &'static str) -> Response<Body> {
 }
 
 /// The first value of `key` in the query string, percent-decoded.
-fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<Cow<'a, str>> {
+pub(crate) fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<Cow<'a, str>> {
     let query = req.uri().query()?;
     form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == key)
@@ -157,7 +178,7 @@ fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<Cow<'a, str>
 }
 
 /// A numeric query parameter in `range`, `default` when absent.
-fn number_param(
+pub(crate) fn number_param(
     req: &Request<Incoming>,
     key: &str,
     default: u64,
@@ -209,10 +230,13 @@ fn metrics(shared: &Shared) -> Response<Body> {
 }
 
 fn stats(shared: &Shared) -> Response<Body> {
+    json_response(StatusCode::OK, &stats_json(shared))
+}
+
+/// This process's figures (cluster mode adds the cluster's to them).
+pub(crate) fn stats_json(shared: &Shared) -> serde_json::Value {
     let s = &shared.stats;
-    json_response(
-        StatusCode::OK,
-        &json!({
+    json!({
             "connections": s.connections.get(),
             "rooms": shared.hub.room_count(),
             "messages_in": s.messages_in.get(),
@@ -224,8 +248,7 @@ fn stats(shared: &Shared) -> Response<Body> {
             "connections_refused": s.connections_refused.get(),
             "rss_bytes": rss_bytes(),
             "uptime_secs": s.uptime().as_secs(),
-        }),
-    )
+    })
 }
 
 fn list_rooms(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
@@ -337,6 +360,9 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
             )
         }
     };
+    if let Some(cluster) = &shared.cluster {
+        return crate::cluster::api::publish(shared, cluster, room, &user, &text).await;
+    }
     let Some(room_ref) = shared.hub.get(room) else {
         return error(
             StatusCode::NOT_FOUND,

@@ -54,11 +54,25 @@ impl Hub {
     /// Adds member `id` named `user` to room `name`, creating the room if needed.
     /// The name must already be valid.
     pub fn join(&self, name: &str, id: u64, user: &Arc<str>) -> Joined {
+        self.join_seeded(name, id, user, 0, 0)
+    }
+
+    /// `join` for cluster mode: a room created by this join starts after `seq` (the cluster's
+    /// last seq of the room) instead of 0, knowing of `remote_members` on other processes.
+    pub fn join_seeded(
+        &self,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        seq: u64,
+        remote_members: usize,
+    ) -> Joined {
         let mut shard = self.shard(name).lock();
         let room = match shard.get(name) {
             Some(room) => room.clone(),
             None => {
-                let room = Arc::new(Room::new(name, self.room_buffer, self.stats.clone()));
+                let room = Arc::new(Room::new(name, self.room_buffer, self.stats.clone(), seq));
+                room.set_remote_members(remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
                 room
@@ -87,9 +101,10 @@ impl Hub {
                 shard.remove(room.name());
                 self.stats.rooms.dec();
             }
-        } else {
-            self.queue_presence(room, &mut state);
         }
+        // Queued even when the room just emptied: in cluster mode the other processes still
+        // have to hear about the leave (standalone, the flush finds no member and sends nothing).
+        self.queue_presence(room, &mut state);
         true
     }
 
@@ -102,10 +117,15 @@ impl Hub {
 
     /// Sends one coalesced presence frame for every room that changed since the last call.
     pub fn flush_presence(&self) {
-        let rooms = std::mem::take(&mut *self.presence_queue.lock());
-        for room in rooms {
+        for room in self.take_presence_queue() {
             room.flush_presence();
         }
+    }
+
+    /// The rooms with joins or leaves not yet announced (cluster mode announces them through
+    /// Redis instead of `flush_presence`).
+    pub fn take_presence_queue(&self) -> Vec<Arc<Room>> {
+        std::mem::take(&mut *self.presence_queue.lock())
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Room>> {

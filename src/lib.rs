@@ -4,6 +4,7 @@
 //! socket) → `hub` / `room` (membership, sequence) → every member's writer, which sends the same
 //! pre-encoded bytes (`protocol`).
 
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod error;

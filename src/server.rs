@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::shutdown::{self, Shutdown};
@@ -23,6 +24,8 @@ pub struct Shared {
     pub hub: Hub,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
+    /// Cluster mode (`--redis`); `None` runs this process alone.
+    pub cluster: Option<Arc<Cluster>>,
     next_id: AtomicU64,
     /// Never sent on: the shutdown sequence waits until every copy of `Shared` (one per live
     /// task) has been dropped, which closes this channel.
@@ -45,7 +48,12 @@ pub async fn run(
 ) -> crate::Result<()> {
     let (trigger, shutdown) = shutdown::channel();
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    let stats = Arc::new(Stats::new());
+    let mut stats = Stats::new();
+    let cluster = match &config.redis {
+        Some(url) => Some(Arc::new(Cluster::new(&config, url, stats.registry_mut())?)),
+        None => None,
+    };
+    let stats = Arc::new(stats);
     let hub = Hub::new(
         usize::from(config.shards),
         config.room_buffer as usize,
@@ -57,10 +65,16 @@ pub async fn run(
         hub,
         stats,
         shutdown: shutdown.clone(),
+        cluster: cluster.clone(),
         next_id: AtomicU64::new(1),
         _alive: alive_tx,
     });
-    tokio::spawn(presence_task(shared.clone()));
+    match cluster {
+        // The cluster link carries presence between processes (and flushes it locally while
+        // Redis is unreachable).
+        Some(cluster) => tokio::spawn(crate::cluster::run(shared.clone(), cluster)),
+        None => tokio::spawn(presence_task(shared.clone())),
+    };
     tracing::info!(addr = %listener.local_addr()?, "roomcast listening");
 
     tokio::pin!(signal);
