@@ -112,8 +112,6 @@ pub async fn room_info(
             "next_users_after": null,
             "published": 0,
             "evicted": 0,
-            "last_seq": null,
-            "created_at": null,
             "messages_per_sec": 0.0,
             "p99_wait_ms": null,
         }),
