@@ -207,6 +207,34 @@ mod tests {
     }
 
     #[test]
+    fn a_seeded_room_starts_at_its_cluster_seq_and_drops_what_is_not_past_it() {
+        let hub = hub();
+        let u: Arc<str> = "u".into();
+        let mut a = hub.join_seeded("r", 1, &u, 10, 4);
+        let v = payload(&a.welcome);
+        assert_eq!(v["seq"], 10);
+        assert_eq!(v["members"], 5, "one here, four elsewhere");
+        assert!(
+            !a.room.deliver(10, "x", "old", 1, 0, false),
+            "not past the welcome"
+        );
+        assert!(a.room.deliver(12, "x", "new", 1, 0, false));
+        assert!(
+            !a.room.deliver(11, "x", "late", 1, 0, false),
+            "never backwards"
+        );
+        let v = payload(&a.rx.try_recv().unwrap().frame);
+        assert_eq!(
+            (v["seq"].as_u64(), v["text"].as_str()),
+            (Some(12), Some("new"))
+        );
+        assert!(a.rx.try_recv().is_err());
+        // Seeding only applies to a room the join creates.
+        let b = hub.join_seeded("r", 2, &u, 99, 0);
+        assert_eq!(payload(&b.welcome)["seq"], 12);
+    }
+
+    #[test]
     fn join_and_leave_race_never_strands_a_member() {
         // Many threads join and leave the same few rooms; afterwards every room in the map has
         // exactly the members that are still in, and empty rooms are gone.
