@@ -66,7 +66,7 @@ fn fanout(c: &mut Criterion) {
         let hub = new_hub();
         let user: Arc<str> = USER.into();
         let mut members: Vec<(u64, broadcast::Receiver<Arc<Outbound>>)> = (1..=n as u64)
-            .map(|id| (id, hub.join(ROOM, id, &user).rx))
+            .map(|id| (id, hub.join(ROOM, id, &user, None).unwrap().rx))
             .collect();
         let room = hub.get(ROOM).expect("room exists while it has members");
         group.bench_with_input(BenchmarkId::new("serialise_once", n), &n, |b, _| {
@@ -202,9 +202,9 @@ fn registry(c: &mut Criterion) {
     let user: Arc<str> = USER.into();
     let mut held = Vec::new();
     for r in 0..1_000u64 {
-        held.push(hub.join(&format!("room-{r}"), r + 1, &user));
+        held.push(hub.join(&format!("room-{r}"), r + 1, &user, None).unwrap());
     }
-    held.push(hub.join(ROOM, 0, &user));
+    held.push(hub.join(ROOM, 0, &user, None).unwrap());
     let room = hub.get(ROOM).expect("anchored room");
     // Member ids: one disjoint range per thread, above every id in use.
     let next_id = AtomicU64::new(0);
@@ -220,7 +220,7 @@ fn registry(c: &mut Criterion) {
                 let base = (next_id.fetch_add(1, Ordering::Relaxed) << 40) | (1 << 62);
                 timed_on_threads(threads, iters, |t, i| {
                     let id = base | (t << 32) | i;
-                    let joined = hub.join(ROOM, id, &user);
+                    let joined = hub.join(ROOM, id, &user, None).unwrap();
                     black_box(&joined.welcome);
                     assert!(hub.leave(&joined.room, id));
                 })

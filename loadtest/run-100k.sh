@@ -75,7 +75,7 @@ start_servers() {
     local n=$1 urls=() i port
     for ((i = 0; i < n; i++)); do
         port=$((BASE_PORT + i))
-        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" \
+        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" --rate-limit off \
             >"$LOGS/$STAMP-server-$port.log" 2>&1 &
         PIDS+=($!)
         urls+=("ws://127.0.0.1:$port")

@@ -44,7 +44,8 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::hub::{Hub, Joined};
+use crate::hub::{Hub, JoinError, Joined};
+use crate::names::LOBBY;
 use crate::room::Room;
 use crate::stats::unix_millis;
 
@@ -403,8 +404,20 @@ impl Cluster {
 
     /// Joins `name` in the local hub once this process receives the room's channel, so that the
     /// welcome's seq is exact. While Redis is unreachable it joins at once (local room only).
-    /// Cancel-safe: dropped early, it releases its interest.
-    pub async fn join(&self, hub: &Hub, name: &str, id: u64, user: &Arc<str>) -> Joined {
+    /// The password and `max_members` are checked by `Hub::join_seeded` (the cap against this
+    /// process's members). The `$lobby` is local to each process: joined at once, no channel.
+    /// Cancel-safe: dropped early (or refused), it releases its interest.
+    pub async fn join(
+        &self,
+        hub: &Hub,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        password: Option<&str>,
+    ) -> Result<Joined, JoinError> {
+        if name == LOBBY {
+            return hub.join(name, id, user, password);
+        }
         /// Releases the interest unless the join completed.
         struct Release<'a>(&'a Cluster, &'a str, bool);
         impl Drop for Release<'_> {
@@ -419,16 +432,16 @@ impl Cluster {
         self.wait_ready(&interest).await;
         let joined = {
             let state = interest.state.lock();
-            hub.join_seeded(name, id, user, state.last_seq, state.remote_sum())
+            hub.join_seeded(name, id, user, password, state.last_seq, state.remote_sum())?
         };
         guard.2 = true;
-        joined
+        Ok(joined)
     }
 
     /// Leaves `room` in the hub, then drops this membership's interest in its channel.
     pub fn leave(&self, hub: &Hub, room: &Arc<Room>, id: u64) -> bool {
         let was_in = hub.leave(room, id);
-        if was_in {
+        if was_in && room.name() != LOBBY {
             self.release(room.name());
         }
         was_in

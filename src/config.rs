@@ -1,9 +1,12 @@
 //! Configuration: every bound the server enforces, parsed once in `main` and passed down.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+use crate::limit::{RateLimitArg, RateSpec};
 
 /// Server settings. Every field is a bound or a timing; the policy applied past each bound is
 /// documented on the field and in docs/PROTOCOL.md.
@@ -69,6 +72,55 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_SHUTDOWN_TIMEOUT", default_value = "4", value_parser = parse_secs)]
     pub shutdown_timeout: Duration,
 
+    /// Shared secret of HS256 access tokens. When set, every WebSocket upgrade needs a valid
+    /// token (401 otherwise) whose `rooms` claim allows the room (403 otherwise). Default: off.
+    #[arg(
+        long,
+        env = "ROOMCAST_JWT_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// When set, the write endpoints (REST publish) need `Authorization: Bearer <key>`.
+    /// Default: off.
+    #[arg(long, env = "ROOMCAST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Comma-separated origins (`https://chat.example.com`) whose browser pages may open
+    /// WebSockets; other `Origin`s get 403. Requests without `Origin` (non-browsers) pass.
+    /// Default: any origin.
+    #[arg(long, env = "ROOMCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Messages one socket may send: `RATE[:BURST]` per second, or `off`. Excess messages get
+    /// an error frame with `retry_after_ms`; `BURST` refusals in a row close the socket (1008).
+    /// Default: 20:40.
+    #[arg(long, env = "ROOMCAST_RATE_LIMIT", default_value = "20:40")]
+    pub rate_limit: RateLimitArg,
+
+    /// Messages one room accepts: `RATE[:BURST]` per second, or `off`. Excess publishes get an
+    /// error frame with `retry_after_ms` (HTTP 429 for REST). Default: off.
+    #[arg(long, env = "ROOMCAST_ROOM_RATE_LIMIT", default_value = "off")]
+    pub room_rate_limit: RateLimitArg,
+
+    /// WebSocket connections one client IP may hold at once; one more gets HTTP 429.
+    /// Default: no limit (deployments behind a proxy see one IP).
+    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: Option<u32>,
+
+    /// Per-room settings file (TOML: `[defaults]` and `[rooms."NAME"]` / `[rooms."PREFIX*"]`
+    /// with `password`, `max_members`, `history`, `rate_limit`, `presence`, `room_buffer`).
+    /// A bad file stops the server at start; SIGHUP reloads it, keeping the old settings if the
+    /// new file is bad. Default: none (every room open, flags' values).
+    #[arg(long, env = "ROOMCAST_ROOMS_CONFIG")]
+    pub rooms_config: Option<PathBuf>,
+
+    /// Rooms listed, busiest first, in the `$lobby`'s `room_counts` frame (at most one a
+    /// second). Unit: rooms. Default: 50.
+    #[arg(long, env = "ROOMCAST_LOBBY_TOP", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub lobby_top: u16,
+
     /// Cluster mode: share rooms with every roomcast process that uses this Redis
     /// (`redis://[:password@]host[:port][/db]`). Unset: this process runs alone.
     /// Default: unset.
@@ -90,6 +142,39 @@ pub struct Config {
     /// Unit: seconds. Default: 15.
     #[arg(long, env = "ROOMCAST_CLUSTER_NODE_TTL", default_value = "15", value_parser = parse_secs)]
     pub cluster_node_ttl: Duration,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands other than serving.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Print an HS256 access token signed with --jwt-secret (for development).
+    Token {
+        /// The user name (`sub` claim).
+        #[arg(long)]
+        sub: String,
+        /// Rooms the token allows, comma-separated, `prefix*` wildcards (`general,post:*`).
+        /// Default: every room.
+        #[arg(long)]
+        rooms: Option<String>,
+        /// Lifetime (`90s`, `15m`, `1h`, `7d`). Default: 1h.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+impl Config {
+    /// The per-connection limit, if any.
+    pub fn connection_rate(&self) -> Option<RateSpec> {
+        self.rate_limit.0
+    }
+
+    /// The per-room limit, if any.
+    pub fn room_rate(&self) -> Option<RateSpec> {
+        self.room_rate_limit.0
+    }
 }
 
 impl Default for Config {
@@ -142,6 +227,39 @@ mod tests {
         assert_eq!(c.ping_interval, Duration::from_secs(30));
         assert_eq!(c.presence_interval, Duration::from_millis(250));
         assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(c.rate_limit.to_string(), "20:40");
+        assert!(c.room_rate().is_none());
+        assert!(c.jwt_secret.is_none() && c.api_key.is_none() && c.allowed_origins.is_empty());
+        assert!(c.max_connections_per_ip.is_none());
+        assert_eq!(c.rooms_config, None);
+        assert_eq!(c.lobby_top, 50);
+    }
+
+    #[test]
+    fn token_subcommand_takes_the_global_secret() {
+        let c = Config::try_parse_from([
+            "roomcast",
+            "token",
+            "--jwt-secret",
+            "k",
+            "--sub",
+            "alice",
+            "--ttl",
+            "15m",
+        ])
+        .unwrap();
+        assert_eq!(c.jwt_secret.as_deref(), Some("k"));
+        match c.command {
+            Some(Command::Token { sub, rooms, ttl }) => {
+                assert_eq!(sub, "alice");
+                assert!(rooms.is_none());
+                assert_eq!(ttl, Duration::from_secs(900));
+            }
+            None => panic!("expected the token command"),
+        }
+        let c =
+            Config::try_parse_from(["roomcast", "--allowed-origins", "http://a,http://b"]).unwrap();
+        assert_eq!(c.allowed_origins, ["http://a", "http://b"]);
     }
 
     #[test]

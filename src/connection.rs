@@ -2,45 +2,57 @@
 //! them, joining and leaving rooms, writing room frames (several per vectored write), pinging
 //! idle peers, evicting itself when it falls behind, and closing with a precise code.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::io::{self, Cursor, IoSlice};
-use std::pin::Pin;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead};
+use fastwebsockets::{Frame, OpCode, Payload};
 use smallvec::SmallVec;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Chain};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
 use tokio::time::{sleep_until, Instant};
 
-use crate::names::validate_room;
+use crate::auth::Grant;
+use crate::frame::{self, close_request, CloseRequest, InFrame};
+use crate::hub::{JoinError, Joined};
+use crate::limit::{retry_after_ms, ConnectionLimiter, Verdict};
+use crate::names::{is_server_room, validate_joinable_room, validate_room, NameError};
 use crate::protocol::{self, parse_client_message, ClientMessage, Outbound, ProtocolError};
 use crate::room::Room;
 use crate::server::Shared;
 use crate::shutdown::Shutdown;
 
-type Reader = WebSocketRead<Chain<Cursor<Bytes>, OwnedReadHalf>>;
-type ReadOutcome = (Reader, Result<InFrame, WebSocketError>, Vec<u8>);
-type ReadFuture = Pin<Box<dyn Future<Output = ReadOutcome> + Send>>;
-
 /// Most room frames gathered into one vectored write.
 const MAX_BATCH: usize = 64;
+/// Bytes asked of the kernel per read. The buffer exists only while bytes are in flight.
+const READ_CHUNK: usize = 4096;
 /// How long a closing socket is given to answer our close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a socket is for.
-#[derive(Debug)]
 pub enum Mode {
-    /// The chat protocol, optionally joining a first room straight away.
-    Rooms { first_room: Option<String> },
+    /// The chat protocol, with the first room (if the upgrade named one) already joined before
+    /// the 101, so that a refused join could still be an HTTP status. `grant` is the verified
+    /// access token when `--jwt-secret` is set; later joins are checked against it.
+    Rooms {
+        first: Option<Joined>,
+        grant: Option<Arc<Grant>>,
+    },
     /// Echo every message back exactly (`--echo`, for conformance testing only).
     Echo,
+}
+
+impl Mode {
+    /// Gives back a membership taken before the upgrade when the socket never arrives.
+    pub fn abandon(self, shared: &Shared, id: u64) {
+        if let Mode::Rooms { first: Some(j), .. } = self {
+            leave_room(shared, &j.room, id);
+        }
+    }
 }
 
 /// A room this socket is in.
@@ -68,6 +80,9 @@ pub struct Connection {
     /// A fragmented message being reassembled, and its first frame's opcode.
     partial: Option<(OpCode, BytesMut)>,
     echo: bool,
+    grant: Option<Arc<Grant>>,
+    /// `--rate-limit` on the messages this socket sends.
+    limiter: Option<ConnectionLimiter>,
 }
 
 /// Splits the upgraded TCP stream and runs the connection to its end.
@@ -82,21 +97,20 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) {
     let (read, writer) = stream.into_split();
-    // hyper hands over what it read past the request as a freeze of its whole read buffer
-    // (8 KiB or more): holding that `Bytes` would keep the buffer alive for the connection's
-    // life. Keep a copy of just the leftover bytes (usually none).
-    let leftover = Bytes::copy_from_slice(&leftover);
-    let read = Cursor::new(leftover).chain(read);
-    // We write through our own half (pre-encoded frames); fastwebsockets only reads, and the
-    // control frames it owes (pong, close echo) come back to us through `read_next`.
-    let (mut reader, _) =
-        fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    // fastwebsockets refuses frames of `len >= max`; our limit is inclusive.
-    reader.set_max_message_size(shared.config.max_message_bytes as usize + 1);
+    // What hyper read past the request (rarely anything) is the start of the first frame.
+    // hyper hands it over as a freeze of its whole read buffer: copy just these bytes.
+    let inbuf = BytesMut::from(&leftover[..]);
+    drop(leftover);
 
-    let (first_room, echo) = match mode {
-        Mode::Rooms { first_room } => (first_room, false),
-        Mode::Echo => (None, true),
+    let (first, echo, grant) = match mode {
+        Mode::Rooms { first, grant } => (first, false, grant),
+        Mode::Echo => (None, true, None),
+    };
+    // Echo mode is for conformance runs, which send as fast as they can.
+    let limiter = if echo {
+        None
+    } else {
+        shared.config.connection_rate().map(ConnectionLimiter::new)
     };
     let mut conn = Connection {
         id,
@@ -106,18 +120,19 @@ pub async fn run(
         rooms: SmallVec::new(),
         partial: None,
         echo,
+        grant,
+        limiter,
     };
-    let end = match first_room {
-        Some(room) => match conn.join(&room).await {
-            Ok(()) => None,
-            Err(Ok(_)) => Some(End::Close(1011, "could not join the room")),
-            Err(Err(end)) => Some(end),
-        },
+    let end = match first {
+        Some(joined) => conn.enter(joined).await.err().map(|e| match e {
+            Ok(_) => End::Close(1011, "could not join the room"),
+            Err(end) => end,
+        }),
         None => None,
     };
     let end = match end {
         Some(end) => end,
-        None => conn.serve(reader, &mut shutdown).await,
+        None => conn.serve(read, inbuf, &mut shutdown).await,
     };
     conn.leave_all();
     if let End::Close(code, reason) = end {
@@ -125,50 +140,18 @@ pub async fn run(
     }
 }
 
-/// A frame read from the client, detached from the reader's buffer.
-struct InFrame {
-    fin: bool,
-    opcode: OpCode,
-    payload: BytesMut,
-}
-
-impl From<Frame<'_>> for InFrame {
-    fn from(frame: Frame<'_>) -> Self {
-        let payload = match frame.payload {
-            // fastwebsockets hands out the bytes it read as `Payload::Bytes`: no copy.
-            Payload::Bytes(b) => b,
-            other => BytesMut::from(&other[..]),
-        };
-        InFrame {
-            fin: frame.fin,
-            opcode: frame.opcode,
-            payload,
-        }
-    }
-}
-
-/// Starts reading the next complete frame. fastwebsockets' `read_frame` is not cancel-safe, so
-/// the future owns the reader and is kept alive across `select!` iterations until it finishes;
-/// then it hands the reader back for the next one.
-fn read_next(mut reader: Reader) -> ReadFuture {
-    Box::pin(async move {
-        let mut owed = Vec::new();
-        let res = reader
-            .read_frame(&mut |frame: Frame<'_>| {
-                owed.extend_from_slice(&protocol::encode_control(frame));
-                std::future::ready(Ok::<(), Infallible>(()))
-            })
-            .await
-            .map(InFrame::from);
-        (reader, res, owed)
-    })
-}
-
 impl Connection {
-    /// Runs until the connection must end. The pending read is dropped on return: nothing else
-    /// reads from the socket until `close` drains it.
-    async fn serve(&mut self, reader: Reader, shutdown: &mut Shutdown) -> End {
-        let mut read_fut = read_next(reader);
+    /// Runs until the connection must end. Reading waits for readiness with no buffer held, so an
+    /// idle socket costs no read buffer; `inbuf` holds only a partial frame between reads.
+    async fn serve(
+        &mut self,
+        read: OwnedReadHalf,
+        mut inbuf: BytesMut,
+        shutdown: &mut Shutdown,
+    ) -> End {
+        if let Err(end) = self.drain_frames(&mut inbuf).await {
+            return end;
+        }
         let ping_interval = self.shared.config.ping_interval;
         let mut last_seen = Instant::now();
         let ping_timer = sleep_until(last_seen + ping_interval);
@@ -179,18 +162,14 @@ impl Connection {
             // (its pongs would go unread and it would be dropped for silence).
             tokio::select! {
                 _ = shutdown.recv() => return End::Close(1001, "server shutting down"),
-                (reader, res, owed) = &mut read_fut => {
-                    last_seen = Instant::now();
-                    if !owed.is_empty() && self.write_raw(&owed).await.is_err() {
+                ready = read.readable() => {
+                    if ready.is_err() {
                         return End::Gone;
                     }
-                    let frame = match res {
-                        Ok(frame) => frame,
-                        Err(e) => return end_for_read_error(e),
-                    };
-                    read_fut = read_next(reader);
-                    if let Some(end) = self.on_frame(frame).await {
-                        return end;
+                    match self.read_available(&read, &mut inbuf).await {
+                        Ok(true) => last_seen = Instant::now(),
+                        Ok(false) => {}
+                        Err(end) => return end,
                     }
                 }
                 (index, res) = recv_any(&mut self.rooms) => {
@@ -213,12 +192,67 @@ impl Connection {
         }
     }
 
+    /// One read after a readiness event (one per event, so a fast sender cannot monopolise the
+    /// task), then every complete frame handled in order. Returns whether any bytes came in.
+    /// The buffer is released as soon as it holds no partial frame.
+    async fn read_available(
+        &mut self,
+        read: &OwnedReadHalf,
+        inbuf: &mut BytesMut,
+    ) -> Result<bool, End> {
+        inbuf.reserve(READ_CHUNK);
+        match read.try_read_buf(inbuf) {
+            Ok(0) => return Err(End::Gone),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if inbuf.is_empty() {
+                    *inbuf = BytesMut::new();
+                }
+                return Ok(false);
+            }
+            Err(_) => return Err(End::Gone),
+        }
+        self.drain_frames(inbuf).await?;
+        if inbuf.is_empty() {
+            *inbuf = BytesMut::new();
+        }
+        Ok(true)
+    }
+
+    /// Handles every complete frame in `inbuf`, leaving a partial one in place.
+    async fn drain_frames(&mut self, inbuf: &mut BytesMut) -> Result<(), End> {
+        let max = self.shared.config.max_message_bytes as usize;
+        loop {
+            match frame::decode(inbuf, max) {
+                Ok(None) => return Ok(()),
+                Ok(Some(frame)) => {
+                    if let Some(end) = self.on_frame(frame).await {
+                        return Err(end);
+                    }
+                }
+                Err(e) => {
+                    let (code, reason) = e.close();
+                    return Err(End::Close(code, reason));
+                }
+            }
+        }
+    }
+
     /// Handles one frame from the client; `Some` ends the connection.
     async fn on_frame(&mut self, frame: InFrame) -> Option<End> {
         let max = self.shared.config.max_message_bytes as usize;
         let message = match frame.opcode {
-            OpCode::Close => return Some(End::Gone), // fastwebsockets answered it already
-            OpCode::Ping | OpCode::Pong => return None,
+            OpCode::Close => {
+                return Some(match close_request(&frame.payload) {
+                    CloseRequest::Answer(code) => End::Close(code, ""),
+                    CloseRequest::Refuse(code, reason) => End::Close(code, reason),
+                })
+            }
+            OpCode::Ping => {
+                let pong = protocol::encode_control(Frame::pong(Payload::Borrowed(&frame.payload)));
+                return self.write_raw(&pong).await.err();
+            }
+            OpCode::Pong => return None,
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
                 return Some(End::Close(1002, "expected a continuation frame"));
             }
@@ -275,12 +309,32 @@ impl Connection {
     /// Handles one complete client text message; protocol errors answer with an error frame.
     async fn on_text(&mut self, text: &str) -> Option<End> {
         self.shared.stats.messages_in.inc();
+        if let Some(limiter) = &mut self.limiter {
+            match limiter.check() {
+                Verdict::Allow => {}
+                Verdict::Refuse { retry_after } => {
+                    self.shared.stats.rate_limited.inc();
+                    let err = ProtocolError::rate_limited(
+                        "this socket sends faster than --rate-limit; the message was dropped",
+                        retry_after_ms(retry_after),
+                    );
+                    let frame = protocol::error_frame(&err, None);
+                    return self.write_own(&frame).await.err().and_then(Result::err);
+                }
+                Verdict::Flooding => {
+                    self.shared.stats.rate_limited.inc();
+                    return Some(End::Close(1008, "rate limit exceeded"));
+                }
+            }
+        }
         // `room` borrows from `text`; it is only needed again to label an error frame.
         let (result, room) = match parse_client_message(text) {
             Ok(ClientMessage::Message { room, text, echo }) => {
                 (self.publish(room.as_deref(), &text, echo).await, room)
             }
-            Ok(ClientMessage::Join { room }) => (self.join(&room).await, Some(room)),
+            Ok(ClientMessage::Join { room, password }) => {
+                (self.join(&room, password.as_deref()).await, Some(room))
+            }
             Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
             Ok(ClientMessage::Ping) => (self.write_own(&protocol::pong_frame()).await, None),
             Err(e) => (Err(Ok(e)), None),
@@ -288,7 +342,9 @@ impl Connection {
         match result {
             Ok(()) => None,
             Err(Ok(e)) => {
-                let room = room.filter(|r| validate_room(r).is_ok());
+                // Only a well-formed name is echoed back (`$` names included).
+                let room =
+                    room.filter(|r| matches!(validate_room(r), Ok(()) | Err(NameError::Reserved)));
                 let frame = protocol::error_frame(&e, room.as_deref());
                 self.write_own(&frame).await.err().and_then(Result::err)
             }
@@ -304,17 +360,26 @@ impl Connection {
     ) -> Result<(), Result<ProtocolError, End>> {
         let target = match room {
             Some(name) => {
-                validate_room(name)
-                    .map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+                validate_room(name).map_err(|e| Ok(room_error(e)))?;
                 self.rooms.iter().find(|m| m.room.name() == name)
             }
-            None if self.rooms.len() > 1 => {
-                return Err(Ok(ProtocolError::new(
-                    "room_required",
-                    "this socket is in several rooms: name one with \"room\"",
-                )))
+            // The server's rooms (`$lobby`) take no messages, so they never make the choice
+            // ambiguous.
+            None => {
+                let mut chat = self.rooms.iter().filter(|m| !is_server_room(m.room.name()));
+                match (chat.next(), chat.next()) {
+                    (Some(_), Some(_)) => {
+                        return Err(Ok(ProtocolError::new(
+                            "room_required",
+                            "this socket is in several rooms: name one with \"room\"",
+                        )))
+                    }
+                    (None, _) if !self.rooms.is_empty() => {
+                        return Err(Ok(room_error(NameError::Reserved)))
+                    }
+                    (only, _) => only,
+                }
             }
-            None => self.rooms.first(),
         };
         let Some(member) = target else {
             return Err(Ok(ProtocolError::new(
@@ -322,6 +387,13 @@ impl Connection {
                 "join the room before sending to it",
             )));
         };
+        if let Err(wait) = member.room.admit() {
+            self.shared.stats.rate_limited.inc();
+            return Err(Ok(ProtocolError::rate_limited(
+                "the room is at its --room-rate-limit; the message was dropped",
+                retry_after_ms(wait),
+            )));
+        }
         let Some(cluster) = &self.shared.cluster else {
             member.room.publish(&self.user, text, self.id, !echo);
             return Ok(());
@@ -342,8 +414,26 @@ impl Connection {
 
     /// Joins `name` and writes its welcome frame. `Err(Ok(_))` is answered with an error frame;
     /// `Err(Err(_))` ends the connection.
-    async fn join(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
-        validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+    async fn join(
+        &mut self,
+        name: &str,
+        password: Option<&str>,
+    ) -> Result<(), Result<ProtocolError, End>> {
+        validate_joinable_room(name).map_err(|e| Ok(room_error(e)))?;
+        if let Some(grant) = &self.grant {
+            if grant.expired() {
+                return Err(Ok(ProtocolError::new(
+                    "token_expired",
+                    "the access token has expired: reconnect with a fresh one",
+                )));
+            }
+            if !grant.allows(name) {
+                return Err(Ok(ProtocolError::new(
+                    "forbidden_room",
+                    "the access token does not allow this room",
+                )));
+            }
+        }
         if self.rooms.iter().any(|m| m.room.name() == name) {
             return Err(Ok(ProtocolError::new(
                 "already_joined",
@@ -359,14 +449,14 @@ impl Connection {
                 ),
             )));
         }
-        let joined = match &self.shared.cluster {
-            None => self.shared.hub.join(name, self.id, &self.user),
-            // Waits (at most --redis-timeout) for the room's subscription, so that the welcome's
-            // seq is exact cluster-wide. Boxed for the same reason as in `publish`.
-            Some(cluster) => {
-                Box::pin(cluster.join(&self.shared.hub, name, self.id, &self.user)).await
-            }
-        };
+        let joined = join_room(&self.shared, name, self.id, &self.user, password)
+            .await
+            .map_err(|e| Ok(ProtocolError::new(e.code(), e.to_string())))?;
+        self.enter(joined).await
+    }
+
+    /// Takes a membership `Hub::join` granted and writes its welcome frame.
+    async fn enter(&mut self, joined: Joined) -> Result<(), Result<ProtocolError, End>> {
         self.rooms.push(Membership {
             room: joined.room,
             rx: joined.rx,
@@ -375,7 +465,7 @@ impl Connection {
     }
 
     async fn leave(&mut self, name: &str) -> Result<(), Result<ProtocolError, End>> {
-        validate_room(name).map_err(|e| Ok(ProtocolError::new("bad_room", e.room_reason())))?;
+        validate_joinable_room(name).map_err(|e| Ok(room_error(e)))?;
         let Some(index) = self.rooms.iter().position(|m| m.room.name() == name) else {
             return Err(Ok(ProtocolError::new(
                 "not_joined",
@@ -503,12 +593,33 @@ impl Connection {
     }
 }
 
+/// Joins `name` (see `Hub::join`). In cluster mode a chat room's join waits (at most
+/// --redis-timeout) for the room's subscription, so that the welcome's seq is exact
+/// cluster-wide; boxed so that the cluster's future does not grow every connection's task.
+pub(crate) async fn join_room(
+    shared: &Shared,
+    name: &str,
+    id: u64,
+    user: &Arc<str>,
+    password: Option<&str>,
+) -> Result<Joined, JoinError> {
+    match &shared.cluster {
+        None => shared.hub.join(name, id, user, password),
+        Some(cluster) => Box::pin(cluster.join(&shared.hub, name, id, user, password)).await,
+    }
+}
+
 /// Leaves `room` locally and, in cluster mode, gives up this membership's stake in its channel.
-fn leave_room(shared: &Shared, room: &Arc<Room>, id: u64) {
+pub(crate) fn leave_room(shared: &Shared, room: &Arc<Room>, id: u64) {
     match &shared.cluster {
         Some(cluster) => cluster.leave(&shared.hub, room, id),
         None => shared.hub.leave(room, id),
     };
+}
+
+/// The error frame's content for a refused room name.
+fn room_error(e: NameError) -> ProtocolError {
+    ProtocolError::new(e.room_code(), e.room_reason())
 }
 
 /// Waits for the next frame from any of the rooms. Cancel-safe: `broadcast::Receiver::recv`
@@ -541,19 +652,4 @@ async fn write_all_vectored(writer: &mut OwnedWriteHalf, frames: &[&[u8]]) -> io
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
-}
-
-/// The close code for a frame the reader refused.
-fn end_for_read_error(e: WebSocketError) -> End {
-    match e {
-        // fastwebsockets already queued its own close 1002 for a bad close code: it was sent
-        // with `owed` above.
-        WebSocketError::InvalidCloseCode => End::Gone,
-        WebSocketError::FrameTooLarge => End::Close(1009, "message too big"),
-        WebSocketError::InvalidUTF8 => End::Close(1007, "invalid utf-8"),
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => End::Gone,
-        _ => End::Close(1002, "protocol error"),
-    }
 }

@@ -13,6 +13,10 @@ pub enum Error {
     WebSocket(#[from] fastwebsockets::WebSocketError),
     #[error("upgraded connection is not a TCP stream")]
     NotTcp,
+    #[error("cannot make a token: {0}")]
+    Token(String),
+    #[error("{0}")]
+    Settings(#[from] crate::settings::SettingsError),
     #[error("cluster: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
 }

@@ -2,20 +2,26 @@
 //! upgrade request happens here, before the 101, so a refusal is a status code and a JSON body).
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ORIGIN, RETRY_AFTER,
+    SEC_WEBSOCKET_PROTOCOL, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpStream;
 
+use crate::auth::{self, AuthError, Grant};
 use crate::connection::Mode;
-use crate::names::{validate_room, validate_user};
+use crate::limit::retry_after_ms;
+use crate::names::{validate_joinable_room, validate_room, validate_user};
 use crate::server::Shared;
 use crate::stats::rss_bytes;
 
@@ -24,7 +30,7 @@ pub type Body = Full<Bytes>;
 const INDEX_HTML: &str = include_str!("../web/index.html");
 
 /// Answers one HTTP request. Never fails: every problem is a status code with a JSON body.
-pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(shared: Arc<Shared>, peer: IpAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -78,7 +84,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                 return method_not_allowed(&[Method::GET]);
             }
             match requested_room(&req, segments.get(1).copied()) {
-                Ok(first_room) => websocket(shared, req, Mode::Rooms { first_room }),
+                Ok(first_room) => websocket(shared, peer, req, first_room).await,
                 Err(e) => e.response(),
             }
         }
@@ -86,7 +92,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             if method != Method::GET {
                 return method_not_allowed(&[Method::GET]);
             }
-            websocket(shared, req, Mode::Echo)
+            upgrade(shared, peer, req, Wanted::Echo, None).await
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
@@ -204,8 +210,15 @@ pub(crate) fn number_param(
     }
 }
 
-/// A room name from a path segment: percent-decoded, then validated.
+/// A room name from a path segment: percent-decoded, then validated (`$` names refused).
 fn decode_room(raw: &str) -> Result<String, ApiError> {
+    decode_room_with(raw, validate_room)
+}
+
+fn decode_room_with(
+    raw: &str,
+    validate: fn(&str) -> Result<(), crate::names::NameError>,
+) -> Result<String, ApiError> {
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| {
@@ -215,8 +228,8 @@ fn decode_room(raw: &str) -> Result<String, ApiError> {
                 "room name is not valid UTF-8",
             )
         })?;
-    validate_room(&decoded)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason()))?;
+    validate(&decoded)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason()))?;
     Ok(decoded.into_owned())
 }
 
@@ -246,6 +259,8 @@ pub(crate) fn stats_json(shared: &Shared) -> serde_json::Value {
             "frames_encoded": s.frames_encoded.get(),
             "evictions": s.evictions.get(),
             "connections_refused": s.connections_refused.get(),
+            "rate_limited": s.rate_limited.get(),
+            "auth_refused": s.auth_refused.get(),
             "rss_bytes": rss_bytes(),
             "uptime_secs": s.uptime().as_secs(),
     })
@@ -299,6 +314,18 @@ struct PublishBody {
 }
 
 async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Response<Body> {
+    if let Some(key) = shared.config.api_key.as_deref() {
+        if !auth::api_key_matches(req.headers(), key) {
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs `Authorization: Bearer <api key>`",
+            );
+            resp.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
     let max = shared.config.max_message_bytes as usize;
     let too_large = || {
         error(
@@ -360,10 +387,16 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
             )
         }
     };
+    let local = shared.hub.get(room);
+    // The room's limit is checked before the message goes anywhere (in cluster mode, before
+    // Redis; a room with no member here has no limiter here).
+    if let Some(Err(wait)) = local.as_ref().map(|r| r.admit()) {
+        return rate_limited(wait);
+    }
     if let Some(cluster) = &shared.cluster {
         return crate::cluster::api::publish(shared, cluster, room, &user, &text).await;
     }
-    let Some(room_ref) = shared.hub.get(room) else {
+    let Some(room_ref) = local else {
         return error(
             StatusCode::NOT_FOUND,
             "no_such_room",
@@ -374,40 +407,166 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
     json_response(StatusCode::ACCEPTED, &json!({"room": room, "seq": seq}))
 }
 
-/// Decrements the connection gauge when a WebSocket task ends (or never starts).
-struct ConnectionGuard(Arc<Shared>);
+/// 429 with `Retry-After` (whole seconds, rounded up) and `retry_after_ms` in the body.
+fn rate_limited(wait: std::time::Duration) -> Response<Body> {
+    let ms = retry_after_ms(wait);
+    let mut resp = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &json!({
+            "error": "rate_limited",
+            "reason": "the room's --room-rate-limit is reached",
+            "retry_after_ms": ms,
+        }),
+    );
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+    resp
+}
+
+/// Gives back what an accepted upgrade holds (the connection gauge and the per-IP count) when
+/// its task ends, or never starts.
+struct ConnectionGuard {
+    shared: Arc<Shared>,
+    ip: Option<IpAddr>,
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.stats.connections.dec();
+        self.shared.stats.connections.dec();
+        if let (Some(ip), Some(per_ip)) = (self.ip, &self.shared.per_ip) {
+            per_ip.release(ip);
+        }
     }
 }
 
 /// The room a chat upgrade asks to join first: the path segment (`/ws/{room}`), else the
-/// `room` query parameter (`/ws?room=`), else none.
+/// `room` query parameter (`/ws?room=`), else none. `$lobby` is allowed, other `$` names not.
 fn requested_room(
     req: &Request<Incoming>,
     path_segment: Option<&str>,
 ) -> Result<Option<String>, ApiError> {
     if let Some(raw) = path_segment {
-        return decode_room(raw).map(Some);
+        return decode_room_with(raw, validate_joinable_room).map(Some);
     }
     match query_param(req, "room") {
-        Some(r) => validate_room(&r)
+        Some(r) => validate_joinable_room(&r)
             .map(|()| Some(r.into_owned()))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_room", e.room_reason())),
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason())),
         None => Ok(None),
     }
 }
 
-/// Checks and upgrades a WebSocket request for `mode` (whose room, if any, is already valid).
-fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Response<Body> {
-    let user = match query_param(&req, "user").or_else(|| query_param(&req, "username")) {
-        Some(u) => match validate_user(&u) {
-            Ok(()) => Some(u.into_owned()),
-            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_user", e.user_reason()),
-        },
+/// Checks a chat upgrade (token, room grant) and upgrades it. `first_room` is already valid.
+async fn websocket(
+    shared: Arc<Shared>,
+    peer: IpAddr,
+    req: Request<Incoming>,
+    first_room: Option<String>,
+) -> Response<Body> {
+    let grant = match &shared.auth {
         None => None,
+        Some(verifier) => {
+            let query_token = query_param(&req, "token");
+            let Some((token, _)) = auth::find_token(req.headers(), query_token.as_deref()) else {
+                shared.stats.auth_refused.inc();
+                return unauthorized(&AuthError::Missing);
+            };
+            let grant = match verifier.verify(token) {
+                Ok(grant) => grant,
+                Err(e) => {
+                    shared.stats.auth_refused.inc();
+                    return unauthorized(&e);
+                }
+            };
+            if let Some(room) = &first_room {
+                if !grant.allows(room) {
+                    shared.stats.auth_refused.inc();
+                    return error(
+                        StatusCode::FORBIDDEN,
+                        "forbidden_room",
+                        "the access token does not allow this room",
+                    );
+                }
+            }
+            if query_param(&req, "user")
+                .or_else(|| query_param(&req, "username"))
+                .is_some_and(|u| *u != *grant.user)
+            {
+                shared.stats.auth_refused.inc();
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden_user",
+                    "the user name comes from the access token's `sub`",
+                );
+            }
+            Some(Arc::new(grant))
+        }
+    };
+    upgrade(shared, peer, req, Wanted::Rooms { first_room }, grant).await
+}
+
+/// What an upgrade request asks for, before anything is granted.
+enum Wanted {
+    /// The chat protocol; the first room's name is already valid.
+    Rooms {
+        first_room: Option<String>,
+    },
+    Echo,
+}
+
+fn unauthorized(e: &AuthError) -> Response<Body> {
+    let mut resp = error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+    resp.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Whether the browser `Origin` of the request may open a WebSocket (`--allowed-origins`).
+fn origin_allowed(shared: &Shared, req: &Request<Incoming>) -> bool {
+    let allowed = &shared.config.allowed_origins;
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        return true;
+    }
+    match req.headers().get(ORIGIN) {
+        // Not a browser: origin checks protect browsers' ambient credentials only.
+        None => true,
+        Some(origin) => origin.to_str().is_ok_and(|o| {
+            let o = o.trim_end_matches('/');
+            allowed
+                .iter()
+                .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(o))
+        }),
+    }
+}
+
+/// Whether the client offered the `roomcast` subprotocol (then the response selects it).
+fn offers_subprotocol(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == auth::SUBPROTOCOL)
+}
+
+/// Checks and upgrades a WebSocket request. The first room is joined here, before the 101, so a
+/// wrong password or a full room is an HTTP 403 and leaves no membership behind.
+async fn upgrade(
+    shared: Arc<Shared>,
+    peer: IpAddr,
+    mut req: Request<Incoming>,
+    wanted: Wanted,
+    grant: Option<Arc<Grant>>,
+) -> Response<Body> {
+    let user = match &grant {
+        Some(grant) => Some(grant.user.to_string()),
+        None => match query_param(&req, "user").or_else(|| query_param(&req, "username")) {
+            Some(u) => match validate_user(&u) {
+                Ok(()) => Some(u.into_owned()),
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_user", e.user_reason()),
+            },
+            None => None,
+        },
     };
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return error(
@@ -423,9 +582,35 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
             "the server is shutting down",
         );
     }
+    if !origin_allowed(&shared, &req) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this Origin is not in --allowed-origins",
+        );
+    }
+    let ip = match &shared.per_ip {
+        Some(per_ip) => {
+            if !per_ip.try_acquire(peer) {
+                shared.stats.connections_refused.inc();
+                return error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections_from_ip",
+                    "this address holds --max-connections-per-ip connections",
+                );
+            }
+            Some(peer)
+        }
+        None => None,
+    };
     let stats = &shared.stats;
-    if stats.connections.inc() >= shared.config.max_connections as i64 {
-        stats.connections.dec();
+    // From here on the guard gives back the per-IP count and the gauge on every path.
+    stats.connections.inc();
+    let guard = ConnectionGuard {
+        shared: shared.clone(),
+        ip,
+    };
+    if stats.connections.get() > shared.config.max_connections as i64 {
         stats.connections_refused.inc();
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -433,13 +618,31 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
             "the server is at --max-connections",
         );
     }
-    let guard = ConnectionGuard(shared.clone());
+    let select_protocol = offers_subprotocol(&req);
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
     };
     let id = shared.next_id();
     let user: Arc<str> = user.unwrap_or_else(|| format!("anon-{id}")).into();
+    let mode = match wanted {
+        Wanted::Echo => Mode::Echo,
+        Wanted::Rooms { first_room: None } => Mode::Rooms { first: None, grant },
+        Wanted::Rooms {
+            first_room: Some(room),
+        } => {
+            // The password travels in the query only; it is never logged.
+            let password = query_param(&req, "password");
+            match crate::connection::join_room(&shared, &room, id, &user, password.as_deref()).await
+            {
+                Ok(joined) => Mode::Rooms {
+                    first: Some(joined),
+                    grant,
+                },
+                Err(e) => return error(StatusCode::FORBIDDEN, e.code(), &e.to_string()),
+            }
+        }
+    };
     let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let _guard = guard;
@@ -447,6 +650,7 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
             Ok(ws) => ws,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade did not complete");
+                mode.abandon(&shared, id);
                 return;
             }
         };
@@ -457,9 +661,18 @@ fn websocket(shared: Arc<Shared>, mut req: Request<Incoming>, mode: Mode) -> Res
                 crate::connection::run(shared, stream, parts.read_buf, id, user, mode, shutdown)
                     .await;
             }
-            Err(_) => tracing::error!("{}", crate::Error::NotTcp),
+            Err(_) => {
+                tracing::error!("{}", crate::Error::NotTcp);
+                mode.abandon(&shared, id);
+            }
         }
     });
-    let (parts, _) = response.into_parts();
+    let (mut parts, _) = response.into_parts();
+    if select_protocol {
+        parts.headers.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(auth::SUBPROTOCOL),
+        );
+    }
     Response::from_parts(parts, Full::new(Bytes::new()))
 }

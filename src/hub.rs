@@ -1,17 +1,22 @@
 //! The room registry: a sharded map from room name to `Room`. It owns the life of rooms: created
 //! on first join, removed with the last leave. Both happen under the shard lock, so a joiner can
-//! never land in a room that was just removed from the map.
+//! never land in a room that was just removed from the map. Admission (password, member cap)
+//! is decided under the same locks, and the `$lobby` is told of every room created and closed.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
+use crate::limit::RateSpec;
+use crate::lobby::Lobby;
+use crate::names::LOBBY;
 use crate::protocol::Outbound;
 use crate::room::Room;
+use crate::settings::{RoomSettings, Settings};
 use crate::stats::Stats;
 
 type Shard = Mutex<HashMap<Box<str>, Arc<Room>>>;
@@ -19,11 +24,52 @@ type Shard = Mutex<HashMap<Box<str>, Arc<Room>>>;
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: RandomState,
-    /// Broadcast ring size of every new room (`--room-buffer`).
-    room_buffer: usize,
+    /// Per-room settings (`--room-buffer`, `--rooms-config`); read when a room is created,
+    /// replaced on reload.
+    settings: RwLock<Arc<Settings>>,
+    /// Publish limit of new rooms whose settings do not set `rate_limit` (`--room-rate-limit`).
+    room_rate: Option<RateSpec>,
     stats: Arc<Stats>,
     /// Rooms with joins or leaves not yet announced; drained by the presence task.
     presence_queue: Mutex<Vec<Arc<Room>>>,
+    lobby: Lobby,
+}
+
+/// Why a join was refused. Nothing changed: no membership, no room created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("this room needs a password")]
+    PasswordRequired,
+    #[error("wrong password for this room")]
+    WrongPassword,
+    #[error("the room is full ({max} members)")]
+    RoomFull { max: u32 },
+}
+
+impl JoinError {
+    /// The error code clients see (HTTP 403 body or error frame).
+    pub fn code(&self) -> &'static str {
+        match self {
+            JoinError::PasswordRequired | JoinError::WrongPassword => "bad_password",
+            JoinError::RoomFull { .. } => "room_full",
+        }
+    }
+}
+
+/// Whether a joiner may enter a room with `settings` that has `members` now. The password is
+/// checked first, so a full room tells nothing to someone without it.
+fn admit(settings: &RoomSettings, members: usize, password: Option<&str>) -> Result<(), JoinError> {
+    if let Some(expected) = &settings.password {
+        match password {
+            None => return Err(JoinError::PasswordRequired),
+            Some(given) if !expected.matches(given) => return Err(JoinError::WrongPassword),
+            Some(_) => {}
+        }
+    }
+    match settings.max_members {
+        Some(max) if members >= max as usize => Err(JoinError::RoomFull { max }),
+        _ => Ok(()),
+    }
 }
 
 /// What a successful join hands to the connection.
@@ -35,15 +81,39 @@ pub struct Joined {
 }
 
 impl Hub {
+    /// A hub whose rooms all get `room_buffer` and no restriction (no settings file).
     pub fn new(shards: usize, room_buffer: usize, stats: Arc<Stats>) -> Self {
+        Self::with_settings(
+            shards,
+            Settings::from_flags(room_buffer),
+            crate::lobby::DEFAULT_TOP,
+            stats,
+        )
+    }
+
+    /// A hub with per-room `settings`, whose lobby lists the `lobby_top` busiest rooms.
+    pub fn with_settings(
+        shards: usize,
+        settings: Settings,
+        lobby_top: usize,
+        stats: Arc<Stats>,
+    ) -> Self {
         let shards = shards.max(1).next_power_of_two();
         Hub {
             shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
-            room_buffer: room_buffer.max(1),
+            settings: RwLock::new(Arc::new(settings)),
+            room_rate: None,
+            lobby: Lobby::new(lobby_top, stats.clone()),
             stats,
             presence_queue: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Sets the publish limit of rooms created from now on whose settings do not set one.
+    pub fn with_room_rate(mut self, spec: Option<RateSpec>) -> Self {
+        self.room_rate = spec;
+        self
     }
 
     fn shard(&self, name: &str) -> &Shard {
@@ -51,44 +121,72 @@ impl Hub {
         &self.shards[h & (self.shards.len() - 1)]
     }
 
-    /// Adds member `id` named `user` to room `name`, creating the room if needed.
-    /// The name must already be valid.
-    pub fn join(&self, name: &str, id: u64, user: &Arc<str>) -> Joined {
-        self.join_seeded(name, id, user, 0, 0)
+    /// Adds member `id` named `user` to room `name` (`$lobby` included), creating the room if
+    /// needed, if `password` and the room's member cap allow. The name must already be valid.
+    /// The checks and the membership happen under the shard and room locks: two joiners can
+    /// never both take a room's last place.
+    pub fn join(
+        &self,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        password: Option<&str>,
+    ) -> Result<Joined, JoinError> {
+        self.join_seeded(name, id, user, password, 0, 0)
     }
 
     /// `join` for cluster mode: a room created by this join starts after `seq` (the cluster's
     /// last seq of the room) instead of 0, knowing of `remote_members` on other processes.
+    /// `max_members` is checked against this process's members only.
     pub fn join_seeded(
         &self,
         name: &str,
         id: u64,
         user: &Arc<str>,
+        password: Option<&str>,
         seq: u64,
         remote_members: usize,
-    ) -> Joined {
+    ) -> Result<Joined, JoinError> {
+        if name == LOBBY {
+            return Ok(self.lobby.join(id, user));
+        }
         let mut shard = self.shard(name).lock();
-        let room = match shard.get(name) {
-            Some(room) => room.clone(),
+        let (room, created) = match shard.get(name) {
+            Some(room) => (room.clone(), false),
             None => {
-                let room = Arc::new(Room::new(name, self.room_buffer, self.stats.clone(), seq));
+                let settings = self.settings.read().resolve(name);
+                admit(&settings, 0, password)?;
+                let limiter = crate::limit::room_limiter(settings.rate_limit, self.room_rate);
+                let room = Arc::new(
+                    Room::new(name, settings, self.stats.clone())
+                        .with_limiter(limiter)
+                        .with_seq(seq),
+                );
                 room.set_remote_members(remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
-                room
+                self.lobby.room_created(name);
+                (room, true)
             }
         };
         let mut state = room.lock();
+        if !created {
+            admit(&state.settings, state.members.len(), password)?;
+        }
         let (rx, welcome) = room.add_member(&mut state, id, user);
         self.queue_presence(&room, &mut state);
         drop(state);
         drop(shard);
-        Joined { room, rx, welcome }
+        self.lobby.counts_changed();
+        Ok(Joined { room, rx, welcome })
     }
 
     /// Removes member `id` from `room`; the room leaves the map with its last member.
     /// Returns whether the member was there.
     pub fn leave(&self, room: &Arc<Room>, id: u64) -> bool {
+        if self.lobby.is(room) {
+            return self.lobby.leave(id);
+        }
         let mut shard = self.shard(room.name()).lock();
         let mut state = room.lock();
         if !room.remove_member(&mut state, id) {
@@ -100,12 +198,41 @@ impl Hub {
             if shard.get(room.name()).is_some_and(|r| Arc::ptr_eq(r, room)) {
                 shard.remove(room.name());
                 self.stats.rooms.dec();
+                self.lobby.room_closed(room.name());
             }
         }
         // Queued even when the room just emptied: in cluster mode the other processes still
         // have to hear about the leave (standalone, the flush finds no member and sends nothing).
         self.queue_presence(room, &mut state);
+        drop(state);
+        drop(shard);
+        self.lobby.counts_changed();
         true
+    }
+
+    /// Puts new settings in force: rooms created from now on get them whole; every existing
+    /// room takes its new password, cap and presence mode now (its ring keeps its size).
+    pub fn reload(&self, settings: Settings) {
+        let settings = Arc::new(settings);
+        // Swap first: a room created while the loop below runs either reads the new settings or
+        // sits in a shard the loop has yet to visit.
+        *self.settings.write() = settings.clone();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            for (name, room) in shard.iter() {
+                room.lock().settings = settings.resolve(name);
+            }
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().clone()
+    }
+
+    /// Sends the lobby's coalesced frames for this tick (nothing when nobody is in it).
+    pub fn flush_lobby(&self) {
+        self.lobby.flush(|top| self.list(top));
     }
 
     fn queue_presence(&self, room: &Arc<Room>, state: &mut crate::room::RoomState) {
@@ -174,8 +301,8 @@ mod tests {
     fn rooms_live_exactly_as_long_as_their_members() {
         let hub = hub();
         let alice: Arc<str> = "alice".into();
-        let a = hub.join("r", 1, &alice);
-        let b = hub.join("r", 2, &alice);
+        let a = hub.join("r", 1, &alice, None).unwrap();
+        let b = hub.join("r", 2, &alice, None).unwrap();
         assert!(Arc::ptr_eq(&a.room, &b.room));
         assert_eq!(hub.room_count(), 1);
         assert!(hub.leave(&a.room, 1));
@@ -185,7 +312,7 @@ mod tests {
         assert!(hub.get("r").is_none());
         assert_eq!(hub.room_count(), 0);
         // A fresh join creates a fresh room.
-        let c = hub.join("r", 3, &alice);
+        let c = hub.join("r", 3, &alice, None).unwrap();
         assert!(!Arc::ptr_eq(&c.room, &a.room));
     }
 
@@ -193,10 +320,10 @@ mod tests {
     fn welcome_seq_is_the_last_seq_before_the_joiner() {
         let hub = hub();
         let u: Arc<str> = "u".into();
-        let a = hub.join("r", 1, &u);
+        let a = hub.join("r", 1, &u, None).unwrap();
         assert_eq!(a.room.publish("u", "one", 1, false), 1);
         assert_eq!(a.room.publish("u", "two", 1, false), 2);
-        let mut b = hub.join("r", 2, &u);
+        let mut b = hub.join("r", 2, &u, None).unwrap();
         let v: serde_json::Value = payload(&b.welcome);
         assert_eq!(v["seq"], 2);
         assert_eq!(v["members"], 2);
@@ -210,7 +337,7 @@ mod tests {
     fn a_seeded_room_starts_at_its_cluster_seq_and_drops_what_is_not_past_it() {
         let hub = hub();
         let u: Arc<str> = "u".into();
-        let mut a = hub.join_seeded("r", 1, &u, 10, 4);
+        let mut a = hub.join_seeded("r", 1, &u, None, 10, 4).unwrap();
         let v = payload(&a.welcome);
         assert_eq!(v["seq"], 10);
         assert_eq!(v["members"], 5, "one here, four elsewhere");
@@ -230,7 +357,7 @@ mod tests {
         );
         assert!(a.rx.try_recv().is_err());
         // Seeding only applies to a room the join creates.
-        let b = hub.join_seeded("r", 2, &u, 99, 0);
+        let b = hub.join_seeded("r", 2, &u, None, 99, 0).unwrap();
         assert_eq!(payload(&b.welcome)["seq"], 12);
     }
 
@@ -247,7 +374,7 @@ mod tests {
                     for i in 0..2000u64 {
                         let id = t * 1_000_000 + i;
                         let name = format!("r{}", i % 3);
-                        let j = hub.join(&name, id, &u);
+                        let j = hub.join(&name, id, &u, None).unwrap();
                         assert!(hub.get(&name).is_some_and(|r| Arc::ptr_eq(&r, &j.room)));
                         assert!(hub.leave(&j.room, id));
                     }
@@ -261,13 +388,170 @@ mod tests {
         assert_eq!(hub.stats.rooms.get(), 0);
     }
 
+    fn hub_with(file: &str) -> Hub {
+        let settings = Settings::parse(file, "test.toml", 16).unwrap();
+        Hub::with_settings(4, settings, 50, Arc::new(Stats::new()))
+    }
+
+    #[test]
+    fn racing_joiners_never_exceed_the_member_cap() {
+        let hub = Arc::new(hub_with("[rooms.capped]\nmax_members = 5\n"));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let hub = hub.clone();
+                std::thread::spawn(move || {
+                    let u: Arc<str> = "u".into();
+                    let mut kept = Vec::new();
+                    for i in 0..200u64 {
+                        match hub.join("capped", t * 1000 + i, &u, None) {
+                            Ok(j) => kept.push(j),
+                            Err(e) => assert_eq!(e, JoinError::RoomFull { max: 5 }),
+                        }
+                    }
+                    kept
+                })
+            })
+            .collect();
+        let joined: Vec<Joined> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(joined.len(), 5, "exactly the cap got in");
+        assert_eq!(hub.get("capped").unwrap().member_count(), 5);
+        // One leaves: exactly one more place.
+        let room = &joined[0].room;
+        let id = room.info(1, None).users[0].id;
+        assert!(hub.leave(room, id));
+        let u: Arc<str> = "late".into();
+        assert!(hub.join("capped", 9_999, &u, None).is_ok());
+        assert!(hub.join("capped", 10_000, &u, None).is_err());
+    }
+
+    #[test]
+    fn a_refused_join_creates_nothing() {
+        let hub = hub_with("[rooms.\"vip:*\"]\npassword = \"pw\"\nmax_members = 1\n");
+        let u: Arc<str> = "u".into();
+        assert_eq!(
+            hub.join("vip:1", 1, &u, None).err(),
+            Some(JoinError::PasswordRequired)
+        );
+        assert_eq!(
+            hub.join("vip:1", 1, &u, Some("PW")).err(),
+            Some(JoinError::WrongPassword)
+        );
+        assert_eq!(
+            hub.room_count(),
+            0,
+            "no room was created for a refused join"
+        );
+        let a = hub.join("vip:1", 1, &u, Some("pw")).unwrap();
+        // Full, but the password is checked first.
+        assert_eq!(
+            hub.join("vip:1", 2, &u, Some("x")).err(),
+            Some(JoinError::WrongPassword)
+        );
+        assert_eq!(
+            hub.join("vip:1", 2, &u, Some("pw")).err(),
+            Some(JoinError::RoomFull { max: 1 })
+        );
+        assert_eq!(JoinError::WrongPassword.code(), "bad_password");
+        assert_eq!(JoinError::RoomFull { max: 1 }.code(), "room_full");
+        let info = a.room.info(10, None);
+        assert!(info.password_protected);
+        assert_eq!(info.max_members, Some(1));
+        assert!(
+            hub.join("open", 3, &u, None).is_ok(),
+            "other rooms are open"
+        );
+    }
+
+    #[test]
+    fn reload_reaches_existing_rooms_and_new_ones() {
+        let hub = hub_with("[rooms.a]\nmax_members = 1\n");
+        let u: Arc<str> = "u".into();
+        let a = hub.join("a", 1, &u, None).unwrap();
+        assert!(hub.join("a", 2, &u, None).is_err());
+        hub.reload(
+            Settings::parse(
+                "[defaults]\nroom_buffer = 3\n[rooms.a]\npassword = \"p\"\n",
+                "t",
+                16,
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            hub.join("a", 2, &u, None).err(),
+            Some(JoinError::PasswordRequired),
+            "the cap is gone and the password is in force for the live room"
+        );
+        assert!(hub.join("a", 2, &u, Some("p")).is_ok());
+        assert_eq!(a.room.info(1, None).max_members, None);
+        assert_eq!(hub.settings().resolve("b").room_buffer, 3);
+    }
+
+    #[test]
+    fn room_buffer_sizes_new_rooms_and_a_reload_leaves_live_rings_alone() {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let hub = hub_with("[rooms.\"tiny:*\"]\nroom_buffer = 2\n");
+        let u: Arc<str> = "u".into();
+        let lags_after = |j: &mut Joined, n: u64| {
+            for i in 0..n {
+                j.room.publish("u", &format!("m{i}"), 0, false);
+            }
+            matches!(j.rx.try_recv(), Err(TryRecvError::Lagged(_)))
+        };
+        let mut tiny = hub.join("tiny:1", 1, &u, None).unwrap();
+        assert!(lags_after(&mut tiny, 3), "a 2-frame ring overflows at 3");
+        let mut other = hub.join("other", 2, &u, None).unwrap();
+        assert!(!lags_after(&mut other, 3), "the flag's 16 frames elsewhere");
+
+        hub.reload(Settings::parse("[rooms.\"tiny:*\"]\nroom_buffer = 64\n", "t", 16).unwrap());
+        let mut live = hub.join("tiny:1", 3, &u, None).unwrap();
+        assert!(lags_after(&mut live, 3), "the live room keeps its ring");
+        let mut fresh = hub.join("tiny:2", 4, &u, None).unwrap();
+        assert!(
+            !lags_after(&mut fresh, 40),
+            "a room created after the reload gets 64"
+        );
+    }
+
+    #[test]
+    fn the_lobby_is_not_a_room() {
+        let hub = hub();
+        let u: Arc<str> = "u".into();
+        let mut l = hub.join(LOBBY, 1, &u, None).unwrap();
+        assert_eq!(payload(&l.welcome)["room"], LOBBY);
+        assert_eq!(hub.room_count(), 0);
+        assert!(hub.get(LOBBY).is_none());
+        assert_eq!(hub.stats.rooms.get(), 0);
+        let r = hub.join("r", 2, &u, None).unwrap();
+        hub.flush_lobby();
+        assert_eq!(
+            payload(&l.rx.try_recv().unwrap().frame),
+            serde_json::json!({"type": "room_created", "room": "r"})
+        );
+        let counts = payload(&l.rx.try_recv().unwrap().frame);
+        assert_eq!(
+            counts,
+            serde_json::json!({"type": "room_counts", "rooms": [{"room": "r", "members": 1}], "total": 1})
+        );
+        assert!(hub.leave(&r.room, 2));
+        hub.flush_lobby();
+        assert_eq!(
+            payload(&l.rx.try_recv().unwrap().frame),
+            serde_json::json!({"type": "room_closed", "room": "r"})
+        );
+        assert!(hub.leave(&l.room, 1));
+        assert!(!hub.leave(&l.room, 1));
+    }
+
     #[test]
     fn presence_is_coalesced_per_room() {
         let hub = hub();
         let mut joined = Vec::new();
         for id in 0..50u64 {
             let u: Arc<str> = format!("u{id}").into();
-            joined.push(hub.join("r", id, &u));
+            joined.push(hub.join("r", id, &u, None).unwrap());
         }
         hub.flush_presence();
         hub.flush_presence();

@@ -4,16 +4,21 @@
 //! socket) → `hub` / `room` (membership, sequence) → every member's writer, which sends the same
 //! pre-encoded bytes (`protocol`).
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod frame;
 pub mod http;
 pub mod hub;
+pub mod limit;
+pub mod lobby;
 pub mod names;
 pub mod protocol;
 pub mod room;
 pub mod server;
+pub mod settings;
 pub mod shutdown;
 pub mod stats;
 

@@ -2,6 +2,7 @@
 //! library.
 
 use clap::Parser;
+use roomcast::config::Command;
 use roomcast::Config;
 
 #[cfg(not(feature = "system-allocator"))]
@@ -15,7 +16,10 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let config = Config::parse();
+    let mut config = Config::parse();
+    if let Some(command) = config.command.take() {
+        return run_command(&config, command);
+    }
     raise_nofile_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -43,6 +47,28 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("roomcast: {e}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a subcommand instead of the server.
+fn run_command(config: &Config, command: Command) -> std::process::ExitCode {
+    match command {
+        Command::Token { sub, rooms, ttl } => {
+            let Some(secret) = config.jwt_secret.as_deref() else {
+                eprintln!("roomcast token: set --jwt-secret (or ROOMCAST_JWT_SECRET)");
+                return std::process::ExitCode::from(2);
+            };
+            match roomcast::auth::issue(secret, &sub, rooms.as_deref(), ttl) {
+                Ok(token) => {
+                    println!("{token}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("roomcast token: {e}");
+                    std::process::ExitCode::from(2)
+                }
+            }
         }
     }
 }

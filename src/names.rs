@@ -4,6 +4,9 @@
 pub const MAX_ROOM_BYTES: usize = 64;
 /// Longest user name, in characters.
 pub const MAX_USER_CHARS: usize = 32;
+/// The server's read-only room of room events (see `lobby`). Names starting with `$` belong to
+/// the server; this is the only one a client may join.
+pub const LOBBY: &str = "$lobby";
 
 /// Why a name was refused; the text goes to the client verbatim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,6 +14,8 @@ pub enum NameError {
     Empty,
     TooLong,
     BadCharacter,
+    /// Well formed, but starting with `$`: reserved for the server.
+    Reserved,
 }
 
 impl NameError {
@@ -19,6 +24,17 @@ impl NameError {
             NameError::Empty => "room name is empty",
             NameError::TooLong => "room name is longer than 64 bytes",
             NameError::BadCharacter => "room name may only contain A-Z a-z 0-9 _ - . : # @",
+            NameError::Reserved => {
+                "room names starting with $ are reserved for the server ($lobby may be joined, read-only)"
+            }
+        }
+    }
+
+    /// The error code for a refused room name: `reserved_room` or `bad_room`.
+    pub fn room_code(self) -> &'static str {
+        match self {
+            NameError::Reserved => "reserved_room",
+            _ => "bad_room",
         }
     }
 
@@ -26,12 +42,16 @@ impl NameError {
         match self {
             NameError::Empty => "user name is empty",
             NameError::TooLong => "user name is longer than 32 characters",
-            NameError::BadCharacter => "user name contains a control character",
+            NameError::BadCharacter | NameError::Reserved => {
+                "user name contains a control character"
+            }
         }
     }
 }
 
-/// A room name is 1–64 bytes of `A-Z a-z 0-9 _ - . : # @`.
+/// A room name a client may create, publish to or look up: 1–64 bytes of
+/// `A-Z a-z 0-9 _ - . : # @`. A `$` as the first byte (and only there) makes a well-formed
+/// server name, refused with `Reserved`.
 pub fn validate_room(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty);
@@ -39,14 +59,32 @@ pub fn validate_room(name: &str) -> Result<(), NameError> {
     if name.len() > MAX_ROOM_BYTES {
         return Err(NameError::TooLong);
     }
-    let ok = name
+    let (reserved, rest) = match name.strip_prefix('$') {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    let ok = rest
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'#' | b'@'));
-    if ok {
+    match (ok, reserved) {
+        (false, _) => Err(NameError::BadCharacter),
+        (true, true) => Err(NameError::Reserved),
+        (true, false) => Ok(()),
+    }
+}
+
+/// A room name a client may join or leave: `validate_room`, plus `$lobby`.
+pub fn validate_joinable_room(name: &str) -> Result<(), NameError> {
+    if name == LOBBY {
         Ok(())
     } else {
-        Err(NameError::BadCharacter)
+        validate_room(name)
     }
+}
+
+/// Whether `name` belongs to the server (starts with `$`). Cheap: one byte.
+pub fn is_server_room(name: &str) -> bool {
+    name.as_bytes().first() == Some(&b'$')
 }
 
 /// A user name is 1–32 characters, none of them a control character.
@@ -84,9 +122,34 @@ mod tests {
         assert_eq!(validate_room(&"a".repeat(64)), Ok(()));
         assert_eq!(validate_room(&"a".repeat(65)), Err(NameError::TooLong));
         assert_eq!(validate_room(""), Err(NameError::Empty));
-        for bad in ["a b", "a/b", "é", "a\0", "$x", "a?b", "a%20"] {
+        for bad in [
+            "a b", "a/b", "é", "a\0", "a$x", "$a$", "$$", "$a b", "a?b", "a%20",
+        ] {
             assert_eq!(validate_room(bad), Err(NameError::BadCharacter), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn dollar_names_are_the_servers() {
+        for reserved in ["$lobby", "$x", "$", "$post:1"] {
+            assert_eq!(
+                validate_room(reserved),
+                Err(NameError::Reserved),
+                "{reserved}"
+            );
+            assert!(is_server_room(reserved));
+        }
+        assert_eq!(
+            validate_room(&format!("${}", "a".repeat(64))),
+            Err(NameError::TooLong)
+        );
+        assert_eq!(validate_joinable_room(LOBBY), Ok(()));
+        assert_eq!(validate_joinable_room("$lobby2"), Err(NameError::Reserved));
+        assert_eq!(validate_joinable_room("$Lobby"), Err(NameError::Reserved));
+        assert_eq!(validate_joinable_room("general"), Ok(()));
+        assert!(!is_server_room("general") && !is_server_room(""));
+        assert_eq!(NameError::Reserved.room_code(), "reserved_room");
+        assert_eq!(NameError::BadCharacter.room_code(), "bad_room");
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum ClientMessage<'a> {
     },
     Join {
         room: Cow<'a, str>,
+        /// For a password-protected room (`--rooms-config`). Never logged.
+        password: Option<Cow<'a, str>>,
     },
     Leave {
         room: Cow<'a, str>,
@@ -34,6 +36,8 @@ pub enum ClientMessage<'a> {
 pub struct ProtocolError {
     pub code: &'static str,
     pub reason: Cow<'static, str>,
+    /// For `rate_limited`: when the client may send again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ProtocolError {
@@ -41,6 +45,16 @@ impl ProtocolError {
         ProtocolError {
             code,
             reason: reason.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// A message dropped by a rate limit; the client may retry after `retry_after_ms`.
+    pub fn rate_limited(reason: &'static str, retry_after_ms: u64) -> Self {
+        ProtocolError {
+            code: "rate_limited",
+            reason: Cow::Borrowed(reason),
+            retry_after_ms: Some(retry_after_ms),
         }
     }
 }
@@ -55,6 +69,8 @@ struct RawClientMessage<'a> {
     text: Option<Cow<'a, str>>,
     #[serde(default)]
     echo: Option<bool>,
+    #[serde(borrow, default)]
+    password: Option<Cow<'a, str>>,
 }
 
 /// Parses one client text frame. Text whose first non-blank character is not `{` is a plain chat
@@ -96,6 +112,7 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
         }
         Some("join") => Ok(ClientMessage::Join {
             room: need_room(raw.room)?,
+            password: raw.password,
         }),
         Some("leave") => Ok(ClientMessage::Leave {
             room: need_room(raw.room)?,
@@ -226,6 +243,8 @@ pub struct ErrorOut<'a> {
     pub reason: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -239,6 +258,41 @@ struct LeftOut<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     room: &'a str,
+}
+
+/// `room_created` / `room_closed` in `$lobby`: one room's change.
+#[derive(Serialize)]
+pub struct RoomEventOut<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub room: &'a str,
+}
+
+/// `rooms_changed` in `$lobby`: a burst of creations and closures within one lobby tick.
+#[derive(Serialize)]
+pub struct RoomsChangedOut<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub created: &'a [&'a str],
+    pub closed: &'a [&'a str],
+    /// More changed than one frame lists: re-read `GET /api/rooms`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// `room_counts` in `$lobby`: the busiest rooms and how many rooms there are.
+#[derive(Serialize)]
+pub struct RoomCountsOut<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub rooms: &'a [RoomCount<'a>],
+    pub total: usize,
+}
+
+#[derive(Serialize)]
+pub struct RoomCount<'a> {
+    pub room: &'a str,
+    pub members: usize,
 }
 
 pub fn message_frame(room: &str, user: &str, text: &str, seq: u64, ts: u64) -> Bytes {
@@ -268,6 +322,7 @@ pub fn error_frame(err: &ProtocolError, room: Option<&str>) -> Bytes {
         code: err.code,
         reason: &err.reason,
         room,
+        retry_after_ms: err.retry_after_ms,
     })
 }
 
@@ -339,7 +394,17 @@ mod tests {
         );
         assert_eq!(
             parse_client_message(r#" {"type":"join","room":"a"}"#).unwrap(),
-            ClientMessage::Join { room: "a".into() }
+            ClientMessage::Join {
+                room: "a".into(),
+                password: None
+            }
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"join","room":"a","password":"p\u0041"}"#).unwrap(),
+            ClientMessage::Join {
+                room: "a".into(),
+                password: Some("pA".into())
+            }
         );
         assert_eq!(
             parse_client_message(r#"{"type":"leave","room":"a"}"#).unwrap(),
@@ -362,6 +427,10 @@ mod tests {
         assert_eq!(code(r#"{"text":""}"#), "bad_message");
         assert_eq!(code(r#"{"hello":"x"}"#), "bad_message");
         assert_eq!(code(r#"{"type":7}"#), "bad_message");
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","password":1}"#),
+            "bad_message"
+        );
     }
 
     #[test]

@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use governor::DefaultDirectRateLimiter;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use crate::protocol::{self, Outbound, PresenceOut};
+use crate::settings::{Presence, RoomSettings};
 use crate::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
 
 /// Most user names one presence frame lists per direction; the member count stays exact.
@@ -33,6 +35,8 @@ pub struct Room {
     /// How long frames waited between publication and the write that carried them.
     wait: WaitHistogram,
     stats: Arc<Stats>,
+    /// `--room-rate-limit`: publishes past it are refused before they are numbered.
+    limiter: Option<DefaultDirectRateLimiter>,
 }
 
 #[derive(Default)]
@@ -47,6 +51,9 @@ pub(crate) struct RoomState {
     left: Vec<Arc<str>>,
     /// Whether the room is already queued for the next presence flush.
     pub(crate) presence_queued: bool,
+    /// This room's settings (`--rooms-config`), replaced on reload. Under the room lock so a join
+    /// checks password and cap against exactly the members it is added to.
+    pub(crate) settings: RoomSettings,
 }
 
 /// User names that joined and left since the last presence frame.
@@ -65,6 +72,10 @@ pub struct RoomInfo {
     pub created_at: u64,
     pub messages_per_sec: f64,
     pub p99_wait_ms: Option<f64>,
+    /// Whether joining needs a password (the password itself is never shown).
+    pub password_protected: bool,
+    /// The member cap, `None` without one.
+    pub max_members: Option<u32>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -74,15 +85,14 @@ pub struct UserEntry {
 }
 
 impl Room {
-    /// A room whose last message had `seq` (0 for a new room; in cluster mode, the cluster's
-    /// last seq of that room, so that the first joiner's welcome is right).
-    pub(crate) fn new(name: &str, capacity: usize, stats: Arc<Stats>, seq: u64) -> Self {
-        let (tx, _) = broadcast::channel(capacity);
+    /// A room whose ring holds `settings.room_buffer` frames.
+    pub(crate) fn new(name: &str, settings: RoomSettings, stats: Arc<Stats>) -> Self {
+        let (tx, _) = broadcast::channel(settings.room_buffer.max(1));
         Room {
             name: name.into(),
             tx,
             state: Mutex::new(RoomState {
-                seq,
+                settings,
                 ..RoomState::default()
             }),
             evicted: AtomicU64::new(0),
@@ -90,6 +100,32 @@ impl Room {
             created_at_ms: unix_millis(),
             wait: WaitHistogram::default(),
             stats,
+            limiter: None,
+        }
+    }
+
+    /// Starts the room after `seq` (cluster mode: the cluster's last seq of the room, so that the
+    /// first joiner's welcome is right). A new room starts at 0.
+    pub(crate) fn with_seq(mut self, seq: u64) -> Self {
+        self.state.get_mut().seq = seq;
+        self
+    }
+
+    /// Limits how many messages the room accepts per second.
+    pub(crate) fn with_limiter(mut self, limiter: Option<DefaultDirectRateLimiter>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// Takes one message from the room's rate budget, or says how long until there is one.
+    /// Called before `publish`; a room without a limit always admits.
+    pub fn admit(&self) -> Result<(), std::time::Duration> {
+        use governor::clock::{Clock, DefaultClock};
+        match &self.limiter {
+            None => Ok(()),
+            Some(l) => l
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now())),
         }
     }
 
@@ -115,7 +151,7 @@ impl Room {
     ) -> (broadcast::Receiver<Arc<Outbound>>, bytes::Bytes) {
         let rx = self.tx.subscribe();
         state.members.insert(id, user.clone());
-        if state.joined.len() < PRESENCE_NAMES_MAX {
+        if state.settings.presence != Presence::Off && state.joined.len() < PRESENCE_NAMES_MAX {
             state.joined.push(user.clone());
         }
         let members = state.members.len() + self.remote_members.load(Ordering::Relaxed);
@@ -128,7 +164,7 @@ impl Room {
         let Some(user) = state.members.remove(&id) else {
             return false;
         };
-        if state.left.len() < PRESENCE_NAMES_MAX {
+        if state.settings.presence != Presence::Off && state.left.len() < PRESENCE_NAMES_MAX {
             state.left.push(user);
         }
         true
@@ -223,26 +259,36 @@ impl Room {
         ))
     }
 
-    /// Sends one presence frame with these names to the local members (if any are left).
+    /// Sends one presence frame with these names to the local members (if any are left), as the
+    /// room's presence mode says: names for `events`, the count alone for `counts`, nothing for
+    /// `off`.
     pub fn send_presence(&self, joined: &[Arc<str>], left: &[Arc<str>]) {
         let state = self.state.lock();
-        if state.members.is_empty() {
+        if state.members.is_empty() || state.settings.presence == Presence::Off {
             return;
         }
+        // `counts` keeps the frame's shape (clients need not care) but names nobody.
+        let named = state.settings.presence == Presence::Events;
         let frame = protocol::encode_frame(&PresenceOut {
             kind: "presence",
             room: &self.name,
-            joined,
-            left,
+            joined: if named { joined } else { &[] },
+            left: if named { left } else { &[] },
             members: state.members.len() + self.remote_members.load(Ordering::Relaxed),
         });
         self.stats.frames_encoded.inc();
+        self.send_frame(frame);
+    }
+
+    /// Sends a frame the server made (presence, lobby events) to every member. No seq.
+    pub(crate) fn send_frame(&self, frame: bytes::Bytes) {
         let out = Outbound {
             frame,
             origin: 0,
             skip_origin: false,
             published_at: Instant::now(),
         };
+        // No receiver means no member is left to deliver to: nothing is lost.
         let _ = self.tx.send(Arc::new(out));
     }
 
@@ -289,6 +335,8 @@ impl Room {
             created_at: self.created_at_ms,
             messages_per_sec: state.rate.per_second(now_ms / 1000),
             p99_wait_ms: self.wait.quantile_ms(0.99, now_ms / 60_000),
+            password_protected: state.settings.password.is_some(),
+            max_members: state.settings.max_members,
         }
     }
 }

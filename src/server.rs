@@ -2,6 +2,7 @@
 //! every accepted socket, and runs the explicit shutdown sequence.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +13,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::auth::Verifier;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::limit::PerIpLimit;
+use crate::settings::Settings;
 use crate::shutdown::{self, Shutdown};
 use crate::stats::Stats;
 
@@ -24,6 +28,10 @@ pub struct Shared {
     pub hub: Hub,
     pub stats: Arc<Stats>,
     pub shutdown: Shutdown,
+    /// Token verification, when `--jwt-secret` is set.
+    pub auth: Option<Verifier>,
+    /// Connections per client IP, when `--max-connections-per-ip` is set.
+    pub per_ip: Option<PerIpLimit>,
     /// Cluster mode (`--redis`); `None` runs this process alone.
     pub cluster: Option<Arc<Cluster>>,
     next_id: AtomicU64,
@@ -41,11 +49,17 @@ impl Shared {
 
 /// Serves `listener` until `signal` completes, then closes every WebSocket with 1001 and
 /// returns once every connection task has ended or `--shutdown-timeout` has passed.
+/// Fails at once if `--rooms-config` names a file that is unreadable or invalid.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     signal: impl Future<Output = ()>,
 ) -> crate::Result<()> {
+    let room_buffer = config.room_buffer as usize;
+    let settings = match &config.rooms_config {
+        Some(path) => Settings::load(path, room_buffer)?,
+        None => Settings::from_flags(room_buffer),
+    };
     let (trigger, shutdown) = shutdown::channel();
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let mut stats = Stats::new();
@@ -54,17 +68,23 @@ pub async fn run(
         None => None,
     };
     let stats = Arc::new(stats);
-    let hub = Hub::new(
+    let hub = Hub::with_settings(
         usize::from(config.shards),
-        config.room_buffer as usize,
+        settings,
+        usize::from(config.lobby_top),
         stats.clone(),
-    );
+    )
+    .with_room_rate(config.room_rate());
     let shutdown_timeout = config.shutdown_timeout;
+    let auth = config.jwt_secret.as_deref().map(Verifier::new);
+    let per_ip = config.max_connections_per_ip.map(PerIpLimit::new);
     let shared = Arc::new(Shared {
         config,
         hub,
         stats,
         shutdown: shutdown.clone(),
+        auth,
+        per_ip,
         cluster: cluster.clone(),
         next_id: AtomicU64::new(1),
         _alive: alive_tx,
@@ -75,6 +95,11 @@ pub async fn run(
         Some(cluster) => tokio::spawn(crate::cluster::run(shared.clone(), cluster)),
         None => tokio::spawn(presence_task(shared.clone())),
     };
+    // The `$lobby` is local to each process (never a Redis channel).
+    tokio::spawn(lobby_task(shared.clone()));
+    if shared.config.rooms_config.is_some() {
+        reload_on_sighup(shared.clone());
+    }
     tracing::info!(addr = %listener.local_addr()?, "roomcast listening");
 
     tokio::pin!(signal);
@@ -82,7 +107,7 @@ pub async fn run(
     loop {
         let stream = tokio::select! {
             res = listener.accept() => match res {
-                Ok((stream, _)) => { backoff = Duration::from_millis(5); stream }
+                Ok((stream, peer)) => { backoff = Duration::from_millis(5); (stream, peer) }
                 Err(e) => {
                     // Running out of file descriptors or memory is transient: back off, go on.
                     tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
@@ -93,7 +118,8 @@ pub async fn run(
             },
             () = &mut signal => break,
         };
-        tokio::spawn(serve_http(shared.clone(), stream));
+        let (stream, peer) = stream;
+        tokio::spawn(serve_http(shared.clone(), stream, peer.ip()));
     }
 
     tracing::info!("shutting down: closing every socket with 1001");
@@ -111,7 +137,7 @@ pub async fn run(
 
 /// Serves HTTP/1.1 on one socket. An upgrade hands the socket to a `connection` task; plain
 /// keep-alive connections are told to finish on shutdown.
-async fn serve_http(shared: Arc<Shared>, stream: TcpStream) {
+async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peer: IpAddr) {
     // Chat frames are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
     let mut shutdown = shared.shutdown.clone();
@@ -119,7 +145,7 @@ async fn serve_http(shared: Arc<Shared>, stream: TcpStream) {
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(crate::http::handle(shared, req).await) }
+        async move { Ok::<_, std::convert::Infallible>(crate::http::handle(shared, peer, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -152,3 +178,53 @@ async fn presence_task(shared: Arc<Shared>) {
         }
     }
 }
+
+/// Sends the `$lobby`'s coalesced frames once per `lobby::TICK` until shutdown. With nobody in
+/// the lobby a tick is one atomic load.
+async fn lobby_task(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut tick = tokio::time::interval(crate::lobby::TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.hub.flush_lobby(),
+            () = shutdown.recv() => return,
+        }
+    }
+}
+
+/// Reloads `--rooms-config` on every SIGHUP until shutdown. A bad file is logged (with its line
+/// and key) and the settings in force stay.
+#[cfg(unix)]
+fn reload_on_sighup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => hup,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: --rooms-config will not reload");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut shutdown = shared.shutdown.clone();
+        loop {
+            tokio::select! {
+                got = hup.recv() => if got.is_none() { return },
+                () = shutdown.recv() => return,
+            }
+            match shared.hub.settings().reload() {
+                Some(Ok(settings)) => {
+                    shared.hub.reload(settings);
+                    tracing::info!("rooms config reloaded");
+                }
+                Some(Err(e)) => {
+                    tracing::error!("rooms config not reloaded, the previous settings stay: {e}");
+                }
+                None => {}
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn reload_on_sighup(_shared: Arc<Shared>) {}

@@ -25,6 +25,10 @@ pub struct Stats {
     pub frames_encoded: Counter,
     pub evictions: Counter,
     pub connections_refused: Counter,
+    /// Messages dropped by `--rate-limit` or `--room-rate-limit` (including flood closes).
+    pub rate_limited: Counter,
+    /// Upgrades refused for a missing, expired or invalid token, or a room it does not allow.
+    pub auth_refused: Counter,
     rss: Gauge,
     registry: Registry,
     started: Instant,
@@ -52,7 +56,15 @@ impl Stats {
         let evictions = counter("evictions", "Members evicted as slow consumers");
         let connections_refused = counter(
             "connections_refused",
-            "Upgrades refused by --max-connections",
+            "Upgrades refused by --max-connections or --max-connections-per-ip",
+        );
+        let rate_limited = counter(
+            "rate_limited",
+            "Messages dropped by --rate-limit or --room-rate-limit",
+        );
+        let auth_refused = counter(
+            "auth_refused",
+            "Upgrades refused for a bad access token or a room it does not allow",
         );
         let connections = Gauge::default();
         registry.register(
@@ -78,6 +90,8 @@ impl Stats {
             frames_encoded,
             evictions,
             connections_refused,
+            rate_limited,
+            auth_refused,
             rss,
             registry,
             started: Instant::now(),

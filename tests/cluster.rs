@@ -145,6 +145,8 @@ impl Instance {
         let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
             .args(["--listen", "127.0.0.1:0", "--redis", &redis.url()])
             .args(["--cluster-node-ttl", &ttl, "--presence-interval", "50"])
+            // The tests publish faster than the default 20 messages/s per socket.
+            .args(["--rate-limit", "off"])
             .args(extra)
             .env("ROOMCAST_LOG", "info")
             .stdout(Stdio::piped())
@@ -733,4 +735,84 @@ async fn redis_killed_and_restarted_local_delivery_never_stops_and_cross_instanc
     for node in &mut nodes {
         node.assert_healthy();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// With per-room settings and the lobby
+// ---------------------------------------------------------------------------------------------
+
+/// Whether an upgrade to `url` is let in (101) or refused with 403.
+async fn lets_in(url: &str) -> bool {
+    match Client::try_connect(url).await {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(e.to_string().contains("403"), "neither in nor refused: {e}");
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_caps_presence_modes_and_the_lobby_combine_with_cluster_mode() {
+    let Some(redis) = Redis::start_or_skip("settings_in_cluster_mode") else {
+        return;
+    };
+    let path = std::env::temp_dir().join(format!("roomcast-cluster-rooms-{}.toml", redis.port));
+    std::fs::write(
+        &path,
+        "[rooms.vip]\npassword = \"pw\"\nmax_members = 1\npresence = \"counts\"\n",
+    )
+    .unwrap();
+    let config = path.to_string_lossy().into_owned();
+    let nodes = [
+        Instance::start(&redis, &["--rooms-config", &config]).await,
+        Instance::start(&redis, &["--rooms-config", &config]).await,
+    ];
+
+    // A lobby watcher on node 0 hears of node 0's rooms only: the lobby is never shared.
+    let mut watcher = Client::connect(&nodes[0].ws("/ws?user=watcher")).await;
+    watcher
+        .send_json(&json!({"type": "join", "room": "$lobby"}))
+        .await;
+    assert_eq!(watcher.recv_type("welcome").await["room"], "$lobby");
+
+    // The password is checked before the upgrade, in cluster mode too.
+    assert!(!lets_in(&nodes[0].ws("/ws/vip?user=x&password=wrong")).await);
+    let (mut a, w) = Client::join(&nodes[0].ws("/ws/vip?user=a&password=pw")).await;
+    assert_eq!(w["room"], "vip");
+    let created = watcher.recv_type("room_created").await;
+    assert_eq!(created["room"], "vip");
+
+    // max_members counts this server's members: full on node 0, open on node 1.
+    assert!(!lets_in(&nodes[0].ws("/ws/vip?user=b&password=pw")).await);
+    nodes[1].wait_room("vip", 1, 0).await;
+    let (_c, _) = Client::join(&nodes[1].ws("/ws/vip?user=c&password=pw")).await;
+    nodes[0].wait_room("vip", 2, 1).await;
+
+    // `presence = "counts"` applies to presence that came through Redis: no names.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let p = a.recv_type("presence").await;
+        assert_eq!(
+            (&p["joined"], &p["left"]),
+            (&json!([]), &json!([])),
+            "counts mode names nobody: {p}"
+        );
+        if p["members"] == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no presence with 2 members"
+        );
+    }
+
+    // A room created on node 1 only is not in node 0's lobby: the next room_created there is
+    // node 0's own room.
+    let _only_on_1 = Client::join(&nodes[1].ws("/ws/only-on-1?user=d")).await;
+    nodes[0].wait_room("only-on-1", 1, 0).await;
+    let _here = Client::join(&nodes[0].ws("/ws/here?user=e")).await;
+    let created = watcher.recv_type("room_created").await;
+    assert_eq!(created["room"], "here");
+    let _ = std::fs::remove_file(&path);
 }

@@ -5,6 +5,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use roomcast::limit::RateLimitArg;
 use serde_json::json;
 use support::{raise_nofile, Client, TestServer, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,7 +27,12 @@ async fn connect_small_buffer(server: &TestServer, path: &str) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_falls_behind_is_evicted_and_nobody_else_loses_anything() {
-    let server = TestServer::with(|c| c.room_buffer = 64).await;
+    // This test floods on purpose: no per-socket rate limit.
+    let server = TestServer::with(|c| {
+        c.room_buffer = 64;
+        c.rate_limit = RateLimitArg(None);
+    })
+    .await;
     let (mut fast, _) = Client::join(&server.ws_url("/ws/busy?user=fast")).await;
     let mut slow = connect_small_buffer(&server, "/ws/busy?user=slow").await;
     let (mut publisher, _) = Client::join(&server.ws_url("/ws/busy?user=pub")).await;
@@ -87,7 +93,11 @@ async fn a_reader_that_falls_behind_is_evicted_and_nobody_else_loses_anything() 
 
 #[tokio::test]
 async fn a_write_that_never_completes_evicts_after_the_write_timeout() {
-    let server = TestServer::with(|c| c.write_timeout = Duration::from_millis(300)).await;
+    let server = TestServer::with(|c| {
+        c.write_timeout = Duration::from_millis(300);
+        c.rate_limit = RateLimitArg(None);
+    })
+    .await;
     let (mut publisher, _) = Client::join(&server.ws_url("/ws/w?user=pub")).await;
     let _stuck = connect_small_buffer(&server, "/ws/w?user=stuck").await;
     let text = "z".repeat(16 * 1024);

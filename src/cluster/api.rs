@@ -106,15 +106,20 @@ pub async fn room_info(
     let local = shared.hub.get(room);
     let mut v = match &local {
         Some(r) => serde_json::to_value(r.info(limit, after)).unwrap_or_default(),
-        None if counts.remote > 0 => json!({
-            "room": room,
-            "users": [],
-            "next_users_after": null,
-            "published": 0,
-            "evicted": 0,
-            "messages_per_sec": 0.0,
-            "p99_wait_ms": null,
-        }),
+        None if counts.remote > 0 => {
+            let settings = shared.hub.settings().resolve(room);
+            json!({
+                "room": room,
+                "users": [],
+                "next_users_after": null,
+                "published": 0,
+                "evicted": 0,
+                "messages_per_sec": 0.0,
+                "p99_wait_ms": null,
+                "password_protected": settings.password.is_some(),
+                "max_members": settings.max_members,
+            })
+        }
         None => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,

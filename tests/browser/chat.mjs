@@ -105,6 +105,7 @@ const watchdog = setTimeout(async () => {
 
 const pageErrors = [];
 const sockets = new Map();   // name -> number of WebSockets the page opened
+const roomListFetches = new Map();   // name -> GET /api/rooms requests the page made
 
 try {
   browser = await chromium.launch({
@@ -120,6 +121,10 @@ try {
     page.setDefaultTimeout(TIMEOUT);
     sockets.set(name, 0);
     page.on('websocket', () => sockets.set(name, sockets.get(name) + 1));
+    roomListFetches.set(name, 0);
+    page.on('request', (r) => {
+      if (new URL(r.url()).pathname === '/api/rooms') roomListFetches.set(name, roomListFetches.get(name) + 1);
+    });
     page.on('pageerror', (e) => pageErrors.push(`${name}: ${e.message}`));
     await page.goto(`${base}/?user=${encodeURIComponent(name)}`, { timeout: TIMEOUT });
     return page;
@@ -168,7 +173,7 @@ try {
     assert(text.trim() === '2 members', `bob's members label is ${JSON.stringify(text)}`);
   });
 
-  await check(`carol's room list (GET /api/rooms) shows ${LOBBY} with 2 members`, async () => {
+  await check(`carol's room list (live from $lobby) shows ${LOBBY} with 2 members`, async () => {
     const item = carol.locator(`#room-list li[data-room="${LOBBY}"]`);
     await carol.waitForFunction(
       (s) => document.querySelector(s)?.querySelector('.count')?.textContent === '2',
@@ -177,6 +182,25 @@ try {
       const txt = (await item.count()) ? await item.textContent() : 'nothing';
       throw new Error(`room list shows ${JSON.stringify(txt)} for ${LOBBY}`);
     });
+  });
+
+  await check('a room opened elsewhere appears in carol\'s list live, and goes when it closes', async () => {
+    const fresh = `fresh-${nonce}`;
+    const item = `#room-list li[data-room="${fresh}"]`;
+    const fetchesBefore = roomListFetches.get('carol');
+    await bob.evaluate((room) => window.roomcast.join(room), fresh);
+    await carol.locator(item).waitFor({ state: 'attached', timeout: TIMEOUT })
+      .catch(() => { throw new Error(`${fresh} never appeared in carol's room list`); });
+    await carol.waitForFunction(
+      (s) => document.querySelector(s)?.querySelector('.count')?.textContent === '1', item, { timeout: TIMEOUT },
+    ).catch(() => { throw new Error(`${fresh} does not show 1 member in carol's list`); });
+    await bob.evaluate((room) => window.roomcast.leave(room), fresh);
+    await carol.locator(item).waitFor({ state: 'detached', timeout: TIMEOUT })
+      .catch(() => { throw new Error(`${fresh} is still in carol's list after it closed`); });
+    assert(roomListFetches.get('carol') === fetchesBefore,
+      `carol's page polled GET /api/rooms ${roomListFetches.get('carol') - fetchesBefore} times meanwhile`);
+    assert((await carol.locator('#room-list li[data-room="$lobby"]').count()) === 0, '$lobby is listed as a room');
+    assert((await carol.locator('.tab[data-room="$lobby"]').count()) === 0, '$lobby has a tab');
   });
 
   await check('alice sees a presence line "bob joined"', async () => {
@@ -290,6 +314,13 @@ try {
     await alice.waitForTimeout(QUIET_MS / 2);
     assert((await countMsgAnywhere(alice, sneaky)) === 0, 'alice received a message from a non-member');
     assert((await countMsgAnywhere(bob, sneaky)) === 0, 'bob received a message from a non-member');
+  });
+
+  await check('the room list is read over HTTP only once per connection', async () => {
+    for (const name of ['alice', 'bob', 'carol']) {
+      const n = roomListFetches.get(name);
+      assert(n >= 1 && n <= sockets.get(name), `${name}: ${n} GET /api/rooms for ${sockets.get(name)} WebSockets`);
+    }
   });
 
   await check('no JavaScript errors on any page', async () => {

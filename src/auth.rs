@@ -1,0 +1,360 @@
+//! Access tokens: HS256 JWTs checked on every WebSocket upgrade when `--jwt-secret` is set, and
+//! the API key that guards the write endpoints. Verification is jsonwebtoken's; the only logic
+//! here is where a token may come from and what its `rooms` claim allows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::header::{HeaderMap, AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::names::validate_user;
+
+/// The subprotocol a browser offers next to `bearer.<token>`; the server selects it, since a
+/// browser refuses an upgrade whose response selects none of the offered subprotocols.
+pub const SUBPROTOCOL: &str = "roomcast";
+/// Prefix of the subprotocol entry that carries a token.
+pub const SUBPROTOCOL_TOKEN_PREFIX: &str = "bearer.";
+
+/// Seconds of clock skew tolerated on `exp`.
+const LEEWAY_SECS: u64 = 5;
+
+/// The claims roomcast reads; every other claim is ignored.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user name; must pass the user-name rules.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch. Required.
+    pub exp: u64,
+    /// Rooms the holder may join: exact names, `prefix*` wildcards, or `*` for all.
+    /// Absent: every room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<RoomsClaim>,
+}
+
+/// The `rooms` claim as a JSON array or as one comma-separated string.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RoomsClaim {
+    List(Vec<String>),
+    Csv(String),
+}
+
+/// What a verified token lets its holder do, kept by the connection for later joins.
+#[derive(Debug)]
+pub struct Grant {
+    pub user: Arc<str>,
+    /// `None`: every room.
+    rooms: Option<Box<[RoomPattern]>>,
+    /// Seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+#[derive(Debug)]
+enum RoomPattern {
+    Exact(Box<str>),
+    Prefix(Box<str>),
+}
+
+impl Grant {
+    /// Whether the token allows joining `room`.
+    /// The `$lobby` is open to every valid token.
+    pub fn allows(&self, room: &str) -> bool {
+        if room == crate::names::LOBBY {
+            return true;
+        }
+        let Some(patterns) = &self.rooms else {
+            return true;
+        };
+        patterns.iter().any(|p| match p {
+            RoomPattern::Exact(name) => &**name == room,
+            RoomPattern::Prefix(prefix) => room.starts_with(&**prefix),
+        })
+    }
+
+    /// Whether the token has expired (with the same leeway as at the upgrade).
+    pub fn expired(&self) -> bool {
+        jsonwebtoken::get_current_timestamp() > self.expires_at + LEEWAY_SECS
+    }
+}
+
+/// Why a token was refused. Each maps to HTTP 401; the text is safe to show the client (it never
+/// contains the token).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("an access token is required (query `token=`, `Authorization: Bearer`, or subprotocol `bearer.<token>`)")]
+    Missing,
+    #[error("the access token has expired")]
+    Expired,
+    #[error("the access token's `sub` is not a valid user name")]
+    BadSubject,
+    #[error("the access token is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Verifies tokens signed with one shared secret.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Verifier {
+    pub fn new(secret: &str) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECS;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Verifier {
+            key: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+        }
+    }
+
+    /// Checks signature, algorithm, expiry and subject.
+    pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+                ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm must be HS256".into()),
+                ErrorKind::MissingRequiredClaim(c) => {
+                    AuthError::Invalid(format!("missing claim `{c}`"))
+                }
+                ErrorKind::Json(_) => AuthError::Invalid("claims are not valid".into()),
+                _ => AuthError::Invalid("malformed token".into()),
+            },
+        )?;
+        let claims = data.claims;
+        validate_user(&claims.sub).map_err(|_| AuthError::BadSubject)?;
+        let rooms = claims.rooms.map(|claim| {
+            let list: Vec<String> = match claim {
+                RoomsClaim::List(list) => list,
+                RoomsClaim::Csv(csv) => csv.split(',').map(str::to_owned).collect(),
+            };
+            list.iter()
+                .map(|p| p.trim())
+                .filter(|p| !p.is_empty())
+                .map(|p| match p.strip_suffix('*') {
+                    Some(prefix) => RoomPattern::Prefix(prefix.into()),
+                    None => RoomPattern::Exact(p.into()),
+                })
+                .collect()
+        });
+        Ok(Grant {
+            user: claims.sub.into(),
+            rooms,
+            expires_at: claims.exp,
+        })
+    }
+}
+
+/// Where a token was found; a token from the subprotocol header means the response must select
+/// `SUBPROTOCOL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Header,
+    Subprotocol,
+    Query,
+}
+
+/// Finds the token of an upgrade request: `Authorization: Bearer`, then a `bearer.<token>`
+/// subprotocol, then the `token` query parameter.
+pub fn find_token<'a>(
+    headers: &'a HeaderMap,
+    query_token: Option<&'a str>,
+) -> Option<(&'a str, TokenSource)> {
+    if let Some(token) = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+    {
+        return Some((token, TokenSource::Header));
+    }
+    let from_protocol = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(SUBPROTOCOL_TOKEN_PREFIX));
+    if let Some(token) = from_protocol {
+        return Some((token, TokenSource::Subprotocol));
+    }
+    query_token.map(|t| (t, TokenSource::Query))
+}
+
+/// The credential of an `Authorization: Bearer <credential>` value (scheme case-insensitive).
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether the request carries `Authorization: Bearer <key>`, compared in constant time.
+pub fn api_key_matches(headers: &HeaderMap, key: &str) -> bool {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .is_some_and(|given| bool::from(given.as_bytes().ct_eq(key.as_bytes())))
+}
+
+/// Signs a development token (`roomcast token`).
+pub fn issue(
+    secret: &str,
+    sub: &str,
+    rooms: Option<&str>,
+    ttl: Duration,
+) -> Result<String, crate::Error> {
+    validate_user(sub).map_err(|e| crate::Error::Token(e.user_reason().into()))?;
+    let claims = Claims {
+        sub: sub.to_owned(),
+        exp: jsonwebtoken::get_current_timestamp().saturating_add(ttl.as_secs()),
+        rooms: rooms.map(|r| RoomsClaim::Csv(r.to_owned())),
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| crate::Error::Token(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(secret: &str, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn later() -> u64 {
+        jsonwebtoken::get_current_timestamp() + 600
+    }
+
+    #[test]
+    fn issued_tokens_verify_and_carry_their_rooms() {
+        let t = issue(
+            "s3cret",
+            "alice",
+            Some("general, post:*"),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let grant = Verifier::new("s3cret").verify(&t).unwrap();
+        assert_eq!(&*grant.user, "alice");
+        assert!(grant.allows("general"));
+        assert!(grant.allows("post:1"));
+        assert!(grant.allows("post:"));
+        assert!(!grant.allows("generals"));
+        assert!(!grant.allows("pos"));
+        assert!(!grant.expired());
+    }
+
+    #[test]
+    fn rooms_claim_as_array_and_absent() {
+        let v = Verifier::new("k");
+        let g = v
+            .verify(&token(
+                "k",
+                serde_json::json!({"sub": "u", "exp": later(), "rooms": ["a", "b*"]}),
+            ))
+            .unwrap();
+        assert!(g.allows("a") && g.allows("bcd") && !g.allows("c"));
+        let g = v
+            .verify(&token("k", serde_json::json!({"sub": "u", "exp": later()})))
+            .unwrap();
+        assert!(g.allows("anything"));
+        let g = v
+            .verify(&token(
+                "k",
+                serde_json::json!({"sub": "u", "exp": later(), "rooms": "*"}),
+            ))
+            .unwrap();
+        assert!(g.allows("anything"));
+        let g = v
+            .verify(&token(
+                "k",
+                serde_json::json!({"sub": "u", "exp": later(), "rooms": []}),
+            ))
+            .unwrap();
+        assert!(!g.allows("anything"), "an empty list allows nothing");
+        assert!(
+            g.allows("$lobby"),
+            "but the lobby is open to every valid token"
+        );
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let v = Verifier::new("k");
+        let now = jsonwebtoken::get_current_timestamp();
+        assert!(matches!(
+            v.verify(&token(
+                "k",
+                serde_json::json!({"sub": "u", "exp": now - 60})
+            )),
+            Err(AuthError::Expired)
+        ));
+        assert!(matches!(
+            v.verify(&token(
+                "other",
+                serde_json::json!({"sub": "u", "exp": later()})
+            )),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            v.verify(&token("k", serde_json::json!({"sub": "u"}))),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            v.verify(&token("k", serde_json::json!({"sub": "", "exp": later()}))),
+            Err(AuthError::BadSubject)
+        ));
+        assert!(matches!(v.verify("not.a.jwt"), Err(AuthError::Invalid(_))));
+        assert!(matches!(v.verify(""), Err(AuthError::Invalid(_))));
+        // alg=none must never pass.
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo0MTAyNDQ0ODAwfQ.";
+        assert!(matches!(v.verify(none), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let mut h = HeaderMap::new();
+        assert_eq!(find_token(&h, Some("q")), Some(("q", TokenSource::Query)));
+        h.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            "roomcast, bearer.abc".parse().unwrap(),
+        );
+        assert_eq!(
+            find_token(&h, Some("q")),
+            Some(("abc", TokenSource::Subprotocol))
+        );
+        h.insert(AUTHORIZATION, "Bearer hdr".parse().unwrap());
+        assert_eq!(
+            find_token(&h, Some("q")),
+            Some(("hdr", TokenSource::Header))
+        );
+        assert_eq!(find_token(&HeaderMap::new(), None), None);
+    }
+
+    #[test]
+    fn api_key_needs_the_exact_bearer() {
+        let mut h = HeaderMap::new();
+        assert!(!api_key_matches(&h, "key"));
+        h.insert(AUTHORIZATION, "Bearer key".parse().unwrap());
+        assert!(api_key_matches(&h, "key"));
+        assert!(!api_key_matches(&h, "ke"));
+        assert!(!api_key_matches(&h, "key2"));
+        h.insert(AUTHORIZATION, "Basic key".parse().unwrap());
+        assert!(!api_key_matches(&h, "key"));
+    }
+}

@@ -1,0 +1,684 @@
+//! Per-room settings: the `--rooms-config` TOML file, checked whole at start and on SIGHUP, and
+//! resolved for one room name at a time (when a room is created, and for every room on reload).
+//!
+//! The file has a `[defaults]` table and `[rooms."NAME"]` tables, where NAME is a room name or a
+//! prefix ending in `*` (`"post:*"`). A room's settings are the server's flags, overlaid by
+//! `[defaults]`, overlaid by the longest matching prefix entry, overlaid by the exact entry: each
+//! layer changes only the keys it sets. Every key and value is checked while parsing, so an error
+//! carries the file's line and the key (serde `deny_unknown_fields` plus toml's spans).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::names::{validate_room, NameError, MAX_ROOM_BYTES};
+
+/// Longest password accepted in the file, in bytes.
+pub const MAX_PASSWORD_BYTES: usize = 256;
+/// Largest `room_buffer` (the same bound as `--room-buffer`).
+pub const MAX_ROOM_BUFFER: u64 = 1_048_576;
+/// Largest `max_members` cap.
+pub const MAX_MEMBERS_CAP: u64 = 10_000_000;
+/// Largest `history` depth.
+pub const MAX_HISTORY: u64 = 1_000_000;
+/// Largest rate in a `rate_limit` (messages per unit) and largest burst.
+pub const MAX_RATE: u64 = 1_000_000;
+
+/// What a room's presence frames carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Presence {
+    /// Joined and left user names plus the member count (the default).
+    Events,
+    /// The member count only: `joined` and `left` are always empty.
+    Counts,
+    /// No presence frames at all.
+    Off,
+}
+
+/// A room password. Compared in constant time; never printed (`Debug` is redacted) and never
+/// serialised, so it cannot reach a log line or the room-info API.
+#[derive(Clone)]
+pub struct Password(Arc<[u8]>);
+
+impl Password {
+    /// Whether `given` is this password. Constant time in the password's contents (`subtle`);
+    /// only a length mismatch answers early, which reveals the length and nothing else.
+    pub fn matches(&self, given: &str) -> bool {
+        bool::from(self.0.ct_eq(given.as_bytes()))
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl<'de> Deserialize<'de> for Password {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PasswordVisitor)
+    }
+}
+
+/// Accepts a string; refuses anything else without echoing it (serde's usual "invalid type:
+/// integer `1234`" would put a mistyped password into the error message and the log).
+struct PasswordVisitor;
+
+impl PasswordVisitor {
+    fn not_a_string<E: de::Error>() -> E {
+        E::custom("password must be a string")
+    }
+}
+
+impl de::Visitor<'_> for PasswordVisitor {
+    type Value = Password;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a password string")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Password, E> {
+        if s.is_empty() {
+            return Err(E::custom("password is empty"));
+        }
+        if s.len() > MAX_PASSWORD_BYTES {
+            return Err(E::custom(format!(
+                "password is longer than {MAX_PASSWORD_BYTES} bytes"
+            )));
+        }
+        Ok(Password(s.as_bytes().into()))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Password, E> {
+        Err(Self::not_a_string())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Password, E> {
+        Err(Self::not_a_string())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Password, E> {
+        Err(Self::not_a_string())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Password, E> {
+        Err(Self::not_a_string())
+    }
+}
+
+/// A per-room publish limit: a token bucket refilled at `per_second`, holding at most `burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RateLimit {
+    /// No limit for this room, even if the defaults or a prefix set one.
+    Off,
+    Limit {
+        per_second: f64,
+        burst: u32,
+    },
+}
+
+impl RateLimit {
+    /// Parses `off`, `N/s`, `N/m`, optionally followed by ` burst B` (B defaults to N).
+    pub fn parse(s: &str) -> Result<RateLimit, String> {
+        let bad = || {
+            format!(
+                "`{s}` is not a rate limit: expected \"off\", \"N/s\", \"N/m\" or \"N/s burst B\""
+            )
+        };
+        let s = s.trim();
+        if s == "off" {
+            return Ok(RateLimit::Off);
+        }
+        let mut words = s.split_whitespace();
+        let rate = words.next().ok_or_else(bad)?;
+        let burst = match (words.next(), words.next(), words.next()) {
+            (None, _, _) => None,
+            (Some("burst"), Some(b), None) => Some(b.parse::<u64>().map_err(|_| bad())?),
+            _ => return Err(bad()),
+        };
+        let (count, unit) = rate.split_once('/').ok_or_else(bad)?;
+        let count: u64 = count.parse().map_err(|_| bad())?;
+        let per_second = match unit {
+            "s" => count as f64,
+            "m" => count as f64 / 60.0,
+            _ => return Err(bad()),
+        };
+        let burst = burst.unwrap_or(count);
+        if !(1..=MAX_RATE).contains(&count) || !(1..=MAX_RATE).contains(&burst) {
+            return Err(format!(
+                "`{s}`: the rate and the burst must be from 1 to {MAX_RATE}"
+            ));
+        }
+        Ok(RateLimit::Limit {
+            per_second,
+            burst: burst as u32,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for RateLimit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        RateLimit::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// An integer from `MIN` to `MAX`, checked while parsing so the error points at the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bounded<const MIN: u64, const MAX: u64>(u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = i64::deserialize(d)?;
+        match u64::try_from(v) {
+            Ok(n) if (MIN..=MAX).contains(&n) => Ok(Bounded(n)),
+            _ => Err(de::Error::custom(format!(
+                "{v} is out of range: expected an integer from {MIN} to {MAX}"
+            ))),
+        }
+    }
+}
+
+/// One table of the file: `[defaults]` or `[rooms."NAME"]`. Every key is optional; an absent key
+/// leaves the layer below in force.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    password: Option<Password>,
+    /// 0 means no cap.
+    max_members: Option<Bounded<0, MAX_MEMBERS_CAP>>,
+    /// 0 turns history off.
+    history: Option<Bounded<0, MAX_HISTORY>>,
+    rate_limit: Option<RateLimit>,
+    presence: Option<Presence>,
+    room_buffer: Option<Bounded<1, MAX_ROOM_BUFFER>>,
+}
+
+/// A key of the `[rooms]` table: an exact room name, or a prefix when it ends in `*`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Pattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let reason = |e: NameError| match e {
+            NameError::Reserved => "names starting with `$` are the server's and take no settings",
+            e => e.room_reason(),
+        };
+        match s.strip_suffix('*') {
+            Some("") => Err(de::Error::custom(
+                "`*` alone would match every room: use [defaults]",
+            )),
+            Some(prefix) => {
+                // A prefix must be the start of some valid room name.
+                if prefix.len() >= MAX_ROOM_BYTES {
+                    return Err(de::Error::custom(format!(
+                        "room prefix `{s}` is longer than {} bytes",
+                        MAX_ROOM_BYTES - 1
+                    )));
+                }
+                validate_room(prefix)
+                    .map_err(|e| de::Error::custom(format!("room prefix `{s}`: {}", reason(e))))?;
+                Ok(Pattern::Prefix(prefix.to_owned()))
+            }
+            None => {
+                validate_room(&s)
+                    .map_err(|e| de::Error::custom(format!("room `{s}`: {}", reason(e))))?;
+                Ok(Pattern::Exact(s))
+            }
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    defaults: Entry,
+    #[serde(default)]
+    rooms: BTreeMap<Pattern, Entry>,
+}
+
+/// One room's settings, resolved from the flags and the file.
+#[derive(Debug, Clone)]
+pub struct RoomSettings {
+    /// Joining needs this password.
+    pub password: Option<Password>,
+    /// Most members at once; a join beyond it is refused with `room_full`. `None`: no cap.
+    pub max_members: Option<u32>,
+    /// Messages of history to keep. `None`: the file does not say, the server's flag decides.
+    /// (Parsed and resolved here; history itself is issue #6.)
+    pub history: Option<u32>,
+    /// Per-room publish limit. `None`: the file does not say, the server's flag decides.
+    /// (Parsed and resolved here; rate limiting itself is issue #5.)
+    pub rate_limit: Option<RateLimit>,
+    pub presence: Presence,
+    /// Broadcast ring size, used when the room is created (a reload does not resize live rooms).
+    pub room_buffer: usize,
+}
+
+impl RoomSettings {
+    /// The settings every room has without a file: the flags' values and no restriction.
+    pub fn from_flags(room_buffer: usize) -> RoomSettings {
+        RoomSettings {
+            password: None,
+            max_members: None,
+            history: None,
+            rate_limit: None,
+            presence: Presence::Events,
+            room_buffer: room_buffer.max(1),
+        }
+    }
+
+    fn overlay(&mut self, e: &Entry) {
+        if let Some(p) = &e.password {
+            self.password = Some(p.clone());
+        }
+        if let Some(Bounded(n)) = e.max_members {
+            self.max_members = (n > 0).then_some(n as u32);
+        }
+        if let Some(Bounded(n)) = e.history {
+            self.history = Some(n as u32);
+        }
+        if let Some(r) = e.rate_limit {
+            self.rate_limit = Some(r);
+        }
+        if let Some(p) = e.presence {
+            self.presence = p;
+        }
+        if let Some(Bounded(n)) = e.room_buffer {
+            self.room_buffer = n as usize;
+        }
+    }
+}
+
+impl Default for RoomSettings {
+    fn default() -> Self {
+        RoomSettings::from_flags(1024)
+    }
+}
+
+/// Every room's settings: the flags and, when given, the parsed file.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where the settings came from, for reload (`None`: flags only).
+    path: Option<PathBuf>,
+    /// `--room-buffer`, kept to rebuild the defaults on reload.
+    flag_room_buffer: usize,
+    /// Flags overlaid by `[defaults]`: what a room matching no entry gets.
+    defaults: RoomSettings,
+    exact: HashMap<Box<str>, Entry>,
+    /// Longest first, so the first match is the longest.
+    prefixes: Vec<(Box<str>, Entry)>,
+}
+
+/// Why a settings file was refused. Its text names the file, the line and column, and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{path}: cannot read the rooms config: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {}{message}", key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        key: Option<String>,
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Settings from the flags alone (no `--rooms-config`).
+    pub fn from_flags(room_buffer: usize) -> Settings {
+        Settings {
+            path: None,
+            flag_room_buffer: room_buffer,
+            defaults: RoomSettings::from_flags(room_buffer),
+            exact: HashMap::new(),
+            prefixes: Vec::new(),
+        }
+    }
+
+    /// Reads and checks the file at `path`, on top of the flags' `room_buffer`.
+    pub fn load(path: &Path, room_buffer: usize) -> Result<Settings, SettingsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut settings = Settings::parse(&text, &path.display().to_string(), room_buffer)?;
+        settings.path = Some(path.to_owned());
+        Ok(settings)
+    }
+
+    /// Reads the same file again (SIGHUP). `None` when there is no file to reload.
+    pub fn reload(&self) -> Option<Result<Settings, SettingsError>> {
+        let path = self.path.as_ref()?;
+        Some(Settings::load(path, self.flag_room_buffer))
+    }
+
+    /// Parses file contents; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str, room_buffer: usize) -> Result<Settings, SettingsError> {
+        let file: File = toml::from_str(text).map_err(|e| invalid(origin, text, &e))?;
+        let mut defaults = RoomSettings::from_flags(room_buffer);
+        defaults.overlay(&file.defaults);
+        let mut exact = HashMap::new();
+        let mut prefixes = Vec::new();
+        for (pattern, entry) in file.rooms {
+            match pattern {
+                Pattern::Exact(name) => {
+                    exact.insert(name.into_boxed_str(), entry);
+                }
+                Pattern::Prefix(prefix) => prefixes.push((prefix.into_boxed_str(), entry)),
+            }
+        }
+        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        Ok(Settings {
+            path: None,
+            flag_room_buffer: room_buffer,
+            defaults,
+            exact,
+            prefixes,
+        })
+    }
+
+    /// The file these settings came from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The settings of room `name`: defaults, then the longest matching prefix, then the exact
+    /// entry, each overriding only the keys it sets.
+    pub fn resolve(&self, name: &str) -> RoomSettings {
+        let mut s = self.defaults.clone();
+        if let Some((_, e)) = self.prefixes.iter().find(|(p, _)| name.starts_with(&**p)) {
+            s.overlay(e);
+        }
+        if let Some(e) = self.exact.get(name) {
+            s.overlay(e);
+        }
+        s
+    }
+}
+
+/// Turns toml's error into one naming the file, line, column and key.
+fn invalid(origin: &str, text: &str, e: &toml::de::Error) -> SettingsError {
+    let (line, column, key) = match e.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let column = text[line_start..start].chars().count() + 1;
+            (line, column, key_at(text, span))
+        }
+        None => (1, 1, None),
+    };
+    SettingsError::Invalid {
+        path: origin.to_owned(),
+        line,
+        column,
+        key,
+        message: e.message().trim_end().to_owned(),
+    }
+}
+
+/// The key an error span belongs to: the span itself when it is a key (followed by `=`, `]` or
+/// `.`), else the key before the last `=` in front of it on its line.
+fn key_at(text: &str, span: std::ops::Range<usize>) -> Option<String> {
+    let end = span.end.min(text.len());
+    let start = span.start.min(end);
+    let clean = |k: &str| {
+        let k = k.trim().trim_matches(|c| c == '"' || c == '\'');
+        (!k.is_empty()).then(|| k.to_owned())
+    };
+    let spanned = &text[start..end];
+    let line_end = text[end..].find('\n').map_or(text.len(), |i| end + i);
+    let after = text[end..line_end].trim_start();
+    if after.starts_with(['=', ']', '.']) {
+        return clean(spanned);
+    }
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let before = &text[line_start..start];
+    match before.rfind('=') {
+        Some(eq) => {
+            let key = before[..eq].trim_end();
+            let key = key
+                .rsplit(|c: char| c == '{' || c == ',' || c.is_whitespace())
+                .next()
+                .unwrap_or(key);
+            clean(key)
+        }
+        None => clean(spanned),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[defaults]
+max_members = 500
+presence = "counts"
+rate_limit = "20/s burst 40"
+
+[rooms."post:*"]
+presence = "off"
+room_buffer = 64
+
+[rooms."post:vip:*"]
+password = "prefix-secret"
+
+[rooms."post:42"]
+max_members = 0
+history = 10
+
+[rooms.general]
+presence = "events"
+rate_limit = "off"
+"#;
+
+    fn parse(text: &str) -> Result<Settings, SettingsError> {
+        Settings::parse(text, "rooms.toml", 1024)
+    }
+
+    #[test]
+    fn exact_beats_longest_prefix_beats_defaults() {
+        let s = parse(SAMPLE).unwrap();
+
+        let other = s.resolve("lounge");
+        assert_eq!(other.max_members, Some(500));
+        assert_eq!(other.presence, Presence::Counts);
+        assert_eq!(
+            other.room_buffer, 1024,
+            "the flag when the file says nothing"
+        );
+        assert_eq!(other.history, None, "unset: the server flag decides");
+        assert!(other.password.is_none());
+        assert_eq!(
+            other.rate_limit,
+            Some(RateLimit::Limit {
+                per_second: 20.0,
+                burst: 40
+            })
+        );
+
+        let post = s.resolve("post:7");
+        assert_eq!(post.presence, Presence::Off);
+        assert_eq!(post.room_buffer, 64);
+        assert_eq!(
+            post.max_members,
+            Some(500),
+            "keys the prefix does not set stay"
+        );
+
+        let vip = s.resolve("post:vip:1");
+        assert!(vip.password.as_ref().unwrap().matches("prefix-secret"));
+        // Only the longest prefix applies: `post:*`'s presence does not reach `post:vip:*`.
+        assert_eq!(vip.presence, Presence::Counts);
+        assert_eq!(vip.room_buffer, 1024);
+
+        let exact = s.resolve("post:42");
+        assert_eq!(exact.max_members, None, "0 lifts the cap");
+        assert_eq!(exact.history, Some(10));
+        assert_eq!(
+            exact.presence,
+            Presence::Off,
+            "the prefix under the exact entry"
+        );
+        assert_eq!(exact.room_buffer, 64);
+
+        let general = s.resolve("general");
+        assert_eq!(general.presence, Presence::Events);
+        assert_eq!(general.rate_limit, Some(RateLimit::Off));
+
+        // A prefix matches by bytes, so `post:` itself matches `post:*`, `pos` does not.
+        assert_eq!(s.resolve("post:").presence, Presence::Off);
+        assert_eq!(s.resolve("pos").presence, Presence::Counts);
+    }
+
+    #[test]
+    fn no_file_means_flags_and_no_limits() {
+        let s = Settings::from_flags(77);
+        let r = s.resolve("anything");
+        assert_eq!(r.room_buffer, 77);
+        assert_eq!(r.presence, Presence::Events);
+        assert!(r.password.is_none() && r.max_members.is_none());
+        let empty = parse("").unwrap();
+        assert_eq!(empty.resolve("x").room_buffer, 1024);
+    }
+
+    #[test]
+    fn passwords_compare_exactly_and_never_print() {
+        let s = parse("[rooms.vip]\npassword = \"s3cret\"\n").unwrap();
+        let p = s.resolve("vip").password.unwrap();
+        assert!(p.matches("s3cret"));
+        assert!(!p.matches("s3cret "));
+        assert!(!p.matches("s3cre"));
+        assert!(!p.matches(""));
+        let printed = format!("{:?}", s.resolve("vip"));
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("redacted"));
+    }
+
+    #[test]
+    fn rate_limits_parse() {
+        assert_eq!(RateLimit::parse("off"), Ok(RateLimit::Off));
+        assert_eq!(
+            RateLimit::parse("10/s"),
+            Ok(RateLimit::Limit {
+                per_second: 10.0,
+                burst: 10
+            })
+        );
+        assert_eq!(
+            RateLimit::parse("30/m burst 5"),
+            Ok(RateLimit::Limit {
+                per_second: 0.5,
+                burst: 5
+            })
+        );
+        for bad in [
+            "",
+            "10",
+            "10/h",
+            "0/s",
+            "x/s",
+            "10/s burst",
+            "10/s burst 0",
+            "10/s b 3",
+        ] {
+            assert!(RateLimit::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The error for `text`, as the operator sees it.
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_key() {
+        let e = error_of("[defaults]\npresence = \"events\"\npasword = \"x\"\n");
+        assert!(e.starts_with("rooms.toml:3:1: key `pasword`: "), "{e}");
+        assert!(e.contains("unknown field"), "{e}");
+
+        let e = error_of("[defaults]\n\nmax_members = -3\n");
+        assert!(e.starts_with("rooms.toml:3:"), "{e}");
+        assert!(e.contains("key `max_members`"), "{e}");
+        assert!(e.contains("out of range"), "{e}");
+
+        let e = error_of("[rooms.\"post:*\"]\npresence = \"loud\"\n");
+        assert!(e.starts_with("rooms.toml:2:"), "{e}");
+        assert!(e.contains("key `presence`"), "{e}");
+        assert!(e.contains("loud"), "{e}");
+
+        let e = error_of("[rooms.a]\nroom_buffer = 0\n");
+        assert!(
+            e.starts_with("rooms.toml:2:") && e.contains("key `room_buffer`"),
+            "{e}"
+        );
+
+        let e = error_of("[rooms.a]\nrate_limit = \"fast\"\n");
+        assert!(e.contains("key `rate_limit`") && e.contains("fast"), "{e}");
+
+        let e = error_of("[rooms.a]\npassword = \"\"\n");
+        assert!(e.contains("key `password`") && e.contains("empty"), "{e}");
+
+        // A mistyped password is not echoed.
+        let e = error_of("[rooms.a]\npassword = 123456789\n");
+        assert!(
+            e.contains("key `password`") && e.contains("must be a string"),
+            "{e}"
+        );
+        assert!(!e.contains("123456789"), "{e}");
+
+        let e = error_of("[rooms.a]\nmax_members = \"ten\"\n");
+        assert!(e.contains("key `max_members`"), "{e}");
+
+        let e = error_of("[defaults]\nmax_members = 5\n\n[rooms.\"bad name\"]\nmax_members = 1\n");
+        assert!(e.starts_with("rooms.toml:4:"), "{e}");
+        assert!(e.contains("bad name"), "{e}");
+
+        let e = error_of("[rooms.\"$lobby\"]\nmax_members = 1\n");
+        assert!(
+            e.starts_with("rooms.toml:1:") && e.contains("take no settings"),
+            "{e}"
+        );
+
+        let e = error_of("[rooms.\"*\"]\nmax_members = 1\n");
+        assert!(e.contains("[defaults]"), "{e}");
+
+        let e = error_of("[room.a]\nmax_members = 1\n");
+        assert!(
+            e.starts_with("rooms.toml:1:") && e.contains("key `room`"),
+            "{e}"
+        );
+
+        let e = error_of("[defaults]\nmax_members = 1\nmax_members = 2\n");
+        assert!(e.starts_with("rooms.toml:3:"), "{e}");
+
+        let e = error_of("[rooms.a]\nhistory = 1e3\n");
+        assert!(e.contains("key `history`"), "{e}");
+
+        // An inline table names the inner key.
+        let e = error_of("[rooms]\n\"post:*\" = { presence = \"loud\" }\n");
+        assert!(
+            e.starts_with("rooms.toml:2:") && e.contains("key `presence`"),
+            "{e}"
+        );
+    }
+}

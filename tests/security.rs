@@ -1,0 +1,378 @@
+//! Authentication, authorization and abuse limits, against a real server over real sockets:
+//! JWT on the upgrade and on later joins, the API key, allowed origins, rate limits, the per-IP
+//! cap and the handshake timeout.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use roomcast::limit::RateLimitArg;
+use serde_json::{json, Value};
+use support::{http_with, Client, HttpResponse, TestServer, STEP};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+const SECRET: &str = "test-secret-of-reasonable-length";
+
+const UPGRADE: [(&str, &str); 4] = [
+    ("connection", "Upgrade"),
+    ("upgrade", "websocket"),
+    ("sec-websocket-version", "13"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
+fn token(sub: &str, rooms: Option<&str>, ttl: Duration) -> String {
+    roomcast::auth::issue(SECRET, sub, rooms, ttl).unwrap()
+}
+
+/// A token signed by hand, for claims `issue` would never produce.
+fn raw_token(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn upgrade(server: &TestServer, path: &str, extra: &[(&str, &str)]) -> HttpResponse {
+    let mut headers: Vec<(&str, &str)> = UPGRADE.to_vec();
+    headers.extend_from_slice(extra);
+    http_with(server.addr, "GET", path, &headers, None)
+        .await
+        .unwrap()
+}
+
+fn assert_refused(r: &HttpResponse, status: u16, code: &str, what: &str) {
+    assert_eq!(r.status, status, "{what}");
+    assert_eq!(r.headers["content-type"], "application/json", "{what}");
+    assert_eq!(r.json()["error"], code, "{what}: {}", r.json());
+}
+
+#[tokio::test]
+async fn upgrades_need_a_valid_token_that_allows_the_room() {
+    let server = TestServer::with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let hour = Duration::from_secs(3600);
+    let good = token("alice", Some("general,post:*"), hour);
+    let now = jsonwebtoken::get_current_timestamp();
+    let expired = raw_token(SECRET, json!({"sub": "alice", "exp": now - 120}));
+    let forged = raw_token("another-secret", json!({"sub": "alice", "exp": now + 600}));
+    let no_exp = raw_token(SECRET, json!({"sub": "alice"}));
+    let bad_sub = raw_token(SECRET, json!({"sub": "a\nb", "exp": now + 600}));
+
+    let r = upgrade(&server, "/ws/general", &[]).await;
+    assert_refused(&r, 401, "unauthorized", "no token");
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    for (t, what) in [
+        (&expired, "expired"),
+        (&forged, "bad signature"),
+        (&no_exp, "no exp"),
+        (&bad_sub, "bad sub"),
+    ] {
+        let r = upgrade(&server, &format!("/ws/general?token={t}"), &[]).await;
+        assert_refused(&r, 401, "unauthorized", what);
+    }
+    let r = upgrade(&server, "/ws/general?token=garbage", &[]).await;
+    assert_refused(&r, 401, "unauthorized", "garbage");
+    assert!(r.json()["reason"].as_str().unwrap().contains("invalid"));
+    let r = upgrade(&server, &format!("/ws/secret?token={good}"), &[]).await;
+    assert_refused(&r, 403, "forbidden_room", "room not in the claim");
+    let r = upgrade(
+        &server,
+        &format!("/ws/general?token={good}&user=mallory"),
+        &[],
+    )
+    .await;
+    assert_refused(&r, 403, "forbidden_user", "user differs from sub");
+    assert_eq!(server.stats().await["auth_refused"], 8);
+    assert_eq!(server.stats().await["connections"], 0);
+
+    // Query, header and subprotocol all work; the user name is the token's `sub`.
+    let (mut c, welcome) = Client::join(&server.ws_url(&format!("/ws/post:1?token={good}"))).await;
+    assert_eq!(welcome["user"], "alice");
+    c.send("hello").await;
+    assert_eq!(c.recv_type("message").await["text"], "hello");
+
+    let bearer = format!("Bearer {good}");
+    let r = upgrade(&server, "/ws/general", &[("authorization", &bearer)]).await;
+    assert_eq!(r.status, 101, "Authorization header");
+
+    let mut req = server.ws_url("/ws/general").into_client_request().unwrap();
+    let offer = format!("roomcast, bearer.{good}");
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_str(&offer).unwrap(),
+    );
+    let (ws, resp) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        resp.headers()["sec-websocket-protocol"],
+        "roomcast",
+        "the server selects the roomcast subprotocol, as browsers require"
+    );
+    let mut c = Client { ws };
+    assert_eq!(c.recv_type("welcome").await["user"], "alice");
+}
+
+#[tokio::test]
+async fn joins_over_an_open_socket_are_checked_against_the_token() {
+    let server = TestServer::with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let t = token("bob", Some("lobby:*"), Duration::from_secs(3600));
+    let mut c = Client::connect(&server.ws_url(&format!("/ws?token={t}"))).await;
+    c.send_json(&json!({"type": "join", "room": "private"}))
+        .await;
+    let e = c.recv_type("error").await;
+    assert_eq!(e["code"], "forbidden_room");
+    assert_eq!(e["room"], "private");
+    let (status, _) = server.get("/api/rooms/private").await;
+    assert_eq!(status, 404, "no membership was created");
+    c.send_json(&json!({"type": "join", "room": "lobby:1"}))
+        .await;
+    assert_eq!(c.recv_type("welcome").await["room"], "lobby:1");
+
+    // A token that expires while the socket is open stops allowing joins.
+    let short = raw_token(
+        SECRET,
+        json!({"sub": "carol", "exp": jsonwebtoken::get_current_timestamp() + 1}),
+    );
+    let mut c = Client::connect(&server.ws_url(&format!("/ws?token={short}"))).await;
+    tokio::time::sleep(Duration::from_secs(7)).await; // past exp + the 5 s leeway
+    c.send_json(&json!({"type": "join", "room": "any"})).await;
+    assert_eq!(c.recv_type("error").await["code"], "token_expired");
+}
+
+#[tokio::test]
+async fn the_token_command_prints_a_token_the_server_accepts() {
+    let bin = env!("CARGO_BIN_EXE_roomcast");
+    let out = std::process::Command::new(bin)
+        .args([
+            "token", "--sub", "dora", "--rooms", "general", "--ttl", "10m",
+        ])
+        .env("ROOMCAST_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let server = TestServer::with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let (_c, w) = Client::join(&server.ws_url(&format!("/ws/general?token={t}"))).await;
+    assert_eq!(w["user"], "dora");
+    let r = upgrade(&server, &format!("/ws/other?token={t}"), &[]).await;
+    assert_refused(&r, 403, "forbidden_room", "token command rooms");
+
+    let out = std::process::Command::new(bin)
+        .args(["token", "--sub", "dora"])
+        .env_remove("ROOMCAST_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no secret is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--jwt-secret"));
+}
+
+#[tokio::test]
+async fn rest_publish_needs_the_api_key() {
+    let server = TestServer::with(|c| c.api_key = Some("k3y".into())).await;
+    let (mut member, _) = Client::join(&server.ws_url("/ws/r")).await;
+    let body = Some(r#"{"text":"hi"}"#.to_owned());
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer k3"),
+        Some("Basic k3y"),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
+        let r = http_with(
+            server.addr,
+            "POST",
+            "/api/rooms/r/messages",
+            &headers,
+            body.clone(),
+        )
+        .await
+        .unwrap();
+        assert_refused(&r, 401, "unauthorized", &format!("{auth:?}"));
+    }
+    member.expect_silence(Duration::from_millis(300)).await;
+    let r = http_with(
+        server.addr,
+        "POST",
+        "/api/rooms/r/messages",
+        &[("authorization", "Bearer k3y")],
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 202);
+    assert_eq!(member.recv_type("message").await["text"], "hi");
+    // Reads stay open.
+    let (status, _) = server.get("/api/rooms/r").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn only_allowed_origins_may_open_sockets() {
+    let server = TestServer::with(|c| {
+        c.allowed_origins = vec![
+            "https://chat.example.com".into(),
+            "http://localhost:3000".into(),
+        ]
+    })
+    .await;
+    let r = upgrade(&server, "/ws/r", &[("origin", "https://evil.example.net")]).await;
+    assert_refused(&r, 403, "origin_not_allowed", "foreign origin");
+    let r = upgrade(&server, "/ws/r", &[("origin", "null")]).await;
+    assert_refused(&r, 403, "origin_not_allowed", "opaque origin");
+    let r = upgrade(&server, "/ws/r", &[("origin", "https://chat.example.com")]).await;
+    assert_eq!(r.status, 101, "listed origin");
+    let r = upgrade(&server, "/ws/r", &[("origin", "HTTP://LOCALHOST:3000")]).await;
+    assert_eq!(r.status, 101, "origins compare case-insensitively");
+    let r = upgrade(&server, "/ws/r", &[]).await;
+    assert_eq!(r.status, 101, "no Origin: not a browser");
+}
+
+#[tokio::test]
+async fn a_fast_sender_gets_retry_hints_then_is_closed_for_flooding() {
+    let server = TestServer::with(|c| c.rate_limit = "2:3".parse().unwrap()).await;
+    let (mut listener, _) = Client::join(&server.ws_url("/ws/r")).await;
+    let (mut c, _) = Client::join(&server.ws_url("/ws/r")).await;
+    for i in 0..3 {
+        c.send(&format!("m{i}")).await;
+    }
+    for i in 0..3 {
+        assert_eq!(listener.recv_type("message").await["text"], format!("m{i}"));
+    }
+    c.send("over").await;
+    let e = c.recv_type("error").await;
+    assert_eq!(e["code"], "rate_limited");
+    let retry = e["retry_after_ms"].as_u64().unwrap();
+    assert!(
+        (1..=500).contains(&retry),
+        "one token every 500 ms: {retry}"
+    );
+    // Backing off as told is enough to be let through again.
+    tokio::time::sleep(Duration::from_millis(retry + 20)).await;
+    c.send("after").await;
+    assert_eq!(listener.recv_type("message").await["text"], "after");
+    assert!(server.stats().await["rate_limited"].as_u64().unwrap() >= 1);
+    let (mut c2, _) = Client::join(&server.ws_url("/ws/r")).await;
+    // A client that ignores the hints is closed.
+    for i in 0..20 {
+        if c.ws
+            .send(tokio_tungstenite::tungstenite::Message::text(format!(
+                "f{i}"
+            )))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let (code, reason) = c.expect_close().await;
+    assert_eq!((code, reason.as_str()), (1008, "rate limit exceeded"));
+    // Nobody else was affected.
+    c2.send("still here").await;
+    let mut texts = Vec::new();
+    loop {
+        let m = listener.recv_type("message").await;
+        let text = m["text"].as_str().unwrap().to_owned();
+        texts.push(text.clone());
+        if text == "still here" {
+            break;
+        }
+    }
+    assert!(texts.len() <= 4, "at most the burst got through: {texts:?}");
+}
+
+#[tokio::test]
+async fn a_room_rate_limit_refuses_websocket_and_rest_publishes() {
+    let server = TestServer::with(|c| {
+        c.room_rate_limit = "1:2".parse().unwrap();
+        c.rate_limit = RateLimitArg(None);
+    })
+    .await;
+    let (mut a, _) = Client::join(&server.ws_url("/ws/busy")).await;
+    let (mut other, _) = Client::join(&server.ws_url("/ws/quiet")).await;
+    a.send("1").await;
+    a.send("2").await;
+    a.send_json(&json!({"type": "message", "room": "busy", "text": "3"}))
+        .await;
+    let e = a.recv_type("error").await;
+    assert_eq!(
+        (e["code"].as_str(), e["room"].as_str()),
+        (Some("rate_limited"), Some("busy"))
+    );
+    assert!(e["retry_after_ms"].as_u64().unwrap() >= 1);
+    let r = http_with(
+        server.addr,
+        "POST",
+        "/api/rooms/busy/messages",
+        &[],
+        Some(r#"{"text":"rest"}"#.into()),
+    )
+    .await
+    .unwrap();
+    assert_refused(&r, 429, "rate_limited", "REST over the room limit");
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(r.json()["retry_after_ms"].as_u64().unwrap() >= 1);
+    // Other rooms have budgets of their own.
+    other.send("fine").await;
+    assert_eq!(other.recv_type("message").await["text"], "fine");
+}
+
+#[tokio::test]
+async fn one_address_may_hold_only_so_many_sockets() {
+    let server = TestServer::with(|c| c.max_connections_per_ip = Some(2)).await;
+    let a = Client::connect(&server.ws_url("/ws/r")).await;
+    let _b = Client::connect(&server.ws_url("/ws/r")).await;
+    let r = upgrade(&server, "/ws/r", &[]).await;
+    assert_refused(&r, 429, "too_many_connections_from_ip", "third socket");
+    // The REST API is not counted.
+    let (status, _) = server.get("/api/stats").await;
+    assert_eq!(status, 200);
+    drop(a);
+    server
+        .wait_for("/api/stats", "a slot frees up", |_, s| {
+            s["connections"] == 1
+        })
+        .await;
+    let _c = Client::connect(&server.ws_url("/ws/r")).await;
+}
+
+#[tokio::test]
+async fn slow_headers_are_dropped_at_the_handshake_timeout() {
+    let server = TestServer::with(|c| c.handshake_timeout = Duration::from_millis(500)).await;
+    // Fifty connections that send half a request line and then stall (slowloris).
+    let mut socks = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        s.write_all(b"GET /ws/r HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        socks.push(s);
+    }
+    for mut s in socks {
+        let mut buf = [0u8; 512];
+        // The server answers 408 or just closes; either way the socket reaches EOF.
+        let closed = tokio::time::timeout(STEP, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a stalled handshake was not dropped");
+    }
+    // The server still serves.
+    let (_c, w) = Client::join(&server.ws_url("/ws/r")).await;
+    assert_eq!(w["type"], "welcome");
+}
