@@ -18,7 +18,7 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::auth::Grant;
 use crate::frame::{self, close_request, CloseRequest, InFrame};
-use crate::hub::Joined;
+use crate::hub::{JoinError, Joined};
 use crate::limit::{retry_after_ms, ConnectionLimiter, Verdict};
 use crate::names::{is_server_room, validate_joinable_room, validate_room, NameError};
 use crate::protocol::{self, parse_client_message, ClientMessage, Outbound, ProtocolError};
@@ -50,7 +50,7 @@ impl Mode {
     /// Gives back a membership taken before the upgrade when the socket never arrives.
     pub fn abandon(self, shared: &Shared, id: u64) {
         if let Mode::Rooms { first: Some(j), .. } = self {
-            shared.hub.leave(&j.room, id);
+            leave_room(shared, &j.room, id);
         }
     }
 }
@@ -330,7 +330,7 @@ impl Connection {
         // `room` borrows from `text`; it is only needed again to label an error frame.
         let (result, room) = match parse_client_message(text) {
             Ok(ClientMessage::Message { room, text, echo }) => {
-                (self.publish(room.as_deref(), &text, echo), room)
+                (self.publish(room.as_deref(), &text, echo).await, room)
             }
             Ok(ClientMessage::Join { room, password }) => {
                 (self.join(&room, password.as_deref()).await, Some(room))
@@ -352,7 +352,7 @@ impl Connection {
         }
     }
 
-    fn publish(
+    async fn publish(
         &mut self,
         room: Option<&str>,
         text: &str,
@@ -394,7 +394,21 @@ impl Connection {
                 retry_after_ms(wait),
             )));
         }
-        member.room.publish(&self.user, text, self.id, !echo);
+        let Some(cluster) = &self.shared.cluster else {
+            member.room.publish(&self.user, text, self.id, !echo);
+            return Ok(());
+        };
+        // Cluster mode: the message comes back to local members through Redis. Boxed so that
+        // the cluster's future does not grow every connection's task.
+        let room = member.room.clone();
+        let sent = Box::pin(cluster.publish(&room, &self.user, text, self.id, !echo)).await;
+        if let Err(e) = sent {
+            cluster.publish_local(&room, &self.user, text, self.id, !echo);
+            return Err(Ok(ProtocolError::new(
+                "cluster_unavailable",
+                format!("{e}: delivered to members on this server only"),
+            )));
+        }
         Ok(())
     }
 
@@ -435,10 +449,8 @@ impl Connection {
                 ),
             )));
         }
-        let joined = self
-            .shared
-            .hub
-            .join(name, self.id, &self.user, password)
+        let joined = join_room(&self.shared, name, self.id, &self.user, password)
+            .await
             .map_err(|e| Ok(ProtocolError::new(e.code(), e.to_string())))?;
         self.enter(joined).await
     }
@@ -461,13 +473,13 @@ impl Connection {
             )));
         };
         let m = self.rooms.remove(index);
-        self.shared.hub.leave(&m.room, self.id);
+        leave_room(&self.shared, &m.room, self.id);
         self.write_own(&protocol::left_frame(name)).await
     }
 
     fn leave_all(&mut self) {
         for m in self.rooms.drain(..) {
-            self.shared.hub.leave(&m.room, self.id);
+            leave_room(&self.shared, &m.room, self.id);
         }
     }
 
@@ -579,6 +591,30 @@ impl Connection {
             }
         }
     }
+}
+
+/// Joins `name` (see `Hub::join`). In cluster mode a chat room's join waits (at most
+/// --redis-timeout) for the room's subscription, so that the welcome's seq is exact
+/// cluster-wide; boxed so that the cluster's future does not grow every connection's task.
+pub(crate) async fn join_room(
+    shared: &Shared,
+    name: &str,
+    id: u64,
+    user: &Arc<str>,
+    password: Option<&str>,
+) -> Result<Joined, JoinError> {
+    match &shared.cluster {
+        None => shared.hub.join(name, id, user, password),
+        Some(cluster) => Box::pin(cluster.join(&shared.hub, name, id, user, password)).await,
+    }
+}
+
+/// Leaves `room` locally and, in cluster mode, gives up this membership's stake in its channel.
+pub(crate) fn leave_room(shared: &Shared, room: &Arc<Room>, id: u64) {
+    match &shared.cluster {
+        Some(cluster) => cluster.leave(&shared.hub, room, id),
+        None => shared.hub.leave(room, id),
+    };
 }
 
 /// The error frame's content for a refused room name.

@@ -132,6 +132,21 @@ impl Hub {
         user: &Arc<str>,
         password: Option<&str>,
     ) -> Result<Joined, JoinError> {
+        self.join_seeded(name, id, user, password, 0, 0)
+    }
+
+    /// `join` for cluster mode: a room created by this join starts after `seq` (the cluster's
+    /// last seq of the room) instead of 0, knowing of `remote_members` on other processes.
+    /// `max_members` is checked against this process's members only.
+    pub fn join_seeded(
+        &self,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        password: Option<&str>,
+        seq: u64,
+        remote_members: usize,
+    ) -> Result<Joined, JoinError> {
         if name == LOBBY {
             return Ok(self.lobby.join(id, user));
         }
@@ -142,8 +157,12 @@ impl Hub {
                 let settings = self.settings.read().resolve(name);
                 admit(&settings, 0, password)?;
                 let limiter = crate::limit::room_limiter(settings.rate_limit, self.room_rate);
-                let room =
-                    Arc::new(Room::new(name, settings, self.stats.clone()).with_limiter(limiter));
+                let room = Arc::new(
+                    Room::new(name, settings, self.stats.clone())
+                        .with_limiter(limiter)
+                        .with_seq(seq),
+                );
+                room.set_remote_members(remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
                 self.lobby.room_created(name);
@@ -181,9 +200,10 @@ impl Hub {
                 self.stats.rooms.dec();
                 self.lobby.room_closed(room.name());
             }
-        } else {
-            self.queue_presence(room, &mut state);
         }
+        // Queued even when the room just emptied: in cluster mode the other processes still
+        // have to hear about the leave (standalone, the flush finds no member and sends nothing).
+        self.queue_presence(room, &mut state);
         drop(state);
         drop(shard);
         self.lobby.counts_changed();
@@ -224,10 +244,15 @@ impl Hub {
 
     /// Sends one coalesced presence frame for every room that changed since the last call.
     pub fn flush_presence(&self) {
-        let rooms = std::mem::take(&mut *self.presence_queue.lock());
-        for room in rooms {
+        for room in self.take_presence_queue() {
             room.flush_presence();
         }
+    }
+
+    /// The rooms with joins or leaves not yet announced (cluster mode announces them through
+    /// Redis instead of `flush_presence`).
+    pub fn take_presence_queue(&self) -> Vec<Arc<Room>> {
+        std::mem::take(&mut *self.presence_queue.lock())
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Room>> {
@@ -306,6 +331,34 @@ mod tests {
         let first = b.rx.try_recv().unwrap();
         let v: serde_json::Value = payload(&first.frame);
         assert_eq!(v["seq"], 3, "the joiner's first frame follows its welcome");
+    }
+
+    #[test]
+    fn a_seeded_room_starts_at_its_cluster_seq_and_drops_what_is_not_past_it() {
+        let hub = hub();
+        let u: Arc<str> = "u".into();
+        let mut a = hub.join_seeded("r", 1, &u, None, 10, 4).unwrap();
+        let v = payload(&a.welcome);
+        assert_eq!(v["seq"], 10);
+        assert_eq!(v["members"], 5, "one here, four elsewhere");
+        assert!(
+            !a.room.deliver(10, "x", "old", 1, 0, false),
+            "not past the welcome"
+        );
+        assert!(a.room.deliver(12, "x", "new", 1, 0, false));
+        assert!(
+            !a.room.deliver(11, "x", "late", 1, 0, false),
+            "never backwards"
+        );
+        let v = payload(&a.rx.try_recv().unwrap().frame);
+        assert_eq!(
+            (v["seq"].as_u64(), v["text"].as_str()),
+            (Some(12), Some("new"))
+        );
+        assert!(a.rx.try_recv().is_err());
+        // Seeding only applies to a room the join creates.
+        let b = hub.join_seeded("r", 2, &u, None, 99, 0).unwrap();
+        assert_eq!(payload(&b.welcome)["seq"], 12);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! pre-encoded bytes (`protocol`).
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod error;

@@ -3,7 +3,7 @@
 //! straight here.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,6 +28,9 @@ pub struct Room {
     /// it while it subscribes, so a joiner's `welcome.seq` is exactly the last seq it misses.
     state: Mutex<RoomState>,
     evicted: AtomicU64,
+    /// Members of this room on other cluster processes, as last heard (cluster mode; always 0
+    /// otherwise). Added to the local count in `welcome` and `presence` frames.
+    remote_members: AtomicUsize,
     created_at_ms: u64,
     /// How long frames waited between publication and the write that carried them.
     wait: WaitHistogram,
@@ -52,6 +55,9 @@ pub(crate) struct RoomState {
     /// checks password and cap against exactly the members it is added to.
     pub(crate) settings: RoomSettings,
 }
+
+/// User names that joined and left since the last presence frame.
+pub type PresenceDelta = (Vec<Arc<str>>, Vec<Arc<str>>);
 
 /// A point-in-time copy of a room's figures, for the HTTP API.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -90,11 +96,19 @@ impl Room {
                 ..RoomState::default()
             }),
             evicted: AtomicU64::new(0),
+            remote_members: AtomicUsize::new(0),
             created_at_ms: unix_millis(),
             wait: WaitHistogram::default(),
             stats,
             limiter: None,
         }
+    }
+
+    /// Starts the room after `seq` (cluster mode: the cluster's last seq of the room, so that the
+    /// first joiner's welcome is right). A new room starts at 0.
+    pub(crate) fn with_seq(mut self, seq: u64) -> Self {
+        self.state.get_mut().seq = seq;
+        self
     }
 
     /// Limits how many messages the room accepts per second.
@@ -140,7 +154,8 @@ impl Room {
         if state.settings.presence != Presence::Off && state.joined.len() < PRESENCE_NAMES_MAX {
             state.joined.push(user.clone());
         }
-        let welcome = protocol::welcome_frame(&self.name, user, state.members.len(), state.seq);
+        let members = state.members.len() + self.remote_members.load(Ordering::Relaxed);
+        let welcome = protocol::welcome_frame(&self.name, user, members, state.seq);
         (rx, welcome)
     }
 
@@ -159,11 +174,49 @@ impl Room {
     pub fn publish(&self, user: &str, text: &str, origin: u64, skip_origin: bool) -> u64 {
         let now_ms = unix_millis();
         let mut state = self.state.lock();
-        state.seq += 1;
+        let seq = state.seq + 1;
+        self.send_message(&mut state, seq, user, text, now_ms, origin, skip_origin);
+        seq
+    }
+
+    /// Delivers a message numbered elsewhere (cluster mode: by Redis) to every member, unless
+    /// its `seq` is not past the room's last one (already delivered, or older than what a
+    /// member's welcome promised): then it is dropped and `false` returned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn deliver(
+        &self,
+        seq: u64,
+        user: &str,
+        text: &str,
+        ts: u64,
+        origin: u64,
+        skip_origin: bool,
+    ) -> bool {
+        let mut state = self.state.lock();
+        if seq <= state.seq {
+            return false;
+        }
+        self.send_message(&mut state, seq, user, text, ts, origin, skip_origin);
+        true
+    }
+
+    /// Numbers, encodes (once) and sends a message under the room lock, so frames enter the
+    /// ring in `seq` order.
+    #[allow(clippy::too_many_arguments)]
+    fn send_message(
+        &self,
+        state: &mut RoomState,
+        seq: u64,
+        user: &str,
+        text: &str,
+        ts: u64,
+        origin: u64,
+        skip_origin: bool,
+    ) {
+        state.seq = seq;
         state.published += 1;
-        state.rate.record(now_ms / 1000);
-        let seq = state.seq;
-        let frame = protocol::message_frame(&self.name, user, text, seq, now_ms);
+        state.rate.record(ts / 1000);
+        let frame = protocol::message_frame(&self.name, user, text, seq, ts);
         self.stats.frames_encoded.inc();
         self.stats.published.inc();
         let out = Outbound {
@@ -174,18 +227,43 @@ impl Room {
         };
         // No receiver means no member is left to deliver to: nothing is lost.
         let _ = self.tx.send(Arc::new(out));
-        seq
+    }
+
+    /// The room's last seq.
+    pub fn last_seq(&self) -> u64 {
+        self.state.lock().seq
+    }
+
+    /// Sets how many members the room has on other cluster processes.
+    pub fn set_remote_members(&self, n: usize) {
+        self.remote_members.store(n, Ordering::Relaxed);
     }
 
     /// Sends the coalesced presence frame if anything changed since the last one.
     pub(crate) fn flush_presence(&self) {
+        if let Some((joined, left)) = self.take_presence() {
+            self.send_presence(&joined, &left);
+        }
+    }
+
+    /// Takes the joins and leaves not yet announced (`None` when there were none).
+    pub fn take_presence(&self) -> Option<PresenceDelta> {
         let mut state = self.state.lock();
         state.presence_queued = false;
         if state.joined.is_empty() && state.left.is_empty() {
-            return;
+            return None;
         }
-        let joined = std::mem::take(&mut state.joined);
-        let left = std::mem::take(&mut state.left);
+        Some((
+            std::mem::take(&mut state.joined),
+            std::mem::take(&mut state.left),
+        ))
+    }
+
+    /// Sends one presence frame with these names to the local members (if any are left), as the
+    /// room's presence mode says: names for `events`, the count alone for `counts`, nothing for
+    /// `off`.
+    pub fn send_presence(&self, joined: &[Arc<str>], left: &[Arc<str>]) {
+        let state = self.state.lock();
         if state.members.is_empty() || state.settings.presence == Presence::Off {
             return;
         }
@@ -194,9 +272,9 @@ impl Room {
         let frame = protocol::encode_frame(&PresenceOut {
             kind: "presence",
             room: &self.name,
-            joined: if named { &joined } else { &[] },
-            left: if named { &left } else { &[] },
-            members: state.members.len(),
+            joined: if named { joined } else { &[] },
+            left: if named { left } else { &[] },
+            members: state.members.len() + self.remote_members.load(Ordering::Relaxed),
         });
         self.stats.frames_encoded.inc();
         self.send_frame(frame);
