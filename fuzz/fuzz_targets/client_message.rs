@@ -75,7 +75,7 @@ fn check_accepted(input: &str, msg: ClientMessage<'_>) {
             }
             check_broadcast_frame(&text);
         }
-        ClientMessage::Join { room } => {
+        ClientMessage::Join { room, .. } => {
             assert_eq!(kind, Some("join"));
             assert_eq!(field("room").and_then(Value::as_str), Some(&*room));
             check_room(&room);
