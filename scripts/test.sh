@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command that runs every test: installs what the tests need when it is missing
-# (Debian's chromium for the browser test, playwright-core from npm), then runs the whole
-# workspace's suite with cargo-nextest (or cargo test where nextest is absent).
+# (Debian's chromium for the browser test, redis-server for the cluster tests, playwright-core
+# from npm), then runs the whole workspace's suite with cargo-nextest (or cargo test where
+# nextest is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,11 +10,13 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 
 need_apt=()
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || need_apt+=(chromium)
+# tests/cluster.rs starts its own redis-server processes (skips loudly without, fails under CI).
+command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v node >/dev/null || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${need_apt[*]}"
   if ! { as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}"; }; then
-    echo "scripts/test.sh: WARNING: could not install ${need_apt[*]}; the browser test will skip (or fail under CI=true)" >&2
+    echo "scripts/test.sh: WARNING: could not install ${need_apt[*]}; the browser and cluster tests will skip (or fail under CI=true)" >&2
   fi
 fi
 if command -v npm >/dev/null && [ ! -d tests/browser/node_modules/playwright-core ]; then

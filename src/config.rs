@@ -124,6 +124,28 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_LOBBY_TOP", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub lobby_top: u16,
 
+    /// Cluster mode: share rooms with every roomcast process that uses this Redis
+    /// (`redis://[:password@]host[:port][/db]`). Unset: this process runs alone.
+    /// Default: unset.
+    #[arg(long, env = "ROOMCAST_REDIS")]
+    pub redis: Option<String>,
+
+    /// Cluster mode: prefix of every Redis key and channel, so that several clusters can share
+    /// one Redis (Pub/Sub ignores the database number). Default: roomcast.
+    #[arg(long, env = "ROOMCAST_REDIS_PREFIX", default_value = "roomcast", value_parser = parse_prefix)]
+    pub redis_prefix: String,
+
+    /// Cluster mode: a Redis command or connection attempt that takes longer fails; a publish
+    /// then gets the `cluster_unavailable` error. Unit: seconds. Default: 2.
+    #[arg(long, env = "ROOMCAST_REDIS_TIMEOUT", default_value = "2", value_parser = parse_secs)]
+    pub redis_timeout: Duration,
+
+    /// Cluster mode: how long the counts of a process that stopped heartbeating (killed,
+    /// partitioned) stay in the cluster-wide counts. Heartbeats go every third of it.
+    /// Unit: seconds. Default: 15.
+    #[arg(long, env = "ROOMCAST_CLUSTER_NODE_TTL", default_value = "15", value_parser = parse_secs)]
+    pub cluster_node_ttl: Duration,
+
     /// Messages each room keeps in memory, as the frames already encoded for the broadcast,
     /// for joins with `history`/`since` and the paging API; 0 turns history off.
     /// Unit: messages per room. Default: 100.
@@ -224,6 +246,15 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` must be between 0 and 86400 seconds"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "`{s}` must be 1-64 printable ASCII characters without spaces"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {

@@ -19,7 +19,7 @@ use tokio::time::{sleep_until, Instant};
 use crate::auth::Grant;
 use crate::frame::{self, close_request, CloseRequest, InFrame};
 use crate::history::{LagPolicy, ReplayRequest};
-use crate::hub::Joined;
+use crate::hub::{JoinError, Joined};
 use crate::limit::{retry_after_ms, ConnectionLimiter, Verdict};
 use crate::names::{is_server_room, validate_joinable_room, validate_room, NameError};
 use crate::protocol::{self, parse_client_message, ClientMessage, Outbound, ProtocolError};
@@ -53,7 +53,7 @@ impl Mode {
     /// Gives back a membership taken before the upgrade when the socket never arrives.
     pub fn abandon(self, shared: &Shared, id: u64) {
         if let Mode::Rooms { first: Some(j), .. } = self {
-            shared.hub.leave(&j.room, id);
+            leave_room(shared, &j.room, id);
         }
     }
 }
@@ -393,7 +393,10 @@ impl Connection {
                 echo,
                 id,
             }) => {
-                let res = match self.publish(room.as_deref(), &text, echo, id.as_deref()) {
+                let res = match self
+                    .publish(room.as_deref(), &text, echo, id.as_deref())
+                    .await
+                {
                     Ok(Some(ack)) => self.write_own(&ack).await,
                     Ok(None) => Ok(()),
                     Err(e) => Err(e),
@@ -427,7 +430,7 @@ impl Connection {
 
     /// Publishes into the named (or only) room. `Ok(Some(frame))`: the message repeated an
     /// `id` and was not broadcast; the frame acknowledges it to the sender alone.
-    fn publish(
+    async fn publish(
         &mut self,
         room: Option<&str>,
         text: &str,
@@ -470,21 +473,34 @@ impl Connection {
                 retry_after_ms(wait),
             )));
         }
-        let published = member.room.publish_message(&Publish {
+        let room = member.room.clone();
+        let publish = Publish {
             user: &self.user,
             text,
             id,
             origin: self.id,
             skip_origin: !echo,
-        });
-        Ok(match (published.duplicate, id) {
-            (true, Some(id)) => Some(protocol::duplicate_ack_frame(
-                member.room.name(),
-                id,
-                published.seq,
-            )),
-            _ => None,
-        })
+        };
+        let Some(cluster) = &self.shared.cluster else {
+            let published = room.publish_message(&publish);
+            return Ok(duplicate_ack(&room, id, published.duplicate, published.seq));
+        };
+        // Cluster mode: a repeated id is recognised from what this process has published or
+        // received (a retry racing its first copy through Redis on another process is not).
+        if let Some(seq) = room.duplicate_of(id) {
+            return Ok(duplicate_ack(&room, id, true, seq));
+        }
+        // The message comes back to local members through Redis. Boxed so that the cluster's
+        // future does not grow every connection's task.
+        let sent = Box::pin(cluster.publish(&room, &publish)).await;
+        if let Err(e) = sent {
+            cluster.publish_local(&room, &publish);
+            return Err(Ok(ProtocolError::new(
+                "cluster_unavailable",
+                format!("{e}: delivered to members on this server only"),
+            )));
+        }
+        Ok(None)
     }
 
     /// Joins `name` and writes its welcome frame, then the past messages `replay` asks for.
@@ -528,10 +544,8 @@ impl Connection {
                 ),
             )));
         }
-        let joined = self
-            .shared
-            .hub
-            .join_with_replay(name, self.id, &self.user, password, replay)
+        let joined = join_room(&self.shared, name, self.id, &self.user, password, replay)
+            .await
             .map_err(|e| Ok(ProtocolError::new(e.code(), e.to_string())))?;
         self.enter(joined).await
     }
@@ -568,13 +582,13 @@ impl Connection {
             )));
         };
         let m = self.rooms.remove(index);
-        self.shared.hub.leave(&m.room, self.id);
+        leave_room(&self.shared, &m.room, self.id);
         self.write_own(&protocol::left_frame(name)).await
     }
 
     fn leave_all(&mut self) {
         for m in self.rooms.drain(..) {
-            self.shared.hub.leave(&m.room, self.id);
+            leave_room(&self.shared, &m.room, self.id);
         }
     }
 
@@ -695,6 +709,44 @@ impl Connection {
             }
         }
     }
+}
+
+/// Joins `name`, with the past messages `replay` asks for (see `Hub::join_with_replay`). In
+/// cluster mode a chat room's join waits (at most --redis-timeout) for the room's subscription,
+/// so that the welcome's seq is exact cluster-wide; boxed so that the cluster's future does not
+/// grow every connection's task.
+pub(crate) async fn join_room(
+    shared: &Shared,
+    name: &str,
+    id: u64,
+    user: &Arc<str>,
+    password: Option<&str>,
+    replay: Option<ReplayRequest>,
+) -> Result<Joined, JoinError> {
+    match &shared.cluster {
+        None => shared
+            .hub
+            .join_with_replay(name, id, user, password, replay),
+        Some(cluster) => {
+            Box::pin(cluster.join(&shared.hub, name, id, user, password, replay)).await
+        }
+    }
+}
+
+/// The `ack` frame for a message whose `id` repeated one already published as `seq`.
+fn duplicate_ack(room: &Room, id: Option<&str>, duplicate: bool, seq: u64) -> Option<Bytes> {
+    match (duplicate, id) {
+        (true, Some(id)) => Some(protocol::duplicate_ack_frame(room.name(), id, seq)),
+        _ => None,
+    }
+}
+
+/// Leaves `room` locally and, in cluster mode, gives up this membership's stake in its channel.
+pub(crate) fn leave_room(shared: &Shared, room: &Arc<Room>, id: u64) {
+    match &shared.cluster {
+        Some(cluster) => cluster.leave(&shared.hub, room, id),
+        None => shared.hub.leave(room, id),
+    };
 }
 
 /// The error frame's content for a refused room name.

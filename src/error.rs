@@ -19,6 +19,8 @@ pub enum Error {
     Token(String),
     #[error("{0}")]
     Settings(#[from] crate::settings::SettingsError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

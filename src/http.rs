@@ -38,6 +38,27 @@ pub async fn handle(shared: Arc<Shared>, peer: IpAddr, req: Request<Incoming>) -
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
+    // Cluster mode answers these with cluster-wide figures (src/cluster/api.rs).
+    if let Some(cluster) = &shared.cluster {
+        if method == Method::GET {
+            match segments.as_slice() {
+                ["healthz"] => return json_response(StatusCode::OK, &cluster.health_json()),
+                ["api", "stats"] => return crate::cluster::api::stats(&shared, cluster).await,
+                ["api", "rooms"] => {
+                    return crate::cluster::api::list_rooms(&shared, cluster, &req).await
+                }
+                ["api", "rooms", room] => {
+                    return match decode_room(room) {
+                        Ok(room) => crate::cluster::api::room_info(&shared, cluster, &room, &req)
+                            .await
+                            .unwrap_or_else(|e| e.response()),
+                        Err(e) => e.response(),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
     match segments.as_slice() {
         [""] => only(&method, &[Method::GET, Method::HEAD], || html(INDEX_HTML)),
         ["healthz"] => only(&method, &[Method::GET], || {
@@ -78,7 +99,7 @@ pub async fn handle(shared: Arc<Shared>, peer: IpAddr, req: Request<Incoming>) -
             });
             match wanted {
                 Ok((WsTarget { room, user }, replay)) => {
-                    websocket(shared, peer, req, room, replay, user)
+                    websocket(shared, peer, req, room, replay, user).await
                 }
                 Err(e) => e.response(),
             }
@@ -88,7 +109,7 @@ pub async fn handle(shared: Arc<Shared>, peer: IpAddr, req: Request<Incoming>) -
                 return method_not_allowed(&[Method::GET]);
             }
             match parse_user(req.uri().query()) {
-                Ok(user) => upgrade(shared, peer, req, Wanted::Echo, None, user),
+                Ok(user) => upgrade(shared, peer, req, Wanted::Echo, None, user).await,
                 Err(e) => e.response(),
             }
         }
@@ -186,7 +207,7 @@ fn html(page: &'static str) -> Response<Body> {
 }
 
 /// The first value of `key` in the query string, percent-decoded.
-fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<Cow<'a, str>> {
+pub(crate) fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<Cow<'a, str>> {
     let query = req.uri().query()?;
     form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == key)
@@ -194,7 +215,7 @@ fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<Cow<'a, str>
 }
 
 /// A numeric query parameter in `range`, `default` when absent.
-fn number_param(
+pub(crate) fn number_param(
     req: &Request<Incoming>,
     key: &str,
     default: u64,
@@ -254,10 +275,13 @@ fn metrics(shared: &Shared) -> Response<Body> {
 }
 
 fn stats(shared: &Shared) -> Response<Body> {
+    json_response(StatusCode::OK, &stats_json(shared))
+}
+
+/// This process's figures (cluster mode adds the cluster's to them).
+pub(crate) fn stats_json(shared: &Shared) -> serde_json::Value {
     let s = &shared.stats;
-    json_response(
-        StatusCode::OK,
-        &json!({
+    json!({
             "connections": s.connections.get(),
             "rooms": shared.hub.room_count(),
             "messages_in": s.messages_in.get(),
@@ -275,8 +299,7 @@ fn stats(shared: &Shared) -> Response<Body> {
             "history_db_dropped": s.history_db_dropped.get(),
             "rss_bytes": rss_bytes(),
             "uptime_secs": s.uptime().as_secs(),
-        }),
-    )
+    })
 }
 
 fn list_rooms(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
@@ -569,16 +592,23 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
         },
         Some(_) => return error(StatusCode::BAD_REQUEST, "bad_id", "`id` must be a string"),
     };
-    let Some(room_ref) = shared.hub.get(room) else {
+    let local = shared.hub.get(room);
+    // The room's limit is checked before the message goes anywhere (in cluster mode, before
+    // Redis; a room with no member here has no limiter here).
+    if let Some(Err(wait)) = local.as_ref().map(|r| r.admit()) {
+        return rate_limited(wait);
+    }
+    if let Some(cluster) = &shared.cluster {
+        return crate::cluster::api::publish(shared, cluster, room, &user, &text, id.as_deref())
+            .await;
+    }
+    let Some(room_ref) = local else {
         return error(
             StatusCode::NOT_FOUND,
             "no_such_room",
             "no room of that name has members",
         );
     };
-    if let Err(wait) = room_ref.admit() {
-        return rate_limited(wait);
-    }
     let published = room_ref.publish_message(&Publish {
         user: &user,
         text: &text,
@@ -586,16 +616,24 @@ async fn publish(shared: &Shared, room: &str, req: Request<Incoming>) -> Respons
         origin: 0,
         skip_origin: false,
     });
-    let body = match &id {
-        None => json!({"room": room, "seq": published.seq}),
-        Some(id) => json!({
-            "room": room,
-            "seq": published.seq,
-            "id": id,
-            "duplicate": published.duplicate,
-        }),
-    };
-    json_response(StatusCode::ACCEPTED, &body)
+    json_response(
+        StatusCode::ACCEPTED,
+        &published_json(room, published.seq, id.as_deref(), published.duplicate),
+    )
+}
+
+/// The 202 answer of a REST publish: `{"room","seq"}`, plus `id` and `duplicate` when the
+/// message carried an id.
+pub(crate) fn published_json(
+    room: &str,
+    seq: u64,
+    id: Option<&str>,
+    duplicate: bool,
+) -> serde_json::Value {
+    match id {
+        None => json!({"room": room, "seq": seq}),
+        Some(id) => json!({"room": room, "seq": seq, "id": id, "duplicate": duplicate}),
+    }
 }
 
 /// 429 with `Retry-After` (whole seconds, rounded up) and `retry_after_ms` in the body.
@@ -632,7 +670,7 @@ impl Drop for ConnectionGuard {
 
 /// Checks a chat upgrade (token, room grant) and upgrades it. `first_room` is already valid;
 /// `replay` (`history`/`since`) is taken with the first room's join.
-fn websocket(
+async fn websocket(
     shared: Arc<Shared>,
     peer: IpAddr,
     req: Request<Incoming>,
@@ -684,6 +722,7 @@ fn websocket(
         grant,
         user,
     )
+    .await
 }
 
 /// What an upgrade request asks for, before anything is granted.
@@ -734,7 +773,7 @@ fn offers_subprotocol(req: &Request<Incoming>) -> bool {
 
 /// Checks and upgrades a WebSocket request. The first room is joined here, before the 101, so a
 /// wrong password or a full room is an HTTP 403 and leaves no membership behind.
-fn upgrade(
+async fn upgrade(
     shared: Arc<Shared>,
     peer: IpAddr,
     mut req: Request<Incoming>,
@@ -816,9 +855,15 @@ fn upgrade(
             // The password travels in the query only; it is never logged. The replay is taken
             // with the membership (atomic with publishing) and written after the welcome.
             let password = query_param(&req, "password");
-            match shared
-                .hub
-                .join_with_replay(&room, id, &user, password.as_deref(), replay)
+            match crate::connection::join_room(
+                &shared,
+                &room,
+                id,
+                &user,
+                password.as_deref(),
+                replay,
+            )
+            .await
             {
                 Ok(joined) => Mode::Rooms {
                     first: Some(joined),

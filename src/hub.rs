@@ -166,6 +166,23 @@ impl Hub {
         password: Option<&str>,
         replay: Option<ReplayRequest>,
     ) -> Result<Joined, JoinError> {
+        self.join_seeded(name, id, user, password, replay, 0, 0)
+    }
+
+    /// `join_with_replay` for cluster mode: a room created by this join starts after `seq` (the
+    /// cluster's last seq of the room) instead of 0, knowing of `remote_members` on other
+    /// processes. `max_members` is checked against this process's members only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn join_seeded(
+        &self,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        password: Option<&str>,
+        replay: Option<ReplayRequest>,
+        seq: u64,
+        remote_members: usize,
+    ) -> Result<Joined, JoinError> {
         if name == LOBBY {
             return Ok(self.lobby.join(id, user, replay));
         }
@@ -175,7 +192,8 @@ impl Hub {
             None => {
                 let settings = self.settings.read().resolve(name);
                 admit(&settings, 0, password)?;
-                let room = self.create_room(name, settings);
+                let room = self.create_room(name, settings, seq);
+                room.set_remote_members(remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
                 self.lobby.room_created(name);
@@ -201,10 +219,11 @@ impl Hub {
         })
     }
 
-    /// A new room with `settings`, continuing from its archived past. Its history ring holds
-    /// `settings.history` messages, or `--history` where the settings leave it unset.
-    /// Called under the shard lock, so it never races the same room's `retire`.
-    fn create_room(&self, name: &str, settings: RoomSettings) -> Arc<Room> {
+    /// A new room with `settings`, continuing from its archived past and starting after `seq`
+    /// at least. Its history ring holds `settings.history` messages, or `--history` where the
+    /// settings leave it unset. Called under the shard lock, so it never races the same room's
+    /// `retire`.
+    fn create_room(&self, name: &str, settings: RoomSettings, seq: u64) -> Arc<Room> {
         let capacity = settings
             .history
             .map_or(self.history.settings().capacity, |n| n as usize);
@@ -218,7 +237,8 @@ impl Hub {
                 self.history.clone(),
                 self.stats.clone(),
             )
-            .with_limiter(limiter),
+            .with_limiter(limiter)
+            .with_seq(seq),
         )
     }
 
@@ -244,9 +264,10 @@ impl Hub {
                 self.history.retire(room.name_arc(), state.seq(), history);
                 self.lobby.room_closed(room.name());
             }
-        } else {
-            self.queue_presence(room, &mut state);
         }
+        // Queued even when the room just emptied: in cluster mode the other processes still
+        // have to hear about the leave (standalone, the flush finds no member and sends nothing).
+        self.queue_presence(room, &mut state);
         drop(state);
         drop(shard);
         self.lobby.counts_changed();
@@ -288,10 +309,15 @@ impl Hub {
 
     /// Sends one coalesced presence frame for every room that changed since the last call.
     pub fn flush_presence(&self) {
-        let rooms = std::mem::take(&mut *self.presence_queue.lock());
-        for room in rooms {
+        for room in self.take_presence_queue() {
             room.flush_presence();
         }
+    }
+
+    /// The rooms with joins or leaves not yet announced (cluster mode announces them through
+    /// Redis instead of `flush_presence`).
+    pub fn take_presence_queue(&self) -> Vec<Arc<Room>> {
+        std::mem::take(&mut *self.presence_queue.lock())
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Room>> {
@@ -370,6 +396,35 @@ mod tests {
         let first = b.rx.try_recv().unwrap();
         let v: serde_json::Value = payload(&first.frame);
         assert_eq!(v["seq"], 3, "the joiner's first frame follows its welcome");
+    }
+
+    #[test]
+    fn a_seeded_room_starts_at_its_cluster_seq_and_drops_what_is_not_past_it() {
+        let hub = hub();
+        let u: Arc<str> = "u".into();
+        let msg = |text| crate::room::Publish {
+            user: "x",
+            text,
+            id: None,
+            origin: 0,
+            skip_origin: false,
+        };
+        let mut a = hub.join_seeded("r", 1, &u, None, None, 10, 4).unwrap();
+        let v = payload(&a.welcome);
+        assert_eq!(v["seq"], 10);
+        assert_eq!(v["members"], 5, "one here, four elsewhere");
+        assert!(!a.room.deliver(10, 1, &msg("old")), "not past the welcome");
+        assert!(a.room.deliver(12, 1, &msg("new")));
+        assert!(!a.room.deliver(11, 1, &msg("late")), "never backwards");
+        let v = payload(&a.rx.try_recv().unwrap().frame);
+        assert_eq!(
+            (v["seq"].as_u64(), v["text"].as_str()),
+            (Some(12), Some("new"))
+        );
+        assert!(a.rx.try_recv().is_err());
+        // Seeding only applies to a room the join creates.
+        let b = hub.join_seeded("r", 2, &u, None, None, 99, 0).unwrap();
+        assert_eq!(payload(&b.welcome)["seq"], 12);
     }
 
     #[test]
@@ -693,5 +748,46 @@ mod tests {
             .join_with_replay("vip", 2, &u, Some("pw"), since)
             .unwrap();
         assert_eq!(b.replay.map(|r| r.frames.len()), Some(1));
+    }
+
+    #[test]
+    fn delivered_messages_are_kept_and_their_ids_remembered() {
+        use crate::history::{HistorySettings, ReplayRequest};
+        use std::time::Duration;
+        let stats = Arc::new(Stats::new());
+        let flag = HistorySettings {
+            capacity: 10,
+            dedupe_window: Duration::from_secs(60),
+            dedupe_max: 100,
+            ..HistorySettings::default()
+        };
+        let service = Arc::new(HistoryService::new(flag, stats.clone()).unwrap());
+        let hub = Hub::new(4, 16, stats).with_history(service);
+        let u: Arc<str> = "u".into();
+        let a = hub.join_seeded("r", 1, &u, None, None, 40, 0).unwrap();
+        for (seq, id) in [(41, "k1"), (43, "k3")] {
+            let p = crate::room::Publish {
+                user: "far",
+                text: "from another process",
+                id: Some(id),
+                origin: 0,
+                skip_origin: false,
+            };
+            assert!(a.room.deliver(seq, 1, &p));
+        }
+        assert_eq!(a.room.duplicate_of(Some("k3")), Some(43));
+        assert_eq!(a.room.duplicate_of(Some("k2")), None);
+        let b = hub
+            .join_with_replay("r", 2, &u, None, Some(ReplayRequest::Since(40)))
+            .unwrap();
+        let replay = b.replay.unwrap();
+        let seqs: Vec<u64> = replay.frames.iter().map(|o| o.seq).collect();
+        assert_eq!(seqs, [41, 43]);
+        assert_eq!(
+            payload(&replay.header)["complete"],
+            false,
+            "seq 42 never reached this process"
+        );
+        assert_eq!(payload(&replay.frames[1].frame)["id"], "k3");
     }
 }

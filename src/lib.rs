@@ -6,6 +6,7 @@
 
 pub mod archive;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod dedupe;

@@ -3,7 +3,7 @@
 //! straight here.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,6 +30,9 @@ pub struct Room {
     /// it while it subscribes, so a joiner's `welcome.seq` is exactly the last seq it misses.
     state: Mutex<RoomState>,
     evicted: AtomicU64,
+    /// Members of this room on other cluster processes, as last heard (cluster mode; always 0
+    /// otherwise). Added to the local count in `welcome` and `presence` frames.
+    remote_members: AtomicUsize,
     created_at_ms: u64,
     /// How long frames waited between publication and the write that carried them.
     wait: WaitHistogram,
@@ -85,6 +88,9 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// User names that joined and left since the last presence frame.
+pub type PresenceDelta = (Vec<Arc<str>>, Vec<Arc<str>>);
+
 /// A point-in-time copy of a room's figures, for the HTTP API.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RoomInfo {
@@ -139,12 +145,22 @@ impl Room {
             tx,
             state: Mutex::new(state),
             evicted: AtomicU64::new(0),
+            remote_members: AtomicUsize::new(0),
             created_at_ms: unix_millis(),
             wait: WaitHistogram::default(),
             history_service,
             stats,
             limiter: None,
         }
+    }
+
+    /// Starts the room after `seq` (cluster mode: the cluster's last seq of the room, so that the
+    /// first joiner's welcome is right), or after its archived seq if that is later. A new room
+    /// starts at its seed's seq (0 without an archive).
+    pub(crate) fn with_seq(mut self, seq: u64) -> Self {
+        let state = self.state.get_mut();
+        state.seq = state.seq.max(seq);
+        self
     }
 
     /// Limits how many messages the room accepts per second.
@@ -201,7 +217,8 @@ impl Room {
         if state.settings.presence != Presence::Off && state.joined.len() < PRESENCE_NAMES_MAX {
             state.joined.push(user.clone());
         }
-        let welcome = protocol::welcome_frame(&self.name, user, state.members.len(), state.seq);
+        let members = state.members.len() + self.remote_members.load(Ordering::Relaxed);
+        let welcome = protocol::welcome_frame(&self.name, user, members, state.seq);
         let replay = replay.map(|req| state.history.replay(&self.name, req, state.seq));
         (rx, welcome, replay)
     }
@@ -234,20 +251,54 @@ impl Room {
     pub fn publish_message(&self, p: &Publish<'_>) -> Published {
         let now_ms = unix_millis();
         let mut state = self.state.lock();
-        if let Some(id) = p.id {
-            if let Some(seq) = state.dedupe.check(id, now_ms) {
-                self.stats.duplicates.inc();
-                return Published {
-                    seq,
-                    duplicate: true,
-                };
-            }
+        if let Some(seq) = self.duplicate_in(&mut state, p.id, now_ms) {
+            return Published {
+                seq,
+                duplicate: true,
+            };
         }
-        state.seq += 1;
+        let seq = state.seq + 1;
+        self.send_message(&mut state, seq, now_ms, p);
+        Published {
+            seq,
+            duplicate: false,
+        }
+    }
+
+    /// The seq of an earlier message with `id` inside the dedupe window, if any (counted as a
+    /// duplicate). Cluster mode asks before it publishes through Redis.
+    pub fn duplicate_of(&self, id: Option<&str>) -> Option<u64> {
+        id?;
+        let mut state = self.state.lock();
+        self.duplicate_in(&mut state, id, unix_millis())
+    }
+
+    fn duplicate_in(&self, state: &mut RoomState, id: Option<&str>, now_ms: u64) -> Option<u64> {
+        let seq = state.dedupe.check(id?, now_ms)?;
+        self.stats.duplicates.inc();
+        Some(seq)
+    }
+
+    /// Delivers a message numbered elsewhere (cluster mode: by Redis), published at `ts`, to
+    /// every member, unless its `seq` is not past the room's last one (already delivered, or
+    /// older than what a member's welcome promised): then it is dropped and `false` returned.
+    /// Kept in history like a local publication; its `id` is remembered for deduplication.
+    pub fn deliver(&self, seq: u64, ts: u64, p: &Publish<'_>) -> bool {
+        let mut state = self.state.lock();
+        if seq <= state.seq {
+            return false;
+        }
+        self.send_message(&mut state, seq, ts, p);
+        true
+    }
+
+    /// Numbers, encodes (once) and sends a message under the room lock, so frames enter the
+    /// broadcast ring and the history in `seq` order; hands it to the archive.
+    fn send_message(&self, state: &mut RoomState, seq: u64, ts: u64, p: &Publish<'_>) {
+        state.seq = seq;
         state.published += 1;
-        state.rate.record(now_ms / 1000);
-        let seq = state.seq;
-        let frame = protocol::message_frame_with_id(&self.name, p.user, p.text, seq, now_ms, p.id);
+        state.rate.record(ts / 1000);
+        let frame = protocol::message_frame_with_id(&self.name, p.user, p.text, seq, ts, p.id);
         self.stats.frames_encoded.inc();
         self.stats.published.inc();
         let out = Arc::new(Outbound {
@@ -258,18 +309,18 @@ impl Room {
             seq,
         });
         if let Some(id) = p.id {
-            state.dedupe.record(id, seq, now_ms);
+            // The window runs on this process's clock (`ts` may come from another process).
+            let now_ms = unix_millis();
+            if state.dedupe.check(id, now_ms).is_none() {
+                state.dedupe.record(id, seq, now_ms);
+            }
         }
         if !state.retired {
             state.history.push(&out);
-            self.history_service.record(&self.name, now_ms, &out);
+            self.history_service.record(&self.name, ts, &out);
         }
         // No receiver means no member is left to deliver to: nothing is lost.
         let _ = self.tx.send(out);
-        Published {
-            seq,
-            duplicate: false,
-        }
     }
 
     /// Up to `limit` kept messages with a seq below `before`, newest first, and the oldest seq
@@ -284,15 +335,36 @@ impl Room {
         self.state.lock().seq
     }
 
+    /// Sets how many members the room has on other cluster processes.
+    pub fn set_remote_members(&self, n: usize) {
+        self.remote_members.store(n, Ordering::Relaxed);
+    }
+
     /// Sends the coalesced presence frame if anything changed since the last one.
     pub(crate) fn flush_presence(&self) {
+        if let Some((joined, left)) = self.take_presence() {
+            self.send_presence(&joined, &left);
+        }
+    }
+
+    /// Takes the joins and leaves not yet announced (`None` when there were none).
+    pub fn take_presence(&self) -> Option<PresenceDelta> {
         let mut state = self.state.lock();
         state.presence_queued = false;
         if state.joined.is_empty() && state.left.is_empty() {
-            return;
+            return None;
         }
-        let joined = std::mem::take(&mut state.joined);
-        let left = std::mem::take(&mut state.left);
+        Some((
+            std::mem::take(&mut state.joined),
+            std::mem::take(&mut state.left),
+        ))
+    }
+
+    /// Sends one presence frame with these names to the local members (if any are left), as the
+    /// room's presence mode says: names for `events`, the count alone for `counts`, nothing for
+    /// `off`.
+    pub fn send_presence(&self, joined: &[Arc<str>], left: &[Arc<str>]) {
+        let state = self.state.lock();
         if state.members.is_empty() || state.settings.presence == Presence::Off {
             return;
         }
@@ -301,9 +373,9 @@ impl Room {
         let frame = protocol::encode_frame(&PresenceOut {
             kind: "presence",
             room: &self.name,
-            joined: if named { &joined } else { &[] },
-            left: if named { &left } else { &[] },
-            members: state.members.len(),
+            joined: if named { joined } else { &[] },
+            left: if named { left } else { &[] },
+            members: state.members.len() + self.remote_members.load(Ordering::Relaxed),
         });
         self.stats.frames_encoded.inc();
         self.send_frame(frame);

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::auth::Verifier;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::history::HistoryService;
 use crate::hub::Hub;
@@ -32,6 +33,8 @@ pub struct Shared {
     pub auth: Option<Verifier>,
     /// Connections per client IP, when `--max-connections-per-ip` is set.
     pub per_ip: Option<PerIpLimit>,
+    /// Cluster mode (`--redis`); `None` runs this process alone.
+    pub cluster: Option<Arc<Cluster>>,
     next_id: AtomicU64,
     /// Never sent on: the shutdown sequence waits until every copy of `Shared` (one per live
     /// task) has been dropped, which closes this channel.
@@ -60,7 +63,12 @@ pub async fn run(
     };
     let (trigger, shutdown) = shutdown::channel();
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    let stats = Arc::new(Stats::new());
+    let mut stats = Stats::new();
+    let cluster = match &config.redis {
+        Some(url) => Some(Arc::new(Cluster::new(&config, url, stats.registry_mut())?)),
+        None => None,
+    };
+    let stats = Arc::new(stats);
     let history = Arc::new(HistoryService::new(
         config.history_settings(),
         stats.clone(),
@@ -83,10 +91,17 @@ pub async fn run(
         shutdown: shutdown.clone(),
         auth,
         per_ip,
+        cluster: cluster.clone(),
         next_id: AtomicU64::new(1),
         _alive: alive_tx,
     });
-    tokio::spawn(presence_task(shared.clone()));
+    match cluster {
+        // The cluster link carries presence between processes (and flushes it locally while
+        // Redis is unreachable).
+        Some(cluster) => tokio::spawn(crate::cluster::run(shared.clone(), cluster)),
+        None => tokio::spawn(presence_task(shared.clone())),
+    };
+    // The `$lobby` is local to each process (never a Redis channel).
     tokio::spawn(lobby_task(shared.clone()));
     if shared.config.rooms_config.is_some() {
         reload_on_sighup(shared.clone());

@@ -124,6 +124,12 @@ impl Stats {
         }
     }
 
+    /// The Prometheus registry, for a module with metrics of its own (cluster mode) to register
+    /// them before the `Stats` is shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }

@@ -31,8 +31,9 @@ pub enum Scenario {
 pub enum Route {
     /// Every client of room i goes to server i % servers: one room lives on one server.
     Rooms,
-    /// A room's clients spread over all servers. Servers do not talk to each other, so each
-    /// server holds its own copy of the room, with its own publishers and its own `seq`.
+    /// A room's clients spread over all servers. Standalone servers do not talk to each other,
+    /// so each holds its own copy of the room, with its own publishers and its own `seq`; in
+    /// cluster mode (`roomcast --redis`) the copies are one room with one `seq`.
     Spread,
 }
 

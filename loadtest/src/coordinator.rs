@@ -636,6 +636,11 @@ impl Coordinator {
             .room_requests(wanted.iter().map(|&i| (i / n, i % n)).collect())
             .await;
         let mut final_seq = max_seen.clone();
+        let clustered = self
+            .report
+            .server_stats
+            .iter()
+            .any(|s| s.before.as_ref().is_some_and(|b| b.clustered));
         for (&i, res) in wanted.iter().zip(results) {
             let i = i as usize;
             let room = room_name(i as u32 / n);
@@ -647,13 +652,43 @@ impl Coordinator {
                 )),
                 Err(e) => self.report.notes.push(format!("last_seq of {room}: {e:#}")),
             }
-            if self.config.scenario != Scenario::Idle || sent[i] > 0 {
+            if !clustered && (self.config.scenario != Scenario::Idle || sent[i] > 0) {
                 let assigned = final_seq[i].saturating_sub(min_welcome[i]);
                 if assigned != sent[i] {
                     self.report.count_mismatches.push(format!(
                         "{room} on {url}: publishers sent {}, server assigned {assigned} seqs",
                         sent[i]
                     ));
+                }
+            }
+        }
+        if clustered {
+            // Cluster mode: a room's instances on every server are one room with one seq
+            // stream, numbered for all its publishers together.
+            let n = n as usize;
+            for r in 0..count / n {
+                let ids = r * n..(r + 1) * n;
+                let welcome = ids
+                    .clone()
+                    .map(|i| min_welcome[i])
+                    .min()
+                    .unwrap_or(u64::MAX);
+                if welcome == u64::MAX {
+                    continue;
+                }
+                let last = ids.clone().map(|i| final_seq[i]).max().unwrap_or(0);
+                let room_sent: u64 = ids.clone().map(|i| sent[i]).sum();
+                for i in ids {
+                    final_seq[i] = last;
+                }
+                if self.config.scenario != Scenario::Idle || room_sent > 0 {
+                    let assigned = last.saturating_sub(welcome);
+                    if assigned != room_sent {
+                        self.report.count_mismatches.push(format!(
+                            "{} (cluster): publishers sent {room_sent}, cluster assigned {assigned} seqs",
+                            room_name(r as u32)
+                        ));
+                    }
                 }
             }
         }

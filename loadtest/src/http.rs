@@ -58,11 +58,15 @@ async fn get_inner(
     Ok((status, value))
 }
 
-/// The fields of `/api/stats` the report uses.
+/// The fields of `/api/stats` the report uses. In cluster mode (`roomcast --redis`)
+/// `connections` and `rooms` are this server's own (`local_connections`, `local_rooms`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Stats {
     pub connections: u64,
     pub rooms: u64,
+    /// The server runs in cluster mode: rooms spread over servers are one room.
+    #[serde(default)]
+    pub clustered: bool,
     pub rss_bytes: u64,
     #[serde(default)]
     pub messages_in: u64,
@@ -77,14 +81,23 @@ pub async fn stats(server: &Server) -> anyhow::Result<Stats> {
     if status != 200 {
         bail!("GET /api/stats on {}: HTTP {status}: {v}", server.host);
     }
-    serde_json::from_value(v)
-        .with_context(|| format!("GET /api/stats on {}: unexpected fields", server.host))
+    let mut st: Stats = serde_json::from_value(v.clone())
+        .with_context(|| format!("GET /api/stats on {}: unexpected fields", server.host))?;
+    if v.get("cluster").is_some_and(|c| c.is_object()) {
+        st.clustered = true;
+        st.connections = v["local_connections"].as_u64().unwrap_or(st.connections);
+        st.rooms = v["local_rooms"].as_u64().unwrap_or(st.rooms);
+    }
+    Ok(st)
 }
 
 /// What `/api/rooms/{room}` says about a room; `None` when the server answers 404.
+/// `members` is this server's own (`local_members` in cluster mode).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RoomInfo {
     pub members: u64,
+    #[serde(default, skip_serializing)]
+    pub local_members: Option<u64>,
     #[serde(default)]
     pub last_seq: u64,
     #[serde(default)]
@@ -98,9 +111,14 @@ pub async fn room(server: &Server, room: &str) -> anyhow::Result<Option<RoomInfo
     let path = format!("/api/rooms/{room}?users_limit=1");
     let (status, v) = get_json(server, &path).await?;
     match status {
-        200 => Ok(Some(serde_json::from_value(v).with_context(|| {
-            format!("GET {path} on {}: unexpected fields", server.host)
-        })?)),
+        200 => {
+            let mut info: RoomInfo = serde_json::from_value(v)
+                .with_context(|| format!("GET {path} on {}: unexpected fields", server.host))?;
+            if let Some(local) = info.local_members {
+                info.members = local;
+            }
+            Ok(Some(info))
+        }
         404 => Ok(None),
         s => bail!("GET {path} on {}: HTTP {s}: {v}", server.host),
     }

@@ -1,0 +1,754 @@
+//! Cluster mode (`--redis`): rooms shared by every roomcast process on one Redis.
+//!
+//! - **Messages.** A publish (WebSocket or REST) runs one Lua script (`scripts::PUBLISH`) that
+//!   takes the room's next seq with INCR and PUBLISHes the message with it on the room's
+//!   channel, atomically: Redis's publication order is the seq order, on every subscriber.
+//!   Every process, the publisher's included, delivers what it receives from the channel into
+//!   its local room, where it is encoded once for all local members. Nothing is delivered
+//!   straight from the publish, or two processes could see two orders.
+//! - **Subscriptions** follow local membership: a process subscribes to a room's channel when
+//!   its first local member joins and unsubscribes when its last one leaves (`Interest`,
+//!   reference-counted per room name). The link task (`link.rs`) owns the subscriber connection
+//!   and reconciles what is subscribed with what is wanted, after every change and after every
+//!   reconnection.
+//! - **Welcome.** The first local joiner of a room waits until the subscription is confirmed,
+//!   then reads the room's seq (`scripts::SEED`): every message past that seq was published after
+//!   the subscription and will arrive. The room starts at that seq, so `welcome.seq` is the last
+//!   seq the joiner misses; anything not past it is dropped on arrival (`Room::deliver`).
+//! - **Counts.** Each process keeps a Redis hash (its "node hash") of room → local member count,
+//!   plus its connection count, and re-writes it every heartbeat (a third of
+//!   `--cluster-node-ttl`) with that TTL. A process that dies stops heartbeating and its hash
+//!   expires: readers only sum the hashes that still exist.
+//! - **Outages.** While Redis is unreachable the process keeps serving its local rooms: a
+//!   WebSocket message is delivered to local members only and its sender gets an error frame
+//!   (`cluster_unavailable`); a REST publish gets 503. The link reconnects with backoff,
+//!   re-announces its counts, resubscribes every room it needs and raises each room's Redis seq
+//!   to at least its local one, so numbering never goes backwards after a Redis restart.
+
+pub mod api;
+mod link;
+mod scripts;
+mod wire;
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::history::ReplayRequest;
+use crate::hub::{Hub, JoinError, Joined};
+use crate::names::LOBBY;
+use crate::room::{Publish, Room};
+use crate::stats::unix_millis;
+
+pub use link::run;
+
+/// How long a room's seq key outlives its last publish or subscription. Unit: milliseconds.
+/// Long enough that a quiet room keeps its numbering; a room nobody uses stops costing memory.
+const SEQ_TTL_MS: u64 = 24 * 3600 * 1000;
+/// Most rooms one script call reads or seeds (Lua's `unpack` has a stack limit near 8,000).
+const ROOMS_PER_CALL: usize = 500;
+
+/// Why cluster mode could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("bad --redis URL: {0}")]
+    BadUrl(redis::RedisError),
+    #[error("Redis is unreachable")]
+    Down,
+    #[error("Redis did not answer within --redis-timeout")]
+    Timeout,
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("Redis answered something unexpected: {0}")]
+    Protocol(&'static str),
+}
+
+/// The cluster side of one roomcast process.
+pub struct Cluster {
+    /// This process's id in Redis (random per start): names its node hash and marks its own
+    /// messages so that `origin` and `"echo": false` work as they do standalone.
+    node: Arc<str>,
+    keys: Keys,
+    client: redis::Client,
+    /// `--redis-timeout`: every command and connection attempt.
+    timeout: Duration,
+    /// `--cluster-node-ttl`: the node hash's TTL.
+    node_ttl: Duration,
+    presence_interval: Duration,
+    /// Commands go through this connection; `None` while the link is down. Cloned out under
+    /// the lock (a multiplexed connection is a handle), never used under it.
+    conn: Mutex<Option<MultiplexedConnection>>,
+    up: AtomicBool,
+    health: Mutex<Health>,
+    /// Room name → how many local memberships need its channel.
+    interests: Mutex<HashMap<Arc<str>, Entry>>,
+    /// Raised when `interests` gains or loses a room: the link reconciles its subscriptions.
+    wake: Notify,
+    /// Raised when rooms become ready or the link goes down: joiners waiting re-check.
+    ready: Notify,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Health {
+    /// When the link went down (Unix ms); `None` while up.
+    down_since: Option<u64>,
+    last_error: Option<String>,
+}
+
+struct Entry {
+    refs: u32,
+    interest: Arc<Interest>,
+}
+
+/// This process's stake in one room's channel.
+pub(crate) struct Interest {
+    name: Arc<str>,
+    /// Taken by the link when it delivers into the room and by a joiner while it joins, so that
+    /// a room created by a join starts at exactly the last seq delivered before it.
+    state: Mutex<InterestState>,
+}
+
+#[derive(Default)]
+struct InterestState {
+    /// The largest seq this process has seen or numbered for the room.
+    last_seq: u64,
+    /// Subscribed (confirmed) and seeded on the current link.
+    ready: bool,
+    /// Member counts of the room on other processes, by node id, as last heard.
+    remote: Vec<(Arc<str>, usize)>,
+}
+
+impl InterestState {
+    fn remote_sum(&self) -> usize {
+        self.remote.iter().map(|(_, n)| n).sum()
+    }
+
+    fn set_remote(&mut self, node: &str, count: usize) {
+        match self.remote.iter_mut().find(|(n, _)| &**n == node) {
+            Some(slot) if count == 0 => {
+                let node = slot.0.clone();
+                self.remote.retain(|(n, _)| *n != node);
+            }
+            Some(slot) => slot.1 = count,
+            None if count > 0 => self.remote.push((node.into(), count)),
+            None => {}
+        }
+    }
+}
+
+/// Redis key and channel names, all under `--redis-prefix`.
+struct Keys {
+    /// `P:room:` + room: the room's channel.
+    channel_prefix: String,
+    /// `P:seq:` + room: the room's last seq.
+    seq_prefix: String,
+    /// `P:node:` + node id: the node hash (room → count, `!conns`, `!alive`).
+    node_prefix: String,
+    /// `P:nodes`: the set of node ids that may be alive.
+    nodes: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        Keys {
+            channel_prefix: format!("{prefix}:room:"),
+            seq_prefix: format!("{prefix}:seq:"),
+            node_prefix: format!("{prefix}:node:"),
+            nodes: format!("{prefix}:nodes"),
+        }
+    }
+    fn channel(&self, room: &str) -> String {
+        format!("{}{room}", self.channel_prefix)
+    }
+    fn seq(&self, room: &str) -> String {
+        format!("{}{room}", self.seq_prefix)
+    }
+    fn node(&self, node: &str) -> String {
+        format!("{}{node}", self.node_prefix)
+    }
+}
+
+/// Prometheus metrics of cluster mode (`roomcast_cluster_*`).
+#[derive(Default)]
+struct Metrics {
+    up: Gauge,
+    outages: Counter,
+    connect_failures: Counter,
+    published: Counter,
+    publish_errors: Counter,
+    local_only: Counter,
+    received: Counter,
+    stale_dropped: Counter,
+    bad_payloads: Counter,
+    join_waits_timed_out: Counter,
+}
+
+impl Metrics {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("cluster");
+        r.register("up", "1 while the Redis link is up", self.up.clone());
+        let counters: [(&str, &str, &Counter); 9] = [
+            ("outages", "Times the Redis link went down", &self.outages),
+            (
+                "connect_failures",
+                "Failed attempts to connect to Redis",
+                &self.connect_failures,
+            ),
+            (
+                "published",
+                "Messages this process published through Redis",
+                &self.published,
+            ),
+            (
+                "publish_errors",
+                "Publishes refused because Redis failed or was unreachable",
+                &self.publish_errors,
+            ),
+            (
+                "local_only",
+                "WebSocket messages delivered to local members only (Redis unreachable)",
+                &self.local_only,
+            ),
+            (
+                "received",
+                "Messages received from Redis for local rooms",
+                &self.received,
+            ),
+            (
+                "stale_dropped",
+                "Messages received with a seq not past the room's (dropped)",
+                &self.stale_dropped,
+            ),
+            (
+                "bad_payloads",
+                "Payloads on a room channel that could not be read",
+                &self.bad_payloads,
+            ),
+            (
+                "join_waits_timed_out",
+                "First joins that stopped waiting for their subscription",
+                &self.join_waits_timed_out,
+            ),
+        ];
+        for (name, help, c) in counters {
+            r.register(name, help, c.clone());
+        }
+    }
+}
+
+/// Cluster-wide counts, this process's included.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Live processes, this one included.
+    pub nodes: usize,
+    pub connections: u64,
+    /// Room → members, rooms with at least one member anywhere.
+    pub rooms: HashMap<String, usize>,
+}
+
+/// Cluster-wide counts of one room.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RoomCounts {
+    /// Members on other live processes.
+    pub remote: usize,
+    /// Live processes, this one included.
+    pub nodes: usize,
+}
+
+/// What the other live processes have, as the COUNTS script answers it.
+struct Remote {
+    node: String,
+    connections: u64,
+    rooms: Vec<(String, usize)>,
+}
+
+impl Cluster {
+    /// Checks the URL; connects nothing (the link task does, and retries until Redis answers).
+    pub fn new(config: &Config, url: &str, registry: &mut Registry) -> Result<Self, ClusterError> {
+        let client = redis::Client::open(url).map_err(ClusterError::BadUrl)?;
+        let node = format!(
+            "{:016x}",
+            std::hash::RandomState::new().hash_one((std::process::id(), unix_millis()))
+        );
+        let metrics = Metrics::default();
+        metrics.register(registry);
+        Ok(Cluster {
+            node: node.into(),
+            keys: Keys::new(&config.redis_prefix),
+            client,
+            timeout: config.redis_timeout,
+            node_ttl: config.cluster_node_ttl,
+            presence_interval: config.presence_interval,
+            conn: Mutex::new(None),
+            up: AtomicBool::new(false),
+            health: Mutex::new(Health {
+                down_since: Some(unix_millis()),
+                last_error: Some("not connected yet".into()),
+            }),
+            interests: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            ready: Notify::new(),
+            metrics,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// The command connection, or `Down`.
+    fn connection(&self) -> Result<MultiplexedConnection, ClusterError> {
+        if !self.is_up() {
+            return Err(ClusterError::Down);
+        }
+        self.conn.lock().clone().ok_or(ClusterError::Down)
+    }
+
+    /// Runs `fut` within `--redis-timeout`.
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, ClusterError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(res) => Ok(res?),
+            Err(_) => Err(ClusterError::Timeout),
+        }
+    }
+
+    fn set_up(&self, conn: MultiplexedConnection) {
+        *self.conn.lock() = Some(conn);
+        *self.health.lock() = Health::default();
+        self.up.store(true, Ordering::Release);
+        self.metrics.up.set(1);
+        tracing::info!(node = %self.node, "cluster: connected to Redis");
+    }
+
+    fn set_down(&self, error: &ClusterError) {
+        let was_up = self.up.swap(false, Ordering::AcqRel);
+        *self.conn.lock() = None;
+        {
+            let mut health = self.health.lock();
+            health.down_since.get_or_insert_with(unix_millis);
+            health.last_error = Some(error.to_string());
+        }
+        self.metrics.up.set(0);
+        if was_up {
+            self.metrics.outages.inc();
+            tracing::warn!(error = %error, "cluster: Redis link down; serving local rooms only");
+        } else {
+            self.metrics.connect_failures.inc();
+            tracing::debug!(error = %error, "cluster: Redis still unreachable");
+        }
+        // Rooms are resubscribed (and seeded) on the next link.
+        for entry in self.interests.lock().values() {
+            entry.interest.state.lock().ready = false;
+        }
+        // Joiners waiting for a subscription stop waiting.
+        self.ready.notify_waiters();
+    }
+
+    /// Registers one more local membership of `name` (subscribing when it is the first).
+    fn acquire(&self, name: &str) -> Arc<Interest> {
+        let mut map = self.interests.lock();
+        if let Some(entry) = map.get_mut(name) {
+            entry.refs += 1;
+            return entry.interest.clone();
+        }
+        let name: Arc<str> = name.into();
+        let interest = Arc::new(Interest {
+            name: name.clone(),
+            state: Mutex::new(InterestState::default()),
+        });
+        map.insert(
+            name,
+            Entry {
+                refs: 1,
+                interest: interest.clone(),
+            },
+        );
+        drop(map);
+        self.wake.notify_one();
+        interest
+    }
+
+    /// Drops one local membership of `name` (unsubscribing after the last).
+    fn release(&self, name: &str) {
+        let mut map = self.interests.lock();
+        if let Some(entry) = map.get_mut(name) {
+            entry.refs = entry.refs.saturating_sub(1);
+            if entry.refs == 0 {
+                map.remove(name);
+                drop(map);
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    fn interest(&self, name: &str) -> Option<Arc<Interest>> {
+        self.interests.lock().get(name).map(|e| e.interest.clone())
+    }
+
+    /// Joins `name` in the local hub once this process receives the room's channel, so that the
+    /// welcome's seq is exact. While Redis is unreachable it joins at once (local room only).
+    /// The password and `max_members` are checked by `Hub::join_seeded` (the cap against this
+    /// process's members). The `$lobby` is local to each process: joined at once, no channel.
+    /// The `replay` (`history`/`since`) is taken from this process's history of the room,
+    /// atomically with the join: a room this process has just created knows only what its
+    /// archive kept (`recovery` then says `complete: false` for what it never received).
+    /// Cancel-safe: dropped early (or refused), it releases its interest.
+    pub async fn join(
+        &self,
+        hub: &Hub,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        password: Option<&str>,
+        replay: Option<ReplayRequest>,
+    ) -> Result<Joined, JoinError> {
+        if name == LOBBY {
+            return hub.join_with_replay(name, id, user, password, replay);
+        }
+        /// Releases the interest unless the join completed.
+        struct Release<'a>(&'a Cluster, &'a str, bool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    self.0.release(self.1);
+                }
+            }
+        }
+        let interest = self.acquire(name);
+        let mut guard = Release(self, name, false);
+        self.wait_ready(&interest).await;
+        let joined = {
+            let state = interest.state.lock();
+            hub.join_seeded(
+                name,
+                id,
+                user,
+                password,
+                replay,
+                state.last_seq,
+                state.remote_sum(),
+            )?
+        };
+        guard.2 = true;
+        Ok(joined)
+    }
+
+    /// Leaves `room` in the hub, then drops this membership's interest in its channel.
+    pub fn leave(&self, hub: &Hub, room: &Arc<Room>, id: u64) -> bool {
+        let was_in = hub.leave(room, id);
+        if was_in && room.name() != LOBBY {
+            self.release(room.name());
+        }
+        was_in
+    }
+
+    async fn wait_ready(&self, interest: &Interest) {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_up() || interest.state.lock().ready {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.metrics.join_waits_timed_out.inc();
+                tracing::warn!(room = %interest.name, "cluster: joined before the subscription was confirmed");
+                return;
+            }
+        }
+    }
+
+    /// The seq a publish of `room` must number above: what this process has seen.
+    fn floor(&self, room: &str, local: Option<&Room>) -> u64 {
+        let seen = self.interest(room).map_or(0, |i| i.state.lock().last_seq);
+        seen.max(local.map_or(0, Room::last_seq))
+    }
+
+    /// Publishes a WebSocket message to the whole cluster; returns its seq. It reaches local
+    /// members (the sender included) through the room's channel, like everyone else's.
+    /// On `Err` nothing was delivered: the caller decides what to do locally.
+    pub async fn publish(&self, room: &Room, p: &Publish<'_>) -> Result<u64, ClusterError> {
+        let floor = self.floor(room.name(), Some(room));
+        let res = self.publish_script(room.name(), floor, p, false).await;
+        res.map(|seq| seq.unwrap_or(0))
+    }
+
+    /// A WebSocket message that could not go through Redis: delivered to local members only.
+    pub fn publish_local(&self, room: &Room, p: &Publish<'_>) -> u64 {
+        self.metrics.local_only.inc();
+        room.publish_message(p).seq
+    }
+
+    /// Publishes a REST message: `Ok(None)` when no process has a member in `room`.
+    pub async fn publish_rest(
+        &self,
+        hub: &Hub,
+        room: &str,
+        user: &str,
+        text: &str,
+        id: Option<&str>,
+    ) -> Result<Option<u64>, ClusterError> {
+        let local = hub.get(room);
+        let floor = self.floor(room, local.as_deref());
+        let p = Publish {
+            user,
+            text,
+            id,
+            origin: 0,
+            skip_origin: false,
+        };
+        self.publish_script(room, floor, &p, true).await
+    }
+
+    async fn publish_script(
+        &self,
+        room: &str,
+        floor: u64,
+        p: &Publish<'_>,
+        need_subscribers: bool,
+    ) -> Result<Option<u64>, ClusterError> {
+        let body = wire::encode_message(&wire::MessageBody {
+            node: self.node.as_ref().into(),
+            origin: p.origin,
+            skip_origin: p.skip_origin,
+            ts: unix_millis(),
+            user: p.user.into(),
+            text: p.text.into(),
+            id: p.id.map(Into::into),
+        });
+        let res = async {
+            let mut conn = self.connection()?;
+            let mut invocation = scripts::PUBLISH.key(self.keys.seq(room));
+            invocation
+                .arg(self.keys.channel(room))
+                .arg(floor)
+                .arg(body)
+                .arg(SEQ_TTL_MS)
+                .arg(u8::from(need_subscribers));
+            self.timed(invocation.invoke_async::<u64>(&mut conn)).await
+        }
+        .await;
+        match res {
+            Ok(0) => Ok(None),
+            Ok(seq) => {
+                self.metrics.published.inc();
+                Ok(Some(seq))
+            }
+            Err(e) => {
+                self.metrics.publish_errors.inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Members of `room` on the other live processes.
+    pub async fn room_counts(&self, room: &str) -> Result<RoomCounts, ClusterError> {
+        let remotes = self.read_counts(&[room]).await?;
+        Ok(RoomCounts {
+            remote: remotes
+                .iter()
+                .flat_map(|r| r.rooms.iter())
+                .map(|(_, n)| n)
+                .sum(),
+            nodes: remotes.len() + 1,
+        })
+    }
+
+    /// Counts of the whole cluster: the other live processes from Redis, this one from `hub`.
+    pub async fn snapshot(
+        &self,
+        hub: &Hub,
+        local_connections: u64,
+    ) -> Result<Snapshot, ClusterError> {
+        let remotes = self.read_counts(&[]).await?;
+        let mut snap = Snapshot {
+            nodes: remotes.len() + 1,
+            connections: local_connections,
+            rooms: HashMap::new(),
+        };
+        for (room, n) in hub.list(usize::MAX).0 {
+            snap.rooms.insert(room.name().to_owned(), n);
+        }
+        for remote in remotes {
+            snap.connections += remote.connections;
+            for (room, n) in remote.rooms {
+                *snap.rooms.entry(room).or_default() += n;
+            }
+        }
+        snap.rooms.retain(|_, n| *n > 0);
+        Ok(snap)
+    }
+
+    /// Runs COUNTS for `rooms` (all rooms when empty).
+    async fn read_counts(&self, rooms: &[&str]) -> Result<Vec<Remote>, ClusterError> {
+        let mut conn = self.connection()?;
+        self.read_counts_on(&mut conn, rooms).await
+    }
+
+    async fn read_counts_on(
+        &self,
+        conn: &mut MultiplexedConnection,
+        rooms: &[&str],
+    ) -> Result<Vec<Remote>, ClusterError> {
+        let mut invocation = scripts::COUNTS.key(&self.keys.nodes);
+        invocation.arg(&self.keys.node_prefix).arg(&*self.node);
+        for room in rooms {
+            invocation.arg(*room);
+        }
+        let value: redis::Value = self.timed(invocation.invoke_async(conn)).await?;
+        parse_counts(value, rooms)
+    }
+
+    /// `/healthz` in cluster mode: still 200, but `degraded` while Redis is unreachable.
+    pub fn health_json(&self) -> serde_json::Value {
+        let health = self.health.lock();
+        let up = self.is_up();
+        serde_json::json!({
+            "status": if up { "ok" } else { "degraded" },
+            "cluster": {
+                "redis": if up { "up" } else { "down" },
+                "node": &*self.node,
+                "down_since": health.down_since,
+                "error": health.last_error,
+            },
+        })
+    }
+
+    /// The `cluster` object of `/api/stats`.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let m = &self.metrics;
+        let health = self.health.lock();
+        serde_json::json!({
+            "redis": if self.is_up() { "up" } else { "down" },
+            "node": &*self.node,
+            "down_since": health.down_since,
+            "error": health.last_error,
+            "subscribed_rooms": self.interests.lock().len(),
+            "outages": m.outages.get(),
+            "connect_failures": m.connect_failures.get(),
+            "published": m.published.get(),
+            "publish_errors": m.publish_errors.get(),
+            "local_only": m.local_only.get(),
+            "received": m.received.get(),
+            "stale_dropped": m.stale_dropped.get(),
+        })
+    }
+}
+
+/// Reads the COUNTS script's answer: `[id, conns, counts, id, conns, counts, …]`.
+fn parse_counts(value: redis::Value, rooms: &[&str]) -> Result<Vec<Remote>, ClusterError> {
+    use redis::Value;
+    let Value::Array(items) = value else {
+        return Err(ClusterError::Protocol("COUNTS did not answer an array"));
+    };
+    let mut out = Vec::with_capacity(items.len() / 3);
+    let mut items = items.into_iter();
+    while let (Some(id), Some(conns), Some(counts)) = (items.next(), items.next(), items.next()) {
+        let node = string_of(&id).ok_or(ClusterError::Protocol("node id"))?;
+        let connections = string_of(&conns).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let Value::Array(counts) = counts else {
+            return Err(ClusterError::Protocol("node counts"));
+        };
+        let rooms = if rooms.is_empty() {
+            let mut pairs = Vec::with_capacity(counts.len() / 2);
+            let mut it = counts.iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let (Some(k), Some(n)) =
+                    (string_of(k), string_of(v).and_then(|v| v.parse().ok()))
+                {
+                    if !k.starts_with('!') {
+                        pairs.push((k, n));
+                    }
+                }
+            }
+            pairs
+        } else {
+            rooms
+                .iter()
+                .zip(counts.iter())
+                .filter_map(|(room, v)| {
+                    let n: usize = string_of(v)?.parse().ok()?;
+                    Some(((*room).to_owned(), n))
+                })
+                .collect()
+        };
+        out.push(Remote {
+            node,
+            connections,
+            rooms,
+        });
+    }
+    Ok(out)
+}
+
+fn string_of(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        redis::Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_counts_by_node() {
+        let mut s = InterestState::default();
+        s.set_remote("a", 3);
+        s.set_remote("b", 2);
+        s.set_remote("a", 1);
+        assert_eq!(s.remote_sum(), 3);
+        s.set_remote("b", 0);
+        s.set_remote("c", 0);
+        assert_eq!(s.remote, vec![(Arc::from("a"), 1)]);
+    }
+
+    #[test]
+    fn counts_answer_is_parsed_for_one_room_and_for_all() {
+        use redis::Value::{Array, BulkString, Nil};
+        let b = |s: &str| BulkString(s.as_bytes().to_vec());
+        let one = Array(vec![
+            b("n1"),
+            b("4"),
+            Array(vec![b("3")]),
+            b("n2"),
+            b("0"),
+            Array(vec![Nil]),
+        ]);
+        let r = parse_counts(one, &["r"]).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].rooms, vec![("r".to_owned(), 3)]);
+        assert_eq!(r[0].connections, 4);
+        assert!(r[1].rooms.is_empty());
+        let all = Array(vec![
+            b("n1"),
+            b("5"),
+            Array(vec![b("!alive"), b("1"), b("x"), b("2"), b("y"), b("3")]),
+        ]);
+        let r = parse_counts(all, &[]).unwrap();
+        assert_eq!(r[0].rooms, vec![("x".to_owned(), 2), ("y".to_owned(), 3)]);
+        assert!(parse_counts(b("nope"), &[]).is_err());
+    }
+}

@@ -1,0 +1,490 @@
+//! The Redis link: one task per process that connects (and reconnects, with backoff), keeps the
+//! channel subscriptions equal to the rooms with local members, announces this process's counts
+//! and presence, heartbeats, and hands every received payload to the local rooms.
+//!
+//! In cluster mode it also replaces the presence ticker: while Redis is reachable, presence goes
+//! through the room channels; while it is not, it is flushed locally as standalone.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use tokio::task::JoinHandle;
+use tokio::time::{interval, interval_at, Instant, MissedTickBehavior};
+
+use super::{scripts, wire, Cluster, ClusterError, Interest, ROOMS_PER_CALL, SEQ_TTL_MS};
+use crate::hub::Hub;
+use crate::room::Publish;
+use crate::server::Shared;
+use crate::shutdown::Shutdown;
+use crate::stats::unix_millis;
+
+/// First pause between reconnection attempts; doubled after each failure up to `BACKOFF_MAX`.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// On shutdown, time given to remove this process's counts from Redis.
+const RETIRE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// One connection generation: a command connection and a subscriber connection.
+struct Link {
+    conn: MultiplexedConnection,
+    sink: PubSubSink,
+    stream: PubSubStream,
+}
+
+/// Aborts the delivery task when the link it belongs to ends.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the link until shutdown, then removes this process's counts from Redis.
+pub async fn run(shared: Arc<Shared>, cluster: Arc<Cluster>) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut presence = interval(cluster.presence_interval);
+    presence.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let connecting = connect(&cluster);
+        tokio::pin!(connecting);
+        let link = loop {
+            tokio::select! {
+                res = &mut connecting => break res,
+                _ = presence.tick() => shared.hub.flush_presence(),
+                () = shutdown.recv() => return,
+            }
+        };
+        match link {
+            Ok(link) => {
+                let started = Instant::now();
+                match serve(&shared, &cluster, link, &mut shutdown).await {
+                    Ok(()) => {
+                        retire(&cluster).await;
+                        return;
+                    }
+                    Err(e) => cluster.set_down(&e),
+                }
+                if started.elapsed() > BACKOFF_MAX {
+                    backoff = BACKOFF_MIN;
+                }
+            }
+            Err(e) => cluster.set_down(&e),
+        }
+        let pause = tokio::time::sleep(jittered(backoff));
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                _ = presence.tick() => shared.hub.flush_presence(),
+                () = shutdown.recv() => return,
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// `d` ± 20 %, so that processes that lost Redis together do not all come back in step.
+fn jittered(d: Duration) -> Duration {
+    let r = std::hash::RandomState::new().hash_one(unix_millis()) % 401;
+    d.mul_f64(0.8 + r as f64 / 1000.0)
+}
+
+async fn connect(cluster: &Cluster) -> Result<Link, ClusterError> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(cluster.timeout))
+        .set_response_timeout(Some(cluster.timeout));
+    let conn = cluster
+        .timed(
+            cluster
+                .client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await?;
+    let pubsub = cluster.timed(cluster.client.get_async_pubsub()).await?;
+    let (sink, stream) = pubsub.split();
+    Ok(Link { conn, sink, stream })
+}
+
+/// Serves one link generation: `Ok` on shutdown, `Err` when Redis failed.
+async fn serve(
+    shared: &Arc<Shared>,
+    cluster: &Arc<Cluster>,
+    link: Link,
+    shutdown: &mut Shutdown,
+) -> Result<(), ClusterError> {
+    let Link {
+        mut conn,
+        mut sink,
+        stream,
+    } = link;
+    // Counted before anything else: other processes read these.
+    let mut conns_written = write_counts(shared, cluster, &mut conn).await?;
+    cluster.set_up(conn.clone());
+    let mut delivery = AbortOnDrop(tokio::spawn(deliver(
+        shared.clone(),
+        cluster.clone(),
+        stream,
+    )));
+    let mut subscribed: HashSet<Arc<str>> = HashSet::new();
+    let mut presence = interval(cluster.presence_interval);
+    presence.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let beat_every = cluster.node_ttl / 3;
+    let mut beat = interval_at(Instant::now() + beat_every, beat_every);
+    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    reconcile(shared, cluster, &mut conn, &mut sink, &mut subscribed).await?;
+    loop {
+        tokio::select! {
+            () = shutdown.recv() => return Ok(()),
+            _ = &mut delivery.0 => return Err(ClusterError::Down),
+            () = cluster.wake.notified() => {
+                reconcile(shared, cluster, &mut conn, &mut sink, &mut subscribed).await?;
+            }
+            _ = presence.tick() => {
+                conns_written = sync_presence(shared, cluster, &mut conn, conns_written).await?;
+            }
+            _ = beat.tick() => {
+                conns_written = write_counts(shared, cluster, &mut conn).await?;
+                // Subscribed, Redis answers PING with an array: any answer will do.
+                cluster.timed(sink.ping::<redis::Value>()).await?;
+                refresh_remote_counts(&shared.hub, cluster, &mut conn).await?;
+            }
+        }
+    }
+}
+
+/// Hands every payload of the subscriber connection to the local rooms, in arrival order.
+/// Ends when the connection does.
+async fn deliver(shared: Arc<Shared>, cluster: Arc<Cluster>, mut stream: PubSubStream) {
+    while let Some(msg) = stream.next().await {
+        cluster.on_payload(&shared.hub, msg.get_channel_name(), msg.get_payload_bytes());
+    }
+}
+
+impl Cluster {
+    /// One payload from a room channel.
+    fn on_payload(&self, hub: &Hub, channel: &str, payload: &[u8]) {
+        let Some(name) = channel.strip_prefix(&self.keys.channel_prefix) else {
+            return;
+        };
+        // Unsubscribed since (the last local member left): nobody here to deliver to.
+        let Some(interest) = self.interest(name) else {
+            return;
+        };
+        match wire::decode(payload) {
+            Ok(wire::Payload::Message { seq, body }) => {
+                self.metrics.received.inc();
+                let (origin, skip) = if *body.node == *self.node {
+                    (body.origin, body.skip_origin)
+                } else {
+                    (0, false)
+                };
+                // Under the interest lock, so that a joiner creating the room either sees this
+                // seq as the room's start or finds the message delivered (`Cluster::join`).
+                let mut state = interest.state.lock();
+                state.last_seq = state.last_seq.max(seq);
+                if let Some(room) = hub.get(name) {
+                    let p = Publish {
+                        user: &body.user,
+                        text: &body.text,
+                        // Checked like a client's: anything may write to a channel.
+                        id: body
+                            .id
+                            .as_deref()
+                            .filter(|id| crate::dedupe::validate_id(id).is_ok()),
+                        origin,
+                        skip_origin: skip,
+                    };
+                    if !room.deliver(seq, body.ts, &p) {
+                        self.metrics.stale_dropped.inc();
+                    }
+                }
+            }
+            Ok(wire::Payload::Presence(body)) => {
+                let remote = {
+                    let mut state = interest.state.lock();
+                    if *body.node != *self.node {
+                        state.set_remote(&body.node, body.count);
+                    }
+                    state.remote_sum()
+                };
+                if let Some(room) = hub.get(name) {
+                    room.set_remote_members(remote);
+                    let joined: Vec<Arc<str>> = body.joined.iter().map(|s| (**s).into()).collect();
+                    let left: Vec<Arc<str>> = body.left.iter().map(|s| (**s).into()).collect();
+                    room.send_presence(&joined, &left);
+                }
+            }
+            Err(e) => {
+                self.metrics.bad_payloads.inc();
+                tracing::warn!(channel, error = %e, "cluster: unreadable payload");
+            }
+        }
+    }
+}
+
+/// Makes the subscriptions match the interests: unsubscribes rooms nobody here is in any more,
+/// subscribes and seeds the new ones (and, after a reconnection, all of them), then wakes the
+/// joiners waiting for them. Loops until nothing changed during a round.
+async fn reconcile(
+    shared: &Shared,
+    cluster: &Cluster,
+    conn: &mut MultiplexedConnection,
+    sink: &mut PubSubSink,
+    subscribed: &mut HashSet<Arc<str>>,
+) -> Result<(), ClusterError> {
+    loop {
+        let (to_subscribe, to_unsubscribe) = {
+            let map = cluster.interests.lock();
+            let to_subscribe: Vec<Arc<Interest>> = map
+                .values()
+                .filter(|e| !e.interest.state.lock().ready)
+                .map(|e| e.interest.clone())
+                .collect();
+            let to_unsubscribe: Vec<Arc<str>> = subscribed
+                .iter()
+                .filter(|name| !map.contains_key(&***name))
+                .cloned()
+                .collect();
+            (to_subscribe, to_unsubscribe)
+        };
+        if to_subscribe.is_empty() && to_unsubscribe.is_empty() {
+            return Ok(());
+        }
+        for chunk in to_unsubscribe.chunks(ROOMS_PER_CALL) {
+            let channels: Vec<String> = chunk.iter().map(|n| cluster.keys.channel(n)).collect();
+            cluster.timed(sink.unsubscribe(channels)).await?;
+            for name in chunk {
+                subscribed.remove(name);
+            }
+        }
+        for chunk in to_subscribe.chunks(ROOMS_PER_CALL) {
+            let channels: Vec<String> = chunk
+                .iter()
+                .filter(|i| !subscribed.contains(&i.name))
+                .map(|i| cluster.keys.channel(&i.name))
+                .collect();
+            if !channels.is_empty() {
+                // Returns once Redis confirmed every channel: from here on, each message
+                // published on them reaches this process.
+                cluster.timed(sink.subscribe(channels)).await?;
+            }
+            for interest in chunk {
+                subscribed.insert(interest.name.clone());
+            }
+            seed(&shared.hub, cluster, conn, chunk).await?;
+            cluster.ready.notify_waiters();
+        }
+    }
+}
+
+/// Reads the seqs (raised to at least ours) and remote counts of freshly subscribed rooms, and
+/// marks them ready.
+async fn seed(
+    hub: &Hub,
+    cluster: &Cluster,
+    conn: &mut MultiplexedConnection,
+    interests: &[Arc<Interest>],
+) -> Result<(), ClusterError> {
+    let mut invocation = scripts::SEED.prepare_invoke();
+    invocation.arg(SEQ_TTL_MS);
+    for interest in interests {
+        let local = hub.get(&interest.name).map_or(0, |r| r.last_seq());
+        let floor = interest.state.lock().last_seq.max(local);
+        invocation.key(cluster.keys.seq(&interest.name)).arg(floor);
+    }
+    let seqs: Vec<u64> = cluster.timed(invocation.invoke_async(conn)).await?;
+    if seqs.len() != interests.len() {
+        return Err(ClusterError::Protocol(
+            "SEED answered the wrong number of seqs",
+        ));
+    }
+    let remote = remote_counts(cluster, conn, interests).await?;
+    for (interest, seq) in interests.iter().zip(seqs) {
+        let mut state = interest.state.lock();
+        state.last_seq = state.last_seq.max(seq);
+        apply_remote(&mut state, &remote, &interest.name);
+        state.ready = true;
+        let sum = state.remote_sum();
+        drop(state);
+        if let Some(room) = hub.get(&interest.name) {
+            room.set_remote_members(sum);
+        }
+    }
+    Ok(())
+}
+
+/// Node → room → count, for the given rooms, from every other live process.
+type RemoteCounts = HashMap<String, HashMap<String, usize>>;
+
+async fn remote_counts(
+    cluster: &Cluster,
+    conn: &mut MultiplexedConnection,
+    interests: &[Arc<Interest>],
+) -> Result<RemoteCounts, ClusterError> {
+    let names: Vec<&str> = interests.iter().map(|i| &*i.name).collect();
+    let mut out = RemoteCounts::new();
+    for chunk in names.chunks(ROOMS_PER_CALL) {
+        for remote in cluster.read_counts_on(conn, chunk).await? {
+            out.entry(remote.node).or_default().extend(remote.rooms);
+        }
+    }
+    Ok(out)
+}
+
+fn apply_remote(state: &mut super::InterestState, remote: &RemoteCounts, room: &str) {
+    state.remote.clear();
+    for (node, rooms) in remote {
+        if let Some(&n) = rooms.get(room) {
+            state.set_remote(node, n);
+        }
+    }
+}
+
+/// Re-reads every room's remote counts (heartbeat): forgets processes that died.
+async fn refresh_remote_counts(
+    hub: &Hub,
+    cluster: &Cluster,
+    conn: &mut MultiplexedConnection,
+) -> Result<(), ClusterError> {
+    let interests: Vec<Arc<Interest>> = cluster
+        .interests
+        .lock()
+        .values()
+        .map(|e| e.interest.clone())
+        .collect();
+    let remote = remote_counts(cluster, conn, &interests).await?;
+    for interest in &interests {
+        let sum = {
+            let mut state = interest.state.lock();
+            apply_remote(&mut state, &remote, &interest.name);
+            state.remote_sum()
+        };
+        if let Some(room) = hub.get(&interest.name) {
+            room.set_remote_members(sum);
+        }
+    }
+    Ok(())
+}
+
+/// Re-writes this process's node hash whole (atomically) and refreshes its TTL; returns the
+/// connection count written.
+async fn write_counts(
+    shared: &Shared,
+    cluster: &Cluster,
+    conn: &mut MultiplexedConnection,
+) -> Result<i64, ClusterError> {
+    let key = cluster.keys.node(&cluster.node);
+    let conns = shared.stats.connections.get();
+    let rooms = shared.hub.list(usize::MAX).0;
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    pipe.cmd("DEL").arg(&key).ignore();
+    pipe.cmd("HSET")
+        .arg(&key)
+        .arg("!alive")
+        .arg(unix_millis())
+        .arg("!conns")
+        .arg(conns)
+        .ignore();
+    for chunk in rooms.chunks(1000) {
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&key);
+        for (room, n) in chunk {
+            hset.arg(room.name()).arg(*n);
+        }
+        pipe.add_command(hset).ignore();
+    }
+    pipe.cmd("PEXPIRE")
+        .arg(&key)
+        .arg(cluster.node_ttl.as_millis() as u64)
+        .ignore();
+    pipe.cmd("SADD")
+        .arg(&cluster.keys.nodes)
+        .arg(&*cluster.node)
+        .ignore();
+    cluster.timed(pipe.query_async::<()>(conn)).await?;
+    Ok(conns)
+}
+
+/// Announces the joins and leaves of the last presence interval on the rooms' channels (every
+/// process, this one included, turns them into presence frames on receipt) and updates this
+/// process's counts. Returns the connection count written.
+async fn sync_presence(
+    shared: &Shared,
+    cluster: &Cluster,
+    conn: &mut MultiplexedConnection,
+    conns_written: i64,
+) -> Result<i64, ClusterError> {
+    let rooms = shared.hub.take_presence_queue();
+    let conns = shared.stats.connections.get();
+    if rooms.is_empty() && conns == conns_written {
+        return Ok(conns);
+    }
+    let key = cluster.keys.node(&cluster.node);
+    let mut pipe = redis::pipe();
+    let mut announced = Vec::with_capacity(rooms.len());
+    for room in rooms {
+        let Some((joined, left)) = room.take_presence() else {
+            continue;
+        };
+        let count = shared.hub.get(room.name()).map_or(0, |r| r.member_count());
+        if count > 0 {
+            pipe.cmd("HSET")
+                .arg(&key)
+                .arg(room.name())
+                .arg(count)
+                .ignore();
+        } else {
+            pipe.cmd("HDEL").arg(&key).arg(room.name()).ignore();
+        }
+        let payload = wire::encode_presence(&wire::PresenceBody {
+            node: Cow::Borrowed(&cluster.node),
+            count,
+            joined: joined.iter().map(|s| Cow::Borrowed(&**s)).collect(),
+            left: left.iter().map(|s| Cow::Borrowed(&**s)).collect(),
+        });
+        pipe.cmd("PUBLISH")
+            .arg(cluster.keys.channel(room.name()))
+            .arg(payload)
+            .ignore();
+        announced.push((room, joined, left));
+    }
+    pipe.cmd("HSET").arg(&key).arg("!conns").arg(conns).ignore();
+    pipe.cmd("PEXPIRE")
+        .arg(&key)
+        .arg(cluster.node_ttl.as_millis() as u64)
+        .ignore();
+    match cluster.timed(pipe.query_async::<()>(conn)).await {
+        Ok(()) => Ok(conns),
+        Err(e) => {
+            // Local members still hear about each other.
+            for (room, joined, left) in announced {
+                room.send_presence(&joined, &left);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// On shutdown: removes this process's counts at once rather than after their TTL.
+async fn retire(cluster: &Cluster) {
+    let Ok(mut conn) = cluster.connection() else {
+        return;
+    };
+    let mut pipe = redis::pipe();
+    pipe.cmd("DEL")
+        .arg(cluster.keys.node(&cluster.node))
+        .ignore();
+    pipe.cmd("SREM")
+        .arg(&cluster.keys.nodes)
+        .arg(&*cluster.node)
+        .ignore();
+    let _ = tokio::time::timeout(RETIRE_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
+}

@@ -1,0 +1,94 @@
+//! The Lua scripts cluster mode runs in Redis. Each runs atomically, which is what makes the
+//! cluster's guarantees hold: numbering and publishing happen in one step, so the order in which
+//! Redis publishes messages on a channel is the order of their seqs.
+//!
+//! They are sent with EVALSHA (redis-rs `Script` falls back to loading them after a Redis
+//! restart). Some read keys they do not declare (the node hashes): fine on a standalone Redis or
+//! a replicated one, not on Redis Cluster, which roomcast does not support.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Numbers and publishes one chat message.
+///
+/// KEYS[1]: the room's seq key. ARGV: channel, floor, body, seq key TTL (ms), need subscribers
+/// (`1`: publish only if some process is subscribed to the channel; answer 0 otherwise).
+///
+/// `floor` is the publisher's own last seq of the room: after a Redis restart (or the seq key's
+/// expiry) numbering resumes above it instead of starting again at 1.
+pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if ARGV[5] == '1' then
+  local n = redis.call('PUBSUB', 'NUMSUB', ARGV[1])
+  if tonumber(n[2]) == 0 then return 0 end
+end
+local seq = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[2])
+if seq <= floor then
+  seq = floor + 1
+  redis.call('SET', KEYS[1], seq)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[3])
+return seq
+",
+    )
+});
+
+/// Reads (and raises to a floor) the seqs of rooms this process just subscribed to.
+///
+/// KEYS: the rooms' seq keys. ARGV[1]: seq key TTL (ms); ARGV[1 + i]: floor of KEYS[i].
+/// Answers each room's seq. Run after the SUBSCRIBE is confirmed: every message with a larger
+/// seq is published after it and so reaches this process.
+pub static SEED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local cur = tonumber(redis.call('GET', key) or '0')
+  local floor = tonumber(ARGV[i + 1])
+  if floor > cur then
+    redis.call('SET', key, floor)
+    cur = floor
+  end
+  if cur > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
+  out[i] = cur
+end
+return out
+",
+    )
+});
+
+/// The counts of every other live process.
+///
+/// KEYS[1]: the set of node ids. ARGV[1]: node hash key prefix; ARGV[2]: this node's id;
+/// ARGV[3..]: rooms to read (none: the whole hash).
+/// Answers, per live node other than this one: id, connection count, and either the counts of
+/// the rooms asked for (nil where none) or the node's whole hash as field/value pairs.
+/// A node whose hash has expired (it stopped heartbeating) is dropped from the set.
+pub static COUNTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[1] .. id
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('SREM', KEYS[1], id)
+  elseif id ~= ARGV[2] then
+    local counts
+    if #ARGV > 2 then
+      counts = redis.call('HMGET', key, unpack(ARGV, 3))
+    else
+      counts = redis.call('HGETALL', key)
+    end
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGET', key, '!conns') or '0'
+    out[#out + 1] = counts
+  end
+end
+return out
+",
+    )
+});

@@ -1,0 +1,893 @@
+//! Cluster mode end to end: real `redis-server` processes on free ports and real `roomcast`
+//! processes (the built binary, so that one can be killed with SIGKILL), talked to by
+//! independent WebSocket and HTTP clients.
+//!
+//! Without `redis-server` on the PATH these tests print a loud SKIP and pass, except under
+//! `CI=true`, where they fail (`scripts/test.sh` installs Debian's `redis-server`).
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{http, Client, STEP};
+
+/// Node TTL given to every instance: a SIGKILLed instance leaves the counts within this.
+const NODE_TTL_SECS: f64 = 1.5;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// A `redis-server` of our own, killed when dropped.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Redis {
+    /// Starts one, or returns `None` after a loud SKIP when redis-server is not installed
+    /// (a failure under `CI=true`).
+    fn start_or_skip(test: &str) -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            let msg = format!(
+                "cluster test `{test}` needs redis-server (apt-get install -y redis-server)"
+            );
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{msg}");
+            }
+            eprintln!("\n!!!!! SKIPPED: {msg}\n!!!!! run scripts/test.sh to install it\n");
+            return None;
+        }
+        Some(Self::start_on(free_port()))
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let redis = Redis {
+            child: Some(child),
+            port,
+        };
+        let deadline = std::time::Instant::now() + STEP;
+        while !redis.pings() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on port {port} did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    fn pings(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        *self = Redis::start_on(self.port);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `roomcast --redis` process, killed when dropped. Its output is kept for the panic check.
+struct Instance {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+/// Removes terminal colour sequences (`ESC [ … m`) from a log line.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Instance {
+    async fn start(redis: &Redis, extra: &[&str]) -> Instance {
+        let ttl = NODE_TTL_SECS.to_string();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args(["--listen", "127.0.0.1:0", "--redis", &redis.url()])
+            .args(["--cluster-node-ttl", &ttl, "--presence-interval", "50"])
+            // The tests publish faster than the default 20 messages/s per socket.
+            .args(["--rate-limit", "off"])
+            .args(extra)
+            .env("ROOMCAST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start roomcast");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel::<SocketAddr>();
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for (pipe, tx) in [
+            (Box::new(stdout) as Box<dyn Read + Send>, Some(tx)),
+            (Box::new(stderr), None),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let line = strip_ansi(&line);
+                    if let (Some(tx), Some(i)) = (&tx, line.find("roomcast listening addr=")) {
+                        if let Ok(addr) =
+                            line[i + "roomcast listening addr=".len()..].trim().parse()
+                        {
+                            let _ = tx.send(addr);
+                        }
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(STEP))
+            .await
+            .unwrap()
+            .expect("roomcast did not say where it listens");
+        let instance = Instance { child, addr, log };
+        instance.wait_health("ok").await;
+        instance
+    }
+
+    fn ws(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = http(self.addr, "GET", path, None).await.unwrap();
+        let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        (r.status, v)
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = http(self.addr, "POST", path, Some(body.to_string()))
+            .await
+            .unwrap();
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Polls `GET path` until `pred` holds, or fails after `within`.
+    async fn wait_for(
+        &self,
+        path: &str,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(u16, &Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (status, v) = self.get(path).await;
+            if pred(status, &v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: timed out waiting for {what}: last answer {status} {v}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn wait_health(&self, status: &str) {
+        self.wait_for("/healthz", &format!("/healthz {status}"), STEP, |s, v| {
+            s == 200 && v["status"] == status
+        })
+        .await;
+    }
+
+    /// Waits until `/api/rooms/{room}` reports `members` cluster-wide and `local` here
+    /// (`members == 0`: until the room is gone, 404).
+    async fn wait_room(&self, room: &str, members: u64, local: u64) {
+        let path = format!("/api/rooms/{room}");
+        self.wait_for(
+            &path,
+            &format!("{room}: {members} members, {local} local"),
+            STEP,
+            |s, v| {
+                if members == 0 {
+                    s == 404
+                } else {
+                    s == 200 && v["members"] == members && v["local_members"] == local
+                }
+            },
+        )
+        .await;
+    }
+
+    fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Fails if the process died or logged a panic.
+    fn assert_healthy(&mut self) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(None)),
+            "{} exited; log:\n{}",
+            self.addr,
+            self.log.lock().unwrap()
+        );
+        let log = self.log.lock().unwrap();
+        assert!(!log.contains("panicked"), "{} panicked:\n{log}", self.addr);
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn instances(redis: &Redis, n: usize) -> Vec<Instance> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(Instance::start(redis, &[]).await);
+    }
+    v
+}
+
+/// The next chat message (presence frames skipped).
+async fn next_message(c: &mut Client) -> Value {
+    c.recv_type("message").await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delivery
+// ---------------------------------------------------------------------------------------------
+
+/// Two members on each of `n` instances; one publisher per instance sends `per` messages,
+/// interleaved. Every member gets every message exactly once, all in the same order, with the
+/// same gapless seqs.
+async fn spread_room_delivery(n: usize, test: &str) {
+    let Some(redis) = Redis::start_or_skip(test) else {
+        return;
+    };
+    let nodes = instances(&redis, n).await;
+    let per = 25;
+    let mut members = Vec::new();
+    for (k, node) in nodes.iter().enumerate() {
+        for j in 0..2 {
+            let (c, w) = Client::join(&node.ws(&format!("/ws/spread?user=u{k}-{j}"))).await;
+            assert_eq!(w["seq"], 0, "nothing was published yet");
+            members.push((k, c));
+        }
+    }
+    for node in &nodes {
+        node.wait_room("spread", 2 * n as u64, 2).await;
+    }
+    // Publisher k is the first member on instance k.
+    for i in 0..per {
+        for k in 0..n {
+            let c = &mut members[2 * k].1;
+            c.send_json(&json!({"text": format!("m-{k}-{i}")})).await;
+        }
+    }
+    let total = n * per;
+    let mut orders: Vec<Vec<(u64, String)>> = Vec::new();
+    for (k, c) in members.iter_mut() {
+        let mut got = Vec::with_capacity(total);
+        for _ in 0..total {
+            let m = next_message(c).await;
+            got.push((
+                m["seq"].as_u64().unwrap(),
+                m["text"].as_str().unwrap().to_owned(),
+            ));
+        }
+        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            seqs,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "member on instance {k}: gapless seqs from 1"
+        );
+        let mut texts: Vec<&str> = got.iter().map(|(_, t)| t.as_str()).collect();
+        texts.sort_unstable();
+        texts.dedup();
+        assert_eq!(texts.len(), total, "every message exactly once");
+        c.expect_silence(Duration::from_millis(200)).await;
+        orders.push(got);
+    }
+    for o in &orders[1..] {
+        assert_eq!(o, &orders[0], "same order and seqs everywhere");
+    }
+    // Each instance encoded each message once for its two members.
+    for node in &nodes {
+        let (_, s) = node.get("/api/stats").await;
+        assert_eq!(s["cluster"]["received"], total as u64, "{s}");
+        assert_eq!(s["published"], total as u64, "{s}");
+        assert_eq!(s["cluster"]["published"], per as u64, "{s}");
+        assert_eq!(s["cluster"]["outages"], 0, "the link never flapped: {s}");
+        assert_eq!(s["cluster"]["stale_dropped"], 0, "{s}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_members_get_every_message_once_in_the_same_order() {
+    spread_room_delivery(2, "two_instances").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_members_get_every_message_once_in_the_same_order() {
+    spread_room_delivery(3, "three_instances").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_stay_isolated_across_instances() {
+    let Some(redis) = Redis::start_or_skip("rooms_stay_isolated") else {
+        return;
+    };
+    let nodes = instances(&redis, 2).await;
+    let (mut a_on_0, _) = Client::join(&nodes[0].ws("/ws/iso-a?user=a0")).await;
+    let (mut a_on_1, _) = Client::join(&nodes[1].ws("/ws/iso-a?user=a1")).await;
+    let (mut b_on_0, _) = Client::join(&nodes[0].ws("/ws/iso-b?user=b0")).await;
+    let (mut b_on_1, _) = Client::join(&nodes[1].ws("/ws/iso-b?user=b1")).await;
+    nodes[0].wait_room("iso-a", 2, 1).await;
+    nodes[0].wait_room("iso-b", 2, 1).await;
+    for i in 0..5 {
+        a_on_0.send(&format!("for-a-{i}")).await;
+        b_on_1.send(&format!("for-b-{i}")).await;
+    }
+    for (c, room) in [
+        (&mut a_on_0, "iso-a"),
+        (&mut a_on_1, "iso-a"),
+        (&mut b_on_0, "iso-b"),
+        (&mut b_on_1, "iso-b"),
+    ] {
+        let letter = &room[4..];
+        for i in 0..5u64 {
+            let m = next_message(c).await;
+            assert_eq!(m["room"], room);
+            assert_eq!(m["text"], format!("for-{letter}-{i}"));
+            assert_eq!(m["seq"], i + 1, "each room numbers its own messages");
+        }
+        c.expect_silence(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_publish_on_one_instance_reaches_members_on_all() {
+    let Some(redis) = Redis::start_or_skip("rest_publish") else {
+        return;
+    };
+    let nodes = instances(&redis, 3).await;
+    let (mut on_0, _) = Client::join(&nodes[0].ws("/ws/news?user=zero")).await;
+    let (mut on_1, _) = Client::join(&nodes[1].ws("/ws/news?user=one")).await;
+    nodes[2].wait_room("news", 2, 0).await;
+    // Instance 2 has no member in the room, yet publishes to it.
+    let (status, v) = nodes[2]
+        .post(
+            "/api/rooms/news/messages",
+            &json!({"text": "extra!", "user": "desk"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v, json!({"room": "news", "seq": 1}));
+    for c in [&mut on_0, &mut on_1] {
+        let m = next_message(c).await;
+        assert_eq!(m["text"], "extra!");
+        assert_eq!(m["user"], "desk");
+        assert_eq!(m["seq"], 1);
+    }
+    // A room with no member anywhere: 404, and no seq is spent.
+    let (status, v) = nodes[2]
+        .post("/api/rooms/nobody/messages", &json!({"text": "hello?"}))
+        .await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(v["error"], "no_such_room");
+    let (status, _) = nodes[0].get("/api/rooms/nobody").await;
+    assert_eq!(status, 404);
+}
+
+/// A member joining on one instance while another instance publishes steadily: its welcome's
+/// seq is exactly the last one it misses, whether it is the first member of the room on its
+/// instance (fresh subscription) or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_seq_is_the_last_seq_a_joiner_misses_while_others_publish() {
+    let Some(redis) = Redis::start_or_skip("welcome_seq") else {
+        return;
+    };
+    let nodes = instances(&redis, 2).await;
+    let (mut publisher, _) = Client::join(&nodes[0].ws("/ws/stream?user=pub")).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = stop.clone();
+    let pump = tokio::spawn(async move {
+        let mut i = 0u64;
+        while !stopper.load(std::sync::atomic::Ordering::Relaxed) {
+            publisher
+                .send_json(&json!({"text": format!("tick-{i}"), "echo": false}))
+                .await;
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        i
+    });
+    let mut keeper: Option<Client> = None;
+    for round in 0..8 {
+        // Even rounds: the joiner is alone on instance 1 (fresh subscription); odd rounds: a
+        // keeper is already there.
+        if round % 2 == 1 && keeper.is_none() {
+            keeper = Some(Client::join(&nodes[1].ws("/ws/stream?user=keeper")).await.0);
+        }
+        if round % 2 == 0 {
+            keeper = None;
+            nodes[1].wait_room("stream", 1, 0).await;
+        }
+        let (mut joiner, w) =
+            Client::join(&nodes[1].ws(&format!("/ws/stream?user=j{round}"))).await;
+        let base = w["seq"].as_u64().unwrap();
+        for k in 1..=5 {
+            let m = next_message(&mut joiner).await;
+            assert_eq!(
+                m["seq"].as_u64().unwrap(),
+                base + k,
+                "round {round}: welcome said {base}; messages must continue from it, gapless"
+            );
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = pump.await.unwrap();
+    assert!(sent > 0);
+    for node in &nodes {
+        let (_, s) = node.get("/api/stats").await;
+        assert_eq!(s["cluster"]["outages"], 0, "the link never flapped: {s}");
+        assert_eq!(s["cluster"]["publish_errors"], 0, "{s}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counts
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_counts_are_exact_after_joins_and_leaves() {
+    let Some(redis) = Redis::start_or_skip("cluster_counts") else {
+        return;
+    };
+    let nodes = instances(&redis, 2).await;
+    let mut on_0 = Vec::new();
+    for i in 0..3 {
+        on_0.push(
+            Client::join(&nodes[0].ws(&format!("/ws/count?user=a{i}")))
+                .await
+                .0,
+        );
+    }
+    let mut on_1 = Vec::new();
+    for i in 0..2 {
+        on_1.push(
+            Client::join(&nodes[1].ws(&format!("/ws/count?user=b{i}")))
+                .await
+                .0,
+        );
+    }
+    let (other, _) = Client::join(&nodes[1].ws("/ws/other?user=c")).await;
+    nodes[0].wait_room("count", 5, 3).await;
+    nodes[1].wait_room("count", 5, 2).await;
+    nodes[0].wait_room("other", 1, 0).await;
+
+    // The welcome of a later joiner counts the whole cluster too.
+    let (late, w) = Client::join(&nodes[1].ws("/ws/count?user=late")).await;
+    assert_eq!(w["members"], 6, "{w}");
+    drop(late);
+    nodes[0].wait_room("count", 5, 3).await;
+
+    let stats = nodes[0]
+        .wait_for("/api/stats", "cluster-wide stats", STEP, |_, v| {
+            v["connections"] == 6 && v["rooms"] == 2
+        })
+        .await;
+    assert_eq!(stats["local_connections"], 3, "{stats}");
+    assert_eq!(stats["local_rooms"], 1, "{stats}");
+    assert_eq!(stats["nodes"], 2, "{stats}");
+    assert_eq!(stats["cluster"]["redis"], "up", "{stats}");
+    let (_, list) = nodes[0].get("/api/rooms").await;
+    assert_eq!(
+        list["rooms"],
+        json!([
+            {"room": "count", "members": 5, "local_members": 3},
+            {"room": "other", "members": 1, "local_members": 0},
+        ]),
+        "{list}"
+    );
+    assert_eq!(list["total"], 2);
+
+    // Presence frames carry the cluster-wide count.
+    on_1.truncate(1);
+    on_0.truncate(1);
+    nodes[1].wait_room("count", 2, 1).await;
+    nodes[0].wait_room("count", 2, 1).await;
+    let c = &mut on_0[0];
+    loop {
+        let p = c.recv_type("presence").await;
+        if p["members"] == 2 {
+            break;
+        }
+    }
+    drop(on_0);
+    drop(on_1);
+    nodes[0].wait_room("count", 0, 0).await;
+    nodes[1].wait_room("count", 0, 0).await;
+    drop(other);
+    nodes[0].wait_room("other", 0, 0).await;
+    nodes[0]
+        .wait_for("/api/stats", "empty cluster", STEP, |_, v| {
+            v["connections"] == 0 && v["rooms"] == 0
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_with_sigkill_leaves_the_counts_within_the_expiry() {
+    let Some(redis) = Redis::start_or_skip("sigkill") else {
+        return;
+    };
+    let mut nodes = instances(&redis, 2).await;
+    let (_stay, _) = Client::join(&nodes[0].ws("/ws/k?user=stay")).await;
+    let (_gone1, _) = Client::join(&nodes[1].ws("/ws/k?user=gone1")).await;
+    let (_gone2, _) = Client::join(&nodes[1].ws("/ws/k?user=gone2")).await;
+    nodes[0].wait_room("k", 3, 1).await;
+    nodes[1].sigkill();
+    let started = std::time::Instant::now();
+    // Within the node TTL (plus a heartbeat and polling slack), only instance 0 is counted.
+    let within = Duration::from_secs_f64(NODE_TTL_SECS) + Duration::from_secs(5);
+    nodes[0]
+        .wait_for(
+            "/api/rooms/k",
+            "the killed instance's members to go",
+            within,
+            |s, v| s == 200 && v["members"] == 1,
+        )
+        .await;
+    nodes[0]
+        .wait_for("/api/stats", "the killed instance to go", within, |_, v| {
+            v["nodes"] == 1 && v["connections"] == 1
+        })
+        .await;
+    eprintln!(
+        "killed instance left the counts after {:?} (node TTL {NODE_TTL_SECS} s)",
+        started.elapsed()
+    );
+    nodes[0].assert_healthy();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis failure
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_local_delivery_never_stops_and_cross_instance_resumes() {
+    let Some(mut redis) = Redis::start_or_skip("redis_restart") else {
+        return;
+    };
+    let mut nodes = instances(&redis, 2).await;
+    let (mut a1, _) = Client::join(&nodes[0].ws("/ws/r?user=a1")).await;
+    let (mut a2, _) = Client::join(&nodes[0].ws("/ws/r?user=a2")).await;
+    let (mut b1, _) = Client::join(&nodes[1].ws("/ws/r?user=b1")).await;
+    nodes[0].wait_room("r", 3, 2).await;
+    let mut seqs_a2 = Vec::new();
+    let mut seqs_b1 = Vec::new();
+
+    a1.send("before").await;
+    for (c, seqs) in [(&mut a2, &mut seqs_a2), (&mut b1, &mut seqs_b1)] {
+        let m = next_message(c).await;
+        assert_eq!(m["text"], "before");
+        seqs.push(m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(next_message(&mut a1).await["text"], "before");
+
+    redis.kill();
+    for node in &nodes {
+        node.wait_health("degraded").await;
+    }
+    let (_, h) = nodes[0].get("/healthz").await;
+    assert_eq!(h["cluster"]["redis"], "down", "{h}");
+    assert!(h["cluster"]["error"].is_string(), "{h}");
+
+    // Local delivery goes on; the sender is told the others did not get it.
+    for i in 0..3 {
+        a1.send(&format!("during-{i}")).await;
+        let m = next_message(&mut a2).await;
+        assert_eq!(m["text"], format!("during-{i}"));
+        seqs_a2.push(m["seq"].as_u64().unwrap());
+        let mut got_error = false;
+        let mut got_echo = false;
+        while !(got_error && got_echo) {
+            let f = a1.recv_non_presence().await;
+            match f["type"].as_str() {
+                Some("error") => {
+                    assert_eq!(f["code"], "cluster_unavailable", "{f}");
+                    got_error = true;
+                }
+                Some("message") => {
+                    assert_eq!(f["text"], format!("during-{i}"));
+                    got_echo = true;
+                }
+                _ => panic!("unexpected frame {f}"),
+            }
+        }
+    }
+    let (status, v) = nodes[0]
+        .post("/api/rooms/r/messages", &json!({"text": "rest during"}))
+        .await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"], "cluster_unavailable");
+    let (_, stats) = nodes[0].get("/api/stats").await;
+    assert_eq!(stats["cluster"]["redis"], "down", "{stats}");
+    assert_eq!(stats["cluster"]["counts"], "down", "{stats}");
+    assert_eq!(stats["local_connections"], 2, "{stats}");
+    assert!(
+        stats["cluster"]["outages"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    let metrics = http(nodes[0].addr, "GET", "/metrics", None).await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(metrics.contains("roomcast_cluster_up 0"), "{metrics}");
+    // Joining still works while Redis is down.
+    let (mut a3, w) = Client::join(&nodes[0].ws("/ws/r?user=a3")).await;
+    assert_eq!(w["type"], "welcome");
+
+    redis.restart();
+    for node in &nodes {
+        node.wait_health("ok").await;
+    }
+    // Cross-instance delivery resumes once the link has resubscribed.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut i = 0;
+    let first_after = loop {
+        a1.send(&format!("after-{i}")).await;
+        i += 1;
+        match b1.try_recv(Duration::from_millis(300)).await {
+            Ok(m) if m["type"] == "message" => break m,
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "cross-instance delivery did not resume"
+            ),
+        }
+    };
+    assert!(
+        first_after["text"].as_str().unwrap().starts_with("after-"),
+        "b1 never sees what was published during the outage: {first_after}"
+    );
+    seqs_b1.push(first_after["seq"].as_u64().unwrap());
+    // a2 saw everything a1 sent after the restart too, in increasing seq order.
+    let mut last_text = String::new();
+    while last_text != format!("after-{}", i - 1) {
+        let m = next_message(&mut a2).await;
+        seqs_a2.push(m["seq"].as_u64().unwrap());
+        last_text = m["text"].as_str().unwrap().to_owned();
+    }
+    for seqs in [&seqs_a2, &seqs_b1] {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "seqs never go backwards, even across a Redis restart: {seqs:?}"
+        );
+    }
+    // The numbering resumed above the local messages of the outage.
+    assert!(seqs_b1[1] > seqs_a2[3], "{seqs_b1:?} {seqs_a2:?}");
+    let m = next_message(&mut a3).await;
+    assert!(m["text"].as_str().unwrap().starts_with("after-"));
+
+    let metrics = http(nodes[0].addr, "GET", "/metrics", None).await.unwrap();
+    assert!(String::from_utf8_lossy(&metrics.body).contains("roomcast_cluster_up 1"));
+    nodes[0].wait_room("r", 4, 3).await;
+    for node in &mut nodes {
+        node.assert_healthy();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// With per-room settings and the lobby
+// ---------------------------------------------------------------------------------------------
+
+/// Whether an upgrade to `url` is let in (101) or refused with 403.
+async fn lets_in(url: &str) -> bool {
+    match Client::try_connect(url).await {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(e.to_string().contains("403"), "neither in nor refused: {e}");
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_caps_presence_modes_and_the_lobby_combine_with_cluster_mode() {
+    let Some(redis) = Redis::start_or_skip("settings_in_cluster_mode") else {
+        return;
+    };
+    let path = std::env::temp_dir().join(format!("roomcast-cluster-rooms-{}.toml", redis.port));
+    std::fs::write(
+        &path,
+        "[rooms.vip]\npassword = \"pw\"\nmax_members = 1\npresence = \"counts\"\n",
+    )
+    .unwrap();
+    let config = path.to_string_lossy().into_owned();
+    let nodes = [
+        Instance::start(&redis, &["--rooms-config", &config]).await,
+        Instance::start(&redis, &["--rooms-config", &config]).await,
+    ];
+
+    // A lobby watcher on node 0 hears of node 0's rooms only: the lobby is never shared.
+    let mut watcher = Client::connect(&nodes[0].ws("/ws?user=watcher")).await;
+    watcher
+        .send_json(&json!({"type": "join", "room": "$lobby"}))
+        .await;
+    assert_eq!(watcher.recv_type("welcome").await["room"], "$lobby");
+
+    // The password is checked before the upgrade, in cluster mode too.
+    assert!(!lets_in(&nodes[0].ws("/ws/vip?user=x&password=wrong")).await);
+    let (mut a, w) = Client::join(&nodes[0].ws("/ws/vip?user=a&password=pw")).await;
+    assert_eq!(w["room"], "vip");
+    let created = watcher.recv_type("room_created").await;
+    assert_eq!(created["room"], "vip");
+
+    // max_members counts this server's members: full on node 0, open on node 1.
+    assert!(!lets_in(&nodes[0].ws("/ws/vip?user=b&password=pw")).await);
+    nodes[1].wait_room("vip", 1, 0).await;
+    let (_c, _) = Client::join(&nodes[1].ws("/ws/vip?user=c&password=pw")).await;
+    nodes[0].wait_room("vip", 2, 1).await;
+
+    // `presence = "counts"` applies to presence that came through Redis: no names.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let p = a.recv_type("presence").await;
+        assert_eq!(
+            (&p["joined"], &p["left"]),
+            (&json!([]), &json!([])),
+            "counts mode names nobody: {p}"
+        );
+        if p["members"] == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no presence with 2 members"
+        );
+    }
+
+    // A room created on node 1 only is not in node 0's lobby: the next room_created there is
+    // node 0's own room.
+    let _only_on_1 = Client::join(&nodes[1].ws("/ws/only-on-1?user=d")).await;
+    nodes[0].wait_room("only-on-1", 1, 0).await;
+    let _here = Client::join(&nodes[0].ws("/ws/here?user=e")).await;
+    let created = watcher.recv_type("room_created").await;
+    assert_eq!(created["room"], "here");
+    let _ = std::fs::remove_file(&path);
+}
+
+// ---------------------------------------------------------------------------------------------
+// History (#6) in cluster mode
+// ---------------------------------------------------------------------------------------------
+
+/// History is per instance but holds the cluster-wide seqs; a message's `id` travels through
+/// Redis, so a retry on another instance is acknowledged, not broadcast again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_recovery_and_ids_work_across_instances() {
+    let Some(redis) = Redis::start_or_skip("history") else {
+        return;
+    };
+    let mut nodes = instances(&redis, 2).await;
+    let (mut a, _) = Client::join(&nodes[0].ws("/ws/h?user=a")).await;
+    let (mut b, _) = Client::join(&nodes[1].ws("/ws/h?user=b")).await;
+    nodes[0].wait_room("h", 2, 1).await;
+
+    a.send_json(&json!({"text": "one", "id": "k1"})).await;
+    let m = next_message(&mut b).await;
+    assert_eq!((m["seq"].as_u64(), m["id"].as_str()), (Some(1), Some("k1")));
+    assert_eq!(next_message(&mut a).await["seq"], 1);
+
+    // Retries on the other instance, over REST and over a socket.
+    let (status, v) = nodes[1]
+        .post("/api/rooms/h/messages", &json!({"text": "one", "id": "k1"}))
+        .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(
+        v,
+        json!({"room": "h", "seq": 1, "id": "k1", "duplicate": true})
+    );
+    b.send_json(&json!({"text": "one", "id": "k1"})).await;
+    let ack = b.recv_type("ack").await;
+    assert_eq!(
+        (ack["seq"].as_u64(), ack["duplicate"].as_bool()),
+        (Some(1), Some(true))
+    );
+
+    for i in 2..=4 {
+        let (status, v) = nodes[0]
+            .post("/api/rooms/h/messages", &json!({"text": format!("m{i}")}))
+            .await;
+        assert_eq!(status, 202, "{v}");
+    }
+    for c in [&mut a, &mut b] {
+        for seq in 2..=4 {
+            assert_eq!(next_message(c).await["seq"], seq, "no second copy of k1");
+        }
+    }
+
+    // A reconnecting member recovers from its instance's history, with the cluster's seqs.
+    let (mut c, welcome) = Client::join(&nodes[1].ws("/ws/h?user=c&since=1")).await;
+    assert_eq!(welcome["seq"], 4);
+    let header = c.recv_type("recovery").await;
+    assert_eq!(
+        (header["complete"].as_bool(), header["count"].as_u64()),
+        (Some(true), Some(3)),
+        "{header}"
+    );
+    for seq in 2..=4 {
+        assert_eq!(next_message(&mut c).await["seq"], seq);
+    }
+    let (status, v) = nodes[1].get("/api/rooms/h/messages?limit=10").await;
+    assert_eq!(status, 200, "{v}");
+    let seqs: Vec<u64> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [4, 3, 2, 1]);
+    for node in &mut nodes {
+        node.assert_healthy();
+    }
+}
