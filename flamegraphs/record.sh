@@ -15,7 +15,7 @@ kill -0 "$pid" 2>/dev/null || { echo "record.sh: no process $pid" >&2; exit 2; }
 data=$(mktemp --suffix .perf.data)
 trap 'rm -f "$data"' EXIT
 # 199 Hz keeps DWARF stack copies (8 KiB a sample) to tens of MB for a minute of two threads.
-perf record -F 199 --call-graph dwarf,8192 -p "$pid" -o "$data" -- sleep "$secs" 2>&1 | tail -1 >&2
+perf record -e cpu-clock -F 199 --call-graph dwarf,8192 -p "$pid" -o "$data" -- sleep "$secs" 2>&1 | tail -1 >&2
 perf script -i "$data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph \
     --title "roomcast pid $pid, $secs s: $(basename "$out" .svg)" >"$out"
 echo "record.sh: wrote $out" >&2

@@ -4,6 +4,11 @@
 #   loadtest/run-100k.sh            # both runs, idle then chat each
 #   DURATION=30 RATE=2 loadtest/run-100k.sh
 #   PROFILE=debug CLIENTS=2000 ROOMS=20 DURATION=3 loadtest/run-100k.sh   # try the script cheaply
+#   PROFILE=release-with-debug FLAMEGRAPH=flamegraphs/100k-chat.svg loadtest/run-100k.sh
+#                                       # also samples the first server during the 100k chat
+#                                       # (FLAME_DELAY s after the start, 20 s; needs perf, inferno)
+#   ROUTE=spread loadtest/run-100k.sh   # run (2) in cluster mode: every room on every server,
+#                                       # through a redis-server this script starts (issue 4)
 #
 # (1) one server process with as many clients as its open-file limit allows (~19,000 clients in
 #     190 rooms when `ulimit -Hn` is 20000), idle then chat;
@@ -20,6 +25,8 @@ BASE_PORT=${BASE_PORT:-19100}
 CLIENTS=${CLIENTS:-100000}
 ROOMS=${ROOMS:-1000}
 PROFILE=${PROFILE:-release}
+ROUTE=${ROUTE:-rooms}
+REDIS_PORT=${REDIS_PORT:-19099}
 RESULTS=loadtest/results
 LOGS=target/loadtest-logs
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -28,12 +35,12 @@ mkdir -p "$RESULTS" "$LOGS"
 log() { printf '\n== %s\n' "$*" >&2; }
 
 log "building $PROFILE binaries"
-if [ "$PROFILE" = release ]; then
-    cargo build --release -p roomcast -p loadtest
-else
+if [ "$PROFILE" = debug ]; then
     cargo build -p roomcast -p loadtest
+else
+    cargo build --profile "$PROFILE" -p roomcast -p loadtest
 fi
-SERVER=target/$PROFILE/roomcast
+SERVER=${SERVER:-target/$PROFILE/roomcast}
 LOADTEST=target/$PROFILE/loadtest
 
 # --- limits ---------------------------------------------------------------------------------
@@ -63,6 +70,11 @@ stop_servers() {
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
+    if [ -n "${REDIS_PID:-}" ]; then
+        kill "$REDIS_PID" 2>/dev/null || true
+        wait "$REDIS_PID" 2>/dev/null || true
+        REDIS_PID=
+    fi
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
@@ -72,10 +84,21 @@ trap stop_servers EXIT INT TERM
 
 # start_servers N: N fresh servers on BASE_PORT.. ; sets URLS
 start_servers() {
-    local n=$1 urls=() i port
+    local n=$1 route=${2:-rooms} urls=() i port cluster=()
+    if [ "$route" = spread ]; then
+        command -v redis-server >/dev/null || { echo "ROUTE=spread needs redis-server (apt-get install redis-server)" >&2; exit 2; }
+        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+            >"$LOGS/$STAMP-redis.log" 2>&1 &
+        REDIS_PID=$!
+        for _ in $(seq 1 50); do
+            if (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null; then break; fi
+            sleep 0.1
+        done
+        cluster=(--redis "redis://127.0.0.1:$REDIS_PORT")
+    fi
     for ((i = 0; i < n; i++)); do
         port=$((BASE_PORT + i))
-        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" --rate-limit off \
+        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" --rate-limit off "${cluster[@]}" \
             >"$LOGS/$STAMP-server-$port.log" 2>&1 &
         PIDS+=($!)
         urls+=("ws://127.0.0.1:$port")
@@ -91,26 +114,34 @@ start_servers() {
 }
 
 FAILED=0
-# run NAME SERVERS CLIENTS ROOMS -- extra loadtest args
+# run NAME SERVERS CLIENTS ROOMS ROUTE -- extra loadtest args
 run() {
-    local name=$1 servers=$2 clients=$3 rooms=$4
-    shift 4
-    for scenario in idle chat; do
-        start_servers "$servers"
-        log "$name/$scenario: $clients clients, $rooms rooms, $servers server(s)"
-        if ! "$LOADTEST" --url "$URLS" --route rooms --clients "$clients" --rooms "$rooms" \
+    local name=$1 servers=$2 clients=$3 rooms=$4 route=$5
+    shift 5
+    for scenario in ${SCENARIOS:-idle chat}; do
+        start_servers "$servers" "$route"
+        log "$name/$scenario: $clients clients, $rooms rooms, $servers server(s), --route $route"
+        local flame=
+        if [ -n "${FLAMEGRAPH:-}" ] && [ "$scenario" = chat ] && [ "$clients" = "$CLIENTS" ]; then
+            (sleep "${FLAME_DELAY:-90}" && flamegraphs/record.sh "${PIDS[0]}" 20 "$FLAMEGRAPH") &
+            flame=$!
+        fi
+        if ! "$LOADTEST" --url "$URLS" --route "$route" --clients "$clients" --rooms "$rooms" \
             --scenario "$scenario" --duration "$DURATION" --rate "$RATE" \
             --source-ips "$SOURCES" --json "$RESULTS/$STAMP-$name-$scenario.json" "$@"; then
             FAILED=1
             echo "run $name/$scenario FAILED (exit code above); results kept in $RESULTS" >&2
         fi
+        if [ -n "$flame" ]; then wait "$flame" || true; fi
         stop_servers
     done
 }
 
 # (1) one server, as many clients as its file limit allows, 100 per room.
 ONE=$(( PER_SERVER < CLIENTS ? PER_SERVER : CLIENTS ))
-run "one-server-$ONE" 1 "$ONE" $(( ONE / 100 ))
+if [ "${SKIP_ONE:-0}" != 1 ]; then
+    run "one-server-$ONE" 1 "$ONE" $(( ONE / 100 )) rooms
+fi
 
 # (2) 100k clients over as few servers as the file limit allows.
 if [ "$PER_SERVER" -ge "$CLIENTS" ]; then
@@ -123,7 +154,11 @@ else
         NSERVERS=$((NSERVERS + 1))
     done
 fi
-run "$CLIENTS-clients-$NSERVERS-servers" "$NSERVERS" "$CLIENTS" "$ROOMS"
+if [ "$ROUTE" = spread ]; then
+    # Every room on every server: each server holds CLIENTS / N sockets.
+    NSERVERS=$(( (CLIENTS + PER_SERVER - 1) / PER_SERVER ))
+fi
+run "$CLIENTS-clients-$NSERVERS-servers-$ROUTE" "$NSERVERS" "$CLIENTS" "$ROOMS" "$ROUTE"
 
 log "results in $RESULTS/$STAMP-*.json"
 exit "$FAILED"

@@ -21,8 +21,8 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Opens a raw TCP connection and completes the WebSocket upgrade by hand, so the test controls
-/// every byte that follows. Returns the stream; bytes the server sent after the 101 (welcome,
-/// presence) are left unread in the socket or were consumed with the head.
+/// every byte that follows. Reads exactly the response head: what the server sends after the
+/// 101 (welcome, presence, pings) stays unread in the socket.
 async fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let request = format!(
@@ -55,12 +55,12 @@ async fn members(server: &TestServer, room: &str) -> u64 {
     }
 }
 
-/// Where the client stops sending, and how its socket goes away.
+/// Where in a frame the client stops sending.
 #[derive(Debug, Clone, Copy)]
 enum Vanish {
     /// Frame header announcing 1,000 bytes, then 10 of them.
     MidPayload,
-    /// Two of the four header bytes that carry a 16-bit length.
+    /// Three of the header's eight bytes: half of the 16-bit length, no mask key.
     MidHeader,
 }
 
