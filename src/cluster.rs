@@ -15,6 +15,11 @@
 //!   then reads the room's seq (`scripts::SEED`): every message past that seq was published after
 //!   the subscription and will arrive. The room starts at that seq, so `welcome.seq` is the last
 //!   seq the joiner misses; anything not past it is dropped on arrival (`Room::deliver`).
+//! - **History.** The publish script also appends the message to a capped list per room (the
+//!   last `--history`). The seed answers that list with the seq, so a room this process creates
+//!   starts its history ring with the cluster's last messages up to its start seq; those that
+//!   arrive before the room exists are appended (`kept.rs`). `history`/`since` joins are then
+//!   answered from the local ring as standalone, with no gap and no duplicate.
 //! - **Counts.** Each process keeps a Redis hash (its "node hash") of room → local member count,
 //!   plus its connection count, and re-writes it every heartbeat (a third of
 //!   `--cluster-node-ttl`) with that TTL. A process that dies stops heartbeating and its hash
@@ -26,6 +31,7 @@
 //!   to at least its local one, so numbering never goes backwards after a Redis restart.
 
 pub mod api;
+mod kept;
 mod link;
 mod scripts;
 mod wire;
@@ -47,13 +53,15 @@ use crate::config::Config;
 use crate::history::ReplayRequest;
 use crate::hub::{Hub, JoinError, Joined};
 use crate::names::LOBBY;
+use crate::protocol::Outbound;
 use crate::room::{Publish, Room};
 use crate::stats::unix_millis;
 
 pub use link::run;
 
-/// How long a room's seq key outlives its last publish or subscription. Unit: milliseconds.
-/// Long enough that a quiet room keeps its numbering; a room nobody uses stops costing memory.
+/// How long a room's seq key outlives its last publish or subscription, and its history list
+/// its last publish. Unit: milliseconds. Long enough that a quiet room keeps its numbering and
+/// its recent messages; a room nobody uses stops costing memory.
 const SEQ_TTL_MS: u64 = 24 * 3600 * 1000;
 /// Most rooms one script call reads or seeds (Lua's `unpack` has a stack limit near 8,000).
 const ROOMS_PER_CALL: usize = 500;
@@ -84,6 +92,8 @@ pub struct Cluster {
     timeout: Duration,
     /// `--cluster-node-ttl`: the node hash's TTL.
     node_ttl: Duration,
+    /// `--history`: messages each room's Redis list keeps (0: no list).
+    history_depth: usize,
     presence_interval: Duration,
     /// Commands go through this connection; `None` while the link is down. Cloned out under
     /// the lock (a multiplexed connection is a handle), never used under it.
@@ -127,6 +137,9 @@ struct InterestState {
     ready: bool,
     /// Member counts of the room on other processes, by node id, as last heard.
     remote: Vec<(Arc<str>, usize)>,
+    /// While the room does not exist here: what Redis kept of it (read by the seed) and what
+    /// arrived since, oldest first, for the ring of the room the first local joiner creates.
+    kept: Vec<Arc<Outbound>>,
 }
 
 impl InterestState {
@@ -153,6 +166,8 @@ struct Keys {
     channel_prefix: String,
     /// `P:seq:` + room: the room's last seq.
     seq_prefix: String,
+    /// `P:hist:` + room: the room's last messages (a list capped at `--history`).
+    hist_prefix: String,
     /// `P:node:` + node id: the node hash (room → count, `!conns`, `!alive`).
     node_prefix: String,
     /// `P:nodes`: the set of node ids that may be alive.
@@ -164,6 +179,7 @@ impl Keys {
         Keys {
             channel_prefix: format!("{prefix}:room:"),
             seq_prefix: format!("{prefix}:seq:"),
+            hist_prefix: format!("{prefix}:hist:"),
             node_prefix: format!("{prefix}:node:"),
             nodes: format!("{prefix}:nodes"),
         }
@@ -173,6 +189,9 @@ impl Keys {
     }
     fn seq(&self, room: &str) -> String {
         format!("{}{room}", self.seq_prefix)
+    }
+    fn hist(&self, room: &str) -> String {
+        format!("{}{room}", self.hist_prefix)
     }
     fn node(&self, node: &str) -> String {
         format!("{}{node}", self.node_prefix)
@@ -289,6 +308,7 @@ impl Cluster {
             client,
             timeout: config.redis_timeout,
             node_ttl: config.cluster_node_ttl,
+            history_depth: config.history as usize,
             presence_interval: config.presence_interval,
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
@@ -408,8 +428,10 @@ impl Cluster {
     /// The password and `max_members` are checked by `Hub::join_seeded` (the cap against this
     /// process's members). The `$lobby` is local to each process: joined at once, no channel.
     /// The `replay` (`history`/`since`) is taken from this process's history of the room,
-    /// atomically with the join: a room this process has just created knows only what its
-    /// archive kept (`recovery` then says `complete: false` for what it never received).
+    /// atomically with the join. A room this process creates starts its ring with what Redis
+    /// kept of it (up to its start seq, `kept.rs`), so replays are cluster-wide; created while
+    /// Redis is unreachable, it knows only what its archive kept (`recovery` then says
+    /// `complete: false` for what it never received).
     /// Cancel-safe: dropped early (or refused), it releases its interest.
     pub async fn join(
         &self,
@@ -436,8 +458,8 @@ impl Cluster {
         let mut guard = Release(self, name, false);
         self.wait_ready(&interest).await;
         let joined = {
-            let state = interest.state.lock();
-            hub.join_seeded(
+            let mut state = interest.state.lock();
+            let joined = hub.join_seeded(
                 name,
                 id,
                 user,
@@ -445,7 +467,11 @@ impl Cluster {
                 replay,
                 state.last_seq,
                 state.remote_sum(),
-            )?
+                &state.kept,
+            )?;
+            // The room exists now, with those frames in its ring.
+            state.kept = Vec::new();
+            joined
         };
         guard.2 = true;
         Ok(joined)
@@ -539,11 +565,13 @@ impl Cluster {
             let mut conn = self.connection()?;
             let mut invocation = scripts::PUBLISH.key(self.keys.seq(room));
             invocation
+                .key(self.keys.hist(room))
                 .arg(self.keys.channel(room))
                 .arg(floor)
                 .arg(body)
                 .arg(SEQ_TTL_MS)
-                .arg(u8::from(need_subscribers));
+                .arg(u8::from(need_subscribers))
+                .arg(self.history_depth);
             self.timed(invocation.invoke_async::<u64>(&mut conn)).await
         }
         .await;

@@ -6,8 +6,9 @@
 //! `History` is one room's ring; it lives inside the room's state mutex, the same lock that
 //! numbers and broadcasts a message and subscribes a joiner, which is what makes "replay, then
 //! live" atomic: no gap, no duplicate. `HistoryService` is what every room shares: the settings
-//! and the optional SQLite archive (`archive.rs`). It is the seam for cluster-wide history: a
-//! Redis-backed store would sit behind the same three calls (`new_room`, `record`, `retire`).
+//! and the optional SQLite archive (`archive.rs`). In cluster mode a room's ring is also kept in
+//! Redis (a capped list per room, `cluster.rs`); a process creating the room starts its ring from
+//! that list (`History::followed_by`).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -80,6 +81,20 @@ impl History {
             h.push(&f);
         }
         h
+    }
+
+    /// This ring followed by `newer` (oldest first, seqs ascending): own frames not older than
+    /// `newer`'s first are dropped, then the whole is trimmed to the capacity. Cluster mode
+    /// starts a room this way from what Redis kept of it.
+    pub fn followed_by(mut self, newer: &[Arc<Outbound>]) -> Self {
+        if let Some(first) = newer.first() {
+            let keep = self.index_after(first.seq.saturating_sub(1));
+            self.frames.truncate(keep);
+            for f in newer {
+                self.push(f);
+            }
+        }
+        self
     }
 
     pub fn capacity(&self) -> usize {
@@ -393,6 +408,18 @@ mod tests {
         assert_eq!(header(&r)["complete"], false);
         let r = h.replay("r", ReplayRequest::Since(3), 5);
         assert_eq!(header(&r)["complete"], true);
+    }
+
+    #[test]
+    fn a_ring_followed_by_newer_frames_keeps_one_copy_of_each_seq_in_order() {
+        let newer: Vec<_> = (4..=7).map(out).collect();
+        let h = ring(5, 1..=5).followed_by(&newer);
+        let kept: Vec<u64> = h.frames.iter().map(|o| o.seq).collect();
+        assert_eq!(kept, [3, 4, 5, 6, 7]);
+        let h = ring(0, 1..=5).followed_by(&newer);
+        assert!(h.is_empty(), "history off keeps nothing");
+        let h = ring(10, 1..=3).followed_by(&[]);
+        assert_eq!(h.len(), 3);
     }
 
     #[test]

@@ -166,12 +166,14 @@ impl Hub {
         password: Option<&str>,
         replay: Option<ReplayRequest>,
     ) -> Result<Joined, JoinError> {
-        self.join_seeded(name, id, user, password, replay, 0, 0)
+        self.join_seeded(name, id, user, password, replay, 0, 0, &[])
     }
 
     /// `join_with_replay` for cluster mode: a room created by this join starts after `seq` (the
     /// cluster's last seq of the room) instead of 0, knowing of `remote_members` on other
-    /// processes. `max_members` is checked against this process's members only.
+    /// processes, its history ring ending with `kept` (what Redis kept of the room, oldest
+    /// first; ignored when the room exists). `max_members` is checked against this process's
+    /// members only.
     #[allow(clippy::too_many_arguments)]
     pub fn join_seeded(
         &self,
@@ -182,6 +184,7 @@ impl Hub {
         replay: Option<ReplayRequest>,
         seq: u64,
         remote_members: usize,
+        kept: &[Arc<Outbound>],
     ) -> Result<Joined, JoinError> {
         if name == LOBBY {
             return Ok(self.lobby.join(id, user, replay));
@@ -192,7 +195,7 @@ impl Hub {
             None => {
                 let settings = self.settings.read().resolve(name);
                 admit(&settings, 0, password)?;
-                let room = self.create_room(name, settings, seq);
+                let room = self.create_room(name, settings, seq, kept);
                 room.set_remote_members(remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
@@ -219,15 +222,22 @@ impl Hub {
         })
     }
 
-    /// A new room with `settings`, continuing from its archived past and starting after `seq`
-    /// at least. Its history ring holds `settings.history` messages, or `--history` where the
+    /// A new room with `settings`, continuing from its archived past (then `kept`, cluster mode)
+    /// and starting after `seq` at least. Its history ring holds `settings.history` messages, or `--history` where the
     /// settings leave it unset. Called under the shard lock, so it never races the same room's
     /// `retire`.
-    fn create_room(&self, name: &str, settings: RoomSettings, seq: u64) -> Arc<Room> {
+    fn create_room(
+        &self,
+        name: &str,
+        settings: RoomSettings,
+        seq: u64,
+        kept: &[Arc<Outbound>],
+    ) -> Arc<Room> {
         let capacity = settings
             .history
             .map_or(self.history.settings().capacity, |n| n as usize);
-        let seed = self.history.new_room(name, capacity);
+        let mut seed = self.history.new_room(name, capacity);
+        seed.history = seed.history.followed_by(kept);
         let limiter = crate::limit::room_limiter(settings.rate_limit, self.room_rate);
         Arc::new(
             Room::new(
@@ -409,7 +419,7 @@ mod tests {
             origin: 0,
             skip_origin: false,
         };
-        let mut a = hub.join_seeded("r", 1, &u, None, None, 10, 4).unwrap();
+        let mut a = hub.join_seeded("r", 1, &u, None, None, 10, 4, &[]).unwrap();
         let v = payload(&a.welcome);
         assert_eq!(v["seq"], 10);
         assert_eq!(v["members"], 5, "one here, four elsewhere");
@@ -423,7 +433,7 @@ mod tests {
         );
         assert!(a.rx.try_recv().is_err());
         // Seeding only applies to a room the join creates.
-        let b = hub.join_seeded("r", 2, &u, None, None, 99, 0).unwrap();
+        let b = hub.join_seeded("r", 2, &u, None, None, 99, 0, &[]).unwrap();
         assert_eq!(payload(&b.welcome)["seq"], 12);
     }
 
@@ -764,7 +774,7 @@ mod tests {
         let service = Arc::new(HistoryService::new(flag, stats.clone()).unwrap());
         let hub = Hub::new(4, 16, stats).with_history(service);
         let u: Arc<str> = "u".into();
-        let a = hub.join_seeded("r", 1, &u, None, None, 40, 0).unwrap();
+        let a = hub.join_seeded("r", 1, &u, None, None, 40, 0, &[]).unwrap();
         for (seq, id) in [(41, "k1"), (43, "k3")] {
             let p = crate::room::Publish {
                 user: "far",

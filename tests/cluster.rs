@@ -891,3 +891,168 @@ async fn history_recovery_and_ids_work_across_instances() {
         node.assert_healthy();
     }
 }
+
+impl Redis {
+    /// Whether `key` exists (an inline command over a plain socket).
+    fn exists(&self, key: &str) -> bool {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        s.write_all(format!("EXISTS {key}\r\n").as_bytes())
+            .expect("write to redis");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).expect("redis answer");
+        assert!(buf.starts_with(b":"), "{:?}", String::from_utf8_lossy(&buf));
+        buf[1] == b'1'
+    }
+}
+
+/// The seqs of `count` message frames (presence skipped), checking each is a message of `room`.
+async fn message_seqs(c: &mut Client, count: u64) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for _ in 0..count {
+        seqs.push(next_message(c).await["seq"].as_u64().unwrap());
+    }
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_cluster_wide_a_room_created_later_replays_what_others_said() {
+    let Some(redis) = Redis::start_or_skip("history_cluster_wide") else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(Instance::start(&redis, &["--history", "5"]).await);
+    }
+    let (mut a, _) = Client::join(&nodes[0].ws("/ws/hw?user=a")).await;
+    nodes[1].wait_room("hw", 1, 0).await;
+    for i in 1..=7 {
+        a.send_json(&json!({"text": format!("m{i}"), "id": format!("k{i}")}))
+            .await;
+    }
+    assert_eq!(message_seqs(&mut a, 7).await, (1..=7).collect::<Vec<_>>());
+    // One through the REST API of the instance with no member in the room.
+    let (status, v) = nodes[1]
+        .post("/api/rooms/hw/messages", &json!({"text": "m8"}))
+        .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(message_seqs(&mut a, 1).await, [8]);
+
+    // The first member on the second instance gets the last 3, as they were said.
+    let (mut b, welcome) = Client::join(&nodes[1].ws("/ws/hw?user=b&history=3")).await;
+    assert_eq!(welcome["seq"], 8);
+    let header = b.recv_type("history").await;
+    assert_eq!(header["count"], 3, "{header}");
+    for i in 6..=8u64 {
+        let m = next_message(&mut b).await;
+        let (user, id) = if i < 8 {
+            ("a", json!(format!("k{i}")))
+        } else {
+            ("api", Value::Null)
+        };
+        assert_eq!(
+            (&m["seq"], &m["text"], &m["user"], &m["id"]),
+            (&json!(i), &json!(format!("m{i}")), &json!(user), &id),
+            "{m}"
+        );
+    }
+    a.send_json(&json!({"text": "m9"})).await;
+    assert_eq!(
+        next_message(&mut b).await["seq"],
+        9,
+        "then live, no duplicate"
+    );
+    assert_eq!(next_message(&mut a).await["seq"], 9);
+    drop(b);
+    nodes[0].wait_room("hw", 1, 1).await;
+    nodes[1].wait_room("hw", 1, 0).await;
+
+    // Recovery on an instance that has just re-created the room: gapless, then live.
+    let (mut c, welcome) = Client::join(&nodes[1].ws("/ws/hw?user=c&since=6")).await;
+    assert_eq!(welcome["seq"], 9);
+    let header = c.recv_type("recovery").await;
+    assert_eq!(
+        header,
+        json!({"type": "recovery", "room": "hw", "since": 6, "complete": true, "from": 7, "count": 3})
+    );
+    assert_eq!(message_seqs(&mut c, 3).await, [7, 8, 9]);
+    a.send_json(&json!({"text": "m10"})).await;
+    assert_eq!(message_seqs(&mut c, 1).await, [10]);
+    // Redis keeps `--history` messages of the room, no more.
+    let (mut d, _) = Client::join(&nodes[1].ws("/ws/hw?user=d&since=2")).await;
+    let header = d.recv_type("recovery").await;
+    assert_eq!(
+        (header["complete"].as_bool(), header["from"].as_u64()),
+        (Some(false), Some(6)),
+        "{header}"
+    );
+    assert!(redis.exists("roomcast:hist:hw"));
+    for node in &mut nodes {
+        node.assert_healthy();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_on_a_new_instance_while_others_publish_has_no_gap_and_no_duplicate() {
+    let Some(redis) = Redis::start_or_skip("history_cluster_race") else {
+        return;
+    };
+    let mut nodes = instances(&redis, 2).await;
+    let (mut a, _) = Client::join(&nodes[0].ws("/ws/hr?user=a")).await;
+    nodes[1].wait_room("hr", 1, 0).await;
+    const TOTAL: u64 = 80;
+    let addr = nodes[0].addr;
+    let publisher = tokio::spawn(async move {
+        for i in 1..=TOTAL {
+            let body = json!({"text": format!("m{i}")}).to_string();
+            let r = http(addr, "POST", "/api/rooms/hr/messages", Some(body))
+                .await
+                .unwrap();
+            assert_eq!(r.status, 202);
+        }
+    });
+    // Join the other instance while messages flow.
+    assert_eq!(message_seqs(&mut a, 20).await, (1..=20).collect::<Vec<_>>());
+    let (mut b, welcome) = Client::join(&nodes[1].ws("/ws/hr?user=b&since=5")).await;
+    let start = welcome["seq"].as_u64().unwrap();
+    assert!(start >= 20, "{welcome}");
+    let header = b.recv_type("recovery").await;
+    assert_eq!(
+        (header["complete"].as_bool(), header["count"].as_u64()),
+        (Some(true), Some(start - 5)),
+        "{header}"
+    );
+    // Replay then live: every seq after 5 exactly once, in order.
+    assert_eq!(
+        message_seqs(&mut b, TOTAL - 5).await,
+        (6..=TOTAL).collect::<Vec<_>>()
+    );
+    publisher.await.unwrap();
+    b.expect_silence(Duration::from_millis(300)).await;
+    for node in &mut nodes {
+        node.assert_healthy();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_zero_keeps_nothing_in_redis() {
+    let Some(redis) = Redis::start_or_skip("history_zero_cluster") else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(Instance::start(&redis, &["--history", "0"]).await);
+    }
+    let (mut a, _) = Client::join(&nodes[0].ws("/ws/hz?user=a")).await;
+    nodes[1].wait_room("hz", 1, 0).await;
+    a.send_json(&json!({"text": "m1"})).await;
+    assert_eq!(message_seqs(&mut a, 1).await, [1]);
+    let (mut b, welcome) = Client::join(&nodes[1].ws("/ws/hz?user=b&history=10")).await;
+    assert_eq!(welcome["seq"], 1);
+    assert_eq!(b.recv_type("history").await["count"], 0);
+    assert!(redis.exists("roomcast:seq:hz"));
+    assert!(!redis.exists("roomcast:hist:hz"));
+    for node in &mut nodes {
+        node.assert_healthy();
+    }
+}

@@ -16,7 +16,7 @@ use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use tokio::task::JoinHandle;
 use tokio::time::{interval, interval_at, Instant, MissedTickBehavior};
 
-use super::{scripts, wire, Cluster, ClusterError, Interest, ROOMS_PER_CALL, SEQ_TTL_MS};
+use super::{kept, scripts, wire, Cluster, ClusterError, Interest, ROOMS_PER_CALL, SEQ_TTL_MS};
 use crate::hub::Hub;
 use crate::room::Publish;
 use crate::server::Shared;
@@ -204,6 +204,10 @@ impl Cluster {
                     if !room.deliver(seq, body.ts, &p) {
                         self.metrics.stale_dropped.inc();
                     }
+                } else if self.history_depth > 0 {
+                    // A joiner is creating the room: its ring continues past what Redis kept.
+                    let out = kept::frame_of(name, seq, &body);
+                    kept::push(&mut state.kept, out, self.history_depth);
                 }
             }
             Ok(wire::Payload::Presence(body)) => {
@@ -284,8 +288,9 @@ async fn reconcile(
     }
 }
 
-/// Reads the seqs (raised to at least ours) and remote counts of freshly subscribed rooms, and
-/// marks them ready.
+/// Reads the seqs (raised to at least ours), kept messages and remote counts of freshly
+/// subscribed rooms, and marks them ready. A room that does not exist here yet gets the kept
+/// messages as the start of its ring (`kept.rs`).
 async fn seed(
     hub: &Hub,
     cluster: &Cluster,
@@ -297,18 +302,24 @@ async fn seed(
     for interest in interests {
         let local = hub.get(&interest.name).map_or(0, |r| r.last_seq());
         let floor = interest.state.lock().last_seq.max(local);
-        invocation.key(cluster.keys.seq(&interest.name)).arg(floor);
+        invocation
+            .key(cluster.keys.seq(&interest.name))
+            .key(cluster.keys.hist(&interest.name))
+            .arg(floor);
     }
-    let seqs: Vec<u64> = cluster.timed(invocation.invoke_async(conn)).await?;
-    if seqs.len() != interests.len() {
-        return Err(ClusterError::Protocol(
-            "SEED answered the wrong number of seqs",
-        ));
-    }
+    invocation.arg(cluster.history_depth);
+    let answer: redis::Value = cluster.timed(invocation.invoke_async(conn)).await?;
+    let seeds = kept::parse_seed(answer, interests.len())?;
     let remote = remote_counts(cluster, conn, interests).await?;
-    for (interest, seq) in interests.iter().zip(seqs) {
+    for (interest, (seq, list)) in interests.iter().zip(seeds) {
         let mut state = interest.state.lock();
         state.last_seq = state.last_seq.max(seq);
+        // Checked under the interest lock, which a joiner creating the room holds.
+        if cluster.history_depth > 0 && hub.get(&interest.name).is_none() {
+            let fresh = kept::from_list(&interest.name, &list, seq);
+            let arrived = std::mem::take(&mut state.kept);
+            state.kept = kept::merge(fresh, arrived, cluster.history_depth);
+        }
         apply_remote(&mut state, &remote, &interest.name);
         state.ready = true;
         let sum = state.remote_sum();

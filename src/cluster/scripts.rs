@@ -10,13 +10,15 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Numbers and publishes one chat message.
+/// Numbers, publishes and keeps one chat message.
 ///
-/// KEYS[1]: the room's seq key. ARGV: channel, floor, body, seq key TTL (ms), need subscribers
-/// (`1`: publish only if some process is subscribed to the channel; answer 0 otherwise).
+/// KEYS[1]: the room's seq key; KEYS[2]: the room's history list. ARGV: channel, floor, body,
+/// key TTL (ms), need subscribers (`1`: publish only if some process is subscribed to the
+/// channel; answer 0 otherwise), history depth (0: keep nothing).
 ///
 /// `floor` is the publisher's own last seq of the room: after a Redis restart (or the seq key's
-/// expiry) numbering resumes above it instead of starting again at 1.
+/// expiry) numbering resumes above it instead of starting again at 1. The list keeps the last
+/// `depth` payloads exactly as published, in seq order (the same atomic step numbers them).
 pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -31,22 +33,35 @@ if seq <= floor then
   redis.call('SET', KEYS[1], seq)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[3])
+local payload = seq .. ' ' .. ARGV[3]
+redis.call('PUBLISH', ARGV[1], payload)
+local depth = tonumber(ARGV[6])
+if depth > 0 then
+  redis.call('RPUSH', KEYS[2], payload)
+  redis.call('LTRIM', KEYS[2], -depth, -1)
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 return seq
 ",
     )
 });
 
-/// Reads (and raises to a floor) the seqs of rooms this process just subscribed to.
+/// Reads (and raises to a floor) the seqs of rooms this process just subscribed to, with what
+/// their history lists keep.
 ///
-/// KEYS: the rooms' seq keys. ARGV[1]: seq key TTL (ms); ARGV[1 + i]: floor of KEYS[i].
-/// Answers each room's seq. Run after the SUBSCRIBE is confirmed: every message with a larger
-/// seq is published after it and so reaches this process.
+/// KEYS[2i - 1]: room i's seq key; KEYS[2i]: its history list. ARGV[1]: seq key TTL (ms);
+/// ARGV[1 + i]: floor of room i; ARGV[2 + n]: how many kept payloads to read per room (0: none).
+/// Answers, per room, `[seq, [payload, …]]` (payloads oldest first). Run after the SUBSCRIBE is
+/// confirmed: every message with a larger seq is published after it and so reaches this
+/// process, and every one up to it that the list keeps is in the answer (one atomic step).
 pub static SEED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+local n = #KEYS / 2
+local depth = tonumber(ARGV[n + 2])
 local out = {}
-for i, key in ipairs(KEYS) do
+for i = 1, n do
+  local key = KEYS[2 * i - 1]
   local cur = tonumber(redis.call('GET', key) or '0')
   local floor = tonumber(ARGV[i + 1])
   if floor > cur then
@@ -54,7 +69,9 @@ for i, key in ipairs(KEYS) do
     cur = floor
   end
   if cur > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
-  out[i] = cur
+  local kept = {}
+  if depth > 0 then kept = redis.call('LRANGE', KEYS[2 * i], -depth, -1) end
+  out[i] = {cur, kept}
 end
 return out
 ",
