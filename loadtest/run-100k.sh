@@ -98,7 +98,7 @@ start_servers() {
     fi
     for ((i = 0; i < n; i++)); do
         port=$((BASE_PORT + i))
-        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" --rate-limit off "${cluster[@]}" \
+        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" --rate-limit off "${cluster[@]}" ${SERVER_ARGS:-} \
             >"$LOGS/$STAMP-server-$port.log" 2>&1 &
         PIDS+=($!)
         urls+=("ws://127.0.0.1:$port")
