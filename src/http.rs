@@ -315,11 +315,9 @@ fn list_rooms(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
     json_response(StatusCode::OK, &json!({"rooms": rooms, "total": total}))
 }
 
-fn room_info(
-    shared: &Shared,
-    room: &str,
-    req: &Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+/// The `users_limit` (1–1000, default 100) and `users_after` (a member id) of a room-info
+/// request: one page of the room's users.
+pub(crate) fn users_page(req: &Request<Incoming>) -> Result<(usize, Option<u64>), ApiError> {
     let limit = number_param(req, "users_limit", 100, 1..=1000)? as usize;
     let after = match query_param(req, "users_after") {
         None => None,
@@ -331,6 +329,15 @@ fn room_info(
             )
         })?),
     };
+    Ok((limit, after))
+}
+
+fn room_info(
+    shared: &Shared,
+    room: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (limit, after) = users_page(req)?;
     let Some(room) = shared.hub.get(room) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::{Cluster, ClusterError};
 use crate::http::{
-    error, json_response, number_param, published_json, query_param, stats_json, ApiError, Body,
+    error, json_response, number_param, published_json, stats_json, users_page, ApiError, Body,
 };
 use crate::server::Shared;
 
@@ -91,17 +91,7 @@ pub async fn room_info(
     room: &str,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let limit = number_param(req, "users_limit", 100, 1..=1000)? as usize;
-    let after = match query_param(req, "users_after") {
-        None => None,
-        Some(v) => Some(v.parse::<u64>().map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_param",
-                "`users_after` must be a member id",
-            )
-        })?),
-    };
+    let (limit, after) = users_page(req)?;
     let counts = cluster.room_counts(room).await;
     let state = link_state(&counts);
     let counts = counts.unwrap_or_default();
