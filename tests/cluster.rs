@@ -14,7 +14,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{http, Client, STEP};
+use support::{http, strip_ansi, Client, STEP};
 
 /// Node TTL given to every instance: a SIGKILLed instance leaves the counts within this.
 const NODE_TTL_SECS: f64 = 1.5;
@@ -119,24 +119,6 @@ struct Instance {
     child: Child,
     addr: SocketAddr,
     log: Arc<Mutex<String>>,
-}
-
-/// Removes terminal colour sequences (`ESC [ … m`) from a log line.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl Instance {

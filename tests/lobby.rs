@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{http, http_with, Client, TestServer, STEP};
+use support::{http, http_with, strip_ansi, Client, TestServer, STEP};
 
 /// The lobby's room name, percent-encoded for a URL path.
 const LOBBY_PATH: &str = "/ws/%24lobby";
@@ -578,24 +578,6 @@ impl Process {
             .unwrap();
         assert!(status.success(), "kill -{name} failed");
     }
-}
-
-/// `line` without terminal colour sequences (`ESC [ ... letter`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 impl Drop for Process {

@@ -297,3 +297,22 @@ pub fn close_code(code: u16) -> CloseCode {
 pub fn raise_nofile() {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
 }
+
+/// A server log line without terminal colour sequences (`ESC [ … letter`), for tests that read
+/// the output of a `roomcast` process.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
