@@ -55,6 +55,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_MAX_ROOMS_PER_CONNECTION", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_rooms_per_connection: u16,
 
+    /// Runtime worker threads. 1 runs everything on one thread (no work stealing, no cross-thread
+    /// wake-ups): the right choice when several server processes share a few cores, as in the
+    /// 100k run on a 2-core machine. Default: 0 = one per CPU core.
+    #[arg(long, env = "ROOMCAST_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub threads: u16,
+
     /// Number of shards of the room registry (rounded up to a power of two).
     /// Default: 64.
     #[arg(long, env = "ROOMCAST_SHARDS", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -286,6 +292,7 @@ mod tests {
         assert_eq!(c.write_timeout, Duration::from_secs(10));
         assert_eq!(c.ping_interval, Duration::from_secs(30));
         assert_eq!(c.presence_interval, Duration::from_millis(250));
+        assert_eq!(c.threads, 0);
         assert_eq!(c.max_message_bytes, 65536);
         assert_eq!(c.history, 100);
         assert_eq!(c.lag_policy, LagPolicy::Evict);

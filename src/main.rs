@@ -21,10 +21,7 @@ fn main() -> std::process::ExitCode {
         return run_command(&config, command);
     }
     raise_nofile_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder(config.threads).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("roomcast: cannot start the runtime: {e}");
@@ -103,5 +100,19 @@ fn raise_nofile_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::info!(limit = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
+/// `--threads 1` gets the current-thread scheduler (everything on the main thread); any other
+/// count a work-stealing pool of that many workers (0: one per core, tokio's default).
+fn runtime_builder(threads: u16) -> tokio::runtime::Builder {
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(n));
+            b
+        }
     }
 }

@@ -478,3 +478,47 @@ async fn receive_b(c: &mut Client, t0: Instant, count: usize) -> Duration {
     }
     worst
 }
+
+/// `--threads 1` (the current-thread runtime, used when several servers share a few cores)
+/// serves the whole protocol: joins, ordered fan-out, REST publish, stats, and a SIGTERM that
+/// closes every socket with 1001.
+#[tokio::test]
+async fn a_one_thread_server_delivers_in_order_and_shuts_down_cleanly() {
+    let mut server = ServerProcess::start(&["--threads", "1", "--rate-limit", "off"]);
+    let url = format!("ws://{}/ws/single?user=", server.addr);
+    let (mut a, _) = Client::join(&format!("{url}a")).await;
+    let (mut b, _) = Client::join(&format!("{url}b")).await;
+    for i in 0..50 {
+        a.send_json(&json!({"type": "message", "text": format!("m{i}")}))
+            .await;
+    }
+    let r = http(
+        server.addr,
+        "POST",
+        "/api/rooms/single/messages",
+        Some(r#"{"text":"rest"}"#.to_string()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 202, "{}", r.json());
+    for i in 0..50 {
+        let m = b.recv_type("message").await;
+        assert_eq!(m["text"], format!("m{i}"));
+        assert_eq!(m["seq"], i + 1);
+    }
+    assert_eq!(b.recv_type("message").await["text"], "rest");
+    let stats = server
+        .wait_stats("two connections", STEP, |v| v["connections"] == 2)
+        .await;
+    assert_eq!(stats["published"], 51, "{stats}");
+
+    let term = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let (code, _) = b.expect_close().await;
+    assert_eq!(code, 1001);
+    let status = server.child.wait().expect("wait for roomcast");
+    assert!(status.success(), "exit status {status}");
+}
