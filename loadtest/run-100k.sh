@@ -7,6 +7,8 @@
 #   PROFILE=release-with-debug FLAMEGRAPH=flamegraphs/100k-chat.svg loadtest/run-100k.sh
 #                                       # also samples the first server during the 100k chat
 #                                       # (FLAME_DELAY s after the start, 20 s; needs perf, inferno)
+#   THREADS=2 loadtest/run-100k.sh      # server runtime threads (default: 1 when there are more
+#                                       # servers than cores, else one per core)
 #   ROUTE=spread loadtest/run-100k.sh   # run (2) in cluster mode: every room on every server,
 #                                       # through a redis-server this script starts (issue 4)
 #
@@ -96,9 +98,13 @@ start_servers() {
         done
         cluster=(--redis "redis://127.0.0.1:$REDIS_PORT")
     fi
+    # More server processes than cores: one runtime thread each (no work stealing between
+    # threads that only compete for the same cores). THREADS=N overrides.
+    local threads=${THREADS:-0}
+    if [ -z "${THREADS:-}" ] && [ "$n" -gt "$(nproc)" ]; then threads=1; fi
     for ((i = 0; i < n; i++)); do
         port=$((BASE_PORT + i))
-        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" --rate-limit off "${cluster[@]}" ${SERVER_ARGS:-} \
+        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" --rate-limit off --threads "$threads" "${cluster[@]}" ${SERVER_ARGS:-} \
             >"$LOGS/$STAMP-server-$port.log" 2>&1 &
         PIDS+=($!)
         urls+=("ws://127.0.0.1:$port")
