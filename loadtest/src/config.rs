@@ -31,9 +31,10 @@ pub enum Scenario {
 pub enum Route {
     /// Every client of room i goes to server i % servers: one room lives on one server.
     Rooms,
-    /// A room's clients spread over all servers. Standalone servers do not talk to each other,
-    /// so each holds its own copy of the room, with its own publishers and its own `seq`; in
-    /// cluster mode (`roomcast --redis`) the copies are one room with one `seq`.
+    /// A room's clients (its publishers too) alternate over all servers. In cluster mode
+    /// (`roomcast --redis`) the servers' copies are one room with one `seq`; standalone servers
+    /// do not talk to each other, so each copy has its own `seq` and only the publishers that
+    /// landed on that server.
     Spread,
 }
 
@@ -61,11 +62,12 @@ pub struct Config {
     #[arg(long, default_value_t = 10)]
     pub rooms: u32,
 
-    /// Publishing clients per room (per room and server with `--route spread`).
+    /// Publishing clients per room, in every route (`spread` puts them on different servers).
     #[arg(long, default_value_t = 1)]
     pub publishers: u32,
 
-    /// Messages per second per room (`chat`, and the starting rate of `saturate`).
+    /// Messages per second per room, in every route (`chat`, and the starting rate of
+    /// `saturate`); each publisher sends rate / publishers.
     #[arg(long, default_value_t = 1.0)]
     pub rate: f64,
 
@@ -188,16 +190,11 @@ impl Config {
         if servers == 0 {
             bail!("--url needs at least one server");
         }
-        let per_room_publishers = match self.route {
-            Route::Rooms => self.publishers,
-            Route::Spread => self.publishers * servers,
-        };
         let smallest_room = self.clients / self.rooms;
-        if self.publishers == 0 || per_room_publishers > smallest_room {
+        if self.publishers == 0 || self.publishers > smallest_room {
             bail!(
-                "--publishers {} needs at least {} clients per room, the smallest room has {}",
+                "--publishers {} needs at least as many clients per room; the smallest room has {}",
                 self.publishers,
-                per_room_publishers,
                 smallest_room
             );
         }

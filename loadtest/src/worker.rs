@@ -40,7 +40,8 @@ pub struct WorkerSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
-    /// Publishers send `rate` messages/s per room instance from now on (replaces any pace).
+    /// Publishers send `rate` messages/s per room (all its publishers together) from now on
+    /// (replaces any pace).
     Publish { rate: f64 },
     /// Publishers send as fast as `window` unacknowledged messages allow.
     PublishWindow { window: u32 },
