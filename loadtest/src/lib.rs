@@ -3,11 +3,13 @@
 //! servers say. The binary is a thin `main`; tests call [`run`] directly.
 //!
 //! Data flows: `config` → `preflight` → `coordinator` (spawns `worker`s via `link`) →
-//! `client` connections → counters and histograms → `report`.
+//! `client` connections → counters and histograms → `cost` (both sides' CPU per window) →
+//! `report`.
 
 pub mod client;
 pub mod config;
 pub mod coordinator;
+pub mod cost;
 pub mod hist;
 pub mod http;
 pub mod link;

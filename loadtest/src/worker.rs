@@ -85,6 +85,10 @@ pub struct Counters {
     pub unstamped: u64,
     /// Stamps from the future (clock step); latency recorded as 0.
     pub clock_skew: u64,
+    /// `deliveries` by the index of the server the receiving client is connected to (the one
+    /// that wrote them): divided by that server's CPU time in the report.
+    #[serde(default)]
+    pub deliveries_by_server: Vec<u64>,
 }
 
 impl Counters {
@@ -102,6 +106,17 @@ impl Counters {
         self.other_frames += o.other_frames;
         self.unstamped += o.unstamped;
         self.clock_skew += o.clock_skew;
+        if self.deliveries_by_server.len() < o.deliveries_by_server.len() {
+            self.deliveries_by_server
+                .resize(o.deliveries_by_server.len(), 0);
+        }
+        for (a, b) in self
+            .deliveries_by_server
+            .iter_mut()
+            .zip(&o.deliveries_by_server)
+        {
+            *a += b;
+        }
     }
 
     /// Messages some member never received.
@@ -278,6 +293,13 @@ impl Shared {
         match incoming {
             Incoming::Message { seq, stamp } => {
                 shard.c.deliveries += 1;
+                if let Some(n) = shard
+                    .c
+                    .deliveries_by_server
+                    .get_mut(me.place.server as usize)
+                {
+                    *n += 1;
+                }
                 match me.tracker.observe(seq) {
                     Seen::InOrder => {}
                     Seen::Gap(n) => shard.c.gaps += n,
@@ -391,7 +413,10 @@ pub async fn run(
         shards: (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
-                    c: Counters::default(),
+                    c: Counters {
+                        deliveries_by_server: vec![0; spec.servers.len()],
+                        ..Counters::default()
+                    },
                     hist: new_hist(),
                 })
             })
@@ -974,6 +999,25 @@ mod tests {
             Event::Progress(p) => assert_eq!((p.open, p.hist), (7, vec![(10, 2)])),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn counters_add_deliveries_by_server() {
+        let mut total = Counters::default();
+        let a = Counters {
+            deliveries: 3,
+            deliveries_by_server: vec![1, 2],
+            ..Counters::default()
+        };
+        let b = Counters {
+            deliveries: 6,
+            deliveries_by_server: vec![1, 2, 3],
+            ..Counters::default()
+        };
+        total.add(&a);
+        total.add(&b);
+        assert_eq!(total.deliveries, 9);
+        assert_eq!(total.deliveries_by_server, vec![2, 4, 3]);
     }
 
     #[test]
