@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod cost;
+pub mod gate;
 pub mod hist;
 pub mod http;
 pub mod link;

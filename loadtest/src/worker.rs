@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::pin::pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -252,6 +251,8 @@ struct Shared {
     ramp_done: Notify,
     pace: watch::Sender<Pace>,
     stop: watch::Sender<Stop>,
+    /// Raised just before `stop` changes: opens the clients' `Gated` stop futures.
+    stopping: AtomicBool,
     /// Connects in flight at once (ramp and churn reconnects).
     connect_slots: Arc<Semaphore>,
 }
@@ -264,6 +265,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const SHARDS: usize = 8;
 /// Publishers write at most this many frames per wake-up before yielding.
 const BURST: u64 = 64;
+/// A gate that is always open (see `gate::Gated`).
+static ALWAYS: AtomicBool = AtomicBool::new(true);
 /// How long a closing client waits for the server's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
@@ -436,6 +439,7 @@ pub async fn run(
         ramp_done: Notify::new(),
         pace: watch::channel(Pace::Silent).0,
         stop: watch::channel(Stop::Running).0,
+        stopping: AtomicBool::new(false),
     });
 
     // Cumulative latencies: every progress moves its interval in here.
@@ -496,6 +500,7 @@ pub async fn run(
     shared.pace.send_replace(Pace::Silent);
     match finish {
         Some(final_seq) => {
+            shared.stopping.store(true, Release);
             shared.stop.send_replace(Stop::Finish(final_seq));
             // Every client closes within CLOSE_WAIT; allow for a slow, busy machine.
             let grace = CLOSE_WAIT * 2 + Duration::from_secs(2);
@@ -505,6 +510,7 @@ pub async fn run(
             }
         }
         None => {
+            shared.stopping.store(true, Release);
             shared.stop.send_replace(Stop::Abort);
             spawner.abort();
             let _ = (&mut spawner).await;
@@ -589,9 +595,9 @@ async fn client_main(shared: Arc<Shared>, c: u32, permit: OwnedSemaphorePermit) 
     };
     let stop = wait_stop(shared.stop.subscribe());
     let end = if place.publisher {
-        publish_session(&shared, ws, &mut me, stop).await
+        publish_session(&shared, ws, &mut me, stop, &shared.stopping).await
     } else {
-        receive_session(&shared, ws, &mut me, stop).await
+        receive_session(&shared, ws, &mut me, stop, &shared.stopping).await
     };
     left(&shared, &me, end);
 }
@@ -638,17 +644,23 @@ async fn wait_stop(mut rx: watch::Receiver<Stop>) -> End {
 }
 
 /// A receiving-only client: one task owns the whole socket; fastwebsockets answers pings.
+/// `stop` is polled once, then only after `gate` is raised.
 async fn receive_session(
     shared: &Shared,
     mut ws: Ws,
     me: &mut Me,
     stop: impl Future<Output = End>,
+    gate: &AtomicBool,
 ) -> End {
-    let mut stop = pin!(stop);
+    // Not polled once per delivery (see `gate`).
+    let mut stop = Gated::new(stop, gate);
     let end = loop {
         // The read future is dropped only when `stop` wins, and then the socket is being
         // closed: a half-read frame no longer matters (fastwebsockets' read is not cancel-safe).
+        // Stop first: a gated poll costs one atomic swap, and a busy socket cannot starve it.
         tokio::select! {
+            biased;
+            end = &mut stop => break end,
             frame = ws.read_frame() => match frame {
                 Ok(frame) => match frame.opcode {
                     OpCode::Text => {
@@ -659,7 +671,6 @@ async fn receive_session(
                 },
                 Err(e) => break End::Lost(ws_reason(&e)),
             },
-            end = &mut stop => break end,
         }
     };
     if matches!(end, End::Finish(_) | End::Leave) {
@@ -689,6 +700,7 @@ async fn publish_session(
     ws: Ws,
     me: &mut Me,
     stop: impl Future<Output = End>,
+    gate: &AtomicBool,
 ) -> End {
     let (mut rx, mut tx) = ws.split(tokio::io::split);
     let acked = AtomicU64::new(0);
@@ -700,7 +712,7 @@ async fn publish_session(
     let rank = me.place.publisher_rank;
 
     let reader = async {
-        let mut stop = pin!(stop);
+        let mut stop = Gated::new(stop, gate);
         let mut owe = |f: Frame<'_>| {
             // Pongs and close replies go through the writer; a full queue drops a pong,
             // which the next ping makes good.
@@ -710,6 +722,8 @@ async fn publish_session(
         let end = loop {
             // As in `receive_session`: the read future is dropped only when stopping.
             tokio::select! {
+                biased;
+                end = &mut stop => break end,
                 frame = rx.read_frame(&mut owe) => match frame {
                     Ok(frame) => match frame.opcode {
                         OpCode::Text => {
@@ -724,7 +738,6 @@ async fn publish_session(
                     },
                     Err(e) => break End::Lost(ws_reason(&e)),
                 },
-                end = &mut stop => break end,
             }
         };
         if matches!(end, End::Finish(_) | End::Leave) {
@@ -930,10 +943,11 @@ async fn churn_slot(shared: Arc<Shared>, c: u32, permit: OwnedSemaphorePermit) {
                 }
             }
         };
+        // The session's lifetime timer is in `stop` too: no gate (churn is not about cost).
         let end = if place.publisher {
-            publish_session(&shared, ws, &mut me, stop).await
+            publish_session(&shared, ws, &mut me, stop, &ALWAYS).await
         } else {
-            receive_session(&shared, ws, &mut me, stop).await
+            receive_session(&shared, ws, &mut me, stop, &ALWAYS).await
         };
         let abort = matches!(end, End::Abort);
         left(&shared, &me, end);
@@ -979,6 +993,25 @@ mod tests {
     }
 
     #[test]
+    fn counters_add_deliveries_by_server() {
+        let mut total = Counters::default();
+        let a = Counters {
+            deliveries: 3,
+            deliveries_by_server: vec![1, 2],
+            ..Counters::default()
+        };
+        let b = Counters {
+            deliveries: 6,
+            deliveries_by_server: vec![1, 2, 3],
+            ..Counters::default()
+        };
+        total.add(&a);
+        total.add(&b);
+        assert_eq!(total.deliveries, 9);
+        assert_eq!(total.deliveries_by_server, vec![2, 4, 3]);
+    }
+
+    #[test]
     fn events_and_commands_round_trip_as_json_lines() {
         let cmd = Command::Finish {
             final_seq: vec![3, 4],
@@ -999,25 +1032,6 @@ mod tests {
             Event::Progress(p) => assert_eq!((p.open, p.hist), (7, vec![(10, 2)])),
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn counters_add_deliveries_by_server() {
-        let mut total = Counters::default();
-        let a = Counters {
-            deliveries: 3,
-            deliveries_by_server: vec![1, 2],
-            ..Counters::default()
-        };
-        let b = Counters {
-            deliveries: 6,
-            deliveries_by_server: vec![1, 2, 3],
-            ..Counters::default()
-        };
-        total.add(&a);
-        total.add(&b);
-        assert_eq!(total.deliveries, 9);
-        assert_eq!(total.deliveries_by_server, vec![2, 4, 3]);
     }
 
     #[test]
