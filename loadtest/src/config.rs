@@ -38,6 +38,19 @@ pub enum Route {
     Spread,
 }
 
+/// In which order the ramp opens the clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RampOrder {
+    /// Room by room: a room's members join within a few milliseconds, so the server's
+    /// presence frames for them coalesce (its 250 ms window) into one or two per member.
+    Rooms,
+    /// Client 0, 1, 2…: every room grows at once, one join at a time, so each join is its
+    /// own presence frame to every member so far (~n/2 frames per member of an n-member room):
+    /// the presence storm, a stress of its own.
+    Interleaved,
+}
+
 /// Settings of a load test run. Field docs are the `--help` text.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct Config {
@@ -98,6 +111,11 @@ pub struct Config {
     #[arg(long, default_value_t = 5000.0)]
     pub ramp_rate: f64,
 
+    /// Order of the ramp's connects.
+    #[arg(long, value_enum, default_value_t = RampOrder::Rooms)]
+    #[serde(default = "default_ramp_order")]
+    pub ramp_order: RampOrder,
+
     /// Seconds one connect (TCP, upgrade and welcome) may take before it counts as `timeout`.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
@@ -144,6 +162,10 @@ pub struct Config {
     /// only by library callers that run with procs > 1.
     #[arg(skip)]
     pub worker_exe: Option<PathBuf>,
+}
+
+fn default_ramp_order() -> RampOrder {
+    RampOrder::Rooms
 }
 
 impl Default for Config {

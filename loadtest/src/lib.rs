@@ -22,6 +22,6 @@ pub mod seq;
 pub mod sys;
 pub mod worker;
 
-pub use config::{Config, Route, Scenario};
+pub use config::{Config, RampOrder, Route, Scenario};
 pub use coordinator::run;
 pub use report::Report;

@@ -17,7 +17,8 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::client::{self, close_reason, ws_reason, Ws};
-use crate::config::{Config, Route, Scenario, Server};
+use crate::config::{Config, RampOrder, Route, Scenario, Server};
+use crate::gate::Gated;
 use crate::hist::{new_hist, to_buckets};
 use crate::payload::{now_us, parse_incoming, stamped_message, Incoming};
 use crate::plan::{room_name, Placement, Plan};
@@ -538,7 +539,12 @@ async fn ramp(shared: Arc<Shared>) {
     let rate = shared.config.ramp_rate / f64::from(plan.procs);
     let mut set = JoinSet::new();
     let t0 = Instant::now();
-    let mine: Vec<u32> = plan.clients_of(shared.index).collect();
+    let mut mine: Vec<u32> = plan.clients_of(shared.index).collect();
+    if shared.config.ramp_order == RampOrder::Rooms {
+        // Every worker walks the rooms in the same order at the same pace, so a room's members
+        // (publishers first) join together. Stable sort: members keep their order.
+        mine.sort_by_key(|&c| plan.place(c).room);
+    }
     let mut stop = shared.stop.subscribe();
     for (i, c) in mine.into_iter().enumerate() {
         if !matches!(*stop.borrow_and_update(), Stop::Running) {
