@@ -1,94 +1,30 @@
-//! One WebSocket client's connect: bind a source address, TCP connect, HTTP upgrade, then wait
-//! for the room's `welcome`. Every way it can fail has a short name, so failures are counted by
-//! reason, never retried silently.
-//!
-//! The upgrade is one request written by hand and one response read with `httparse`, on the
-//! socket itself: no hyper client connection, no task spawned per socket, and afterwards the
-//! WebSocket reads the `TcpStream` directly instead of through hyper's boxed `Upgraded`.
-//! Connects are the ramp's whole cost on this side, and every later read is a delivery.
+//! One WebSocket client's connect: bind a source address, TCP connect, HTTP upgrade through a
+//! hyper client connection, then wait for the room's `welcome`. Every way it can fail has a
+//! short name, so failures are counted by reason, never retried silently.
 
-use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use fastwebsockets::{OpCode, Role, WebSocket};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpSocket, TcpStream};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::{CONNECTION, HOST, UPGRADE};
+use hyper::upgrade::Upgraded;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpSocket;
 
 use crate::config::Server;
 use crate::payload::{parse_incoming, Incoming};
 use crate::sys::{errno_name, set_bind_address_no_port};
 
 /// A connected client socket.
-pub type Ws = WebSocket<Stream>;
+pub type Ws = WebSocket<TokioIo<Upgraded>>;
 
 /// Largest frame a client accepts, bytes: server frames are one chat message each.
 const MAX_FRAME: usize = 1 << 20;
-/// Largest upgrade response head read, bytes.
-const MAX_HEAD: usize = 8192;
-/// Largest refusal body read for its error code, bytes.
-const MAX_BODY: usize = 4096;
-/// Response headers parsed; the server sends about six.
-const MAX_HEADERS: usize = 32;
 
 /// Why a connect failed, as counted in the report (`refused`, `http_503:too_many_connections`…).
 pub type Reason = String;
-
-/// The upgraded TCP stream, with whatever the server sent right behind its 101 response (often
-/// the `welcome` frame, read in the same segment) served first.
-pub struct Stream {
-    /// Bytes read past the response head; empty (no allocation) once consumed.
-    early: Bytes,
-    tcp: TcpStream,
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.early.is_empty() {
-            let n = self.early.len().min(buf.remaining());
-            buf.put_slice(&self.early[..n]);
-            self.early.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-}
 
 /// Opens a client in `room` as `user`, returning the socket and the welcome's `seq`.
 /// Not bounded in time by itself: the caller wraps it in a timeout (`timeout` reason).
@@ -113,15 +49,64 @@ pub async fn connect(
             .bind(SocketAddr::from((ip, 0)))
             .map_err(|e| format!("bind_{}", errno_name(&e)))?;
     }
-    let mut tcp = socket
+    let stream = socket
         .connect(server.addr)
         .await
         .map_err(|e| errno_name(&e))?;
     // Small frames are the whole workload; do not let Nagle hold a publisher's frames back.
-    let _ = tcp.set_nodelay(true);
+    let _ = stream.set_nodelay(true);
 
-    let early = upgrade(&mut tcp, &server.host, room, user).await?;
-    let mut ws = WebSocket::after_handshake(Stream { early, tcp }, Role::Client);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake:{}", hyper_reason(&e)))?;
+    // Drives the HTTP/1 exchange until the upgrade hands the socket over; then it ends.
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+
+    let req = Request::get(format!("/ws/{room}?user={user}"))
+        .header(HOST, server.host.as_str())
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "upgrade")
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("Sec-WebSocket-Version", "13")
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| "bad_request".to_string())?;
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("handshake:{}", hyper_reason(&e)))?;
+
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status().as_u16();
+        // The refusal body names the cause (`too_many_connections`); keep it in the reason.
+        let body = Limited::new(resp.into_body(), 4096).collect().await;
+        let code = body
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b.to_bytes()).ok())
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
+        return Err(match code {
+            Some(code) => format!("http_{status}:{code}"),
+            None => format!("http_{status}"),
+        });
+    }
+    let header_is = |name: hyper::header::HeaderName, want: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|h| h.eq_ignore_ascii_case(want))
+    };
+    if !header_is(UPGRADE, "websocket") || !header_is(CONNECTION, "upgrade") {
+        return Err("handshake:bad_upgrade_headers".into());
+    }
+    let upgraded = hyper::upgrade::on(&mut resp)
+        .await
+        .map_err(|e| format!("upgrade:{}", hyper_reason(&e)))?;
+
+    let mut ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client);
     ws.set_max_message_size(MAX_FRAME);
     ws.set_auto_pong(true);
     ws.set_auto_close(true);
@@ -144,102 +129,6 @@ pub async fn connect(
             }
             _ => continue,
         }
-    }
-}
-
-/// Sends the upgrade request and reads the response head. Returns the bytes read past the
-/// head (the start of the WebSocket stream). A refusal becomes `http_<status>[:<code>]`, with
-/// the error code from its JSON body.
-async fn upgrade(tcp: &mut TcpStream, host: &str, room: &str, user: &str) -> Result<Bytes, Reason> {
-    let io = |e: io::Error| format!("handshake:{}", errno_name(&e));
-    // Room and user names of this tool (`lt-<n>`, `u<n>`) need no percent-encoding.
-    let request = format!(
-        "GET /ws/{room}?user={user} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        fastwebsockets::handshake::generate_key()
-    );
-    tcp.write_all(request.as_bytes()).await.map_err(io)?;
-
-    let mut buf = BytesMut::with_capacity(1024);
-    let head = loop {
-        if tcp.read_buf(&mut buf).await.map_err(io)? == 0 {
-            return Err("handshake:eof".into());
-        }
-        match Head::parse(&buf)? {
-            Some(head) => break head,
-            None if buf.len() >= MAX_HEAD => return Err("handshake:bad_http".into()),
-            None => {}
-        }
-    };
-    let rest = buf.split_off(head.len);
-    if head.status != 101 {
-        return Err(refusal(tcp, &head, rest).await);
-    }
-    if !head.upgrade_websocket || !head.connection_upgrade {
-        return Err("handshake:bad_upgrade_headers".into());
-    }
-    Ok(rest.freeze())
-}
-
-/// The parts of an HTTP response head the upgrade looks at.
-#[derive(Debug, PartialEq, Eq)]
-struct Head {
-    status: u16,
-    /// Bytes of the head, blank line included.
-    len: usize,
-    upgrade_websocket: bool,
-    connection_upgrade: bool,
-    content_length: Option<usize>,
-}
-
-impl Head {
-    /// `Ok(None)` while the head is incomplete.
-    fn parse(buf: &[u8]) -> Result<Option<Head>, Reason> {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut headers);
-        let len = match resp.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(_) => return Err("handshake:bad_http".into()),
-        };
-        let is = |name: &str, want: &str| {
-            resp.headers.iter().any(|h| {
-                h.name.eq_ignore_ascii_case(name)
-                    && std::str::from_utf8(h.value)
-                        .is_ok_and(|v| v.trim().eq_ignore_ascii_case(want))
-            })
-        };
-        let content_length = resp
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok());
-        Ok(Some(Head {
-            status: resp.code.unwrap_or(0),
-            len,
-            upgrade_websocket: is("upgrade", "websocket"),
-            connection_upgrade: is("connection", "upgrade"),
-            content_length,
-        }))
-    }
-}
-
-/// `http_503:too_many_connections`: the status, and the `error` code of the JSON body when it
-/// has one (read up to its length or `MAX_BODY`).
-async fn refusal(tcp: &mut TcpStream, head: &Head, mut body: BytesMut) -> Reason {
-    let want = head.content_length.unwrap_or(MAX_BODY).min(MAX_BODY);
-    while body.len() < want {
-        match tcp.read_buf(&mut body).await {
-            Ok(n) if n > 0 => {}
-            _ => break,
-        }
-    }
-    let code = serde_json::from_slice::<serde_json::Value>(&body[..body.len().min(want)])
-        .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
-    match code {
-        Some(code) => format!("http_{}:{code}", head.status),
-        None => format!("http_{}", head.status),
     }
 }
 
@@ -268,6 +157,24 @@ pub fn ws_reason(e: &fastwebsockets::WebSocketError) -> String {
         E::InvalidUTF8 => "invalid_utf8".into(),
         E::SendError(_) => "send_error".into(),
         other => format!("protocol:{other}"),
+    }
+}
+
+fn hyper_reason(e: &hyper::Error) -> String {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return errno_name(io);
+        }
+        source = s.source();
+    }
+    if e.is_incomplete_message() {
+        "eof".into()
+    } else if e.is_parse() {
+        "bad_http".into()
+    } else {
+        "other".into()
     }
 }
 
@@ -332,54 +239,5 @@ mod tests {
             .err()
             .expect("refused");
         assert_eq!(err, "http_503:too_many_connections");
-    }
-
-    #[test]
-    fn response_heads() {
-        let ok = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: x\r\n\r\n\x81\x02hi";
-        let head = Head::parse(ok).expect("valid").expect("complete");
-        assert_eq!(head.status, 101);
-        assert!(head.upgrade_websocket && head.connection_upgrade);
-        assert_eq!(
-            &ok[head.len..],
-            b"\x81\x02hi",
-            "the frame behind the head is kept"
-        );
-        assert_eq!(Head::parse(&ok[..20]), Ok(None), "incomplete");
-        assert_eq!(
-            Head::parse(b"HTTP/1.1 101 OK\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n")
-                .expect("valid")
-                .map(|h| h.upgrade_websocket),
-            Some(false)
-        );
-        assert_eq!(
-            Head::parse(b"HTTP/1.1 503 Busy\r\ncontent-length: 12\r\n\r\n")
-                .expect("valid")
-                .map(|h| (h.status, h.content_length)),
-            Some((503, Some(12)))
-        );
-        assert_eq!(
-            Head::parse(b"SSH-2.0-OpenSSH\r\n\r\n"),
-            Err("handshake:bad_http".to_string())
-        );
-    }
-
-    #[tokio::test]
-    async fn early_bytes_are_read_before_the_socket() {
-        use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tcp, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (mut peer, _) = accepted.expect("accept");
-        peer.write_all(b" world").await.expect("write");
-        let mut s = Stream {
-            early: Bytes::from_static(b"hello"),
-            tcp: tcp.expect("connect"),
-        };
-        let mut got = vec![0u8; 11];
-        s.read_exact(&mut got).await.expect("read");
-        assert_eq!(got, b"hello world");
     }
 }
