@@ -26,7 +26,7 @@ use crate::limit::retry_after_ms;
 use crate::names::{validate_room, validate_user};
 use crate::room::Publish;
 use crate::server::Shared;
-use crate::stats::rss_bytes;
+use crate::stats::{cpu_seconds, rss_bytes};
 use crate::target::{parse_user, parse_ws_target, WsTarget};
 
 pub type Body = Full<Bytes>;
@@ -298,6 +298,9 @@ pub(crate) fn stats_json(shared: &Shared) -> serde_json::Value {
             "history_db_written": s.history_db_written.get(),
             "history_db_dropped": s.history_db_dropped.get(),
             "rss_bytes": rss_bytes(),
+            // User + system CPU seconds since start: a load test divides deliveries by its
+            // change over a window (server cost per delivery).
+            "cpu_seconds": cpu_seconds(),
             "uptime_secs": s.uptime().as_secs(),
     })
 }

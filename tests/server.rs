@@ -589,6 +589,33 @@ async fn prometheus_metrics_are_exposed() {
 }
 
 #[tokio::test]
+async fn stats_report_process_cpu_seconds() {
+    let server = TestServer::start().await;
+    let first = server.stats().await["cpu_seconds"]
+        .as_f64()
+        .expect("cpu_seconds is a number");
+    assert!(first > 0.0, "a started server has used some CPU: {first}");
+    let (mut c, _) = Client::join(&server.ws_url("/ws/cpu")).await;
+    for i in 0..5 {
+        c.send(&format!("m{i}")).await;
+    }
+    for _ in 0..5 {
+        c.recv_type("message").await;
+    }
+    let second = server.stats().await["cpu_seconds"].as_f64().unwrap();
+    assert!(
+        second >= first,
+        "CPU time never goes back: {first} -> {second}"
+    );
+    let r = http(server.addr, "GET", "/metrics", None).await.unwrap();
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("roomcast_cpu_seconds ")),
+        "missing roomcast_cpu_seconds in\n{text}"
+    );
+}
+
+#[tokio::test]
 async fn echo_endpoint_exists_only_with_the_flag_and_echoes_exactly() {
     let plain = TestServer::start().await;
     let r = http(plain.addr, "GET", "/echo", None).await.unwrap();

@@ -15,7 +15,7 @@ use tokio::net::TcpSocket;
 
 use crate::config::Server;
 use crate::payload::{parse_incoming, Incoming};
-use crate::sys::errno_name;
+use crate::sys::{errno_name, set_bind_address_no_port};
 
 /// A connected client socket.
 pub type Ws = WebSocket<TokioIo<Upgraded>>;
@@ -42,6 +42,9 @@ pub async fn connect(
     }
     .map_err(|e| format!("socket_{}", errno_name(&e)))?;
     if let Some(ip) = source.filter(|_| server.addr.is_ipv4()) {
+        // Without it, bind picks a port that must be free towards every destination: slow
+        // searches and early exhaustion with tens of thousands of sockets per address.
+        set_bind_address_no_port(&socket).map_err(|e| format!("sockopt_{}", errno_name(&e)))?;
         socket
             .bind(SocketAddr::from((ip, 0)))
             .map_err(|e| format!("bind_{}", errno_name(&e)))?;

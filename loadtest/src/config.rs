@@ -31,10 +31,24 @@ pub enum Scenario {
 pub enum Route {
     /// Every client of room i goes to server i % servers: one room lives on one server.
     Rooms,
-    /// A room's clients spread over all servers. Standalone servers do not talk to each other,
-    /// so each holds its own copy of the room, with its own publishers and its own `seq`; in
-    /// cluster mode (`roomcast --redis`) the copies are one room with one `seq`.
+    /// A room's clients (its publishers too) alternate over all servers. In cluster mode
+    /// (`roomcast --redis`) the servers' copies are one room with one `seq`; standalone servers
+    /// do not talk to each other, so each copy has its own `seq` and only the publishers that
+    /// landed on that server.
     Spread,
+}
+
+/// In which order the ramp opens the clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RampOrder {
+    /// Room by room: a room's members join within a few milliseconds, so the server's
+    /// presence frames for them coalesce (its 250 ms window) into one or two per member.
+    Rooms,
+    /// Client 0, 1, 2…: every room grows at once, one join at a time, so each join is its
+    /// own presence frame to every member so far (~n/2 frames per member of an n-member room):
+    /// the presence storm, a stress of its own.
+    Interleaved,
 }
 
 /// Settings of a load test run. Field docs are the `--help` text.
@@ -61,11 +75,12 @@ pub struct Config {
     #[arg(long, default_value_t = 10)]
     pub rooms: u32,
 
-    /// Publishing clients per room (per room and server with `--route spread`).
+    /// Publishing clients per room, in every route (`spread` puts them on different servers).
     #[arg(long, default_value_t = 1)]
     pub publishers: u32,
 
-    /// Messages per second per room (`chat`, and the starting rate of `saturate`).
+    /// Messages per second per room, in every route (`chat`, and the starting rate of
+    /// `saturate`); each publisher sends rate / publishers.
     #[arg(long, default_value_t = 1.0)]
     pub rate: f64,
 
@@ -95,6 +110,11 @@ pub struct Config {
     /// Connects started per second, over all workers.
     #[arg(long, default_value_t = 5000.0)]
     pub ramp_rate: f64,
+
+    /// Order of the ramp's connects.
+    #[arg(long, value_enum, default_value_t = RampOrder::Rooms)]
+    #[serde(default = "default_ramp_order")]
+    pub ramp_order: RampOrder,
 
     /// Seconds one connect (TCP, upgrade and welcome) may take before it counts as `timeout`.
     #[arg(long, default_value_t = 10.0)]
@@ -144,6 +164,10 @@ pub struct Config {
     pub worker_exe: Option<PathBuf>,
 }
 
+fn default_ramp_order() -> RampOrder {
+    RampOrder::Rooms
+}
+
 impl Default for Config {
     fn default() -> Self {
         use clap::Parser;
@@ -188,16 +212,11 @@ impl Config {
         if servers == 0 {
             bail!("--url needs at least one server");
         }
-        let per_room_publishers = match self.route {
-            Route::Rooms => self.publishers,
-            Route::Spread => self.publishers * servers,
-        };
         let smallest_room = self.clients / self.rooms;
-        if self.publishers == 0 || per_room_publishers > smallest_room {
+        if self.publishers == 0 || self.publishers > smallest_room {
             bail!(
-                "--publishers {} needs at least {} clients per room, the smallest room has {}",
+                "--publishers {} needs at least as many clients per room; the smallest room has {}",
                 self.publishers,
-                per_room_publishers,
                 smallest_room
             );
         }

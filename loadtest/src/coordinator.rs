@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 
 use crate::config::{Config, Scenario, Server};
+use crate::cost::{Cost, Mark};
 use crate::hist::{add_buckets, new_hist, to_buckets};
 use crate::http::{self, Stats};
 use crate::link::WorkerLink;
@@ -230,10 +231,9 @@ impl Coordinator {
         }
 
         let hold = Duration::from_secs_f64(self.config.duration);
-        // CPU charged to deliveries: from just before publishing to the end of the drain, so
-        // the ramp's connects do not count.
-        self.snapshot().await?;
-        let (c0, cpu0) = (self.sum().0.deliveries, self.cpu_sum());
+        // CPU charged to deliveries, on both sides: from just before publishing to the end of
+        // the drain, so the ramp's connects do not count.
+        let start = self.mark().await?;
         match self.config.scenario {
             Scenario::Idle => self.pump_for(hold).await?,
             Scenario::Chat | Scenario::Churn => {
@@ -259,12 +259,20 @@ impl Coordinator {
         if self.publish_started.is_some() {
             self.drain().await?;
         }
-        self.snapshot().await?;
-        let (c1, cpu1) = (self.sum().0.deliveries, self.cpu_sum());
-        self.report.cpu_steady_seconds = cpu1 - cpu0;
-        if c1 > c0 {
-            self.report.cpu_us_per_delivery = Some((cpu1 - cpu0) * 1e6 / (c1 - c0) as f64);
-        }
+        let end = self.mark().await?;
+        let window = Cost::between(&self.urls(), &start, &end);
+        self.report.cpu_steady_seconds = window.loadtest_cpu_seconds;
+        self.report.cpu_us_per_delivery = window.loadtest_cpu_us_per_delivery;
+        // Saturate's figure is its highest sustained step's, not the mix of every step.
+        self.report.cost = match &self.report.saturation {
+            Some(s) => s
+                .steps
+                .iter()
+                .filter(|st| st.passed)
+                .max_by(|a, b| a.deliveries_per_sec.total_cmp(&b.deliveries_per_sec))
+                .and_then(|st| st.cost.clone()),
+            None => Some(window),
+        };
         self.stats_into(|s| &mut s.end).await;
 
         let final_seq = if self.config.scenario == Scenario::Churn {
@@ -699,25 +707,33 @@ impl Coordinator {
     async fn saturate(&mut self, hold: Duration) -> anyhow::Result<Saturation> {
         let step = Duration::from_secs_f64(self.config.step_seconds);
         let started = Instant::now();
-        let live_instances = self.members.iter().filter(|&&m| m > 0).count() as f64;
+        // `--rate` is per room, whatever the route: rooms with a member somewhere publish.
+        let n = self.servers.len();
+        let live_rooms = self
+            .members
+            .chunks(n.max(1))
+            .filter(|room| room.iter().any(|&m| m > 0))
+            .count() as f64;
         let mut out = Saturation::default();
         let mut rate = self.config.rate;
+        let mut start = self.mark().await?;
         loop {
-            self.snapshot().await?;
             let (c0, p0) = self.sum();
             self.step_hist.reset();
             let t0 = Instant::now();
             self.publish(Command::Publish { rate });
             self.pump_for(step).await?;
-            self.snapshot().await?;
+            let end = self.mark().await?;
             let (c1, p1) = self.sum();
             let secs = t0.elapsed().as_secs_f64();
+            let cost = Cost::between(&self.urls(), &start, &end);
+            start = end;
             let loss = c1.loss().saturating_sub(c0.loss());
             let st = Step {
                 rate,
                 seconds: secs,
                 sent_per_sec: (c1.sent - c0.sent) as f64 / secs,
-                target_sent_per_sec: rate * live_instances,
+                target_sent_per_sec: rate * live_rooms,
                 deliveries_per_sec: (c1.deliveries - c0.deliveries) as f64 / secs,
                 loss,
                 disconnects: p1.disconnects - p0.disconnects,
@@ -727,6 +743,7 @@ impl Coordinator {
                     self.step_hist.value_at_quantile(0.99)
                 },
                 passed: false,
+                cost: Some(cost),
             };
             let p99_ok = (st.p99_us as f64) <= self.config.max_p99_ms * 1000.0;
             let mut stop = None;
@@ -771,6 +788,41 @@ impl Coordinator {
             }
             rate *= 2.0;
         }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.url.clone()).collect()
+    }
+
+    /// One end of a cost window: fresh counters from every worker, then every server's
+    /// `/api/stats` (fetched together, so the servers are sampled within one round trip).
+    async fn mark(&mut self) -> anyhow::Result<Mark> {
+        self.snapshot().await?;
+        let (c, _) = self.sum();
+        let loadtest_cpu = self.cpu_sum();
+        let at_secs = self.t0.elapsed().as_secs_f64();
+        let mut set = JoinSet::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            let s = s.clone();
+            set.spawn(async move { (i, http::stats(&s).await) });
+        }
+        let mut servers = vec![None; self.servers.len()];
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((i, Ok(st))) => servers[i] = Some(st),
+                Ok((i, Err(e))) => self
+                    .report
+                    .notes
+                    .push(format!("cost sample of {}: {e:#}", self.servers[i].url)),
+                Err(e) => self.report.notes.push(format!("cost sample: {e}")),
+            }
+        }
+        Ok(Mark {
+            deliveries_by_server: c.deliveries_by_server,
+            loadtest_cpu,
+            servers,
+            at_secs,
+        })
     }
 
     /// Asks every worker for its counters now and waits for the answers (bounded to 5 s).

@@ -72,6 +72,12 @@ pub struct Stats {
     pub messages_in: u64,
     #[serde(default)]
     pub frames_out: u64,
+    /// Socket writes that carried room frames (`frames_out / writes` is the batching).
+    #[serde(default)]
+    pub writes: u64,
+    /// CPU seconds (user + system) the server process has used; absent from older servers.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
     #[serde(default)]
     pub evictions: u64,
 }

@@ -3,11 +3,14 @@
 //! servers say. The binary is a thin `main`; tests call [`run`] directly.
 //!
 //! Data flows: `config` → `preflight` → `coordinator` (spawns `worker`s via `link`) →
-//! `client` connections → counters and histograms → `report`.
+//! `client` connections → counters and histograms → `cost` (both sides' CPU per window) →
+//! `report`.
 
 pub mod client;
 pub mod config;
 pub mod coordinator;
+pub mod cost;
+pub mod gate;
 pub mod hist;
 pub mod http;
 pub mod link;
@@ -19,6 +22,6 @@ pub mod seq;
 pub mod sys;
 pub mod worker;
 
-pub use config::{Config, Route, Scenario};
+pub use config::{Config, RampOrder, Route, Scenario};
 pub use coordinator::run;
 pub use report::Report;

@@ -2,7 +2,7 @@
 //! Exit codes: 0 pass, 1 the run found failures, 2 the run could not be made, 3 `--max-seconds`.
 
 use clap::{Parser, Subcommand};
-use loadtest::{plan, sys, Config};
+use loadtest::{sys, Config};
 
 #[derive(Parser)]
 #[command(
@@ -30,17 +30,14 @@ fn main() {
         std::process::exit(loadtest::link::worker_main());
     }
     let config = cli.config;
-    // The clients run in this process when there is one worker: give them every core then.
-    let hard = sys::raise_nofile().map(|(_, h)| h).unwrap_or(1024);
-    let procs = config
-        .procs
-        .unwrap_or_else(|| plan::default_procs(config.clients, hard));
-    let mut rt = if procs == 1 {
-        tokio::runtime::Builder::new_multi_thread()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-    };
-    let rt = match rt.enable_all().build() {
+    // One thread, also when the clients run in this process (one worker): a delivery is one
+    // socket wake, and on a multi-thread runtime a wake may cross threads (queue handoff, futex
+    // unpark), which costs more than the delivery itself. More client cores: `--procs N`.
+    let _ = sys::raise_nofile();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("loadtest: cannot start the runtime: {e}");

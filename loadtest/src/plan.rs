@@ -14,7 +14,7 @@ pub struct Placement {
     pub instance: u32,
     /// Publishes as well as receives.
     pub publisher: bool,
-    /// Publisher number within its instance (0..publishers), used to stagger send times.
+    /// Publisher number within its room (0..publishers), used to stagger send times.
     pub publisher_rank: u32,
 }
 
@@ -47,25 +47,22 @@ impl Plan {
     }
 
     /// Client `c` is member number `k = c / rooms` of room `c % rooms`: rooms fill evenly.
+    /// Members `0..publishers` of every room publish, whatever the route: `--publishers` and
+    /// `--rate` are per room. With `spread` members alternate over servers, so a room's
+    /// publishers are spread over the servers too.
     pub fn place(&self, c: u32) -> Placement {
         let room = c % self.rooms;
         let k = c / self.rooms;
-        let (server, publisher, rank) = match self.route {
-            Route::Rooms => (room % self.servers, k < self.publishers, k),
-            // Members alternate over servers, so the first `publishers × servers` members give
-            // every server `publishers` publishers of its own copy of the room.
-            Route::Spread => (
-                k % self.servers,
-                k < self.publishers * self.servers,
-                k / self.servers,
-            ),
+        let server = match self.route {
+            Route::Rooms => room % self.servers,
+            Route::Spread => k % self.servers,
         };
         Placement {
             room,
             server,
             instance: room * self.servers + server,
-            publisher,
-            publisher_rank: rank,
+            publisher: k < self.publishers,
+            publisher_rank: k,
         }
     }
 
@@ -145,8 +142,8 @@ mod tests {
     }
 
     #[test]
-    fn spread_route_gives_each_server_its_publishers() {
-        let p = plan(600, 2, 3, Route::Spread, 1, 1);
+    fn spread_route_counts_publishers_per_room_and_spreads_them() {
+        let p = plan(600, 2, 3, Route::Spread, 3, 1);
         let members = p.expected_members();
         assert_eq!(members, vec![100; 6]);
         for inst in 0..6 {
@@ -154,8 +151,30 @@ mod tests {
                 .map(|c| p.place(c))
                 .filter(|pl| pl.instance == inst && pl.publisher)
                 .count();
-            assert_eq!(pubs, 1, "instance {inst}");
+            assert_eq!(
+                pubs, 1,
+                "3 publishers per room over 3 servers: instance {inst}"
+            );
         }
+        let one = plan(600, 2, 3, Route::Spread, 1, 1);
+        for room in 0..2 {
+            let pubs: Vec<Placement> = (0..600)
+                .map(|c| one.place(c))
+                .filter(|pl| pl.room == room && pl.publisher)
+                .collect();
+            assert_eq!(
+                pubs.len(),
+                1,
+                "--publishers 1 is one per room, not per server"
+            );
+            assert_eq!(pubs[0].publisher_rank, 0);
+        }
+        // The same count in both routes.
+        let rooms = plan(600, 2, 3, Route::Rooms, 2, 1);
+        let spread = plan(600, 2, 3, Route::Spread, 2, 1);
+        let count = |p: Plan| (0..600).filter(|&c| p.place(c).publisher).count();
+        assert_eq!(count(rooms), 4);
+        assert_eq!(count(spread), 4);
     }
 
     #[test]

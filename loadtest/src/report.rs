@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::config::{Config, Scenario};
+use crate::cost::Cost;
 use crate::http::Stats;
 use crate::preflight::Check;
 
@@ -68,6 +69,8 @@ pub struct Step {
     pub disconnects: u64,
     pub p99_us: u64,
     pub passed: bool,
+    /// Both sides' CPU over this step (servers sampled at its start and end).
+    pub cost: Option<Cost>,
 }
 
 /// The result of `saturate`.
@@ -136,6 +139,10 @@ pub struct Report {
     pub cpu_steady_seconds: f64,
     /// `cpu_steady_seconds` per delivery in that window, µs.
     pub cpu_us_per_delivery: Option<f64>,
+    /// Server CPU, deliveries per server CPU-second, frames per write and loadtest CPU per
+    /// delivery, per server and in total: over the steady window (publishing and drain), or
+    /// for `saturate` over its highest sustained step.
+    pub cost: Option<Cost>,
 
     pub saturation: Option<Saturation>,
     /// Why the run failed; empty when it passed.
@@ -330,12 +337,40 @@ impl Report {
                     .unwrap_or_default()
             ),
         );
+        if let Some(c) = &self.cost {
+            let what = if self.saturation.is_some() {
+                "cost, best step"
+            } else {
+                "cost, steady window"
+            };
+            row(what, c.summary());
+            if c.servers.len() > 1 {
+                for s in &c.servers {
+                    row(
+                        &format!("  {}", s.url),
+                        format!("{} deliveries; {}", thousands(s.deliveries), s.summary()),
+                    );
+                }
+            }
+        }
         if let Some(s) = &self.saturation {
             for st in &s.steps {
+                let cost = st
+                    .cost
+                    .as_ref()
+                    .map(|c| {
+                        format!(
+                            "; {} deliveries/server CPU-s, {} frames/write, loadtest {} µs/delivery",
+                            opt(c.total.deliveries_per_cpu_second, 0),
+                            opt(c.total.frames_per_write, 2),
+                            opt(c.loadtest_cpu_us_per_delivery, 2)
+                        )
+                    })
+                    .unwrap_or_default();
                 row(
                     &format!("  step {} msg/s/room", st.rate),
                     format!(
-                        "{} deliveries/s, sent {:.0}/{:.0} per s, loss {}, p99 {} {}",
+                        "{} deliveries/s, sent {:.0}/{:.0} per s, loss {}, p99 {} {}{cost}",
                         thousands(st.deliveries_per_sec.round() as u64),
                         st.sent_per_sec,
                         st.target_sent_per_sec,
@@ -387,6 +422,15 @@ pub fn reasons(m: &BTreeMap<String, u64>) -> String {
         .map(|(k, n)| format!("{k} {n}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `12,345` or `1.23` (`digits` decimals), `?` when absent.
+fn opt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(v) if digits == 0 => thousands(v.round() as u64),
+        Some(v) => format!("{v:.digits$}"),
+        None => "?".into(),
+    }
 }
 
 pub fn ms(us: u64) -> String {

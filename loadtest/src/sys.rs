@@ -53,6 +53,37 @@ fn rusage(who: libc::c_int) -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// Asks the kernel to pick a socket's local port at `connect` rather than at `bind`
+/// (`IP_BIND_ADDRESS_NO_PORT`). A client bound to a source address otherwise gets a port at
+/// bind time, which must be free for every destination; with tens of thousands of sockets per
+/// address that search is slow and runs out early. At connect time the kernel knows the
+/// destination, so a port only has to be unique per (source, destination) pair.
+/// A no-op returning `Ok` where the option does not exist (not Linux).
+pub fn set_bind_address_no_port(socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let one: libc::c_int = 1;
+        // SAFETY: the fd is a live socket borrowed for the call; the option value pointer and
+        // length describe `one`, a c_int on this stack frame that outlives the call, and
+        // setsockopt only reads it.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast::<libc::c_void>(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
+    Ok(())
+}
+
 /// Reads a sysctl from /proc/sys (`net/core/somaxconn`); `None` where it cannot be read.
 pub fn sysctl(path: &str) -> Option<String> {
     std::fs::read_to_string(format!("/proc/sys/{path}"))
@@ -120,6 +151,31 @@ mod tests {
             errno_name(&io::Error::from(io::ErrorKind::UnexpectedEof)),
             "eof"
         );
+    }
+
+    #[test]
+    fn bind_address_no_port_defers_the_port_to_connect() {
+        let s = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let to = s.local_addr().expect("addr");
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        set_bind_address_no_port(&sock).expect("setsockopt");
+        sock.bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind");
+        if cfg!(target_os = "linux") {
+            assert_eq!(
+                sock.local_addr().expect("local").port(),
+                0,
+                "no port is taken at bind"
+            );
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let stream = rt.block_on(sock.connect(to)).expect("connect");
+        let local = stream.local_addr().expect("local");
+        assert_eq!(local.ip().to_string(), "127.0.0.2");
+        assert_ne!(local.port(), 0);
     }
 
     #[test]

@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::pin::pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,7 +17,8 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::client::{self, close_reason, ws_reason, Ws};
-use crate::config::{Config, Route, Scenario, Server};
+use crate::config::{Config, RampOrder, Route, Scenario, Server};
+use crate::gate::Gated;
 use crate::hist::{new_hist, to_buckets};
 use crate::payload::{now_us, parse_incoming, stamped_message, Incoming};
 use crate::plan::{room_name, Placement, Plan};
@@ -40,7 +40,8 @@ pub struct WorkerSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
-    /// Publishers send `rate` messages/s per room instance from now on (replaces any pace).
+    /// Publishers send `rate` messages/s per room (all its publishers together) from now on
+    /// (replaces any pace).
     Publish { rate: f64 },
     /// Publishers send as fast as `window` unacknowledged messages allow.
     PublishWindow { window: u32 },
@@ -84,6 +85,10 @@ pub struct Counters {
     pub unstamped: u64,
     /// Stamps from the future (clock step); latency recorded as 0.
     pub clock_skew: u64,
+    /// `deliveries` by the index of the server the receiving client is connected to (the one
+    /// that wrote them): divided by that server's CPU time in the report.
+    #[serde(default)]
+    pub deliveries_by_server: Vec<u64>,
 }
 
 impl Counters {
@@ -101,6 +106,17 @@ impl Counters {
         self.other_frames += o.other_frames;
         self.unstamped += o.unstamped;
         self.clock_skew += o.clock_skew;
+        if self.deliveries_by_server.len() < o.deliveries_by_server.len() {
+            self.deliveries_by_server
+                .resize(o.deliveries_by_server.len(), 0);
+        }
+        for (a, b) in self
+            .deliveries_by_server
+            .iter_mut()
+            .zip(&o.deliveries_by_server)
+        {
+            *a += b;
+        }
     }
 
     /// Messages some member never received.
@@ -236,6 +252,8 @@ struct Shared {
     ramp_done: Notify,
     pace: watch::Sender<Pace>,
     stop: watch::Sender<Stop>,
+    /// Raised just before `stop` changes: opens the clients' `Gated` stop futures.
+    stopping: AtomicBool,
     /// Connects in flight at once (ramp and churn reconnects).
     connect_slots: Arc<Semaphore>,
 }
@@ -248,6 +266,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const SHARDS: usize = 8;
 /// Publishers write at most this many frames per wake-up before yielding.
 const BURST: u64 = 64;
+/// A gate that is always open (see `gate::Gated`).
+static ALWAYS: AtomicBool = AtomicBool::new(true);
 /// How long a closing client waits for the server's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
@@ -277,6 +297,13 @@ impl Shared {
         match incoming {
             Incoming::Message { seq, stamp } => {
                 shard.c.deliveries += 1;
+                if let Some(n) = shard
+                    .c
+                    .deliveries_by_server
+                    .get_mut(me.place.server as usize)
+                {
+                    *n += 1;
+                }
                 match me.tracker.observe(seq) {
                     Seen::InOrder => {}
                     Seen::Gap(n) => shard.c.gaps += n,
@@ -390,7 +417,10 @@ pub async fn run(
         shards: (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
-                    c: Counters::default(),
+                    c: Counters {
+                        deliveries_by_server: vec![0; spec.servers.len()],
+                        ..Counters::default()
+                    },
                     hist: new_hist(),
                 })
             })
@@ -410,6 +440,7 @@ pub async fn run(
         ramp_done: Notify::new(),
         pace: watch::channel(Pace::Silent).0,
         stop: watch::channel(Stop::Running).0,
+        stopping: AtomicBool::new(false),
     });
 
     // Cumulative latencies: every progress moves its interval in here.
@@ -470,6 +501,7 @@ pub async fn run(
     shared.pace.send_replace(Pace::Silent);
     match finish {
         Some(final_seq) => {
+            shared.stopping.store(true, Release);
             shared.stop.send_replace(Stop::Finish(final_seq));
             // Every client closes within CLOSE_WAIT; allow for a slow, busy machine.
             let grace = CLOSE_WAIT * 2 + Duration::from_secs(2);
@@ -479,6 +511,7 @@ pub async fn run(
             }
         }
         None => {
+            shared.stopping.store(true, Release);
             shared.stop.send_replace(Stop::Abort);
             spawner.abort();
             let _ = (&mut spawner).await;
@@ -506,7 +539,12 @@ async fn ramp(shared: Arc<Shared>) {
     let rate = shared.config.ramp_rate / f64::from(plan.procs);
     let mut set = JoinSet::new();
     let t0 = Instant::now();
-    let mine: Vec<u32> = plan.clients_of(shared.index).collect();
+    let mut mine: Vec<u32> = plan.clients_of(shared.index).collect();
+    if shared.config.ramp_order == RampOrder::Rooms {
+        // Every worker walks the rooms in the same order at the same pace, so a room's members
+        // (publishers first) join together. Stable sort: members keep their order.
+        mine.sort_by_key(|&c| plan.place(c).room);
+    }
     let mut stop = shared.stop.subscribe();
     for (i, c) in mine.into_iter().enumerate() {
         if !matches!(*stop.borrow_and_update(), Stop::Running) {
@@ -563,9 +601,9 @@ async fn client_main(shared: Arc<Shared>, c: u32, permit: OwnedSemaphorePermit) 
     };
     let stop = wait_stop(shared.stop.subscribe());
     let end = if place.publisher {
-        publish_session(&shared, ws, &mut me, stop).await
+        publish_session(&shared, ws, &mut me, stop, &shared.stopping).await
     } else {
-        receive_session(&shared, ws, &mut me, stop).await
+        receive_session(&shared, ws, &mut me, stop, &shared.stopping).await
     };
     left(&shared, &me, end);
 }
@@ -612,17 +650,23 @@ async fn wait_stop(mut rx: watch::Receiver<Stop>) -> End {
 }
 
 /// A receiving-only client: one task owns the whole socket; fastwebsockets answers pings.
+/// `stop` is polled once, then only after `gate` is raised.
 async fn receive_session(
     shared: &Shared,
     mut ws: Ws,
     me: &mut Me,
     stop: impl Future<Output = End>,
+    gate: &AtomicBool,
 ) -> End {
-    let mut stop = pin!(stop);
+    // Not polled once per delivery (see `gate`).
+    let mut stop = Gated::new(stop, gate);
     let end = loop {
         // The read future is dropped only when `stop` wins, and then the socket is being
         // closed: a half-read frame no longer matters (fastwebsockets' read is not cancel-safe).
+        // Stop first: a gated poll costs one atomic swap, and a busy socket cannot starve it.
         tokio::select! {
+            biased;
+            end = &mut stop => break end,
             frame = ws.read_frame() => match frame {
                 Ok(frame) => match frame.opcode {
                     OpCode::Text => {
@@ -633,7 +677,6 @@ async fn receive_session(
                 },
                 Err(e) => break End::Lost(ws_reason(&e)),
             },
-            end = &mut stop => break end,
         }
     };
     if matches!(end, End::Finish(_) | End::Leave) {
@@ -663,6 +706,7 @@ async fn publish_session(
     ws: Ws,
     me: &mut Me,
     stop: impl Future<Output = End>,
+    gate: &AtomicBool,
 ) -> End {
     let (mut rx, mut tx) = ws.split(tokio::io::split);
     let acked = AtomicU64::new(0);
@@ -674,7 +718,7 @@ async fn publish_session(
     let rank = me.place.publisher_rank;
 
     let reader = async {
-        let mut stop = pin!(stop);
+        let mut stop = Gated::new(stop, gate);
         let mut owe = |f: Frame<'_>| {
             // Pongs and close replies go through the writer; a full queue drops a pong,
             // which the next ping makes good.
@@ -684,6 +728,8 @@ async fn publish_session(
         let end = loop {
             // As in `receive_session`: the read future is dropped only when stopping.
             tokio::select! {
+                biased;
+                end = &mut stop => break end,
                 frame = rx.read_frame(&mut owe) => match frame {
                     Ok(frame) => match frame.opcode {
                         OpCode::Text => {
@@ -698,7 +744,6 @@ async fn publish_session(
                     },
                     Err(e) => break End::Lost(ws_reason(&e)),
                 },
-                end = &mut stop => break end,
             }
         };
         if matches!(end, End::Finish(_) | End::Leave) {
@@ -904,10 +949,11 @@ async fn churn_slot(shared: Arc<Shared>, c: u32, permit: OwnedSemaphorePermit) {
                 }
             }
         };
+        // The session's lifetime timer is in `stop` too: no gate (churn is not about cost).
         let end = if place.publisher {
-            publish_session(&shared, ws, &mut me, stop).await
+            publish_session(&shared, ws, &mut me, stop, &ALWAYS).await
         } else {
-            receive_session(&shared, ws, &mut me, stop).await
+            receive_session(&shared, ws, &mut me, stop, &ALWAYS).await
         };
         let abort = matches!(end, End::Abort);
         left(&shared, &me, end);
@@ -950,6 +996,25 @@ mod tests {
         };
         assert_eq!(c.loss(), 4);
         assert_eq!(c.reorders(), 3);
+    }
+
+    #[test]
+    fn counters_add_deliveries_by_server() {
+        let mut total = Counters::default();
+        let a = Counters {
+            deliveries: 3,
+            deliveries_by_server: vec![1, 2],
+            ..Counters::default()
+        };
+        let b = Counters {
+            deliveries: 6,
+            deliveries_by_server: vec![1, 2, 3],
+            ..Counters::default()
+        };
+        total.add(&a);
+        total.add(&b);
+        assert_eq!(total.deliveries, 9);
+        assert_eq!(total.deliveries_by_server, vec![2, 4, 3]);
     }
 
     #[test]

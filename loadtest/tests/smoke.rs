@@ -44,6 +44,21 @@ async fn two_thousand_clients_in_twenty_rooms_lose_nothing() {
     );
     assert!(report.ok(), "{:?}", report.failures);
 
+    // The server's side of the window: read from its /api/stats at both ends.
+    let cost = report.cost.as_ref().expect("a chat run reports its cost");
+    assert_eq!(
+        cost.deliveries, report.deliveries,
+        "every delivery is in the window"
+    );
+    assert!(cost.total.cpu_seconds.is_some_and(|c| c > 0.0), "{cost:?}");
+    assert!(cost.total.deliveries_per_cpu_second.is_some(), "{cost:?}");
+    // Every delivery is a frame the server wrote, in at most one write each.
+    assert!(cost.total.frames_out >= report.deliveries, "{cost:?}");
+    assert!(
+        cost.total.frames_per_write.is_some_and(|f| f >= 1.0),
+        "{cost:?}"
+    );
+
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
