@@ -3,14 +3,16 @@
 //! idle peers, evicting itself when it falls behind, and closing with a precise code.
 
 use std::io::{self, IoSlice};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use fastwebsockets::upgrade::UpgradeFut;
 use fastwebsockets::{Frame, OpCode, Payload};
+use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
@@ -86,7 +88,7 @@ impl Membership {
         i: usize,
         out: Arc<Outbound>,
         conn: u64,
-        batch: &mut SmallVec<[(usize, Arc<Outbound>); 16]>,
+        batch: &mut Batch,
         stats: &crate::stats::Stats,
     ) {
         if out.seq > 0 {
@@ -128,37 +130,127 @@ enum End {
     Gone,
 }
 
+/// Gives back what an accepted upgrade holds (the connection gauge and the per-IP count) when
+/// its task ends, or never starts.
+pub(crate) struct ConnectionGuard {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) ip: Option<IpAddr>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.shared.stats.connections.dec();
+        if let (Some(ip), Some(per_ip)) = (self.ip, &self.shared.per_ip) {
+            per_ip.release(ip);
+        }
+    }
+}
+
+/// What the HTTP layer hands over with an accepted upgrade (the 101 is on its way).
+pub(crate) struct Accepted {
+    pub(crate) shared: Arc<Shared>,
+    /// Completes once hyper has written the 101 and let go of the socket.
+    pub(crate) upgrade: UpgradeFut,
+    pub(crate) id: u64,
+    pub(crate) user: Arc<str>,
+    pub(crate) mode: Mode,
+    pub(crate) shutdown: Shutdown,
+    pub(crate) guard: ConnectionGuard,
+}
+
 /// Everything one connection owns. Dropped when the task ends; `leave_all` runs before.
 pub struct Connection {
     id: u64,
     user: Arc<str>,
     shared: Arc<Shared>,
-    writer: OwnedWriteHalf,
+    /// One owner for both directions: reads and writes go through `&TcpStream` and readiness,
+    /// so neither holds a buffer or a future while the socket is idle (and no `Arc` is needed
+    /// to split it).
+    stream: TcpStream,
+    /// Bytes read but not yet taken as frames. Holds no allocation except while a frame is only
+    /// partly in.
+    inbuf: BytesMut,
+    shutdown: Shutdown,
     rooms: SmallVec<[Membership; 1]>,
-    /// A fragmented message being reassembled, and its first frame's opcode.
-    partial: Option<(OpCode, BytesMut)>,
+    /// A fragmented message being reassembled, and its first frame's opcode. Boxed (as is
+    /// `limiter`) because it is rare and every idle connection would carry its space.
+    partial: Option<Box<(OpCode, BytesMut)>>,
     echo: bool,
     grant: Option<Arc<Grant>>,
     /// `--rate-limit` on the messages this socket sends.
-    limiter: Option<ConnectionLimiter>,
+    limiter: Option<Box<ConnectionLimiter>>,
+    /// Dropped with the connection, whichever way it ends.
+    _guard: ConnectionGuard,
 }
 
-/// Splits the upgraded TCP stream and runs the connection to its end.
-/// `leftover` holds bytes the HTTP layer read past the upgrade request.
-pub async fn run(
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    leftover: Bytes,
-    id: u64,
-    user: Arc<str>,
-    mode: Mode,
-    mut shutdown: Shutdown,
-) {
-    let (read, writer) = stream.into_split();
+/// A room batch the socket did not take in full at once: the rest is written by a boxed future
+/// (`finish_delivery`), so that the rare full socket, not every idle one, pays for the space.
+struct Blocked {
+    batch: Batch,
+    /// Bytes of the batch already written.
+    written: usize,
+}
+
+/// Room frames gathered for one write, with the index of the room each came from.
+type Batch = SmallVec<[(usize, Arc<Outbound>); 16]>;
+
+/// Runs an accepted upgrade to its end: completes the upgrade, enters the first room, serves,
+/// closes. The task's future is sized by its largest state and an idle connection sits in
+/// `serve`'s wait for its whole life, so every step that is not that wait (the upgrade, the
+/// first welcome and replay, handling a message, closing) runs in a boxed future that exists
+/// only while the step does. `accepted` is boxed for the same reason: an async fn keeps its
+/// arguments for its whole life.
+pub(crate) async fn run(accepted: Box<Accepted>) {
+    let Some((mut conn, end)) = Box::pin(open(accepted)).await else {
+        return;
+    };
+    let end = match end {
+        Some(end) => end,
+        None => conn.serve().await,
+    };
+    conn.leave_all();
+    if let End::Close(code, reason) = end {
+        Box::pin(conn.close(code, reason)).await;
+    }
+}
+
+/// Waits for the upgrade, takes the TCP stream out of hyper and enters the first room (if the
+/// upgrade named one). `None`: the socket never arrived. `Some((_, Some(end)))`: entering
+/// failed and the connection ends at once.
+async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
+    let Accepted {
+        shared,
+        upgrade,
+        id,
+        user,
+        mode,
+        shutdown,
+        guard,
+    } = *accepted;
+    let ws = match upgrade.await {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            mode.abandon(&shared, id);
+            return None;
+        }
+    };
+    let parts = match ws
+        .into_inner()
+        .into_inner()
+        .downcast::<TokioIo<TcpStream>>()
+    {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::error!("{}", crate::Error::NotTcp);
+            mode.abandon(&shared, id);
+            return None;
+        }
+    };
     // What hyper read past the request (rarely anything) is the start of the first frame.
     // hyper hands it over as a freeze of its whole read buffer: copy just these bytes.
-    let inbuf = BytesMut::from(&leftover[..]);
-    drop(leftover);
+    let inbuf = BytesMut::from(&parts.read_buf[..]);
+    let stream = parts.io.into_inner();
 
     let (first, echo, grant) = match mode {
         Mode::Rooms { first, grant } => (first, false, grant),
@@ -168,18 +260,24 @@ pub async fn run(
     let limiter = if echo {
         None
     } else {
-        shared.config.connection_rate().map(ConnectionLimiter::new)
+        shared
+            .config
+            .connection_rate()
+            .map(|spec| Box::new(ConnectionLimiter::new(spec)))
     };
     let mut conn = Connection {
         id,
         user,
         shared,
-        writer,
+        stream,
+        inbuf,
+        shutdown,
         rooms: SmallVec::new(),
         partial: None,
         echo,
         grant,
         limiter,
+        _guard: guard,
     };
     let end = match first {
         Some(joined) => conn.enter(joined).await.err().map(|e| match e {
@@ -188,27 +286,18 @@ pub async fn run(
         }),
         None => None,
     };
-    let end = match end {
-        Some(end) => end,
-        None => conn.serve(read, inbuf, &mut shutdown).await,
-    };
-    conn.leave_all();
-    if let End::Close(code, reason) = end {
-        conn.close(code, reason).await;
-    }
+    Some((conn, end))
 }
 
 impl Connection {
     /// Runs until the connection must end. Reading waits for readiness with no buffer held, so an
     /// idle socket costs no read buffer; `inbuf` holds only a partial frame between reads.
-    async fn serve(
-        &mut self,
-        read: OwnedReadHalf,
-        mut inbuf: BytesMut,
-        shutdown: &mut Shutdown,
-    ) -> End {
-        if let Err(end) = self.drain_frames(&mut inbuf).await {
-            return end;
+    async fn serve(&mut self) -> End {
+        if !self.inbuf.is_empty() {
+            if let Err(end) = Box::pin(self.drain_frames()).await {
+                return end;
+            }
+            self.release_inbuf();
         }
         let ping_interval = self.shared.config.ping_interval;
         let mut last_seen = Instant::now();
@@ -218,15 +307,27 @@ impl Connection {
             // Unbiased on purpose: a client that keeps sending must not starve its own deliveries
             // (its receiver would lag and be evicted), and a busy room must not starve reading
             // (its pongs would go unread and it would be dropped for silence).
+            // `select!` drops its futures before a handler runs, so the state of a handler and
+            // that of the wait share space: the handlers here stay at most as large as the wait.
             tokio::select! {
-                _ = shutdown.recv() => return End::Close(1001, "server shutting down"),
-                ready = read.readable() => {
+                _ = self.shutdown.recv() => return End::Close(1001, "server shutting down"),
+                // `poll_read_ready` keeps its waker in the socket's own state: unlike
+                // `readable()`'s 150-byte future, this wait costs the task nothing.
+                ready = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
                     if ready.is_err() {
                         return End::Gone;
                     }
-                    match self.read_available(&read, &mut inbuf).await {
-                        Ok(true) => last_seen = Instant::now(),
+                    match self.read_available() {
                         Ok(false) => {}
+                        Ok(true) => {
+                            last_seen = Instant::now();
+                            // Boxed: handling messages (parsing, publishing, joining, answering)
+                            // needs far more state than waiting does (see `run`).
+                            if let Err(end) = Box::pin(self.drain_frames()).await {
+                                return end;
+                            }
+                            self.release_inbuf();
+                        }
                         Err(end) => return end,
                     }
                 }
@@ -240,7 +341,9 @@ impl Connection {
                     if silent >= ping_interval * 2 {
                         return End::Close(1008, "ping timeout");
                     }
-                    if silent >= ping_interval && self.write_raw(&protocol::ping_frame()).await.is_err() {
+                    if silent >= ping_interval
+                        && self.write_frames(&[&protocol::ping_frame()]).await.is_err()
+                    {
                         return End::Gone;
                     }
                     let next = if silent >= ping_interval { Instant::now() } else { last_seen };
@@ -251,37 +354,32 @@ impl Connection {
     }
 
     /// One read after a readiness event (one per event, so a fast sender cannot monopolise the
-    /// task), then every complete frame handled in order. Returns whether any bytes came in.
-    /// The buffer is released as soon as it holds no partial frame.
-    async fn read_available(
-        &mut self,
-        read: &OwnedReadHalf,
-        inbuf: &mut BytesMut,
-    ) -> Result<bool, End> {
-        inbuf.reserve(READ_CHUNK);
-        match read.try_read_buf(inbuf) {
-            Ok(0) => return Err(End::Gone),
-            Ok(_) => {}
+    /// task). Returns whether any bytes came in; the caller then handles the frames.
+    fn read_available(&mut self) -> Result<bool, End> {
+        self.inbuf.reserve(READ_CHUNK);
+        match self.stream.try_read_buf(&mut self.inbuf) {
+            Ok(0) => Err(End::Gone),
+            Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if inbuf.is_empty() {
-                    *inbuf = BytesMut::new();
-                }
-                return Ok(false);
+                self.release_inbuf();
+                Ok(false)
             }
-            Err(_) => return Err(End::Gone),
+            Err(_) => Err(End::Gone),
         }
-        self.drain_frames(inbuf).await?;
-        if inbuf.is_empty() {
-            *inbuf = BytesMut::new();
+    }
+
+    /// Lets go of the read buffer unless it holds part of a frame.
+    fn release_inbuf(&mut self) {
+        if self.inbuf.is_empty() {
+            self.inbuf = BytesMut::new();
         }
-        Ok(true)
     }
 
     /// Handles every complete frame in `inbuf`, leaving a partial one in place.
-    async fn drain_frames(&mut self, inbuf: &mut BytesMut) -> Result<(), End> {
+    async fn drain_frames(&mut self) -> Result<(), End> {
         let max = self.shared.config.max_message_bytes as usize;
         loop {
-            match frame::decode(inbuf, max) {
+            match frame::decode(&mut self.inbuf, max) {
                 Ok(None) => return Ok(()),
                 Ok(Some(frame)) => {
                     if let Some(end) = self.on_frame(frame).await {
@@ -308,7 +406,7 @@ impl Connection {
             }
             OpCode::Ping => {
                 let pong = protocol::encode_control(Frame::pong(Payload::Borrowed(&frame.payload)));
-                return self.write_raw(&pong).await.err();
+                return self.write_frames(&[&pong]).await.err();
             }
             OpCode::Pong => return None,
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
@@ -316,11 +414,11 @@ impl Connection {
             }
             OpCode::Text | OpCode::Binary if frame.fin => (frame.opcode, frame.payload),
             OpCode::Text | OpCode::Binary => {
-                self.partial = Some((frame.opcode, frame.payload));
+                self.partial = Some(Box::new((frame.opcode, frame.payload)));
                 return None;
             }
             OpCode::Continuation => {
-                let Some((_, buf)) = self.partial.as_mut() else {
+                let Some((_, buf)) = self.partial.as_deref_mut() else {
                     return Some(End::Close(1002, "continuation frame without a message"));
                 };
                 if buf.len() + frame.payload.len() > max {
@@ -330,7 +428,7 @@ impl Connection {
                 if !frame.fin {
                     return None;
                 }
-                let (opcode, buf) = self.partial.take()?;
+                let (opcode, buf) = *self.partial.take()?;
                 (opcode, buf)
             }
         };
@@ -354,14 +452,7 @@ impl Connection {
         }
         let mut head = [0u8; 10];
         let len = Frame::new(true, opcode, None, Payload::Borrowed(&payload)).fmt_head(&mut head);
-        let timeout = self.shared.config.write_timeout;
-        let parts: [&[u8]; 2] = [&head[..len], &payload];
-        let write = write_all_vectored(&mut self.writer, &parts);
-        match tokio::time::timeout(timeout, write).await {
-            Ok(Ok(())) => None,
-            Ok(Err(_)) => Some(End::Gone),
-            Err(_) => Some(End::Close(1008, "slow consumer")),
-        }
+        self.write_frames(&[&head[..len], &payload]).await.err()
     }
 
     /// Handles one complete client text message; protocol errors answer with an error frame.
@@ -562,13 +653,8 @@ impl Connection {
         frames.push(&joined.welcome);
         frames.push(&replay.header);
         frames.extend(replay.frames.iter().map(|o| &o.frame[..]));
-        let timeout = self.shared.config.write_timeout;
         for chunk in frames.chunks(MAX_BATCH) {
-            match tokio::time::timeout(timeout, write_all_vectored(&mut self.writer, chunk)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Err(End::Gone)),
-                Err(_) => return Err(Err(End::Close(1008, "slow consumer"))),
-            }
+            self.write_frames(chunk).await.map_err(Err)?;
         }
         Ok(())
     }
@@ -593,13 +679,29 @@ impl Connection {
     }
 
     /// Handles the first frame `recv_any` produced, then drains whatever else is already queued
-    /// in any room (up to `MAX_BATCH`) and writes it all in one vectored write.
+    /// in any room (up to `MAX_BATCH`) and writes it all in one vectored write. The gathering
+    /// and the write the socket takes at once are synchronous (`deliver`): only a batch the
+    /// socket could not take in full waits, boxed, in `finish_delivery`.
     async fn on_room_frame(
         &mut self,
         index: usize,
         first: Result<Arc<Outbound>, RecvError>,
     ) -> Option<End> {
-        let mut batch: SmallVec<[(usize, Arc<Outbound>); 16]> = SmallVec::new();
+        match self.deliver(index, first) {
+            Ok(None) => None,
+            Ok(Some(blocked)) => Box::pin(self.finish_delivery(blocked)).await,
+            Err(end) => Some(end),
+        }
+    }
+
+    /// Gathers a batch and writes as much of it as the socket takes now. `Ok(Some(_))`: the
+    /// socket is full and the rest must be waited for.
+    fn deliver(
+        &mut self,
+        index: usize,
+        first: Result<Arc<Outbound>, RecvError>,
+    ) -> Result<Option<Box<Blocked>>, End> {
+        let mut batch = Batch::new();
         let resync = self.shared.config.lag_policy == LagPolicy::Resync;
         let stats = &self.shared.stats;
         match first {
@@ -613,9 +715,9 @@ impl Connection {
                     m.lagged();
                 }
             }
-            Err(RecvError::Lagged(_)) => return Some(self.evict(index)),
+            Err(RecvError::Lagged(_)) => return Err(self.evict(index)),
             // The room's sender lives in the Room we hold: it cannot close while we are in it.
-            Err(RecvError::Closed) => return Some(End::Close(1011, "room closed")),
+            Err(RecvError::Closed) => return Err(End::Close(1011, "room closed")),
         }
         let mut evict = None;
         'rooms: for (i, m) in self.rooms.iter_mut().enumerate() {
@@ -633,34 +735,57 @@ impl Connection {
             break;
         }
         if let Some(i) = evict {
-            return Some(self.evict(i));
+            return Err(self.evict(i));
         }
         if batch.is_empty() {
-            return None;
+            return Ok(None);
         }
         let frames: SmallVec<[&[u8]; 16]> = batch.iter().map(|(_, o)| &o.frame[..]).collect();
+        match write_now(&self.stream, &frames) {
+            Ok(written) if written == total_len(&frames) => {}
+            Ok(written) => {
+                drop(frames);
+                return Ok(Some(Box::new(Blocked { batch, written })));
+            }
+            Err(_) => return Err(End::Gone),
+        }
+        self.count_delivery(&batch);
+        Ok(None)
+    }
+
+    /// Writes the rest of a batch the socket did not take at once, within `--write-timeout`
+    /// (past it the member is evicted as a slow consumer).
+    async fn finish_delivery(&mut self, blocked: Box<Blocked>) -> Option<End> {
+        let frames: SmallVec<[&[u8]; 16]> =
+            blocked.batch.iter().map(|(_, o)| &o.frame[..]).collect();
         let timeout = self.shared.config.write_timeout;
-        match tokio::time::timeout(timeout, write_all_vectored(&mut self.writer, &frames)).await {
+        let rest = write_rest(&self.stream, &frames, blocked.written);
+        match tokio::time::timeout(timeout, rest).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Some(End::Gone),
             Err(_) => {
-                let (index, _) = batch[0];
+                let (index, _) = blocked.batch[0];
                 return Some(self.evict(index));
             }
         }
+        self.count_delivery(&blocked.batch);
+        None
+    }
+
+    /// Counts a written batch and records, per room, how long its oldest frame waited.
+    fn count_delivery(&self, batch: &Batch) {
         let stats = &self.shared.stats;
         stats.frames_out.inc_by(batch.len() as u64);
         stats.writes.inc();
         // One wait sample per room per write: the oldest frame of that room in this batch.
         let now = std::time::Instant::now();
         let mut seen: SmallVec<[usize; 4]> = SmallVec::new();
-        for (i, out) in &batch {
+        for (i, out) in batch {
             if !seen.contains(i) {
                 seen.push(*i);
                 self.rooms[*i].room.record_wait(out.published_at, now);
             }
         }
-        None
     }
 
     fn evict(&mut self, index: usize) -> End {
@@ -673,18 +798,25 @@ impl Connection {
     /// Writes a frame meant for this socket alone (welcome, error, pong…), bounded by the
     /// write timeout; a timeout evicts.
     async fn write_own(&mut self, frame: &[u8]) -> Result<(), Result<ProtocolError, End>> {
-        let timeout = self.shared.config.write_timeout;
-        match tokio::time::timeout(timeout, self.writer.write_all(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Err(End::Gone)),
-            Err(_) => Err(Err(End::Close(1008, "slow consumer"))),
-        }
+        self.write_frames(&[frame]).await.map_err(Err)
     }
 
-    async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), End> {
-        self.write_own(bytes)
-            .await
-            .map_err(|e| e.err().unwrap_or(End::Gone))
+    /// Writes `frames` in order, in full. The socket usually has room: then this is one
+    /// `writev`, with no wait and nothing allocated. Otherwise the rest is written by a boxed
+    /// future within `--write-timeout`; past it the connection closes as a slow consumer.
+    async fn write_frames(&mut self, frames: &[&[u8]]) -> Result<(), End> {
+        let written = match write_now(&self.stream, frames) {
+            Ok(n) if n == total_len(frames) => return Ok(()),
+            Ok(n) => n,
+            Err(_) => return Err(End::Gone),
+        };
+        let timeout = self.shared.config.write_timeout;
+        let rest = tokio::time::timeout(timeout, write_rest(&self.stream, frames, written));
+        match Box::pin(rest).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Close(1008, "slow consumer")),
+        }
     }
 
     /// Sends our close frame and our FIN, then reads (and discards) what the peer still sends
@@ -692,12 +824,12 @@ impl Connection {
     /// reset, which can destroy the close frame before the peer reads it.
     async fn close(mut self, code: u16, reason: &'static str) {
         let frame = protocol::close_frame(code, reason);
-        let sent = tokio::time::timeout(CLOSE_GRACE, self.writer.write_all(&frame)).await;
+        let sent = tokio::time::timeout(CLOSE_GRACE, write_rest(&self.stream, &[&frame], 0)).await;
         if !matches!(sent, Ok(Ok(()))) {
             return;
         }
-        let _ = self.writer.shutdown().await;
-        let socket: &TcpStream = self.writer.as_ref();
+        let _ = self.stream.shutdown().await;
+        let socket = &self.stream;
         let deadline = Instant::now() + CLOSE_GRACE;
         let mut sink = [0u8; 1024];
         while let Ok(Ok(())) = tokio::time::timeout_at(deadline, socket.readable()).await {
@@ -770,18 +902,48 @@ async fn recv_any(rooms: &mut [Membership]) -> (usize, Result<Arc<Outbound>, Rec
     }
 }
 
-/// Writes every frame, as few syscalls as the kernel allows: one `writev` for the whole batch
-/// unless the socket buffer fills part way.
-async fn write_all_vectored(writer: &mut OwnedWriteHalf, frames: &[&[u8]]) -> io::Result<()> {
+/// Total length of `frames` in bytes.
+fn total_len(frames: &[&[u8]]) -> usize {
+    frames.iter().map(|f| f.len()).sum()
+}
+
+/// Writes as much of `frames` as the socket takes now, without waiting: one `writev`, more
+/// only if the kernel took part of it and has room for more. Returns the bytes written; fewer
+/// than all means the socket is full (`WouldBlock` is not an error here).
+fn write_now(stream: &TcpStream, frames: &[&[u8]]) -> io::Result<usize> {
     let mut slices: SmallVec<[IoSlice<'_>; 16]> = frames.iter().map(|f| IoSlice::new(f)).collect();
     let mut rest: &mut [IoSlice<'_>] = &mut slices;
     IoSlice::advance_slices(&mut rest, 0);
+    let mut written = 0;
     while !rest.is_empty() {
-        let n = writer.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+        match stream.try_write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
         }
-        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(written)
+}
+
+/// Writes what is left of `frames` after the first `skip` bytes, waiting for the socket
+/// whenever it is full. Cancel-safe only in that it writes nothing twice: dropped part way, it
+/// leaves a partial frame on the wire, so the caller ends the connection.
+async fn write_rest(stream: &TcpStream, frames: &[&[u8]], skip: usize) -> io::Result<()> {
+    let mut slices: SmallVec<[IoSlice<'_>; 16]> = frames.iter().map(|f| IoSlice::new(f)).collect();
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    IoSlice::advance_slices(&mut rest, skip);
+    while !rest.is_empty() {
+        stream.writable().await?;
+        match stream.try_write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

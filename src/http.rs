@@ -13,14 +13,12 @@ use hyper::header::{
     SEC_WEBSOCKET_PROTOCOL, WWW_AUTHENTICATE,
 };
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpStream;
 
 use crate::archive::payload_of;
 use crate::auth::{self, AuthError, Grant};
-use crate::connection::Mode;
+use crate::connection::{Accepted, ConnectionGuard, Mode};
 use crate::history::ReplayRequest;
 use crate::limit::retry_after_ms;
 use crate::names::{validate_room, validate_user};
@@ -662,22 +660,6 @@ fn rate_limited(wait: std::time::Duration) -> Response<Body> {
     resp
 }
 
-/// Gives back what an accepted upgrade holds (the connection gauge and the per-IP count) when
-/// its task ends, or never starts.
-struct ConnectionGuard {
-    shared: Arc<Shared>,
-    ip: Option<IpAddr>,
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.shared.stats.connections.dec();
-        if let (Some(ip), Some(per_ip)) = (self.ip, &self.shared.per_ip) {
-            per_ip.release(ip);
-        }
-    }
-}
-
 /// Checks a chat upgrade (token, room grant) and upgrades it. `first_room` is already valid;
 /// `replay` (`history`/`since`) is taken with the first room's join.
 async fn websocket(
@@ -884,29 +866,15 @@ async fn upgrade(
         }
     };
     let shutdown = shared.shutdown.clone();
-    tokio::spawn(async move {
-        let _guard = guard;
-        let ws = match upgrade.await {
-            Ok(ws) => ws,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade did not complete");
-                mode.abandon(&shared, id);
-                return;
-            }
-        };
-        let upgraded = ws.into_inner().into_inner();
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                let stream = parts.io.into_inner();
-                crate::connection::run(shared, stream, parts.read_buf, id, user, mode, shutdown)
-                    .await;
-            }
-            Err(_) => {
-                tracing::error!("{}", crate::Error::NotTcp);
-                mode.abandon(&shared, id);
-            }
-        }
-    });
+    tokio::spawn(crate::connection::run(Box::new(Accepted {
+        shared,
+        upgrade,
+        id,
+        user,
+        mode,
+        shutdown,
+        guard,
+    })));
     let (mut parts, _) = response.into_parts();
     if select_protocol {
         parts.headers.insert(
