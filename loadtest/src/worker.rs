@@ -280,6 +280,13 @@ struct Me {
 }
 
 impl Shared {
+    /// Tells every client to stop. The gate goes up first, so that a client whose gated stop
+    /// future was not polled still sees the change.
+    fn signal_stop(&self, stop: Stop) {
+        self.stopping.store(true, Release);
+        self.stop.send_replace(stop);
+    }
+
     fn shard(&self, i: usize) -> MutexGuard<'_, Shard> {
         lock(&self.shards[i % self.shards.len()])
     }
@@ -501,8 +508,7 @@ pub async fn run(
     shared.pace.send_replace(Pace::Silent);
     match finish {
         Some(final_seq) => {
-            shared.stopping.store(true, Release);
-            shared.stop.send_replace(Stop::Finish(final_seq));
+            shared.signal_stop(Stop::Finish(final_seq));
             // Every client closes within CLOSE_WAIT; allow for a slow, busy machine.
             let grace = CLOSE_WAIT * 2 + Duration::from_secs(2);
             if timeout(grace, &mut spawner).await.is_err() {
@@ -511,8 +517,7 @@ pub async fn run(
             }
         }
         None => {
-            shared.stopping.store(true, Release);
-            shared.stop.send_replace(Stop::Abort);
+            shared.signal_stop(Stop::Abort);
             spawner.abort();
             let _ = (&mut spawner).await;
         }
@@ -699,6 +704,11 @@ async fn receive_session(
     end
 }
 
+/// Messages a window publisher may still send: its window less what is sent and not yet echoed.
+fn window_room(window: u32, sent: u64, acked: &AtomicU64) -> u64 {
+    u64::from(window).saturating_sub(sent.saturating_sub(acked.load(Relaxed)))
+}
+
 /// Bytes a publisher's writer buffers before a burst must go out anyway.
 const PUBLISH_BUFFER: usize = 16 * 1024;
 
@@ -807,8 +817,7 @@ async fn publish_session(
                     (at, false)
                 }
                 Pace::Window { window } => {
-                    let in_flight = sent_total.saturating_sub(acked.load(Relaxed));
-                    if in_flight < u64::from(window) {
+                    if window_room(window, sent_total, &acked) > 0 {
                         (now, false)
                     } else {
                         (far, true)
@@ -851,9 +860,7 @@ async fn publish_session(
                             .saturating_sub(sent_in_pace)
                             .clamp(1, BURST),
                         // Everything the window allows, in one burst.
-                        Pace::Window { window } => u64::from(window)
-                            .saturating_sub(sent_total.saturating_sub(acked.load(Relaxed)))
-                            .max(1),
+                        Pace::Window { window } => window_room(window, sent_total, &acked).max(1),
                         Pace::Silent => 1,
                     };
                     while due > 0 {
