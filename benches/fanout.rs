@@ -3,7 +3,7 @@
 //! * `fanout`: one message delivered to N in-process subscribers. `serialise_once` is what the
 //!   server does (`Room::publish` encodes one frame; every receiver gets the same `Arc`'d bytes);
 //!   `encode_per_subscriber` is the naive baseline (the message goes through the same kind of
-//!   broadcast ring, and every subscriber encodes its own frame with `protocol::message_frame`).
+//!   broadcast ring, and every subscriber encodes its own frame with `proto::message_frame`).
 //!   Throughput is in deliveries, so the per-delivery cost shows.
 //! * `encode`: one `message_frame` for a short and a 1 KiB text, against `serde_json::to_vec` of
 //!   the same `MessageOut` alone (the difference is the frame-header cost).
@@ -23,9 +23,10 @@ use criterion::{
 };
 use tokio::sync::broadcast;
 
-use roomcast::hub::Hub;
-use roomcast::protocol::{self, MessageOut, Outbound};
-use roomcast::stats::{unix_millis, Stats};
+use roomcast::core::hub::{Hub, JoinRequest, Start};
+use roomcast::core::room::Joined;
+use roomcast::core::stats::{unix_millis, Stats};
+use roomcast::proto::{self, MessageOut, Outbound};
 
 const ROOM: &str = "bench-room";
 const USER: &str = "alice";
@@ -66,7 +67,7 @@ fn fanout(c: &mut Criterion) {
         let hub = new_hub();
         let user: Arc<str> = USER.into();
         let mut members: Vec<(u64, broadcast::Receiver<Arc<Outbound>>)> = (1..=n as u64)
-            .map(|id| (id, hub.join(ROOM, id, &user, None).unwrap().rx))
+            .map(|id| (id, join(&hub, ROOM, id, &user).rx))
             .collect();
         let room = hub.get(ROOM).expect("room exists while it has members");
         group.bench_with_input(BenchmarkId::new("serialise_once", n), &n, |b, _| {
@@ -106,7 +107,7 @@ fn fanout(c: &mut Criterion) {
                 let mut written = 0usize;
                 for rx in &mut naive {
                     let m = rx.try_recv().expect("a message per send, never lagged");
-                    let frame = protocol::message_frame(&m.room, &m.user, &m.text, m.seq, m.ts);
+                    let frame = proto::message_frame(&m.room, &m.user, &m.text, m.seq, m.ts);
                     written += black_box(&frame[..]).len();
                 }
                 written
@@ -124,7 +125,7 @@ fn encode(c: &mut Criterion) {
     for (label, text) in [("20B", SHORT_TEXT), ("1KiB", long_text.as_str())] {
         group.bench_with_input(BenchmarkId::new("message_frame", label), text, |b, text| {
             b.iter(|| {
-                protocol::message_frame(
+                proto::message_frame(
                     black_box(ROOM),
                     black_box(USER),
                     black_box(text),
@@ -203,9 +204,9 @@ fn registry(c: &mut Criterion) {
     let user: Arc<str> = USER.into();
     let mut held = Vec::new();
     for r in 0..1_000u64 {
-        held.push(hub.join(&format!("room-{r}"), r + 1, &user, None).unwrap());
+        held.push(join(&hub, &format!("room-{r}"), r + 1, &user));
     }
-    held.push(hub.join(ROOM, 0, &user, None).unwrap());
+    held.push(join(&hub, ROOM, 0, &user));
     let room = hub.get(ROOM).expect("anchored room");
     // Member ids: one disjoint range per thread, above every id in use.
     let next_id = AtomicU64::new(0);
@@ -221,7 +222,7 @@ fn registry(c: &mut Criterion) {
                 let base = (next_id.fetch_add(1, Ordering::Relaxed) << 40) | (1 << 62);
                 timed_on_threads(threads, iters, |t, i| {
                     let id = base | (t << 32) | i;
-                    let joined = hub.join(ROOM, id, &user, None).unwrap();
+                    let joined = join(&hub, ROOM, id, &user);
                     black_box(&joined.welcome);
                     assert!(hub.leave(&joined.room, id));
                 })
@@ -244,3 +245,16 @@ fn registry(c: &mut Criterion) {
 
 criterion_group!(benches, fanout, encode, registry);
 criterion_main!(benches);
+
+/// Joins `name` as member `id`.
+fn join(hub: &Hub, name: &str, id: u64, user: &Arc<str>) -> Joined {
+    let req = JoinRequest {
+        name,
+        id,
+        user,
+        password: None,
+        replay: None,
+    };
+    hub.join(&req, Start::default())
+        .expect("an open room admits")
+}

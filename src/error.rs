@@ -12,15 +12,13 @@ pub enum Error {
     #[error("websocket error: {0}")]
     WebSocket(#[from] fastwebsockets::WebSocketError),
     #[error("history database: {0}")]
-    Db(#[from] rusqlite::Error),
-    #[error("upgraded connection is not a TCP stream")]
-    NotTcp,
-    #[error("cannot make a token: {0}")]
-    Token(String),
+    Db(#[from] crate::core::archive::DbError),
     #[error("{0}")]
-    Settings(#[from] crate::settings::SettingsError),
+    Token(#[from] crate::core::auth::IssueError),
+    #[error("{0}")]
+    Settings(#[from] crate::config::rooms::SettingsError),
     #[error("cluster: {0}")]
-    Cluster(#[from] crate::cluster::ClusterError),
+    Cluster(#[from] crate::bus::redis::ClusterError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

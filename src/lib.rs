@@ -1,31 +1,33 @@
 //! roomcast: a WebSocket room broadcast engine.
 //!
-//! Data flows one way: `server` (accept) → `http` (routes, upgrade) → `connection` (one task per
-//! socket) → `hub` / `room` (membership, sequence) → every member's writer, which sends the same
-//! pre-encoded bytes (`protocol`).
+//! Layers, lowest first; a module imports only from the layers below it:
+//!
+//! | layer | owns |
+//! |---|---|
+//! | `config` | flags, the rooms file |
+//! | `proto` | wire messages: client messages, server frames, names, close codes |
+//! | `ws` | WebSocket frame decoding and vectored writes |
+//! | `core` | rooms, the registry, history, the lobby, limits, tokens, counters |
+//! | `bus` | where rooms live: this process alone, or every process on one Redis |
+//! | `conn` | one socket's life |
+//! | `http` | routes, the JSON API, the upgrade |
+//! | `server` | the accept loop and the shutdown sequence |
+//!
+//! A message flows one way: accept → HTTP route → upgrade → connection → bus → room → every
+//! member's writer, which sends the same pre-encoded bytes.
 
-pub mod archive;
-pub mod auth;
-pub mod cluster;
+mod bus;
 pub mod config;
-pub mod connection;
-pub mod dedupe;
-pub mod error;
-pub mod frame;
-pub mod history;
-pub mod http;
-pub mod hub;
-pub mod limit;
-pub mod lobby;
-pub mod names;
-pub mod protocol;
-pub mod room;
-pub mod server;
-pub mod settings;
-pub mod shutdown;
-pub mod stats;
-pub mod target;
+mod conn;
+pub mod core;
+mod error;
+mod http;
+pub mod proto;
+mod server;
+mod shutdown;
+mod ws;
 
 pub use config::Config;
 pub use error::{Error, Result};
+pub use http::target;
 pub use server::run;

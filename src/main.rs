@@ -56,7 +56,7 @@ fn run_command(config: &Config, command: Command) -> std::process::ExitCode {
                 eprintln!("roomcast token: set --jwt-secret (or ROOMCAST_JWT_SECRET)");
                 return std::process::ExitCode::from(2);
             };
-            match roomcast::auth::issue(secret, &sub, rooms.as_deref(), ttl) {
+            match roomcast::core::auth::issue(secret, &sub, rooms.as_deref(), ttl) {
                 Ok(token) => {
                     println!("{token}");
                     std::process::ExitCode::SUCCESS

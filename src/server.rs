@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,40 +12,18 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::auth::Verifier;
-use crate::cluster::Cluster;
+use crate::bus::local::Local;
+use crate::bus::redis::{Cluster, RedisSettings};
+use crate::bus::{Broker, Bus};
+use crate::config::rooms::Settings;
 use crate::config::Config;
-use crate::history::HistoryService;
-use crate::hub::Hub;
-use crate::limit::PerIpLimit;
-use crate::settings::Settings;
+use crate::conn::{self, Limits};
+use crate::core::history::HistoryService;
+use crate::core::hub::Hub;
+use crate::core::limit::PerIpLimit;
+use crate::core::stats::Stats;
+use crate::http::{self, Access, Api};
 use crate::shutdown::{self, Shutdown};
-use crate::stats::Stats;
-
-/// State every task of one server shares.
-pub struct Shared {
-    pub config: Config,
-    pub hub: Hub,
-    pub stats: Arc<Stats>,
-    pub shutdown: Shutdown,
-    /// Token verification, when `--jwt-secret` is set.
-    pub auth: Option<Verifier>,
-    /// Connections per client IP, when `--max-connections-per-ip` is set.
-    pub per_ip: Option<PerIpLimit>,
-    /// Cluster mode (`--redis`); `None` runs this process alone.
-    pub cluster: Option<Arc<Cluster>>,
-    next_id: AtomicU64,
-    /// Never sent on: the shutdown sequence waits until every copy of `Shared` (one per live
-    /// task) has been dropped, which closes this channel.
-    _alive: mpsc::Sender<()>,
-}
-
-impl Shared {
-    /// A fresh connection id (also the member id in every room). Never 0.
-    pub fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-}
 
 /// Serves `listener` until `signal` completes, then closes every WebSocket with 1001 and
 /// returns once every connection task has ended or `--shutdown-timeout` has passed.
@@ -64,48 +41,75 @@ pub async fn run(
     let (trigger, shutdown) = shutdown::channel();
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let mut stats = Stats::new();
-    let cluster = match &config.redis {
-        Some(url) => Some(Arc::new(Cluster::new(&config, url, stats.registry_mut())?)),
-        None => None,
+    let broker: Arc<dyn Broker> = match &config.redis {
+        Some(url) => {
+            let settings = RedisSettings {
+                url: url.clone(),
+                prefix: config.redis_prefix.clone(),
+                timeout: config.redis_timeout,
+                node_ttl: config.cluster_node_ttl,
+                history_depth: config.history as usize,
+                presence_interval: config.presence_interval,
+            };
+            Arc::new(Cluster::new(settings, stats.registry_mut())?)
+        }
+        None => Arc::new(Local::new(config.presence_interval)),
     };
     let stats = Arc::new(stats);
     let history = Arc::new(HistoryService::new(
         config.history_settings(),
         stats.clone(),
     )?);
-    let hub = Hub::with_settings(
-        usize::from(config.shards),
-        settings,
-        usize::from(config.lobby_top),
-        stats.clone(),
-    )
-    .with_room_rate(config.room_rate())
-    .with_history(history.clone());
-    let shutdown_timeout = config.shutdown_timeout;
-    let auth = config.jwt_secret.as_deref().map(Verifier::new);
-    let per_ip = config.max_connections_per_ip.map(PerIpLimit::new);
-    let shared = Arc::new(Shared {
-        config,
-        hub,
-        stats,
-        shutdown: shutdown.clone(),
-        auth,
-        per_ip,
-        cluster: cluster.clone(),
-        next_id: AtomicU64::new(1),
-        _alive: alive_tx,
-    });
-    match cluster {
-        // The cluster link carries presence between processes (and flushes it locally while
-        // Redis is unreachable).
-        Some(cluster) => tokio::spawn(crate::cluster::run(shared.clone(), cluster)),
-        None => tokio::spawn(presence_task(shared.clone())),
+    let hub = Arc::new(
+        Hub::with_settings(
+            usize::from(config.shards),
+            settings,
+            usize::from(config.lobby_top),
+            stats.clone(),
+        )
+        .with_room_rate(config.room_rate())
+        .with_history(history.clone()),
+    );
+    let bus = Arc::new(Bus::new(hub.clone(), broker, stats.clone()));
+    let limits = Limits {
+        max_message_bytes: config.max_message_bytes as usize,
+        ping_interval: config.ping_interval,
+        write_timeout: config.write_timeout,
+        lag_policy: config.lag_policy,
+        max_rooms: usize::from(config.max_rooms_per_connection),
+        rate: config.connection_rate(),
     };
-    // The `$lobby` is local to each process (never a Redis channel).
-    tokio::spawn(lobby_task(shared.clone()));
-    if shared.config.rooms_config.is_some() {
-        reload_on_sighup(shared.clone());
+    let cx = Arc::new(conn::Context::new(
+        bus.clone(),
+        stats.clone(),
+        limits,
+        shutdown.clone(),
+        config.max_connections_per_ip.map(PerIpLimit::new),
+        alive_tx,
+    ));
+    let access = Access::new(
+        config.jwt_secret.as_deref(),
+        config.api_key.clone(),
+        config.allowed_origins.clone(),
+    );
+    let api = Arc::new(Api::new(
+        bus.clone(),
+        stats.clone(),
+        access,
+        cx,
+        config.max_connections,
+        config.max_message_bytes as usize,
+        config.echo,
+    ));
+    let shutdown_timeout = config.shutdown_timeout;
+    let handshake_timeout = config.handshake_timeout;
+    bus.spawn(shutdown.clone());
+    // The `$lobby` is each process's own (never a broker's room).
+    tokio::spawn(lobby_task(hub.clone(), shutdown.clone()));
+    if config.rooms_config.is_some() {
+        reload_on_sighup(hub.clone(), shutdown.clone());
     }
+    drop(bus);
     tracing::info!(addr = %listener.local_addr()?, "roomcast listening");
 
     tokio::pin!(signal);
@@ -125,13 +129,19 @@ pub async fn run(
             () = &mut signal => break,
         };
         let (stream, peer) = stream;
-        tokio::spawn(serve_http(shared.clone(), stream, peer.ip()));
+        tokio::spawn(serve_http(
+            api.clone(),
+            shutdown.clone(),
+            handshake_timeout,
+            stream,
+            peer.ip(),
+        ));
     }
 
     tracing::info!("shutting down: closing every socket with 1001");
     drop(listener);
     trigger.trigger();
-    drop(shared);
+    drop(api);
     if tokio::time::timeout(shutdown_timeout, alive_rx.recv())
         .await
         .is_err()
@@ -143,17 +153,20 @@ pub async fn run(
     Ok(())
 }
 
-/// Serves HTTP/1.1 on one socket. An upgrade hands the socket to a `connection` task; plain
+/// Serves HTTP/1.1 on one socket. An upgrade hands the socket to a `conn` task; plain
 /// keep-alive connections are told to finish on shutdown.
-async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peer: IpAddr) {
+async fn serve_http(
+    api: Arc<Api>,
+    mut shutdown: Shutdown,
+    handshake_timeout: Duration,
+    stream: TcpStream,
+    peer: IpAddr,
+) {
     // Chat frames are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
-    let mut shutdown = shared.shutdown.clone();
-    let handshake_timeout = shared.config.handshake_timeout;
-    let svc_shared = shared.clone();
     let service = service_fn(move |req| {
-        let shared = svc_shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(crate::http::handle(shared, peer, req).await) }
+        let api = api.clone();
+        async move { Ok::<_, std::convert::Infallible>(http::handle(api, peer, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -174,28 +187,14 @@ async fn serve_http(shared: Arc<Shared>, stream: TcpStream, peer: IpAddr) {
     }
 }
 
-/// Flushes coalesced presence events every `--presence-interval` until shutdown.
-async fn presence_task(shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown.clone();
-    let mut tick = tokio::time::interval(shared.config.presence_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => shared.hub.flush_presence(),
-            () = shutdown.recv() => return,
-        }
-    }
-}
-
 /// Sends the `$lobby`'s coalesced frames once per `lobby::TICK` until shutdown. With nobody in
 /// the lobby a tick is one atomic load.
-async fn lobby_task(shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown.clone();
-    let mut tick = tokio::time::interval(crate::lobby::TICK);
+async fn lobby_task(hub: Arc<Hub>, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(crate::core::lobby::TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => shared.hub.flush_lobby(),
+            _ = tick.tick() => hub.flush_lobby(),
             () = shutdown.recv() => return,
         }
     }
@@ -204,7 +203,7 @@ async fn lobby_task(shared: Arc<Shared>) {
 /// Reloads `--rooms-config` on every SIGHUP until shutdown. A bad file is logged (with its line
 /// and key) and the settings in force stay.
 #[cfg(unix)]
-fn reload_on_sighup(shared: Arc<Shared>) {
+fn reload_on_sighup(hub: Arc<Hub>, mut shutdown: Shutdown) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(hup) => hup,
@@ -214,15 +213,14 @@ fn reload_on_sighup(shared: Arc<Shared>) {
         }
     };
     tokio::spawn(async move {
-        let mut shutdown = shared.shutdown.clone();
         loop {
             tokio::select! {
                 got = hup.recv() => if got.is_none() { return },
                 () = shutdown.recv() => return,
             }
-            match shared.hub.settings().reload() {
+            match hub.settings().reload() {
                 Some(Ok(settings)) => {
-                    shared.hub.reload(settings);
+                    hub.reload(settings);
                     tracing::info!("rooms config reloaded");
                 }
                 Some(Err(e)) => {
@@ -235,4 +233,4 @@ fn reload_on_sighup(shared: Arc<Shared>) {
 }
 
 #[cfg(not(unix))]
-fn reload_on_sighup(_shared: Arc<Shared>) {}
+fn reload_on_sighup(_hub: Arc<Hub>, _shutdown: Shutdown) {}

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use roomcast::limit::RateLimitArg;
+use roomcast::core::limit::RateLimitArg;
 use serde_json::{json, Value};
 use support::{http_with, Client, HttpResponse, TestServer, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,7 +25,7 @@ const UPGRADE: [(&str, &str); 4] = [
 ];
 
 fn token(sub: &str, rooms: Option<&str>, ttl: Duration) -> String {
-    roomcast::auth::issue(SECRET, sub, rooms, ttl).unwrap()
+    roomcast::core::auth::issue(SECRET, sub, rooms, ttl).unwrap()
 }
 
 /// A token signed by hand, for claims `issue` would never produce.

@@ -12,9 +12,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use roomcast::history::ReplayRequest;
-use roomcast::names::{validate_room, MAX_ROOM_BYTES};
-use roomcast::protocol::{
+use roomcast::core::history::ReplayRequest;
+use roomcast::proto::names::{validate_room, MAX_ROOM_BYTES};
+use roomcast::proto::{
     error_frame, message_frame, parse_client_message, ClientMessage, ProtocolError,
 };
 use serde_json::Value;
@@ -82,7 +82,7 @@ fn check_accepted(input: &str, msg: ClientMessage<'_>) {
             assert_eq!(field("id").and_then(Value::as_str), id.as_deref());
             if let Some(id) = id.as_deref() {
                 assert!(
-                    roomcast::dedupe::validate_id(id).is_ok(),
+                    roomcast::core::dedupe::validate_id(id).is_ok(),
                     "accepted id {id:?}"
                 );
             }

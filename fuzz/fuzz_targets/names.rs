@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
-use roomcast::names::{validate_room, validate_user, NameError};
+use roomcast::proto::names::{validate_room, validate_user, NameError};
 use roomcast::target::parse_ws_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -12,7 +12,7 @@
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
-use roomcast::names::{validate_room, validate_user};
+use roomcast::proto::names::{validate_room, validate_user};
 use roomcast::target::{parse_user, parse_ws_target};
 
 #[derive(Arbitrary, Debug)]

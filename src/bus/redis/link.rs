@@ -17,11 +17,17 @@ use tokio::task::JoinHandle;
 use tokio::time::{interval, interval_at, Instant, MissedTickBehavior};
 
 use super::{kept, scripts, wire, Cluster, ClusterError, Interest, ROOMS_PER_CALL, SEQ_TTL_MS};
-use crate::hub::Hub;
-use crate::room::Publish;
-use crate::server::Shared;
+use crate::core::hub::Hub;
+use crate::core::room::Publish;
+use crate::core::stats::unix_millis;
+use crate::core::stats::Stats;
 use crate::shutdown::Shutdown;
-use crate::stats::unix_millis;
+
+/// This process's side of the link: its rooms and its connection count.
+struct Here {
+    hub: Arc<Hub>,
+    stats: Arc<Stats>,
+}
 
 /// First pause between reconnection attempts; doubled after each failure up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -46,8 +52,13 @@ impl Drop for AbortOnDrop {
 }
 
 /// Runs the link until shutdown, then removes this process's counts from Redis.
-pub async fn run(shared: Arc<Shared>, cluster: Arc<Cluster>) {
-    let mut shutdown = shared.shutdown.clone();
+pub(super) async fn run(
+    cluster: Arc<Cluster>,
+    hub: Arc<Hub>,
+    stats: Arc<Stats>,
+    mut shutdown: Shutdown,
+) {
+    let shared = Arc::new(Here { hub, stats });
     let mut presence = interval(cluster.presence_interval);
     presence.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut backoff = BACKOFF_MIN;
@@ -114,7 +125,7 @@ async fn connect(cluster: &Cluster) -> Result<Link, ClusterError> {
 
 /// Serves one link generation: `Ok` on shutdown, `Err` when Redis failed.
 async fn serve(
-    shared: &Arc<Shared>,
+    shared: &Arc<Here>,
     cluster: &Arc<Cluster>,
     link: Link,
     shutdown: &mut Shutdown,
@@ -161,7 +172,7 @@ async fn serve(
 
 /// Hands every payload of the subscriber connection to the local rooms, in arrival order.
 /// Ends when the connection does.
-async fn deliver(shared: Arc<Shared>, cluster: Arc<Cluster>, mut stream: PubSubStream) {
+async fn deliver(shared: Arc<Here>, cluster: Arc<Cluster>, mut stream: PubSubStream) {
     while let Some(msg) = stream.next().await {
         cluster.on_payload(&shared.hub, msg.get_channel_name(), msg.get_payload_bytes());
     }
@@ -197,7 +208,7 @@ impl Cluster {
                         id: body
                             .id
                             .as_deref()
-                            .filter(|id| crate::dedupe::validate_id(id).is_ok()),
+                            .filter(|id| crate::core::dedupe::validate_id(id).is_ok()),
                         origin,
                         skip_origin: skip,
                     };
@@ -237,7 +248,7 @@ impl Cluster {
 /// subscribes and seeds the new ones (and, after a reconnection, all of them), then wakes the
 /// joiners waiting for them. Loops until nothing changed during a round.
 async fn reconcile(
-    shared: &Shared,
+    shared: &Here,
     cluster: &Cluster,
     conn: &mut MultiplexedConnection,
     sink: &mut PubSubSink,
@@ -387,7 +398,7 @@ async fn refresh_remote_counts(
 /// Re-writes this process's node hash whole (atomically) and refreshes its TTL; returns the
 /// connection count written.
 async fn write_counts(
-    shared: &Shared,
+    shared: &Here,
     cluster: &Cluster,
     conn: &mut MultiplexedConnection,
 ) -> Result<i64, ClusterError> {
@@ -428,7 +439,7 @@ async fn write_counts(
 /// process, this one included, turns them into presence frames on receipt) and updates this
 /// process's counts. Returns the connection count written.
 async fn sync_presence(
-    shared: &Shared,
+    shared: &Here,
     cluster: &Cluster,
     conn: &mut MultiplexedConnection,
     conns_written: i64,

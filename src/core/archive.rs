@@ -24,9 +24,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use crate::history::{History, Seed};
-use crate::protocol::{self, Outbound};
-use crate::stats::{unix_millis, Stats};
+use crate::core::history::{History, Seed};
+use crate::core::stats::{unix_millis, Stats};
+use crate::proto::{self, Outbound};
 
 /// Most messages one transaction writes.
 const BATCH: usize = 1024;
@@ -127,6 +127,15 @@ pub struct Archive {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Why the history database could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
 impl Archive {
     /// Opens (creating if needed) the database at `path` in WAL mode and starts the writer.
     pub fn open(
@@ -134,7 +143,7 @@ impl Archive {
         retention: Retention,
         queue: usize,
         stats: Arc<Stats>,
-    ) -> crate::Result<Archive> {
+    ) -> Result<Archive, DbError> {
         let conn = Connection::open(path)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -261,7 +270,12 @@ impl Archive {
 
     /// Up to `limit` archived messages of `room` with a seq below `before`, newest first, as
     /// `(seq, JSON payload)`. Blocking: call from `spawn_blocking`.
-    pub fn page(&self, room: &str, before: u64, limit: usize) -> crate::Result<Vec<(u64, String)>> {
+    pub fn page(
+        &self,
+        room: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, DbError> {
         let before = i64::try_from(before).unwrap_or(i64::MAX);
         Ok(read_rows(&self.reader.lock(), room, before, limit)?)
     }
@@ -319,7 +333,7 @@ fn read_rows(
 /// A kept message read back from disk, ready to be replayed: header + the stored JSON.
 fn outbound(seq: u64, payload: &str) -> Arc<Outbound> {
     Arc::new(Outbound {
-        frame: protocol::frame_from_payload(payload.as_bytes()),
+        frame: proto::frame_from_payload(payload.as_bytes()),
         origin: 0,
         skip_origin: false,
         published_at: Instant::now(),
@@ -482,7 +496,7 @@ fn insert_batch(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<()>
             "INSERT OR REPLACE INTO messages (room, seq, ts, payload) VALUES (?1, ?2, ?3, ?4)",
         )?;
         for r in batch {
-            let Ok(payload) = std::str::from_utf8(protocol::frame_payload(&r.out.frame)) else {
+            let Ok(payload) = std::str::from_utf8(proto::frame_payload(&r.out.frame)) else {
                 continue;
             };
             stmt.execute(params![
@@ -498,7 +512,7 @@ fn insert_batch(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<()>
 
 /// The JSON payload of a kept frame, for the paging API (no decoding: the bytes as sent).
 pub fn payload_of(out: &Outbound) -> Bytes {
-    let p = protocol::frame_payload(&out.frame);
+    let p = proto::frame_payload(&out.frame);
     out.frame.slice_ref(p)
 }
 
@@ -524,7 +538,7 @@ mod tests {
 
     fn publish(seq: u64) -> Arc<Outbound> {
         Arc::new(Outbound {
-            frame: protocol::message_frame("r", "u", &format!("m{seq}"), seq, 1),
+            frame: proto::message_frame("r", "u", &format!("m{seq}"), seq, 1),
             origin: 0,
             skip_origin: false,
             published_at: Instant::now(),

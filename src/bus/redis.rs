@@ -30,7 +30,6 @@
 //!   re-announces its counts, resubscribes every room it needs and raises each room's Redis seq
 //!   to at least its local one, so numbering never goes backwards after a Redis restart.
 
-pub mod api;
 mod kept;
 mod link;
 mod scripts;
@@ -49,15 +48,29 @@ use prometheus_client::registry::Registry;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Notify;
 
-use crate::config::Config;
-use crate::history::ReplayRequest;
-use crate::hub::{Hub, JoinError, Joined};
-use crate::names::LOBBY;
-use crate::protocol::Outbound;
-use crate::room::{Publish, Room};
-use crate::stats::unix_millis;
+use super::{BoxFuture, Broker, Fallback, Link, PublishError, Remote, Totals};
+use crate::core::hub::{Hub, JoinError, JoinRequest, Start};
+use crate::core::room::{Joined, Publish, Published, Room};
+use crate::core::stats::{unix_millis, Stats};
+use crate::proto::Outbound;
+use crate::shutdown::Shutdown;
 
-pub use link::run;
+/// What cluster mode needs to know of the configuration.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `--redis`: the server's URL.
+    pub url: String,
+    /// `--redis-prefix`: of every key and channel.
+    pub prefix: String,
+    /// `--redis-timeout`: every command and connection attempt.
+    pub timeout: Duration,
+    /// `--cluster-node-ttl`: the node hash's TTL.
+    pub node_ttl: Duration,
+    /// `--history`: messages each room's Redis list keeps.
+    pub history_depth: usize,
+    /// `--presence-interval`.
+    pub presence_interval: Duration,
+}
 
 /// How long a room's seq key outlives its last publish or subscription, and its history list
 /// its last publish. Unit: milliseconds. Long enough that a quiet room keeps its numbering and
@@ -268,7 +281,7 @@ impl Metrics {
 
 /// Cluster-wide counts, this process's included.
 #[derive(Debug, Default)]
-pub struct Snapshot {
+struct Snapshot {
     /// Live processes, this one included.
     pub nodes: usize,
     pub connections: u64,
@@ -276,17 +289,8 @@ pub struct Snapshot {
     pub rooms: HashMap<String, usize>,
 }
 
-/// Cluster-wide counts of one room.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RoomCounts {
-    /// Members on other live processes.
-    pub remote: usize,
-    /// Live processes, this one included.
-    pub nodes: usize,
-}
-
 /// What the other live processes have, as the COUNTS script answers it.
-struct Remote {
+struct NodeCounts {
     node: String,
     connections: u64,
     rooms: Vec<(String, usize)>,
@@ -294,8 +298,8 @@ struct Remote {
 
 impl Cluster {
     /// Checks the URL; connects nothing (the link task does, and retries until Redis answers).
-    pub fn new(config: &Config, url: &str, registry: &mut Registry) -> Result<Self, ClusterError> {
-        let client = redis::Client::open(url).map_err(ClusterError::BadUrl)?;
+    pub fn new(settings: RedisSettings, registry: &mut Registry) -> Result<Self, ClusterError> {
+        let client = redis::Client::open(settings.url.as_str()).map_err(ClusterError::BadUrl)?;
         let node = format!(
             "{:016x}",
             std::hash::RandomState::new().hash_one((std::process::id(), unix_millis()))
@@ -304,12 +308,12 @@ impl Cluster {
         metrics.register(registry);
         Ok(Cluster {
             node: node.into(),
-            keys: Keys::new(&config.redis_prefix),
+            keys: Keys::new(&settings.prefix),
             client,
-            timeout: config.redis_timeout,
-            node_ttl: config.cluster_node_ttl,
-            history_depth: config.history as usize,
-            presence_interval: config.presence_interval,
+            timeout: settings.timeout,
+            node_ttl: settings.node_ttl,
+            history_depth: settings.history_depth,
+            presence_interval: settings.presence_interval,
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
             health: Mutex::new(Health {
@@ -321,10 +325,6 @@ impl Cluster {
             ready: Notify::new(),
             metrics,
         })
-    }
-
-    pub fn node(&self) -> &str {
-        &self.node
     }
 
     pub fn is_up(&self) -> bool {
@@ -423,28 +423,16 @@ impl Cluster {
         self.interests.lock().get(name).map(|e| e.interest.clone())
     }
 
-    /// Joins `name` in the local hub once this process receives the room's channel, so that the
-    /// welcome's seq is exact. While Redis is unreachable it joins at once (local room only).
-    /// The password and `max_members` are checked by `Hub::join_seeded` (the cap against this
-    /// process's members). The `$lobby` is local to each process: joined at once, no channel.
-    /// The `replay` (`history`/`since`) is taken from this process's history of the room,
-    /// atomically with the join. A room this process creates starts its ring with what Redis
-    /// kept of it (up to its start seq, `kept.rs`), so replays are cluster-wide; created while
-    /// Redis is unreachable, it knows only what its archive kept (`recovery` then says
-    /// `complete: false` for what it never received).
+    /// Joins `req.name` in the local hub once this process receives the room's channel, so that
+    /// the welcome's seq is exact. While Redis is unreachable it joins at once (local room only).
+    /// The password and `max_members` are checked by `Hub::join` (the cap against this
+    /// process's members). The `replay` (`history`/`since`) is taken from this process's
+    /// history of the room, atomically with the join. A room this process creates starts its
+    /// ring with what Redis kept of it (up to its start seq, `kept.rs`), so replays are
+    /// cluster-wide; created while Redis is unreachable, it knows only what its archive kept
+    /// (`recovery` then says `complete: false` for what it never received).
     /// Cancel-safe: dropped early (or refused), it releases its interest.
-    pub async fn join(
-        &self,
-        hub: &Hub,
-        name: &str,
-        id: u64,
-        user: &Arc<str>,
-        password: Option<&str>,
-        replay: Option<ReplayRequest>,
-    ) -> Result<Joined, JoinError> {
-        if name == LOBBY {
-            return hub.join_with_replay(name, id, user, password, replay);
-        }
+    async fn join_room(&self, hub: &Hub, req: JoinRequest<'_>) -> Result<Joined, JoinError> {
         /// Releases the interest unless the join completed.
         struct Release<'a>(&'a Cluster, &'a str, bool);
         impl Drop for Release<'_> {
@@ -454,36 +442,24 @@ impl Cluster {
                 }
             }
         }
+        let name = req.name;
         let interest = self.acquire(name);
         let mut guard = Release(self, name, false);
         self.wait_ready(&interest).await;
         let joined = {
             let mut state = interest.state.lock();
-            let joined = hub.join_seeded(
-                name,
-                id,
-                user,
-                password,
-                replay,
-                state.last_seq,
-                state.remote_sum(),
-                &state.kept,
-            )?;
+            let start = Start {
+                seq: state.last_seq,
+                remote_members: state.remote_sum(),
+                kept: &state.kept,
+            };
+            let joined = hub.join(&req, start)?;
             // The room exists now, with those frames in its ring.
             state.kept = Vec::new();
             joined
         };
         guard.2 = true;
         Ok(joined)
-    }
-
-    /// Leaves `room` in the hub, then drops this membership's interest in its channel.
-    pub fn leave(&self, hub: &Hub, room: &Arc<Room>, id: u64) -> bool {
-        let was_in = hub.leave(room, id);
-        if was_in && room.name() != LOBBY {
-            self.release(room.name());
-        }
-        was_in
     }
 
     async fn wait_ready(&self, interest: &Interest) {
@@ -509,40 +485,46 @@ impl Cluster {
         seen.max(local.map_or(0, Room::last_seq))
     }
 
-    /// Publishes a WebSocket message to the whole cluster; returns its seq. It reaches local
-    /// members (the sender included) through the room's channel, like everyone else's.
-    /// On `Err` nothing was delivered: the caller decides what to do locally.
-    pub async fn publish(&self, room: &Room, p: &Publish<'_>) -> Result<u64, ClusterError> {
-        let floor = self.floor(room.name(), Some(room));
-        let res = self.publish_script(room.name(), floor, p, false).await;
-        res.map(|seq| seq.unwrap_or(0))
-    }
-
-    /// A WebSocket message that could not go through Redis: delivered to local members only.
-    pub fn publish_local(&self, room: &Room, p: &Publish<'_>) -> u64 {
-        self.metrics.local_only.inc();
-        room.publish_message(p).seq
-    }
-
-    /// Publishes a REST message: `Ok(None)` when no process has a member in `room`.
-    pub async fn publish_rest(
+    /// Publishes through Redis: every process, this one included, delivers what it receives
+    /// from the room's channel, so all see one order. A repeated `id` is recognised from what
+    /// this process has published or received (a retry racing its first copy through Redis on
+    /// another process is not). Without a local copy of the room, `NoSuchRoom` when no process
+    /// has a member.
+    async fn publish_message(
         &self,
-        hub: &Hub,
-        room: &str,
-        user: &str,
-        text: &str,
-        id: Option<&str>,
-    ) -> Result<Option<u64>, ClusterError> {
-        let local = hub.get(room);
-        let floor = self.floor(room, local.as_deref());
-        let p = Publish {
-            user,
-            text,
-            id,
-            origin: 0,
-            skip_origin: false,
-        };
-        self.publish_script(room, floor, &p, true).await
+        name: &str,
+        local: Option<Arc<Room>>,
+        p: &Publish<'_>,
+        fallback: Fallback,
+    ) -> Result<Published, PublishError> {
+        if let Some(seq) = local.as_ref().and_then(|r| r.duplicate_of(p.id)) {
+            return Ok(Published {
+                seq,
+                duplicate: true,
+            });
+        }
+        let floor = self.floor(name, local.as_deref());
+        match self.publish_script(name, floor, p, local.is_none()).await {
+            Ok(Some(seq)) => Ok(Published {
+                seq,
+                duplicate: false,
+            }),
+            Ok(None) => Err(PublishError::NoSuchRoom),
+            Err(e) => {
+                let delivered_locally = match (&local, fallback) {
+                    (Some(room), Fallback::LocalMembers) => {
+                        self.metrics.local_only.inc();
+                        room.publish_message(p);
+                        true
+                    }
+                    _ => false,
+                };
+                Err(PublishError::Unavailable {
+                    reason: e.to_string(),
+                    delivered_locally,
+                })
+            }
+        }
     }
 
     async fn publish_script(
@@ -588,25 +570,30 @@ impl Cluster {
         }
     }
 
-    /// Members of `room` on the other live processes.
-    pub async fn room_counts(&self, room: &str) -> Result<RoomCounts, ClusterError> {
+    /// Members of `room` on the other live processes, and its last seq in Redis.
+    async fn remote_room(&self, room: &str) -> Result<Remote, ClusterError> {
         let remotes = self.read_counts(&[room]).await?;
-        Ok(RoomCounts {
-            remote: remotes
+        let mut conn = self.connection()?;
+        let seq: Option<u64> = self
+            .timed(
+                redis::cmd("GET")
+                    .arg(self.keys.seq(room))
+                    .query_async(&mut conn),
+            )
+            .await
+            .unwrap_or(None);
+        Ok(Remote {
+            members: remotes
                 .iter()
                 .flat_map(|r| r.rooms.iter())
                 .map(|(_, n)| n)
                 .sum(),
-            nodes: remotes.len() + 1,
+            last_seq: seq.unwrap_or(0),
         })
     }
 
     /// Counts of the whole cluster: the other live processes from Redis, this one from `hub`.
-    pub async fn snapshot(
-        &self,
-        hub: &Hub,
-        local_connections: u64,
-    ) -> Result<Snapshot, ClusterError> {
+    async fn snapshot(&self, hub: &Hub, local_connections: u64) -> Result<Snapshot, ClusterError> {
         let remotes = self.read_counts(&[]).await?;
         let mut snap = Snapshot {
             nodes: remotes.len() + 1,
@@ -627,7 +614,7 @@ impl Cluster {
     }
 
     /// Runs COUNTS for `rooms` (all rooms when empty).
-    async fn read_counts(&self, rooms: &[&str]) -> Result<Vec<Remote>, ClusterError> {
+    async fn read_counts(&self, rooms: &[&str]) -> Result<Vec<NodeCounts>, ClusterError> {
         let mut conn = self.connection()?;
         self.read_counts_on(&mut conn, rooms).await
     }
@@ -636,7 +623,7 @@ impl Cluster {
         &self,
         conn: &mut MultiplexedConnection,
         rooms: &[&str],
-    ) -> Result<Vec<Remote>, ClusterError> {
+    ) -> Result<Vec<NodeCounts>, ClusterError> {
         let mut invocation = scripts::COUNTS.key(&self.keys.nodes);
         invocation.arg(&self.keys.node_prefix).arg(&*self.node);
         for room in rooms {
@@ -646,44 +633,95 @@ impl Cluster {
         parse_counts(value, rooms)
     }
 
-    /// `/healthz` in cluster mode: still 200, but `degraded` while Redis is unreachable.
-    pub fn health_json(&self) -> serde_json::Value {
+    fn link_state(&self) -> Link {
         let health = self.health.lock();
-        let up = self.is_up();
-        serde_json::json!({
-            "status": if up { "ok" } else { "degraded" },
-            "cluster": {
-                "redis": if up { "up" } else { "down" },
-                "node": &*self.node,
-                "down_since": health.down_since,
-                "error": health.last_error,
-            },
-        })
+        Link {
+            redis: if self.is_up() { "up" } else { "down" },
+            node: self.node.to_string(),
+            down_since: health.down_since,
+            error: health.last_error.clone(),
+        }
     }
 
     /// The `cluster` object of `/api/stats`.
-    pub fn stats_json(&self) -> serde_json::Value {
+    fn counters_json(&self) -> serde_json::Value {
         let m = &self.metrics;
-        let health = self.health.lock();
-        serde_json::json!({
-            "redis": if self.is_up() { "up" } else { "down" },
-            "node": &*self.node,
-            "down_since": health.down_since,
-            "error": health.last_error,
-            "subscribed_rooms": self.interests.lock().len(),
-            "outages": m.outages.get(),
-            "connect_failures": m.connect_failures.get(),
-            "published": m.published.get(),
-            "publish_errors": m.publish_errors.get(),
-            "local_only": m.local_only.get(),
-            "received": m.received.get(),
-            "stale_dropped": m.stale_dropped.get(),
+        let mut v = serde_json::to_value(self.link_state()).unwrap_or_default();
+        v["subscribed_rooms"] = self.interests.lock().len().into();
+        v["outages"] = m.outages.get().into();
+        v["connect_failures"] = m.connect_failures.get().into();
+        v["published"] = m.published.get().into();
+        v["publish_errors"] = m.publish_errors.get().into();
+        v["local_only"] = m.local_only.get().into();
+        v["received"] = m.received.get().into();
+        v["stale_dropped"] = m.stale_dropped.get().into();
+        v
+    }
+}
+
+impl Broker for Cluster {
+    fn join<'a>(
+        &'a self,
+        hub: &'a Hub,
+        req: JoinRequest<'a>,
+    ) -> BoxFuture<'a, Result<Joined, JoinError>> {
+        Box::pin(self.join_room(hub, req))
+    }
+
+    /// Leaves `room` in the hub, then drops this membership's interest in its channel.
+    fn leave(&self, hub: &Hub, room: &Arc<Room>, id: u64) {
+        if hub.leave(room, id) {
+            self.release(room.name());
+        }
+    }
+
+    fn publish<'a>(
+        &'a self,
+        name: &'a str,
+        local: Option<Arc<Room>>,
+        p: &'a Publish<'a>,
+        fallback: Fallback,
+    ) -> BoxFuture<'a, Result<Published, PublishError>> {
+        Box::pin(self.publish_message(name, local, p, fallback))
+    }
+
+    fn remote<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Remote, ()>> {
+        Box::pin(async move { self.remote_room(name).await.map_err(|_| ()) })
+    }
+
+    fn totals<'a>(&'a self, hub: &'a Hub, connections: u64) -> BoxFuture<'a, Result<Totals, ()>> {
+        Box::pin(async move {
+            let snap = self.snapshot(hub, connections).await.map_err(|_| ())?;
+            Ok(Totals {
+                nodes: snap.nodes,
+                connections: snap.connections,
+                rooms: snap.rooms.into_iter().collect(),
+            })
         })
+    }
+
+    fn link(&self) -> Option<Link> {
+        Some(self.link_state())
+    }
+
+    fn stats_json(&self) -> Option<serde_json::Value> {
+        Some(self.counters_json())
+    }
+
+    /// The Redis link: it also carries presence between processes (and flushes it locally
+    /// while Redis is unreachable).
+    fn run(
+        self: Arc<Self>,
+        hub: Arc<Hub>,
+        stats: Arc<Stats>,
+        shutdown: Shutdown,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(link::run(self, hub, stats, shutdown))
     }
 }
 
 /// Reads the COUNTS script's answer: `[id, conns, counts, id, conns, counts, …]`.
-fn parse_counts(value: redis::Value, rooms: &[&str]) -> Result<Vec<Remote>, ClusterError> {
+fn parse_counts(value: redis::Value, rooms: &[&str]) -> Result<Vec<NodeCounts>, ClusterError> {
     use redis::Value;
     let Value::Array(items) = value else {
         return Err(ClusterError::Protocol("COUNTS did not answer an array"));
@@ -719,7 +757,7 @@ fn parse_counts(value: redis::Value, rooms: &[&str]) -> Result<Vec<Remote>, Clus
                 })
                 .collect()
         };
-        out.push(Remote {
+        out.push(NodeCounts {
             node,
             connections,
             rooms,

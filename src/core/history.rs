@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::archive::{Archive, Retention};
-use crate::dedupe::Dedupe;
-use crate::protocol::{self, Outbound};
-use crate::stats::Stats;
+use crate::core::archive::{Archive, DbError, Retention};
+use crate::core::dedupe::Dedupe;
+use crate::core::stats::Stats;
+use crate::proto::{self, Outbound};
 
 /// Most past messages a join may ask for with `history`; more than a room keeps gives what it
 /// keeps.
@@ -142,7 +142,7 @@ impl History {
                     .cloned()
                     .collect();
                 Replay {
-                    header: protocol::history_frame(room, frames.len()),
+                    header: proto::history_frame(room, frames.len()),
                     frames,
                 }
             }
@@ -159,7 +159,7 @@ impl History {
                 let complete = since <= last_seq && frames.len() as u64 == last_seq - since;
                 let from = frames.first().map_or(last_seq + 1, |o| o.seq);
                 Replay {
-                    header: protocol::recovery_frame(room, since, complete, from, frames.len()),
+                    header: proto::recovery_frame(room, since, complete, from, frames.len()),
                     frames,
                 }
             }
@@ -235,7 +235,7 @@ pub struct HistoryService {
 
 impl HistoryService {
     /// Opens the archive when one is configured (fails on a database that cannot be opened).
-    pub fn new(settings: HistorySettings, stats: Arc<Stats>) -> crate::Result<Self> {
+    pub fn new(settings: HistorySettings, stats: Arc<Stats>) -> Result<Self, DbError> {
         let archive = match &settings.db {
             Some(path) => Some(Archive::open(
                 path,
@@ -313,7 +313,7 @@ mod tests {
 
     fn out(seq: u64) -> Arc<Outbound> {
         Arc::new(Outbound {
-            frame: protocol::message_frame("r", "u", &format!("m{seq}"), seq, 0),
+            frame: proto::message_frame("r", "u", &format!("m{seq}"), seq, 0),
             origin: 0,
             skip_origin: false,
             published_at: Instant::now(),
@@ -322,7 +322,7 @@ mod tests {
     }
 
     fn header(r: &Replay) -> serde_json::Value {
-        serde_json::from_slice(protocol::frame_payload(&r.header)).unwrap()
+        serde_json::from_slice(proto::frame_payload(&r.header)).unwrap()
     }
 
     fn seqs(r: &Replay) -> Vec<u64> {

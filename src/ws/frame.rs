@@ -10,9 +10,6 @@
 use bytes::{Buf, BytesMut};
 use fastwebsockets::{CloseCode, OpCode};
 
-/// Longest frame header a client can send: 2 + 8 (length) + 4 (mask).
-pub const MAX_HEADER: usize = 14;
-
 /// One frame from the client, unmasked.
 #[derive(Debug)]
 pub struct InFrame {

@@ -7,15 +7,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use governor::DefaultDirectRateLimiter;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use crate::dedupe::Dedupe;
-use crate::history::{History, HistoryService, Replay, ReplayRequest, Seed};
-use crate::protocol::{self, Outbound, PresenceOut};
-use crate::settings::{Presence, RoomSettings};
-use crate::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
+use crate::config::rooms::{Presence, RoomSettings};
+use crate::core::dedupe::Dedupe;
+use crate::core::history::{History, HistoryService, Replay, ReplayRequest, Seed};
+use crate::core::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
+use crate::proto::{self, Outbound, PresenceOut};
 
 /// Most user names one presence frame lists per direction; the member count stays exact.
 pub const PRESENCE_NAMES_MAX: usize = 100;
@@ -95,13 +96,17 @@ pub type PresenceDelta = (Vec<Arc<str>>, Vec<Arc<str>>);
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RoomInfo {
     pub room: String,
+    /// Members on every process.
     pub members: usize,
+    /// Members on this process (the `users` listed are these).
+    pub local_members: usize,
     pub users: Vec<UserEntry>,
     pub next_users_after: Option<u64>,
     pub published: u64,
     pub evicted: u64,
     pub last_seq: u64,
-    pub created_at: u64,
+    /// When this process created its copy of the room (Unix ms); `None` when it has none.
+    pub created_at: Option<u64>,
     pub messages_per_sec: f64,
     pub p99_wait_ms: Option<f64>,
     /// Whether joining needs a password (the password itself is never shown).
@@ -114,6 +119,18 @@ pub struct RoomInfo {
 pub struct UserEntry {
     pub id: u64,
     pub user: Arc<str>,
+}
+
+/// What a successful join hands to the connection.
+pub struct Joined {
+    pub room: Arc<Room>,
+    pub rx: broadcast::Receiver<Arc<Outbound>>,
+    /// The `welcome` frame, to be written before anything from `rx`.
+    pub welcome: Bytes,
+    /// Past messages asked for, to be written after the welcome and before anything from `rx`.
+    pub replay: Option<Replay>,
+    /// The room's last seq at the join (the welcome's `seq`): live frames start after it.
+    pub last_seq: u64,
 }
 
 impl Room {
@@ -218,7 +235,7 @@ impl Room {
             state.joined.push(user.clone());
         }
         let members = state.members.len() + self.remote_members.load(Ordering::Relaxed);
-        let welcome = protocol::welcome_frame(&self.name, user, members, state.seq);
+        let welcome = proto::welcome_frame(&self.name, user, members, state.seq);
         let replay = replay.map(|req| state.history.replay(&self.name, req, state.seq));
         (rx, welcome, replay)
     }
@@ -298,7 +315,7 @@ impl Room {
         state.seq = seq;
         state.published += 1;
         state.rate.record(ts / 1000);
-        let frame = protocol::message_frame_with_id(&self.name, p.user, p.text, seq, ts, p.id);
+        let frame = proto::message_frame_with_id(&self.name, p.user, p.text, seq, ts, p.id);
         self.stats.frames_encoded.inc();
         self.stats.published.inc();
         let out = Arc::new(Outbound {
@@ -370,7 +387,7 @@ impl Room {
         }
         // `counts` keeps the frame's shape (clients need not care) but names nobody.
         let named = state.settings.presence == Presence::Events;
-        let frame = protocol::encode_frame(&PresenceOut {
+        let frame = proto::encode_frame(&PresenceOut {
             kind: "presence",
             room: &self.name,
             joined: if named { joined } else { &[] },
@@ -429,16 +446,38 @@ impl Room {
         RoomInfo {
             room: self.name.to_string(),
             members: state.members.len(),
+            local_members: state.members.len(),
             users,
             next_users_after,
             published: state.published,
             evicted: self.evicted.load(Ordering::Relaxed),
             last_seq: state.seq,
-            created_at: self.created_at_ms,
+            created_at: Some(self.created_at_ms),
             messages_per_sec: state.rate.per_second(now_ms / 1000),
             p99_wait_ms: self.wait.quantile_ms(0.99, now_ms / 60_000),
             password_protected: state.settings.password.is_some(),
             max_members: state.settings.max_members,
+        }
+    }
+}
+
+impl RoomInfo {
+    /// A room with members on other processes only: its settings, no local figures.
+    pub fn elsewhere(name: &str, settings: &RoomSettings) -> Self {
+        RoomInfo {
+            room: name.to_owned(),
+            members: 0,
+            local_members: 0,
+            users: Vec::new(),
+            next_users_after: None,
+            published: 0,
+            evicted: 0,
+            last_seq: 0,
+            created_at: None,
+            messages_per_sec: 0.0,
+            p99_wait_ms: None,
+            password_protected: settings.password.is_some(),
+            max_members: settings.max_members,
         }
     }
 }

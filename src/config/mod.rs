@@ -1,15 +1,17 @@
 //! Configuration: every bound the server enforces, parsed once in `main` and passed down.
 
+pub mod rooms;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::limit::{RateLimitArg, RateSpec};
+use crate::core::limit::{RateLimitArg, RateSpec};
 
-use crate::archive::Retention;
-use crate::history::{HistorySettings, LagPolicy};
+use crate::core::archive::Retention;
+use crate::core::history::{HistorySettings, LagPolicy};
 
 /// Server settings. Every field is a bound or a timing; the policy applied past each bound is
 /// documented on the field and in docs/PROTOCOL.md.

@@ -6,8 +6,8 @@ use std::borrow::Cow;
 
 use hyper::StatusCode;
 
-use crate::http::{decode_room_with, ApiError};
-use crate::names::{validate_joinable_room, validate_user};
+use super::{decode_room_with, ApiError};
+use crate::proto::names::{validate_joinable_room, validate_user};
 
 /// A chat upgrade's request target, every name in it already valid.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,6 +3,8 @@
 //!
 //! docs/PROTOCOL.md is the contract; this module is its only implementation.
 
+pub mod names;
+
 use std::borrow::Cow;
 use std::time::Instant;
 
@@ -10,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use fastwebsockets::{Frame, Payload};
 use serde::{Deserialize, Serialize};
 
-use crate::history::ReplayRequest;
+use crate::core::history::ReplayRequest;
 
 /// What a client asked for in one text frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -122,7 +124,8 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
                 return Err(ProtocolError::new("bad_message", "message text is empty"));
             }
             if let Some(id) = &raw.id {
-                crate::dedupe::validate_id(id).map_err(|e| ProtocolError::new("bad_id", e))?;
+                crate::core::dedupe::validate_id(id)
+                    .map_err(|e| ProtocolError::new("bad_id", e))?;
             }
             Ok(ClientMessage::Message {
                 room: raw.room,

@@ -120,10 +120,10 @@ impl ConnectionLimiter {
 /// The publish limiter of a new room: its settings' `rate_limit` when the rooms file sets one
 /// (`off` included), else `--room-rate-limit`.
 pub fn room_limiter(
-    from_settings: Option<crate::settings::RateLimit>,
+    from_settings: Option<crate::config::rooms::RateLimit>,
     flag: Option<RateSpec>,
 ) -> Option<DefaultDirectRateLimiter> {
-    use crate::settings::RateLimit;
+    use crate::config::rooms::RateLimit;
     match from_settings {
         None => flag.map(RateSpec::limiter),
         Some(RateLimit::Off) => None,

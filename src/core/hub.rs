@@ -7,18 +7,15 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::broadcast;
 
-use crate::history::{History, HistoryService, Replay, ReplayRequest};
-use crate::limit::RateSpec;
-use crate::lobby::Lobby;
-use crate::names::LOBBY;
-use crate::protocol::Outbound;
-use crate::room::Room;
-use crate::settings::{RoomSettings, Settings};
-use crate::stats::Stats;
+use crate::config::rooms::{RoomSettings, Settings};
+use crate::core::history::{History, HistoryService, ReplayRequest};
+use crate::core::limit::RateSpec;
+use crate::core::lobby::Lobby;
+use crate::core::room::{Joined, Room};
+use crate::core::stats::Stats;
+use crate::proto::Outbound;
 
 type Shard = Mutex<HashMap<Box<str>, Arc<Room>>>;
 
@@ -59,6 +56,30 @@ impl JoinError {
     }
 }
 
+/// A request to join one chat room.
+pub struct JoinRequest<'a> {
+    /// Already a valid, joinable name.
+    pub name: &'a str,
+    /// The connection id, also the member id.
+    pub id: u64,
+    pub user: &'a Arc<str>,
+    pub password: Option<&'a str>,
+    /// Past messages to write after the welcome (`history`/`since`).
+    pub replay: Option<ReplayRequest>,
+}
+
+/// Where a room created by a join starts. Standalone: the default (seq 0, nobody elsewhere,
+/// nothing kept beyond its archive).
+#[derive(Default, Clone, Copy)]
+pub struct Start<'a> {
+    /// The cluster's last seq of the room: the room numbers after it.
+    pub seq: u64,
+    /// Members on other processes.
+    pub remote_members: usize,
+    /// What Redis kept of the room, oldest first: the end of its history ring.
+    pub kept: &'a [Arc<Outbound>],
+}
+
 /// Whether a joiner may enter a room with `settings` that has `members` now. The password is
 /// checked first, so a full room tells nothing to someone without it.
 fn admit(settings: &RoomSettings, members: usize, password: Option<&str>) -> Result<(), JoinError> {
@@ -75,18 +96,6 @@ fn admit(settings: &RoomSettings, members: usize, password: Option<&str>) -> Res
     }
 }
 
-/// What a successful join hands to the connection.
-pub struct Joined {
-    pub room: Arc<Room>,
-    pub rx: broadcast::Receiver<Arc<Outbound>>,
-    /// The `welcome` frame, to be written before anything from `rx`.
-    pub welcome: Bytes,
-    /// Past messages asked for, to be written after the welcome and before anything from `rx`.
-    pub replay: Option<Replay>,
-    /// The room's last seq at the join (the welcome's `seq`): live frames start after it.
-    pub last_seq: u64,
-}
-
 impl Hub {
     /// A hub whose rooms all get `room_buffer` and no restriction (no settings file), and keep
     /// no history.
@@ -94,7 +103,7 @@ impl Hub {
         Self::with_settings(
             shards,
             Settings::from_flags(room_buffer),
-            crate::lobby::DEFAULT_TOP,
+            crate::core::lobby::DEFAULT_TOP,
             stats,
         )
     }
@@ -141,62 +150,23 @@ impl Hub {
         &self.shards[h & (self.shards.len() - 1)]
     }
 
-    /// Adds member `id` named `user` to room `name` (`$lobby` included), creating the room if
-    /// needed, if `password` and the room's member cap allow. The name must already be valid.
-    /// The checks and the membership happen under the shard and room locks: two joiners can
-    /// never both take a room's last place.
-    pub fn join(
-        &self,
-        name: &str,
-        id: u64,
-        user: &Arc<str>,
-        password: Option<&str>,
-    ) -> Result<Joined, JoinError> {
-        self.join_with_replay(name, id, user, password, None)
-    }
-
-    /// `join`, also taking the past messages `replay` asks for, atomically with the
-    /// subscription (no gap, no duplicate between them and live messages). A refused join
-    /// replays nothing.
-    pub fn join_with_replay(
-        &self,
-        name: &str,
-        id: u64,
-        user: &Arc<str>,
-        password: Option<&str>,
-        replay: Option<ReplayRequest>,
-    ) -> Result<Joined, JoinError> {
-        self.join_seeded(name, id, user, password, replay, 0, 0, &[])
-    }
-
-    /// `join_with_replay` for cluster mode: a room created by this join starts after `seq` (the
-    /// cluster's last seq of the room) instead of 0, knowing of `remote_members` on other
-    /// processes, its history ring ending with `kept` (what Redis kept of the room, oldest
-    /// first; ignored when the room exists). `max_members` is checked against this process's
-    /// members only.
-    #[allow(clippy::too_many_arguments)]
-    pub fn join_seeded(
-        &self,
-        name: &str,
-        id: u64,
-        user: &Arc<str>,
-        password: Option<&str>,
-        replay: Option<ReplayRequest>,
-        seq: u64,
-        remote_members: usize,
-        kept: &[Arc<Outbound>],
-    ) -> Result<Joined, JoinError> {
-        if name == LOBBY {
-            return Ok(self.lobby.join(id, user, replay));
-        }
+    /// Adds a member to a chat room (never `$lobby`: see `lobby()`), creating the room if
+    /// needed, if the password and the room's member cap allow, and takes the past messages
+    /// `req.replay` asks for, atomically with the subscription (no gap, no duplicate between
+    /// them and live messages). The name must already be valid. The checks and the membership
+    /// happen under the shard and room locks: two joiners can never both take a room's last
+    /// place. A refused join creates nothing and replays nothing. A room this join creates
+    /// starts as `start` says (cluster mode: where the cluster already is).
+    pub fn join(&self, req: &JoinRequest<'_>, start: Start<'_>) -> Result<Joined, JoinError> {
+        let name = req.name;
         let mut shard = self.shard(name).lock();
         let (room, created) = match shard.get(name) {
             Some(room) => (room.clone(), false),
             None => {
                 let settings = self.settings.read().resolve(name);
-                admit(&settings, 0, password)?;
-                let room = self.create_room(name, settings, seq, kept);
-                room.set_remote_members(remote_members);
+                admit(&settings, 0, req.password)?;
+                let room = self.create_room(name, settings, start.seq, start.kept);
+                room.set_remote_members(start.remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
                 self.lobby.room_created(name);
@@ -205,9 +175,9 @@ impl Hub {
         };
         let mut state = room.lock();
         if !created {
-            admit(&state.settings, state.members.len(), password)?;
+            admit(&state.settings, state.members.len(), req.password)?;
         }
-        let (rx, welcome, replay) = room.add_member(&mut state, id, user, replay);
+        let (rx, welcome, replay) = room.add_member(&mut state, req.id, req.user, req.replay);
         let last_seq = state.seq();
         self.queue_presence(&room, &mut state);
         drop(state);
@@ -220,6 +190,11 @@ impl Hub {
             replay,
             last_seq,
         })
+    }
+
+    /// The `$lobby`, which is not in the registry.
+    pub fn lobby(&self) -> &Lobby {
+        &self.lobby
     }
 
     /// A new room with `settings`, continuing from its archived past (then `kept`, cluster mode)
@@ -238,7 +213,7 @@ impl Hub {
             .map_or(self.history.settings().capacity, |n| n as usize);
         let mut seed = self.history.new_room(name, capacity);
         seed.history = seed.history.followed_by(kept);
-        let limiter = crate::limit::room_limiter(settings.rate_limit, self.room_rate);
+        let limiter = crate::core::limit::room_limiter(settings.rate_limit, self.room_rate);
         Arc::new(
             Room::new(
                 name,
@@ -252,12 +227,9 @@ impl Hub {
         )
     }
 
-    /// Removes member `id` from `room`; the room leaves the map with its last member.
+    /// Removes member `id` from chat room `room`; the room leaves the map with its last member.
     /// Returns whether the member was there.
     pub fn leave(&self, room: &Arc<Room>, id: u64) -> bool {
-        if self.lobby.is(room) {
-            return self.lobby.leave(id);
-        }
         let mut shard = self.shard(room.name()).lock();
         let mut state = room.lock();
         if !room.remove_member(&mut state, id) {
@@ -310,7 +282,7 @@ impl Hub {
         self.lobby.flush(|top| self.list(top));
     }
 
-    fn queue_presence(&self, room: &Arc<Room>, state: &mut crate::room::RoomState) {
+    fn queue_presence(&self, room: &Arc<Room>, state: &mut crate::core::room::RoomState) {
         if !state.presence_queued && state.has_presence_pending() {
             state.presence_queued = true;
             self.presence_queue.lock().push(room.clone());
@@ -362,6 +334,56 @@ impl Hub {
 mod tests {
     use super::*;
 
+    fn join_replay(
+        hub: &Hub,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        password: Option<&str>,
+        replay: Option<ReplayRequest>,
+    ) -> Result<Joined, JoinError> {
+        let req = JoinRequest {
+            name,
+            id,
+            user,
+            password,
+            replay,
+        };
+        hub.join(&req, Start::default())
+    }
+
+    fn join(
+        hub: &Hub,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        password: Option<&str>,
+    ) -> Result<Joined, JoinError> {
+        join_replay(hub, name, id, user, password, None)
+    }
+
+    /// A join that creates `name` after `seq` (cluster mode).
+    fn seeded(
+        hub: &Hub,
+        name: &str,
+        id: u64,
+        user: &Arc<str>,
+        seq: u64,
+    ) -> Result<Joined, JoinError> {
+        let req = JoinRequest {
+            name,
+            id,
+            user,
+            password: None,
+            replay: None,
+        };
+        let start = Start {
+            seq,
+            ..Start::default()
+        };
+        hub.join(&req, start)
+    }
+
     /// The JSON payload of a server frame (skips the 2- or 4-byte header).
     fn payload(frame: &[u8]) -> serde_json::Value {
         let start = if frame[1] == 126 { 4 } else { 2 };
@@ -376,8 +398,8 @@ mod tests {
     fn rooms_live_exactly_as_long_as_their_members() {
         let hub = hub();
         let alice: Arc<str> = "alice".into();
-        let a = hub.join("r", 1, &alice, None).unwrap();
-        let b = hub.join("r", 2, &alice, None).unwrap();
+        let a = join(&hub, "r", 1, &alice, None).unwrap();
+        let b = join(&hub, "r", 2, &alice, None).unwrap();
         assert!(Arc::ptr_eq(&a.room, &b.room));
         assert_eq!(hub.room_count(), 1);
         assert!(hub.leave(&a.room, 1));
@@ -387,7 +409,7 @@ mod tests {
         assert!(hub.get("r").is_none());
         assert_eq!(hub.room_count(), 0);
         // A fresh join creates a fresh room.
-        let c = hub.join("r", 3, &alice, None).unwrap();
+        let c = join(&hub, "r", 3, &alice, None).unwrap();
         assert!(!Arc::ptr_eq(&c.room, &a.room));
     }
 
@@ -395,10 +417,10 @@ mod tests {
     fn welcome_seq_is_the_last_seq_before_the_joiner() {
         let hub = hub();
         let u: Arc<str> = "u".into();
-        let a = hub.join("r", 1, &u, None).unwrap();
+        let a = join(&hub, "r", 1, &u, None).unwrap();
         assert_eq!(a.room.publish("u", "one", 1, false), 1);
         assert_eq!(a.room.publish("u", "two", 1, false), 2);
-        let mut b = hub.join("r", 2, &u, None).unwrap();
+        let mut b = join(&hub, "r", 2, &u, None).unwrap();
         let v: serde_json::Value = payload(&b.welcome);
         assert_eq!(v["seq"], 2);
         assert_eq!(v["members"], 2);
@@ -412,14 +434,26 @@ mod tests {
     fn a_seeded_room_starts_at_its_cluster_seq_and_drops_what_is_not_past_it() {
         let hub = hub();
         let u: Arc<str> = "u".into();
-        let msg = |text| crate::room::Publish {
+        let msg = |text| crate::core::room::Publish {
             user: "x",
             text,
             id: None,
             origin: 0,
             skip_origin: false,
         };
-        let mut a = hub.join_seeded("r", 1, &u, None, None, 10, 4, &[]).unwrap();
+        let req = JoinRequest {
+            name: "r",
+            id: 1,
+            user: &u,
+            password: None,
+            replay: None,
+        };
+        let start = Start {
+            seq: 10,
+            remote_members: 4,
+            kept: &[],
+        };
+        let mut a = hub.join(&req, start).unwrap();
         let v = payload(&a.welcome);
         assert_eq!(v["seq"], 10);
         assert_eq!(v["members"], 5, "one here, four elsewhere");
@@ -433,7 +467,7 @@ mod tests {
         );
         assert!(a.rx.try_recv().is_err());
         // Seeding only applies to a room the join creates.
-        let b = hub.join_seeded("r", 2, &u, None, None, 99, 0, &[]).unwrap();
+        let b = seeded(&hub, "r", 2, &u, 99).unwrap();
         assert_eq!(payload(&b.welcome)["seq"], 12);
     }
 
@@ -450,7 +484,7 @@ mod tests {
                     for i in 0..2000u64 {
                         let id = t * 1_000_000 + i;
                         let name = format!("r{}", i % 3);
-                        let j = hub.join(&name, id, &u, None).unwrap();
+                        let j = join(&hub, &name, id, &u, None).unwrap();
                         assert!(hub.get(&name).is_some_and(|r| Arc::ptr_eq(&r, &j.room)));
                         assert!(hub.leave(&j.room, id));
                     }
@@ -479,7 +513,7 @@ mod tests {
                     let u: Arc<str> = "u".into();
                     let mut kept = Vec::new();
                     for i in 0..200u64 {
-                        match hub.join("capped", t * 1000 + i, &u, None) {
+                        match join(&hub, "capped", t * 1000 + i, &u, None) {
                             Ok(j) => kept.push(j),
                             Err(e) => assert_eq!(e, JoinError::RoomFull { max: 5 }),
                         }
@@ -499,8 +533,8 @@ mod tests {
         let id = room.info(1, None).users[0].id;
         assert!(hub.leave(room, id));
         let u: Arc<str> = "late".into();
-        assert!(hub.join("capped", 9_999, &u, None).is_ok());
-        assert!(hub.join("capped", 10_000, &u, None).is_err());
+        assert!(join(&hub, "capped", 9_999, &u, None).is_ok());
+        assert!(join(&hub, "capped", 10_000, &u, None).is_err());
     }
 
     #[test]
@@ -508,11 +542,11 @@ mod tests {
         let hub = hub_with("[rooms.\"vip:*\"]\npassword = \"pw\"\nmax_members = 1\n");
         let u: Arc<str> = "u".into();
         assert_eq!(
-            hub.join("vip:1", 1, &u, None).err(),
+            join(&hub, "vip:1", 1, &u, None).err(),
             Some(JoinError::PasswordRequired)
         );
         assert_eq!(
-            hub.join("vip:1", 1, &u, Some("PW")).err(),
+            join(&hub, "vip:1", 1, &u, Some("PW")).err(),
             Some(JoinError::WrongPassword)
         );
         assert_eq!(
@@ -520,14 +554,14 @@ mod tests {
             0,
             "no room was created for a refused join"
         );
-        let a = hub.join("vip:1", 1, &u, Some("pw")).unwrap();
+        let a = join(&hub, "vip:1", 1, &u, Some("pw")).unwrap();
         // Full, but the password is checked first.
         assert_eq!(
-            hub.join("vip:1", 2, &u, Some("x")).err(),
+            join(&hub, "vip:1", 2, &u, Some("x")).err(),
             Some(JoinError::WrongPassword)
         );
         assert_eq!(
-            hub.join("vip:1", 2, &u, Some("pw")).err(),
+            join(&hub, "vip:1", 2, &u, Some("pw")).err(),
             Some(JoinError::RoomFull { max: 1 })
         );
         assert_eq!(JoinError::WrongPassword.code(), "bad_password");
@@ -536,7 +570,7 @@ mod tests {
         assert!(info.password_protected);
         assert_eq!(info.max_members, Some(1));
         assert!(
-            hub.join("open", 3, &u, None).is_ok(),
+            join(&hub, "open", 3, &u, None).is_ok(),
             "other rooms are open"
         );
     }
@@ -545,8 +579,8 @@ mod tests {
     fn reload_reaches_existing_rooms_and_new_ones() {
         let hub = hub_with("[rooms.a]\nmax_members = 1\n");
         let u: Arc<str> = "u".into();
-        let a = hub.join("a", 1, &u, None).unwrap();
-        assert!(hub.join("a", 2, &u, None).is_err());
+        let a = join(&hub, "a", 1, &u, None).unwrap();
+        assert!(join(&hub, "a", 2, &u, None).is_err());
         hub.reload(
             Settings::parse(
                 "[defaults]\nroom_buffer = 3\n[rooms.a]\npassword = \"p\"\n",
@@ -556,11 +590,11 @@ mod tests {
             .unwrap(),
         );
         assert_eq!(
-            hub.join("a", 2, &u, None).err(),
+            join(&hub, "a", 2, &u, None).err(),
             Some(JoinError::PasswordRequired),
             "the cap is gone and the password is in force for the live room"
         );
-        assert!(hub.join("a", 2, &u, Some("p")).is_ok());
+        assert!(join(&hub, "a", 2, &u, Some("p")).is_ok());
         assert_eq!(a.room.info(1, None).max_members, None);
         assert_eq!(hub.settings().resolve("b").room_buffer, 3);
     }
@@ -576,15 +610,15 @@ mod tests {
             }
             matches!(j.rx.try_recv(), Err(TryRecvError::Lagged(_)))
         };
-        let mut tiny = hub.join("tiny:1", 1, &u, None).unwrap();
+        let mut tiny = join(&hub, "tiny:1", 1, &u, None).unwrap();
         assert!(lags_after(&mut tiny, 3), "a 2-frame ring overflows at 3");
-        let mut other = hub.join("other", 2, &u, None).unwrap();
+        let mut other = join(&hub, "other", 2, &u, None).unwrap();
         assert!(!lags_after(&mut other, 3), "the flag's 16 frames elsewhere");
 
         hub.reload(Settings::parse("[rooms.\"tiny:*\"]\nroom_buffer = 64\n", "t", 16).unwrap());
-        let mut live = hub.join("tiny:1", 3, &u, None).unwrap();
+        let mut live = join(&hub, "tiny:1", 3, &u, None).unwrap();
         assert!(lags_after(&mut live, 3), "the live room keeps its ring");
-        let mut fresh = hub.join("tiny:2", 4, &u, None).unwrap();
+        let mut fresh = join(&hub, "tiny:2", 4, &u, None).unwrap();
         assert!(
             !lags_after(&mut fresh, 40),
             "a room created after the reload gets 64"
@@ -595,12 +629,12 @@ mod tests {
     fn the_lobby_is_not_a_room() {
         let hub = hub();
         let u: Arc<str> = "u".into();
-        let mut l = hub.join(LOBBY, 1, &u, None).unwrap();
-        assert_eq!(payload(&l.welcome)["room"], LOBBY);
+        let mut l = hub.lobby().join(1, &u, None);
+        assert_eq!(payload(&l.welcome)["room"], crate::proto::names::LOBBY);
         assert_eq!(hub.room_count(), 0);
-        assert!(hub.get(LOBBY).is_none());
+        assert!(hub.get(crate::proto::names::LOBBY).is_none());
         assert_eq!(hub.stats.rooms.get(), 0);
-        let r = hub.join("r", 2, &u, None).unwrap();
+        let r = join(&hub, "r", 2, &u, None).unwrap();
         hub.flush_lobby();
         assert_eq!(
             payload(&l.rx.try_recv().unwrap().frame),
@@ -617,8 +651,8 @@ mod tests {
             payload(&l.rx.try_recv().unwrap().frame),
             serde_json::json!({"type": "room_closed", "room": "r"})
         );
-        assert!(hub.leave(&l.room, 1));
-        assert!(!hub.leave(&l.room, 1));
+        assert!(hub.lobby().leave(1));
+        assert!(!hub.lobby().leave(1));
     }
 
     #[test]
@@ -627,7 +661,7 @@ mod tests {
         let mut joined = Vec::new();
         for id in 0..50u64 {
             let u: Arc<str> = format!("u{id}").into();
-            joined.push(hub.join("r", id, &u, None).unwrap());
+            joined.push(join(&hub, "r", id, &u, None).unwrap());
         }
         hub.flush_presence();
         hub.flush_presence();
@@ -642,7 +676,7 @@ mod tests {
 
     #[test]
     fn replay_and_live_frames_meet_exactly_under_concurrent_publishing() {
-        use crate::history::{HistorySettings, ReplayRequest};
+        use crate::core::history::{HistorySettings, ReplayRequest};
         let stats = Arc::new(Stats::new());
         let settings = HistorySettings {
             capacity: 100_000,
@@ -651,7 +685,7 @@ mod tests {
         let service = Arc::new(HistoryService::new(settings, stats.clone()).unwrap());
         let hub = Arc::new(Hub::new(4, 1 << 16, stats).with_history(service));
         let u: Arc<str> = "u".into();
-        let anchor = hub.join("r", 1, &u, None).unwrap();
+        let anchor = join(&hub, "r", 1, &u, None).unwrap();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let publishers: Vec<_> = (0..2)
             .map(|_| {
@@ -667,9 +701,8 @@ mod tests {
         for id in 2..200u64 {
             // Some messages back: well inside the ring, and more arrive during the join.
             let since = anchor.room.last_seq().saturating_sub(20);
-            let mut j = hub
-                .join_with_replay("r", id, &u, None, Some(ReplayRequest::Since(since)))
-                .unwrap();
+            let mut j =
+                join_replay(&hub, "r", id, &u, None, Some(ReplayRequest::Since(since))).unwrap();
             let replay = j.replay.take().unwrap();
             let mut expect = since + 1;
             for f in &replay.frames {
@@ -698,7 +731,7 @@ mod tests {
 
     #[test]
     fn history_depth_comes_from_the_room_settings_then_the_flag() {
-        use crate::history::{HistorySettings, ReplayRequest};
+        use crate::core::history::{HistorySettings, ReplayRequest};
         let stats = Arc::new(Stats::new());
         let flag = HistorySettings {
             capacity: 3,
@@ -714,13 +747,11 @@ mod tests {
         let hub = Hub::with_settings(4, settings, 50, stats).with_history(service);
         let u: Arc<str> = "u".into();
         let kept = |name: &str| {
-            let a = hub.join(name, 1, &u, None).unwrap();
+            let a = join(&hub, name, 1, &u, None).unwrap();
             for i in 0..20 {
                 a.room.publish("u", &format!("m{i}"), 1, false);
             }
-            let b = hub
-                .join_with_replay(name, 2, &u, None, Some(ReplayRequest::Last(100)))
-                .unwrap();
+            let b = join_replay(&hub, name, 2, &u, None, Some(ReplayRequest::Last(100))).unwrap();
             let n = b.replay.map(|r| r.frames.len());
             hub.leave(&a.room, 1);
             hub.leave(&b.room, 2);
@@ -737,7 +768,7 @@ mod tests {
 
     #[test]
     fn a_refused_join_replays_nothing_and_a_password_join_replays() {
-        use crate::history::{HistorySettings, ReplayRequest};
+        use crate::core::history::{HistorySettings, ReplayRequest};
         let stats = Arc::new(Stats::new());
         let flag = HistorySettings {
             capacity: 10,
@@ -747,22 +778,20 @@ mod tests {
         let settings = Settings::parse("[rooms.vip]\npassword = \"pw\"\n", "t", 16).unwrap();
         let hub = Hub::with_settings(4, settings, 50, stats).with_history(service);
         let u: Arc<str> = "u".into();
-        let a = hub.join("vip", 1, &u, Some("pw")).unwrap();
+        let a = join(&hub, "vip", 1, &u, Some("pw")).unwrap();
         a.room.publish("u", "secret", 1, false);
         let since = Some(ReplayRequest::Since(0));
         assert_eq!(
-            hub.join_with_replay("vip", 2, &u, Some("no"), since).err(),
+            join_replay(&hub, "vip", 2, &u, Some("no"), since).err(),
             Some(JoinError::WrongPassword)
         );
-        let b = hub
-            .join_with_replay("vip", 2, &u, Some("pw"), since)
-            .unwrap();
+        let b = join_replay(&hub, "vip", 2, &u, Some("pw"), since).unwrap();
         assert_eq!(b.replay.map(|r| r.frames.len()), Some(1));
     }
 
     #[test]
     fn delivered_messages_are_kept_and_their_ids_remembered() {
-        use crate::history::{HistorySettings, ReplayRequest};
+        use crate::core::history::{HistorySettings, ReplayRequest};
         use std::time::Duration;
         let stats = Arc::new(Stats::new());
         let flag = HistorySettings {
@@ -774,9 +803,9 @@ mod tests {
         let service = Arc::new(HistoryService::new(flag, stats.clone()).unwrap());
         let hub = Hub::new(4, 16, stats).with_history(service);
         let u: Arc<str> = "u".into();
-        let a = hub.join_seeded("r", 1, &u, None, None, 40, 0, &[]).unwrap();
+        let a = seeded(&hub, "r", 1, &u, 40).unwrap();
         for (seq, id) in [(41, "k1"), (43, "k3")] {
-            let p = crate::room::Publish {
+            let p = crate::core::room::Publish {
                 user: "far",
                 text: "from another process",
                 id: Some(id),
@@ -787,9 +816,7 @@ mod tests {
         }
         assert_eq!(a.room.duplicate_of(Some("k3")), Some(43));
         assert_eq!(a.room.duplicate_of(Some("k2")), None);
-        let b = hub
-            .join_with_replay("r", 2, &u, None, Some(ReplayRequest::Since(40)))
-            .unwrap();
+        let b = join_replay(&hub, "r", 2, &u, None, Some(ReplayRequest::Since(40))).unwrap();
         let replay = b.replay.unwrap();
         let seqs: Vec<u64> = replay.frames.iter().map(|o| o.seq).collect();
         assert_eq!(seqs, [41, 43]);

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::wire::{self, MessageBody};
 use super::ClusterError;
-use crate::protocol::{self, Outbound};
+use crate::proto::{self, Outbound};
 
 /// The frame of a message received (or kept) from Redis, encoded like a local publication.
 pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outbound> {
@@ -22,9 +22,9 @@ pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outb
     let id = body
         .id
         .as_deref()
-        .filter(|id| crate::dedupe::validate_id(id).is_ok());
+        .filter(|id| crate::core::dedupe::validate_id(id).is_ok());
     Arc::new(Outbound {
-        frame: protocol::message_frame_with_id(room, &body.user, &body.text, seq, body.ts, id),
+        frame: proto::message_frame_with_id(room, &body.user, &body.text, seq, body.ts, id),
         origin: 0,
         skip_origin: false,
         published_at: Instant::now(),
@@ -149,7 +149,7 @@ mod tests {
         let frames = from_list("r", &list, 5);
         assert_eq!(seqs(&frames), [3, 4]);
         let v: serde_json::Value =
-            serde_json::from_slice(protocol::frame_payload(&frames[1].frame)).unwrap();
+            serde_json::from_slice(proto::frame_payload(&frames[1].frame)).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"type": "message", "room": "r", "user": "al", "text": "d",
@@ -157,7 +157,7 @@ mod tests {
         );
         assert_eq!(
             frames[1].frame,
-            protocol::message_frame_with_id("r", "al", "d", 4, 1004, Some("k4")),
+            proto::message_frame_with_id("r", "al", "d", 4, 1004, Some("k4")),
             "byte-identical to a live frame"
         );
         assert_eq!((frames[0].origin, frames[0].skip_origin), (0, false));

@@ -16,13 +16,12 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::history::{History, HistoryService, ReplayRequest, Seed};
-use crate::hub::Joined;
-use crate::names::LOBBY;
-use crate::protocol::{self, RoomCount, RoomCountsOut, RoomEventOut, RoomsChangedOut};
-use crate::room::Room;
-use crate::settings::{Presence, RoomSettings};
-use crate::stats::Stats;
+use crate::config::rooms::{Presence, RoomSettings};
+use crate::core::history::{History, HistoryService, ReplayRequest, Seed};
+use crate::core::room::{Joined, Room};
+use crate::core::stats::Stats;
+use crate::proto::names::LOBBY;
+use crate::proto::{self, RoomCount, RoomCountsOut, RoomEventOut, RoomsChangedOut};
 
 /// Rooms a `room_counts` frame lists by default (`--lobby-top`).
 pub const DEFAULT_TOP: usize = 50;
@@ -188,7 +187,7 @@ impl Lobby {
                     members: *members,
                 })
                 .collect();
-            self.send(protocol::encode_frame(&RoomCountsOut {
+            self.send(proto::encode_frame(&RoomCountsOut {
                 kind: "room_counts",
                 rooms: &rooms,
                 total,
@@ -210,12 +209,12 @@ impl Lobby {
         if !changes.truncated && changes.rooms.len() <= SINGLE_EVENTS_MAX {
             for (kind, names) in [("room_closed", &closed), ("room_created", &created)] {
                 for room in names.iter() {
-                    self.send(protocol::encode_frame(&RoomEventOut { kind, room }));
+                    self.send(proto::encode_frame(&RoomEventOut { kind, room }));
                 }
             }
             return;
         }
-        self.send(protocol::encode_frame(&RoomsChangedOut {
+        self.send(proto::encode_frame(&RoomsChangedOut {
             kind: "rooms_changed",
             created: &created,
             closed: &closed,

@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::names::validate_user;
+use crate::proto::names::validate_user;
 
 /// The subprotocol a browser offers next to `bearer.<token>`; the server selects it, since a
 /// browser refuses an upgrade whose response selects none of the offered subprotocols.
@@ -63,7 +63,7 @@ impl Grant {
     /// Whether the token allows joining `room`.
     /// The `$lobby` is open to every valid token.
     pub fn allows(&self, room: &str) -> bool {
-        if room == crate::names::LOBBY {
+        if room == crate::proto::names::LOBBY {
             return true;
         }
         let Some(patterns) = &self.rooms else {
@@ -202,14 +202,19 @@ pub fn api_key_matches(headers: &HeaderMap, key: &str) -> bool {
         .is_some_and(|given| bool::from(given.as_bytes().ct_eq(key.as_bytes())))
 }
 
+/// Why a token could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot make a token: {0}")]
+pub struct IssueError(String);
+
 /// Signs a development token (`roomcast token`).
 pub fn issue(
     secret: &str,
     sub: &str,
     rooms: Option<&str>,
     ttl: Duration,
-) -> Result<String, crate::Error> {
-    validate_user(sub).map_err(|e| crate::Error::Token(e.user_reason().into()))?;
+) -> Result<String, IssueError> {
+    validate_user(sub).map_err(|e| IssueError(e.user_reason().into()))?;
     let claims = Claims {
         sub: sub.to_owned(),
         exp: jsonwebtoken::get_current_timestamp().saturating_add(ttl.as_secs()),
@@ -220,7 +225,7 @@ pub fn issue(
         &claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )
-    .map_err(|e| crate::Error::Token(e.to_string()))
+    .map_err(|e| IssueError(e.to_string()))
 }
 
 #[cfg(test)]

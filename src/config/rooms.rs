@@ -16,7 +16,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::names::{validate_room, NameError, MAX_ROOM_BYTES};
+use crate::proto::names::{validate_room, NameError, MAX_ROOM_BYTES};
 
 /// Longest password accepted in the file, in bytes.
 pub const MAX_PASSWORD_BYTES: usize = 256;

@@ -1,0 +1,280 @@
+//! The chat protocol's business: a client message becomes a publish, a join or a leave, each
+//! checked (name, token, limits) before it goes to the bus; a refusal is an error frame.
+
+use bytes::Bytes;
+
+use super::deliver::Membership;
+use super::{Connection, End, MAX_BATCH};
+use crate::bus::{Fallback, JoinRequest, PublishError};
+use crate::core::history::ReplayRequest;
+use crate::core::limit::{retry_after_ms, Verdict};
+use crate::core::room::{Joined, Publish, Room};
+use crate::proto::names::{is_server_room, validate_joinable_room, validate_room, NameError};
+use crate::proto::{self, parse_client_message, ClientMessage, ProtocolError};
+
+/// Why a client message was not carried out.
+#[derive(Debug)]
+pub(super) enum Refusal {
+    /// Answered with an error frame; the socket stays open.
+    Reply(ProtocolError),
+    /// The connection ends.
+    End(End),
+}
+
+impl From<End> for Refusal {
+    fn from(end: End) -> Self {
+        Refusal::End(end)
+    }
+}
+
+/// The outcome of handling one client message.
+pub(super) type Handled = Result<(), Refusal>;
+
+impl Connection {
+    /// Handles one complete client text message; protocol errors answer with an error frame.
+    pub(super) async fn on_text(&mut self, text: &str) -> Option<End> {
+        self.cx.stats.messages_in.inc();
+        if let Some(limiter) = &mut self.limiter {
+            match limiter.check() {
+                Verdict::Allow => {}
+                Verdict::Refuse { retry_after } => {
+                    self.cx.stats.rate_limited.inc();
+                    let err = ProtocolError::rate_limited(
+                        "this socket sends faster than --rate-limit; the message was dropped",
+                        retry_after_ms(retry_after),
+                    );
+                    let frame = proto::error_frame(&err, None);
+                    return self.write_frames(&[&frame]).await.err();
+                }
+                Verdict::Flooding => {
+                    self.cx.stats.rate_limited.inc();
+                    return Some(End::Close(1008, "rate limit exceeded"));
+                }
+            }
+        }
+        // `room` borrows from `text`; it is only needed again to label an error frame.
+        let (result, room) = match parse_client_message(text) {
+            Ok(ClientMessage::Message {
+                room,
+                text,
+                echo,
+                id,
+            }) => {
+                let res = match self
+                    .publish(room.as_deref(), &text, echo, id.as_deref())
+                    .await
+                {
+                    Ok(Some(ack)) => self.write_own(&ack).await,
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                (res, room)
+            }
+            Ok(ClientMessage::Join {
+                room,
+                password,
+                replay,
+            }) => (
+                self.join(&room, password.as_deref(), replay).await,
+                Some(room),
+            ),
+            Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
+            Ok(ClientMessage::Ping) => (self.write_own(&proto::pong_frame()).await, None),
+            Err(e) => (Err(Refusal::Reply(e)), None),
+        };
+        match result {
+            Ok(()) => None,
+            Err(Refusal::Reply(e)) => {
+                // Only a well-formed name is echoed back (`$` names included).
+                let room =
+                    room.filter(|r| matches!(validate_room(r), Ok(()) | Err(NameError::Reserved)));
+                let frame = proto::error_frame(&e, room.as_deref());
+                self.write_frames(&[&frame]).await.err()
+            }
+            Err(Refusal::End(end)) => Some(end),
+        }
+    }
+
+    /// Publishes into the named (or only) room. `Ok(Some(frame))`: the message repeated an
+    /// `id` and was not broadcast; the frame acknowledges it to the sender alone.
+    pub(super) async fn publish(
+        &mut self,
+        room: Option<&str>,
+        text: &str,
+        echo: bool,
+        id: Option<&str>,
+    ) -> Result<Option<Bytes>, Refusal> {
+        let target = match room {
+            Some(name) => {
+                validate_room(name).map_err(|e| Refusal::Reply(room_error(e)))?;
+                self.rooms.iter().find(|m| m.room.name() == name)
+            }
+            // The server's rooms (`$lobby`) take no messages, so they never make the choice
+            // ambiguous.
+            None => {
+                let mut chat = self.rooms.iter().filter(|m| !is_server_room(m.room.name()));
+                match (chat.next(), chat.next()) {
+                    (Some(_), Some(_)) => {
+                        return Err(Refusal::Reply(ProtocolError::new(
+                            "room_required",
+                            "this socket is in several rooms: name one with \"room\"",
+                        )))
+                    }
+                    (None, _) if !self.rooms.is_empty() => {
+                        return Err(Refusal::Reply(room_error(NameError::Reserved)))
+                    }
+                    (only, _) => only,
+                }
+            }
+        };
+        let Some(member) = target else {
+            return Err(Refusal::Reply(ProtocolError::new(
+                "not_joined",
+                "join the room before sending to it",
+            )));
+        };
+        let room = member.room.clone();
+        let publish = Publish {
+            user: &self.user,
+            text,
+            id,
+            origin: self.id,
+            skip_origin: !echo,
+        };
+        // Boxed so that a broker's future does not grow every connection's task.
+        let published = Box::pin(
+            self.cx
+                .bus
+                .publish_in(&room, &publish, Fallback::LocalMembers),
+        );
+        match published.await {
+            Ok(p) => Ok(duplicate_ack(&room, id, p.duplicate, p.seq)),
+            Err(PublishError::RateLimited(wait)) => {
+                Err(Refusal::Reply(ProtocolError::rate_limited(
+                    "the room is at its --room-rate-limit; the message was dropped",
+                    retry_after_ms(wait),
+                )))
+            }
+            Err(PublishError::Unavailable {
+                reason,
+                delivered_locally,
+            }) => Err(Refusal::Reply(ProtocolError::new(
+                "cluster_unavailable",
+                if delivered_locally {
+                    format!("{reason}: delivered to members on this server only")
+                } else {
+                    format!("{reason}: nothing was delivered")
+                },
+            ))),
+            // The member's own room always has a member: this one.
+            Err(PublishError::NoSuchRoom) => Err(Refusal::Reply(ProtocolError::new(
+                "not_joined",
+                "join the room before sending to it",
+            ))),
+        }
+    }
+
+    /// Joins `name` and writes its welcome frame, then the past messages `replay` asks for.
+    /// Checks, in order: the name, the access token, then (under the room's lock, in
+    /// `Hub::join`) password and member cap, subscribing and taking the replay in the same
+    /// step.
+    pub(super) async fn join(
+        &mut self,
+        name: &str,
+        password: Option<&str>,
+        replay: Option<ReplayRequest>,
+    ) -> Handled {
+        validate_joinable_room(name).map_err(|e| Refusal::Reply(room_error(e)))?;
+        if let Some(grant) = &self.grant {
+            if grant.expired() {
+                return Err(Refusal::Reply(ProtocolError::new(
+                    "token_expired",
+                    "the access token has expired: reconnect with a fresh one",
+                )));
+            }
+            if !grant.allows(name) {
+                return Err(Refusal::Reply(ProtocolError::new(
+                    "forbidden_room",
+                    "the access token does not allow this room",
+                )));
+            }
+        }
+        if self.rooms.iter().any(|m| m.room.name() == name) {
+            return Err(Refusal::Reply(ProtocolError::new(
+                "already_joined",
+                "this socket is already in that room",
+            )));
+        }
+        if self.rooms.len() >= self.cx.limits.max_rooms {
+            return Err(Refusal::Reply(ProtocolError::new(
+                "too_many_rooms",
+                format!(
+                    "a socket may be in at most {} rooms",
+                    self.cx.limits.max_rooms
+                ),
+            )));
+        }
+        let req = JoinRequest {
+            name,
+            id: self.id,
+            user: &self.user,
+            password,
+            replay,
+        };
+        // Boxed: a broker's join may wait (cluster mode: for the room's subscription).
+        let joined = Box::pin(self.cx.bus.join(req))
+            .await
+            .map_err(|e| Refusal::Reply(ProtocolError::new(e.code(), e.to_string())))?;
+        self.enter(joined).await
+    }
+
+    /// Takes a membership `Hub::join` granted and writes its welcome frame, then its replay
+    /// (announcement and past messages), all before anything live from the room.
+    pub(super) async fn enter(&mut self, joined: Joined) -> Handled {
+        self.rooms
+            .push(Membership::new(joined.room, joined.rx, joined.last_seq));
+        let Some(replay) = joined.replay else {
+            return self.write_own(&joined.welcome).await;
+        };
+        let mut frames: Vec<&[u8]> = Vec::with_capacity(replay.frames.len() + 2);
+        frames.push(&joined.welcome);
+        frames.push(&replay.header);
+        frames.extend(replay.frames.iter().map(|o| &o.frame[..]));
+        for chunk in frames.chunks(MAX_BATCH) {
+            self.write_frames(chunk).await.map_err(Refusal::End)?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn leave(&mut self, name: &str) -> Handled {
+        validate_joinable_room(name).map_err(|e| Refusal::Reply(room_error(e)))?;
+        let Some(index) = self.rooms.iter().position(|m| m.room.name() == name) else {
+            return Err(Refusal::Reply(ProtocolError::new(
+                "not_joined",
+                "this socket is not in that room",
+            )));
+        };
+        let m = self.rooms.remove(index);
+        self.cx.bus.leave(&m.room, self.id);
+        self.write_own(&proto::left_frame(name)).await
+    }
+
+    pub(super) fn leave_all(&mut self) {
+        for m in self.rooms.drain(..) {
+            self.cx.bus.leave(&m.room, self.id);
+        }
+    }
+}
+
+/// The `ack` frame for a message whose `id` repeated one already published as `seq`.
+fn duplicate_ack(room: &Room, id: Option<&str>, duplicate: bool, seq: u64) -> Option<Bytes> {
+    match (duplicate, id) {
+        (true, Some(id)) => Some(proto::duplicate_ack_frame(room.name(), id, seq)),
+        _ => None,
+    }
+}
+
+/// The error frame's content for a refused room name.
+fn room_error(e: NameError) -> ProtocolError {
+    ProtocolError::new(e.room_code(), e.room_reason())
+}

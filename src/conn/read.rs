@@ -1,0 +1,115 @@
+//! Reading: bytes off the socket, frames out of the bytes, whole messages out of fragments.
+//! Control frames are answered here; complete text messages go to `handle`.
+
+use std::io;
+
+use bytes::BytesMut;
+use fastwebsockets::{Frame, OpCode, Payload};
+
+use super::{Connection, End, READ_CHUNK};
+use crate::proto;
+use crate::ws::frame::{self, close_request, CloseRequest, InFrame};
+
+impl Connection {
+    /// One read after a readiness event (one per event, so a fast sender cannot monopolise the
+    /// task). Returns whether any bytes came in; the caller then handles the frames.
+    pub(super) fn read_available(&mut self) -> Result<bool, End> {
+        self.inbuf.reserve(READ_CHUNK);
+        match self.stream.try_read_buf(&mut self.inbuf) {
+            Ok(0) => Err(End::Gone),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.release_inbuf();
+                Ok(false)
+            }
+            Err(_) => Err(End::Gone),
+        }
+    }
+
+    /// Lets go of the read buffer unless it holds part of a frame.
+    pub(super) fn release_inbuf(&mut self) {
+        if self.inbuf.is_empty() {
+            self.inbuf = BytesMut::new();
+        }
+    }
+
+    /// Handles every complete frame in `inbuf`, leaving a partial one in place.
+    pub(super) async fn drain_frames(&mut self) -> Result<(), End> {
+        let max = self.cx.limits.max_message_bytes;
+        loop {
+            match frame::decode(&mut self.inbuf, max) {
+                Ok(None) => return Ok(()),
+                Ok(Some(frame)) => {
+                    if let Some(end) = self.on_frame(frame).await {
+                        return Err(end);
+                    }
+                }
+                Err(e) => {
+                    let (code, reason) = e.close();
+                    return Err(End::Close(code, reason));
+                }
+            }
+        }
+    }
+
+    /// Handles one frame from the client; `Some` ends the connection.
+    pub(super) async fn on_frame(&mut self, frame: InFrame) -> Option<End> {
+        let max = self.cx.limits.max_message_bytes;
+        let message = match frame.opcode {
+            OpCode::Close => {
+                return Some(match close_request(&frame.payload) {
+                    CloseRequest::Answer(code) => End::Close(code, ""),
+                    CloseRequest::Refuse(code, reason) => End::Close(code, reason),
+                })
+            }
+            OpCode::Ping => {
+                let pong = proto::encode_control(Frame::pong(Payload::Borrowed(&frame.payload)));
+                return self.write_frames(&[&pong]).await.err();
+            }
+            OpCode::Pong => return None,
+            OpCode::Text | OpCode::Binary if self.partial.is_some() => {
+                return Some(End::Close(1002, "expected a continuation frame"));
+            }
+            OpCode::Text | OpCode::Binary if frame.fin => (frame.opcode, frame.payload),
+            OpCode::Text | OpCode::Binary => {
+                self.partial = Some(Box::new((frame.opcode, frame.payload)));
+                return None;
+            }
+            OpCode::Continuation => {
+                let Some((_, buf)) = self.partial.as_deref_mut() else {
+                    return Some(End::Close(1002, "continuation frame without a message"));
+                };
+                if buf.len() + frame.payload.len() > max {
+                    return Some(End::Close(1009, "message too big"));
+                }
+                buf.extend_from_slice(&frame.payload);
+                if !frame.fin {
+                    return None;
+                }
+                let (opcode, buf) = *self.partial.take()?;
+                (opcode, buf)
+            }
+        };
+        if self.echo {
+            return self.echo_back(message.0, message.1).await;
+        }
+        match message {
+            (OpCode::Binary, _) => Some(End::Close(1003, "binary frames are not supported")),
+            (_, bytes) if bytes.len() > max => Some(End::Close(1009, "message too big")),
+            (_, bytes) => match std::str::from_utf8(&bytes) {
+                Ok(text) => self.on_text(text).await,
+                Err(_) => Some(End::Close(1007, "invalid utf-8")),
+            },
+        }
+    }
+
+    /// Echo mode: writes the message back with its opcode; text must be UTF-8.
+    pub(super) async fn echo_back(&mut self, opcode: OpCode, payload: BytesMut) -> Option<End> {
+        if opcode == OpCode::Text && std::str::from_utf8(&payload).is_err() {
+            return Some(End::Close(1007, "invalid utf-8"));
+        }
+        let mut head = [0u8; 10];
+        let len = Frame::new(true, opcode, None, Payload::Borrowed(&payload)).fmt_head(&mut head);
+        self.write_frames(&[&head[..len], &payload]).await.err()
+    }
+}

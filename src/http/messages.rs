@@ -1,0 +1,237 @@
+//! `GET /api/rooms/{room}/messages` (kept messages, newest first) and
+//! `POST /api/rooms/{room}/messages` (publish from a backend).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::CONTENT_LENGTH;
+use hyper::{Request, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::query::{self, bounded};
+use super::reply::{self, ApiError, Reply};
+use super::{no_such_room, Api};
+use crate::bus::{Fallback, PublishError};
+use crate::core::archive::payload_of;
+use crate::core::hub::JoinError;
+use crate::core::room::Publish;
+use crate::proto::names::validate_user;
+
+/// A page of kept messages: each is the JSON payload exactly as it was broadcast.
+#[derive(Serialize)]
+struct Page<'a> {
+    room: &'a str,
+    messages: Vec<&'a RawValue>,
+    next_before: Option<u64>,
+}
+
+/// Kept messages, newest first. The room's ring answers first; older pages come from the
+/// archive when there is one. Reading is for whoever could join the room (see `may_read`).
+pub async fn page(api: &Api, room: String, req: &Request<Incoming>) -> Reply {
+    let q: query::Messages = query::parse(req)?;
+    may_read(api, &room, req, &q)?;
+    let limit = bounded("limit", q.limit, 50, 1, 1000)? as usize;
+    let before = bounded("before", q.before, u64::MAX, 1, u64::MAX).map_err(|_| {
+        ApiError::bad_request("bad_param", "`before` must be a positive integer (a seq)")
+    })?;
+    let hub = api.bus.hub();
+    let history = hub.history().clone();
+    let live = hub.get(&room);
+    if live.is_none() && history.archive().is_none() {
+        return Err(no_such_room());
+    }
+    // One more than asked, to know whether there is a next page.
+    let mut rows: Vec<(u64, Bytes)> = Vec::new();
+    let mut older_than = before;
+    if let Some(room) = &live {
+        let (frames, ring_first) = room.history_page(before, limit + 1);
+        rows.extend(frames.iter().map(|o| (o.seq, payload_of(o))));
+        if let Some(first) = ring_first {
+            older_than = older_than.min(first);
+        }
+    }
+    if rows.len() <= limit && history.archive().is_some() {
+        let want = limit + 1 - rows.len();
+        let name = room.clone();
+        let read = tokio::task::spawn_blocking(move || match history.archive() {
+            Some(archive) => archive.page(&name, older_than, want),
+            None => Ok(Vec::new()),
+        });
+        let archived = read
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "history read failed",
+                )
+            })?
+            .map_err(|e| {
+                tracing::warn!(error = %e, "history page read failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "history_unavailable",
+                    "the history database could not be read",
+                )
+            })?;
+        rows.extend(archived.into_iter().map(|(seq, p)| (seq, Bytes::from(p))));
+    }
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    // Our own frames: a payload that is not JSON would be a bug, and is left out, not sent.
+    let messages = rows
+        .iter()
+        .filter_map(|(_, p)| serde_json::from_slice::<&RawValue>(p).ok())
+        .collect();
+    let page = Page {
+        room: &room,
+        messages,
+        next_before: rows.last().filter(|_| more).map(|(seq, _)| *seq),
+    };
+    Ok(reply::json(StatusCode::OK, &page))
+}
+
+/// Whether the request may read `room`'s messages: reading is for whoever could join the room.
+/// A request carrying `--api-key` reads any room (backends); otherwise `--jwt-secret` needs a
+/// token (`Authorization: Bearer` or `?token=`) that allows the room (401/403), and a room with
+/// a password needs it as `?password=` (403 `bad_password`), as on the upgrade URL.
+fn may_read(
+    api: &Api,
+    room: &str,
+    req: &Request<Incoming>,
+    q: &query::Messages,
+) -> Result<(), ApiError> {
+    if api.access.has_api_key(req) {
+        return Ok(());
+    }
+    api.access
+        .grant(req, q.token.as_deref(), Some(room), &api.stats)?;
+    let Some(expected) = api.bus.hub().settings().resolve(room).password else {
+        return Ok(());
+    };
+    let refused = match q.password.as_deref() {
+        Some(given) if expected.matches(given) => return Ok(()),
+        Some(_) => JoinError::WrongPassword,
+        None => JoinError::PasswordRequired,
+    };
+    Err(ApiError::forbidden(refused.code(), refused.to_string()))
+}
+
+/// The body of a REST publish. Values are checked one by one so that each has its own error.
+#[derive(Deserialize)]
+struct PublishBody {
+    text: Option<serde_json::Value>,
+    user: Option<serde_json::Value>,
+    id: Option<serde_json::Value>,
+}
+
+/// The 202 answer of a REST publish: `id` and `duplicate` only when the message carried an id.
+#[derive(Serialize)]
+struct Accepted<'a> {
+    room: &'a str,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+}
+
+/// Publishes a backend's message into `room` (every process's members, in cluster mode).
+pub async fn publish(api: &Arc<Api>, room: &str, req: Request<Incoming>) -> Reply {
+    if api.access.api_key_on() && !api.access.has_api_key(&req) {
+        return Err(ApiError::unauthorized(
+            "this endpoint needs `Authorization: Bearer <api key>`",
+        ));
+    }
+    let body = read_body(req, api.max_message_bytes).await?;
+    let parsed: PublishBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("bad_json", format!("body is not a JSON object: {e}"))
+    })?;
+    let text = match parsed.text {
+        Some(serde_json::Value::String(t)) if !t.is_empty() => t,
+        Some(serde_json::Value::String(_)) => {
+            return Err(ApiError::bad_request("bad_message", "`text` is empty"))
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "bad_message",
+                "`text` must be a string",
+            ))
+        }
+    };
+    let user = match parsed.user {
+        None => "api".to_owned(),
+        Some(serde_json::Value::String(u)) => {
+            validate_user(&u).map_err(|e| ApiError::bad_request("bad_user", e.user_reason()))?;
+            u
+        }
+        Some(_) => return Err(ApiError::bad_request("bad_user", "`user` must be a string")),
+    };
+    let id = match parsed.id {
+        None => None,
+        Some(serde_json::Value::String(id)) => {
+            crate::core::dedupe::validate_id(&id)
+                .map_err(|e| ApiError::bad_request("bad_id", e))?;
+            Some(id)
+        }
+        Some(_) => return Err(ApiError::bad_request("bad_id", "`id` must be a string")),
+    };
+    let message = Publish {
+        user: &user,
+        text: &text,
+        id: id.as_deref(),
+        origin: 0,
+        skip_origin: false,
+    };
+    match api.bus.publish(room, &message, Fallback::Nothing).await {
+        Ok(p) => Ok(reply::json(
+            StatusCode::ACCEPTED,
+            &Accepted {
+                room,
+                seq: p.seq,
+                id: id.as_deref(),
+                duplicate: id.is_some().then_some(p.duplicate),
+            },
+        )),
+        Err(PublishError::RateLimited(wait)) => Err(ApiError::rate_limited(
+            "the room's --room-rate-limit is reached",
+            wait,
+        )),
+        Err(PublishError::NoSuchRoom) => Err(no_such_room()),
+        Err(PublishError::Unavailable { reason, .. }) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster_unavailable",
+            format!("{reason}: nothing was published"),
+        )),
+    }
+}
+
+/// The request body, at most `max` bytes (413 past it, before reading when it says so).
+async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "body is larger than --max-message-bytes",
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(_) => Err(ApiError::bad_request(
+            "bad_request",
+            "could not read the request body",
+        )),
+    }
+}

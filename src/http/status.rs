@@ -1,0 +1,63 @@
+//! `GET /healthz`, `GET /api/stats`, `GET /metrics`.
+
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+use super::reply::{self, Body};
+use super::Api;
+use crate::core::stats::{cpu_seconds, rss_bytes};
+
+/// 200 always; `degraded` while the link to the other processes is down.
+pub fn health(api: &Api) -> Response<Body> {
+    let body = match api.bus.link() {
+        None => json!({"status": "ok"}),
+        Some(link) => json!({
+            "status": if link.redis == "up" { "ok" } else { "degraded" },
+            "cluster": link,
+        }),
+    };
+    reply::json(StatusCode::OK, &body)
+}
+
+pub fn metrics(api: &Api) -> Response<Body> {
+    reply::typed(
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        api.stats.prometheus_text(),
+    )
+}
+
+/// This process's counters, and connections, rooms and processes of every process together
+/// (`local_*` are this process's).
+pub async fn stats(api: &Api) -> Response<Body> {
+    let s = &api.stats;
+    let totals = api.bus.totals().await;
+    let mut v = json!({
+        "connections": totals.connections,
+        "rooms": totals.rooms,
+        "nodes": totals.nodes,
+        "local_connections": s.connections.get(),
+        "local_rooms": api.bus.hub().room_count(),
+        "messages_in": s.messages_in.get(),
+        "published": s.published.get(),
+        "frames_out": s.frames_out.get(),
+        "writes": s.writes.get(),
+        "frames_encoded": s.frames_encoded.get(),
+        "evictions": s.evictions.get(),
+        "connections_refused": s.connections_refused.get(),
+        "rate_limited": s.rate_limited.get(),
+        "auth_refused": s.auth_refused.get(),
+        "duplicates": s.duplicates.get(),
+        "lag_resyncs": s.lag_resyncs.get(),
+        "history_db_written": s.history_db_written.get(),
+        "history_db_dropped": s.history_db_dropped.get(),
+        "rss_bytes": rss_bytes(),
+        // User + system CPU seconds since start: a load test divides deliveries by its
+        // change over a window (server cost per delivery).
+        "cpu_seconds": cpu_seconds(),
+        "uptime_secs": s.uptime().as_secs(),
+    });
+    if let Some(cluster) = api.bus.broker_stats() {
+        v["cluster"] = cluster;
+    }
+    reply::json(StatusCode::OK, &v)
+}

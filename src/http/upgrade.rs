@@ -1,0 +1,191 @@
+//! The WebSocket upgrade: every check before the 101 (token, origin, per-IP and global caps,
+//! the first room's admission), then the socket is handed to its connection task.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::{Request, Response, StatusCode};
+
+use super::query;
+use super::reply::{ApiError, Reply};
+use super::target::{parse_user, parse_ws_target, WsTarget};
+use super::Api;
+use crate::bus::JoinRequest;
+use crate::conn::{self, Accepted, ConnectionGuard, Mode};
+use crate::core::auth::{self, Grant};
+use crate::core::history::ReplayRequest;
+
+/// `GET /ws`, `/ws/{room}`: the chat protocol. With tokens on, the user name is the token's
+/// `sub` (a different `user=` is refused) and the first room must be allowed.
+pub async fn chat(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply {
+    let WsTarget { room, user } = parse_ws_target(req.uri().path(), req.uri().query())?;
+    let q: query::Upgrade = query::parse(&req)?;
+    let replay = ReplayRequest::from_parts(q.history, q.since)
+        .map_err(|reason| ApiError::bad_request("bad_param", reason))?;
+    if replay.is_some() && room.is_none() {
+        return Err(ApiError::bad_request(
+            "bad_param",
+            "`history` and `since` need a room to join",
+        ));
+    }
+    let grant = api
+        .access
+        .grant(&req, q.token.as_deref(), room.as_deref(), &api.stats)?;
+    let user = match &grant {
+        Some(grant) => {
+            if user.as_deref().is_some_and(|u| u != &*grant.user) {
+                api.stats.auth_refused.inc();
+                return Err(ApiError::forbidden(
+                    "forbidden_user",
+                    "the user name comes from the access token's `sub`",
+                ));
+            }
+            Some(grant.user.to_string())
+        }
+        None => user,
+    };
+    let wanted = Wanted::Rooms {
+        first_room: room,
+        replay,
+        password: q.password,
+    };
+    upgrade(api, peer, req, wanted, grant.map(Arc::new), user).await
+}
+
+/// `GET /echo` (`--echo` only): echoes every message, for conformance runs.
+pub async fn echo(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply {
+    let user = parse_user(req.uri().query())?;
+    upgrade(api, peer, req, Wanted::Echo, None, user).await
+}
+
+/// What an upgrade request asks for, before anything is granted.
+enum Wanted {
+    /// The chat protocol; the first room's name is already valid. `replay` is only asked for
+    /// with a first room. The password travels in the query only; it is never logged.
+    Rooms {
+        first_room: Option<String>,
+        replay: Option<ReplayRequest>,
+        password: Option<String>,
+    },
+    Echo,
+}
+
+/// Whether the client offered the `roomcast` subprotocol (then the response selects it).
+fn offers_subprotocol<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == auth::SUBPROTOCOL)
+}
+
+/// Checks and upgrades a WebSocket request. The first room is joined here, before the 101, so a
+/// wrong password or a full room is an HTTP 403 and leaves no membership behind.
+async fn upgrade(
+    api: Arc<Api>,
+    peer: IpAddr,
+    mut req: Request<Incoming>,
+    wanted: Wanted,
+    grant: Option<Arc<Grant>>,
+    user: Option<String>,
+) -> Reply {
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return Err(ApiError::bad_request(
+            "bad_request",
+            "expected a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)",
+        ));
+    }
+    let cx = &api.conn;
+    if cx.shutdown.is_shutdown() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    }
+    if !api.access.origin_allowed(&req) {
+        return Err(ApiError::forbidden(
+            "origin_not_allowed",
+            "this Origin is not in --allowed-origins",
+        ));
+    }
+    let ip = match &cx.per_ip {
+        Some(per_ip) => {
+            if !per_ip.try_acquire(peer) {
+                api.stats.connections_refused.inc();
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections_from_ip",
+                    "this address holds --max-connections-per-ip connections",
+                ));
+            }
+            Some(peer)
+        }
+        None => None,
+    };
+    // From here on the guard gives back the per-IP count and the gauge on every path.
+    api.stats.connections.inc();
+    let guard = ConnectionGuard { cx: cx.clone(), ip };
+    if api.stats.connections.get() > api.max_connections as i64 {
+        api.stats.connections_refused.inc();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "the server is at --max-connections",
+        ));
+    }
+    let select_protocol = offers_subprotocol(&req);
+    let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut req)
+        .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
+    let id = api.next_id();
+    let user: Arc<str> = user.unwrap_or_else(|| format!("anon-{id}")).into();
+    let mode = match wanted {
+        Wanted::Echo => Mode::Echo,
+        Wanted::Rooms {
+            first_room: None, ..
+        } => Mode::Rooms { first: None, grant },
+        Wanted::Rooms {
+            first_room: Some(room),
+            replay,
+            password,
+        } => {
+            // The replay is taken with the membership (atomic with publishing) and written
+            // after the welcome.
+            let req = JoinRequest {
+                name: &room,
+                id,
+                user: &user,
+                password: password.as_deref(),
+                replay,
+            };
+            match api.bus.join(req).await {
+                Ok(joined) => Mode::Rooms {
+                    first: Some(joined),
+                    grant,
+                },
+                Err(e) => return Err(ApiError::forbidden(e.code(), e.to_string())),
+            }
+        }
+    };
+    tokio::spawn(conn::run(Box::new(Accepted {
+        cx: cx.clone(),
+        upgrade,
+        id,
+        user,
+        mode,
+        guard,
+    })));
+    let (mut parts, _) = response.into_parts();
+    if select_protocol {
+        parts.headers.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(auth::SUBPROTOCOL),
+        );
+    }
+    Ok(Response::from_parts(parts, Full::new(Bytes::new())))
+}

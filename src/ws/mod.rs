@@ -1,0 +1,5 @@
+//! The WebSocket wire below the protocol: decoding client frames, writing
+//! whole frames.
+
+pub mod frame;
+pub mod write;
