@@ -58,6 +58,9 @@ pub async fn stats(api: &Api) -> Response<Body> {
     });
     if let Some(cluster) = api.bus.broker_stats() {
         v["cluster"] = cluster;
+        // Whether the totals above are every process's or, the others being unreachable,
+        // this one's.
+        v["cluster"]["counts"] = if totals.nodes.is_some() { "up" } else { "down" }.into();
     }
     reply::json(StatusCode::OK, &v)
 }
