@@ -6,7 +6,7 @@
 //!   broadcast ring, and every subscriber encodes its own frame with `proto::message_frame`).
 //!   Throughput is in deliveries, so the per-delivery cost shows.
 //! * `encode`: one `message_frame` for a short and a 1 KiB text, against `serde_json::to_vec` of
-//!   the same `MessageOut` alone (the difference is the frame-header cost).
+//!   the same `ServerFrame::Message` alone (the difference is the frame-header cost).
 //! * `registry`: join + leave of a fresh member on an existing room, and `Hub::get`, from one
 //!   thread and from two threads contending for the same room.
 //!
@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 use roomcast::core::hub::{Hub, JoinRequest, Start};
 use roomcast::core::room::Joined;
 use roomcast::core::stats::{unix_millis, Stats};
-use roomcast::proto::{self, MessageOut, Outbound};
+use roomcast::proto::{self, Outbound, ServerFrame};
 
 const ROOM: &str = "bench-room";
 const USER: &str = "alice";
@@ -139,8 +139,7 @@ fn encode(c: &mut Criterion) {
             text,
             |b, text| {
                 b.iter(|| {
-                    let msg = MessageOut {
-                        kind: "message",
+                    let msg = ServerFrame::Message {
                         room: black_box(ROOM),
                         user: black_box(USER),
                         text: black_box(text),

@@ -12,7 +12,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use roomcast::core::history::ReplayRequest;
+use roomcast::proto::ReplayRequest;
 use roomcast::proto::names::{validate_room, MAX_ROOM_BYTES};
 use roomcast::proto::{
     error_frame, message_frame, parse_client_message, ClientMessage, ProtocolError,
@@ -82,7 +82,7 @@ fn check_accepted(input: &str, msg: ClientMessage<'_>) {
             assert_eq!(field("id").and_then(Value::as_str), id.as_deref());
             if let Some(id) = id.as_deref() {
                 assert!(
-                    roomcast::core::dedupe::validate_id(id).is_ok(),
+                    roomcast::proto::validate_id(id).is_ok(),
                     "accepted id {id:?}"
                 );
             }

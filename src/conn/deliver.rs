@@ -5,86 +5,22 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio::sync::broadcast::Receiver;
 
-use super::{Connection, End, MAX_BATCH};
+use super::end::End;
+use super::membership::Batch;
+use super::{Connection, MAX_BATCH};
 use crate::core::history::LagPolicy;
-use crate::core::room::Room;
-use crate::core::stats::Stats;
-use crate::proto::{self, Outbound};
+use crate::proto::close;
+use crate::proto::Outbound;
 use crate::ws::write::{total_len, write_now, write_rest};
-
-/// A room this socket is in.
-pub(super) struct Membership {
-    pub(super) room: Arc<Room>,
-    rx: Receiver<Arc<Outbound>>,
-    /// Seq of the last message seen from this room (delivered or skipped by `echo:false`).
-    last_seq: u64,
-    /// `--lag-policy resync`: the first seq this member missed; announced by a `lagged` frame
-    /// just before the next message it does get.
-    gap_from: Option<u64>,
-}
-
-impl Membership {
-    pub(super) fn new(room: Arc<Room>, rx: Receiver<Arc<Outbound>>, last_seq: u64) -> Self {
-        Membership {
-            room,
-            rx,
-            last_seq,
-            gap_from: None,
-        }
-    }
-
-    /// Adds a frame from this room (room index `i`) to `batch` if it is for connection
-    /// `conn`, preceded by a `lagged` notice when a gap is pending.
-    pub(super) fn accept(
-        &mut self,
-        i: usize,
-        out: Arc<Outbound>,
-        conn: u64,
-        batch: &mut Batch,
-        stats: &Stats,
-    ) {
-        if out.seq > 0 {
-            if let Some(from) = self.gap_from.take() {
-                if out.seq > from {
-                    stats.lag_resyncs.inc();
-                    let notice = Outbound {
-                        frame: proto::lagged_frame(self.room.name(), from, out.seq - 1),
-                        origin: 0,
-                        skip_origin: false,
-                        published_at: out.published_at,
-                        seq: 0,
-                    };
-                    batch.push((i, Arc::new(notice)));
-                }
-            }
-            self.last_seq = out.seq;
-        }
-        if out.is_for(conn) {
-            batch.push((i, out));
-        }
-    }
-
-    /// The receiver skipped frames (`--lag-policy resync`): everything after the last seq seen
-    /// is missing until the next message says where the gap ends.
-    pub(super) fn lagged(&mut self) {
-        if self.gap_from.is_none() {
-            self.gap_from = Some(self.last_seq + 1);
-        }
-    }
-}
 
 /// A room batch the socket did not take in full at once: the rest is written by a boxed future
 /// (`finish_delivery`), so that the rare full socket, not every idle one, pays for the space.
-pub(super) struct Blocked {
+struct Blocked {
     batch: Batch,
     /// Bytes of the batch already written.
     written: usize,
 }
-
-/// Room frames gathered for one write, with the index of the room each came from.
-type Batch = SmallVec<[(usize, Arc<Outbound>); 16]>;
 
 impl Connection {
     /// Handles the first frame `recv_any` produced, then drains whatever else is already queued
@@ -105,7 +41,7 @@ impl Connection {
 
     /// Gathers a batch and writes as much of it as the socket takes now. `Ok(Some(_))`: the
     /// socket is full and the rest must be waited for.
-    pub(super) fn deliver(
+    fn deliver(
         &mut self,
         index: usize,
         first: Result<Arc<Outbound>, RecvError>,
@@ -126,7 +62,7 @@ impl Connection {
             }
             Err(RecvError::Lagged(_)) => return Err(self.evict(index)),
             // The room's sender lives in the Room we hold: it cannot close while we are in it.
-            Err(RecvError::Closed) => return Err(End::Close(1011, "room closed")),
+            Err(RecvError::Closed) => return Err(End::Close(close::INTERNAL, "room closed")),
         }
         let mut evict = None;
         'rooms: for (i, m) in self.rooms.iter_mut().enumerate() {
@@ -164,7 +100,7 @@ impl Connection {
 
     /// Writes the rest of a batch the socket did not take at once, within `--write-timeout`
     /// (past it the member is evicted as a slow consumer).
-    pub(super) async fn finish_delivery(&mut self, blocked: Box<Blocked>) -> Option<End> {
+    async fn finish_delivery(&mut self, blocked: Box<Blocked>) -> Option<End> {
         let frames: SmallVec<[&[u8]; 16]> =
             blocked.batch.iter().map(|(_, o)| &o.frame[..]).collect();
         let timeout = self.cx.limits.write_timeout;
@@ -182,7 +118,7 @@ impl Connection {
     }
 
     /// Counts a written batch and records, per room, how long its oldest frame waited.
-    pub(super) fn count_delivery(&self, batch: &Batch) {
+    fn count_delivery(&self, batch: &Batch) {
         let stats = &self.cx.stats;
         stats.frames_out.inc_by(batch.len() as u64);
         stats.writes.inc();
@@ -197,28 +133,10 @@ impl Connection {
         }
     }
 
-    pub(super) fn evict(&mut self, index: usize) -> End {
+    fn evict(&mut self, index: usize) -> End {
         if let Some(m) = self.rooms.get(index) {
             m.room.record_eviction();
         }
-        End::Close(1008, "slow consumer")
-    }
-}
-
-/// Waits for the next frame from any of the rooms. Cancel-safe: `broadcast::Receiver::recv`
-/// loses nothing when dropped before completion.
-pub(super) async fn recv_any(
-    rooms: &mut [Membership],
-) -> (usize, Result<Arc<Outbound>, RecvError>) {
-    match rooms {
-        [] => std::future::pending().await,
-        [only] => (0, only.rx.recv().await),
-        many => {
-            let futures = many
-                .iter_mut()
-                .enumerate()
-                .map(|(i, m)| Box::pin(async move { (i, m.rx.recv().await) }));
-            futures_util::future::select_all(futures).await.0
-        }
+        End::Close(close::POLICY, "slow consumer")
     }
 }

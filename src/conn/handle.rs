@@ -3,32 +3,16 @@
 
 use bytes::Bytes;
 
-use super::deliver::Membership;
-use super::{Connection, End, MAX_BATCH};
+use super::end::{End, Handled, Refusal};
+use super::membership::Membership;
+use super::{Connection, MAX_BATCH};
 use crate::bus::{Fallback, JoinRequest, PublishError};
-use crate::core::history::ReplayRequest;
 use crate::core::limit::{retry_after_ms, Verdict};
 use crate::core::room::{Joined, Publish, Room};
+use crate::proto::close;
 use crate::proto::names::{is_server_room, validate_joinable_room, validate_room, NameError};
-use crate::proto::{self, parse_client_message, ClientMessage, ProtocolError};
-
-/// Why a client message was not carried out.
-#[derive(Debug)]
-pub(super) enum Refusal {
-    /// Answered with an error frame; the socket stays open.
-    Reply(ProtocolError),
-    /// The connection ends.
-    End(End),
-}
-
-impl From<End> for Refusal {
-    fn from(end: End) -> Self {
-        Refusal::End(end)
-    }
-}
-
-/// The outcome of handling one client message.
-pub(super) type Handled = Result<(), Refusal>;
+use crate::proto::ReplayRequest;
+use crate::proto::{self, parse_client_message, ClientMessage, ProtocolError, ServerFrame};
 
 impl Connection {
     /// Handles one complete client text message; protocol errors answer with an error frame.
@@ -48,7 +32,7 @@ impl Connection {
                 }
                 Verdict::Flooding => {
                     self.cx.stats.rate_limited.inc();
-                    return Some(End::Close(1008, "rate limit exceeded"));
+                    return Some(End::Close(close::POLICY, "rate limit exceeded"));
                 }
             }
         }
@@ -79,7 +63,7 @@ impl Connection {
                 Some(room),
             ),
             Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
-            Ok(ClientMessage::Ping) => (self.write_own(&proto::pong_frame()).await, None),
+            Ok(ClientMessage::Ping) => (self.write_own(&ServerFrame::Pong.encode()).await, None),
             Err(e) => (Err(Refusal::Reply(e)), None),
         };
         match result {
@@ -97,7 +81,7 @@ impl Connection {
 
     /// Publishes into the named (or only) room. `Ok(Some(frame))`: the message repeated an
     /// `id` and was not broadcast; the frame acknowledges it to the sender alone.
-    pub(super) async fn publish(
+    async fn publish(
         &mut self,
         room: Option<&str>,
         text: &str,
@@ -178,7 +162,7 @@ impl Connection {
     /// Checks, in order: the name, the access token, then (under the room's lock, in
     /// `Hub::join`) password and member cap, subscribing and taking the replay in the same
     /// step.
-    pub(super) async fn join(
+    async fn join(
         &mut self,
         name: &str,
         password: Option<&str>,
@@ -246,7 +230,7 @@ impl Connection {
         Ok(())
     }
 
-    pub(super) async fn leave(&mut self, name: &str) -> Handled {
+    async fn leave(&mut self, name: &str) -> Handled {
         validate_joinable_room(name).map_err(|e| Refusal::Reply(room_error(e)))?;
         let Some(index) = self.rooms.iter().position(|m| m.room.name() == name) else {
             return Err(Refusal::Reply(ProtocolError::new(
@@ -256,7 +240,8 @@ impl Connection {
         };
         let m = self.rooms.remove(index);
         self.cx.bus.leave(&m.room, self.id);
-        self.write_own(&proto::left_frame(name)).await
+        self.write_own(&ServerFrame::Left { room: name }.encode())
+            .await
     }
 
     pub(super) fn leave_all(&mut self) {
@@ -269,7 +254,15 @@ impl Connection {
 /// The `ack` frame for a message whose `id` repeated one already published as `seq`.
 fn duplicate_ack(room: &Room, id: Option<&str>, duplicate: bool, seq: u64) -> Option<Bytes> {
     match (duplicate, id) {
-        (true, Some(id)) => Some(proto::duplicate_ack_frame(room.name(), id, seq)),
+        (true, Some(id)) => Some(
+            ServerFrame::Ack {
+                room: room.name(),
+                id,
+                seq,
+                duplicate: true,
+            }
+            .encode(),
+        ),
         _ => None,
     }
 }

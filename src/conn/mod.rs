@@ -4,7 +4,9 @@
 //! frames out).
 
 mod deliver;
+mod end;
 mod handle;
+mod membership;
 mod read;
 
 use std::io;
@@ -29,10 +31,11 @@ use crate::core::limit::{ConnectionLimiter, PerIpLimit, RateSpec};
 use crate::core::room::Joined;
 use crate::core::stats::Stats;
 use crate::proto;
+use crate::proto::close;
 use crate::shutdown::Shutdown;
 use crate::ws::write::{total_len, write_now, write_rest};
-use deliver::{recv_any, Membership};
-use handle::{Handled, Refusal};
+use end::{End, Handled, Refusal};
+use membership::{recv_any, Membership};
 
 /// The bounds every connection applies (from the flags).
 #[derive(Debug, Clone)]
@@ -113,15 +116,6 @@ impl Mode {
             cx.bus.leave(&j.room, id);
         }
     }
-}
-
-/// Why the connection ends; decides the close frame it sends.
-#[derive(Debug)]
-pub(crate) enum End {
-    /// Send this close frame, then wait briefly for the peer's answer.
-    Close(u16, &'static str),
-    /// The peer closed (its close was already answered) or vanished: just drop the socket.
-    Gone,
 }
 
 /// Gives back what an accepted upgrade holds (the connection gauge and the per-IP count) when
@@ -261,7 +255,7 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
     };
     let end = match first {
         Some(joined) => conn.enter(joined).await.err().map(|e| match e {
-            Refusal::Reply(_) => End::Close(1011, "could not join the room"),
+            Refusal::Reply(_) => End::Close(close::INTERNAL, "could not join the room"),
             Refusal::End(end) => end,
         }),
         None => None,
@@ -290,7 +284,7 @@ impl Connection {
             // `select!` drops its futures before a handler runs, so the state of a handler and
             // that of the wait share space: the handlers here stay at most as large as the wait.
             tokio::select! {
-                _ = self.shutdown.recv() => return End::Close(1001, "server shutting down"),
+                _ = self.shutdown.recv() => return End::Close(close::GOING_AWAY, "server shutting down"),
                 // `poll_read_ready` keeps its waker in the socket's own state: unlike
                 // `readable()`'s 150-byte future, this wait costs the task nothing.
                 ready = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
@@ -319,7 +313,7 @@ impl Connection {
                 () = &mut ping_timer => {
                     let silent = last_seen.elapsed();
                     if silent >= ping_interval * 2 {
-                        return End::Close(1008, "ping timeout");
+                        return End::Close(close::POLICY, "ping timeout");
                     }
                     if silent >= ping_interval
                         && self.write_frames(&[&proto::ping_frame()]).await.is_err()
@@ -353,7 +347,7 @@ impl Connection {
         match Box::pin(rest).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Gone),
-            Err(_) => Err(End::Close(1008, "slow consumer")),
+            Err(_) => Err(End::Close(close::POLICY, "slow consumer")),
         }
     }
 

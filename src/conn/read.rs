@@ -6,8 +6,10 @@ use std::io;
 use bytes::BytesMut;
 use fastwebsockets::{Frame, OpCode, Payload};
 
-use super::{Connection, End, READ_CHUNK};
+use super::end::End;
+use super::{Connection, READ_CHUNK};
 use crate::proto;
+use crate::proto::close;
 use crate::ws::frame::{self, close_request, CloseRequest, InFrame};
 
 impl Connection {
@@ -53,7 +55,7 @@ impl Connection {
     }
 
     /// Handles one frame from the client; `Some` ends the connection.
-    pub(super) async fn on_frame(&mut self, frame: InFrame) -> Option<End> {
+    async fn on_frame(&mut self, frame: InFrame) -> Option<End> {
         let max = self.cx.limits.max_message_bytes;
         let message = match frame.opcode {
             OpCode::Close => {
@@ -68,7 +70,10 @@ impl Connection {
             }
             OpCode::Pong => return None,
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
-                return Some(End::Close(1002, "expected a continuation frame"));
+                return Some(End::Close(
+                    close::PROTOCOL_ERROR,
+                    "expected a continuation frame",
+                ));
             }
             OpCode::Text | OpCode::Binary if frame.fin => (frame.opcode, frame.payload),
             OpCode::Text | OpCode::Binary => {
@@ -77,10 +82,13 @@ impl Connection {
             }
             OpCode::Continuation => {
                 let Some((_, buf)) = self.partial.as_deref_mut() else {
-                    return Some(End::Close(1002, "continuation frame without a message"));
+                    return Some(End::Close(
+                        close::PROTOCOL_ERROR,
+                        "continuation frame without a message",
+                    ));
                 };
                 if buf.len() + frame.payload.len() > max {
-                    return Some(End::Close(1009, "message too big"));
+                    return Some(End::Close(close::TOO_BIG, "message too big"));
                 }
                 buf.extend_from_slice(&frame.payload);
                 if !frame.fin {
@@ -94,19 +102,22 @@ impl Connection {
             return self.echo_back(message.0, message.1).await;
         }
         match message {
-            (OpCode::Binary, _) => Some(End::Close(1003, "binary frames are not supported")),
-            (_, bytes) if bytes.len() > max => Some(End::Close(1009, "message too big")),
+            (OpCode::Binary, _) => Some(End::Close(
+                close::UNSUPPORTED_DATA,
+                "binary frames are not supported",
+            )),
+            (_, bytes) if bytes.len() > max => Some(End::Close(close::TOO_BIG, "message too big")),
             (_, bytes) => match std::str::from_utf8(&bytes) {
                 Ok(text) => self.on_text(text).await,
-                Err(_) => Some(End::Close(1007, "invalid utf-8")),
+                Err(_) => Some(End::Close(close::INVALID_DATA, "invalid utf-8")),
             },
         }
     }
 
     /// Echo mode: writes the message back with its opcode; text must be UTF-8.
-    pub(super) async fn echo_back(&mut self, opcode: OpCode, payload: BytesMut) -> Option<End> {
+    async fn echo_back(&mut self, opcode: OpCode, payload: BytesMut) -> Option<End> {
         if opcode == OpCode::Text && std::str::from_utf8(&payload).is_err() {
-            return Some(End::Close(1007, "invalid utf-8"));
+            return Some(End::Close(close::INVALID_DATA, "invalid utf-8"));
         }
         let mut head = [0u8; 10];
         let len = Frame::new(true, opcode, None, Payload::Borrowed(&payload)).fmt_head(&mut head);

@@ -8,20 +8,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Longest accepted `id`, in bytes.
-pub const MAX_ID_BYTES: usize = 64;
-
-/// Checks a client-supplied id: 1–64 bytes, no control characters.
-pub fn validate_id(id: &str) -> Result<(), &'static str> {
-    if id.is_empty() || id.len() > MAX_ID_BYTES {
-        return Err("`id` must be 1 to 64 bytes");
-    }
-    if id.chars().any(char::is_control) {
-        return Err("`id` must not contain control characters");
-    }
-    Ok(())
-}
-
 pub struct Dedupe {
     window_ms: u64,
     max: usize,
@@ -123,13 +109,5 @@ mod tests {
         d.record("a", 1, 0);
         assert_eq!(d.check("a", 0), None);
         assert!(d.is_empty());
-    }
-
-    #[test]
-    fn ids_are_validated() {
-        assert!(validate_id("abc-123").is_ok());
-        assert!(validate_id("").is_err());
-        assert!(validate_id(&"x".repeat(65)).is_err());
-        assert!(validate_id("a\nb").is_err());
     }
 }

@@ -20,35 +20,8 @@ use bytes::Bytes;
 use crate::core::archive::{Archive, DbError, Retention};
 use crate::core::dedupe::Dedupe;
 use crate::core::stats::Stats;
-use crate::proto::{self, Outbound};
-
-/// Most past messages a join may ask for with `history`; more than a room keeps gives what it
-/// keeps.
-pub const MAX_HISTORY_REQUEST: u32 = 1_000_000;
-
-/// What a joiner asks to receive before live messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplayRequest {
-    /// The last N messages the room keeps.
-    Last(u32),
-    /// Every message with a seq greater than this one (recovery after a reconnect).
-    Since(u64),
-}
-
-impl ReplayRequest {
-    /// Builds the request from the optional `history` and `since` of a join or an upgrade URL.
-    pub fn from_parts(history: Option<u32>, since: Option<u64>) -> Result<Option<Self>, String> {
-        match (history, since) {
-            (Some(_), Some(_)) => Err("`history` and `since` cannot be combined".into()),
-            (Some(n), None) if n > MAX_HISTORY_REQUEST => Err(format!(
-                "`history` must be an integer from 0 to {MAX_HISTORY_REQUEST}"
-            )),
-            (Some(n), None) => Ok(Some(ReplayRequest::Last(n))),
-            (None, Some(seq)) => Ok(Some(ReplayRequest::Since(seq))),
-            (None, None) => Ok(None),
-        }
-    }
-}
+use crate::proto::ReplayRequest;
+use crate::proto::{Outbound, ServerFrame};
 
 /// Frames to write to a joiner right after its welcome: an announcement (`history` or
 /// `recovery`) and the past message frames themselves, oldest first.
@@ -142,7 +115,11 @@ impl History {
                     .cloned()
                     .collect();
                 Replay {
-                    header: proto::history_frame(room, frames.len()),
+                    header: ServerFrame::History {
+                        room,
+                        count: frames.len(),
+                    }
+                    .encode(),
                     frames,
                 }
             }
@@ -159,7 +136,14 @@ impl History {
                 let complete = since <= last_seq && frames.len() as u64 == last_seq - since;
                 let from = frames.first().map_or(last_seq + 1, |o| o.seq);
                 Replay {
-                    header: proto::recovery_frame(room, since, complete, from, frames.len()),
+                    header: ServerFrame::Recovery {
+                        room,
+                        since,
+                        complete,
+                        from,
+                        count: frames.len(),
+                    }
+                    .encode(),
                     frames,
                 }
             }
@@ -309,6 +293,7 @@ impl HistoryService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{self, client::MAX_HISTORY_REQUEST};
     use std::time::Instant;
 
     fn out(seq: u64) -> Arc<Outbound> {

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::rooms::{RoomSettings, Settings};
-use crate::core::history::{History, HistoryService, ReplayRequest};
+use crate::core::history::{History, HistoryService};
 use crate::core::limit::RateSpec;
 use crate::core::lobby::Lobby;
 use crate::core::room::{Joined, Room};
 use crate::core::stats::Stats;
 use crate::proto::Outbound;
+use crate::proto::ReplayRequest;
 
 type Shard = Mutex<HashMap<Box<str>, Arc<Room>>>;
 
@@ -676,7 +677,8 @@ mod tests {
 
     #[test]
     fn replay_and_live_frames_meet_exactly_under_concurrent_publishing() {
-        use crate::core::history::{HistorySettings, ReplayRequest};
+        use crate::core::history::HistorySettings;
+        use crate::proto::ReplayRequest;
         let stats = Arc::new(Stats::new());
         let settings = HistorySettings {
             capacity: 100_000,
@@ -731,7 +733,8 @@ mod tests {
 
     #[test]
     fn history_depth_comes_from_the_room_settings_then_the_flag() {
-        use crate::core::history::{HistorySettings, ReplayRequest};
+        use crate::core::history::HistorySettings;
+        use crate::proto::ReplayRequest;
         let stats = Arc::new(Stats::new());
         let flag = HistorySettings {
             capacity: 3,
@@ -768,7 +771,8 @@ mod tests {
 
     #[test]
     fn a_refused_join_replays_nothing_and_a_password_join_replays() {
-        use crate::core::history::{HistorySettings, ReplayRequest};
+        use crate::core::history::HistorySettings;
+        use crate::proto::ReplayRequest;
         let stats = Arc::new(Stats::new());
         let flag = HistorySettings {
             capacity: 10,
@@ -791,7 +795,8 @@ mod tests {
 
     #[test]
     fn delivered_messages_are_kept_and_their_ids_remembered() {
-        use crate::core::history::{HistorySettings, ReplayRequest};
+        use crate::core::history::HistorySettings;
+        use crate::proto::ReplayRequest;
         use std::time::Duration;
         let stats = Arc::new(Stats::new());
         let flag = HistorySettings {

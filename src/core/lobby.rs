@@ -17,11 +17,12 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::config::rooms::{Presence, RoomSettings};
-use crate::core::history::{History, HistoryService, ReplayRequest, Seed};
+use crate::core::history::{History, HistoryService, Seed};
 use crate::core::room::{Joined, Room};
 use crate::core::stats::Stats;
 use crate::proto::names::LOBBY;
-use crate::proto::{self, RoomCount, RoomCountsOut, RoomEventOut, RoomsChangedOut};
+use crate::proto::ReplayRequest;
+use crate::proto::{RoomCount, ServerFrame};
 
 /// Rooms a `room_counts` frame lists by default (`--lobby-top`).
 pub const DEFAULT_TOP: usize = 50;
@@ -187,11 +188,10 @@ impl Lobby {
                     members: *members,
                 })
                 .collect();
-            self.send(proto::encode_frame(&RoomCountsOut {
-                kind: "room_counts",
+            self.send(ServerFrame::RoomCounts {
                 rooms: &rooms,
                 total,
-            }));
+            });
         }
     }
 
@@ -207,24 +207,24 @@ impl Lobby {
         created.sort_unstable();
         closed.sort_unstable();
         if !changes.truncated && changes.rooms.len() <= SINGLE_EVENTS_MAX {
-            for (kind, names) in [("room_closed", &closed), ("room_created", &created)] {
-                for room in names.iter() {
-                    self.send(proto::encode_frame(&RoomEventOut { kind, room }));
-                }
+            for room in closed {
+                self.send(ServerFrame::RoomClosed { room });
+            }
+            for room in created {
+                self.send(ServerFrame::RoomCreated { room });
             }
             return;
         }
-        self.send(proto::encode_frame(&RoomsChangedOut {
-            kind: "rooms_changed",
+        self.send(ServerFrame::RoomsChanged {
             created: &created,
             closed: &closed,
             truncated: changes.truncated,
-        }));
+        });
     }
 
-    fn send(&self, frame: bytes::Bytes) {
+    fn send(&self, frame: ServerFrame<'_>) {
         self.stats.frames_encoded.inc();
-        self.room.send_frame(frame);
+        self.room.send_frame(frame.encode());
     }
 }
 

@@ -14,9 +14,10 @@ use tokio::sync::broadcast;
 
 use crate::config::rooms::{Presence, RoomSettings};
 use crate::core::dedupe::Dedupe;
-use crate::core::history::{History, HistoryService, Replay, ReplayRequest, Seed};
+use crate::core::history::{History, HistoryService, Replay, Seed};
 use crate::core::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
-use crate::proto::{self, Outbound, PresenceOut};
+use crate::proto::ReplayRequest;
+use crate::proto::{self, Outbound, ServerFrame};
 
 /// Most user names one presence frame lists per direction; the member count stays exact.
 pub const PRESENCE_NAMES_MAX: usize = 100;
@@ -235,7 +236,13 @@ impl Room {
             state.joined.push(user.clone());
         }
         let members = state.members.len() + self.remote_members.load(Ordering::Relaxed);
-        let welcome = proto::welcome_frame(&self.name, user, members, state.seq);
+        let welcome = ServerFrame::Welcome {
+            room: &self.name,
+            user,
+            members,
+            seq: state.seq,
+        }
+        .encode();
         let replay = replay.map(|req| state.history.replay(&self.name, req, state.seq));
         (rx, welcome, replay)
     }
@@ -387,13 +394,13 @@ impl Room {
         }
         // `counts` keeps the frame's shape (clients need not care) but names nobody.
         let named = state.settings.presence == Presence::Events;
-        let frame = proto::encode_frame(&PresenceOut {
-            kind: "presence",
+        let frame = ServerFrame::Presence {
             room: &self.name,
             joined: if named { joined } else { &[] },
             left: if named { left } else { &[] },
             members: state.members.len() + self.remote_members.load(Ordering::Relaxed),
-        });
+        }
+        .encode();
         self.stats.frames_encoded.inc();
         self.send_frame(frame);
     }

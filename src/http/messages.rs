@@ -173,8 +173,7 @@ pub async fn publish(api: &Arc<Api>, room: &str, req: Request<Incoming>) -> Repl
     let id = match parsed.id {
         None => None,
         Some(serde_json::Value::String(id)) => {
-            crate::core::dedupe::validate_id(&id)
-                .map_err(|e| ApiError::bad_request("bad_id", e))?;
+            crate::proto::validate_id(&id).map_err(|e| ApiError::bad_request("bad_id", e))?;
             Some(id)
         }
         Some(_) => return Err(ApiError::bad_request("bad_id", "`id` must be a string")),

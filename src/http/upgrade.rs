@@ -17,7 +17,7 @@ use super::Api;
 use crate::bus::JoinRequest;
 use crate::conn::{self, Accepted, ConnectionGuard, Mode};
 use crate::core::auth::{self, Grant};
-use crate::core::history::ReplayRequest;
+use crate::proto::ReplayRequest;
 
 /// `GET /ws`, `/ws/{room}`: the chat protocol. With tokens on, the user name is the token's
 /// `sub` (a different `user=` is refused) and the first room must be allowed.

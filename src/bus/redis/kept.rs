@@ -22,7 +22,7 @@ pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outb
     let id = body
         .id
         .as_deref()
-        .filter(|id| crate::core::dedupe::validate_id(id).is_ok());
+        .filter(|id| crate::proto::validate_id(id).is_ok());
     Arc::new(Outbound {
         frame: proto::message_frame_with_id(room, &body.user, &body.text, seq, body.ts, id),
         origin: 0,

@@ -208,7 +208,7 @@ impl Cluster {
                         id: body
                             .id
                             .as_deref()
-                            .filter(|id| crate::core::dedupe::validate_id(id).is_ok()),
+                            .filter(|id| crate::proto::validate_id(id).is_ok()),
                         origin,
                         skip_origin: skip,
                     };

@@ -1,0 +1,38 @@
+//! Close codes (RFC 6455 § 7.4.1) as this server uses them, and the control frames it sends.
+//! docs/PROTOCOL.md documents when each is sent.
+
+use fastwebsockets::{Frame, OpCode, Payload};
+
+/// Shutdown (`server shutting down`).
+pub const GOING_AWAY: u16 = 1001;
+/// A frame that breaks RFC 6455 (bad continuation, unmasked…).
+pub const PROTOCOL_ERROR: u16 = 1002;
+/// A binary frame on the chat protocol.
+pub const UNSUPPORTED_DATA: u16 = 1003;
+/// A text message that is not UTF-8.
+pub const INVALID_DATA: u16 = 1007;
+/// `slow consumer`, `ping timeout`, `rate limit exceeded`.
+pub const POLICY: u16 = 1008;
+/// A message over `--max-message-bytes`.
+pub const TOO_BIG: u16 = 1009;
+/// The server could not go on with this socket.
+pub const INTERNAL: u16 = 1011;
+
+/// Encodes a control or close frame that fastwebsockets asked us to send.
+pub fn encode_control(mut frame: Frame<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.payload.len() + 16);
+    // `write` pads the vector to payload + 16 bytes and returns the part that is the frame.
+    let len = frame.write(&mut out).len();
+    out.truncate(len);
+    out
+}
+
+/// A close frame with `code` and a short UTF-8 `reason`.
+pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    encode_control(Frame::close(code, reason.as_bytes()))
+}
+
+/// A server ping carrying no payload.
+pub fn ping_frame() -> Vec<u8> {
+    encode_control(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[])))
+}

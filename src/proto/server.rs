@@ -1,0 +1,221 @@
+//! What the server sends: one `ServerFrame` enum, tagged by `type`, each encoded exactly once
+//! into a complete WebSocket text frame (header + JSON payload in one shared `Bytes`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use fastwebsockets::{Frame, Payload};
+use serde::Serialize;
+
+use super::client::ProtocolError;
+
+/// Every frame the server sends, as its JSON shape (docs/PROTOCOL.md lists them).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// A chat message, to every member (the sender's copy is its acknowledgement).
+    Message {
+        room: &'a str,
+        user: &'a str,
+        text: &'a str,
+        seq: u64,
+        ts: u64,
+        /// The publisher's idempotency key, when it gave one (lets it match its own copy).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
+    /// The answer to a join: `seq` is the last message the joiner does not get live.
+    Welcome {
+        room: &'a str,
+        user: &'a str,
+        members: usize,
+        seq: u64,
+    },
+    /// Joins and leaves of one presence interval, coalesced.
+    Presence {
+        room: &'a str,
+        joined: &'a [Arc<str>],
+        left: &'a [Arc<str>],
+        members: usize,
+    },
+    /// A refused client message; the socket stays open.
+    Error {
+        code: &'a str,
+        reason: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+    Pong,
+    Left {
+        room: &'a str,
+    },
+    /// The next `count` message frames of `room` are past messages (a `history` join).
+    History {
+        room: &'a str,
+        count: usize,
+    },
+    /// The next `count` message frames of `room` are past messages from seq `from` (a `since`
+    /// join); `complete` is false when messages between `since` and `from` are no longer kept.
+    Recovery {
+        room: &'a str,
+        since: u64,
+        complete: bool,
+        from: u64,
+        count: usize,
+    },
+    /// `--lag-policy resync`: this member missed `missed_from..=missed_to`.
+    Lagged {
+        room: &'a str,
+        missed_from: u64,
+        missed_to: u64,
+    },
+    /// A message whose `id` was already published within the dedupe window: not broadcast
+    /// again; `seq` is the first copy's.
+    Ack {
+        room: &'a str,
+        id: &'a str,
+        seq: u64,
+        duplicate: bool,
+    },
+    /// `$lobby`: one room created.
+    RoomCreated {
+        room: &'a str,
+    },
+    /// `$lobby`: one room closed.
+    RoomClosed {
+        room: &'a str,
+    },
+    /// `$lobby`: a burst of creations and closures within one tick.
+    RoomsChanged {
+        created: &'a [&'a str],
+        closed: &'a [&'a str],
+        /// More changed than one frame lists: re-read `GET /api/rooms`.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
+    /// `$lobby`: the busiest rooms and how many rooms there are.
+    RoomCounts {
+        rooms: &'a [RoomCount<'a>],
+        total: usize,
+    },
+}
+
+/// One room of a `room_counts` frame.
+#[derive(Debug, Serialize)]
+pub struct RoomCount<'a> {
+    pub room: &'a str,
+    pub members: usize,
+}
+
+impl ServerFrame<'_> {
+    /// The complete WebSocket text frame.
+    pub fn encode(&self) -> Bytes {
+        encode_frame(self)
+    }
+}
+
+/// One frame on its way to every member of a room. Shared through an `Arc`: the broadcast ring
+/// holds one pointer per slot, and the frame bytes are never copied per member.
+#[derive(Debug)]
+pub struct Outbound {
+    /// The complete WebSocket frame: header and JSON payload.
+    pub frame: Bytes,
+    /// Connection that published it (0 for the server or REST).
+    pub origin: u64,
+    /// The origin asked not to receive its own copy (`"echo": false`).
+    pub skip_origin: bool,
+    /// When it was published, to measure how long it waited before being written.
+    pub published_at: Instant,
+    /// The room seq of a chat message; 0 for every other frame (presence, notices).
+    pub seq: u64,
+}
+
+impl Outbound {
+    /// Whether the connection `conn` should receive this frame.
+    pub fn is_for(&self, conn: u64) -> bool {
+        !(self.skip_origin && self.origin == conn)
+    }
+}
+
+/// Largest WebSocket header of an unmasked server frame.
+const MAX_HEAD: usize = 10;
+
+/// Serialises `value` as JSON straight into a buffer that already has room for the frame header,
+/// then writes the header in front: one allocation, no copy of the payload.
+fn encode_frame<T: Serialize>(value: &T) -> Bytes {
+    let mut buf = BytesMut::with_capacity(128);
+    buf.put_bytes(0, MAX_HEAD);
+    let mut writer = buf.writer();
+    // Serialising our own plain types into memory cannot fail: every map key is a string and
+    // the writer is infallible.
+    if serde_json::to_writer(&mut writer, value).is_err() {
+        unreachable!("serialising a server frame into memory failed");
+    }
+    let mut buf = writer.into_inner();
+    let mut head = [0u8; MAX_HEAD];
+    let head_len = Frame::text(Payload::Borrowed(&buf[MAX_HEAD..])).fmt_head(&mut head);
+    let start = MAX_HEAD - head_len;
+    buf[start..MAX_HEAD].copy_from_slice(&head[..head_len]);
+    let _ = buf.split_to(start);
+    buf.freeze()
+}
+
+/// The JSON payload of a complete unmasked frame made by `encode` (its header skipped).
+pub fn frame_payload(frame: &[u8]) -> &[u8] {
+    let start = match frame.get(1) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(start..).unwrap_or(&[])
+}
+
+/// A complete text frame around a JSON payload that is already encoded (history read back from
+/// disk): only the header is written, the JSON is copied as it is.
+pub fn frame_from_payload(payload: &[u8]) -> Bytes {
+    let mut head = [0u8; MAX_HEAD];
+    let head_len = Frame::text(Payload::Borrowed(payload)).fmt_head(&mut head);
+    let mut buf = BytesMut::with_capacity(head_len + payload.len());
+    buf.extend_from_slice(&head[..head_len]);
+    buf.extend_from_slice(payload);
+    buf.freeze()
+}
+
+// The frames made in more than one place, by name.
+
+pub fn message_frame(room: &str, user: &str, text: &str, seq: u64, ts: u64) -> Bytes {
+    message_frame_with_id(room, user, text, seq, ts, None)
+}
+
+pub fn message_frame_with_id(
+    room: &str,
+    user: &str,
+    text: &str,
+    seq: u64,
+    ts: u64,
+    id: Option<&str>,
+) -> Bytes {
+    ServerFrame::Message {
+        room,
+        user,
+        text,
+        seq,
+        ts,
+        id,
+    }
+    .encode()
+}
+
+pub fn error_frame(err: &ProtocolError, room: Option<&str>) -> Bytes {
+    ServerFrame::Error {
+        code: err.code,
+        reason: &err.reason,
+        room,
+        retry_after_ms: err.retry_after_ms,
+    }
+    .encode()
+}
