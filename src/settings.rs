@@ -642,4 +642,29 @@ rate_limit = "off"
             "{e}"
         );
     }
+
+    #[test]
+    fn the_configuration_doc_lists_every_key() {
+        // serde lists the keys an entry takes in its unknown-field error.
+        let e = error_of("[defaults]\nnot_a_key = 1\n");
+        let (_, list) = e.split_once("expected one of ").expect("the key list");
+        let keys: Vec<&str> = list.split(", ").map(|k| k.trim_matches('`')).collect();
+        assert!(keys.len() >= 6, "{e}");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CONFIGURATION.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let (_, section) = doc
+            .split_once("## Rooms file")
+            .expect("a Rooms file section");
+        let documented: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split_once('`'))
+            .map(|(key, _)| key)
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        let mut documented_sorted = documented.clone();
+        documented_sorted.sort_unstable();
+        assert_eq!(documented_sorted, sorted, "the key table of {path}");
+    }
 }
