@@ -288,8 +288,8 @@ fn parse_duration(
     if d < min || d > max {
         return Err(format!(
             "`{s}` is out of range: from {} to {}",
-            humantime::format_duration(min),
-            humantime::format_duration(max)
+            show_bound(min),
+            show_bound(max)
         ));
     }
     Ok((
@@ -299,6 +299,19 @@ fn parse_duration(
 }
 
 const DAY: Duration = Duration::from_secs(86_400);
+
+/// A range's end as the documentation writes it: `24h` and `3650d` rather than humantime's
+/// `1day` and `9years 11months …`.
+fn show_bound(d: Duration) -> String {
+    let secs = d.as_secs();
+    match (d.subsec_nanos(), secs) {
+        (0, 0) => "0s".to_owned(),
+        (0, s) if s > DAY.as_secs() && s % DAY.as_secs() == 0 => format!("{}d", s / 86_400),
+        (0, s) if s % 3600 == 0 => format!("{}h", s / 3600),
+        (0, s) => format!("{s}s"),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
 
 /// Timeouts and intervals: 1ms to 24h; a bare number is seconds (deprecated).
 fn parse_timeout_spelling(s: &str) -> Result<(Duration, Option<String>), String> {
@@ -589,7 +602,13 @@ mod tests {
         let e = parse_timeout_spelling("10x").unwrap_err();
         assert!(e.contains("`10x` is not a duration"), "{e}");
         let e = parse_timeout_spelling("0ms").unwrap_err();
-        assert!(e.contains("out of range: from 1ms to 1day"), "{e}");
+        assert!(e.contains("out of range: from 1ms to 24h"), "{e}");
+        let e = parse_presence_interval_spelling("61s").unwrap_err();
+        assert!(e.contains("out of range: from 1ms to 60s"), "{e}");
+        let e = parse_dedupe_window_spelling("2d").unwrap_err();
+        assert!(e.contains("out of range: from 0s to 24h"), "{e}");
+        let e = parse_token_ttl("3651d").unwrap_err();
+        assert!(e.contains("out of range: from 1s to 3650d"), "{e}");
         assert_eq!(parse_token_ttl("7d").unwrap(), DAY * 7);
     }
 
