@@ -13,7 +13,7 @@ PORT=${PORT:-19777}
 if [ "$PROFILE" = release ]; then cargo build --release -p roomcast; else cargo build -p roomcast; fi
 # 9.* sends messages of up to 16 MiB, and 9.3/9.4 split 4 MiB into 65,536 fragments.
 "target/$PROFILE/roomcast" --echo --listen "127.0.0.1:$PORT" --max-message-bytes 16777216 \
-  --ping-interval 300 >"${TMPDIR:-/tmp}/roomcast-autobahn.log" 2>&1 &
+  --ping-interval 5m >"${TMPDIR:-/tmp}/roomcast-autobahn.log" 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true' EXIT
 for _ in $(seq 50); do

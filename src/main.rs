@@ -1,11 +1,11 @@
 //! The `roomcast` binary: allocator, configuration, listener, signals; everything else is the
 //! library.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use roomcast::config::Command;
 use roomcast::Config;
 
-#[cfg(not(feature = "system-allocator"))]
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -16,9 +16,21 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let mut config = Config::parse();
+    let matches = Config::command().get_matches();
+    let mut config = match Config::from_arg_matches(&matches) {
+        Ok(config) => config,
+        Err(e) => e.exit(),
+    };
+    let deprecated = roomcast::config::deprecated_spellings(&matches);
     if let Some(command) = config.command.take() {
+        // Stderr: the command's own output (a token) goes to stdout.
+        for warning in &deprecated {
+            eprintln!("roomcast: warning: {warning}");
+        }
         return run_command(&config, command);
+    }
+    for warning in &deprecated {
+        tracing::warn!("{warning}");
     }
     raise_nofile_limit();
     let runtime = match runtime_builder(config.threads).enable_all().build() {

@@ -123,10 +123,10 @@ struct Instance {
 
 impl Instance {
     async fn start(redis: &Redis, extra: &[&str]) -> Instance {
-        let ttl = NODE_TTL_SECS.to_string();
+        let ttl = format!("{NODE_TTL_SECS}s");
         let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
             .args(["--listen", "127.0.0.1:0", "--redis", &redis.url()])
-            .args(["--cluster-node-ttl", &ttl, "--presence-interval", "50"])
+            .args(["--cluster-node-ttl", &ttl, "--presence-interval", "50ms"])
             // The tests publish faster than the default 20 messages/s per socket.
             .args(["--rate-limit", "off"])
             .args(extra)

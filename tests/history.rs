@@ -846,7 +846,7 @@ async fn replay_and_history_reads_follow_the_access_token() {
 #[tokio::test]
 async fn a_retried_id_still_passes_the_rate_limits() {
     let server = TestServer::with(|c| {
-        c.rate_limit = "1:1".parse().unwrap();
+        c.rate_limit = "1/s".parse().unwrap();
     })
     .await;
     let (mut c, _) = Client::join(&server.ws_url("/ws/r?user=c")).await;

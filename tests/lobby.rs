@@ -488,7 +488,7 @@ fn a_bad_config_file_stops_the_server_naming_file_line_and_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "exit status {:?}", out.status);
     let expected = format!(
-        "{}:5:1: key `presense`: unknown field",
+        "{}:5:1: key `rooms.\"post:*\".presense`: unknown field",
         file.path().display()
     );
     assert!(stderr.contains(&expected), "stderr: {stderr}");
@@ -502,7 +502,7 @@ fn a_bad_config_file_stops_the_server_naming_file_line_and_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains(":2:") && stderr.contains("key `max_members`"),
+        stderr.contains(":2:") && stderr.contains("key `rooms.a.max_members`"),
         "{stderr}"
     );
 }
@@ -635,7 +635,7 @@ async fn sighup_reloads_a_good_file_and_keeps_the_settings_on_a_bad_one() {
     .await
     .unwrap();
     assert!(
-        line.contains(":3:") && line.contains("key `max_members`"),
+        line.contains(":3:") && line.contains("key `rooms.vip.max_members`"),
         "{line}"
     );
     assert!(vip_lets_in(addr, "two").await);

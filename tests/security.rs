@@ -240,7 +240,7 @@ async fn only_allowed_origins_may_open_sockets() {
 
 #[tokio::test]
 async fn a_fast_sender_gets_retry_hints_then_is_closed_for_flooding() {
-    let server = TestServer::with(|c| c.rate_limit = "2:3".parse().unwrap()).await;
+    let server = TestServer::with(|c| c.rate_limit = "2/s burst 3".parse().unwrap()).await;
     let (mut listener, _) = Client::join(&server.ws_url("/ws/r")).await;
     let (mut c, _) = Client::join(&server.ws_url("/ws/r")).await;
     for i in 0..3 {
@@ -294,7 +294,7 @@ async fn a_fast_sender_gets_retry_hints_then_is_closed_for_flooding() {
 #[tokio::test]
 async fn a_room_rate_limit_refuses_websocket_and_rest_publishes() {
     let server = TestServer::with(|c| {
-        c.room_rate_limit = "1:2".parse().unwrap();
+        c.room_rate_limit = "1/s burst 2".parse().unwrap();
         c.rate_limit = RateLimitArg(None);
     })
     .await;

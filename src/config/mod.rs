@@ -28,18 +28,18 @@ pub struct Config {
     pub room_buffer: u32,
 
     /// A write to one socket that takes longer than this evicts it (close 1008 "slow consumer").
-    /// Unit: seconds (fractions allowed). Default: 10.
-    #[arg(long, env = "ROOMCAST_WRITE_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    /// Syntax: a duration, 1ms to 24h. Default: 10s.
+    #[arg(long, env = "ROOMCAST_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub write_timeout: Duration,
 
     /// Idle sockets are pinged this often; a peer silent for two intervals is dropped
-    /// (close 1008 "ping timeout"). Unit: seconds. Default: 30.
-    #[arg(long, env = "ROOMCAST_PING_INTERVAL", default_value = "30", value_parser = parse_secs)]
+    /// (close 1008 "ping timeout"). Syntax: a duration, 1ms to 24h. Default: 30s.
+    #[arg(long, env = "ROOMCAST_PING_INTERVAL", default_value = "30s", value_parser = parse_timeout)]
     pub ping_interval: Duration,
 
     /// Presence events of one room are coalesced into at most one frame per interval.
-    /// Unit: milliseconds. Default: 250.
-    #[arg(long, env = "ROOMCAST_PRESENCE_INTERVAL", default_value = "250", value_parser = parse_millis)]
+    /// Syntax: a duration, 1ms to 60s. Default: 250ms.
+    #[arg(long, env = "ROOMCAST_PRESENCE_INTERVAL", default_value = "250ms", value_parser = parse_presence_interval)]
     pub presence_interval: Duration,
 
     /// Largest message a client may send (all fragments together) and largest REST body.
@@ -69,8 +69,9 @@ pub struct Config {
     pub shards: u16,
 
     /// A client must send its complete HTTP request head within this time after connecting,
-    /// or the socket is dropped (slow-header protection). Unit: seconds. Default: 10.
-    #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    /// or the socket is dropped (slow-header protection). Syntax: a duration, 1ms to 24h.
+    /// Default: 10s.
+    #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub handshake_timeout: Duration,
 
     /// Adds a `/echo` WebSocket endpoint that echoes every text and binary message exactly, for
@@ -79,8 +80,8 @@ pub struct Config {
     pub echo: bool,
 
     /// Time given to open sockets to receive their close 1001 on shutdown before the process
-    /// exits anyway. Unit: seconds. Default: 4.
-    #[arg(long, env = "ROOMCAST_SHUTDOWN_TIMEOUT", default_value = "4", value_parser = parse_secs)]
+    /// exits anyway. Syntax: a duration, 1ms to 24h. Default: 4s.
+    #[arg(long, env = "ROOMCAST_SHUTDOWN_TIMEOUT", default_value = "4s", value_parser = parse_timeout)]
     pub shutdown_timeout: Duration,
 
     /// Shared secret of HS256 access tokens. When set, every WebSocket upgrade needs a valid
@@ -104,14 +105,15 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
-    /// Messages one socket may send: `RATE[:BURST]` per second, or `off`. Excess messages get
-    /// an error frame with `retry_after_ms`; `BURST` refusals in a row close the socket (1008).
-    /// Default: 20:40.
-    #[arg(long, env = "ROOMCAST_RATE_LIMIT", default_value = "20:40")]
+    /// Messages one socket may send: `N/s` or `N/m`, optionally ` burst B` (B defaults to N), or
+    /// `off`. Excess messages get an error frame with `retry_after_ms`; B refusals in a row
+    /// close the socket (1008). Default: 20/s burst 40.
+    #[arg(long, env = "ROOMCAST_RATE_LIMIT", default_value = "20/s burst 40")]
     pub rate_limit: RateLimitArg,
 
-    /// Messages one room accepts: `RATE[:BURST]` per second, or `off`. Excess publishes get an
-    /// error frame with `retry_after_ms` (HTTP 429 for REST). Default: off.
+    /// Messages one room accepts: `N/s` or `N/m`, optionally ` burst B` (B defaults to N), or
+    /// `off`. Excess publishes get an error frame with `retry_after_ms` (HTTP 429 for REST).
+    /// A room's `rate_limit` in the rooms file overrides it. Default: off.
     #[arg(long, env = "ROOMCAST_ROOM_RATE_LIMIT", default_value = "off")]
     pub room_rate_limit: RateLimitArg,
 
@@ -144,14 +146,14 @@ pub struct Config {
     pub redis_prefix: String,
 
     /// Cluster mode: a Redis command or connection attempt that takes longer fails; a publish
-    /// then gets the `cluster_unavailable` error. Unit: seconds. Default: 2.
-    #[arg(long, env = "ROOMCAST_REDIS_TIMEOUT", default_value = "2", value_parser = parse_secs)]
+    /// then gets the `cluster_unavailable` error. Syntax: a duration, 1ms to 24h. Default: 2s.
+    #[arg(long, env = "ROOMCAST_REDIS_TIMEOUT", default_value = "2s", value_parser = parse_timeout)]
     pub redis_timeout: Duration,
 
     /// Cluster mode: how long the counts of a process that stopped heartbeating (killed,
     /// partitioned) stay in the cluster-wide counts. Heartbeats go every third of it.
-    /// Unit: seconds. Default: 15.
-    #[arg(long, env = "ROOMCAST_CLUSTER_NODE_TTL", default_value = "15", value_parser = parse_secs)]
+    /// Syntax: a duration, 1ms to 24h. Default: 15s.
+    #[arg(long, env = "ROOMCAST_CLUSTER_NODE_TTL", default_value = "15s", value_parser = parse_timeout)]
     pub cluster_node_ttl: Duration,
 
     /// Messages each room keeps in memory, as the frames already encoded for the broadcast,
@@ -167,9 +169,9 @@ pub struct Config {
     pub lag_policy: LagPolicy,
 
     /// A message whose `id` repeats one published in the same room within this window is
-    /// acknowledged but not broadcast again; 0 turns deduplication off.
-    /// Unit: seconds. Default: 120.
-    #[arg(long, env = "ROOMCAST_DEDUPE_WINDOW", default_value = "120", value_parser = parse_secs_or_zero)]
+    /// acknowledged but not broadcast again; `0s` turns deduplication off.
+    /// Syntax: a duration, 0s to 24h. Default: 2m.
+    #[arg(long, env = "ROOMCAST_DEDUPE_WINDOW", default_value = "2m", value_parser = parse_dedupe_window)]
     pub dedupe_window: Duration,
 
     /// Most message ids a room remembers for deduplication; past it the oldest is forgotten
@@ -182,9 +184,10 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HISTORY_DB")]
     pub history_db: Option<PathBuf>,
 
-    /// What the history database keeps: an age (`90s`, `30m`, `12h`, `7d`) or a bare number of
-    /// messages per room (`1000`). Older messages are pruned every minute. Default: 7d.
-    #[arg(long, env = "ROOMCAST_RETENTION", default_value = "7d")]
+    /// What the history database keeps: an age, as a duration from 1s to 3650d (`90s`, `12h`,
+    /// `7d`), or a number of messages per room (`1000 messages`). Older messages are pruned every
+    /// minute. Default: 7d.
+    #[arg(long, env = "ROOMCAST_RETENTION", default_value = "7d", value_parser = parse_retention)]
     pub retention: Retention,
 
     /// Messages waiting for the history database writer; past it new messages are not written
@@ -208,8 +211,8 @@ pub enum Command {
         /// Default: every room.
         #[arg(long)]
         rooms: Option<String>,
-        /// Lifetime (`90s`, `15m`, `1h`, `7d`). Default: 1h.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        /// Lifetime. Syntax: a duration, 1s to 3650d (`90s`, `15m`, `1h`, `7d`). Default: 1h.
+        #[arg(long, default_value = "1h", value_parser = parse_token_ttl)]
         ttl: Duration,
     },
 }
@@ -246,16 +249,6 @@ impl Default for Config {
     }
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    if !(secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!("`{s}` must be between 0 and 86400 seconds"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 fn parse_prefix(s: &str) -> Result<String, String> {
     if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(format!(
@@ -265,26 +258,231 @@ fn parse_prefix(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
-fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
-    if s.trim() == "0" {
-        return Ok(Duration::ZERO);
+/// A duration in humantime form (`30s`, `250ms`, `1h 30m`, `7d`; `0` alone is zero) from `min`
+/// to `max`. A bare number is the spelling before durations had units: it still reads, as that
+/// many `bare_unit`s, for one release; the second value then is the current spelling, for the
+/// warning printed at start.
+fn parse_duration(
+    s: &str,
+    min: Duration,
+    max: Duration,
+    bare_unit: Duration,
+) -> Result<(Duration, Option<String>), String> {
+    let s = s.trim();
+    let (d, deprecated) = match humantime::parse_duration(s) {
+        Ok(d) => (d, false),
+        Err(e) => {
+            let bare = s
+                .parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite() && *n >= 0.0)
+                .and_then(|n| Duration::try_from_secs_f64(n * bare_unit.as_secs_f64()).ok());
+            match bare {
+                Some(d) => (d, true),
+                None => {
+                    return Err(format!(
+                        "`{s}` is not a duration ({e}): write a number and a unit, like 250ms, 30s, 5m, 7d"
+                    ))
+                }
+            }
+        }
+    };
+    if d < min || d > max {
+        return Err(format!(
+            "`{s}` is out of range: from {} to {}",
+            show_bound(min),
+            show_bound(max)
+        ));
     }
-    parse_secs(s)
+    Ok((
+        d,
+        deprecated.then(|| humantime::format_duration(d).to_string()),
+    ))
 }
 
-fn parse_millis(s: &str) -> Result<Duration, String> {
-    let ms: u64 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number of milliseconds"))?;
-    if ms == 0 || ms > 60_000 {
-        return Err(format!("`{s}` must be between 1 and 60000 milliseconds"));
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A range's end as the documentation writes it: `24h` and `3650d` rather than humantime's
+/// `1day` and `9years 11months …`.
+fn show_bound(d: Duration) -> String {
+    let secs = d.as_secs();
+    match (d.subsec_nanos(), secs) {
+        (0, 0) => "0s".to_owned(),
+        (0, s) if s > DAY.as_secs() && s % DAY.as_secs() == 0 => format!("{}d", s / 86_400),
+        (0, s) if s % 3600 == 0 => format!("{}h", s / 3600),
+        (0, s) => format!("{s}s"),
+        _ => humantime::format_duration(d).to_string(),
     }
-    Ok(Duration::from_millis(ms))
+}
+
+/// Timeouts and intervals: 1ms to 24h; a bare number is seconds (deprecated).
+fn parse_timeout_spelling(s: &str) -> Result<(Duration, Option<String>), String> {
+    parse_duration(s, Duration::from_millis(1), DAY, Duration::from_secs(1))
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    parse_timeout_spelling(s).map(|(d, _)| d)
+}
+
+/// `--presence-interval`: 1ms to 60s; a bare number is milliseconds (deprecated).
+fn parse_presence_interval_spelling(s: &str) -> Result<(Duration, Option<String>), String> {
+    parse_duration(
+        s,
+        Duration::from_millis(1),
+        Duration::from_secs(60),
+        Duration::from_millis(1),
+    )
+}
+
+fn parse_presence_interval(s: &str) -> Result<Duration, String> {
+    parse_presence_interval_spelling(s).map(|(d, _)| d)
+}
+
+/// `--dedupe-window`: 0s (off) to 24h; a bare number is seconds (deprecated).
+fn parse_dedupe_window_spelling(s: &str) -> Result<(Duration, Option<String>), String> {
+    parse_duration(s, Duration::ZERO, DAY, Duration::from_secs(1))
+}
+
+fn parse_dedupe_window(s: &str) -> Result<Duration, String> {
+    parse_dedupe_window_spelling(s).map(|(d, _)| d)
+}
+
+/// `token --ttl`: 1s to 3650d, humantime form only (it never took another).
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    match parse_duration(
+        s,
+        Duration::from_secs(1),
+        DAY * 3650,
+        Duration::from_secs(1),
+    )? {
+        (d, None) => Ok(d),
+        (_, Some(_)) => Err(format!(
+            "`{}` has no unit: write it like 15m, 1h, 7d",
+            s.trim()
+        )),
+    }
+}
+
+/// `--retention`: an age (a duration from 1s to 3650d) or `N messages` per room. A bare number
+/// of messages is the spelling before this one (deprecated).
+fn parse_retention_spelling(s: &str) -> Result<(Retention, Option<String>), String> {
+    let s = s.trim();
+    let count = |n: &str| n.parse::<u64>().ok().filter(|n| *n > 0);
+    let words: Vec<&str> = s.split_whitespace().collect();
+    if let [n, "messages" | "message"] = words[..] {
+        return count(n)
+            .map(|n| (Retention::PerRoom(n), None))
+            .ok_or_else(|| format!("`{s}`: the number of messages must be a positive integer"));
+    }
+    if let Some(n) = count(s) {
+        return Ok((Retention::PerRoom(n), Some(format!("{n} messages"))));
+    }
+    match parse_duration(s, Duration::from_secs(1), DAY * 3650, Duration::from_secs(1)) {
+        Ok((age, None)) => Ok((Retention::Age(age), None)),
+        _ => Err(format!(
+            "`{s}` is neither an age from 1s to 3650d (90s, 12h, 7d) nor `N messages` (1000 messages)"
+        )),
+    }
+}
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    parse_retention_spelling(s).map(|(r, _)| r)
+}
+
+/// How a flag's value is read, for finding the deprecated spellings in [`deprecated_spellings`].
+#[derive(Clone, Copy)]
+enum Syntax {
+    Timeout,
+    PresenceInterval,
+    DedupeWindow,
+    Retention,
+    Rate,
+}
+
+impl Syntax {
+    /// The current spelling of `s` when `s` is a deprecated one.
+    fn current_spelling(self, s: &str) -> Option<String> {
+        match self {
+            Syntax::Timeout => parse_timeout_spelling(s).ok()?.1,
+            Syntax::PresenceInterval => parse_presence_interval_spelling(s).ok()?.1,
+            Syntax::DedupeWindow => parse_dedupe_window_spelling(s).ok()?.1,
+            Syntax::Retention => parse_retention_spelling(s).ok()?.1,
+            Syntax::Rate => RateLimitArg::parse(s).ok()?.1,
+        }
+    }
+}
+
+/// The flags that still read a deprecated spelling, by clap id.
+const DEPRECATABLE: [(&str, Syntax); 11] = [
+    ("write_timeout", Syntax::Timeout),
+    ("ping_interval", Syntax::Timeout),
+    ("presence_interval", Syntax::PresenceInterval),
+    ("handshake_timeout", Syntax::Timeout),
+    ("shutdown_timeout", Syntax::Timeout),
+    ("redis_timeout", Syntax::Timeout),
+    ("cluster_node_ttl", Syntax::Timeout),
+    ("dedupe_window", Syntax::DedupeWindow),
+    ("retention", Syntax::Retention),
+    ("rate_limit", Syntax::Rate),
+    ("room_rate_limit", Syntax::Rate),
+];
+
+/// One warning per flag or environment variable given in a spelling that is going away, naming
+/// it and the current spelling (`--ping-interval 30` is deprecated: write `--ping-interval 30s`).
+/// `main` prints them once at start; the values themselves were already read by [`Config`].
+pub fn deprecated_spellings(matches: &clap::ArgMatches) -> Vec<String> {
+    use clap::parser::ValueSource;
+    use clap::CommandFactory;
+    let command = Config::command();
+    let mut warnings = Vec::new();
+    for (id, syntax) in DEPRECATABLE {
+        let Some(arg) = command.get_arguments().find(|a| a.get_id() == id) else {
+            continue;
+        };
+        let source = matches.value_source(id);
+        let Ok(Some(raw)) = matches.try_get_raw(id) else {
+            continue;
+        };
+        for value in raw {
+            let value = value.to_string_lossy();
+            let Some(current) = syntax.current_spelling(&value) else {
+                continue;
+            };
+            let quote = |v: &str| {
+                if v.contains(' ') {
+                    format!("\"{v}\"")
+                } else {
+                    v.to_owned()
+                }
+            };
+            let (old, new) = match (source, arg.get_env()) {
+                (Some(ValueSource::EnvVariable), Some(env)) => {
+                    let env = env.to_string_lossy();
+                    (
+                        format!("{env}={}", quote(&value)),
+                        format!("{env}={}", quote(&current)),
+                    )
+                }
+                _ => {
+                    let long = arg.get_long().unwrap_or(id);
+                    (
+                        format!("--{long} {}", quote(&value)),
+                        format!("--{long} {}", quote(&current)),
+                    )
+                }
+            };
+            warnings.push(format!(
+                "`{old}` is deprecated and will stop working in the next release: write `{new}`"
+            ));
+        }
+    }
+    warnings
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, FromArgMatches};
 
     #[test]
     fn defaults_match_the_documentation() {
@@ -301,7 +499,11 @@ mod tests {
         assert_eq!(c.dedupe_window, Duration::from_secs(120));
         assert_eq!(c.history_db, None);
         assert_eq!(c.retention, Retention::Age(Duration::from_secs(7 * 86_400)));
-        assert_eq!(c.rate_limit.to_string(), "20:40");
+        assert_eq!(c.rate_limit.to_string(), "20/s burst 40");
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(4));
+        assert_eq!(c.redis_timeout, Duration::from_secs(2));
+        assert_eq!(c.cluster_node_ttl, Duration::from_secs(15));
         assert!(c.room_rate().is_none());
         assert!(c.jwt_secret.is_none() && c.api_key.is_none() && c.allowed_origins.is_empty());
         assert!(c.max_connections_per_ip.is_none());
@@ -318,9 +520,9 @@ mod tests {
             "--lag-policy",
             "resync",
             "--dedupe-window",
-            "0",
+            "0s",
             "--retention",
-            "500",
+            "500 messages",
         ])
         .unwrap();
         assert_eq!(c.history, 0);
@@ -328,7 +530,7 @@ mod tests {
         assert_eq!(c.dedupe_window, Duration::ZERO);
         assert_eq!(c.retention, Retention::PerRoom(500));
         assert!(Config::try_parse_from(["roomcast", "--lag-policy", "drop"]).is_err());
-        assert!(Config::try_parse_from(["roomcast", "--retention", "7w"]).is_err());
+        assert!(Config::try_parse_from(["roomcast", "--retention", "7x"]).is_err());
     }
 
     #[test]
@@ -360,8 +562,181 @@ mod tests {
 
     #[test]
     fn rejects_nonsense_durations() {
-        assert!(Config::try_parse_from(["roomcast", "--write-timeout", "0"]).is_err());
-        assert!(Config::try_parse_from(["roomcast", "--ping-interval", "abc"]).is_err());
-        assert!(Config::try_parse_from(["roomcast", "--ping-interval", "0.5"]).is_ok());
+        let parses =
+            |args: &[&str]| Config::try_parse_from(["roomcast"].iter().chain(args)).is_ok();
+        assert!(!parses(&["--write-timeout", "0s"]));
+        assert!(!parses(&["--write-timeout", "0"]));
+        assert!(!parses(&["--ping-interval", "abc"]));
+        assert!(!parses(&["--ping-interval", "25h"]));
+        assert!(!parses(&["--presence-interval", "2m"]));
+        assert!(!parses(&["--ping-interval", "-5"]));
+        assert!(!parses(&["--ping-interval", "NaN"]));
+        assert!(!parses(&["--ping-interval", "1e300"]));
+        assert!(parses(&["--ping-interval", "500ms"]));
+        assert!(parses(&["--ping-interval", "1m 30s"]));
+        assert!(
+            !parses(&["token", "--sub", "a", "--ttl", "3600"]),
+            "the ttl never took seconds"
+        );
+        assert!(!parses(&["token", "--sub", "a", "--ttl", "0s"]));
+    }
+
+    #[test]
+    fn durations_read_humantime() {
+        let ok = |s: &str| parse_timeout_spelling(s).unwrap();
+        assert_eq!(ok("30s"), (Duration::from_secs(30), None));
+        assert_eq!(ok("250ms"), (Duration::from_millis(250), None));
+        assert_eq!(ok("1.5s"), (Duration::from_millis(1500), None));
+        assert_eq!(ok("2m"), (Duration::from_secs(120), None));
+        assert_eq!(ok("24h"), (DAY, None));
+        assert_eq!(
+            parse_dedupe_window_spelling("0s").unwrap(),
+            (Duration::ZERO, None)
+        );
+        assert_eq!(
+            parse_dedupe_window_spelling("0").unwrap(),
+            (Duration::ZERO, None)
+        );
+        assert_eq!(
+            parse_presence_interval_spelling("50ms").unwrap(),
+            (Duration::from_millis(50), None)
+        );
+        let e = parse_timeout_spelling("10x").unwrap_err();
+        assert!(e.contains("`10x` is not a duration"), "{e}");
+        let e = parse_timeout_spelling("0ms").unwrap_err();
+        assert!(e.contains("out of range: from 1ms to 24h"), "{e}");
+        let e = parse_presence_interval_spelling("61s").unwrap_err();
+        assert!(e.contains("out of range: from 1ms to 60s"), "{e}");
+        let e = parse_dedupe_window_spelling("2d").unwrap_err();
+        assert!(e.contains("out of range: from 0s to 24h"), "{e}");
+        let e = parse_token_ttl("3651d").unwrap_err();
+        assert!(e.contains("out of range: from 1s to 3650d"), "{e}");
+        assert_eq!(parse_token_ttl("7d").unwrap(), DAY * 7);
+    }
+
+    #[test]
+    fn bare_numbers_are_deprecated_but_keep_their_unit() {
+        assert_eq!(
+            parse_timeout_spelling("30").unwrap(),
+            (Duration::from_secs(30), Some("30s".into()))
+        );
+        assert_eq!(
+            parse_timeout_spelling("0.5").unwrap(),
+            (Duration::from_millis(500), Some("500ms".into()))
+        );
+        assert_eq!(
+            parse_timeout_spelling("90").unwrap(),
+            (Duration::from_secs(90), Some("1m 30s".into()))
+        );
+        // --presence-interval counted milliseconds.
+        assert_eq!(
+            parse_presence_interval_spelling("250").unwrap(),
+            (Duration::from_millis(250), Some("250ms".into()))
+        );
+        assert_eq!(
+            parse_dedupe_window_spelling("120").unwrap(),
+            (Duration::from_secs(120), Some("2m".into()))
+        );
+        // The bounds hold for the old spelling too.
+        assert!(parse_timeout_spelling("86401").is_err());
+        assert!(parse_presence_interval_spelling("60001").is_err());
+    }
+
+    #[test]
+    fn retention_is_an_age_or_a_message_count() {
+        let r = |s: &str| parse_retention_spelling(s);
+        assert_eq!(r("7d"), Ok((Retention::Age(DAY * 7), None)));
+        assert_eq!(
+            r("90s"),
+            Ok((Retention::Age(Duration::from_secs(90)), None))
+        );
+        assert_eq!(r("2w"), Ok((Retention::Age(DAY * 14), None)));
+        assert_eq!(r("1000 messages"), Ok((Retention::PerRoom(1000), None)));
+        assert_eq!(r("1 message"), Ok((Retention::PerRoom(1), None)));
+        assert_eq!(
+            r("1000"),
+            Ok((Retention::PerRoom(1000), Some("1000 messages".into())))
+        );
+        for bad in [
+            "",
+            "0",
+            "0 messages",
+            "-3 messages",
+            "x messages",
+            "500ms",
+            "3651d",
+            "7x",
+            "7 days ago",
+        ] {
+            assert!(r(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn warnings(args: &[&str]) -> Vec<String> {
+        let matches = Config::command()
+            .try_get_matches_from(["roomcast"].iter().chain(args))
+            .unwrap();
+        assert!(Config::from_arg_matches(&matches).is_ok());
+        deprecated_spellings(&matches)
+    }
+
+    #[test]
+    fn deprecated_spellings_are_named_once_each() {
+        assert!(warnings(&[]).is_empty(), "the defaults are current");
+        assert!(warnings(&[
+            "--ping-interval",
+            "30s",
+            "--rate-limit",
+            "5/s burst 10",
+            "--retention",
+            "10 messages",
+            "--dedupe-window",
+            "0",
+        ])
+        .is_empty());
+        let w = warnings(&[
+            "--ping-interval",
+            "30",
+            "--presence-interval",
+            "50",
+            "--rate-limit",
+            "20:40",
+            "--room-rate-limit",
+            "0",
+            "--retention",
+            "1000",
+        ]);
+        assert_eq!(
+            w,
+            [
+                "`--ping-interval 30` is deprecated and will stop working in the next release: write `--ping-interval 30s`",
+                "`--presence-interval 50` is deprecated and will stop working in the next release: write `--presence-interval 50ms`",
+                "`--retention 1000` is deprecated and will stop working in the next release: write `--retention \"1000 messages\"`",
+                "`--rate-limit 20:40` is deprecated and will stop working in the next release: write `--rate-limit \"20/s burst 40\"`",
+                "`--room-rate-limit 0` is deprecated and will stop working in the next release: write `--room-rate-limit off`",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_duration_and_rate_flag_is_checked_for_old_spellings() {
+        // A flag whose value is a duration or a rate and is missing from DEPRECATABLE would
+        // never warn: catch it by its documented syntax.
+        let command = Config::command();
+        for arg in command.get_arguments() {
+            let help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            let timed = help.contains("Syntax: a duration") || help.contains("`N/s`");
+            let listed = DEPRECATABLE.iter().any(|(id, _)| arg.get_id() == *id);
+            assert_eq!(
+                timed || arg.get_id() == "retention",
+                listed,
+                "{}",
+                arg.get_id()
+            );
+        }
     }
 }

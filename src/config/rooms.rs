@@ -5,7 +5,8 @@
 //! prefix ending in `*` (`"post:*"`). A room's settings are the server's flags, overlaid by
 //! `[defaults]`, overlaid by the longest matching prefix entry, overlaid by the exact entry: each
 //! layer changes only the keys it sets. Every key and value is checked while parsing, so an error
-//! carries the file's line and the key (serde `deny_unknown_fields` plus toml's spans).
+//! carries the file's line and column (toml's spans) and the key's whole path (serde
+//! `deny_unknown_fields`, with the path recorded by `serde_path_to_error`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -16,6 +17,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
+use crate::core::limit::RateLimitArg;
 use crate::proto::names::{validate_room, NameError, MAX_ROOM_BYTES};
 
 /// Longest password accepted in the file, in bytes.
@@ -26,8 +28,6 @@ pub const MAX_ROOM_BUFFER: u64 = 1_048_576;
 pub const MAX_MEMBERS_CAP: u64 = 10_000_000;
 /// Largest `history` depth.
 pub const MAX_HISTORY: u64 = 1_000_000;
-/// Largest rate in a `rate_limit` (messages per unit) and largest burst.
-pub const MAX_RATE: u64 = 1_000_000;
 
 /// What a room's presence frames carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -112,63 +112,6 @@ impl de::Visitor<'_> for PasswordVisitor {
     }
 }
 
-/// A per-room publish limit: a token bucket refilled at `per_second`, holding at most `burst`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RateLimit {
-    /// No limit for this room, even if the defaults or a prefix set one.
-    Off,
-    Limit {
-        per_second: f64,
-        burst: u32,
-    },
-}
-
-impl RateLimit {
-    /// Parses `off`, `N/s`, `N/m`, optionally followed by ` burst B` (B defaults to N).
-    pub fn parse(s: &str) -> Result<RateLimit, String> {
-        let bad = || {
-            format!(
-                "`{s}` is not a rate limit: expected \"off\", \"N/s\", \"N/m\" or \"N/s burst B\""
-            )
-        };
-        let s = s.trim();
-        if s == "off" {
-            return Ok(RateLimit::Off);
-        }
-        let mut words = s.split_whitespace();
-        let rate = words.next().ok_or_else(bad)?;
-        let burst = match (words.next(), words.next(), words.next()) {
-            (None, _, _) => None,
-            (Some("burst"), Some(b), None) => Some(b.parse::<u64>().map_err(|_| bad())?),
-            _ => return Err(bad()),
-        };
-        let (count, unit) = rate.split_once('/').ok_or_else(bad)?;
-        let count: u64 = count.parse().map_err(|_| bad())?;
-        let per_second = match unit {
-            "s" => count as f64,
-            "m" => count as f64 / 60.0,
-            _ => return Err(bad()),
-        };
-        let burst = burst.unwrap_or(count);
-        if !(1..=MAX_RATE).contains(&count) || !(1..=MAX_RATE).contains(&burst) {
-            return Err(format!(
-                "`{s}`: the rate and the burst must be from 1 to {MAX_RATE}"
-            ));
-        }
-        Ok(RateLimit::Limit {
-            per_second,
-            burst: burst as u32,
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for RateLimit {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        RateLimit::parse(&s).map_err(de::Error::custom)
-    }
-}
-
 /// An integer from `MIN` to `MAX`, checked while parsing so the error points at the value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Bounded<const MIN: u64, const MAX: u64>(u64);
@@ -195,7 +138,7 @@ struct Entry {
     max_members: Option<Bounded<0, MAX_MEMBERS_CAP>>,
     /// 0 turns history off.
     history: Option<Bounded<0, MAX_HISTORY>>,
-    rate_limit: Option<RateLimit>,
+    rate_limit: Option<RateLimitArg>,
     presence: Option<Presence>,
     room_buffer: Option<Bounded<1, MAX_ROOM_BUFFER>>,
 }
@@ -261,7 +204,7 @@ pub struct RoomSettings {
     pub history: Option<u32>,
     /// Per-room publish limit. `None`: the file does not say, the server's flag decides.
     /// (Parsed and resolved here; rate limiting itself is issue #5.)
-    pub rate_limit: Option<RateLimit>,
+    pub rate_limit: Option<RateLimitArg>,
     pub presence: Presence,
     /// Broadcast ring size, used when the room is created (a reload does not resize live rooms).
     pub room_buffer: usize,
@@ -371,7 +314,9 @@ impl Settings {
 
     /// Parses file contents; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str, room_buffer: usize) -> Result<Settings, SettingsError> {
-        let file: File = toml::from_str(text).map_err(|e| invalid(origin, text, &e))?;
+        let de = toml::Deserializer::parse(text).map_err(|e| invalid(origin, text, &e, None))?;
+        let file: File = serde_path_to_error::deserialize(de)
+            .map_err(|e| invalid(origin, text, e.inner(), Some(e.path())))?;
         let mut defaults = RoomSettings::from_flags(room_buffer);
         defaults.overlay(&file.defaults);
         let mut exact = HashMap::new();
@@ -413,56 +358,63 @@ impl Settings {
     }
 }
 
-/// Turns toml's error into one naming the file, line, column and key.
-fn invalid(origin: &str, text: &str, e: &toml::de::Error) -> SettingsError {
-    let (line, column, key) = match e.span() {
+/// Turns toml's error, and the key path serde_path_to_error recorded on the way down, into one
+/// naming the file, line, column and key. A syntax error (found before any key is read) names
+/// no key.
+fn invalid(
+    origin: &str,
+    text: &str,
+    e: &toml::de::Error,
+    path: Option<&serde_path_to_error::Path>,
+) -> SettingsError {
+    let (line, column) = match e.span() {
         Some(span) => {
             let start = span.start.min(text.len());
-            let before = &text[..start];
+            let before = text.get(..start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
             let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-            let column = text[line_start..start].chars().count() + 1;
-            (line, column, key_at(text, span))
+            let column = before.get(line_start..).map_or(0, |l| l.chars().count()) + 1;
+            (line, column)
         }
-        None => (1, 1, None),
+        None => (1, 1),
     };
     SettingsError::Invalid {
         path: origin.to_owned(),
         line,
         column,
-        key,
+        key: path.and_then(key_path),
         message: e.message().trim_end().to_owned(),
     }
 }
 
-/// The key an error span belongs to: the span itself when it is a key (followed by `=`, `]` or
-/// `.`), else the key before the last `=` in front of it on its line.
-fn key_at(text: &str, span: std::ops::Range<usize>) -> Option<String> {
-    let end = span.end.min(text.len());
-    let start = span.start.min(end);
-    let clean = |k: &str| {
-        let k = k.trim().trim_matches(|c| c == '"' || c == '\'');
-        (!k.is_empty()).then(|| k.to_owned())
-    };
-    let spanned = &text[start..end];
-    let line_end = text[end..].find('\n').map_or(text.len(), |i| end + i);
-    let after = text[end..line_end].trim_start();
-    if after.starts_with(['=', ']', '.']) {
-        return clean(spanned);
-    }
-    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    let before = &text[line_start..start];
-    match before.rfind('=') {
-        Some(eq) => {
-            let key = before[..eq].trim_end();
-            let key = key
-                .rsplit(|c: char| c == '{' || c == ',' || c.is_whitespace())
-                .next()
-                .unwrap_or(key);
-            clean(key)
+/// A key path as TOML writes it: `rooms."post:*".presence`. Bare keys stay bare, others are quoted.
+fn key_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        let key = match segment {
+            Segment::Map { key } => key,
+            Segment::Enum { variant } => variant,
+            Segment::Seq { index } => {
+                out.push_str(&format!("[{index}]"));
+                continue;
+            }
+            Segment::Unknown => continue,
+        };
+        if !out.is_empty() {
+            out.push('.');
         }
-        None => clean(spanned),
+        let bare = !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if bare {
+            out.push_str(key);
+        } else {
+            out.push_str(&format!("{key:?}"));
+        }
     }
+    (!out.is_empty()).then_some(out)
 }
 
 #[cfg(test)]
@@ -509,11 +461,8 @@ rate_limit = "off"
         assert_eq!(other.history, None, "unset: the server flag decides");
         assert!(other.password.is_none());
         assert_eq!(
-            other.rate_limit,
-            Some(RateLimit::Limit {
-                per_second: 20.0,
-                burst: 40
-            })
+            other.rate_limit.map(|r| r.to_string()).as_deref(),
+            Some("20/s burst 40")
         );
 
         let post = s.resolve("post:7");
@@ -543,7 +492,7 @@ rate_limit = "off"
 
         let general = s.resolve("general");
         assert_eq!(general.presence, Presence::Events);
-        assert_eq!(general.rate_limit, Some(RateLimit::Off));
+        assert_eq!(general.rate_limit, Some(RateLimitArg(None)));
 
         // A prefix matches by bytes, so `post:` itself matches `post:*`, `pos` does not.
         assert_eq!(s.resolve("post:").presence, Presence::Off);
@@ -575,34 +524,24 @@ rate_limit = "off"
     }
 
     #[test]
-    fn rate_limits_parse() {
-        assert_eq!(RateLimit::parse("off"), Ok(RateLimit::Off));
+    fn rate_limits_take_the_one_syntax() {
+        let s =
+            parse("[rooms.a]\nrate_limit = \"30/m\"\n[rooms.b]\nrate_limit = \"5/s burst 9\"\n")
+                .unwrap();
+        let a = s.resolve("a").rate_limit.and_then(|r| r.0).unwrap();
         assert_eq!(
-            RateLimit::parse("10/s"),
-            Ok(RateLimit::Limit {
-                per_second: 10.0,
-                burst: 10
-            })
+            (a.count.get(), a.burst.get()),
+            (30, 30),
+            "the burst defaults to the rate"
         );
-        assert_eq!(
-            RateLimit::parse("30/m burst 5"),
-            Ok(RateLimit::Limit {
-                per_second: 0.5,
-                burst: 5
-            })
+        let b = s.resolve("b").rate_limit.and_then(|r| r.0).unwrap();
+        assert_eq!((b.count.get(), b.burst.get()), (5, 9));
+        // The flags' deprecated spellings were never valid here.
+        let e = error_of("[rooms.a]\nrate_limit = \"20:40\"\n");
+        assert!(
+            e.contains("key `rooms.a.rate_limit`") && e.contains("20:40"),
+            "{e}"
         );
-        for bad in [
-            "",
-            "10",
-            "10/h",
-            "0/s",
-            "x/s",
-            "10/s burst",
-            "10/s burst 0",
-            "10/s b 3",
-        ] {
-            assert!(RateLimit::parse(bad).is_err(), "{bad:?}");
-        }
     }
 
     /// The error for `text`, as the operator sees it.
@@ -613,49 +552,70 @@ rate_limit = "off"
     #[test]
     fn errors_name_the_file_line_and_key() {
         let e = error_of("[defaults]\npresence = \"events\"\npasword = \"x\"\n");
-        assert!(e.starts_with("rooms.toml:3:1: key `pasword`: "), "{e}");
-        assert!(e.contains("unknown field"), "{e}");
+        assert!(
+            e.starts_with("rooms.toml:3:1: key `defaults.pasword`: unknown field `pasword`"),
+            "{e}"
+        );
+
+        let e = error_of("[rooms.\"post:*\"]\nmax_members = 1\npresense = \"off\"\n");
+        assert!(
+            e.starts_with("rooms.toml:3:1: key `rooms.\"post:*\".presense`: unknown field"),
+            "{e}"
+        );
 
         let e = error_of("[defaults]\n\nmax_members = -3\n");
-        assert!(e.starts_with("rooms.toml:3:"), "{e}");
-        assert!(e.contains("key `max_members`"), "{e}");
+        assert!(
+            e.starts_with("rooms.toml:3:15: key `defaults.max_members`: "),
+            "{e}"
+        );
         assert!(e.contains("out of range"), "{e}");
 
         let e = error_of("[rooms.\"post:*\"]\npresence = \"loud\"\n");
-        assert!(e.starts_with("rooms.toml:2:"), "{e}");
-        assert!(e.contains("key `presence`"), "{e}");
+        assert!(
+            e.starts_with("rooms.toml:2:12: key `rooms.\"post:*\".presence`: "),
+            "{e}"
+        );
         assert!(e.contains("loud"), "{e}");
 
         let e = error_of("[rooms.a]\nroom_buffer = 0\n");
         assert!(
-            e.starts_with("rooms.toml:2:") && e.contains("key `room_buffer`"),
+            e.starts_with("rooms.toml:2:15: key `rooms.a.room_buffer`: "),
             "{e}"
         );
 
         let e = error_of("[rooms.a]\nrate_limit = \"fast\"\n");
-        assert!(e.contains("key `rate_limit`") && e.contains("fast"), "{e}");
+        assert!(
+            e.contains("key `rooms.a.rate_limit`") && e.contains("fast"),
+            "{e}"
+        );
 
         let e = error_of("[rooms.a]\npassword = \"\"\n");
-        assert!(e.contains("key `password`") && e.contains("empty"), "{e}");
+        assert!(
+            e.contains("key `rooms.a.password`") && e.contains("empty"),
+            "{e}"
+        );
 
         // A mistyped password is not echoed.
         let e = error_of("[rooms.a]\npassword = 123456789\n");
         assert!(
-            e.contains("key `password`") && e.contains("must be a string"),
+            e.contains("key `rooms.a.password`") && e.contains("must be a string"),
             "{e}"
         );
         assert!(!e.contains("123456789"), "{e}");
 
         let e = error_of("[rooms.a]\nmax_members = \"ten\"\n");
-        assert!(e.contains("key `max_members`"), "{e}");
+        assert!(e.contains("key `rooms.a.max_members`"), "{e}");
 
         let e = error_of("[defaults]\nmax_members = 5\n\n[rooms.\"bad name\"]\nmax_members = 1\n");
-        assert!(e.starts_with("rooms.toml:4:"), "{e}");
-        assert!(e.contains("bad name"), "{e}");
+        assert!(
+            e.starts_with("rooms.toml:4:8: key `rooms.\"bad name\"`: "),
+            "{e}"
+        );
 
         let e = error_of("[rooms.\"$lobby\"]\nmax_members = 1\n");
         assert!(
-            e.starts_with("rooms.toml:1:") && e.contains("take no settings"),
+            e.starts_with("rooms.toml:1:8: key `rooms.\"$lobby\"`: ")
+                && e.contains("take no settings"),
             "{e}"
         );
 
@@ -664,21 +624,47 @@ rate_limit = "off"
 
         let e = error_of("[room.a]\nmax_members = 1\n");
         assert!(
-            e.starts_with("rooms.toml:1:") && e.contains("key `room`"),
+            e.starts_with("rooms.toml:1:2: key `room`: unknown field"),
             "{e}"
         );
 
+        // A syntax error comes before any key is read: no key path.
         let e = error_of("[defaults]\nmax_members = 1\nmax_members = 2\n");
-        assert!(e.starts_with("rooms.toml:3:"), "{e}");
+        assert!(e.starts_with("rooms.toml:3:1: duplicate key"), "{e}");
 
         let e = error_of("[rooms.a]\nhistory = 1e3\n");
-        assert!(e.contains("key `history`"), "{e}");
+        assert!(e.contains("key `rooms.a.history`"), "{e}");
 
         // An inline table names the inner key.
         let e = error_of("[rooms]\n\"post:*\" = { presence = \"loud\" }\n");
         assert!(
-            e.starts_with("rooms.toml:2:") && e.contains("key `presence`"),
+            e.starts_with("rooms.toml:2:25: key `rooms.\"post:*\".presence`: "),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_configuration_doc_lists_every_key() {
+        // serde lists the keys an entry takes in its unknown-field error.
+        let e = error_of("[defaults]\nnot_a_key = 1\n");
+        let (_, list) = e.split_once("expected one of ").expect("the key list");
+        let keys: Vec<&str> = list.split(", ").map(|k| k.trim_matches('`')).collect();
+        assert!(keys.len() >= 6, "{e}");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CONFIGURATION.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let (_, section) = doc
+            .split_once("## Rooms file")
+            .expect("a Rooms file section");
+        let documented: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split_once('`'))
+            .map(|(key, _)| key)
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        let mut documented_sorted = documented.clone();
+        documented_sorted.sort_unstable();
+        assert_eq!(documented_sorted, sorted, "the key table of {path}");
     }
 }
