@@ -18,7 +18,7 @@ use crate::bus::{Broker, Bus};
 use crate::config::rooms::Settings;
 use crate::config::Config;
 use crate::conn::{self, Limits};
-use crate::core::history::HistoryService;
+use crate::core::history::{HistoryService, HistorySettings};
 use crate::core::hub::Hub;
 use crate::core::limit::PerIpLimit;
 use crate::core::stats::Stats;
@@ -32,7 +32,7 @@ pub async fn run(
     listener: TcpListener,
     config: Config,
     signal: impl Future<Output = ()>,
-) -> crate::Result<()> {
+) -> crate::error::Result<()> {
     let room_buffer = config.room_buffer as usize;
     let settings = match &config.rooms_config {
         Some(path) => Settings::load(path, room_buffer)?,
@@ -56,10 +56,15 @@ pub async fn run(
         None => Arc::new(Local::new(config.presence_interval)),
     };
     let stats = Arc::new(stats);
-    let history = Arc::new(HistoryService::new(
-        config.history_settings(),
-        stats.clone(),
-    )?);
+    let history_settings = HistorySettings {
+        capacity: config.history as usize,
+        dedupe_window: config.dedupe_window,
+        dedupe_max: config.dedupe_max as usize,
+        db: config.history_db.clone(),
+        retention: config.retention,
+        db_queue: config.history_db_queue as usize,
+    };
+    let history = Arc::new(HistoryService::new(history_settings, stats.clone())?);
     let hub = Arc::new(
         Hub::with_settings(
             usize::from(config.shards),

@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use roomcast::core::limit::RateLimitArg;
+use roomcast::config::rate::RateLimitArg;
 use serde_json::json;
 use support::{raise_nofile, Client, TestServer, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

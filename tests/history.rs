@@ -117,7 +117,7 @@ async fn history_off_keeps_nothing() {
 async fn recovery_after_a_disconnect_under_concurrent_publishing_is_gapless() {
     let server = TestServer::with(|c| {
         c.history = 10_000;
-        c.rate_limit = roomcast::core::limit::RateLimitArg(None);
+        c.rate_limit = roomcast::config::rate::RateLimitArg(None);
     })
     .await;
     const PUBLISHERS: u64 = 3;
@@ -431,7 +431,7 @@ async fn lag_one_member(server: &TestServer) -> (Client, Client) {
 async fn lag_policy_evict_closes_the_laggard() {
     let server = TestServer::with(|c| {
         c.room_buffer = 32;
-        c.rate_limit = roomcast::core::limit::RateLimitArg(None);
+        c.rate_limit = roomcast::config::rate::RateLimitArg(None);
     })
     .await;
     let (mut slow, _publisher) = lag_one_member(&server).await;
@@ -449,8 +449,8 @@ async fn lag_policy_resync_reports_the_gap_and_keeps_the_member() {
         c.history = 1000;
         // The slow member's write blocks while the publisher sends; only lag may act here.
         c.write_timeout = Duration::from_secs(60);
-        c.lag_policy = roomcast::core::history::LagPolicy::Resync;
-        c.rate_limit = roomcast::core::limit::RateLimitArg(None);
+        c.lag_policy = roomcast::config::LagPolicy::Resync;
+        c.rate_limit = roomcast::config::rate::RateLimitArg(None);
     })
     .await;
     let (mut slow, _publisher) = lag_one_member(&server).await;
@@ -580,7 +580,7 @@ async fn a_stalled_disk_writer_never_stalls_delivery() {
     let server = TestServer::with(move |c| {
         c.history_db = Some(path);
         c.history_db_queue = 16;
-        c.rate_limit = roomcast::core::limit::RateLimitArg(None);
+        c.rate_limit = roomcast::config::rate::RateLimitArg(None);
     })
     .await;
     let (mut reader, _) = Client::join(&server.ws_url("/ws/s?user=reader")).await;

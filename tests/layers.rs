@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules, lowest first; a module may import from its own layer or lower ones.
 const LAYERS: &[(&str, u8)] = &[
-    ("config", 0),
+    ("proto", 0),
     ("shutdown", 0),
-    ("proto", 1),
+    ("config", 1),
     ("ws", 2),
     ("core", 3),
     ("bus", 4),
@@ -119,7 +119,10 @@ fn resolve(path: &str, here: &str, modules: &BTreeSet<String>) -> Option<String>
         }
         Some(&"self") => {
             segs.remove(0);
-            here.split("::").filter(|s| !s.is_empty()).map(str::to_owned).collect()
+            here.split("::")
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
         }
         // A child module of this one, named without `self::`.
         Some(first) => {
@@ -131,7 +134,10 @@ fn resolve(path: &str, here: &str, modules: &BTreeSet<String>) -> Option<String>
             if !modules.contains(&child) {
                 return None;
             }
-            here.split("::").filter(|s| !s.is_empty()).map(str::to_owned).collect()
+            here.split("::")
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
         }
         None => return None,
     };
@@ -195,7 +201,9 @@ fn imports_point_down_and_never_loop() {
         let deps = imports(&code(&text), &here, &modules);
         for dep in &deps {
             if dep.is_empty() && !here.is_empty() {
-                wrong.push(format!("{here} imports from the crate root (name the module)"));
+                wrong.push(format!(
+                    "{here} imports from the crate root (name the module)"
+                ));
             }
             if let (Some(a), Some(b)) = (layer(&here), layer(dep)) {
                 if b > a {
@@ -249,7 +257,12 @@ fn imports_point_down_and_never_loop() {
 fn use_trees_expand() {
     assert_eq!(
         expand("super::{kept, wire::{self, MessageBody}, Cluster}"),
-        ["super::kept", "super::wire", "super::wire::MessageBody", "super::Cluster"]
+        [
+            "super::kept",
+            "super::wire",
+            "super::wire::MessageBody",
+            "super::Cluster"
+        ]
     );
     assert_eq!(expand("crate::proto::Outbound"), ["crate::proto::Outbound"]);
 }

@@ -153,7 +153,7 @@ async fn a_burst_of_500_rooms_costs_a_handful_of_lobby_frames() {
     // 1,000 joins and leaves from one socket: past the default per-socket rate limit.
     let server = TestServer::with(|c| {
         c.max_rooms_per_connection = 1000;
-        c.rate_limit = roomcast::core::limit::RateLimitArg(None);
+        c.rate_limit = roomcast::config::rate::RateLimitArg(None);
     })
     .await;
     let (mut lobby, _) = Client::join(&server.ws_url(LOBBY_PATH)).await;

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use roomcast::core::limit::RateLimitArg;
+use roomcast::config::rate::RateLimitArg;
 use serde_json::{json, Value};
 use support::{http_with, Client, HttpResponse, TestServer, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

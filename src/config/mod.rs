@@ -1,5 +1,6 @@
 //! Configuration: every bound the server enforces, parsed once in `main` and passed down.
 
+pub mod rate;
 pub mod rooms;
 
 use std::net::SocketAddr;
@@ -8,10 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::core::limit::{RateLimitArg, RateSpec};
-
-use crate::core::archive::Retention;
-use crate::core::history::{HistorySettings, LagPolicy};
+use rate::{RateLimitArg, RateSpec};
 
 /// Server settings. Every field is a bound or a timing; the policy applied past each bound is
 /// documented on the field and in docs/PROTOCOL.md.
@@ -227,17 +225,29 @@ impl Config {
     pub fn room_rate(&self) -> Option<RateSpec> {
         self.room_rate_limit.0
     }
+}
 
-    /// The history part of the configuration.
-    pub fn history_settings(&self) -> HistorySettings {
-        HistorySettings {
-            capacity: self.history as usize,
-            dedupe_window: self.dedupe_window,
-            dedupe_max: self.dedupe_max as usize,
-            db: self.history_db.clone(),
-            retention: self.retention,
-            db_queue: self.history_db_queue as usize,
-        }
+/// What a member does when it falls `--room-buffer` frames behind a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LagPolicy {
+    /// Close it with 1008 "slow consumer".
+    Evict,
+    /// Tell it which seqs it missed (`lagged` frame) and keep it in the room.
+    Resync,
+}
+
+/// How much the archive keeps (`--retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Messages younger than this.
+    Age(Duration),
+    /// The last N messages of each room.
+    PerRoom(u64),
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention::Age(Duration::from_secs(7 * 86_400))
     }
 }
 

@@ -17,7 +17,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::core::limit::RateLimitArg;
+use crate::config::rate::RateLimitArg;
 use crate::proto::names::{validate_room, NameError, MAX_ROOM_BYTES};
 
 /// Longest password accepted in the file, in bytes.

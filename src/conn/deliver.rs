@@ -9,7 +9,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use super::end::End;
 use super::membership::Batch;
 use super::{Connection, MAX_BATCH};
-use crate::core::history::LagPolicy;
+use crate::config::LagPolicy;
 use crate::proto::close;
 use crate::proto::Outbound;
 use crate::ws::write::{total_len, write_now, write_rest};

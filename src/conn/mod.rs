@@ -25,9 +25,10 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
 use crate::bus::Bus;
+use crate::config::rate::RateSpec;
+use crate::config::LagPolicy;
 use crate::core::auth::Grant;
-use crate::core::history::LagPolicy;
-use crate::core::limit::{ConnectionLimiter, PerIpLimit, RateSpec};
+use crate::core::limit::{ConnectionLimiter, PerIpLimit};
 use crate::core::room::Joined;
 use crate::core::stats::Stats;
 use crate::proto;

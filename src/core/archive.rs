@@ -13,7 +13,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -24,7 +23,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use crate::core::history::{History, Seed};
+use crate::config::Retention;
+use crate::core::ring::{History, Seed};
 use crate::core::stats::{unix_millis, Stats};
 use crate::proto::{self, Outbound};
 
@@ -47,51 +47,6 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
 ";
-
-/// How much the archive keeps (`--retention`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retention {
-    /// Messages younger than this.
-    Age(Duration),
-    /// The last N messages of each room.
-    PerRoom(u64),
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention::Age(Duration::from_secs(7 * 86_400))
-    }
-}
-
-impl FromStr for Retention {
-    type Err = String;
-
-    /// `7d`, `12h`, `30m`, `90s`: an age. A bare integer: that many messages per room.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("`{s}`: expected an age with a unit (90s, 30m, 12h, 7d) or a message count per room (1000)")
-        };
-        let unit = s.chars().last().ok_or_else(bad)?;
-        let secs_per = match unit {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => {
-                let n: u64 = s.parse().map_err(|_| bad())?;
-                if n == 0 {
-                    return Err(bad());
-                }
-                return Ok(Retention::PerRoom(n));
-            }
-        };
-        let n: u64 = s[..s.len() - 1].parse().map_err(|_| bad())?;
-        if n == 0 || n > 3650 * 86_400 / secs_per {
-            return Err(bad());
-        }
-        Ok(Retention::Age(Duration::from_secs(n * secs_per)))
-    }
-}
 
 /// One message on its way to disk: pointers only, nothing copied on the publishing side.
 struct Record {
@@ -519,22 +474,6 @@ pub fn payload_of(out: &Outbound) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retention_parses_ages_and_counts() {
-        assert_eq!(
-            "7d".parse::<Retention>(),
-            Ok(Retention::Age(Duration::from_secs(7 * 86_400)))
-        );
-        assert_eq!(
-            "90s".parse::<Retention>(),
-            Ok(Retention::Age(Duration::from_secs(90)))
-        );
-        assert_eq!("1000".parse::<Retention>(), Ok(Retention::PerRoom(1000)));
-        for bad in ["", "0", "0d", "x", "7w", "-1", "d"] {
-            assert!(bad.parse::<Retention>().is_err(), "{bad}");
-        }
-    }
 
     fn publish(seq: u64) -> Arc<Outbound> {
         Arc::new(Outbound {

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::config::rate::RateSpec;
 use crate::config::rooms::{RoomSettings, Settings};
-use crate::core::history::{History, HistoryService};
-use crate::core::limit::RateSpec;
+use crate::core::history::HistoryService;
 use crate::core::lobby::Lobby;
+use crate::core::ring::History;
 use crate::core::room::{Joined, Room};
 use crate::core::stats::Stats;
 use crate::proto::Outbound;

@@ -17,7 +17,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::config::rooms::{Presence, RoomSettings};
-use crate::core::history::{History, HistoryService, Seed};
+use crate::core::history::HistoryService;
+use crate::core::ring::{History, Seed};
 use crate::core::room::{Joined, Room};
 use crate::core::stats::Stats;
 use crate::proto::names::LOBBY;

@@ -8,5 +8,6 @@ pub mod history;
 pub mod hub;
 pub mod limit;
 pub mod lobby;
+pub mod ring;
 pub mod room;
 pub mod stats;

@@ -14,7 +14,8 @@ use tokio::sync::broadcast;
 
 use crate::config::rooms::{Presence, RoomSettings};
 use crate::core::dedupe::Dedupe;
-use crate::core::history::{History, HistoryService, Replay, Seed};
+use crate::core::history::HistoryService;
+use crate::core::ring::{History, Replay, Seed};
 use crate::core::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
 use crate::proto::ReplayRequest;
 use crate::proto::{self, Outbound, ServerFrame};

@@ -1,0 +1,301 @@
+//! One room's ring of recent messages (the frames already encoded for the broadcast), and what
+//! a join with `history` or `since` gets from it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::proto::{Outbound, ReplayRequest, ServerFrame};
+
+/// Frames to write to a joiner right after its welcome: an announcement (`history` or
+/// `recovery`) and the past message frames themselves, oldest first.
+pub struct Replay {
+    pub header: Bytes,
+    pub frames: Vec<Arc<Outbound>>,
+}
+
+/// One room's last messages, oldest first. Seqs ascend; they are contiguous unless the ring was
+/// loaded from an archive that lost some (writer queue overflow), which replay accounts for.
+pub struct History {
+    capacity: usize,
+    frames: VecDeque<Arc<Outbound>>,
+}
+
+impl History {
+    /// An empty ring keeping at most `capacity` messages (0: keeps nothing). Allocates nothing
+    /// until the first message.
+    pub fn new(capacity: usize) -> Self {
+        History {
+            capacity,
+            frames: VecDeque::new(),
+        }
+    }
+
+    /// A ring holding `frames` (oldest first), trimmed to `capacity`.
+    pub fn with_frames(capacity: usize, frames: impl IntoIterator<Item = Arc<Outbound>>) -> Self {
+        let mut h = History::new(capacity);
+        for f in frames {
+            h.push(&f);
+        }
+        h
+    }
+
+    /// This ring followed by `newer` (oldest first, seqs ascending): own frames not older than
+    /// `newer`'s first are dropped, then the whole is trimmed to the capacity. Cluster mode
+    /// starts a room this way from what Redis kept of it.
+    pub fn followed_by(mut self, newer: &[Arc<Outbound>]) -> Self {
+        if let Some(first) = newer.first() {
+            let keep = self.index_after(first.seq.saturating_sub(1));
+            self.frames.truncate(keep);
+            for f in newer {
+                self.push(f);
+            }
+        }
+        self
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Keeps a just-published message (one pointer copy; the frame bytes are shared).
+    pub(crate) fn push(&mut self, out: &Arc<Outbound>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.frames.len() >= self.capacity {
+            self.frames.pop_front();
+        }
+        self.frames.push_back(out.clone());
+    }
+
+    /// The oldest kept seq.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.frames.front().map(|o| o.seq)
+    }
+
+    /// Index of the first kept frame with a seq greater than `seq`.
+    fn index_after(&self, seq: u64) -> usize {
+        self.frames.partition_point(|o| o.seq <= seq)
+    }
+
+    /// What a joiner gets for `req`, given the room's last seq. Called under the room's lock
+    /// together with the subscription, so the replay ends exactly where live frames begin.
+    pub fn replay(&self, room: &str, req: ReplayRequest, last_seq: u64) -> Replay {
+        match req {
+            ReplayRequest::Last(n) => {
+                let n = (n as usize).min(self.frames.len());
+                let frames: Vec<_> = self
+                    .frames
+                    .range(self.frames.len() - n..)
+                    .cloned()
+                    .collect();
+                Replay {
+                    header: ServerFrame::History {
+                        room,
+                        count: frames.len(),
+                    }
+                    .encode(),
+                    frames,
+                }
+            }
+            ReplayRequest::Since(since) => {
+                // A `since` beyond the last seq means the room's numbering restarted (a server
+                // restart without an archive): the client's position means nothing here, so it
+                // gets everything kept and `complete: false`.
+                let start = if since > last_seq {
+                    0
+                } else {
+                    self.index_after(since)
+                };
+                let frames: Vec<_> = self.frames.range(start..).cloned().collect();
+                let complete = since <= last_seq && frames.len() as u64 == last_seq - since;
+                let from = frames.first().map_or(last_seq + 1, |o| o.seq);
+                Replay {
+                    header: ServerFrame::Recovery {
+                        room,
+                        since,
+                        complete,
+                        from,
+                        count: frames.len(),
+                    }
+                    .encode(),
+                    frames,
+                }
+            }
+        }
+    }
+
+    /// Up to `limit` kept messages with a seq below `before`, newest first.
+    pub fn page(&self, before: u64, limit: usize) -> Vec<Arc<Outbound>> {
+        let end = self.frames.partition_point(|o| o.seq < before);
+        self.frames
+            .range(..end)
+            .rev()
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn into_frames(self) -> VecDeque<Arc<Outbound>> {
+        self.frames
+    }
+}
+
+/// A new room's starting point: its last seq and its ring (from the archive, if any).
+pub struct Seed {
+    pub last_seq: u64,
+    pub history: History,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{self, client::MAX_HISTORY_REQUEST};
+    use std::time::Instant;
+
+    fn out(seq: u64) -> Arc<Outbound> {
+        Arc::new(Outbound {
+            frame: proto::message_frame("r", "u", &format!("m{seq}"), seq, 0),
+            origin: 0,
+            skip_origin: false,
+            published_at: Instant::now(),
+            seq,
+        })
+    }
+
+    fn header(r: &Replay) -> serde_json::Value {
+        serde_json::from_slice(proto::frame_payload(&r.header)).unwrap()
+    }
+
+    fn seqs(r: &Replay) -> Vec<u64> {
+        r.frames.iter().map(|o| o.seq).collect()
+    }
+
+    fn ring(capacity: usize, seqs: impl IntoIterator<Item = u64>) -> History {
+        History::with_frames(capacity, seqs.into_iter().map(out))
+    }
+
+    #[test]
+    fn keeps_the_last_capacity_messages() {
+        let h = ring(3, 1..=5);
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.first_seq(), Some(3));
+        let off = ring(0, 1..=5);
+        assert!(off.is_empty());
+    }
+
+    #[test]
+    fn last_n_is_capped_by_what_is_kept() {
+        let h = ring(10, 1..=5);
+        let r = h.replay("r", ReplayRequest::Last(3), 5);
+        assert_eq!(seqs(&r), [3, 4, 5]);
+        assert_eq!(header(&r)["type"], "history");
+        assert_eq!(header(&r)["count"], 3);
+        let r = h.replay("r", ReplayRequest::Last(100), 5);
+        assert_eq!(seqs(&r), [1, 2, 3, 4, 5]);
+        let r = h.replay("r", ReplayRequest::Last(0), 5);
+        assert!(r.frames.is_empty());
+    }
+
+    #[test]
+    fn since_is_complete_when_everything_after_is_kept() {
+        let h = ring(10, 1..=8);
+        let r = h.replay("r", ReplayRequest::Since(5), 8);
+        assert_eq!(seqs(&r), [6, 7, 8]);
+        let v = header(&r);
+        assert_eq!(
+            (
+                v["complete"].as_bool(),
+                v["from"].as_u64(),
+                v["count"].as_u64()
+            ),
+            (Some(true), Some(6), Some(3))
+        );
+        let r = h.replay("r", ReplayRequest::Since(8), 8);
+        assert!(r.frames.is_empty());
+        assert_eq!(header(&r)["complete"], true);
+        assert_eq!(header(&r)["from"], 9);
+    }
+
+    #[test]
+    fn since_too_old_is_incomplete_and_sends_what_is_kept() {
+        let h = ring(3, 1..=8);
+        let r = h.replay("r", ReplayRequest::Since(2), 8);
+        assert_eq!(seqs(&r), [6, 7, 8]);
+        let v = header(&r);
+        assert_eq!(
+            (v["complete"].as_bool(), v["from"].as_u64()),
+            (Some(false), Some(6))
+        );
+        // Nothing kept at all.
+        let r = ring(0, 1..=8).replay("r", ReplayRequest::Since(2), 8);
+        assert!(r.frames.is_empty());
+        assert_eq!(header(&r)["complete"], false);
+        assert_eq!(header(&r)["from"], 9);
+    }
+
+    #[test]
+    fn since_beyond_the_last_seq_means_the_numbering_restarted() {
+        let h = ring(10, 1..=3);
+        let r = h.replay("r", ReplayRequest::Since(50), 3);
+        assert_eq!(seqs(&r), [1, 2, 3]);
+        assert_eq!(header(&r)["complete"], false);
+    }
+
+    #[test]
+    fn holes_from_a_lossy_archive_make_recovery_incomplete() {
+        let h = ring(10, [1, 2, 4, 5]);
+        let r = h.replay("r", ReplayRequest::Since(1), 5);
+        assert_eq!(seqs(&r), [2, 4, 5]);
+        assert_eq!(header(&r)["complete"], false);
+        let r = h.replay("r", ReplayRequest::Since(3), 5);
+        assert_eq!(header(&r)["complete"], true);
+    }
+
+    #[test]
+    fn a_ring_followed_by_newer_frames_keeps_one_copy_of_each_seq_in_order() {
+        let newer: Vec<_> = (4..=7).map(out).collect();
+        let h = ring(5, 1..=5).followed_by(&newer);
+        let kept: Vec<u64> = h.frames.iter().map(|o| o.seq).collect();
+        assert_eq!(kept, [3, 4, 5, 6, 7]);
+        let h = ring(0, 1..=5).followed_by(&newer);
+        assert!(h.is_empty(), "history off keeps nothing");
+        let h = ring(10, 1..=3).followed_by(&[]);
+        assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn pages_go_newest_first() {
+        let h = ring(10, 1..=8);
+        let p: Vec<u64> = h.page(u64::MAX, 3).iter().map(|o| o.seq).collect();
+        assert_eq!(p, [8, 7, 6]);
+        let p: Vec<u64> = h.page(6, 3).iter().map(|o| o.seq).collect();
+        assert_eq!(p, [5, 4, 3]);
+        assert!(h.page(1, 3).is_empty());
+    }
+
+    #[test]
+    fn replay_request_parts() {
+        assert_eq!(ReplayRequest::from_parts(None, None), Ok(None));
+        assert_eq!(
+            ReplayRequest::from_parts(Some(5), None),
+            Ok(Some(ReplayRequest::Last(5)))
+        );
+        assert_eq!(
+            ReplayRequest::from_parts(None, Some(0)),
+            Ok(Some(ReplayRequest::Since(0)))
+        );
+        assert!(ReplayRequest::from_parts(Some(1), Some(1)).is_err());
+        assert!(ReplayRequest::from_parts(Some(MAX_HISTORY_REQUEST + 1), None).is_err());
+    }
+}
