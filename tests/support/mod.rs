@@ -9,6 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
+pub mod nodes;
+
 use roomcast::Config;
 use serde_json::Value;
 use tokio::net::TcpStream;
