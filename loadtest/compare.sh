@@ -25,6 +25,8 @@
 #   SCENARIOS="idle chat saturate hot"
 #   SERVER_ARGS=""        more server flags, for both binaries
 #   BASE_PORT=19300       each run takes the next port
+#   TOTAL_SECONDS=1200    the whole script's bound: runs that would pass it are cut short or
+#                         skipped (and reported as missing)
 #   SUMMARY=loadtest/results/summary.jsonl   where the run lines are also appended (QUICK=1: none;
 #                         SUMMARY= to keep them out)
 # Defaults take about 12-15 minutes on a 2-core machine (the bound is under 20). Full reports
@@ -61,6 +63,8 @@ SCENARIOS=${SCENARIOS:-idle chat saturate hot}
 SERVER_ARGS=${SERVER_ARGS:-}
 PORT=${BASE_PORT:-19300}
 SUMMARY=${SUMMARY-loadtest/results/summary.jsonl}
+TOTAL_SECONDS=${TOTAL_SECONDS:-1200}
+STARTED=$SECONDS
 if [ -z "${LOADTEST:-}" ]; then
     if [ -x /work/baseline/loadtest ]; then LOADTEST=/work/baseline/loadtest; else LOADTEST=target/release/loadtest; fi
 fi
@@ -100,14 +104,25 @@ trap stop_server EXIT INT TERM
 FAILED=0
 # measure WHICH(A|B) BIN SCENARIO ROUND
 measure() {
-    local id=$1 bin=$2 scenario=$3 round=$4 args=()
+    local id=$1 bin=$2 scenario=$3 round=$4 args=() seconds
     case $scenario in
-        idle) args=(--clients "$CLIENTS" --rooms "$ROOMS" --duration "$IDLE_SECONDS") ;;
-        chat) args=(--clients "$CLIENTS" --rooms "$ROOMS" --rate 1 --duration "$CHAT_SECONDS") ;;
-        saturate) args=(--clients 1000 --rooms 10 --rate 100 --duration "$SAT_SECONDS" --step-seconds "$STEP_SECONDS") ;;
-        hot) args=(--clients 100 --rooms 1 --duration "$HOT_SECONDS") ;;
+        idle) seconds=$IDLE_SECONDS; args=(--clients "$CLIENTS" --rooms "$ROOMS") ;;
+        chat) seconds=$CHAT_SECONDS; args=(--clients "$CLIENTS" --rooms "$ROOMS" --rate 1) ;;
+        saturate) seconds=$SAT_SECONDS; args=(--clients 1000 --rooms 10 --rate 100 --step-seconds "$STEP_SECONDS") ;;
+        hot) seconds=$HOT_SECONDS; args=(--clients 100 --rooms 1) ;;
         *) echo "compare.sh: unknown scenario $scenario" >&2; exit 2 ;;
     esac
+    # Bounded twice: the loadtest's own --max-seconds (the run, a ramp at a third of the
+    # default 5,000 connects/s, drain and checks), and a hard timeout around it, both within
+    # what is left of TOTAL_SECONDS.
+    local left=$(( TOTAL_SECONDS - (SECONDS - STARTED) ))
+    local bound=$(( seconds + CLIENTS * 3 / 5000 + 40 ))
+    if [ "$left" -lt 30 ]; then
+        echo "  round $round $scenario $id: skipped, TOTAL_SECONDS=$TOTAL_SECONDS spent" >&2
+        FAILED=1
+        return
+    fi
+    if [ "$bound" -gt $(( left - 15 )) ]; then bound=$(( left - 15 )); fi
     PORT=$((PORT + 1))
     local log=$OUT/server-$round-$scenario-$id.log
     # shellcheck disable=SC2086 # SERVER_ARGS is a list of flags
@@ -127,11 +142,9 @@ measure() {
     fi
     local before
     before=$(wc -l <"$LINES" 2>/dev/null || echo 0)
-    # Bounded twice: the loadtest's own --max-seconds, and a hard timeout around it.
-    local bound=$(( IDLE_SECONDS + CHAT_SECONDS + SAT_SECONDS + HOT_SECONDS + CLIENTS / 1000 * 3 + 90 ))
     local rc=0
-    timeout --kill-after 10 $(( bound + 30 )) "$LOADTEST" --url "ws://127.0.0.1:$PORT" \
-        --scenario "$scenario" "${args[@]}" --max-seconds "$bound" --quiet \
+    timeout --kill-after 5 $(( bound + 10 )) "$LOADTEST" --url "ws://127.0.0.1:$PORT" \
+        --scenario "$scenario" "${args[@]}" --duration "$seconds" --max-seconds "$bound" --quiet \
         --json "$OUT/$round-$scenario-$id.json" --summary "$LINES" --label "compare-$id" \
         >"$OUT/$round-$scenario-$id.txt" 2>&1 || rc=$?
     stop_server
