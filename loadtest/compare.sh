@@ -74,6 +74,7 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=loadtest/results/full/compare-$STAMP
 LINES=$OUT/summary.jsonl
 mkdir -p "$OUT"
+: >"$LINES"
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $(( CLIENTS + 600 )) ]; then
@@ -89,6 +90,10 @@ B_ID=B-$(hash8 "$B_BIN")
     echo "  A = $A_BIN ($A_ID)"
     echo "  B = $B_BIN ($B_ID)"
     echo "  loadtest = $LOADTEST; $RUNS round(s); scenarios: $SCENARIOS; reports in $OUT"
+    if awk '{ exit !($1 > 1.5) }' /proc/loadavg; then
+        echo "  warning: the machine is busy (load average above 1.5): latency and throughput"
+        echo "  figures will be lower and noisier than on a quiet machine; RSS is not affected"
+    fi
 } >&2
 
 SERVER_PID=
@@ -172,7 +177,7 @@ for round in $(seq 1 "$RUNS"); do
 done
 
 python3 - "$LINES" "$A_ID" "$B_ID" "$CLIENTS" <<'EOF'
-import json, statistics, sys
+import json, os, statistics, sys
 
 path, a_id, b_id, clients = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 runs = [json.loads(l) for l in open(path) if l.strip()]
@@ -197,8 +202,6 @@ print("| metric | better | A runs | B runs | A median | B median | B/A |")
 print("|---|---|---|---|---|---|---|")
 for scenario, key, scale, what, better in metrics:
     a, b = values(a_id, scenario, key, scale), values(b_id, scenario, key, scale)
-    if not a and not b:
-        continue
     am = statistics.median(a) if a else None
     bm = statistics.median(b) if b else None
     ratio = "%.3f" % (bm / am) if am and bm is not None else "?"
@@ -215,9 +218,19 @@ print("Publishers: " + "; ".join(
     "%s %s" % (sc, "/".join(sorted(m))) for sc, m in sorted(modes.items())) +
     " (steady: each publisher at evenly spaced times, one message per write unless late;"
     " bursty: all the unacknowledged window allows, in one write).")
+# A saturate run whose first step already missed the bound has no best step: say why.
+for s in runs:
+    if s["scenario"] == "saturate" and not s.get("best_deliveries_per_sec"):
+        why = "?"
+        try:
+            full = json.load(open(os.path.join(os.path.dirname(path), s["report"])))
+            why = full["saturation"]["stopped_because"]
+        except (KeyError, OSError, TypeError, ValueError):
+            pass
+        print("note: %s saturate sustained no step (stopped: %s)" % (s.get("label"), why))
 failed = [s for s in runs if not s.get("pass", True)]
 for s in failed:
     print("FAILED run: %s %s: %s" % (s.get("label"), s["scenario"], "; ".join(s.get("failures", []))))
 EOF
-echo "(run lines: $LINES)"
+echo "(run lines: $LINES; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))"
 exit "$FAILED"
