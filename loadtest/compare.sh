@@ -201,6 +201,8 @@ print()
 print("| metric | better | A runs | B runs | A median | B median | B/A |")
 print("|---|---|---|---|---|---|---|")
 for scenario, key, scale, what, better in metrics:
+    if not any(s["scenario"] == scenario for s in runs):
+        continue
     a, b = values(a_id, scenario, key, scale), values(b_id, scenario, key, scale)
     am = statistics.median(a) if a else None
     bm = statistics.median(b) if b else None
