@@ -29,12 +29,13 @@
 #                         skipped (and reported as missing)
 #   SUMMARY=loadtest/results/summary.jsonl   where the run lines are also appended (QUICK=1: none;
 #                         SUMMARY= to keep them out)
-# Defaults take about 12-15 minutes on a 2-core machine (the bound is under 20). Full reports
+# Defaults should take about 10 minutes on a 2-core machine (estimated from the runs' lengths;
+# the hard bound is TOTAL_SECONDS). Full reports
 # go to loadtest/results/full/compare-<stamp>/ (ignored by git), with the servers' logs.
 # Run it on a quiet machine: the server and the load generator share the cores, and a build
 # running beside them moves latency and throughput (not RSS).
-# Only processes this script started are stopped, by PID. Exit code: 0 when every run produced
-# its figure, 1 otherwise.
+# Only processes this script started are stopped, by PID. Exit code: 0 when every run wrote its
+# summary line (whether or not the loadtest passed), 1 when one did not, 2 on bad arguments.
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
