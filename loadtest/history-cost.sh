@@ -22,7 +22,7 @@ for round in 1 2; do
     sleep 1
     out=$(timeout 200 target/release/loadtest --url ws://127.0.0.1:$port --clients 19000 --rooms 190 --scenario chat --rate 1 --duration 10 --quiet \
       --json "loadtest/results/full/$stamp-history-$cfg-r$round-chat.json" --summary "$summary" --label "history-$cfg" 2>&1)
-    echo "round $round $cfg: $(echo "$out" | grep -E 'deliveries/s  ' | tr -s ' ') | $(echo "$out" | grep -E 'loss /' | tr -s ' ') | $(echo "$out" | grep -E 'latency p50' | tr -s ' ') | $(echo "$out" | grep -E 'result' | tr -s ' ')"
+    echo "round $round $cfg: $(echo "$out" | grep -E 'deliveries/s  ' | tr -s ' ') | $(echo "$out" | grep -E 'loss /' | tr -s ' ') | $(echo "$out" | grep -E 'latency p50' | tr -s ' ') | $(echo "$out" | grep -E '^ *result ' | tr -s ' ')"
     if [ $cfg = db ]; then curl -s 127.0.0.1:$port/api/stats | python3 -c "import sys,json;d=json.load(sys.stdin);print('   db written',d.get('history_db_written'),'dropped',d.get('history_db_dropped'))"; fi
     kill $pid; wait $pid 2>/dev/null
   done
