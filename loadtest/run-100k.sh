@@ -16,8 +16,10 @@
 #     190 rooms when `ulimit -Hn` is 20000), idle then chat;
 # (2) 100,000 clients in 1,000 rooms: on one server when `ulimit -Hn` allows 200k, otherwise over
 #     ceil(100000 / per-server) server processes with --route rooms; idle then chat.
-# Every run starts fresh servers (so RSS figures start from an idle process) and writes
-# loadtest/results/<date>-<name>.json. Only servers this script started are stopped, by PID.
+# Every run starts fresh servers (so RSS figures start from an idle process), appends its
+# one-line summary to loadtest/results/summary.jsonl (kept in git) and writes its full report to
+# loadtest/results/full/<date>-<name>.json (ignored). Only servers this script started are
+# stopped, by PID.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -29,7 +31,8 @@ ROOMS=${ROOMS:-1000}
 PROFILE=${PROFILE:-release}
 ROUTE=${ROUTE:-rooms}
 REDIS_PORT=${REDIS_PORT:-19099}
-RESULTS=loadtest/results
+RESULTS=loadtest/results/full
+SUMMARY=${SUMMARY:-loadtest/results/summary.jsonl}
 LOGS=target/loadtest-logs
 STAMP=$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RESULTS" "$LOGS"
@@ -134,7 +137,8 @@ run() {
         fi
         if ! "$LOADTEST" --url "$URLS" --route "$route" --clients "$clients" --rooms "$rooms" \
             --scenario "$scenario" --duration "$DURATION" --rate "$RATE" \
-            --source-ips "$SOURCES" --json "$RESULTS/$STAMP-$name-$scenario.json" "$@"; then
+            --source-ips "$SOURCES" --json "$RESULTS/$STAMP-$name-$scenario.json" \
+            --summary "$SUMMARY" --label "$name" "$@"; then
             FAILED=1
             echo "run $name/$scenario FAILED (exit code above); results kept in $RESULTS" >&2
         fi
@@ -166,5 +170,5 @@ if [ "$ROUTE" = spread ]; then
 fi
 run "$CLIENTS-clients-$NSERVERS-servers-$ROUTE" "$NSERVERS" "$CLIENTS" "$ROOMS" "$ROUTE"
 
-log "results in $RESULTS/$STAMP-*.json"
+log "summaries appended to $SUMMARY; full reports in $RESULTS/$STAMP-*.json"
 exit "$FAILED"

@@ -25,6 +25,20 @@ pub enum Scenario {
     Churn,
 }
 
+impl Scenario {
+    /// How this scenario's publishers send, as reports and summaries name it: `steady` (each
+    /// publisher at evenly spaced, staggered times, one message per write unless it is late, then
+    /// what it owes in one write of at most 64), `bursty` (everything the window allows in one
+    /// write); `None` when nobody publishes.
+    pub fn publishing(self) -> Option<&'static str> {
+        match self {
+            Scenario::Idle => None,
+            Scenario::Chat | Scenario::Saturate | Scenario::Churn => Some("steady"),
+            Scenario::Hot => Some("bursty"),
+        }
+    }
+}
+
 /// Which server a client connects to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -149,9 +163,20 @@ pub struct Config {
     #[arg(long)]
     pub max_seconds: Option<f64>,
 
-    /// Write every figure and the settings to this JSON file.
+    /// Write every figure and the settings to this JSON file (the folder is created).
     #[arg(long)]
     pub json: Option<PathBuf>,
+
+    /// Append the run's headline figures, one JSON line, to this file (the folder is created),
+    /// e.g. `loadtest/results/summary.jsonl`.
+    #[arg(long)]
+    #[serde(default)]
+    pub summary: Option<PathBuf>,
+
+    /// A name for the run, kept in its summary line (e.g. `one-server-19000`, `compare-A`).
+    #[arg(long)]
+    #[serde(default)]
+    pub label: Option<String>,
 
     /// No live lines, no progress bar, no preflight text (the library's callers usually want
     /// this).

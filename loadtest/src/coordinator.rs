@@ -18,7 +18,9 @@ use crate::hist::{add_buckets, new_hist, to_buckets};
 use crate::http::{self, Stats};
 use crate::link::WorkerLink;
 use crate::plan::{default_procs, room_name, Plan};
-use crate::report::{ms, thousands, Latency, Report, Saturation, ServerReport, Step};
+use crate::report::{Latency, Report, Saturation, ServerReport, Step};
+use crate::summary::Summary;
+use crate::units::{ms, thousands};
 use crate::worker::{Command, Counters, Event, InstanceSeq, Progress, WorkerResult, WorkerSpec};
 use crate::{preflight, sys};
 
@@ -39,7 +41,7 @@ const HTTP_CONCURRENCY: usize = 16;
 
 /// Runs a whole load test and returns its report; `Err` only when the run could not be made
 /// (bad settings, a server not answering before the ramp, a worker that cannot start).
-/// Writes `config.json` when set. Prints live lines on stderr unless `config.quiet`.
+/// Writes `config.json` and appends to `config.summary` when set. Prints live lines on stderr unless `config.quiet`.
 pub async fn run(mut config: Config) -> anyhow::Result<Report> {
     config.validate()?;
     let servers = config.servers()?;
@@ -74,9 +76,17 @@ pub async fn run(mut config: Config) -> anyhow::Result<Report> {
         c.abort().await;
     }
     c.finish_report(started);
+    c.report.publishing = config.scenario.publishing().map(str::to_string);
     if let Some(path) = &config.json {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         let json = serde_json::to_string_pretty(&c.report)?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &config.summary {
+        let value = serde_json::to_value(&c.report)?;
+        Summary::of(&value, config.json.as_deref()).append(path)?;
     }
     Ok(c.report)
 }

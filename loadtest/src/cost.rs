@@ -6,6 +6,7 @@
 use serde::Serialize;
 
 use crate::http::Stats;
+use crate::units::thousands;
 
 /// One end of a window: what the clients had counted and what every server said.
 #[derive(Debug, Clone, Default)]
@@ -152,7 +153,7 @@ impl Cost {
         let t = &self.total;
         format!(
             "{} deliveries in {:.1} s; {}; loadtest {}",
-            crate::report::thousands(self.deliveries),
+            thousands(self.deliveries),
             self.seconds,
             t.summary(),
             self.loadtest_cpu_us_per_delivery
@@ -168,7 +169,7 @@ impl ServerCost {
         let cpu = match (self.cpu_seconds, self.deliveries_per_cpu_second) {
             (Some(c), Some(d)) => format!(
                 "{c:.2} s server CPU = {} deliveries per CPU-second",
-                crate::report::thousands(d.round() as u64)
+                thousands(d.round() as u64)
             ),
             (Some(c), None) => format!("{c:.2} s server CPU"),
             (None, _) => "server CPU ? (no cpu_seconds in /api/stats)".into(),

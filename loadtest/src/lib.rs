@@ -4,7 +4,8 @@
 //!
 //! Data flows: `config` → `preflight` → `coordinator` (spawns `worker`s via `link`) →
 //! `client` connections → counters and histograms → `cost` (both sides' CPU per window) →
-//! `report`.
+//! `report` → `summary` (the run's one line for `loadtest/results/summary.jsonl`). `units` (how
+//! figures are written) sits below them all.
 
 pub mod client;
 pub mod config;
@@ -19,9 +20,12 @@ pub mod plan;
 pub mod preflight;
 pub mod report;
 pub mod seq;
+pub mod summary;
 pub mod sys;
+pub mod units;
 pub mod worker;
 
 pub use config::{Config, RampOrder, Route, Scenario};
 pub use coordinator::run;
 pub use report::Report;
+pub use summary::Summary;

@@ -1,8 +1,9 @@
 //! `loadtest`: parse the command line, run, print the table, exit with the verdict.
 //! Exit codes: 0 pass, 1 the run found failures, 2 the run could not be made, 3 `--max-seconds`.
+//! `loadtest summarize FILE…` turns full reports into summary lines.
 
 use clap::{Parser, Subcommand};
-use loadtest::{sys, Config};
+use loadtest::{sys, Config, Summary};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +20,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Print the one-line summary of each full report (`--json` files), oldest first; e.g.
+    /// `loadtest summarize loadtest/results/full/*.json >> loadtest/results/summary.jsonl`.
+    Summarize {
+        /// Report files written by `--json`.
+        #[arg(required = true)]
+        reports: Vec<std::path::PathBuf>,
+    },
     /// Internal: a worker process, driven over stdin/stdout by the coordinator.
     #[command(hide = true)]
     Worker,
@@ -26,8 +34,10 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(Cmd::Worker) = cli.command {
-        std::process::exit(loadtest::link::worker_main());
+    match cli.command {
+        Some(Cmd::Worker) => std::process::exit(loadtest::link::worker_main()),
+        Some(Cmd::Summarize { reports }) => std::process::exit(summarize(&reports)),
+        None => {}
     }
     let config = cli.config;
     // One thread, also when the clients run in this process (one worker): a delivery is one
@@ -63,4 +73,23 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// `loadtest summarize`: one line per report on stdout, sorted by start date.
+fn summarize(reports: &[std::path::PathBuf]) -> i32 {
+    let mut lines = Vec::new();
+    for path in reports {
+        match Summary::of_file(path) {
+            Ok(s) => lines.push(s),
+            Err(e) => {
+                eprintln!("loadtest: {e:#}");
+                return 2;
+            }
+        }
+    }
+    lines.sort_by(|a, b| (&a.date, &a.report).cmp(&(&b.date, &b.report)));
+    for s in &lines {
+        println!("{}", s.line());
+    }
+    0
 }

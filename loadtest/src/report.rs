@@ -11,6 +11,7 @@ use crate::config::{Config, Scenario};
 use crate::cost::Cost;
 use crate::http::Stats;
 use crate::preflight::Check;
+use crate::units::{ms, thousands};
 
 /// Latency percentiles, µs, from publisher write to receiver read.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -95,6 +96,8 @@ pub struct Report {
     pub clients: u32,
     pub rooms: u32,
     pub servers: usize,
+    /// How the publishers sent: `steady` or `bursty` (see `Scenario::publishing`).
+    pub publishing: Option<String>,
     /// Sockets that completed the upgrade and got their welcome (churn: every session).
     pub connected: u64,
     pub failed_connects: u64,
@@ -433,38 +436,9 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     }
 }
 
-pub fn ms(us: u64) -> String {
-    if us >= 10_000 {
-        format!("{:.0} ms", us as f64 / 1000.0)
-    } else {
-        format!("{:.2} ms", us as f64 / 1000.0)
-    }
-}
-
-pub fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(1234567), "1,234,567");
-        assert_eq!(thousands(100), "100");
-        assert_eq!(ms(1234), "1.23 ms");
-        assert_eq!(ms(52_000), "52 ms");
-    }
 
     #[test]
     fn judging() {
