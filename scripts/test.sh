@@ -61,7 +61,7 @@ report_not_run() {
     echo "!!!!! NOT RUN: ${#not_run[@]} part(s) of the suite, a program is missing:"
     for what in "${not_run[@]}"; do echo "!!!!!   $what"; done
     [ -n "${not_run_tests:-}" ] && echo "!!!!! $not_run_tests"
-    echo "!!!!! (their tests are #[ignore]d, so the summary above counts them as skipped, not passed)"
+    echo "!!!!! (their tests are #[ignore]d: the test runner counts them as skipped, not passed)"
     echo
   } >&2
 }
