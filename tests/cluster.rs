@@ -2,8 +2,9 @@
 //! processes (the built binary, so that one can be killed with SIGKILL), talked to by
 //! independent WebSocket and HTTP clients.
 //!
-//! Without `redis-server` on the PATH these tests print a loud SKIP and pass, except under
-//! `CI=true`, where they fail (`scripts/test.sh` installs Debian's `redis-server`).
+//! Every test here needs `redis-server` on the PATH, so each is `#[ignore = "needs redis-server"]`:
+//! a plain `cargo test` leaves them out (and says so), `scripts/test.sh` installs Debian's
+//! `redis-server` and runs them (`--run-ignored all`), and run without it they fail.
 
 mod support;
 
@@ -37,26 +38,9 @@ struct Redis {
 }
 
 impl Redis {
-    /// Starts one, or returns `None` after a loud SKIP when redis-server is not installed
-    /// (a failure under `CI=true`).
-    fn start_or_skip(test: &str) -> Option<Redis> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
-            let msg = format!(
-                "cluster test `{test}` needs redis-server (apt-get install -y redis-server)"
-            );
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{msg}");
-            }
-            eprintln!("\n!!!!! SKIPPED: {msg}\n!!!!! run scripts/test.sh to install it\n");
-            return None;
-        }
-        Some(Self::start_on(free_port()))
+    /// Starts one on a free port.
+    fn start() -> Redis {
+        Self::start_on(free_port())
     }
 
     fn start_on(port: u16) -> Redis {
@@ -66,7 +50,12 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start redis-server");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}): this test needs it on the PATH \
+                     (apt-get install -y redis-server, or run scripts/test.sh)"
+                )
+            });
         let redis = Redis {
             child: Some(child),
             port,
@@ -283,10 +272,8 @@ async fn next_message(c: &mut Client) -> Value {
 /// Two members on each of `n` instances; one publisher per instance sends `per` messages,
 /// interleaved. Every member gets every message exactly once, all in the same order, with the
 /// same gapless seqs.
-async fn spread_room_delivery(n: usize, test: &str) {
-    let Some(redis) = Redis::start_or_skip(test) else {
-        return;
-    };
+async fn spread_room_delivery(n: usize) {
+    let redis = Redis::start();
     let nodes = instances(&redis, n).await;
     let per = 25;
     let mut members = Vec::new();
@@ -346,20 +333,21 @@ async fn spread_room_delivery(n: usize, test: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn two_instances_members_get_every_message_once_in_the_same_order() {
-    spread_room_delivery(2, "two_instances").await;
+    spread_room_delivery(2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn three_instances_members_get_every_message_once_in_the_same_order() {
-    spread_room_delivery(3, "three_instances").await;
+    spread_room_delivery(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn rooms_stay_isolated_across_instances() {
-    let Some(redis) = Redis::start_or_skip("rooms_stay_isolated") else {
-        return;
-    };
+    let redis = Redis::start();
     let nodes = instances(&redis, 2).await;
     let (mut a_on_0, _) = Client::join(&nodes[0].ws("/ws/iso-a?user=a0")).await;
     let (mut a_on_1, _) = Client::join(&nodes[1].ws("/ws/iso-a?user=a1")).await;
@@ -389,10 +377,9 @@ async fn rooms_stay_isolated_across_instances() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn rest_publish_on_one_instance_reaches_members_on_all() {
-    let Some(redis) = Redis::start_or_skip("rest_publish") else {
-        return;
-    };
+    let redis = Redis::start();
     let nodes = instances(&redis, 3).await;
     let (mut on_0, _) = Client::join(&nodes[0].ws("/ws/news?user=zero")).await;
     let (mut on_1, _) = Client::join(&nodes[1].ws("/ws/news?user=one")).await;
@@ -426,10 +413,9 @@ async fn rest_publish_on_one_instance_reaches_members_on_all() {
 /// seq is exactly the last one it misses, whether it is the first member of the room on its
 /// instance (fresh subscription) or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn welcome_seq_is_the_last_seq_a_joiner_misses_while_others_publish() {
-    let Some(redis) = Redis::start_or_skip("welcome_seq") else {
-        return;
-    };
+    let redis = Redis::start();
     let nodes = instances(&redis, 2).await;
     let (mut publisher, _) = Client::join(&nodes[0].ws("/ws/stream?user=pub")).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -483,10 +469,9 @@ async fn welcome_seq_is_the_last_seq_a_joiner_misses_while_others_publish() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn cluster_counts_are_exact_after_joins_and_leaves() {
-    let Some(redis) = Redis::start_or_skip("cluster_counts") else {
-        return;
-    };
+    let redis = Redis::start();
     let nodes = instances(&redis, 2).await;
     let mut on_0 = Vec::new();
     for i in 0..3 {
@@ -561,10 +546,9 @@ async fn cluster_counts_are_exact_after_joins_and_leaves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn an_instance_killed_with_sigkill_leaves_the_counts_within_the_expiry() {
-    let Some(redis) = Redis::start_or_skip("sigkill") else {
-        return;
-    };
+    let redis = Redis::start();
     let mut nodes = instances(&redis, 2).await;
     let (_stay, _) = Client::join(&nodes[0].ws("/ws/k?user=stay")).await;
     let (_gone1, _) = Client::join(&nodes[1].ws("/ws/k?user=gone1")).await;
@@ -599,10 +583,9 @@ async fn an_instance_killed_with_sigkill_leaves_the_counts_within_the_expiry() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn redis_killed_and_restarted_local_delivery_never_stops_and_cross_instance_resumes() {
-    let Some(mut redis) = Redis::start_or_skip("redis_restart") else {
-        return;
-    };
+    let mut redis = Redis::start();
     let mut nodes = instances(&redis, 2).await;
     let (mut a1, _) = Client::join(&nodes[0].ws("/ws/r?user=a1")).await;
     let (mut a2, _) = Client::join(&nodes[0].ws("/ws/r?user=a2")).await;
@@ -735,10 +718,9 @@ async fn lets_in(url: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn passwords_caps_presence_modes_and_the_lobby_combine_with_cluster_mode() {
-    let Some(redis) = Redis::start_or_skip("settings_in_cluster_mode") else {
-        return;
-    };
+    let redis = Redis::start();
     let path = std::env::temp_dir().join(format!("roomcast-cluster-rooms-{}.toml", redis.port));
     std::fs::write(
         &path,
@@ -806,10 +788,9 @@ async fn passwords_caps_presence_modes_and_the_lobby_combine_with_cluster_mode()
 /// History is per instance but holds the cluster-wide seqs; a message's `id` travels through
 /// Redis, so a retry on another instance is acknowledged, not broadcast again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn history_recovery_and_ids_work_across_instances() {
-    let Some(redis) = Redis::start_or_skip("history") else {
-        return;
-    };
+    let redis = Redis::start();
     let mut nodes = instances(&redis, 2).await;
     let (mut a, _) = Client::join(&nodes[0].ws("/ws/h?user=a")).await;
     let (mut b, _) = Client::join(&nodes[1].ws("/ws/h?user=b")).await;
@@ -898,10 +879,9 @@ async fn message_seqs(c: &mut Client, count: u64) -> Vec<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn history_is_cluster_wide_a_room_created_later_replays_what_others_said() {
-    let Some(redis) = Redis::start_or_skip("history_cluster_wide") else {
-        return;
-    };
+    let redis = Redis::start();
     let mut nodes = Vec::new();
     for _ in 0..2 {
         nodes.push(Instance::start(&redis, &["--history", "5"]).await);
@@ -975,10 +955,9 @@ async fn history_is_cluster_wide_a_room_created_later_replays_what_others_said()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn recovery_on_a_new_instance_while_others_publish_has_no_gap_and_no_duplicate() {
-    let Some(redis) = Redis::start_or_skip("history_cluster_race") else {
-        return;
-    };
+    let redis = Redis::start();
     let mut nodes = instances(&redis, 2).await;
     let (mut a, _) = Client::join(&nodes[0].ws("/ws/hr?user=a")).await;
     nodes[1].wait_room("hr", 1, 0).await;
@@ -1017,10 +996,9 @@ async fn recovery_on_a_new_instance_while_others_publish_has_no_gap_and_no_dupli
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
 async fn history_zero_keeps_nothing_in_redis() {
-    let Some(redis) = Redis::start_or_skip("history_zero_cluster") else {
-        return;
-    };
+    let redis = Redis::start();
     let mut nodes = Vec::new();
     for _ in 0..2 {
         nodes.push(Instance::start(&redis, &["--history", "0"]).await);

@@ -135,15 +135,37 @@ async fn joins_over_an_open_socket_are_checked_against_the_token() {
         .await;
     assert_eq!(c.recv_type("welcome").await["room"], "lobby:1");
 
-    // A token that expires while the socket is open stops allowing joins.
+    // A token that expires while the socket is open stops allowing joins. Its `exp` is 4 s in
+    // the past: still inside the 5 s leeway (src/auth.rs) at the upgrade and the first join,
+    // past it within 2 s (timestamps are whole seconds).
     let short = raw_token(
         SECRET,
-        json!({"sub": "carol", "exp": jsonwebtoken::get_current_timestamp() + 1}),
+        json!({"sub": "carol", "exp": jsonwebtoken::get_current_timestamp() - 4}),
     );
     let mut c = Client::connect(&server.ws_url(&format!("/ws?token={short}"))).await;
-    tokio::time::sleep(Duration::from_secs(7)).await; // past exp + the 5 s leeway
-    c.send_json(&json!({"type": "join", "room": "any"})).await;
-    assert_eq!(c.recv_type("error").await["code"], "token_expired");
+    c.send_json(&json!({"type": "join", "room": "any-0"})).await;
+    assert_eq!(
+        c.recv_type("welcome").await["room"],
+        "any-0",
+        "valid until exp + leeway"
+    );
+    let deadline = tokio::time::Instant::now() + STEP;
+    for i in 1.. {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "joins were still allowed long after the token expired"
+        );
+        // At most 2 s / 250 ms = 8 joins, under the 16 rooms a socket may be in.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        c.send_json(&json!({"type": "join", "room": format!("any-{i}")}))
+            .await;
+        let v = c.recv_non_presence().await;
+        if v["type"] == "welcome" {
+            continue;
+        }
+        assert_eq!(v["code"], "token_expired", "{v}");
+        break;
+    }
 }
 
 #[tokio::test]

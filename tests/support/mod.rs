@@ -112,6 +112,26 @@ impl TestServer {
     }
 }
 
+/// Retries `attempt` every `every` until it returns `Some`, and returns that; fails the test
+/// after `STEP`, naming `what`. For waiting on a condition instead of sleeping a fixed time and
+/// hoping it holds.
+pub async fn eventually<T, Fut>(what: &str, every: Duration, mut attempt: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Some(v) = attempt().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         if let Some(tx) = self.stop.take() {
