@@ -25,7 +25,7 @@ pub fn free_port() -> u16 {
 /// A `redis-server` of our own, killed when dropped.
 pub struct Redis {
     child: Option<Child>,
-    port: u16,
+    pub port: u16,
 }
 
 impl Redis {
