@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The cost of history on the chat scenario (issue 6): --history 0, the default, and
+# The cost of history on the chat scenario: --history 0, the default, and
 # --history-db, alternated, two rounds. Needs release builds (cargo build --release -p roomcast -p loadtest).
 # Each run appends its one-line summary to loadtest/results/summary.jsonl (label history-<cfg>)
 # and writes its full report to loadtest/results/full/ (ignored by git).

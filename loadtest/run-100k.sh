@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 100k-connection run of issue 3, start to finish, on one machine over loopback.
+# The 100k-connection run, start to finish, on one machine over loopback.
 #
 #   loadtest/run-100k.sh            # both runs, idle then chat each
 #   DURATION=30 RATE=2 loadtest/run-100k.sh
@@ -10,7 +10,7 @@
 #   THREADS=2 loadtest/run-100k.sh      # server runtime threads (default: 1 when there are more
 #                                       # servers than cores, else one per core)
 #   ROUTE=spread loadtest/run-100k.sh   # run (2) in cluster mode: every room on every server,
-#                                       # through a redis-server this script starts (issue 4)
+#                                       # through a redis-server this script starts
 #
 # (1) one server process with as many clients as its open-file limit allows (~19,000 clients in
 #     190 rooms when `ulimit -Hn` is 20000), idle then chat;

@@ -547,7 +547,7 @@ async fn passwords_caps_presence_modes_and_the_lobby_combine_with_cluster_mode()
 }
 
 // ---------------------------------------------------------------------------------------------
-// History (#6) in cluster mode
+// History in cluster mode
 // ---------------------------------------------------------------------------------------------
 
 /// History is per instance but holds the cluster-wide seqs; a message's `id` travels through

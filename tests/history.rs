@@ -1,4 +1,4 @@
-//! Message history (#6): history on join, gapless recovery, the paging API, idempotent
+//! Message history: history on join, gapless recovery, the paging API, idempotent
 //! publishing, both lag policies, and the SQLite archive (restart, stalled writer).
 
 mod support;
@@ -667,7 +667,7 @@ async fn a_stalled_disk_writer_never_stalls_delivery() {
         .await;
 }
 
-// ---- History together with per-room settings (#7) and security (#5) ----
+// ---- History together with per-room settings and security ----
 
 const UPGRADE: [(&str, &str); 4] = [
     ("connection", "Upgrade"),
