@@ -97,6 +97,12 @@ pub async fn run(
         config.api_key.clone(),
         config.allowed_origins.clone(),
     );
+    if access.publish_open() {
+        tracing::warn!(
+            "neither --jwt-secret nor --api-key is set: anyone who can reach this port may \
+             publish into any room, as any user, with POST /api/rooms/{{room}}/messages"
+        );
+    }
     let api = Arc::new(Api::new(
         bus.clone(),
         stats.clone(),

@@ -49,6 +49,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::Notify;
 
 use super::{BoxFuture, Broker, Fallback, Link, PublishError, Remote, Totals};
+use crate::core::dedupe::Author;
 use crate::core::hub::{Hub, JoinError, JoinRequest, Start};
 use crate::core::room::{Joined, Publish, Published, Room};
 use crate::core::stats::{unix_millis, Stats};
@@ -497,7 +498,17 @@ impl Cluster {
         p: &Publish<'_>,
         fallback: Fallback,
     ) -> Result<Published, PublishError> {
-        if let Some(seq) = local.as_ref().and_then(|r| r.duplicate_of(p.id)) {
+        // A connection id is only unique on its own process: qualified with the node id, every
+        // process keys this author's ids the same way, and connection 7 here is not connection 7
+        // there.
+        let qualified;
+        let mut p = *p;
+        if let Author::Connection(id) = p.author {
+            qualified = format!("c:{}:{id}", self.node);
+            p.author = Author::Key(&qualified);
+        }
+        let p = &p;
+        if let Some(seq) = local.as_ref().and_then(|r| r.duplicate_of(p)) {
             return Ok(Published {
                 seq,
                 duplicate: true,
@@ -542,6 +553,7 @@ impl Cluster {
             user: p.user.into(),
             text: p.text.into(),
             id: p.id.map(Into::into),
+            author: p.id.map(|_| p.author.key()),
         });
         let res = async {
             let mut conn = self.connection()?;

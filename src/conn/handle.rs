@@ -7,6 +7,7 @@ use super::end::{End, Handled, Refusal};
 use super::membership::Membership;
 use super::{Connection, MAX_BATCH};
 use crate::bus::{Fallback, JoinRequest, PublishError};
+use crate::core::dedupe::Author;
 use crate::core::limit::{retry_after_ms, Verdict};
 use crate::core::room::{Joined, Publish, Room};
 use crate::proto::close;
@@ -122,6 +123,11 @@ impl Connection {
             user: &self.user,
             text,
             id,
+            // Ids are the token user's own, or this socket's when tokens are off.
+            author: match &self.grant {
+                Some(grant) => Author::User(&grant.user),
+                None => Author::Connection(self.id),
+            },
             origin: self.id,
             skip_origin: !echo,
         };

@@ -440,6 +440,7 @@ mod tests {
             user: "x",
             text,
             id: None,
+            author: crate::core::dedupe::Author::Api,
             origin: 0,
             skip_origin: false,
         };
@@ -815,13 +816,27 @@ mod tests {
                 user: "far",
                 text: "from another process",
                 id: Some(id),
+                author: crate::core::dedupe::Author::Key("u:far"),
                 origin: 0,
                 skip_origin: false,
             };
             assert!(a.room.deliver(seq, 1, &p));
         }
-        assert_eq!(a.room.duplicate_of(Some("k3")), Some(43));
-        assert_eq!(a.room.duplicate_of(Some("k2")), None);
+        let retry = |id| crate::core::room::Publish {
+            user: "far",
+            text: "again",
+            id: Some(id),
+            author: crate::core::dedupe::Author::User("far"),
+            origin: 0,
+            skip_origin: false,
+        };
+        assert_eq!(a.room.duplicate_of(&retry("k3")), Some(43));
+        assert_eq!(a.room.duplicate_of(&retry("k2")), None);
+        let someone_else = crate::core::room::Publish {
+            author: crate::core::dedupe::Author::User("near"),
+            ..retry("k3")
+        };
+        assert_eq!(a.room.duplicate_of(&someone_else), None);
         let b = join_replay(&hub, "r", 2, &u, None, Some(ReplayRequest::Since(40))).unwrap();
         let replay = b.replay.unwrap();
         let seqs: Vec<u64> = replay.frames.iter().map(|o| o.seq).collect();

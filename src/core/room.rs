@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use crate::config::rooms::{Presence, RoomSettings};
-use crate::core::dedupe::Dedupe;
+use crate::core::dedupe::{Author, Dedupe};
 use crate::core::history::HistoryService;
 use crate::core::ring::{History, Replay, Seed};
 use crate::core::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
@@ -71,11 +71,14 @@ pub(crate) struct RoomState {
 }
 
 /// A chat message to publish.
+#[derive(Clone, Copy)]
 pub struct Publish<'a> {
     pub user: &'a str,
     pub text: &'a str,
     /// Idempotency key (already validated).
     pub id: Option<&'a str>,
+    /// Whose `id` it is: ids are deduplicated per author, never across authors.
+    pub author: Author<'a>,
     /// Connection that publishes it (0 for REST).
     pub origin: u64,
     /// The origin asked not to receive its own copy.
@@ -265,6 +268,7 @@ impl Room {
             user,
             text,
             id: None,
+            author: Author::Connection(origin),
             origin,
             skip_origin,
         })
@@ -276,7 +280,7 @@ impl Room {
     pub fn publish_message(&self, p: &Publish<'_>) -> Published {
         let now_ms = unix_millis();
         let mut state = self.state.lock();
-        if let Some(seq) = self.duplicate_in(&mut state, p.id, now_ms) {
+        if let Some(seq) = self.duplicate_in(&mut state, p, now_ms) {
             return Published {
                 seq,
                 duplicate: true,
@@ -290,16 +294,16 @@ impl Room {
         }
     }
 
-    /// The seq of an earlier message with `id` inside the dedupe window, if any (counted as a
-    /// duplicate). Cluster mode asks before it publishes through Redis.
-    pub fn duplicate_of(&self, id: Option<&str>) -> Option<u64> {
-        id?;
+    /// The seq of an earlier message with `p`'s `id` by `p`'s author inside the dedupe window,
+    /// if any (counted as a duplicate). Cluster mode asks before it publishes through Redis.
+    pub fn duplicate_of(&self, p: &Publish<'_>) -> Option<u64> {
+        p.id?;
         let mut state = self.state.lock();
-        self.duplicate_in(&mut state, id, unix_millis())
+        self.duplicate_in(&mut state, p, unix_millis())
     }
 
-    fn duplicate_in(&self, state: &mut RoomState, id: Option<&str>, now_ms: u64) -> Option<u64> {
-        let seq = state.dedupe.check(id?, now_ms)?;
+    fn duplicate_in(&self, state: &mut RoomState, p: &Publish<'_>, now_ms: u64) -> Option<u64> {
+        let seq = state.dedupe.check(&p.author, p.id?, now_ms)?;
         self.stats.duplicates.inc();
         Some(seq)
     }
@@ -335,10 +339,7 @@ impl Room {
         });
         if let Some(id) = p.id {
             // The window runs on this process's clock (`ts` may come from another process).
-            let now_ms = unix_millis();
-            if state.dedupe.check(id, now_ms).is_none() {
-                state.dedupe.record(id, seq, now_ms);
-            }
+            state.dedupe.record(&p.author, id, seq, unix_millis());
         }
         if !state.retired {
             state.history.push(&out);

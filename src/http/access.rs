@@ -43,6 +43,11 @@ impl Access {
         self.api_key.is_some()
     }
 
+    /// Whether REST publishing is open to anyone (no tokens and no API key).
+    pub fn publish_open(&self) -> bool {
+        self.verifier.is_none() && self.api_key.is_none()
+    }
+
     /// The request's grant when tokens are on (`None` when they are off), checked against
     /// `room` when one is named. 401 without a valid token, 403 `forbidden_room` when the token
     /// does not allow the room; both counted in `auth_refused`.

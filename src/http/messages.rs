@@ -16,6 +16,8 @@ use super::reply::{self, ApiError, Reply};
 use super::{no_such_room, Api};
 use crate::bus::{Fallback, PublishError};
 use crate::core::archive::payload_of;
+use crate::core::auth::Grant;
+use crate::core::dedupe::Author;
 use crate::core::hub::JoinError;
 use crate::core::room::Publish;
 use crate::proto::names::validate_user;
@@ -109,15 +111,53 @@ fn may_read(
     }
     api.access
         .grant(req, q.token.as_deref(), Some(room), &api.stats)?;
+    check_password(api, room, q.password.as_deref())
+}
+
+/// 403 `bad_password` (counted in `auth_refused`) when `room` has a password and `given` is not
+/// it. Callers holding the API key never get here.
+fn check_password(api: &Api, room: &str, given: Option<&str>) -> Result<(), ApiError> {
     let Some(expected) = api.bus.hub().settings().resolve(room).password else {
         return Ok(());
     };
-    let refused = match q.password.as_deref() {
+    let refused = match given {
         Some(given) if expected.matches(given) => return Ok(()),
         Some(_) => JoinError::WrongPassword,
         None => JoinError::PasswordRequired,
     };
+    api.stats.auth_refused.inc();
     Err(ApiError::forbidden(refused.code(), refused.to_string()))
+}
+
+/// Who a REST publish speaks for.
+enum Publisher {
+    /// Presented `--api-key`: any room, any `user`.
+    Key,
+    /// Presented an access token that allows the room: publishes as its `sub`.
+    Token(Grant),
+    /// Neither tokens nor an API key are configured: REST publishing is open (the server
+    /// warns at start).
+    Open,
+}
+
+/// Who may publish into `room` over REST, before the body is read. With `--jwt-secret`, the API
+/// key or a bearer token that allows the room (401/403 from `Access::grant`); with only
+/// `--api-key`, the key (401). The token is taken from `Authorization` only: a backend can set
+/// headers, and a token in a URL ends up in logs. All refusals count in `auth_refused`.
+fn may_publish(api: &Api, room: &str, req: &Request<Incoming>) -> Result<Publisher, ApiError> {
+    if api.access.has_api_key(req) {
+        return Ok(Publisher::Key);
+    }
+    match api.access.grant(req, None, Some(room), &api.stats)? {
+        Some(grant) => Ok(Publisher::Token(grant)),
+        None if api.access.api_key_on() => {
+            api.stats.auth_refused.inc();
+            Err(ApiError::unauthorized(
+                "this endpoint needs `Authorization: Bearer <api key>`",
+            ))
+        }
+        None => Ok(Publisher::Open),
+    }
 }
 
 /// The body of a REST publish. Values are checked one by one so that each has its own error.
@@ -126,6 +166,8 @@ struct PublishBody {
     text: Option<serde_json::Value>,
     user: Option<serde_json::Value>,
     id: Option<serde_json::Value>,
+    /// The room's password (or `?password=`), for callers without the API key.
+    password: Option<serde_json::Value>,
 }
 
 /// The 202 answer of a REST publish: `id` and `duplicate` only when the message carried an id.
@@ -140,16 +182,28 @@ struct Accepted<'a> {
 }
 
 /// Publishes a backend's message into `room` (every process's members, in cluster mode).
+/// Who may publish: see `may_publish`; a room with a password needs it too, unless the caller
+/// holds the API key.
 pub async fn publish(api: &Arc<Api>, room: &str, req: Request<Incoming>) -> Reply {
-    if api.access.api_key_on() && !api.access.has_api_key(&req) {
-        return Err(ApiError::unauthorized(
-            "this endpoint needs `Authorization: Bearer <api key>`",
-        ));
-    }
+    let publisher = may_publish(api, room, &req)?;
+    let q: query::Publish = query::parse(&req)?;
     let body = read_body(req, api.max_message_bytes).await?;
     let parsed: PublishBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request("bad_json", format!("body is not a JSON object: {e}"))
     })?;
+    if !matches!(publisher, Publisher::Key) {
+        let password = match &parsed.password {
+            None => q.password.as_deref(),
+            Some(serde_json::Value::String(p)) => Some(p.as_str()),
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "bad_password",
+                    "`password` must be a string",
+                ))
+            }
+        };
+        check_password(api, room, password)?;
+    }
     let text = match parsed.text {
         Some(serde_json::Value::String(t)) if !t.is_empty() => t,
         Some(serde_json::Value::String(_)) => {
@@ -163,12 +217,27 @@ pub async fn publish(api: &Arc<Api>, room: &str, req: Request<Incoming>) -> Repl
         }
     };
     let user = match parsed.user {
-        None => "api".to_owned(),
+        None => None,
         Some(serde_json::Value::String(u)) => {
             validate_user(&u).map_err(|e| ApiError::bad_request("bad_user", e.user_reason()))?;
-            u
+            Some(u)
         }
         Some(_) => return Err(ApiError::bad_request("bad_user", "`user` must be a string")),
+    };
+    // A token speaks for its `sub` alone, as on the upgrade: another name is refused rather
+    // than replaced, so a caller never believes it published as someone it is not.
+    let (user, author) = match &publisher {
+        Publisher::Token(grant) => {
+            if user.as_deref().is_some_and(|u| u != &*grant.user) {
+                api.stats.auth_refused.inc();
+                return Err(ApiError::forbidden(
+                    "forbidden_user",
+                    "the user name comes from the access token's `sub`",
+                ));
+            }
+            (grant.user.to_string(), Author::User(&grant.user))
+        }
+        Publisher::Key | Publisher::Open => (user.unwrap_or_else(|| "api".to_owned()), Author::Api),
     };
     let id = match parsed.id {
         None => None,
@@ -182,6 +251,7 @@ pub async fn publish(api: &Arc<Api>, room: &str, req: Request<Incoming>) -> Repl
         user: &user,
         text: &text,
         id: id.as_deref(),
+        author,
         origin: 0,
         skip_origin: false,
     };

@@ -55,6 +55,13 @@ pub struct Messages {
     pub token: Option<String>,
 }
 
+/// `POST /api/rooms/{room}/messages`.
+#[derive(Debug, Default, Deserialize)]
+pub struct Publish {
+    /// The room's password (also accepted as `password` in the body).
+    pub password: Option<String>,
+}
+
 /// What a chat upgrade's query carries beyond the room and the user (read by `target.rs`).
 #[derive(Debug, Default, Deserialize)]
 pub struct Upgrade {

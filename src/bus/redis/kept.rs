@@ -128,6 +128,7 @@ mod tests {
             user: "al".into(),
             text: text.into(),
             id: Some(format!("k{seq}").into()),
+            author: None,
         };
         format!("{seq} {}", wire::encode_message(&body)).into_bytes()
     }

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{interval, interval_at, Instant, MissedTickBehavior};
 
 use super::{kept, scripts, wire, Cluster, ClusterError, Interest, ROOMS_PER_CALL, SEQ_TTL_MS};
+use crate::core::dedupe::Author;
 use crate::core::hub::Hub;
 use crate::core::room::Publish;
 use crate::core::stats::unix_millis;
@@ -201,6 +202,14 @@ impl Cluster {
                 let mut state = interest.state.lock();
                 state.last_seq = state.last_seq.max(seq);
                 if let Some(room) = hub.get(name) {
+                    let legacy;
+                    let author = match body.author.as_deref() {
+                        Some(key) => Author::Key(key),
+                        None => {
+                            legacy = body.legacy_author();
+                            Author::Key(&legacy)
+                        }
+                    };
                     let p = Publish {
                         user: &body.user,
                         text: &body.text,
@@ -209,6 +218,7 @@ impl Cluster {
                             .id
                             .as_deref()
                             .filter(|id| crate::proto::validate_id(id).is_ok()),
+                        author,
                         origin,
                         skip_origin: skip,
                     };

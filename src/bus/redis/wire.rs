@@ -37,6 +37,24 @@ pub struct MessageBody<'a> {
     /// that predate it.
     #[serde(rename = "i", borrow, default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Cow<'a, str>>,
+    /// Whose `id` it is (`dedupe::Author::key`, a connection's qualified with its node id), so
+    /// that every process deduplicates per author alike. Sent with an `id` only. Absent from
+    /// messages of processes that predate it: those are keyed by node and connection
+    /// (`legacy_author`).
+    #[serde(rename = "a", borrow, default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<Cow<'a, str>>,
+}
+
+/// The longest author key accepted from the channel: `u:` and a user name of at most 32
+/// characters (4 bytes each), or `c:`, a node id and a connection id.
+pub const MAX_AUTHOR_BYTES: usize = 256;
+
+impl MessageBody<'_> {
+    /// The dedupe author of a message whose process did not send one: its publishing
+    /// connection, qualified like `Cluster::publish_message` qualifies one.
+    pub fn legacy_author(&self) -> String {
+        format!("c:{}:{}", self.node, self.origin)
+    }
 }
 
 /// One process's joins and leaves of a room during one presence interval.
@@ -69,6 +87,8 @@ pub enum WireError {
     BadHeader,
     #[error("payload body: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("message author is empty, too long or has control characters")]
+    BadAuthor,
 }
 
 /// The JSON body of a chat message (the publish script prefixes the seq).
@@ -91,10 +111,14 @@ pub fn decode(payload: &[u8]) -> Result<Payload<'_>, WireError> {
         return Ok(Payload::Presence(serde_json::from_str(body)?));
     }
     let seq: u64 = head.parse().map_err(|_| WireError::BadHeader)?;
-    Ok(Payload::Message {
-        seq,
-        body: serde_json::from_str(body)?,
-    })
+    let body: MessageBody<'_> = serde_json::from_str(body)?;
+    // Anything may write to the channel; an author is a map key in every room's dedupe.
+    if body.author.as_deref().is_some_and(|a| {
+        a.is_empty() || a.len() > MAX_AUTHOR_BYTES || a.chars().any(char::is_control)
+    }) {
+        return Err(WireError::BadAuthor);
+    }
+    Ok(Payload::Message { seq, body })
 }
 
 #[cfg(test)]
@@ -111,12 +135,30 @@ mod tests {
             user: "al ice".into(),
             text: "say \"hi\" \u{1F600}\n".into(),
             id: Some("k-1".into()),
+            author: Some("u:al ice".into()),
         };
         let payload = format!("42 {}", encode_message(&body));
         assert_eq!(
             decode(payload.as_bytes()).unwrap(),
             Payload::Message { seq: 42, body }
         );
+    }
+
+    #[test]
+    fn a_message_without_an_author_is_keyed_by_its_node_and_connection() {
+        let payload = br#"9 {"n":"n1","o":7,"k":false,"t":1,"u":"u","x":"x","i":"k"}"#;
+        let Ok(Payload::Message { body, .. }) = decode(payload) else {
+            panic!("an older process's message must still decode");
+        };
+        assert_eq!(body.author, None);
+        assert_eq!(body.legacy_author(), "c:n1:7");
+        let long = "a".repeat(MAX_AUTHOR_BYTES + 1);
+        let payload =
+            format!(r#"9 {{"n":"n1","o":7,"k":false,"t":1,"u":"u","x":"x","a":"{long}"}}"#);
+        assert!(matches!(
+            decode(payload.as_bytes()),
+            Err(WireError::BadAuthor)
+        ));
     }
 
     #[test]
@@ -141,6 +183,9 @@ mod tests {
             b"p []",
             b"\xff\xfe 1",
             b"-1 {}",
+            br#"1 {"n":"n","o":1,"k":false,"t":1,"u":"u","x":"x","i":"k","a":""}"#,
+            br#"1 {"n":"n","o":1,"k":false,"t":1,"u":"u","x":"x","i":"k","a":"u:\u0000"}"#,
+            br#"1 {"n":"n","o":1,"k":false,"t":1,"u":"u","x":"x","i":"k","a":5}"#,
         ] {
             assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
