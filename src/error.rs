@@ -16,6 +16,8 @@ pub enum Error {
     #[error("{0}")]
     Token(#[from] crate::core::auth::IssueError),
     #[error("{0}")]
+    Secret(#[from] crate::core::auth::WeakSecret),
+    #[error("{0}")]
     Settings(#[from] crate::config::rooms::SettingsError),
     #[error("cluster: {0}")]
     Cluster(#[from] crate::bus::redis::ClusterError),

@@ -63,12 +63,25 @@ fn main() -> std::process::ExitCode {
 /// Runs a subcommand instead of the server.
 fn run_command(config: &Config, command: Command) -> std::process::ExitCode {
     match command {
-        Command::Token { sub, rooms, ttl } => {
+        Command::Token {
+            sub,
+            rooms,
+            ttl,
+            aud,
+            iss,
+        } => {
             let Some(secret) = config.jwt_secret.as_deref() else {
                 eprintln!("roomcast token: set --jwt-secret (or ROOMCAST_JWT_SECRET)");
                 return std::process::ExitCode::from(2);
             };
-            match roomcast::core::auth::issue(secret, &sub, rooms.as_deref(), ttl) {
+            match roomcast::core::auth::issue_for(
+                secret,
+                &sub,
+                rooms.as_deref(),
+                ttl,
+                aud.as_deref(),
+                iss.as_deref(),
+            ) {
                 Ok(token) => {
                     println!("{token}");
                     std::process::ExitCode::SUCCESS

@@ -18,6 +18,7 @@ use crate::bus::{Broker, Bus};
 use crate::config::rooms::Settings;
 use crate::config::Config;
 use crate::conn::{self, Limits};
+use crate::core::auth::Verifier;
 use crate::core::history::{HistoryService, HistorySettings};
 use crate::core::hub::Hub;
 use crate::core::limit::PerIpLimit;
@@ -27,12 +28,22 @@ use crate::shutdown::{self, Shutdown};
 
 /// Serves `listener` until `signal` completes, then closes every WebSocket with 1001 and
 /// returns once every connection task has ended or `--shutdown-timeout` has passed.
-/// Fails at once if `--rooms-config` names a file that is unreadable or invalid.
+/// Fails at once if `--rooms-config` names a file that is unreadable or invalid, or if
+/// `--jwt-secret` is shorter than 32 bytes.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     signal: impl Future<Output = ()>,
 ) -> crate::error::Result<()> {
+    // Checked first: a weak secret must stop the server before it does anything else.
+    let verifier = match &config.jwt_secret {
+        Some(secret) => Some(Arc::new(Verifier::new(
+            secret,
+            config.jwt_audience.as_deref(),
+            config.jwt_issuer.as_deref(),
+        )?)),
+        None => None,
+    };
     let room_buffer = config.room_buffer as usize;
     let settings = match &config.rooms_config {
         Some(path) => Settings::load(path, room_buffer)?,
@@ -90,10 +101,11 @@ pub async fn run(
         limits,
         shutdown.clone(),
         config.max_connections_per_ip.map(PerIpLimit::new),
+        verifier.clone(),
         alive_tx,
     ));
     let access = Access::new(
-        config.jwt_secret.as_deref(),
+        verifier,
         config.api_key.clone(),
         config.allowed_origins.clone(),
     );

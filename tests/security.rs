@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use clap::Parser;
 use futures_util::SinkExt;
 use roomcast::config::rate::RateLimitArg;
 use serde_json::{json, Value};
@@ -134,38 +135,254 @@ async fn joins_over_an_open_socket_are_checked_against_the_token() {
     c.send_json(&json!({"type": "join", "room": "lobby:1"}))
         .await;
     assert_eq!(c.recv_type("welcome").await["room"], "lobby:1");
+}
 
-    // A token that expires while the socket is open stops allowing joins. Its `exp` is 4 s in
-    // the past: still inside the 5 s leeway (src/auth.rs) at the upgrade and the first join,
-    // past it within 2 s (timestamps are whole seconds).
-    let short = raw_token(
-        SECRET,
-        json!({"sub": "carol", "exp": jsonwebtoken::get_current_timestamp() - 4}),
-    );
-    let mut c = Client::connect(&server.ws_url(&format!("/ws?token={short}"))).await;
-    c.send_json(&json!({"type": "join", "room": "any-0"})).await;
+/// Seconds since the Unix epoch, whole, as jsonwebtoken compares them.
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+/// A token whose `exp` is 3 s in the past: inside the 5 s leeway, so the upgrade takes it, and
+/// past it within 3 s (timestamps are whole seconds).
+fn expiring(sub: &str, rooms: Option<&str>) -> (String, u64) {
+    let exp = now() - 3;
+    let mut claims = json!({"sub": sub, "exp": exp});
+    if let Some(rooms) = rooms {
+        claims["rooms"] = json!(rooms);
+    }
+    (raw_token(SECRET, claims), exp)
+}
+
+#[tokio::test]
+async fn a_socket_is_closed_when_its_token_expires() {
+    let server = TestServer::with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let (t, exp) = expiring("carol", None);
+    let (mut c, _) = Client::join(&server.ws_url(&format!("/ws/any-0?token={t}"))).await;
+    c.send_json(&json!({"type": "join", "room": "any-1"})).await;
     assert_eq!(
         c.recv_type("welcome").await["room"],
-        "any-0",
+        "any-1",
         "valid until exp + leeway"
     );
-    let deadline = tokio::time::Instant::now() + STEP;
-    for i in 1.. {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "joins were still allowed long after the token expired"
-        );
-        // At most 2 s / 250 ms = 8 joins, under the 16 rooms a socket may be in.
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        c.send_json(&json!({"type": "join", "room": format!("any-{i}")}))
-            .await;
-        let v = c.recv_non_presence().await;
-        if v["type"] == "welcome" {
-            continue;
-        }
-        assert_eq!(v["code"], "token_expired", "{v}");
-        break;
+    let (code, reason) = c.expect_close().await;
+    assert_eq!((code, reason.as_str()), (4001, "token expired"));
+    assert!(now() > exp + 5, "closed before exp + leeway");
+    server
+        .wait_for("/api/stats", "the socket is gone", |_, s| {
+            s["connections"] == 0
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_refresh_before_expiry_keeps_the_socket_open() {
+    let server = TestServer::with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let (old, old_exp) = expiring("dave", None);
+    let (mut c, _) = Client::join(&server.ws_url(&format!("/ws/r?token={old}"))).await;
+    let fresh = token("dave", None, Duration::from_secs(3600));
+    c.send_json(&json!({"type": "refresh", "token": fresh}))
+        .await;
+    let v = c.recv_non_presence().await;
+    assert_eq!(v["type"], "refreshed", "{v}");
+    let new_exp = v["exp"].as_u64().unwrap();
+    assert!(new_exp >= now() + 3500, "{v}");
+    // Past the moment the old token would have closed the socket, it still answers.
+    while now() <= old_exp + 6 {
+        c.send_json(&json!({"type": "ping"})).await;
+        assert_eq!(c.recv_non_presence().await["type"], "pong");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    c.send("still here").await;
+    assert_eq!(c.recv_type("message").await["text"], "still here");
+}
+
+#[tokio::test]
+async fn a_refresh_for_another_user_is_refused() {
+    let server = TestServer::with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let hour = Duration::from_secs(3600);
+    let t = token("erin", None, hour);
+    let (mut c, _) = Client::join(&server.ws_url(&format!("/ws/r?token={t}"))).await;
+    c.send_json(&json!({"type": "refresh", "token": token("mallory", None, hour)}))
+        .await;
+    let e = c.recv_non_presence().await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["code"], "forbidden_user", "{e}");
+    // A token that is not valid is refused too; neither touches the socket.
+    let forged = raw_token(
+        "another-secret-of-thirty-two-bytes",
+        json!({"sub": "erin", "exp": now() + 600}),
+    );
+    c.send_json(&json!({"type": "refresh", "token": forged}))
+        .await;
+    assert_eq!(c.recv_non_presence().await["code"], "unauthorized");
+    c.send("as erin").await;
+    let m = c.recv_type("message").await;
+    assert_eq!(
+        (m["user"].as_str(), m["text"].as_str()),
+        (Some("erin"), Some("as erin"))
+    );
+}
+
+#[tokio::test]
+async fn a_narrower_refresh_leaves_the_rooms_it_no_longer_allows() {
+    let server = TestServer::with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let hour = Duration::from_secs(3600);
+    let wide = token("fay", Some("keep,drop,also:*"), hour);
+    let (mut c, _) = Client::join(&server.ws_url(&format!("/ws/keep?token={wide}"))).await;
+    for room in ["drop", "also:1"] {
+        c.send_json(&json!({"type": "join", "room": room})).await;
+        assert_eq!(c.recv_type("welcome").await["room"], room);
+    }
+    c.send_json(&json!({"type": "refresh", "token": token("fay", Some("keep"), hour)}))
+        .await;
+    let mut left = Vec::new();
+    let refreshed = loop {
+        let v = c.recv_non_presence().await;
+        match v["type"].as_str() {
+            Some("left") => {
+                assert_eq!(v["reason"], "token no longer allows this room", "{v}");
+                left.push(v["room"].as_str().unwrap().to_owned());
+            }
+            _ => break v,
+        }
+    };
+    assert_eq!(refreshed["type"], "refreshed", "{refreshed}");
+    left.sort();
+    assert_eq!(left, ["also:1", "drop"]);
+    for room in ["drop", "also:1"] {
+        let (status, _) = server.get(&format!("/api/rooms/{room}")).await;
+        assert_eq!(status, 404, "{room} lost its only member");
+        c.send_json(&json!({"type": "message", "room": room, "text": "x"}))
+            .await;
+        assert_eq!(c.recv_non_presence().await["code"], "not_joined");
+    }
+    c.send("kept").await;
+    assert_eq!(c.recv_type("message").await["room"], "keep");
+}
+
+#[tokio::test]
+async fn a_token_not_valid_yet_is_refused() {
+    let server = TestServer::with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let later = raw_token(
+        SECRET,
+        json!({"sub": "gus", "exp": now() + 600, "nbf": now() + 60}),
+    );
+    let r = upgrade(&server, &format!("/ws/r?token={later}"), &[]).await;
+    assert_refused(&r, 401, "unauthorized", "nbf in the future");
+    let started = raw_token(
+        SECRET,
+        json!({"sub": "gus", "exp": now() + 600, "nbf": now() - 1}),
+    );
+    let r = upgrade(&server, &format!("/ws/r?token={started}"), &[]).await;
+    assert_eq!(r.status, 101, "nbf in the past");
+}
+
+#[tokio::test]
+async fn audience_and_issuer_are_checked_when_set() {
+    const ISS: &str = "https://id.example.com";
+    let server = TestServer::with(|c| {
+        // As the command line sets them.
+        let flags = roomcast::Config::try_parse_from([
+            "roomcast",
+            "--jwt-secret",
+            SECRET,
+            "--jwt-audience",
+            "chat",
+            "--jwt-issuer",
+            ISS,
+        ])
+        .expect("--jwt-audience and --jwt-issuer exist");
+        *c = roomcast::Config {
+            listen: c.listen,
+            ..flags
+        };
+    })
+    .await;
+    let exp = now() + 600;
+    let good = raw_token(
+        SECRET,
+        json!({"sub": "hal", "exp": exp, "aud": "chat", "iss": ISS}),
+    );
+    let r = upgrade(&server, &format!("/ws/r?token={good}"), &[]).await;
+    assert_eq!(r.status, 101, "right aud and iss");
+    let list = raw_token(
+        SECRET,
+        json!({"sub": "hal", "exp": exp, "aud": ["other", "chat"], "iss": ISS}),
+    );
+    let r = upgrade(&server, &format!("/ws/r?token={list}"), &[]).await;
+    assert_eq!(r.status, 101, "aud as a list that names us");
+    for (claims, what) in [
+        (
+            json!({"sub": "hal", "exp": exp, "aud": "other", "iss": ISS}),
+            "wrong aud",
+        ),
+        (json!({"sub": "hal", "exp": exp, "iss": ISS}), "no aud"),
+        (
+            json!({"sub": "hal", "exp": exp, "aud": "chat", "iss": "https://evil.example"}),
+            "wrong iss",
+        ),
+        (json!({"sub": "hal", "exp": exp, "aud": "chat"}), "no iss"),
+    ] {
+        let t = raw_token(SECRET, claims);
+        let r = upgrade(&server, &format!("/ws/r?token={t}"), &[]).await;
+        assert_refused(&r, 401, "unauthorized", what);
+    }
+    // A refresh is held to the same rules.
+    let (mut c, _) = Client::join(&server.ws_url(&format!("/ws/r?token={good}"))).await;
+    let wrong = raw_token(
+        SECRET,
+        json!({"sub": "hal", "exp": exp + 60, "aud": "other", "iss": ISS}),
+    );
+    c.send_json(&json!({"type": "refresh", "token": wrong}))
+        .await;
+    assert_eq!(c.recv_non_presence().await["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn a_short_secret_is_refused_at_start() {
+    let short = "only-31-bytes-of-shared-secret!";
+    assert_eq!(short.len(), 31);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = roomcast::Config {
+        jwt_secret: Some(short.into()),
+        ..roomcast::Config::default()
+    };
+    let res = tokio::time::timeout(
+        STEP,
+        roomcast::run(listener, config, std::future::pending()),
+    )
+    .await
+    .expect("the server started with a 31-byte secret");
+    let e = res.expect_err("the server started with a 31-byte secret");
+    assert!(e.to_string().contains("at least 32 bytes"), "{e}");
+
+    // The binary says so and exits non-zero.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(["--listen", "127.0.0.1:0", "--jwt-secret", short])
+        .env_remove("ROOMCAST_JWT_SECRET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the binary kept running with a 31-byte secret");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--jwt-secret must be at least 32 bytes"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

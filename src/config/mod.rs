@@ -92,6 +92,16 @@ pub struct Config {
     )]
     pub jwt_secret: Option<String>,
 
+    /// With --jwt-secret: tokens must carry this `aud` claim (401 otherwise, an error frame on
+    /// a refresh). Without it, a token that names any audience is refused. Default: off.
+    #[arg(long, env = "ROOMCAST_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// With --jwt-secret: tokens must carry this `iss` claim (401 otherwise, an error frame on
+    /// a refresh). Default: off.
+    #[arg(long, env = "ROOMCAST_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
     /// When set, the write endpoints (REST publish) need `Authorization: Bearer <key>`.
     /// Default: off.
     #[arg(long, env = "ROOMCAST_API_KEY", hide_env_values = true)]
@@ -212,6 +222,12 @@ pub enum Command {
         /// Lifetime. Syntax: a duration, 1s to 3650d (`90s`, `15m`, `1h`, `7d`). Default: 1h.
         #[arg(long, default_value = "1h", value_parser = parse_token_ttl)]
         ttl: Duration,
+        /// The audience (`aud` claim), for a server run with --jwt-audience. Default: none.
+        #[arg(long)]
+        aud: Option<String>,
+        /// The issuer (`iss` claim), for a server run with --jwt-issuer. Default: none.
+        #[arg(long)]
+        iss: Option<String>,
     },
 }
 
@@ -554,11 +570,20 @@ mod tests {
             "alice",
             "--ttl",
             "15m",
+            "--aud",
+            "chat",
         ])
         .unwrap();
         assert_eq!(c.jwt_secret.as_deref(), Some("k"));
         match c.command {
-            Some(Command::Token { sub, rooms, ttl }) => {
+            Some(Command::Token {
+                sub,
+                rooms,
+                ttl,
+                aud,
+                iss,
+            }) => {
+                assert_eq!((aud.as_deref(), iss), (Some("chat"), None));
                 assert_eq!(sub, "alice");
                 assert!(rooms.is_none());
                 assert_eq!(ttl, Duration::from_secs(900));

@@ -1,12 +1,15 @@
 //! The chat protocol's business: a client message becomes a publish, a join or a leave, each
 //! checked (name, token, limits) before it goes to the bus; a refusal is an error frame.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::end::{End, Handled, Refusal};
 use super::membership::Membership;
 use super::{Connection, MAX_BATCH};
 use crate::bus::{Fallback, JoinRequest, PublishError};
+use crate::core::auth::AuthError;
 use crate::core::dedupe::Author;
 use crate::core::limit::{retry_after_ms, Verdict};
 use crate::core::room::{Joined, Publish, Room};
@@ -64,6 +67,7 @@ impl Connection {
                 Some(room),
             ),
             Ok(ClientMessage::Leave { room }) => (self.leave(&room).await, Some(room)),
+            Ok(ClientMessage::Refresh { token }) => (self.refresh(&token).await, None),
             Ok(ClientMessage::Ping) => (self.write_own(&ServerFrame::Pong.encode()).await, None),
             Err(e) => (Err(Refusal::Reply(e)), None),
         };
@@ -246,7 +250,61 @@ impl Connection {
         };
         let m = self.rooms.remove(index);
         self.cx.bus.leave(&m.room, self.id);
-        self.write_own(&ServerFrame::Left { room: name }.encode())
+        self.write_own(
+            &ServerFrame::Left {
+                room: name,
+                reason: None,
+            }
+            .encode(),
+        )
+        .await
+    }
+
+    /// Takes a fresh token for the open socket: same user required. The socket then lives
+    /// until the new `exp` (the wait in `serve` reads it from the grant), and leaves, each with
+    /// a `left` frame, the rooms the new token no longer allows; `refreshed` comes last, so a
+    /// client that reads it knows its rooms.
+    async fn refresh(&mut self, token: &str) -> Handled {
+        let Some(verifier) = &self.cx.verifier else {
+            return Err(Refusal::Reply(ProtocolError::new(
+                "refresh_unavailable",
+                "this server does not use access tokens",
+            )));
+        };
+        let grant = verifier.verify(token).map_err(|e| {
+            let code = match e {
+                AuthError::Expired => "token_expired",
+                _ => "unauthorized",
+            };
+            Refusal::Reply(ProtocolError::new(code, e.to_string()))
+        })?;
+        // A socket's user is named in every message it has published and in presence: a token
+        // for someone else would let one user speak as another.
+        if *grant.user != *self.user {
+            return Err(Refusal::Reply(ProtocolError::new(
+                "forbidden_user",
+                "the token is for another user: a socket keeps the user it opened with",
+            )));
+        }
+        let exp = grant.expires_at;
+        let grant = Arc::new(grant);
+        self.grant = Some(grant.clone());
+        let mut i = 0;
+        while let Some(member) = self.rooms.get(i) {
+            if grant.allows(member.room.name()) {
+                i += 1;
+                continue;
+            }
+            let m = self.rooms.remove(i);
+            self.cx.bus.leave(&m.room, self.id);
+            let frame = ServerFrame::Left {
+                room: m.room.name(),
+                reason: Some("token no longer allows this room"),
+            }
+            .encode();
+            self.write_own(&frame).await?;
+        }
+        self.write_own(&ServerFrame::Refreshed { exp }.encode())
             .await
     }
 

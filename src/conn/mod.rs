@@ -27,7 +27,7 @@ use tokio::time::{sleep_until, Instant};
 use crate::bus::Bus;
 use crate::config::rate::RateSpec;
 use crate::config::LagPolicy;
-use crate::core::auth::Grant;
+use crate::core::auth::{Grant, Verifier};
 use crate::core::limit::{ConnectionLimiter, PerIpLimit};
 use crate::core::room::Joined;
 use crate::core::stats::Stats;
@@ -63,6 +63,8 @@ pub struct Context {
     pub shutdown: Shutdown,
     /// `--max-connections-per-ip`, when set.
     pub per_ip: Option<PerIpLimit>,
+    /// `--jwt-secret`, when set: checks the tokens a socket sends to `refresh` its grant.
+    pub verifier: Option<Arc<Verifier>>,
     /// Never sent on: the shutdown sequence waits until every copy of the context (one per
     /// live task) has been dropped, which closes this channel.
     _alive: mpsc::Sender<()>,
@@ -75,6 +77,7 @@ impl Context {
         limits: Limits,
         shutdown: Shutdown,
         per_ip: Option<PerIpLimit>,
+        verifier: Option<Arc<Verifier>>,
         alive: mpsc::Sender<()>,
     ) -> Self {
         Context {
@@ -83,6 +86,7 @@ impl Context {
             limits,
             shutdown,
             per_ip,
+            verifier,
             _alive: alive,
         }
     }
@@ -276,7 +280,9 @@ impl Connection {
         }
         let ping_interval = self.cx.limits.ping_interval;
         let mut last_seen = Instant::now();
-        let ping_timer = sleep_until(last_seen + ping_interval);
+        // One timer for both deadlines: the next ping and the token's expiry. A second `Sleep`
+        // would add its size to every idle connection's task.
+        let ping_timer = sleep_until(self.until_expiry(last_seen + ping_interval));
         tokio::pin!(ping_timer);
         loop {
             // Unbiased on purpose: a client that keeps sending must not starve its own deliveries
@@ -302,6 +308,11 @@ impl Connection {
                                 return end;
                             }
                             self.release_inbuf();
+                            // A refresh may have brought the expiry closer than the timer.
+                            let wake = self.until_expiry(ping_timer.deadline());
+                            if wake < ping_timer.deadline() {
+                                ping_timer.as_mut().reset(wake);
+                            }
                         }
                         Err(end) => return end,
                     }
@@ -312,6 +323,11 @@ impl Connection {
                     }
                 }
                 () = &mut ping_timer => {
+                    // The timer may have woken for the expiry that a refresh has since pushed
+                    // back: then only the ping schedule below goes on.
+                    if self.grant.as_ref().is_some_and(|g| g.expired()) {
+                        return End::Close(close::TOKEN_EXPIRED, "token expired");
+                    }
                     let silent = last_seen.elapsed();
                     if silent >= ping_interval * 2 {
                         return End::Close(close::POLICY, "ping timeout");
@@ -322,9 +338,18 @@ impl Connection {
                         return End::Gone;
                     }
                     let next = if silent >= ping_interval { Instant::now() } else { last_seen };
-                    ping_timer.as_mut().reset(next + ping_interval);
+                    ping_timer.as_mut().reset(self.until_expiry(next + ping_interval));
                 }
             }
+        }
+    }
+
+    /// `wake`, or the moment the token expires when that comes first. Read from the grant each
+    /// time, so that the connection keeps no deadline of its own.
+    fn until_expiry(&self, wake: Instant) -> Instant {
+        match &self.grant {
+            Some(grant) => wake.min(Instant::now() + grant.expires_in()),
+            None => wake,
         }
     }
 

@@ -3,7 +3,7 @@
 //! here is where a token may come from and what its `rooms` claim allows.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::header::{HeaderMap, AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
 use jsonwebtoken::errors::ErrorKind;
@@ -19,8 +19,13 @@ pub const SUBPROTOCOL: &str = "roomcast";
 /// Prefix of the subprotocol entry that carries a token.
 pub const SUBPROTOCOL_TOKEN_PREFIX: &str = "bearer.";
 
-/// Seconds of clock skew tolerated on `exp`.
+/// Seconds of clock skew tolerated on `exp` and `nbf`, at the upgrade, on a refresh and for
+/// the socket's own expiry alike.
 const LEEWAY_SECS: u64 = 5;
+
+/// Shortest `--jwt-secret` accepted, in bytes: RFC 7518 § 3.2 requires a key of at least the
+/// hash's size for HS256, and a shorter one can be brute-forced from any token it signed.
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// The claims roomcast reads; every other claim is ignored.
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,6 +38,13 @@ pub struct Claims {
     /// Absent: every room.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rooms: Option<RoomsClaim>,
+    /// Audience, written by `issue` only: jsonwebtoken checks it on the way in (where it may
+    /// also be an array, which this field could not hold).
+    #[serde(default, skip_serializing_if = "Option::is_none", skip_deserializing)]
+    pub aud: Option<String>,
+    /// Issuer, written by `issue` only; checked by jsonwebtoken on the way in.
+    #[serde(default, skip_serializing_if = "Option::is_none", skip_deserializing)]
+    pub iss: Option<String>,
 }
 
 /// The `rooms` claim as a JSON array or as one comma-separated string.
@@ -77,7 +89,17 @@ impl Grant {
 
     /// Whether the token has expired (with the same leeway as at the upgrade).
     pub fn expired(&self) -> bool {
-        jsonwebtoken::get_current_timestamp() > self.expires_at + LEEWAY_SECS
+        self.expires_in().is_zero()
+    }
+
+    /// Time left until `expired` turns true: the upgrade accepts a token while the whole
+    /// seconds of now are at most `exp + leeway`, so it ends one second after that.
+    pub fn expires_in(&self) -> Duration {
+        let end = Duration::from_secs(self.expires_at.saturating_add(LEEWAY_SECS + 1));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        end.saturating_sub(now)
     }
 }
 
@@ -89,10 +111,25 @@ pub enum AuthError {
     Missing,
     #[error("the access token has expired")]
     Expired,
+    #[error("the access token is not valid yet (`nbf`)")]
+    NotYetValid,
     #[error("the access token's `sub` is not a valid user name")]
     BadSubject,
     #[error("the access token is invalid: {0}")]
     Invalid(String),
+}
+
+/// A `--jwt-secret` too short to be safe; the server refuses to start with it.
+#[derive(Debug, thiserror::Error)]
+#[error("--jwt-secret must be at least {MIN_SECRET_BYTES} bytes (this one has {0}); make one with `openssl rand -base64 32`")]
+pub struct WeakSecret(usize);
+
+/// Refuses a secret shorter than `MIN_SECRET_BYTES`.
+pub fn check_secret(secret: &str) -> Result<(), WeakSecret> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(WeakSecret(secret.len()));
+    }
+    Ok(())
 }
 
 /// Verifies tokens signed with one shared secret.
@@ -102,21 +139,42 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(secret: &str) -> Self {
+    /// A verifier for `secret`; `audience` and `issuer`, when set, must be the token's `aud`
+    /// and `iss`. Without an audience, a token that names one is refused (RFC 7519 § 4.1.3: a
+    /// recipient that is not named must reject it).
+    pub fn new(
+        secret: &str,
+        audience: Option<&str>,
+        issuer: Option<&str>,
+    ) -> Result<Self, WeakSecret> {
+        check_secret(secret)?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        Verifier {
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(aud) = audience {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        if let Some(iss) = issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Verifier {
             key: DecodingKey::from_secret(secret.as_bytes()),
             validation,
-        }
+        })
     }
 
-    /// Checks signature, algorithm, expiry and subject.
+    /// Checks signature, algorithm, expiry, `nbf`, audience, issuer and subject.
     pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience (`aud`)".into()),
+                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer (`iss`)".into()),
                 ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
                 ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm must be HS256".into()),
                 ErrorKind::MissingRequiredClaim(c) => {
@@ -214,11 +272,27 @@ pub fn issue(
     rooms: Option<&str>,
     ttl: Duration,
 ) -> Result<String, IssueError> {
+    issue_for(secret, sub, rooms, ttl, None, None)
+}
+
+/// Signs a development token for a server run with `--jwt-audience` / `--jwt-issuer`.
+pub fn issue_for(
+    secret: &str,
+    sub: &str,
+    rooms: Option<&str>,
+    ttl: Duration,
+    aud: Option<&str>,
+    iss: Option<&str>,
+) -> Result<String, IssueError> {
+    // A token the server would refuse for its secret alone is no use to anyone.
+    check_secret(secret).map_err(|e| IssueError(e.to_string()))?;
     validate_user(sub).map_err(|e| IssueError(e.user_reason().into()))?;
     let claims = Claims {
         sub: sub.to_owned(),
         exp: jsonwebtoken::get_current_timestamp().saturating_add(ttl.as_secs()),
         rooms: rooms.map(|r| RoomsClaim::Csv(r.to_owned())),
+        aud: aud.map(str::to_owned),
+        iss: iss.map(str::to_owned),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -231,6 +305,13 @@ pub fn issue(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const K: &str = "unit-test-secret-of-32-bytes-min";
+    const OTHER: &str = "another-secret-also-32-bytes-long";
+
+    fn verifier() -> Verifier {
+        Verifier::new(K, None, None).unwrap()
+    }
 
     fn token(secret: &str, claims: serde_json::Value) -> String {
         jsonwebtoken::encode(
@@ -247,14 +328,8 @@ mod tests {
 
     #[test]
     fn issued_tokens_verify_and_carry_their_rooms() {
-        let t = issue(
-            "s3cret",
-            "alice",
-            Some("general, post:*"),
-            Duration::from_secs(60),
-        )
-        .unwrap();
-        let grant = Verifier::new("s3cret").verify(&t).unwrap();
+        let t = issue(K, "alice", Some("general, post:*"), Duration::from_secs(60)).unwrap();
+        let grant = verifier().verify(&t).unwrap();
         assert_eq!(&*grant.user, "alice");
         assert!(grant.allows("general"));
         assert!(grant.allows("post:1"));
@@ -266,28 +341,28 @@ mod tests {
 
     #[test]
     fn rooms_claim_as_array_and_absent() {
-        let v = Verifier::new("k");
+        let v = verifier();
         let g = v
             .verify(&token(
-                "k",
+                K,
                 serde_json::json!({"sub": "u", "exp": later(), "rooms": ["a", "b*"]}),
             ))
             .unwrap();
         assert!(g.allows("a") && g.allows("bcd") && !g.allows("c"));
         let g = v
-            .verify(&token("k", serde_json::json!({"sub": "u", "exp": later()})))
+            .verify(&token(K, serde_json::json!({"sub": "u", "exp": later()})))
             .unwrap();
         assert!(g.allows("anything"));
         let g = v
             .verify(&token(
-                "k",
+                K,
                 serde_json::json!({"sub": "u", "exp": later(), "rooms": "*"}),
             ))
             .unwrap();
         assert!(g.allows("anything"));
         let g = v
             .verify(&token(
-                "k",
+                K,
                 serde_json::json!({"sub": "u", "exp": later(), "rooms": []}),
             ))
             .unwrap();
@@ -300,28 +375,25 @@ mod tests {
 
     #[test]
     fn refusals_say_why() {
-        let v = Verifier::new("k");
+        let v = verifier();
         let now = jsonwebtoken::get_current_timestamp();
         assert!(matches!(
-            v.verify(&token(
-                "k",
-                serde_json::json!({"sub": "u", "exp": now - 60})
-            )),
+            v.verify(&token(K, serde_json::json!({"sub": "u", "exp": now - 60}))),
             Err(AuthError::Expired)
         ));
         assert!(matches!(
             v.verify(&token(
-                "other",
+                OTHER,
                 serde_json::json!({"sub": "u", "exp": later()})
             )),
             Err(AuthError::Invalid(_))
         ));
         assert!(matches!(
-            v.verify(&token("k", serde_json::json!({"sub": "u"}))),
+            v.verify(&token(K, serde_json::json!({"sub": "u"}))),
             Err(AuthError::Invalid(_))
         ));
         assert!(matches!(
-            v.verify(&token("k", serde_json::json!({"sub": "", "exp": later()}))),
+            v.verify(&token(K, serde_json::json!({"sub": "", "exp": later()}))),
             Err(AuthError::BadSubject)
         ));
         assert!(matches!(v.verify("not.a.jwt"), Err(AuthError::Invalid(_))));
@@ -329,6 +401,57 @@ mod tests {
         // alg=none must never pass.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo0MTAyNDQ0ODAwfQ.";
         assert!(matches!(v.verify(none), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn nbf_audience_and_issuer_are_checked() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let v = verifier();
+        assert_eq!(
+            v.verify(&token(
+                K,
+                serde_json::json!({"sub": "u", "exp": later(), "nbf": now + 60})
+            ))
+            .unwrap_err(),
+            AuthError::NotYetValid
+        );
+        assert!(v
+            .verify(&token(
+                K,
+                serde_json::json!({"sub": "u", "exp": later(), "nbf": now})
+            ))
+            .is_ok());
+        let scoped = Verifier::new(K, Some("chat"), Some("https://id.example")).unwrap();
+        let t = issue_for(
+            K,
+            "u",
+            None,
+            Duration::from_secs(60),
+            Some("chat"),
+            Some("https://id.example"),
+        )
+        .unwrap();
+        assert!(scoped.verify(&t).is_ok());
+        for (aud, iss) in [
+            (None, Some("https://id.example")),
+            (Some("chat"), None),
+            (Some("other"), Some("https://id.example")),
+            (Some("chat"), Some("https://evil.example")),
+        ] {
+            let t = issue_for(K, "u", None, Duration::from_secs(60), aud, iss).unwrap();
+            assert!(
+                matches!(scoped.verify(&t), Err(AuthError::Invalid(_))),
+                "{aud:?} {iss:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(Verifier::new("short", None, None).is_err());
+        assert!(Verifier::new(&"x".repeat(MIN_SECRET_BYTES - 1), None, None).is_err());
+        assert!(Verifier::new(&"x".repeat(MIN_SECRET_BYTES), None, None).is_ok());
+        assert!(issue("short", "u", None, Duration::from_secs(60)).is_err());
     }
 
     #[test]

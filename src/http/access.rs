@@ -1,6 +1,8 @@
 //! Who may do what: access tokens, the API key, browser origins. Every route asks here, so each
 //! rule is written once.
 
+use std::sync::Arc;
+
 use hyper::header::ORIGIN;
 use hyper::Request;
 
@@ -10,8 +12,9 @@ use crate::core::stats::Stats;
 
 /// The server's security settings.
 pub struct Access {
-    /// `--jwt-secret`: every upgrade (and every room read) needs a token.
-    verifier: Option<Verifier>,
+    /// `--jwt-secret`: every upgrade (and every room read) needs a token. Shared with the
+    /// connections, which check refreshed tokens against the same rules.
+    verifier: Option<Arc<Verifier>>,
     /// `--api-key`: backends that present it may publish and read any room.
     api_key: Option<String>,
     /// `--allowed-origins` (empty: any).
@@ -20,12 +23,12 @@ pub struct Access {
 
 impl Access {
     pub fn new(
-        jwt_secret: Option<&str>,
+        verifier: Option<Arc<Verifier>>,
         api_key: Option<String>,
         allowed_origins: Vec<String>,
     ) -> Self {
         Access {
-            verifier: jwt_secret.map(Verifier::new),
+            verifier,
             api_key,
             allowed_origins,
         }

@@ -27,6 +27,10 @@ pub enum ClientMessage<'a> {
     Leave {
         room: Cow<'a, str>,
     },
+    /// A fresh access token for the open socket, sent before the current one expires.
+    Refresh {
+        token: Cow<'a, str>,
+    },
     Ping,
 }
 
@@ -76,6 +80,8 @@ struct RawClientMessage<'a> {
     since: Option<u64>,
     #[serde(borrow, default)]
     password: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// Parses one client text frame. Text whose first non-blank character is not `{` is a plain chat
@@ -108,7 +114,7 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
             let Some(text) = raw.text else {
                 return Err(ProtocolError::new(
                     "bad_message",
-                    "expected a `type` (message, join, leave, ping) or a `text`",
+                    "expected a `type` (message, join, leave, refresh, ping) or a `text`",
                 ));
             };
             if text.is_empty() {
@@ -132,6 +138,11 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
         }),
         Some("leave") => Ok(ClientMessage::Leave {
             room: need_room(raw.room)?,
+        }),
+        Some("refresh") => Ok(ClientMessage::Refresh {
+            token: raw
+                .token
+                .ok_or_else(|| ProtocolError::new("bad_message", "`token` is required"))?,
         }),
         Some("ping") => Ok(ClientMessage::Ping),
         Some(other) => Err(ProtocolError::new(

@@ -17,6 +17,9 @@ pub const POLICY: u16 = 1008;
 pub const TOO_BIG: u16 = 1009;
 /// The server could not go on with this socket.
 pub const INTERNAL: u16 = 1011;
+/// `token expired`: the access token's `exp` (plus leeway) passed without a `refresh`. An
+/// application code, not 1008, so that a client can tell "get a new token" from abuse.
+pub const TOKEN_EXPIRED: u16 = 4001;
 
 /// Encodes a control or close frame that fastwebsockets asked us to send.
 pub fn encode_control(mut frame: Frame<'_>) -> Vec<u8> {

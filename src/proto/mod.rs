@@ -103,6 +103,18 @@ mod tests {
             parse_client_message(r#"{"type":"ping"}"#).unwrap(),
             ClientMessage::Ping
         );
+        assert_eq!(
+            parse_client_message(r#"{"type":"refresh","token":"a.b.c"}"#).unwrap(),
+            ClientMessage::Refresh {
+                token: "a.b.c".into()
+            }
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"refresh"}"#)
+                .unwrap_err()
+                .code,
+            "bad_message"
+        );
     }
 
     #[test]

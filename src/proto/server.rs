@@ -49,8 +49,16 @@ pub enum ServerFrame<'a> {
         retry_after_ms: Option<u64>,
     },
     Pong,
+    /// The socket left `room`: it asked to, or (with `reason`) a refreshed token no longer
+    /// allows the room.
     Left {
         room: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    /// The answer to a valid `refresh`: the socket now lives until this `exp` (plus leeway).
+    Refreshed {
+        exp: u64,
     },
     /// The next `count` message frames of `room` are past messages (a `history` join).
     History {
