@@ -53,7 +53,7 @@ fn check_accepted(input: &str, msg: ClientMessage<'_>) {
         // do not read (skipping checks the syntax, not the values): nesting deeper than 128
         // levels, a lone surrogate escape (`\ud800` not followed by `\u`, which JSON's grammar
         // allows), a number out of range (`1e999999`). These can only sit in an ignored field:
-        // in `type`, `room`, `text`, `echo`, `id`, `password`, `history` or `since` the parser
+        // in `type`, `room`, `text`, `echo`, `id`, `password`, `history`, `since` or `token` the parser
         // itself refuses them.
         Err(e) if is_lenient_skip(&e) => return,
         Err(e) => panic!("parser accepted what serde_json rejects ({e}): {input:?}"),
@@ -121,6 +121,10 @@ fn check_accepted(input: &str, msg: ClientMessage<'_>) {
             assert_eq!(kind, Some("leave"));
             assert_eq!(field("room").and_then(Value::as_str), Some(&*room));
             check_room(&room);
+        }
+        ClientMessage::Refresh { token } => {
+            assert_eq!(kind, Some("refresh"));
+            assert_eq!(field("token").and_then(Value::as_str), Some(&*token));
         }
         ClientMessage::Ping => assert_eq!(kind, Some("ping")),
     }
