@@ -11,9 +11,15 @@ use crate::core::stats::{cpu_seconds, rss_bytes};
 pub fn health(api: &Api) -> Response<Body> {
     let body = match api.bus.link() {
         None => json!({"status": "ok"}),
+        // The link's state, never its error text: `/healthz` is open to anyone, and Redis
+        // errors name hosts and ports (`/api/stats` carries the text).
         Some(link) => json!({
             "status": if link.redis == "up" { "ok" } else { "degraded" },
-            "cluster": link,
+            "cluster": {
+                "redis": link.redis,
+                "node": link.node,
+                "down_since": link.down_since,
+            },
         }),
     };
     reply::json(StatusCode::OK, &body)
