@@ -199,11 +199,9 @@ pub struct RoomSettings {
     pub password: Option<Password>,
     /// Most members at once; a join beyond it is refused with `room_full`. `None`: no cap.
     pub max_members: Option<u32>,
-    /// Messages of history to keep. `None`: the file does not say, the server's flag decides.
-    /// (Parsed and resolved here; history itself is issue #6.)
+    /// Messages of history to keep. `None`: the file does not say, `--history` decides.
     pub history: Option<u32>,
-    /// Per-room publish limit. `None`: the file does not say, the server's flag decides.
-    /// (Parsed and resolved here; rate limiting itself is issue #5.)
+    /// Per-room publish limit. `None`: the file does not say, `--room-rate-limit` decides.
     pub rate_limit: Option<RateLimitArg>,
     pub presence: Presence,
     /// Broadcast ring size, used when the room is created (a reload does not resize live rooms).

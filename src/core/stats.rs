@@ -76,7 +76,7 @@ impl Stats {
         );
         let auth_refused = counter(
             "auth_refused",
-            "Upgrades refused for a bad access token or a room it does not allow",
+            "Requests refused for a missing or bad access token or a room it does not allow, and REST requests without a room's password",
         );
         let duplicates = counter("duplicates", "Messages not broadcast: repeated id");
         let lag_resyncs = counter(
