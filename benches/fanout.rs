@@ -253,6 +253,7 @@ fn join(hub: &Hub, name: &str, id: u64, user: &Arc<str>) -> Joined {
         user,
         password: None,
         replay: None,
+        grant: None,
     };
     hub.join(&req, Start::default())
         .expect("an open room admits")

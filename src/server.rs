@@ -22,8 +22,9 @@ use crate::core::auth::Verifier;
 use crate::core::history::{HistoryService, HistorySettings};
 use crate::core::hub::Hub;
 use crate::core::limit::PerIpLimit;
+use crate::core::lockout::Lockout;
 use crate::core::stats::Stats;
-use crate::http::{self, Access, Api};
+use crate::http::{self, Access, Api, Side};
 use crate::shutdown::{self, Shutdown};
 
 /// Serves `listener` until `signal` completes, then closes every WebSocket with 1001 and
@@ -42,6 +43,16 @@ pub async fn run(
             config.jwt_audience.as_deref(),
             config.jwt_issuer.as_deref(),
         )?)),
+        None => None,
+    };
+    // Bound before anything starts, so a taken port stops the server at once.
+    let admin = match config.admin_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on --admin-listen {addr}: {e}"),
+            )
+        })?),
         None => None,
     };
     let room_buffer = config.room_buffer as usize;
@@ -95,19 +106,22 @@ pub async fn run(
         max_rooms: usize::from(config.max_rooms_per_connection),
         rate: config.connection_rate(),
     };
+    let lockout = Arc::new(Lockout::default());
     let cx = Arc::new(conn::Context::new(
         bus.clone(),
         stats.clone(),
         limits,
         shutdown.clone(),
         config.max_connections_per_ip.map(PerIpLimit::new),
-        verifier.clone(),
+        (verifier.clone(), lockout.clone()),
         alive_tx,
     ));
     let access = Access::new(
         verifier,
         config.api_key.clone(),
         config.allowed_origins.clone(),
+        lockout,
+        stats.clone(),
     );
     if access.publish_open() {
         tracing::warn!(
@@ -115,7 +129,7 @@ pub async fn run(
              publish into any room, as any user, with POST /api/rooms/{{room}}/messages"
         );
     }
-    let api = Arc::new(Api::new(
+    let mut api = Api::new(
         bus.clone(),
         stats.clone(),
         access,
@@ -123,7 +137,11 @@ pub async fn run(
         config.max_connections,
         config.max_message_bytes as usize,
         config.echo,
-    ));
+    );
+    if admin.is_some() {
+        api = api.with_admin_listener();
+    }
+    let api = Arc::new(api);
     let shutdown_timeout = config.shutdown_timeout;
     let handshake_timeout = config.handshake_timeout;
     bus.spawn(shutdown.clone());
@@ -134,6 +152,15 @@ pub async fn run(
     }
     drop(bus);
     tracing::info!(addr = %listener.local_addr()?, "roomcast listening");
+    if let Some(admin) = admin {
+        tracing::info!(addr = %admin.local_addr()?, "admin routes (/metrics, /api/stats) listening");
+        tokio::spawn(serve_admin(
+            admin,
+            api.clone(),
+            shutdown.clone(),
+            handshake_timeout,
+        ));
+    }
 
     tokio::pin!(signal);
     let mut backoff = Duration::from_millis(5);
@@ -154,6 +181,7 @@ pub async fn run(
         let (stream, peer) = stream;
         tokio::spawn(serve_http(
             api.clone(),
+            Side::Public,
             shutdown.clone(),
             handshake_timeout,
             stream,
@@ -176,10 +204,41 @@ pub async fn run(
     Ok(())
 }
 
+/// Accepts on `--admin-listen` until shutdown.
+async fn serve_admin(
+    listener: TcpListener,
+    api: Arc<Api>,
+    mut shutdown: Shutdown,
+    handshake_timeout: Duration,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            res = listener.accept() => match res {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.recv() => return,
+        };
+        tokio::spawn(serve_http(
+            api.clone(),
+            Side::Admin,
+            shutdown.clone(),
+            handshake_timeout,
+            stream,
+            peer.ip(),
+        ));
+    }
+}
+
 /// Serves HTTP/1.1 on one socket. An upgrade hands the socket to a `conn` task; plain
 /// keep-alive connections are told to finish on shutdown.
 async fn serve_http(
     api: Arc<Api>,
+    side: Side,
     mut shutdown: Shutdown,
     handshake_timeout: Duration,
     stream: TcpStream,
@@ -189,7 +248,7 @@ async fn serve_http(
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |req| {
         let api = api.clone();
-        async move { Ok::<_, std::convert::Infallible>(http::handle(api, peer, req).await) }
+        async move { Ok::<_, std::convert::Infallible>(http::handle(api, side, peer, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

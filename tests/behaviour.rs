@@ -45,7 +45,8 @@ impl Deployment {
         &self.nodes[self.nodes.len() - 1]
     }
 
-    /// Waits until both nodes see `members` in `room`.
+    /// Waits until both nodes see `members` in `room` (which may carry a query: a password
+    /// room's info wants `?password=`, as joining does).
     async fn wait_members(&self, room: &str, members: u64) {
         for node in &self.nodes {
             node.wait_for(
@@ -272,7 +273,7 @@ fn token(sub: &str, rooms: Option<&str>) -> String {
     roomcast::core::auth::issue(SECRET, sub, rooms, std::time::Duration::from_secs(3600)).unwrap()
 }
 
-/// A rooms file with one password room, written once per test process and left in the temp
+/// A rooms file with one password room and one private room, written once per test process and left in the temp
 /// directory (its name carries the process id).
 fn rooms_file() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -281,9 +282,59 @@ fn rooms_file() -> &'static str {
             "roomcast-behaviour-rooms-{}.toml",
             std::process::id()
         ));
-        std::fs::write(&path, "[rooms.vault]\npassword = \"s3same\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[rooms.vault]\npassword = \"s3same\"\n[rooms.staff]\nprivate = true\n",
+        )
+        .unwrap();
         path.to_string_lossy().into_owned()
     })
+}
+
+/// A GET with `Authorization: Bearer` when `auth` is given: its status and JSON body.
+async fn get_with(node: &Node, path: &str, auth: Option<&str>) -> (u16, Value) {
+    let bearer = auth.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .as_deref()
+        .map(|b| vec![("authorization", b)])
+        .unwrap_or_default();
+    let r = support::http_with(node.addr, "GET", path, &headers, None)
+        .await
+        .unwrap();
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+/// Room names of a `GET /api/rooms` answer.
+fn listed(v: &Value) -> Vec<String> {
+    let mut names: Vec<String> = v["rooms"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r["room"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Frames a `$lobby` member gets until a `room_counts` lists `until` (which must show up).
+async fn lobby_until(lobby: &mut Client, until: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let v = lobby.recv().await;
+        let done = v["type"] == "room_counts"
+            && v["rooms"]
+                .as_array()
+                .is_some_and(|rooms| rooms.iter().any(|r| r["room"] == until));
+        seen.push(v);
+        if done {
+            return seen;
+        }
+    }
 }
 
 /// A REST publish with headers: its status and JSON body.
@@ -462,7 +513,7 @@ in_both_modes!(
 /// Without tokens or a key REST publishing is open; a password room still wants its password.
 async fn an_open_rest_publish_still_needs_a_rooms_password(d: Deployment) {
     let (mut vault, _) = Client::join(&d.a().ws("/ws/vault?user=v&password=s3same")).await;
-    d.wait_members("vault", 1).await;
+    d.wait_members("vault?password=s3same", 1).await;
     let admin = json!({"text": "x", "user": "admin"});
     let (status, v) = d.b().post("/api/rooms/vault/messages", &admin).await;
     assert_eq!(
@@ -573,4 +624,212 @@ async fn ids_are_each_token_users_own(d: Deployment) {
     )
     .await;
     assert_eq!((status, v["duplicate"].as_bool()), (202, Some(true)), "{v}");
+}
+
+in_both_modes!(
+    private_rooms_stay_unlisted,
+    "--rooms-config",
+    rooms_file(),
+    "--api-key",
+    API_KEY
+);
+/// A private room and a password room are never listed nor announced, except to the API key,
+/// and a password room's info wants its password.
+async fn private_rooms_stay_unlisted(d: Deployment) {
+    // The lobby is each process's own: it watches the process the rooms are made on.
+    let (mut lobby, _) = Client::join(&d.a().ws("/ws/$lobby?user=watcher")).await;
+    let (_staff, _) = Client::join(&d.a().ws("/ws/staff?user=s")).await;
+    let (_vault, _) = Client::join(&d.a().ws("/ws/vault?user=v&password=s3same")).await;
+    let (_open, _) = Client::join(&d.a().ws("/ws/open?user=o")).await;
+    let told = lobby_until(&mut lobby, "open").await;
+    let told = Value::Array(told).to_string();
+    assert!(
+        !told.contains("staff") && !told.contains("vault"),
+        "the lobby announced a private room: {told}"
+    );
+    d.wait_members("open", 1).await;
+    d.wait_members("vault?password=s3same", 1).await;
+
+    for node in &d.nodes {
+        let (status, v) = node.get("/api/rooms").await;
+        assert_eq!(status, 200);
+        assert_eq!(listed(&v), ["open"], "{v}");
+        assert_eq!(v["total"], 1, "{v}");
+        let (_, v) = get_with(node, "/api/rooms", Some(API_KEY)).await;
+        assert_eq!(
+            listed(&v),
+            ["open", "staff", "vault"],
+            "the key sees all: {v}"
+        );
+    }
+    let b = d.b();
+    for path in ["/api/rooms/vault", "/api/rooms/vault?password=nope"] {
+        let (status, v) = b.get(path).await;
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (403, Some("bad_password")),
+            "{path}: the members of a password room are for those who may join it"
+        );
+    }
+    let (status, v) = b.get("/api/rooms/vault?password=s3same").await;
+    assert_eq!((status, v["members"].as_u64()), (200, Some(1)), "{v}");
+    let (status, _) = get_with(b, "/api/rooms/vault", Some(API_KEY)).await;
+    assert_eq!(status, 200);
+    let (_, stats) = b.get("/api/stats").await;
+    assert_eq!(
+        stats["auth_refused_by_reason"]["bad_password"], 2,
+        "{stats}"
+    );
+}
+
+in_both_modes!(
+    tokens_bound_what_listings_show,
+    "--jwt-secret",
+    SECRET,
+    "--rooms-config",
+    rooms_file()
+);
+/// With tokens on, the room list, room info and the `$lobby` show a caller only the rooms its
+/// grant covers, and joining the lobby is itself a grant.
+async fn tokens_bound_what_listings_show(d: Deployment) {
+    let no_lobby = token("p", Some("post:*"));
+    let r = support::http_with(
+        d.a().addr,
+        "GET",
+        &format!("/ws/$lobby?token={no_lobby}"),
+        &[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (403, json!("forbidden_room")),
+        "a token without `$lobby` may not watch the lobby"
+    );
+
+    let poster = token("p", Some("post:*,$lobby"));
+    let everyone = token("e", None);
+    let (mut posts_lobby, _) = Client::join(&d.a().ws(&format!("/ws/$lobby?token={poster}"))).await;
+    let (mut all_lobby, _) = Client::join(&d.a().ws(&format!("/ws/$lobby?token={everyone}"))).await;
+    let (_g, _) = Client::join(&d.a().ws(&format!("/ws/general?token={everyone}"))).await;
+    let (_s, _) = Client::join(&d.a().ws(&format!("/ws/staff?token={everyone}"))).await;
+    let (_p, _) = Client::join(&d.a().ws(&format!("/ws/post:1?token={everyone}"))).await;
+    let seen = Value::Array(lobby_until(&mut posts_lobby, "post:1").await).to_string();
+    assert!(
+        !seen.contains("general") && !seen.contains("staff"),
+        "the lobby showed a room the grant does not cover: {seen}"
+    );
+    let seen = Value::Array(lobby_until(&mut all_lobby, "general").await).to_string();
+    assert!(
+        !seen.contains("staff"),
+        "a private room was announced: {seen}"
+    );
+    d.wait_members("post:1", 1).await;
+    d.wait_members("general", 1).await;
+
+    let b = d.b();
+    let (status, v) = b.get("/api/rooms").await;
+    assert_eq!((status, v["error"].as_str()), (401, Some("unauthorized")));
+    let (status, v) = get_with(b, "/api/rooms", Some(&poster)).await;
+    assert_eq!(
+        (status, listed(&v)),
+        (200, vec!["post:1".to_owned()]),
+        "{v}"
+    );
+    let (_, v) = get_with(b, "/api/rooms", Some(&everyone)).await;
+    assert_eq!(listed(&v), ["general", "post:1"], "{v}");
+    let (status, v) = get_with(b, "/api/rooms/general", Some(&poster)).await;
+    assert_eq!((status, v["error"].as_str()), (403, Some("forbidden_room")));
+    let (status, _) = b.get("/api/rooms/general").await;
+    assert_eq!(status, 401);
+    let (status, v) = get_with(b, "/api/rooms/post:1", Some(&poster)).await;
+    assert_eq!((status, v["members"].as_u64()), (200, Some(1)), "{v}");
+}
+
+in_both_modes!(
+    password_guesses_are_locked_out,
+    "--rooms-config",
+    rooms_file()
+);
+/// Wrong passwords from one address for one room: a few are answered, then every attempt is
+/// refused unseen for a while, on every path, and counted with its reason.
+async fn password_guesses_are_locked_out(d: Deployment) {
+    let a = d.a();
+    let upgrade = |password: &'static str| async move {
+        support::http_with(
+            a.addr,
+            "GET",
+            &format!("/ws/vault?user=g&password={password}"),
+            &[
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+            None,
+        )
+        .await
+        .unwrap()
+    };
+    let mut answers = Vec::new();
+    for _ in 0..8 {
+        let r = upgrade("guess").await;
+        answers.push(r.status);
+        if r.status == 429 {
+            let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!((1..=60).contains(&retry), "Retry-After {retry}");
+            assert_eq!(r.json()["error"], "too_many_failures");
+            assert!(r.json()["retry_after_ms"].as_u64().unwrap() > 0);
+        }
+    }
+    assert_eq!(
+        answers[..6],
+        [403; 6],
+        "a few wrong passwords are answered: {answers:?}"
+    );
+    assert_eq!(
+        answers[6..],
+        [429; 2],
+        "then the address is locked out: {answers:?}"
+    );
+    // Even the right password waits now, on every path that takes one.
+    assert_eq!(upgrade("s3same").await.status, 429);
+    let (status, v) = a.get("/api/rooms/vault/messages?password=s3same").await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (429, Some("too_many_failures"))
+    );
+    let mut c = Client::connect(&a.ws("/ws?user=g")).await;
+    c.send_json(&json!({"type": "join", "room": "vault", "password": "s3same"}))
+        .await;
+    let e = c.recv_type("error").await;
+    assert_eq!(e["code"], "too_many_failures", "{e}");
+    assert!(e["retry_after_ms"].as_u64().unwrap() > 0, "{e}");
+    // Other rooms are not touched.
+    c.send_json(&json!({"type": "join", "room": "open"})).await;
+    assert_eq!(c.recv_type("welcome").await["room"], "open");
+
+    let (_, stats) = a.get("/api/stats").await;
+    assert_eq!(
+        stats["auth_refused_by_reason"]["bad_password"], 6,
+        "{stats}"
+    );
+    assert_eq!(
+        stats["auth_refused_by_reason"]["too_many_failures"], 5,
+        "{stats}"
+    );
+    let r = support::http(a.addr, "GET", "/metrics", None)
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&r.body);
+    assert!(
+        metrics.contains("roomcast_auth_refused_total{reason=\"too_many_failures\"} 5"),
+        "{metrics}"
+    );
 }

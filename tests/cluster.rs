@@ -515,14 +515,16 @@ async fn passwords_caps_presence_modes_and_the_lobby_combine_with_cluster_mode()
     assert!(!lets_in(&nodes[0].ws("/ws/vip?user=x&password=wrong")).await);
     let (mut a, w) = Client::join(&nodes[0].ws("/ws/vip?user=a&password=pw")).await;
     assert_eq!(w["room"], "vip");
+    // A password room is private: the lobby announces the public room made after it, only.
+    let _public = Client::join(&nodes[0].ws("/ws/public?user=p")).await;
     let created = watcher.recv_type("room_created").await;
-    assert_eq!(created["room"], "vip");
+    assert_eq!(created["room"], "public");
 
     // max_members counts this server's members: full on node 0, open on node 1.
     assert!(!lets_in(&nodes[0].ws("/ws/vip?user=b&password=pw")).await);
-    nodes[1].wait_room("vip", 1, 0).await;
+    nodes[1].wait_room("vip?password=pw", 1, 0).await;
     let (_c, _) = Client::join(&nodes[1].ws("/ws/vip?user=c&password=pw")).await;
-    nodes[0].wait_room("vip", 2, 1).await;
+    nodes[0].wait_room("vip?password=pw", 2, 1).await;
 
     // `presence = "counts"` applies to presence that came through Redis: no names.
     let deadline = tokio::time::Instant::now() + STEP;

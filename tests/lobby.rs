@@ -339,7 +339,7 @@ async fn password_protected_rooms_on_both_join_paths() {
             "{path}"
         );
     }
-    let (status, _) = server.get("/api/rooms/vip").await;
+    let (status, _) = server.get("/api/rooms/vip?password=open%20sesame").await;
     assert_eq!(status, 404, "a refused join created no room");
 
     let (mut alice, w) =
@@ -377,10 +377,24 @@ async fn password_protected_rooms_on_both_join_paths() {
         .await;
     assert_eq!(alice.recv_type("message").await["text"], "in");
 
-    // The room-info API says it is protected and never shows the password.
+    // The room-info API wants what joining wants, then says the room is protected and never
+    // shows the password.
     let r = http(server.addr, "GET", "/api/rooms/vip", None)
         .await
         .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (403, json!("bad_password"))
+    );
+    let r = http_with(
+        server.addr,
+        "GET",
+        "/api/rooms/vip",
+        &[("x-room-password", "open sesame")],
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["password_protected"], true);
     assert!(!String::from_utf8_lossy(&r.body).contains("sesame"));
@@ -654,4 +668,63 @@ async fn sighup_reloads_a_good_file_and_keeps_the_settings_on_a_bad_one() {
         .unwrap()
         .unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test]
+async fn a_room_password_travels_off_the_url_as_a_subprotocol() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+    // A password with the characters a subprotocol token could not carry as they are.
+    let (server, _file) =
+        with_rooms_config("[rooms.vip]\npassword = \"open sesame, = ok\"\n").await;
+    let offer = |password: &str| {
+        let mut req = server
+            .ws_url("/ws/vip?user=alice")
+            .into_client_request()
+            .unwrap();
+        let value = format!("roomcast, password.{}", URL_SAFE_NO_PAD.encode(password));
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(&value).unwrap(),
+        );
+        req
+    };
+    let (ws, resp) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::connect_async(offer("open sesame, = ok")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "roomcast");
+    let mut alice = Client { ws };
+    assert_eq!(alice.recv_type("welcome").await["room"], "vip");
+
+    let wrong = tokio_tungstenite::connect_async(offer("open sesame")).await;
+    assert!(
+        wrong.is_err(),
+        "a wrong password is refused before the upgrade"
+    );
+    let r = http_with(
+        server.addr,
+        "GET",
+        "/ws/vip?user=eve",
+        &[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-protocol", "roomcast, password.not base64!"),
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, json!("bad_password"))
+    );
 }

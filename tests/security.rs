@@ -130,7 +130,8 @@ async fn joins_over_an_open_socket_are_checked_against_the_token() {
     let e = c.recv_type("error").await;
     assert_eq!(e["code"], "forbidden_room");
     assert_eq!(e["room"], "private");
-    let (status, _) = server.get("/api/rooms/private").await;
+    let op = token("operator", None, Duration::from_secs(3600));
+    let (status, _) = server.get(&format!("/api/rooms/private?token={op}")).await;
     assert_eq!(status, 404, "no membership was created");
     c.send_json(&json!({"type": "join", "room": "lobby:1"}))
         .await;
@@ -249,8 +250,9 @@ async fn a_narrower_refresh_leaves_the_rooms_it_no_longer_allows() {
     assert_eq!(refreshed["type"], "refreshed", "{refreshed}");
     left.sort();
     assert_eq!(left, ["also:1", "drop"]);
+    let op = token("operator", None, Duration::from_secs(3600));
     for room in ["drop", "also:1"] {
-        let (status, _) = server.get(&format!("/api/rooms/{room}")).await;
+        let (status, _) = server.get(&format!("/api/rooms/{room}?token={op}")).await;
         assert_eq!(status, 404, "{room} lost its only member");
         c.send_json(&json!({"type": "message", "room": room, "text": "x"}))
             .await;
@@ -614,4 +616,28 @@ async fn slow_headers_are_dropped_at_the_handshake_timeout() {
     // The server still serves.
     let (_c, w) = Client::join(&server.ws_url("/ws/r")).await;
     assert_eq!(w["type"], "welcome");
+}
+
+#[tokio::test]
+async fn operator_routes_can_live_on_their_own_listener() {
+    let port = support::nodes::free_port();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let node = support::nodes::Node::standalone(&["--admin-listen", &admin.to_string()]).await;
+    let get = |addr, path: &'static str| async move {
+        support::http(addr, "GET", path, None).await.unwrap().status
+    };
+    for path in ["/metrics", "/api/stats"] {
+        assert_eq!(get(node.addr, path).await, 404, "{path} on --listen");
+        assert_eq!(get(admin, path).await, 200, "{path} on --admin-listen");
+    }
+    assert_eq!(get(node.addr, "/healthz").await, 200);
+    assert_eq!(get(admin, "/healthz").await, 200);
+    for path in ["/api/rooms", "/ws/r", "/"] {
+        assert_eq!(
+            get(admin, path).await,
+            404,
+            "{path} is not an operator route"
+        );
+    }
+    assert_eq!(get(node.addr, "/api/rooms").await, 200);
 }

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::core::auth::Scope;
 pub use crate::core::hub::JoinRequest;
 use crate::core::hub::{Hub, JoinError};
 use crate::core::room::{Joined, Publish, Published, Room, RoomInfo};
@@ -185,7 +186,9 @@ impl Bus {
     pub async fn join(&self, req: JoinRequest<'_>) -> Result<Joined, JoinError> {
         // The lobby is each process's own: never a broker's room.
         if req.name == LOBBY {
-            return Ok(self.hub.lobby().join(req.id, req.user, req.replay));
+            let all = Scope::all();
+            let scope = req.grant.map_or(&all, |g| g.scope());
+            return Ok(self.hub.lobby().join(req.id, req.user, req.replay, scope));
         }
         self.broker.join(&self.hub, req).await
     }
@@ -193,7 +196,7 @@ impl Bus {
     /// Leaves a room joined through `join`.
     pub fn leave(&self, room: &Arc<Room>, id: u64) {
         if self.hub.lobby().is(room) {
-            self.hub.lobby().leave(id);
+            self.hub.lobby().leave(room, id);
         } else {
             self.broker.leave(&self.hub, room, id);
         }
@@ -260,17 +263,22 @@ impl Bus {
         Some(info)
     }
 
-    /// Rooms with members anywhere, largest first, at most `limit`.
-    pub async fn rooms(&self, limit: usize) -> RoomList {
+    /// Rooms with members anywhere that `shown` lets the caller see, largest first, at most
+    /// `limit`; `total` counts the shown ones.
+    pub async fn rooms(&self, limit: usize, shown: impl Fn(&str) -> bool) -> RoomList {
         let (local, _) = self.hub.list(usize::MAX);
         let local: Vec<(String, usize)> = local
             .into_iter()
+            .filter(|(r, _)| shown(r.name()))
             .map(|(r, n)| (r.name().to_owned(), n))
             .collect();
         let (mut all, cluster) = match self.broker.link() {
             None => (local.clone(), None),
             Some(_) => match self.broker.totals(&self.hub, 0).await {
-                Ok(totals) => (totals.rooms, Some("up")),
+                Ok(mut totals) => {
+                    totals.rooms.retain(|(name, _)| shown(name));
+                    (totals.rooms, Some("up"))
+                }
                 Err(()) => (local.clone(), Some("down")),
             },
         };

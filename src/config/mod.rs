@@ -20,6 +20,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// A second address that alone serves `/metrics` and `/api/stats` (and `/healthz`), for a
+    /// port only operators can reach; the main listener then answers 404 for those two.
+    /// Default: unset (every route on `--listen`).
+    #[arg(long, env = "ROOMCAST_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Messages a room buffers for its slowest member before that member is evicted
     /// (close 1008 "slow consumer"). Unit: messages. Default: 1024.
     #[arg(long, env = "ROOMCAST_ROOM_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]

@@ -134,6 +134,8 @@ impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX>
 #[serde(deny_unknown_fields)]
 struct Entry {
     password: Option<Password>,
+    /// Unlisted: left out of `/api/rooms` and `$lobby` (a room with a password always is).
+    private: Option<bool>,
     /// 0 means no cap.
     max_members: Option<Bounded<0, MAX_MEMBERS_CAP>>,
     /// 0 turns history off.
@@ -197,6 +199,8 @@ struct File {
 pub struct RoomSettings {
     /// Joining needs this password.
     pub password: Option<Password>,
+    /// `private = true`: unlisted even without a password (see `is_private`).
+    pub private: bool,
     /// Most members at once; a join beyond it is refused with `room_full`. `None`: no cap.
     pub max_members: Option<u32>,
     /// Messages of history to keep. `None`: the file does not say, `--history` decides.
@@ -213,6 +217,7 @@ impl RoomSettings {
     pub fn from_flags(room_buffer: usize) -> RoomSettings {
         RoomSettings {
             password: None,
+            private: false,
             max_members: None,
             history: None,
             rate_limit: None,
@@ -224,6 +229,9 @@ impl RoomSettings {
     fn overlay(&mut self, e: &Entry) {
         if let Some(p) = &e.password {
             self.password = Some(p.clone());
+        }
+        if let Some(p) = e.private {
+            self.private = p;
         }
         if let Some(Bounded(n)) = e.max_members {
             self.max_members = (n > 0).then_some(n as u32);
@@ -240,6 +248,14 @@ impl RoomSettings {
         if let Some(Bounded(n)) = e.room_buffer {
             self.room_buffer = n as usize;
         }
+    }
+}
+
+impl RoomSettings {
+    /// Whether the room is left out of every listing (`/api/rooms`, `$lobby`): marked
+    /// `private`, or guarded by a password (whose room's very name is for its members).
+    pub fn is_private(&self) -> bool {
+        self.private || self.password.is_some()
     }
 }
 
@@ -353,6 +369,26 @@ impl Settings {
             s.overlay(e);
         }
         s
+    }
+
+    /// `resolve(name).is_private()` without copying the settings: listings ask it of every
+    /// room they show.
+    pub fn is_private(&self, name: &str) -> bool {
+        let prefix = self
+            .prefixes
+            .iter()
+            .find(|(p, _)| name.starts_with(&**p))
+            .map(|(_, e)| e);
+        let exact = self.exact.get(name);
+        let layers = [exact, prefix];
+        let password = self.defaults.password.is_some()
+            || layers.iter().flatten().any(|e| e.password.is_some());
+        let private = layers
+            .iter()
+            .flatten()
+            .find_map(|e| e.private)
+            .unwrap_or(self.defaults.private);
+        password || private
     }
 }
 
@@ -506,6 +542,29 @@ rate_limit = "off"
         assert!(r.password.is_none() && r.max_members.is_none());
         let empty = parse("").unwrap();
         assert_eq!(empty.resolve("x").room_buffer, 1024);
+    }
+
+    #[test]
+    fn private_rooms_are_marked_or_guarded() {
+        let s = parse(
+            "[rooms.\"staff*\"]\nprivate = true\n[rooms.staff-open]\nprivate = false\n\
+             [rooms.vault]\npassword = \"s3cret-pass\"\nprivate = false\n",
+        )
+        .unwrap();
+        for (name, private) in [
+            ("lobby-ish", false),
+            ("staff", true),
+            ("staff-room", true),
+            ("staff-open", false),
+            // A password always makes a room private: its name is for its members.
+            ("vault", true),
+        ] {
+            assert_eq!(s.is_private(name), private, "{name}");
+            assert_eq!(s.resolve(name).is_private(), private, "{name}");
+        }
+        let all = parse("[defaults]\nprivate = true\n[rooms.hall]\nprivate = false\n").unwrap();
+        assert!(all.is_private("anything"));
+        assert!(!all.is_private("hall"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The chat protocol's business: a client message becomes a publish, a join or a leave, each
 //! checked (name, token, limits) before it goes to the bus; a refusal is an error frame.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,8 +12,10 @@ use super::{Connection, MAX_BATCH};
 use crate::bus::{Fallback, JoinRequest, PublishError};
 use crate::core::auth::AuthError;
 use crate::core::dedupe::Author;
+use crate::core::hub::JoinError;
 use crate::core::limit::{retry_after_ms, Verdict};
 use crate::core::room::{Joined, Publish, Room};
+use crate::core::stats::AuthReason;
 use crate::proto::close;
 use crate::proto::names::{is_server_room, validate_joinable_room, validate_room, NameError};
 use crate::proto::ReplayRequest;
@@ -181,12 +184,14 @@ impl Connection {
         validate_joinable_room(name).map_err(|e| Refusal::Reply(room_error(e)))?;
         if let Some(grant) = &self.grant {
             if grant.expired() {
+                self.cx.stats.auth_refused.inc(AuthReason::TokenExpired);
                 return Err(Refusal::Reply(ProtocolError::new(
                     "token_expired",
                     "the access token has expired: reconnect with a fresh one",
                 )));
             }
             if !grant.allows(name) {
+                self.cx.stats.auth_refused.inc(AuthReason::ForbiddenRoom);
                 return Err(Refusal::Reply(ProtocolError::new(
                     "forbidden_room",
                     "the access token does not allow this room",
@@ -208,17 +213,33 @@ impl Connection {
                 ),
             )));
         }
+        let peer = self.peer();
+        self.not_locked(peer, name)?;
         let req = JoinRequest {
             name,
             id: self.id,
             user: &self.user,
             password,
             replay,
+            grant: self.grant.as_deref(),
         };
         // Boxed: a broker's join may wait (cluster mode: for the room's subscription).
-        let joined = Box::pin(self.cx.bus.join(req))
-            .await
-            .map_err(|e| Refusal::Reply(ProtocolError::new(e.code(), e.to_string())))?;
+        let joined = Box::pin(self.cx.bus.join(req)).await.map_err(|e| {
+            match e {
+                JoinError::WrongPassword => {
+                    self.cx.stats.auth_refused.inc(AuthReason::BadPassword);
+                    if let Some(peer) = peer {
+                        // Answered as it is; the lockout bites on the next attempt.
+                        let _ = self.cx.lockout.failed(peer, name);
+                    }
+                }
+                JoinError::PasswordRequired => {
+                    self.cx.stats.auth_refused.inc(AuthReason::BadPassword)
+                }
+                JoinError::RoomFull { .. } => {}
+            }
+            Refusal::Reply(ProtocolError::new(e.code(), e.to_string()))
+        })?;
         self.enter(joined).await
     }
 
@@ -271,7 +292,13 @@ impl Connection {
                 "this server does not use access tokens",
             )));
         };
+        let peer = self.peer();
+        self.not_locked(peer, "")?;
         let grant = verifier.verify(token).map_err(|e| {
+            self.cx.stats.auth_refused.inc(e.reason());
+            if let (true, Some(peer)) = (e.is_guess(), peer) {
+                let _ = self.cx.lockout.failed(peer, "");
+            }
             let code = match e {
                 AuthError::Expired => "token_expired",
                 _ => "unauthorized",
@@ -281,6 +308,7 @@ impl Connection {
         // A socket's user is named in every message it has published and in presence: a token
         // for someone else would let one user speak as another.
         if *grant.user != *self.user {
+            self.cx.stats.auth_refused.inc(AuthReason::RefreshRefused);
             return Err(Refusal::Reply(ProtocolError::new(
                 "forbidden_user",
                 "the token is for another user: a socket keeps the user it opened with",
@@ -306,6 +334,25 @@ impl Connection {
         }
         self.write_own(&ServerFrame::Refreshed { exp }.encode())
             .await
+    }
+
+    /// The client's address, for the failure lockout (`None` if the socket cannot tell).
+    fn peer(&self) -> Option<IpAddr> {
+        self.stream.peer_addr().ok().map(|a| a.ip())
+    }
+
+    /// An error frame with `retry_after_ms` while `peer` is locked out of `room` (`""`: token
+    /// refreshes).
+    fn not_locked(&self, peer: Option<IpAddr>, room: &str) -> Handled {
+        let Some(peer) = peer else { return Ok(()) };
+        self.cx.lockout.check(peer, room).map_err(|wait| {
+            self.cx.stats.auth_refused.inc(AuthReason::TooManyFailures);
+            Refusal::Reply(ProtocolError {
+                code: "too_many_failures",
+                reason: "too many failed attempts from this address: try again later".into(),
+                retry_after_ms: Some(retry_after_ms(wait)),
+            })
+        })
     }
 
     pub(super) fn leave_all(&mut self) {

@@ -29,8 +29,9 @@ use crate::config::rate::RateSpec;
 use crate::config::LagPolicy;
 use crate::core::auth::{Grant, Verifier};
 use crate::core::limit::{ConnectionLimiter, PerIpLimit};
+use crate::core::lockout::Lockout;
 use crate::core::room::Joined;
-use crate::core::stats::Stats;
+use crate::core::stats::{AuthReason, Stats};
 use crate::proto;
 use crate::proto::close;
 use crate::shutdown::Shutdown;
@@ -65,6 +66,8 @@ pub struct Context {
     pub per_ip: Option<PerIpLimit>,
     /// `--jwt-secret`, when set: checks the tokens a socket sends to `refresh` its grant.
     pub verifier: Option<Arc<Verifier>>,
+    /// Failed passwords and tokens per address and room; shared with the HTTP side.
+    pub lockout: Arc<Lockout>,
     /// Never sent on: the shutdown sequence waits until every copy of the context (one per
     /// live task) has been dropped, which closes this channel.
     _alive: mpsc::Sender<()>,
@@ -77,7 +80,7 @@ impl Context {
         limits: Limits,
         shutdown: Shutdown,
         per_ip: Option<PerIpLimit>,
-        verifier: Option<Arc<Verifier>>,
+        (verifier, lockout): (Option<Arc<Verifier>>, Arc<Lockout>),
         alive: mpsc::Sender<()>,
     ) -> Self {
         Context {
@@ -87,6 +90,7 @@ impl Context {
             shutdown,
             per_ip,
             verifier,
+            lockout,
             _alive: alive,
         }
     }
@@ -326,6 +330,7 @@ impl Connection {
                     // The timer may have woken for the expiry that a refresh has since pushed
                     // back: then only the ping schedule below goes on.
                     if self.grant.as_ref().is_some_and(|g| g.expired()) {
+                        self.cx.stats.auth_refused.inc(AuthReason::SocketExpired);
                         return End::Close(close::TOKEN_EXPIRED, "token expired");
                     }
                     let silent = last_seen.elapsed();

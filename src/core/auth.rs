@@ -11,6 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use crate::core::stats::AuthReason;
 use crate::proto::names::validate_user;
 
 /// The subprotocol a browser offers next to `bearer.<token>`; the server selects it, since a
@@ -18,6 +19,10 @@ use crate::proto::names::validate_user;
 pub const SUBPROTOCOL: &str = "roomcast";
 /// Prefix of the subprotocol entry that carries a token.
 pub const SUBPROTOCOL_TOKEN_PREFIX: &str = "bearer.";
+/// Prefix of the subprotocol entry that carries the first room's password, base64url-encoded
+/// without padding (a subprotocol is an RFC 7230 token: a password's `=`, spaces or commas
+/// could not travel as they are).
+pub const SUBPROTOCOL_PASSWORD_PREFIX: &str = "password.";
 
 /// Seconds of clock skew tolerated on `exp` and `nbf`, at the upgrade, on a refresh and for
 /// the socket's own expiry alike.
@@ -59,32 +64,66 @@ pub enum RoomsClaim {
 #[derive(Debug)]
 pub struct Grant {
     pub user: Arc<str>,
-    /// `None`: every room.
-    rooms: Option<Box<[RoomPattern]>>,
+    rooms: Scope,
     /// Seconds since the Unix epoch.
     pub expires_at: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum RoomPattern {
     Exact(Box<str>),
     Prefix(Box<str>),
 }
 
-impl Grant {
-    /// Whether the token allows joining `room`.
-    /// The `$lobby` is open to every valid token.
+/// The rooms a grant covers, in a canonical form (sorted, without repeats) so that two tokens
+/// with the same `rooms` claim compare equal: the `$lobby` encodes its frames once per distinct
+/// scope, not once per member.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope(Option<Arc<[RoomPattern]>>);
+
+impl Scope {
+    /// Every room (no tokens, or a token without a `rooms` claim).
+    pub fn all() -> Scope {
+        Scope(None)
+    }
+
+    /// The scope of a `rooms` claim: exact names and `prefix*` wildcards (`*`: every room).
+    pub fn of<'a>(patterns: impl Iterator<Item = &'a str>) -> Scope {
+        let mut patterns: Vec<RoomPattern> = patterns
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.strip_suffix('*') {
+                Some(prefix) => RoomPattern::Prefix(prefix.into()),
+                None => RoomPattern::Exact(p.into()),
+            })
+            .collect();
+        patterns.sort_unstable();
+        patterns.dedup();
+        Scope(Some(Arc::from(patterns)))
+    }
+
+    /// Whether `room` is covered. `$lobby` is a room like any other here: it needs `$lobby` in
+    /// the claim, or `*`.
     pub fn allows(&self, room: &str) -> bool {
-        if room == crate::proto::names::LOBBY {
-            return true;
-        }
-        let Some(patterns) = &self.rooms else {
+        let Some(patterns) = &self.0 else {
             return true;
         };
         patterns.iter().any(|p| match p {
             RoomPattern::Exact(name) => &**name == room,
             RoomPattern::Prefix(prefix) => room.starts_with(&**prefix),
         })
+    }
+}
+
+impl Grant {
+    /// Whether the token allows joining `room` (`$lobby` included: see `Scope::allows`).
+    pub fn allows(&self, room: &str) -> bool {
+        self.rooms.allows(room)
+    }
+
+    /// The rooms the token covers.
+    pub fn scope(&self) -> &Scope {
+        &self.rooms
     }
 
     /// Whether the token has expired (with the same leeway as at the upgrade).
@@ -117,6 +156,25 @@ pub enum AuthError {
     BadSubject,
     #[error("the access token is invalid: {0}")]
     Invalid(String),
+}
+
+impl AuthError {
+    /// The `auth_refused` label of this refusal.
+    pub fn reason(&self) -> AuthReason {
+        match self {
+            AuthError::Missing => AuthReason::MissingToken,
+            AuthError::Expired => AuthReason::TokenExpired,
+            AuthError::NotYetValid => AuthReason::TokenNotYetValid,
+            AuthError::BadSubject | AuthError::Invalid(_) => AuthReason::BadToken,
+        }
+    }
+
+    /// Whether this refusal could be a guess: a token that does not verify. A missing or
+    /// expired token is a client's mistake, not an attack, and does not count towards the
+    /// failure lockout.
+    pub fn is_guess(&self) -> bool {
+        matches!(self, AuthError::BadSubject | AuthError::Invalid(_))
+    }
 }
 
 /// A `--jwt-secret` too short to be safe; the server refuses to start with it.
@@ -186,19 +244,12 @@ impl Verifier {
         )?;
         let claims = data.claims;
         validate_user(&claims.sub).map_err(|_| AuthError::BadSubject)?;
-        let rooms = claims.rooms.map(|claim| {
+        let rooms = claims.rooms.map_or_else(Scope::all, |claim| {
             let list: Vec<String> = match claim {
                 RoomsClaim::List(list) => list,
                 RoomsClaim::Csv(csv) => csv.split(',').map(str::to_owned).collect(),
             };
-            list.iter()
-                .map(|p| p.trim())
-                .filter(|p| !p.is_empty())
-                .map(|p| match p.strip_suffix('*') {
-                    Some(prefix) => RoomPattern::Prefix(prefix.into()),
-                    None => RoomPattern::Exact(p.into()),
-                })
-                .collect()
+            Scope::of(list.iter().map(String::as_str))
         });
         Ok(Grant {
             user: claims.sub.into(),
@@ -230,16 +281,44 @@ pub fn find_token<'a>(
     {
         return Some((token, TokenSource::Header));
     }
-    let from_protocol = headers
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix(SUBPROTOCOL_TOKEN_PREFIX));
+    let from_protocol =
+        subprotocols(headers).find_map(|p| p.strip_prefix(SUBPROTOCOL_TOKEN_PREFIX));
     if let Some(token) = from_protocol {
         return Some((token, TokenSource::Subprotocol));
     }
     query_token.map(|t| (t, TokenSource::Query))
+}
+
+/// Entries of the request's `Sec-WebSocket-Protocol` headers.
+fn subprotocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// A `password.` subprotocol entry that is not base64url of UTF-8 text.
+#[derive(Debug, thiserror::Error)]
+#[error("the `password.` subprotocol must be base64url (no padding) of UTF-8 text")]
+pub struct BadPasswordEncoding;
+
+/// The room password a browser sent as a `password.<base64url>` subprotocol.
+pub fn find_password(headers: &HeaderMap) -> Result<Option<String>, BadPasswordEncoding> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let Some(encoded) =
+        subprotocols(headers).find_map(|p| p.strip_prefix(SUBPROTOCOL_PASSWORD_PREFIX))
+    else {
+        return Ok(None);
+    };
+    let bytes = URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|_| BadPasswordEncoding)?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| BadPasswordEncoding)
 }
 
 /// The credential of an `Authorization: Bearer <credential>` value (scheme case-insensitive).
@@ -349,17 +428,25 @@ mod tests {
             ))
             .unwrap();
         assert!(g.allows("a") && g.allows("bcd") && !g.allows("c"));
+        assert!(!g.allows("$lobby"), "the lobby is a grant like any room");
+        let same = v
+            .verify(&token(
+                K,
+                serde_json::json!({"sub": "w", "exp": later(), "rooms": "b*, a,a"}),
+            ))
+            .unwrap();
+        assert_eq!(g.scope(), same.scope(), "one scope per distinct claim");
         let g = v
             .verify(&token(K, serde_json::json!({"sub": "u", "exp": later()})))
             .unwrap();
-        assert!(g.allows("anything"));
+        assert!(g.allows("anything") && g.allows("$lobby"));
         let g = v
             .verify(&token(
                 K,
                 serde_json::json!({"sub": "u", "exp": later(), "rooms": "*"}),
             ))
             .unwrap();
-        assert!(g.allows("anything"));
+        assert!(g.allows("anything") && g.allows("$lobby"));
         let g = v
             .verify(&token(
                 K,
@@ -367,10 +454,7 @@ mod tests {
             ))
             .unwrap();
         assert!(!g.allows("anything"), "an empty list allows nothing");
-        assert!(
-            g.allows("$lobby"),
-            "but the lobby is open to every valid token"
-        );
+        assert!(!g.allows("$lobby"), "not even the lobby");
     }
 
     #[test]

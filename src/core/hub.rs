@@ -11,6 +11,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::rate::RateSpec;
 use crate::config::rooms::{RoomSettings, Settings};
+use crate::core::auth::Grant;
 use crate::core::history::HistoryService;
 use crate::core::lobby::Lobby;
 use crate::core::ring::History;
@@ -68,6 +69,9 @@ pub struct JoinRequest<'a> {
     pub password: Option<&'a str>,
     /// Past messages to write after the welcome (`history`/`since`).
     pub replay: Option<ReplayRequest>,
+    /// The joiner's access token, when tokens are on: the `$lobby` shows only the rooms it
+    /// covers. (Whether it allows the room itself is checked before a join gets here.)
+    pub grant: Option<&'a Grant>,
 }
 
 /// Where a room created by a join starts. Standalone: the default (seq 0, nobody elsewhere,
@@ -167,11 +171,12 @@ impl Hub {
             None => {
                 let settings = self.settings.read().resolve(name);
                 admit(&settings, 0, req.password)?;
+                let settings_private = settings.is_private();
                 let room = self.create_room(name, settings, start.seq, start.kept);
                 room.set_remote_members(start.remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
-                self.lobby.room_created(name);
+                self.lobby.room_created(name, settings_private);
                 (room, true)
             }
         };
@@ -246,7 +251,8 @@ impl Hub {
                 state.retired = true;
                 let history = std::mem::replace(&mut state.history, History::new(0));
                 self.history.retire(room.name_arc(), state.seq(), history);
-                self.lobby.room_closed(room.name());
+                self.lobby
+                    .room_closed(room.name(), state.settings.is_private());
             }
         }
         // Queued even when the room just emptied: in cluster mode the other processes still
@@ -281,7 +287,12 @@ impl Hub {
 
     /// Sends the lobby's coalesced frames for this tick (nothing when nobody is in it).
     pub fn flush_lobby(&self) {
-        self.lobby.flush(|top| self.list(top));
+        self.lobby.flush(|| {
+            let settings = self.settings();
+            let (mut rooms, _) = self.list(usize::MAX);
+            rooms.retain(|(room, _)| !settings.is_private(room.name()));
+            rooms
+        });
     }
 
     fn queue_presence(&self, room: &Arc<Room>, state: &mut crate::core::room::RoomState) {
@@ -350,6 +361,7 @@ mod tests {
             user,
             password,
             replay,
+            grant: None,
         };
         hub.join(&req, Start::default())
     }
@@ -378,6 +390,7 @@ mod tests {
             user,
             password: None,
             replay: None,
+            grant: None,
         };
         let start = Start {
             seq,
@@ -450,6 +463,7 @@ mod tests {
             user: &u,
             password: None,
             replay: None,
+            grant: None,
         };
         let start = Start {
             seq: 10,
@@ -632,7 +646,9 @@ mod tests {
     fn the_lobby_is_not_a_room() {
         let hub = hub();
         let u: Arc<str> = "u".into();
-        let mut l = hub.lobby().join(1, &u, None);
+        let mut l = hub
+            .lobby()
+            .join(1, &u, None, &crate::core::auth::Scope::all());
         assert_eq!(payload(&l.welcome)["room"], crate::proto::names::LOBBY);
         assert_eq!(hub.room_count(), 0);
         assert!(hub.get(crate::proto::names::LOBBY).is_none());
@@ -654,8 +670,8 @@ mod tests {
             payload(&l.rx.try_recv().unwrap().frame),
             serde_json::json!({"type": "room_closed", "room": "r"})
         );
-        assert!(hub.lobby().leave(1));
-        assert!(!hub.lobby().leave(1));
+        assert!(hub.lobby().leave(&l.room, 1));
+        assert!(!hub.lobby().leave(&l.room, 1));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! `$lobby`: the server's read-only room of room events. It owns its own `Room` (never in the
-//! hub's map, so it is never listed, counted, created or closed), the changes noted since the
+//! `$lobby`: the server's read-only room of room events. It owns its own rooms (never in the
+//! hub's map, so they are never listed, counted, created or closed), the changes noted since the
 //! last tick, and whether the member counts moved. `Hub` feeds it; the lobby task flushes it
 //! once per `TICK`.
 //!
@@ -8,6 +8,10 @@
 //! `room_created` / `room_closed` frames; a busier one sends one `rooms_changed` frame with both
 //! lists. Then, if any count moved, one `room_counts` frame. So a ramp of any size costs at most
 //! two frames per tick. With nobody in the lobby nothing is noted: each hook is one atomic load.
+//!
+//! Views: a member sees only the rooms its grant covers (`Scope`), and nobody sees a private
+//! room. Members with the same scope share one view (one ring, frames encoded once per view per
+//! tick); without tokens there is one view.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -17,6 +21,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::config::rooms::{Presence, RoomSettings};
+use crate::core::auth::Scope;
 use crate::core::history::HistoryService;
 use crate::core::ring::{History, Seed};
 use crate::core::room::{Joined, Room};
@@ -51,9 +56,18 @@ struct Changes {
     truncated: bool,
 }
 
-pub struct Lobby {
+/// The lobby as the members of one scope see it.
+struct View {
     room: Arc<Room>,
-    /// Members of `$lobby`; zero turns every hook into a no-op.
+    members: usize,
+}
+
+/// A live room as the counts snapshot lists it: name and members.
+pub type Counted = (Arc<Room>, usize);
+
+pub struct Lobby {
+    views: Mutex<HashMap<Scope, View>>,
+    /// Members of `$lobby`, every view together; zero turns every hook into a no-op.
     watchers: AtomicUsize,
     changes: Mutex<Changes>,
     /// Some room's member count changed (or a watcher arrived) since the last `room_counts`.
@@ -65,21 +79,8 @@ pub struct Lobby {
 
 impl Lobby {
     pub fn new(top: usize, stats: Arc<Stats>) -> Lobby {
-        let settings = RoomSettings {
-            presence: Presence::Off,
-            ..RoomSettings::from_flags(LOBBY_BUFFER)
-        };
         Lobby {
-            room: Arc::new(Room::new(
-                LOBBY,
-                settings,
-                Seed {
-                    last_seq: 0,
-                    history: History::new(0),
-                },
-                Arc::new(HistoryService::disabled()),
-                stats.clone(),
-            )),
+            views: Mutex::new(HashMap::new()),
             watchers: AtomicUsize::new(0),
             changes: Mutex::new(Changes::default()),
             counts_dirty: AtomicBool::new(false),
@@ -88,9 +89,26 @@ impl Lobby {
         }
     }
 
-    /// Whether `room` is the lobby's own room.
+    fn new_room(&self) -> Arc<Room> {
+        let settings = RoomSettings {
+            presence: Presence::Off,
+            ..RoomSettings::from_flags(LOBBY_BUFFER)
+        };
+        Arc::new(Room::new(
+            LOBBY,
+            settings,
+            Seed {
+                last_seq: 0,
+                history: History::new(0),
+            },
+            Arc::new(HistoryService::disabled()),
+            self.stats.clone(),
+        ))
+    }
+
+    /// Whether `room` is one of the lobby's own (no chat room can be called `$lobby`).
     pub fn is(&self, room: &Arc<Room>) -> bool {
-        Arc::ptr_eq(&self.room, room)
+        room.name() == LOBBY
     }
 
     pub fn top(&self) -> usize {
@@ -101,17 +119,31 @@ impl Lobby {
         self.watchers.load(Ordering::Relaxed) > 0
     }
 
-    /// Adds a member. Its first `room_counts` comes with the next tick.
-    /// The lobby keeps no history: a `replay` request gets an empty one.
-    pub(crate) fn join(&self, id: u64, user: &Arc<str>, replay: Option<ReplayRequest>) -> Joined {
-        let mut state = self.room.lock();
-        let (rx, welcome, replay) = self.room.add_member(&mut state, id, user, replay);
+    /// Adds a member who sees the rooms `scope` covers. Its first `room_counts` comes with the
+    /// next tick. The lobby keeps no history: a `replay` request gets an empty one.
+    pub(crate) fn join(
+        &self,
+        id: u64,
+        user: &Arc<str>,
+        replay: Option<ReplayRequest>,
+        scope: &Scope,
+    ) -> Joined {
+        let mut views = self.views.lock();
+        let view = views.entry(scope.clone()).or_insert_with(|| View {
+            room: self.new_room(),
+            members: 0,
+        });
+        view.members += 1;
+        let room = view.room.clone();
+        let mut state = room.lock();
+        let (rx, welcome, replay) = room.add_member(&mut state, id, user, replay);
         let last_seq = state.seq();
         self.watchers.fetch_add(1, Ordering::Relaxed);
         self.counts_dirty.store(true, Ordering::Relaxed);
         drop(state);
+        drop(views);
         Joined {
-            room: self.room.clone(),
+            room,
             rx,
             welcome,
             replay,
@@ -119,23 +151,41 @@ impl Lobby {
         }
     }
 
-    pub(crate) fn leave(&self, id: u64) -> bool {
-        let mut state = self.room.lock();
-        let removed = self.room.remove_member(&mut state, id);
+    /// Removes member `id` from the lobby view `room`; the view goes with its last member.
+    pub(crate) fn leave(&self, room: &Arc<Room>, id: u64) -> bool {
+        let mut views = self.views.lock();
+        let mut state = room.lock();
+        let removed = room.remove_member(&mut state, id);
+        drop(state);
         if removed {
             self.watchers.fetch_sub(1, Ordering::Relaxed);
+            // Linear in the number of distinct scopes watching, and only on a lobby leave.
+            let emptied = views.iter_mut().find_map(|(scope, view)| {
+                if !Arc::ptr_eq(&view.room, room) {
+                    return None;
+                }
+                view.members = view.members.saturating_sub(1);
+                (view.members == 0).then(|| scope.clone())
+            });
+            if let Some(scope) = emptied {
+                views.remove(&scope);
+            }
         }
         removed
     }
 
-    /// A room was created (called under its shard lock).
-    pub(crate) fn room_created(&self, name: &str) {
-        self.note(name, Change::Created);
+    /// A room was created (called under its shard lock). Private rooms are never announced.
+    pub(crate) fn room_created(&self, name: &str, private: bool) {
+        if !private {
+            self.note(name, Change::Created);
+        }
     }
 
     /// A room was removed with its last member (called under its shard lock).
-    pub(crate) fn room_closed(&self, name: &str) {
-        self.note(name, Change::Closed);
+    pub(crate) fn room_closed(&self, name: &str, private: bool) {
+        if !private {
+            self.note(name, Change::Closed);
+        }
     }
 
     /// Some room's member count changed.
@@ -164,9 +214,9 @@ impl Lobby {
         }
     }
 
-    /// Sends this tick's frames. `snapshot` lists the busiest rooms (`(name, members)`, largest
-    /// first, at most `top`) and the total; it is only called when a count moved.
-    pub(crate) fn flush(&self, snapshot: impl FnOnce(usize) -> (Vec<(Arc<Room>, usize)>, usize)) {
+    /// Sends this tick's frames to every view. `snapshot` lists the public rooms with their
+    /// member counts, largest first; it is only called when a count moved.
+    pub(crate) fn flush(&self, snapshot: impl FnOnce() -> Vec<Counted>) {
         if !self.watched() {
             // Nobody to tell: forget what was noted while the last watcher was leaving.
             let mut changes = self.changes.lock();
@@ -177,55 +227,82 @@ impl Lobby {
             return;
         }
         let changes = std::mem::take(&mut *self.changes.lock());
-        if !changes.rooms.is_empty() || changes.truncated {
-            self.send_changes(changes);
-        }
-        if self.counts_dirty.swap(false, Ordering::Relaxed) {
-            let (rooms, total) = snapshot(self.top);
-            let rooms: Vec<RoomCount<'_>> = rooms
-                .iter()
-                .map(|(room, members)| RoomCount {
-                    room: room.name(),
-                    members: *members,
-                })
-                .collect();
-            self.send(ServerFrame::RoomCounts {
-                rooms: &rooms,
-                total,
-            });
+        let counts = self
+            .counts_dirty
+            .swap(false, Ordering::Relaxed)
+            .then(snapshot);
+        let views: Vec<(Scope, Arc<Room>)> = self
+            .views
+            .lock()
+            .iter()
+            .map(|(scope, view)| (scope.clone(), view.room.clone()))
+            .collect();
+        for (scope, room) in &views {
+            if !changes.rooms.is_empty() || changes.truncated {
+                self.send_changes(room, scope, &changes);
+            }
+            if let Some(counts) = &counts {
+                self.send_counts(room, scope, counts);
+            }
         }
     }
 
-    fn send_changes(&self, changes: Changes) {
+    fn send_counts(&self, room: &Room, scope: &Scope, counts: &[Counted]) {
+        let mut visible = counts.iter().filter(|(r, _)| scope.allows(r.name()));
+        let rooms: Vec<RoomCount<'_>> = visible
+            .by_ref()
+            .take(self.top)
+            .map(|(r, members)| RoomCount {
+                room: r.name(),
+                members: *members,
+            })
+            .collect();
+        let total = rooms.len() + visible.count();
+        self.send(
+            room,
+            ServerFrame::RoomCounts {
+                rooms: &rooms,
+                total,
+            },
+        );
+    }
+
+    fn send_changes(&self, room: &Room, scope: &Scope, changes: &Changes) {
         let mut created: Vec<&str> = Vec::new();
         let mut closed: Vec<&str> = Vec::new();
-        for (name, change) in &changes.rooms {
+        for (name, change) in changes.rooms.iter().filter(|(n, _)| scope.allows(n)) {
             match change {
                 Change::Created => created.push(name),
                 Change::Closed => closed.push(name),
             }
         }
+        if created.is_empty() && closed.is_empty() && !changes.truncated {
+            return;
+        }
         created.sort_unstable();
         closed.sort_unstable();
-        if !changes.truncated && changes.rooms.len() <= SINGLE_EVENTS_MAX {
-            for room in closed {
-                self.send(ServerFrame::RoomClosed { room });
+        if !changes.truncated && created.len() + closed.len() <= SINGLE_EVENTS_MAX {
+            for name in closed {
+                self.send(room, ServerFrame::RoomClosed { room: name });
             }
-            for room in created {
-                self.send(ServerFrame::RoomCreated { room });
+            for name in created {
+                self.send(room, ServerFrame::RoomCreated { room: name });
             }
             return;
         }
-        self.send(ServerFrame::RoomsChanged {
-            created: &created,
-            closed: &closed,
-            truncated: changes.truncated,
-        });
+        self.send(
+            room,
+            ServerFrame::RoomsChanged {
+                created: &created,
+                closed: &closed,
+                truncated: changes.truncated,
+            },
+        );
     }
 
-    fn send(&self, frame: ServerFrame<'_>) {
+    fn send(&self, room: &Room, frame: ServerFrame<'_>) {
         self.stats.frames_encoded.inc();
-        self.room.send_frame(frame.encode());
+        room.send_frame(frame.encode());
     }
 }
 
@@ -246,27 +323,27 @@ mod tests {
         Lobby::new(50, Arc::new(Stats::new()))
     }
 
-    fn no_rooms(_: usize) -> (Vec<(Arc<Room>, usize)>, usize) {
-        (Vec::new(), 0)
+    fn no_rooms() -> Vec<Counted> {
+        Vec::new()
     }
 
     #[test]
     fn nothing_is_noted_without_watchers() {
         let l = lobby();
         for i in 0..100 {
-            l.room_created(&format!("r{i}"));
+            l.room_created(&format!("r{i}"), false);
         }
         l.counts_changed();
         assert!(l.changes.lock().rooms.is_empty());
         assert!(!l.counts_dirty.load(Ordering::Relaxed));
-        l.flush(|_| panic!("no snapshot without watchers"));
+        l.flush(|| panic!("no snapshot without watchers"));
     }
 
     #[test]
     fn a_tick_coalesces_and_cancels() {
         let l = lobby();
         let user: Arc<str> = "w".into();
-        let mut j = l.join(1, &user, None);
+        let mut j = l.join(1, &user, None, &Scope::all());
         l.flush(no_rooms); // the joiner's first room_counts
         assert_eq!(
             payload(&j.rx.try_recv().unwrap().frame)["type"],
@@ -274,10 +351,10 @@ mod tests {
         );
 
         // A few changes: single events, the exact shapes.
-        l.room_created("a");
-        l.room_created("b");
-        l.room_closed("b"); // created and closed in one tick: nothing
-        l.room_closed("old");
+        l.room_created("a", false);
+        l.room_created("b", false);
+        l.room_closed("b", false); // created and closed in one tick: nothing
+        l.room_closed("old", false);
         l.flush(no_rooms);
         let frames: Vec<_> = std::iter::from_fn(|| j.rx.try_recv().ok())
             .map(|o| payload(&o.frame))
@@ -293,9 +370,9 @@ mod tests {
 
         // A burst: one frame for all of it.
         for i in 0..500 {
-            l.room_created(&format!("r{i:03}"));
+            l.room_created(&format!("r{i:03}"), false);
         }
-        l.room_closed("a");
+        l.room_closed("a", false);
         l.flush(no_rooms);
         let v = payload(&j.rx.try_recv().unwrap().frame);
         assert_eq!(v["type"], "rooms_changed");
@@ -318,15 +395,69 @@ mod tests {
     fn an_overflowing_tick_says_truncated() {
         let l = lobby();
         let user: Arc<str> = "w".into();
-        let mut j = l.join(1, &user, None);
+        let mut j = l.join(1, &user, None, &Scope::all());
         l.flush(no_rooms);
         let _ = j.rx.try_recv();
         for i in 0..CHANGES_MAX + 5 {
-            l.room_created(&format!("r{i}"));
+            l.room_created(&format!("r{i}"), false);
         }
         l.flush(no_rooms);
         let v = payload(&j.rx.try_recv().unwrap().frame);
         assert_eq!(v["truncated"], true);
         assert_eq!(v["created"].as_array().unwrap().len(), CHANGES_MAX);
+    }
+}
+
+#[cfg(test)]
+mod views {
+    use super::*;
+
+    fn frames(j: &mut Joined) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| j.rx.try_recv().ok())
+            .map(|o| {
+                let f = &o.frame;
+                serde_json::from_slice(&f[2..]).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_scope_sees_its_rooms_and_nobody_sees_private_ones() {
+        let stats = Arc::new(Stats::new());
+        let l = Lobby::new(50, stats.clone());
+        let user: Arc<str> = "w".into();
+        let posts = Scope::of(["post:*", "$lobby"].into_iter());
+        let mut all = l.join(1, &user, None, &Scope::all());
+        let mut p1 = l.join(2, &user, None, &posts);
+        let mut p2 = l.join(3, &user, None, &Scope::of(["$lobby", "post:*"].into_iter()));
+        l.flush(Vec::new);
+        frames(&mut all);
+        frames(&mut p1);
+        frames(&mut p2);
+
+        let encoded = stats.frames_encoded.get();
+        l.room_created("post:1", false);
+        l.room_created("general", false);
+        l.room_created("post:secret", true);
+        l.flush(Vec::new);
+        let everyone = frames(&mut all);
+        assert!(everyone.contains(&serde_json::json!({"type": "room_created", "room": "general"})));
+        assert!(everyone.contains(&serde_json::json!({"type": "room_created", "room": "post:1"})));
+        assert!(!format!("{everyone:?}").contains("secret"), "{everyone:?}");
+        let posters = frames(&mut p1);
+        assert_eq!(
+            posters[0],
+            serde_json::json!({"type": "room_created", "room": "post:1"})
+        );
+        assert!(!format!("{posters:?}").contains("general"), "{posters:?}");
+        assert_eq!(frames(&mut p2), posters, "one view for one scope");
+        // Two views: the `all` one (2 created + counts) and the posts one (1 created + counts).
+        assert_eq!(stats.frames_encoded.get() - encoded, 5);
+
+        // The last member of a view takes it with them.
+        assert!(l.leave(&p1.room, 2));
+        assert!(l.leave(&p2.room, 3));
+        assert_eq!(l.views.lock().len(), 1);
+        assert!(!l.leave(&p2.room, 3));
     }
 }

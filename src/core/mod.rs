@@ -8,6 +8,7 @@ pub mod history;
 pub mod hub;
 pub mod limit;
 pub mod lobby;
+pub mod lockout;
 pub mod ring;
 pub mod room;
 pub mod stats;

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -27,8 +28,8 @@ pub struct Stats {
     pub connections_refused: Counter,
     /// Messages dropped by `--rate-limit` or `--room-rate-limit` (including flood closes).
     pub rate_limited: Counter,
-    /// Upgrades refused for a missing, expired or invalid token, or a room it does not allow.
-    pub auth_refused: Counter,
+    /// Requests and joins refused by the access rules, by reason.
+    pub auth_refused: AuthRefused,
     /// Messages not broadcast because their `id` repeated one inside the dedupe window.
     pub duplicates: Counter,
     /// `lagged` notices sent instead of evictions (`--lag-policy resync`).
@@ -74,10 +75,6 @@ impl Stats {
             "rate_limited",
             "Messages dropped by --rate-limit or --room-rate-limit",
         );
-        let auth_refused = counter(
-            "auth_refused",
-            "Requests refused for a missing or bad access token or a room it does not allow, and REST requests without a room's password",
-        );
         let duplicates = counter("duplicates", "Messages not broadcast: repeated id");
         let lag_resyncs = counter(
             "lag_resyncs",
@@ -90,6 +87,12 @@ impl Stats {
         let history_db_dropped = counter(
             "history_db_dropped",
             "Messages dropped from the history database (writer queue full)",
+        );
+        let auth_refused = AuthRefused::default();
+        registry.register(
+            "auth_refused",
+            "Requests, joins and sockets refused by the access rules (tokens, passwords, the API key, the failure lockout), by reason",
+            auth_refused.by_reason.clone(),
         );
         let connections = Gauge::default();
         registry.register(
@@ -152,6 +155,101 @@ impl Stats {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Why the access rules refused something: the `reason` label of `auth_refused`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthReason {
+    /// No access token where one is needed.
+    MissingToken,
+    /// A token that does not verify (signature, audience, issuer, subject, format).
+    BadToken,
+    /// A token past its `exp`, at the upgrade or on a refresh.
+    TokenExpired,
+    /// A token before its `nbf`.
+    TokenNotYetValid,
+    /// An open socket closed because its token expired without a refresh.
+    SocketExpired,
+    /// A refresh with another `sub`.
+    RefreshRefused,
+    /// A token whose grant does not cover the room.
+    ForbiddenRoom,
+    /// A user name other than the token's `sub`.
+    ForbiddenUser,
+    /// A missing or wrong room password.
+    BadPassword,
+    /// A request that needs the API key without it.
+    BadApiKey,
+    /// Refused unseen: too many failures from this address for this room.
+    TooManyFailures,
+}
+
+impl AuthReason {
+    pub const ALL: [AuthReason; 11] = [
+        AuthReason::MissingToken,
+        AuthReason::BadToken,
+        AuthReason::TokenExpired,
+        AuthReason::TokenNotYetValid,
+        AuthReason::SocketExpired,
+        AuthReason::RefreshRefused,
+        AuthReason::ForbiddenRoom,
+        AuthReason::ForbiddenUser,
+        AuthReason::BadPassword,
+        AuthReason::BadApiKey,
+        AuthReason::TooManyFailures,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthReason::MissingToken => "missing_token",
+            AuthReason::BadToken => "bad_token",
+            AuthReason::TokenExpired => "token_expired",
+            AuthReason::TokenNotYetValid => "token_not_yet_valid",
+            AuthReason::SocketExpired => "socket_expired",
+            AuthReason::RefreshRefused => "refresh_refused",
+            AuthReason::ForbiddenRoom => "forbidden_room",
+            AuthReason::ForbiddenUser => "forbidden_user",
+            AuthReason::BadPassword => "bad_password",
+            AuthReason::BadApiKey => "bad_api_key",
+            AuthReason::TooManyFailures => "too_many_failures",
+        }
+    }
+}
+
+/// `auth_refused`: one counter per reason. Refusals are rare, so the label lookup
+/// (`Family`'s read lock) costs nothing that matters.
+#[derive(Debug, Default)]
+pub struct AuthRefused {
+    by_reason: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl AuthRefused {
+    pub fn inc(&self, reason: AuthReason) {
+        self.by_reason
+            .get_or_create(&[("reason", reason.label())])
+            .inc();
+    }
+
+    pub fn get(&self, reason: AuthReason) -> u64 {
+        self.by_reason
+            .get_or_create(&[("reason", reason.label())])
+            .get()
+    }
+
+    /// Every refusal, whatever the reason.
+    pub fn total(&self) -> u64 {
+        AuthReason::ALL.iter().map(|r| self.get(*r)).sum()
+    }
+
+    /// `{reason: count}` for the reasons seen so far.
+    pub fn json(&self) -> serde_json::Map<String, serde_json::Value> {
+        AuthReason::ALL
+            .iter()
+            .map(|r| (r.label(), self.get(*r)))
+            .filter(|(_, n)| *n > 0)
+            .map(|(l, n)| (l.to_owned(), n.into()))
+            .collect()
     }
 }
 

@@ -1,14 +1,19 @@
-//! Who may do what: access tokens, the API key, browser origins. Every route asks here, so each
-//! rule is written once.
+//! Who may do what: access tokens, the API key, room passwords, private rooms, browser origins
+//! and the failure lockout. Every route asks here, so each rule is written once; every refusal
+//! is counted in `auth_refused` with its reason.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use hyper::header::ORIGIN;
 use hyper::Request;
 
 use super::reply::ApiError;
-use crate::core::auth::{self, Grant, Verifier};
-use crate::core::stats::Stats;
+use crate::config::rooms::Password;
+use crate::core::auth::{self, Grant, Scope, Verifier};
+use crate::core::hub::JoinError;
+use crate::core::lockout::Lockout;
+use crate::core::stats::{AuthReason, Stats};
 
 /// The server's security settings.
 pub struct Access {
@@ -19,6 +24,28 @@ pub struct Access {
     api_key: Option<String>,
     /// `--allowed-origins` (empty: any).
     allowed_origins: Vec<String>,
+    /// Failed passwords and tokens per address and room; shared with the connections.
+    lockout: Arc<Lockout>,
+    stats: Arc<Stats>,
+}
+
+/// Who is asking to see rooms, and so which rooms they are shown.
+pub enum Viewer {
+    /// Holds the API key: every room, private ones included.
+    Backend,
+    /// Tokens off: every public room. Tokens on: the public rooms the grant covers.
+    Scoped(Scope),
+}
+
+impl Viewer {
+    /// Whether a room appears in this viewer's listings. A private room (`private = true`, or
+    /// one with a password) is listed to backends only: its name is for its members.
+    pub fn shows(&self, room: &str, private: bool) -> bool {
+        match self {
+            Viewer::Backend => true,
+            Viewer::Scoped(scope) => !private && scope.allows(room),
+        }
+    }
 }
 
 impl Access {
@@ -26,12 +53,26 @@ impl Access {
         verifier: Option<Arc<Verifier>>,
         api_key: Option<String>,
         allowed_origins: Vec<String>,
+        lockout: Arc<Lockout>,
+        stats: Arc<Stats>,
     ) -> Self {
         Access {
             verifier,
             api_key,
             allowed_origins,
+            lockout,
+            stats,
         }
+    }
+
+    fn refused(&self, reason: AuthReason, e: ApiError) -> ApiError {
+        self.stats.auth_refused.inc(reason);
+        e
+    }
+
+    /// Counts a refusal decided elsewhere (a join the hub refused).
+    pub fn count(&self, reason: AuthReason) {
+        self.stats.auth_refused.inc(reason);
     }
 
     /// Whether the request carries the API key (`false` when there is none).
@@ -51,38 +92,140 @@ impl Access {
         self.verifier.is_none() && self.api_key.is_none()
     }
 
+    /// 401 for a request that needs the API key and lacks it.
+    pub fn need_api_key(&self) -> ApiError {
+        self.refused(
+            AuthReason::BadApiKey,
+            ApiError::unauthorized("this endpoint needs `Authorization: Bearer <api key>`"),
+        )
+    }
+
+    /// 429 while `peer` is locked out of `room` (`""`: attempts that named no room).
+    pub fn not_locked(&self, peer: IpAddr, room: &str) -> Result<(), ApiError> {
+        self.lockout
+            .check(peer, room)
+            .map_err(|wait| self.refused(AuthReason::TooManyFailures, ApiError::locked_out(wait)))
+    }
+
+    /// Notes a failed guess (a wrong password, a token that does not verify).
+    fn failed(&self, peer: IpAddr, room: &str) {
+        // The refusal at hand is answered as it is; the lockout bites on the next attempt.
+        let _ = self.lockout.failed(peer, room);
+    }
+
     /// The request's grant when tokens are on (`None` when they are off), checked against
-    /// `room` when one is named. 401 without a valid token, 403 `forbidden_room` when the token
-    /// does not allow the room; both counted in `auth_refused`.
+    /// `room` when one is named: 401 without a valid token, 403 `forbidden_room` when the token
+    /// does not allow the room, 429 while this address is locked out of the room. A token that
+    /// does not verify counts towards the lockout.
     pub fn grant<B>(
         &self,
         req: &Request<B>,
+        peer: IpAddr,
         query_token: Option<&str>,
         room: Option<&str>,
-        stats: &Stats,
     ) -> Result<Option<Grant>, ApiError> {
         let Some(verifier) = &self.verifier else {
             return Ok(None);
         };
-        let refused = |e: ApiError| {
-            stats.auth_refused.inc();
-            e
-        };
+        let scope = room.unwrap_or("");
+        self.not_locked(peer, scope)?;
         let Some((token, _)) = auth::find_token(req.headers(), query_token) else {
-            return Err(refused(ApiError::from(&auth::AuthError::Missing)));
+            let e = auth::AuthError::Missing;
+            return Err(self.refused(e.reason(), ApiError::from(&e)));
         };
-        let grant = verifier
-            .verify(token)
-            .map_err(|e| refused(ApiError::from(&e)))?;
+        let grant = verifier.verify(token).map_err(|e| {
+            if e.is_guess() {
+                self.failed(peer, scope);
+            }
+            self.refused(e.reason(), ApiError::from(&e))
+        })?;
         if let Some(room) = room {
             if !grant.allows(room) {
-                return Err(refused(ApiError::forbidden(
-                    "forbidden_room",
-                    "the access token does not allow this room",
-                )));
+                return Err(self.refused(
+                    AuthReason::ForbiddenRoom,
+                    ApiError::forbidden(
+                        "forbidden_room",
+                        "the access token does not allow this room",
+                    ),
+                ));
             }
         }
         Ok(Some(grant))
+    }
+
+    /// Checks a room password given over HTTP: 403 `bad_password` when the room has one and
+    /// `given` is not it (a wrong one counts towards the lockout), 429 while locked out.
+    pub fn password(
+        &self,
+        peer: IpAddr,
+        room: &str,
+        expected: Option<&Password>,
+        given: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let Some(expected) = expected else {
+            return Ok(());
+        };
+        self.not_locked(peer, room)?;
+        let refused = match given {
+            Some(given) if expected.matches(given) => return Ok(()),
+            Some(_) => {
+                self.failed(peer, room);
+                JoinError::WrongPassword
+            }
+            None => JoinError::PasswordRequired,
+        };
+        Err(self.refused(
+            AuthReason::BadPassword,
+            ApiError::forbidden(refused.code(), refused.to_string()),
+        ))
+    }
+
+    /// Counts a join the hub refused for its password, and notes a wrong one against the
+    /// lockout.
+    pub fn join_refused(&self, peer: IpAddr, room: &str, e: &JoinError) {
+        match e {
+            JoinError::WrongPassword => {
+                self.failed(peer, room);
+                self.count(AuthReason::BadPassword);
+            }
+            JoinError::PasswordRequired => self.count(AuthReason::BadPassword),
+            JoinError::RoomFull { .. } => {}
+        }
+    }
+
+    /// Who is asking to see rooms: the API key sees everything; with tokens on, a token is
+    /// needed (401) and its grant bounds what is shown.
+    pub fn viewer<B>(
+        &self,
+        req: &Request<B>,
+        peer: IpAddr,
+        query_token: Option<&str>,
+    ) -> Result<Viewer, ApiError> {
+        if self.has_api_key(req) {
+            return Ok(Viewer::Backend);
+        }
+        Ok(match self.grant(req, peer, query_token, None)? {
+            Some(grant) => Viewer::Scoped(grant.scope().clone()),
+            None => Viewer::Scoped(Scope::all()),
+        })
+    }
+
+    /// Whether the request may read `room` (its info, members and messages): what joining it
+    /// needs (a token that allows it, its password) or the API key.
+    pub fn may_read<B>(
+        &self,
+        req: &Request<B>,
+        peer: IpAddr,
+        room: &str,
+        query_token: Option<&str>,
+        expected: Option<&Password>,
+        given: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if self.has_api_key(req) {
+            return Ok(());
+        }
+        self.grant(req, peer, query_token, Some(room))?;
+        self.password(peer, room, expected, given)
     }
 
     /// Whether the browser `Origin` of the request may open a WebSocket.

@@ -1,6 +1,7 @@
 //! `GET /api/rooms/{room}/messages` (kept messages, newest first) and
 //! `POST /api/rooms/{room}/messages` (publish from a backend).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,13 +14,13 @@ use serde_json::value::RawValue;
 
 use super::query::{self, bounded};
 use super::reply::{self, ApiError, Reply};
-use super::{no_such_room, Api};
+use super::{no_such_room, room_password, Api};
 use crate::bus::{Fallback, PublishError};
 use crate::core::archive::payload_of;
 use crate::core::auth::Grant;
 use crate::core::dedupe::Author;
-use crate::core::hub::JoinError;
 use crate::core::room::Publish;
+use crate::core::stats::AuthReason;
 use crate::proto::names::validate_user;
 
 /// A page of kept messages: each is the JSON payload exactly as it was broadcast.
@@ -32,9 +33,17 @@ struct Page<'a> {
 
 /// Kept messages, newest first. The room's ring answers first; older pages come from the
 /// archive when there is one. Reading is for whoever could join the room (see `may_read`).
-pub async fn page(api: &Api, room: String, req: &Request<Incoming>) -> Reply {
+pub async fn page(api: &Api, peer: IpAddr, room: String, req: &Request<Incoming>) -> Reply {
     let q: query::Messages = query::parse(req)?;
-    may_read(api, &room, req, &q)?;
+    let settings = api.bus.hub().settings().resolve(&room);
+    api.access.may_read(
+        req,
+        peer,
+        &room,
+        q.token.as_deref(),
+        settings.password.as_ref(),
+        room_password(req, q.password.as_deref()),
+    )?;
     let limit = bounded("limit", q.limit, 50, 1, 1000)? as usize;
     let before = bounded("before", q.before, u64::MAX, 1, u64::MAX).map_err(|_| {
         ApiError::bad_request("bad_param", "`before` must be a positive integer (a seq)")
@@ -96,39 +105,6 @@ pub async fn page(api: &Api, room: String, req: &Request<Incoming>) -> Reply {
     Ok(reply::json(StatusCode::OK, &page))
 }
 
-/// Whether the request may read `room`'s messages: reading is for whoever could join the room.
-/// A request carrying `--api-key` reads any room (backends); otherwise `--jwt-secret` needs a
-/// token (`Authorization: Bearer` or `?token=`) that allows the room (401/403), and a room with
-/// a password needs it as `?password=` (403 `bad_password`), as on the upgrade URL.
-fn may_read(
-    api: &Api,
-    room: &str,
-    req: &Request<Incoming>,
-    q: &query::Messages,
-) -> Result<(), ApiError> {
-    if api.access.has_api_key(req) {
-        return Ok(());
-    }
-    api.access
-        .grant(req, q.token.as_deref(), Some(room), &api.stats)?;
-    check_password(api, room, q.password.as_deref())
-}
-
-/// 403 `bad_password` (counted in `auth_refused`) when `room` has a password and `given` is not
-/// it. Callers holding the API key never get here.
-fn check_password(api: &Api, room: &str, given: Option<&str>) -> Result<(), ApiError> {
-    let Some(expected) = api.bus.hub().settings().resolve(room).password else {
-        return Ok(());
-    };
-    let refused = match given {
-        Some(given) if expected.matches(given) => return Ok(()),
-        Some(_) => JoinError::WrongPassword,
-        None => JoinError::PasswordRequired,
-    };
-    api.stats.auth_refused.inc();
-    Err(ApiError::forbidden(refused.code(), refused.to_string()))
-}
-
 /// Who a REST publish speaks for.
 enum Publisher {
     /// Presented `--api-key`: any room, any `user`.
@@ -144,18 +120,18 @@ enum Publisher {
 /// key or a bearer token that allows the room (401/403 from `Access::grant`); with only
 /// `--api-key`, the key (401). The token is taken from `Authorization` only: a backend can set
 /// headers, and a token in a URL ends up in logs. All refusals count in `auth_refused`.
-fn may_publish(api: &Api, room: &str, req: &Request<Incoming>) -> Result<Publisher, ApiError> {
+fn may_publish(
+    api: &Api,
+    peer: IpAddr,
+    room: &str,
+    req: &Request<Incoming>,
+) -> Result<Publisher, ApiError> {
     if api.access.has_api_key(req) {
         return Ok(Publisher::Key);
     }
-    match api.access.grant(req, None, Some(room), &api.stats)? {
+    match api.access.grant(req, peer, None, Some(room))? {
         Some(grant) => Ok(Publisher::Token(grant)),
-        None if api.access.api_key_on() => {
-            api.stats.auth_refused.inc();
-            Err(ApiError::unauthorized(
-                "this endpoint needs `Authorization: Bearer <api key>`",
-            ))
-        }
+        None if api.access.api_key_on() => Err(api.access.need_api_key()),
         None => Ok(Publisher::Open),
     }
 }
@@ -184,16 +160,17 @@ struct Accepted<'a> {
 /// Publishes a backend's message into `room` (every process's members, in cluster mode).
 /// Who may publish: see `may_publish`; a room with a password needs it too, unless the caller
 /// holds the API key.
-pub async fn publish(api: &Arc<Api>, room: &str, req: Request<Incoming>) -> Reply {
-    let publisher = may_publish(api, room, &req)?;
+pub async fn publish(api: &Arc<Api>, peer: IpAddr, room: &str, req: Request<Incoming>) -> Reply {
+    let publisher = may_publish(api, peer, room, &req)?;
     let q: query::Publish = query::parse(&req)?;
+    let header_password = room_password(&req, q.password.as_deref()).map(str::to_owned);
     let body = read_body(req, api.max_message_bytes).await?;
     let parsed: PublishBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request("bad_json", format!("body is not a JSON object: {e}"))
     })?;
     if !matches!(publisher, Publisher::Key) {
         let password = match &parsed.password {
-            None => q.password.as_deref(),
+            None => header_password.as_deref(),
             Some(serde_json::Value::String(p)) => Some(p.as_str()),
             Some(_) => {
                 return Err(ApiError::bad_request(
@@ -202,7 +179,9 @@ pub async fn publish(api: &Arc<Api>, room: &str, req: Request<Incoming>) -> Repl
                 ))
             }
         };
-        check_password(api, room, password)?;
+        let settings = api.bus.hub().settings().resolve(room);
+        api.access
+            .password(peer, room, settings.password.as_ref(), password)?;
     }
     let text = match parsed.text {
         Some(serde_json::Value::String(t)) if !t.is_empty() => t,
@@ -229,7 +208,7 @@ pub async fn publish(api: &Arc<Api>, room: &str, req: Request<Incoming>) -> Repl
     let (user, author) = match &publisher {
         Publisher::Token(grant) => {
             if user.as_deref().is_some_and(|u| u != &*grant.user) {
-                api.stats.auth_refused.inc();
+                api.access.count(AuthReason::ForbiddenUser);
                 return Err(ApiError::forbidden(
                     "forbidden_user",
                     "the user name comes from the access token's `sub`",

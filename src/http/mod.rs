@@ -43,7 +43,18 @@ pub struct Api {
     pub max_message_bytes: usize,
     /// `--echo`: the `/echo` route exists.
     pub echo: bool,
+    /// `--admin-listen` is set: `/metrics` and `/api/stats` are served there only.
+    admin_apart: bool,
     next_id: AtomicU64,
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `--listen`: clients, backends, and (without `--admin-listen`) operators.
+    Public,
+    /// `--admin-listen`: health, stats and metrics, nothing else.
+    Admin,
 }
 
 impl Api {
@@ -64,8 +75,15 @@ impl Api {
             max_connections,
             max_message_bytes,
             echo,
+            admin_apart: false,
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Serves `/metrics` and `/api/stats` on the admin listener only.
+    pub fn with_admin_listener(mut self) -> Self {
+        self.admin_apart = true;
+        self
     }
 
     /// A fresh connection id (also the member id in every room). Never 0.
@@ -81,15 +99,33 @@ const GET_POST: &[Method] = &[Method::GET, Method::POST];
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 
 /// Answers one HTTP request. Never fails: every problem is a status code with a JSON body.
-pub async fn handle(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Response<Body> {
-    route(api, peer, req).await.unwrap_or_else(|e| e.response())
+pub async fn handle(
+    api: Arc<Api>,
+    side: Side,
+    peer: IpAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    route(api, side, peer, req)
+        .await
+        .unwrap_or_else(|e| e.response())
 }
 
 /// The route table.
-async fn route(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply {
+async fn route(api: Arc<Api>, side: Side, peer: IpAddr, req: Request<Incoming>) -> Reply {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method();
+    let operator_route = matches!(
+        segments.as_slice(),
+        ["healthz"] | ["metrics"] | ["api", "stats"]
+    );
+    let served_here = match side {
+        Side::Admin => operator_route,
+        Side::Public => !(api.admin_apart && operator_route && segments[0] != "healthz"),
+    };
+    if !served_here {
+        return Err(ApiError::not_found("not_found", "no such route"));
+    }
     match segments.as_slice() {
         [""] => {
             allow(method, GET_HEAD)?;
@@ -109,20 +145,20 @@ async fn route(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply {
         }
         ["api", "rooms"] => {
             allow(method, GET)?;
-            rooms::list(&api, &req).await
+            rooms::list(&api, peer, &req).await
         }
         ["api", "rooms", room] => {
             allow(method, GET)?;
             let room = decode_room(room)?;
-            rooms::info(&api, &room, &req).await
+            rooms::info(&api, peer, &room, &req).await
         }
         ["api", "rooms", room, "messages"] => {
             allow(method, GET_POST)?;
             let room = decode_room(room)?;
             if method == Method::GET {
-                messages::page(&api, room, &req).await
+                messages::page(&api, peer, room, &req).await
             } else {
-                messages::publish(&api, &room, req).await
+                messages::publish(&api, peer, &room, req).await
             }
         }
         ["ws"] | ["ws", _] => {
@@ -160,6 +196,18 @@ pub(crate) fn decode_room_with(
         .map_err(|_| ApiError::bad_request("bad_room", "room name is not valid UTF-8"))?;
     validate(&decoded).map_err(|e| ApiError::bad_request(e.room_code(), e.room_reason()))?;
     Ok(decoded.into_owned())
+}
+
+/// The header a backend or script may give a room password in, instead of the query string
+/// (which proxies log).
+const PASSWORD_HEADER: &str = "x-room-password";
+
+/// The room password of a REST request: the `X-Room-Password` header, else `?password=`.
+fn room_password<'a, B>(req: &'a Request<B>, query: Option<&'a str>) -> Option<&'a str> {
+    req.headers()
+        .get(PASSWORD_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or(query)
 }
 
 /// 404 `no_such_room`, the answer for a room nobody is in.

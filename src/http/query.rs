@@ -35,6 +35,7 @@ pub fn bounded(
 #[derive(Debug, Default, Deserialize)]
 pub struct ListRooms {
     pub limit: Option<u64>,
+    pub token: Option<String>,
 }
 
 /// `GET /api/rooms/{room}`: one page of the room's users.
@@ -43,6 +44,8 @@ pub struct RoomInfo {
     pub users_limit: Option<u64>,
     /// A member id: the page starts after it.
     pub users_after: Option<u64>,
+    pub password: Option<String>,
+    pub token: Option<String>,
 }
 
 /// `GET /api/rooms/{room}/messages`.

@@ -77,6 +77,18 @@ impl ApiError {
         }
     }
 
+    /// 429 `too_many_failures` with `Retry-After`: the failure lockout.
+    pub fn locked_out(wait: Duration) -> Self {
+        ApiError {
+            retry_after: Some(wait),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                "too many failed attempts from this address for this room: try again later",
+            )
+        }
+    }
+
     /// 405 with `Allow`.
     pub fn method_not_allowed(allowed: &'static [Method]) -> Self {
         ApiError {

@@ -17,6 +17,7 @@ use super::Api;
 use crate::bus::JoinRequest;
 use crate::conn::{self, Accepted, ConnectionGuard, Mode};
 use crate::core::auth::{self, Grant};
+use crate::core::stats::AuthReason;
 use crate::proto::ReplayRequest;
 
 /// `GET /ws`, `/ws/{room}`: the chat protocol. With tokens on, the user name is the token's
@@ -34,11 +35,11 @@ pub async fn chat(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply 
     }
     let grant = api
         .access
-        .grant(&req, q.token.as_deref(), room.as_deref(), &api.stats)?;
+        .grant(&req, peer, q.token.as_deref(), room.as_deref())?;
     let user = match &grant {
         Some(grant) => {
             if user.as_deref().is_some_and(|u| u != &*grant.user) {
-                api.stats.auth_refused.inc();
+                api.access.count(AuthReason::ForbiddenUser);
                 return Err(ApiError::forbidden(
                     "forbidden_user",
                     "the user name comes from the access token's `sub`",
@@ -48,10 +49,17 @@ pub async fn chat(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply 
         }
         None => user,
     };
+    // The subprotocol carries the password off the URL (proxies log URLs); the query's is
+    // still read, for clients that can set neither headers nor subprotocols.
+    let password = match auth::find_password(req.headers()) {
+        Ok(Some(p)) => Some(p),
+        Ok(None) => q.password,
+        Err(e) => return Err(ApiError::bad_request("bad_password", e.to_string())),
+    };
     let wanted = Wanted::Rooms {
         first_room: room,
         replay,
-        password: q.password,
+        password,
     };
     upgrade(api, peer, req, wanted, grant.map(Arc::new), user).await
 }
@@ -65,7 +73,8 @@ pub async fn echo(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply 
 /// What an upgrade request asks for, before anything is granted.
 enum Wanted {
     /// The chat protocol; the first room's name is already valid. `replay` is only asked for
-    /// with a first room. The password travels in the query only; it is never logged.
+    /// with a first room. The password came as a subprotocol or in the query; it is never
+    /// logged.
     Rooms {
         first_room: Option<String>,
         replay: Option<ReplayRequest>,
@@ -154,6 +163,7 @@ async fn upgrade(
             replay,
             password,
         } => {
+            api.access.not_locked(peer, &room)?;
             // The replay is taken with the membership (atomic with publishing) and written
             // after the welcome.
             let req = JoinRequest {
@@ -162,13 +172,17 @@ async fn upgrade(
                 user: &user,
                 password: password.as_deref(),
                 replay,
+                grant: grant.as_deref(),
             };
             match api.bus.join(req).await {
                 Ok(joined) => Mode::Rooms {
                     first: Some(joined),
                     grant,
                 },
-                Err(e) => return Err(ApiError::forbidden(e.code(), e.to_string())),
+                Err(e) => {
+                    api.access.join_refused(peer, &room, &e);
+                    return Err(ApiError::forbidden(e.code(), e.to_string()));
+                }
             }
         }
     };

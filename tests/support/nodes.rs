@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{http, strip_ansi, STEP};
+use super::{http, http_with, strip_ansi, STEP};
 
 /// Node TTL given to every cluster node: a SIGKILLed node leaves the counts within this.
 pub const NODE_TTL_SECS: f64 = 1.5;
@@ -99,6 +99,9 @@ pub struct Node {
     child: Child,
     pub addr: SocketAddr,
     log: Arc<Mutex<String>>,
+    /// `Authorization` for the polling helpers: the node's API key, else (with tokens on) a
+    /// token for every room, so waiting on a room's info works whatever the access rules.
+    operator: Option<String>,
 }
 
 impl Node {
@@ -156,7 +159,32 @@ impl Node {
             .await
             .unwrap()
             .expect("roomcast did not say where it listens");
-        let node = Node { child, addr, log };
+        let flag = |name: &str| {
+            extra
+                .iter()
+                .position(|a| *a == name)
+                .and_then(|i| extra.get(i + 1))
+        };
+        let operator = match (flag("--api-key"), flag("--jwt-secret")) {
+            (Some(key), _) => Some(format!("Bearer {key}")),
+            (None, Some(secret)) => {
+                let token = roomcast::core::auth::issue(
+                    secret,
+                    "operator",
+                    Some("*"),
+                    Duration::from_secs(3600),
+                )
+                .expect("a token for the polling helpers");
+                Some(format!("Bearer {token}"))
+            }
+            (None, None) => None,
+        };
+        let node = Node {
+            child,
+            addr,
+            log,
+            operator,
+        };
         node.wait_health("ok").await;
         node
     }
@@ -167,6 +195,21 @@ impl Node {
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let r = http(self.addr, "GET", path, None).await.unwrap();
+        let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        (r.status, v)
+    }
+
+    /// `GET path` with the node's operator credential (see `operator`).
+    pub async fn get_as_operator(&self, path: &str) -> (u16, Value) {
+        let headers: Vec<(&str, &str)> = self
+            .operator
+            .as_deref()
+            .map(|auth| ("authorization", auth))
+            .into_iter()
+            .collect();
+        let r = http_with(self.addr, "GET", path, &headers, None)
+            .await
+            .unwrap();
         let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
         (r.status, v)
     }
@@ -191,7 +234,7 @@ impl Node {
     ) -> Value {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let (status, v) = self.get(path).await;
+            let (status, v) = self.get_as_operator(path).await;
             if pred(status, &v) {
                 return v;
             }
