@@ -787,3 +787,36 @@ async fn history_zero_keeps_nothing_in_redis() {
         node.assert_healthy();
     }
 }
+
+/// `GET /api/rooms` and `GET /api/stats` answer from counts at most a second old: a burst of
+/// requests costs one scan of every process's counts on Redis, not one per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_burst_of_count_reads_scans_redis_once_a_second() {
+    let redis = Redis::start();
+    let nodes = instances(&redis, 2).await;
+    let (_a, _) = Client::join(&nodes[0].ws("/ws/r?user=a")).await;
+    let (_b, _) = Client::join(&nodes[1].ws("/ws/r?user=b")).await;
+    nodes[0].wait_room("r", 2, 1).await;
+    let before = redis.script_calls();
+    let started = std::time::Instant::now();
+    for i in 0..60 {
+        let path = if i % 2 == 0 {
+            "/api/rooms"
+        } else {
+            "/api/stats"
+        };
+        let (status, _) = nodes[0].get(path).await;
+        assert_eq!(status, 200);
+    }
+    let secs = started.elapsed().as_secs();
+    let scripts = redis.script_calls() - before;
+    // One scan per second of the burst (and one more for the second it started in); the
+    // processes' own heartbeats and presence run a few scripts a second beside it.
+    assert!(
+        scripts <= 6 * (secs + 2),
+        "{scripts} scripts for 60 count reads in {secs} s: the counts are not cached"
+    );
+    let (_, list) = nodes[0].get("/api/rooms").await;
+    assert_eq!(list["rooms"][0]["members"], 2, "{list}");
+}

@@ -14,10 +14,11 @@
 pub mod local;
 pub mod redis;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -132,11 +133,31 @@ pub trait Broker: Send + Sync + 'static {
     ) -> BoxFuture<'static, ()>;
 }
 
+/// How old the counts behind `GET /api/rooms` and `GET /api/stats` may be.
+pub const COUNTS_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// The rooms of this server, wherever they live.
 pub struct Bus {
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
     stats: Arc<Stats>,
+    /// The last counts snapshot (see `counts`).
+    counts: tokio::sync::Mutex<Option<Arc<Counts>>>,
+}
+
+/// Room and connection counts of every process, as of `taken`.
+struct Counts {
+    taken: Instant,
+    /// Rooms with members anywhere, largest first (ties by name). This process's alone when
+    /// the others cannot be asked.
+    all: Vec<(String, usize)>,
+    /// This process's members per room.
+    local: HashMap<String, usize>,
+    /// `None`: the other processes could not be asked.
+    nodes: Option<usize>,
+    connections: u64,
+    /// `up`/`down` when there is a link to other processes.
+    cluster: Option<&'static str>,
 }
 
 /// A page of the room list.
@@ -165,7 +186,12 @@ pub struct StatsView {
 
 impl Bus {
     pub fn new(hub: Arc<Hub>, broker: Arc<dyn Broker>, stats: Arc<Stats>) -> Self {
-        Bus { hub, broker, stats }
+        Bus {
+            hub,
+            broker,
+            stats,
+            counts: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// This process's rooms.
@@ -264,57 +290,80 @@ impl Bus {
     }
 
     /// Rooms with members anywhere that `shown` lets the caller see, largest first, at most
-    /// `limit`; `total` counts the shown ones.
+    /// `limit`; `total` counts the shown ones. From the counts snapshot: at most
+    /// `COUNTS_MAX_AGE` old.
     pub async fn rooms(&self, limit: usize, shown: impl Fn(&str) -> bool) -> RoomList {
-        let (local, _) = self.hub.list(usize::MAX);
-        let local: Vec<(String, usize)> = local
-            .into_iter()
-            .filter(|(r, _)| shown(r.name()))
-            .map(|(r, n)| (r.name().to_owned(), n))
-            .collect();
-        let (mut all, cluster) = match self.broker.link() {
-            None => (local.clone(), None),
-            Some(_) => match self.broker.totals(&self.hub, 0).await {
-                Ok(mut totals) => {
-                    totals.rooms.retain(|(name, _)| shown(name));
-                    (totals.rooms, Some("up"))
-                }
-                Err(()) => (local.clone(), Some("down")),
-            },
-        };
-        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let total = all.len();
-        let local: std::collections::HashMap<String, usize> = local.into_iter().collect();
-        let rooms = all
-            .into_iter()
+        let counts = self.counts().await;
+        let mut visible = counts.all.iter().filter(|(room, _)| shown(room));
+        let rooms = visible
+            .by_ref()
             .take(limit)
             .map(|(room, members)| RoomCount {
-                local_members: local.get(&room).copied().unwrap_or(0),
-                room,
-                members,
+                local_members: counts.local.get(room).copied().unwrap_or(0),
+                room: room.clone(),
+                members: *members,
             })
-            .collect();
+            .collect::<Vec<_>>();
         RoomList {
+            total: rooms.len() + visible.count(),
             rooms,
-            total,
-            cluster,
+            cluster: counts.cluster,
         }
     }
 
     /// Connections, rooms and processes, every process together where the broker can tell.
+    /// From the counts snapshot: at most `COUNTS_MAX_AGE` old.
     pub async fn totals(&self) -> StatsView {
+        let counts = self.counts().await;
+        StatsView {
+            nodes: counts.nodes,
+            connections: counts.connections,
+            rooms: counts.all.len(),
+        }
+    }
+
+    /// The counts snapshot, taken again when it is older than `COUNTS_MAX_AGE`. One request
+    /// takes it while the others wait for it, so a burst of requests costs one listing (and,
+    /// in cluster mode, one scan of every process's counts on Redis).
+    async fn counts(&self) -> Arc<Counts> {
+        let mut slot = self.counts.lock().await;
+        if let Some(counts) = slot.as_ref().filter(|c| c.taken.elapsed() < COUNTS_MAX_AGE) {
+            return counts.clone();
+        }
+        let counts = Arc::new(self.take_counts().await);
+        *slot = Some(counts.clone());
+        counts
+    }
+
+    async fn take_counts(&self) -> Counts {
         let connections = self.stats.connections.get().max(0) as u64;
-        match self.broker.totals(&self.hub, connections).await {
-            Ok(t) => StatsView {
-                nodes: Some(t.nodes),
-                connections: t.connections,
-                rooms: t.rooms.iter().filter(|(_, n)| *n > 0).count(),
-            },
-            Err(()) => StatsView {
-                nodes: None,
-                connections,
-                rooms: self.hub.room_count(),
-            },
+        let local: Vec<(String, usize)> = self
+            .hub
+            .list(usize::MAX)
+            .0
+            .into_iter()
+            .map(|(room, n)| (room.name().to_owned(), n))
+            .collect();
+        let linked = self.broker.link().is_some();
+        let (mut all, nodes, connections, cluster) =
+            match self.broker.totals(&self.hub, connections).await {
+                Ok(t) => (
+                    t.rooms,
+                    Some(t.nodes),
+                    t.connections,
+                    linked.then_some("up"),
+                ),
+                Err(()) => (local.clone(), None, connections, Some("down")),
+            };
+        all.retain(|(_, members)| *members > 0);
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Counts {
+            taken: Instant::now(),
+            all,
+            local: local.into_iter().collect(),
+            nodes,
+            connections,
+            cluster,
         }
     }
 

@@ -75,6 +75,41 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// How many scripts this server has run so far (`EVAL` and `EVALSHA`, from
+    /// `INFO commandstats`).
+    pub fn script_calls(&self) -> u64 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"INFO commandstats\r\n").unwrap();
+        // A bulk string: `$LEN\r\n` then LEN bytes and `\r\n`.
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).expect("read INFO");
+            reply.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&reply);
+            if let Some((head, body)) = text.split_once("\r\n") {
+                let len: usize = head.trim_start_matches('$').parse().expect("bulk length");
+                if body.len() >= len {
+                    break;
+                }
+            }
+            assert!(n > 0, "redis closed the INFO reply");
+        }
+        String::from_utf8_lossy(&reply)
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_eval:") || l.starts_with("cmdstat_evalsha:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
