@@ -587,6 +587,9 @@ async fn durable_history_survives_a_restart() {
     let (header, frames) = read_replay(&mut b, "recovery").await;
     assert_eq!(header["complete"], true, "{header}");
     assert_eq!(seqs(&frames), (16..=31).collect::<Vec<u64>>());
+    // The room's past was read from disk on the blocking pool before the registry's lock was
+    // taken, not under it.
+    assert_eq!(second.stats().await["history_db_locked_reads"], 0);
 
     assert_eq!(publish(&second, "keep", "new").await, 32);
     // The paging API reaches past the ring (20) into the database.

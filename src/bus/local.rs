@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::{BoxFuture, Broker, Fallback, JoinRequest, Link, PublishError, Remote, Totals};
+use crate::core::archive::Prepared;
 use crate::core::hub::{Hub, JoinError, Start};
 use crate::core::room::{Joined, Publish, Published, Room};
 use crate::core::stats::Stats;
@@ -25,8 +26,13 @@ impl Broker for Local {
         &'a self,
         hub: &'a Hub,
         req: JoinRequest<'a>,
+        prepared: Option<Prepared>,
     ) -> BoxFuture<'a, Result<Joined, JoinError>> {
-        let joined = hub.join(&req, Start::default());
+        let start = Start {
+            prepared,
+            ..Start::default()
+        };
+        let joined = hub.join(&req, start);
         Box::pin(std::future::ready(joined))
     }
 

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::core::archive::Prepared;
 use crate::core::auth::Scope;
 pub use crate::core::hub::JoinRequest;
 use crate::core::hub::{Hub, JoinError};
@@ -93,10 +94,13 @@ pub struct Link {
 pub trait Broker: Send + Sync + 'static {
     /// Joins a chat room (never `$lobby`) in `hub`, with admission and replay atomic with the
     /// subscription. Cancel-safe: dropped early, it leaves nothing behind.
+    /// `prepared` is the room's past read from the archive beforehand (`Hub::seed_job`), for
+    /// `Start::prepared`.
     fn join<'a>(
         &'a self,
         hub: &'a Hub,
         req: JoinRequest<'a>,
+        prepared: Option<Prepared>,
     ) -> BoxFuture<'a, Result<Joined, JoinError>>;
 
     /// Leaves a chat room this member joined through `join`.
@@ -216,7 +220,13 @@ impl Bus {
             let scope = req.grant.map_or(&all, |g| g.scope());
             return Ok(self.hub.lobby().join(req.id, req.user, req.replay, scope));
         }
-        self.broker.join(&self.hub, req).await
+        // A room about to be created reads its past from the archive here, on the blocking
+        // pool, so that no runtime thread waits on the disk and no lock is held meanwhile.
+        let prepared = match self.hub.seed_job(req.name) {
+            Some(job) => tokio::task::spawn_blocking(job).await.ok().flatten(),
+            None => None,
+        };
+        self.broker.join(&self.hub, req, prepared).await
     }
 
     /// Leaves a room joined through `join`.

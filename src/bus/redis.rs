@@ -49,6 +49,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::Notify;
 
 use super::{BoxFuture, Broker, Fallback, Link, PublishError, Remote, Totals};
+use crate::core::archive::Prepared;
 use crate::core::dedupe::Author;
 use crate::core::hub::{Hub, JoinError, JoinRequest, Start};
 use crate::core::room::{Joined, Publish, Published, Room};
@@ -433,7 +434,12 @@ impl Cluster {
     /// cluster-wide; created while Redis is unreachable, it knows only what its archive kept
     /// (`recovery` then says `complete: false` for what it never received).
     /// Cancel-safe: dropped early (or refused), it releases its interest.
-    async fn join_room(&self, hub: &Hub, req: JoinRequest<'_>) -> Result<Joined, JoinError> {
+    async fn join_room(
+        &self,
+        hub: &Hub,
+        req: JoinRequest<'_>,
+        prepared: Option<Prepared>,
+    ) -> Result<Joined, JoinError> {
         /// Releases the interest unless the join completed.
         struct Release<'a>(&'a Cluster, &'a str, bool);
         impl Drop for Release<'_> {
@@ -453,6 +459,7 @@ impl Cluster {
                 seq: state.last_seq,
                 remote_members: state.remote_sum(),
                 kept: &state.kept,
+                prepared,
             };
             let joined = hub.join(&req, start)?;
             // The room exists now, with those frames in its ring.
@@ -676,8 +683,9 @@ impl Broker for Cluster {
         &'a self,
         hub: &'a Hub,
         req: JoinRequest<'a>,
+        prepared: Option<Prepared>,
     ) -> BoxFuture<'a, Result<Joined, JoinError>> {
-        Box::pin(self.join_room(hub, req))
+        Box::pin(self.join_room(hub, req, prepared))
     }
 
     /// Leaves `room` in the hub, then drops this membership's interest in its channel.

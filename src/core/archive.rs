@@ -36,6 +36,11 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const WRITER_BUSY: Duration = Duration::from_millis(250);
 /// How long a read (room seed, paging) waits on a locked database.
 const READER_BUSY: Duration = Duration::from_secs(2);
+/// Read-only connections: a page read holds one for the whole page, so a flood of page reads
+/// uses at most these and leaves the rest of the blocking pool to room seeds.
+const READERS: usize = 4;
+/// Buckets of the per-name change counters (see `Archive::changes`).
+const CHANGE_BUCKETS: usize = 256;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -70,12 +75,57 @@ struct Unflushed {
     frames: Option<VecDeque<Arc<Outbound>>>,
 }
 
-type Notes = Arc<Mutex<HashMap<Box<str>, Unflushed>>>;
+/// The notes, and a change counter per bucket of room names: bumped (under the notes' lock)
+/// whenever a name's note appears, changes or goes. A seed read from disk outside every lock
+/// is used only if its bucket did not change meanwhile.
+struct NoteBook {
+    notes: HashMap<Box<str>, Unflushed>,
+    changes: Box<[u64]>,
+}
+
+impl NoteBook {
+    fn bucket(name: &str) -> usize {
+        // FNV-1a: stable and cheap; a collision only costs a fresh read.
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        (h % CHANGE_BUCKETS as u64) as usize
+    }
+
+    fn changed(&mut self, name: &str) {
+        let b = Self::bucket(name);
+        self.changes[b] = self.changes[b].wrapping_add(1);
+    }
+
+    fn version(&self, name: &str) -> u64 {
+        self.changes[Self::bucket(name)]
+    }
+}
+
+impl Default for NoteBook {
+    fn default() -> Self {
+        NoteBook {
+            notes: HashMap::new(),
+            changes: vec![0; CHANGE_BUCKETS].into_boxed_slice(),
+        }
+    }
+}
+
+type Notes = Arc<Mutex<NoteBook>>;
+
+/// A room's past as read from disk before the room is created, outside every lock (see
+/// `Archive::prepare`).
+pub struct Prepared {
+    /// The note book's version of the name when the read began.
+    version: u64,
+    capacity: usize,
+    read: rusqlite::Result<(u64, Vec<(u64, String)>)>,
+}
 
 pub struct Archive {
     tx: SyncSender<Job>,
     /// Seeds and pages; the writer has its own connection (WAL: readers never wait for it).
-    reader: Mutex<Connection>,
+    readers: Box<[Mutex<Connection>]>,
     notes: Notes,
     stats: Arc<Stats>,
     stopping: Arc<AtomicBool>,
@@ -110,11 +160,16 @@ impl Archive {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(WRITER_BUSY)?;
         conn.execute_batch(SCHEMA)?;
-        let reader = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        reader.busy_timeout(READER_BUSY)?;
+        let readers = (0..READERS)
+            .map(|_| {
+                let reader = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                reader.busy_timeout(READER_BUSY)?;
+                Ok(Mutex::new(reader))
+            })
+            .collect::<rusqlite::Result<Box<[_]>>>()?;
 
         let (tx, rx) = mpsc::sync_channel(queue.max(1));
         let notes: Notes = Arc::default();
@@ -134,7 +189,7 @@ impl Archive {
         tracing::info!(path = %path.display(), ?retention, "durable history");
         Ok(Archive {
             tx,
-            reader: Mutex::new(reader),
+            readers,
             notes,
             stats,
             stopping,
@@ -152,8 +207,9 @@ impl Archive {
         });
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(job) {
             self.stats.history_db_dropped.inc();
-            let mut notes = self.notes.lock();
-            let note = notes.entry(room.as_ref().into()).or_insert(Unflushed {
+            let mut book = self.notes.lock();
+            book.changed(room);
+            let note = book.notes.entry(room.as_ref().into()).or_insert(Unflushed {
                 last_seq: 0,
                 frames: None,
             });
@@ -168,8 +224,9 @@ impl Archive {
             // Nobody would free the ring: keep just the seq, the ring comes from disk later.
             frames = None;
         }
-        let mut notes = self.notes.lock();
-        let note = notes.entry(room.as_ref().into()).or_insert(Unflushed {
+        let mut book = self.notes.lock();
+        book.changed(room);
+        let note = book.notes.entry(room.as_ref().into()).or_insert(Unflushed {
             last_seq: 0,
             frames: None,
         });
@@ -177,10 +234,58 @@ impl Archive {
         note.frames = frames;
     }
 
+    /// A free read-only connection, else the first (waiting for it).
+    fn reader(&self) -> parking_lot::MutexGuard<'_, Connection> {
+        self.readers
+            .iter()
+            .find_map(|r| r.try_lock())
+            .unwrap_or_else(|| self.readers[0].lock())
+    }
+
+    /// Reads room `name`'s last seq and last `capacity` messages from disk, for a room about to
+    /// be created. Blocking: call from `spawn_blocking`, before taking any lock; `seed` then
+    /// uses the result if nothing about the name changed meanwhile.
+    pub fn prepare(&self, name: &str, capacity: usize) -> Prepared {
+        let version = self.notes.lock().version(name);
+        Prepared {
+            version,
+            capacity,
+            read: self.read_seed(name, capacity),
+        }
+    }
+
+    fn read_seed(
+        &self,
+        name: &str,
+        capacity: usize,
+    ) -> rusqlite::Result<(u64, Vec<(u64, String)>)> {
+        let conn = self.reader();
+        let max: Option<i64> = conn.query_row(
+            "SELECT max(seq) FROM messages WHERE room = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        let rows = read_rows(&conn, name, i64::MAX, capacity)?;
+        Ok((max.unwrap_or(0) as u64, rows))
+    }
+
     /// Where room `name` starts when it is created: its last seq and its last `capacity`
-    /// messages. A database error is logged and the room starts from what memory knows.
-    pub fn seed(&self, name: &str, capacity: usize) -> Seed {
-        let note = self.notes.lock().remove(name);
+    /// messages. Called under the registry's shard lock. `prepared` is the disk's answer read
+    /// beforehand (`prepare`); it is used when nothing about the name changed since, and
+    /// otherwise (or without one) the disk is read here, under the lock, counted in
+    /// `history_db_locked_reads`. A database error is logged and the room starts from what
+    /// memory knows.
+    pub fn seed(&self, name: &str, capacity: usize, prepared: Option<Prepared>) -> Seed {
+        let (note, fresh) = {
+            let mut book = self.notes.lock();
+            let fresh = prepared
+                .filter(|p| p.version == book.version(name) && p.capacity == capacity)
+                .map(|p| p.read);
+            let note = book.notes.remove(name);
+            // The room is in memory from now on: a read prepared before this moment is stale.
+            book.changed(name);
+            (note, fresh)
+        };
         if let Some(Unflushed {
             last_seq,
             frames: Some(frames),
@@ -192,16 +297,10 @@ impl Archive {
             };
         }
         let floor = note.map_or(0, |n| n.last_seq);
-        let from_db = (|| -> rusqlite::Result<(u64, Vec<(u64, String)>)> {
-            let conn = self.reader.lock();
-            let max: Option<i64> = conn.query_row(
-                "SELECT max(seq) FROM messages WHERE room = ?1",
-                [name],
-                |r| r.get(0),
-            )?;
-            let rows = read_rows(&conn, name, i64::MAX, capacity)?;
-            Ok((max.unwrap_or(0) as u64, rows))
-        })();
+        let from_db = fresh.unwrap_or_else(|| {
+            self.stats.history_db_locked_reads.inc();
+            self.read_seed(name, capacity)
+        });
         match from_db {
             Ok((max, mut rows)) => {
                 rows.reverse();
@@ -232,7 +331,7 @@ impl Archive {
         limit: usize,
     ) -> Result<Vec<(u64, String)>, DbError> {
         let before = i64::try_from(before).unwrap_or(i64::MAX);
-        Ok(read_rows(&self.reader.lock(), room, before, limit)?)
+        Ok(read_rows(&self.reader(), room, before, limit)?)
     }
 
     /// Asks the writer to flush what is queued and stop; waits at most `within`. Blocking.
@@ -402,9 +501,10 @@ impl Writer {
             .flatten()
             .flatten();
         let on_disk = max.unwrap_or(0) as u64;
-        let mut notes = self.notes.lock();
-        if notes.get(room).is_some_and(|n| n.last_seq <= on_disk) {
-            notes.remove(room);
+        let mut book = self.notes.lock();
+        if book.notes.get(room).is_some_and(|n| n.last_seq <= on_disk) {
+            book.notes.remove(room);
+            book.changed(room);
         }
     }
 
@@ -500,7 +600,7 @@ mod tests {
         }
         assert_eq!(stats.history_db_written.get(), 5);
         let a = Archive::open(&path, Retention::default(), 100, stats).unwrap();
-        let seed = a.seed("r", 3);
+        let seed = a.seed("r", 3, None);
         assert_eq!(seed.last_seq, 5);
         assert_eq!(seed.history.first_seq(), Some(3));
         let page = a.page("r", 5, 10).unwrap();
@@ -510,7 +610,7 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&page[0].1).unwrap();
         assert_eq!(v["text"], "m4");
-        assert_eq!(a.seed("other", 3).last_seq, 0);
+        assert_eq!(a.seed("other", 3, None).last_seq, 0);
     }
 
     #[test]
@@ -528,9 +628,52 @@ mod tests {
             ring.push(&out);
         }
         a.retire(&room, 50, ring);
-        let seed = a.seed("r", 4);
+        let seed = a.seed("r", 4, None);
         assert_eq!(seed.last_seq, 50);
         a.close(Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_prepared_seed_is_used_only_while_nothing_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::new());
+        let a = Archive::open(
+            &dir.path().join("h.sqlite"),
+            Retention::default(),
+            100,
+            stats.clone(),
+        )
+        .unwrap();
+        let room: Arc<str> = "r".into();
+        let mut ring = History::new(4);
+        for seq in 1..=3 {
+            let out = publish(seq);
+            a.append(&room, unix_millis(), &out);
+            ring.push(&out);
+        }
+        a.retire(&room, 3, ring);
+        // Read while nothing changes: used as it is, no read under the lock.
+        let prepared = a.prepare("r", 4);
+        let seed = a.seed("r", 4, Some(prepared));
+        assert_eq!(seed.last_seq, 3);
+        assert_eq!(stats.history_db_locked_reads.get(), 0);
+
+        // The room lives again and retires at seq 9 while a read prepared before is in
+        // flight: that read is stale and must not number the room from 3.
+        let prepared = a.prepare("r", 4);
+        let mut ring = History::new(4);
+        for seq in 4..=9 {
+            let out = publish(seq);
+            a.append(&room, unix_millis(), &out);
+            ring.push(&out);
+        }
+        a.retire(&room, 9, ring);
+        // The writer may have flushed and dropped the note by now: either way, 9.
+        a.close(Duration::from_secs(10));
+        let seed = a.seed("r", 4, Some(prepared));
+        assert_eq!(seed.last_seq, 9);
+        assert_eq!(seed.history.first_seq(), Some(6));
+        assert_eq!(stats.history_db_locked_reads.get(), 1);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Retention;
-use crate::core::archive::{Archive, DbError};
+use crate::core::archive::{Archive, DbError, Prepared};
 use crate::core::dedupe::Dedupe;
 use crate::core::ring::{History, Seed};
 use crate::core::stats::Stats;
@@ -90,11 +90,11 @@ impl HistoryService {
 
     /// The starting point of room `name`, created now with a ring of `capacity`. With an
     /// archive, seq and ring continue from what the room had before (a restart, or the room
-    /// emptied and came back). Called under the registry's shard lock, so it never races the
-    /// same room's `retire`.
-    pub fn new_room(&self, name: &str, capacity: usize) -> Seed {
+    /// emptied and came back), from `prepared` when it is still good (see `Archive::seed`).
+    /// Called under the registry's shard lock, so it never races the same room's `retire`.
+    pub fn new_room(&self, name: &str, capacity: usize, prepared: Option<Prepared>) -> Seed {
         match &self.archive {
-            Some(archive) => archive.seed(name, capacity),
+            Some(archive) => archive.seed(name, capacity, prepared),
             None => Seed {
                 last_seq: 0,
                 history: History::new(capacity),

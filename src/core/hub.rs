@@ -11,6 +11,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::rate::RateSpec;
 use crate::config::rooms::{RoomSettings, Settings};
+use crate::core::archive::Prepared;
 use crate::core::auth::Grant;
 use crate::core::history::HistoryService;
 use crate::core::lobby::Lobby;
@@ -76,7 +77,7 @@ pub struct JoinRequest<'a> {
 
 /// Where a room created by a join starts. Standalone: the default (seq 0, nobody elsewhere,
 /// nothing kept beyond its archive).
-#[derive(Default, Clone, Copy)]
+#[derive(Default)]
 pub struct Start<'a> {
     /// The cluster's last seq of the room: the room numbers after it.
     pub seq: u64,
@@ -84,6 +85,8 @@ pub struct Start<'a> {
     pub remote_members: usize,
     /// What Redis kept of the room, oldest first: the end of its history ring.
     pub kept: &'a [Arc<Outbound>],
+    /// The room's past, read from the archive before any lock was taken (`seed_job`).
+    pub prepared: Option<Prepared>,
 }
 
 /// Whether a joiner may enter a room with `settings` that has `members` now. The password is
@@ -172,7 +175,7 @@ impl Hub {
                 let settings = self.settings.read().resolve(name);
                 admit(&settings, 0, req.password)?;
                 let settings_private = settings.is_private();
-                let room = self.create_room(name, settings, start.seq, start.kept);
+                let room = self.create_room(name, settings, start.seq, start.kept, start.prepared);
                 room.set_remote_members(start.remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
@@ -214,11 +217,10 @@ impl Hub {
         settings: RoomSettings,
         seq: u64,
         kept: &[Arc<Outbound>],
+        prepared: Option<Prepared>,
     ) -> Arc<Room> {
-        let capacity = settings
-            .history
-            .map_or(self.history.settings().capacity, |n| n as usize);
-        let mut seed = self.history.new_room(name, capacity);
+        let capacity = self.capacity(&settings);
+        let mut seed = self.history.new_room(name, capacity, prepared);
         seed.history = seed.history.followed_by(kept);
         let limiter = crate::core::limit::room_limiter(settings.rate_limit, self.room_rate);
         Arc::new(
@@ -232,6 +234,31 @@ impl Hub {
             .with_limiter(limiter)
             .with_seq(seq),
         )
+    }
+
+    /// Messages a room with `settings` keeps.
+    fn capacity(&self, settings: &RoomSettings) -> usize {
+        settings
+            .history
+            .map_or(self.history.settings().capacity, |n| n as usize)
+    }
+
+    /// The blocking read that prepares room `name`'s creation from the archive (its last seq
+    /// and messages), to run off the runtime threads and before any lock: `None` when there
+    /// is no archive or the room is already live. Its result goes in `Start::prepared`; a read
+    /// that went stale meanwhile is done again under the lock (see `Archive::seed`).
+    pub fn seed_job(
+        &self,
+        name: &str,
+    ) -> Option<impl FnOnce() -> Option<Prepared> + Send + 'static> {
+        self.history.archive()?;
+        if self.get(name).is_some() {
+            return None;
+        }
+        let capacity = self.capacity(&self.settings.read().resolve(name));
+        let history = self.history.clone();
+        let name = name.to_owned();
+        Some(move || history.archive().map(|a| a.prepare(&name, capacity)))
     }
 
     /// Removes member `id` from chat room `room`; the room leaves the map with its last member.
@@ -468,7 +495,7 @@ mod tests {
         let start = Start {
             seq: 10,
             remote_members: 4,
-            kept: &[],
+            ..Start::default()
         };
         let mut a = hub.join(&req, start).unwrap();
         let v = payload(&a.welcome);

@@ -36,6 +36,9 @@ pub struct Stats {
     pub lag_resyncs: Counter,
     /// Messages committed to the history database.
     pub history_db_written: Counter,
+    /// Room seeds read from the history database under the registry's lock, because the read
+    /// made beforehand went stale (the room closed or its note changed meanwhile).
+    pub history_db_locked_reads: Counter,
     /// Messages the history database never got: its writer queue was full (or it failed at
     /// shutdown). Delivery is never affected.
     pub history_db_dropped: Counter,
@@ -88,6 +91,10 @@ impl Stats {
             "history_db_dropped",
             "Messages dropped from the history database (writer queue full)",
         );
+        let history_db_locked_reads = counter(
+            "history_db_locked_reads",
+            "Room seeds read from the history database under the registry lock (the read made beforehand went stale)",
+        );
         let auth_refused = AuthRefused::default();
         registry.register(
             "auth_refused",
@@ -130,6 +137,7 @@ impl Stats {
             lag_resyncs,
             history_db_written,
             history_db_dropped,
+            history_db_locked_reads,
             rss,
             cpu,
             registry,

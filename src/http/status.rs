@@ -57,6 +57,7 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "lag_resyncs": s.lag_resyncs.get(),
         "history_db_written": s.history_db_written.get(),
         "history_db_dropped": s.history_db_dropped.get(),
+        "history_db_locked_reads": s.history_db_locked_reads.get(),
         "rss_bytes": rss_bytes(),
         // User + system CPU seconds since start: a load test divides deliveries by its
         // change over a window (server cost per delivery).
