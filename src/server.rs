@@ -85,6 +85,8 @@ pub async fn run(
         db: config.history_db.clone(),
         retention: config.retention,
         db_queue: config.history_db_queue as usize,
+        memory: usize::try_from(config.history_memory).unwrap_or(usize::MAX),
+        room_bytes: usize::try_from(config.room_history_bytes).unwrap_or(usize::MAX),
     };
     let history = Arc::new(HistoryService::new(history_settings, stats.clone())?);
     let hub = Arc::new(

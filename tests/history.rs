@@ -921,3 +921,49 @@ async fn a_retried_id_still_passes_the_rate_limits() {
         "{ack}"
     );
 }
+
+/// Escape-heavy messages of the largest size, into many rooms from many sockets: what the
+/// rings keep stays within `--history-memory`, and so does the process's memory, give or take
+/// a baseline. Without the budget the rings would keep every one of them (about 55 MiB here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_history_stays_within_its_memory_budget() {
+    const BUDGET: u64 = 4 << 20;
+    const SOCKETS: usize = 20;
+    const PER_ROOM: usize = 40;
+    let budget = BUDGET.to_string();
+    let node = support::nodes::Node::standalone(&[
+        "--history-memory",
+        &budget,
+        "--max-message-bytes",
+        "12288",
+    ])
+    .await;
+    let (_, before) = node.get("/api/stats").await;
+    // Plain text of control characters: each JSON-escapes to six bytes in the broadcast frame,
+    // so a 12,000-byte message makes a 72 KiB frame.
+    let text = "\u{1}".repeat(12_000);
+    let mut sockets = Vec::new();
+    for s in 0..SOCKETS {
+        let (c, _) = Client::join(&node.ws(&format!("/ws/flood{s}?user=f{s}"))).await;
+        sockets.push(c);
+    }
+    for _ in 0..PER_ROOM {
+        for c in sockets.iter_mut() {
+            c.send(&text).await;
+            assert_eq!(c.recv_type("message").await["text"], text.as_str());
+        }
+    }
+    let total = (SOCKETS * PER_ROOM) as u64;
+    let (_, stats) = node.get("/api/stats").await;
+    assert_eq!(stats["published"], total);
+    let kept = stats["history_bytes"].as_u64().expect("history_bytes");
+    assert!(kept <= BUDGET, "{kept} bytes kept over a {BUDGET} budget");
+    assert!(kept > BUDGET / 2, "the budget is used, not emptied: {kept}");
+    assert!(stats["history_trimmed"].as_u64().unwrap() > 0, "{stats}");
+    let grown = stats["rss_bytes"].as_u64().unwrap() - before["rss_bytes"].as_u64().unwrap();
+    // The budget, plus a baseline for sockets, buffers and allocator slack.
+    assert!(
+        grown < BUDGET + (32 << 20),
+        "resident memory grew {grown} bytes for a {BUDGET}-byte budget"
+    );
+}

@@ -176,6 +176,18 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HISTORY", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub history: u32,
 
+    /// Bytes of kept history (encoded frames) every room together may hold in memory; past it
+    /// the room that keeps a new message drops its own oldest ones (counted as
+    /// `history_trimmed`). Unit: bytes. Default: 268435456 (256 MiB).
+    #[arg(long, env = "ROOMCAST_HISTORY_MEMORY", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(0..=1 << 40))]
+    pub history_memory: u64,
+
+    /// Bytes of kept history one room may hold in memory (the rooms file's `history_bytes`
+    /// overrides it per room); past it the room drops its oldest kept messages (counted as
+    /// `history_trimmed`). Unit: bytes. Default: 16777216 (16 MiB).
+    #[arg(long, env = "ROOMCAST_ROOM_HISTORY_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(0..=1 << 40))]
+    pub room_history_bytes: u64,
+
     /// What happens to a member that falls `--room-buffer` messages behind: `evict` closes it
     /// with 1008 "slow consumer"; `resync` sends it a `lagged` frame naming the seqs it missed
     /// and keeps it in the room. Default: evict.

@@ -28,6 +28,8 @@ pub const MAX_ROOM_BUFFER: u64 = 1_048_576;
 pub const MAX_MEMBERS_CAP: u64 = 10_000_000;
 /// Largest `history` depth.
 pub const MAX_HISTORY: u64 = 1_000_000;
+/// Largest `history_bytes` accepted (1 TiB, as `--room-history-bytes`).
+pub const MAX_HISTORY_BYTES: u64 = 1 << 40;
 
 /// What a room's presence frames carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -140,6 +142,8 @@ struct Entry {
     max_members: Option<Bounded<0, MAX_MEMBERS_CAP>>,
     /// 0 turns history off.
     history: Option<Bounded<0, MAX_HISTORY>>,
+    /// Bytes of kept history; 0 keeps none.
+    history_bytes: Option<Bounded<0, MAX_HISTORY_BYTES>>,
     rate_limit: Option<RateLimitArg>,
     presence: Option<Presence>,
     room_buffer: Option<Bounded<1, MAX_ROOM_BUFFER>>,
@@ -205,6 +209,8 @@ pub struct RoomSettings {
     pub max_members: Option<u32>,
     /// Messages of history to keep. `None`: the file does not say, `--history` decides.
     pub history: Option<u32>,
+    /// Bytes of history to keep. `None`: the file does not say, `--room-history-bytes` decides.
+    pub history_bytes: Option<u64>,
     /// Per-room publish limit. `None`: the file does not say, `--room-rate-limit` decides.
     pub rate_limit: Option<RateLimitArg>,
     pub presence: Presence,
@@ -220,6 +226,7 @@ impl RoomSettings {
             private: false,
             max_members: None,
             history: None,
+            history_bytes: None,
             rate_limit: None,
             presence: Presence::Events,
             room_buffer: room_buffer.max(1),
@@ -238,6 +245,9 @@ impl RoomSettings {
         }
         if let Some(Bounded(n)) = e.history {
             self.history = Some(n as u32);
+        }
+        if let Some(Bounded(n)) = e.history_bytes {
+            self.history_bytes = Some(n);
         }
         if let Some(r) = e.rate_limit {
             self.rate_limit = Some(r);

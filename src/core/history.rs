@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::config::Retention;
 use crate::core::archive::{Archive, DbError, Prepared};
 use crate::core::dedupe::Dedupe;
-use crate::core::ring::{History, Seed};
+use crate::core::ring::{History, MemoryBudget, Seed};
 use crate::core::stats::Stats;
 use crate::proto::Outbound;
 
@@ -35,6 +35,10 @@ pub struct HistorySettings {
     pub retention: Retention,
     /// Messages waiting for the disk writer before new ones are dropped (`--history-db-queue`).
     pub db_queue: usize,
+    /// Bytes every room's ring may keep together (`--history-memory`).
+    pub memory: usize,
+    /// Bytes one room's ring may keep, unless its settings say (`--room-history-bytes`).
+    pub room_bytes: usize,
 }
 
 impl Default for HistorySettings {
@@ -47,6 +51,8 @@ impl Default for HistorySettings {
             db: None,
             retention: Retention::default(),
             db_queue: 1,
+            memory: usize::MAX,
+            room_bytes: usize::MAX,
         }
     }
 }
@@ -55,6 +61,8 @@ impl Default for HistorySettings {
 pub struct HistoryService {
     settings: HistorySettings,
     archive: Option<Archive>,
+    /// Every ring's share of `--history-memory`.
+    budget: Arc<MemoryBudget>,
 }
 
 impl HistoryService {
@@ -65,11 +73,19 @@ impl HistoryService {
                 path,
                 settings.retention,
                 settings.db_queue,
-                stats,
+                stats.clone(),
             )?),
             None => None,
         };
-        Ok(HistoryService { settings, archive })
+        let budget = Arc::new(MemoryBudget::new(
+            settings.memory,
+            stats.history_trimmed.clone(),
+        ));
+        Ok(HistoryService {
+            settings,
+            archive,
+            budget,
+        })
     }
 
     /// History off, no archive.
@@ -77,6 +93,7 @@ impl HistoryService {
         HistoryService {
             settings: HistorySettings::default(),
             archive: None,
+            budget: Arc::new(MemoryBudget::new(usize::MAX, Default::default())),
         }
     }
 
@@ -92,14 +109,28 @@ impl HistoryService {
     /// archive, seq and ring continue from what the room had before (a restart, or the room
     /// emptied and came back), from `prepared` when it is still good (see `Archive::seed`).
     /// Called under the registry's shard lock, so it never races the same room's `retire`.
-    pub fn new_room(&self, name: &str, capacity: usize, prepared: Option<Prepared>) -> Seed {
-        match &self.archive {
+    /// Its ring is bounded by `max_bytes` and the shared `--history-memory`.
+    pub fn new_room(
+        &self,
+        name: &str,
+        capacity: usize,
+        max_bytes: usize,
+        prepared: Option<Prepared>,
+    ) -> Seed {
+        let mut seed = match &self.archive {
             Some(archive) => archive.seed(name, capacity, prepared),
             None => Seed {
                 last_seq: 0,
                 history: History::new(capacity),
             },
-        }
+        };
+        seed.history = seed.history.bounded(max_bytes, Some(self.budget.clone()));
+        seed
+    }
+
+    /// Bytes every room's ring keeps now.
+    pub fn memory_used(&self) -> usize {
+        self.budget.used()
     }
 
     /// A fresh dedupe window for a new room.

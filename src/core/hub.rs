@@ -220,7 +220,12 @@ impl Hub {
         prepared: Option<Prepared>,
     ) -> Arc<Room> {
         let capacity = self.capacity(&settings);
-        let mut seed = self.history.new_room(name, capacity, prepared);
+        let max_bytes = settings
+            .history_bytes
+            .map_or(self.history.settings().room_bytes, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            });
+        let mut seed = self.history.new_room(name, capacity, max_bytes, prepared);
         seed.history = seed.history.followed_by(kept);
         let limiter = crate::core::limit::room_limiter(settings.rate_limit, self.room_rate);
         Arc::new(

@@ -2,9 +2,11 @@
 //! a join with `history` or `since` gets from it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 
 use crate::proto::{Outbound, ReplayRequest, ServerFrame};
 
@@ -15,20 +17,110 @@ pub struct Replay {
     pub frames: Vec<Arc<Outbound>>,
 }
 
+/// The bytes every room's ring keeps, together, against `--history-memory`. A ring that keeps
+/// a message past the budget gives up its own oldest messages until the whole is within it
+/// (or it keeps none): memory stays bounded whatever the traffic, and a busy room pays for its
+/// own keeping.
+pub struct MemoryBudget {
+    used: AtomicUsize,
+    limit: usize,
+    /// Messages dropped from rings by a byte budget (`history_trimmed`).
+    trimmed: Counter,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: usize, trimmed: Counter) -> Self {
+        MemoryBudget {
+            used: AtomicUsize::new(0),
+            limit,
+            trimmed,
+        }
+    }
+
+    /// Bytes kept now, every ring together.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn over(&self) -> bool {
+        self.used() > self.limit
+    }
+}
+
+/// What one kept message costs: its frame and its `Outbound` (the ring's pointer is in the
+/// ring's own allocation, bounded by the capacity).
+fn cost(out: &Outbound) -> usize {
+    out.frame.len() + std::mem::size_of::<Outbound>()
+}
+
 /// One room's last messages, oldest first. Seqs ascend; they are contiguous unless the ring was
 /// loaded from an archive that lost some (writer queue overflow), which replay accounts for.
+/// Bounded twice: in messages (`capacity`) and in bytes (`max_bytes` for the room, and the
+/// shared `MemoryBudget`); the oldest go first.
 pub struct History {
     capacity: usize,
     frames: VecDeque<Arc<Outbound>>,
+    /// What `frames` costs, in bytes (see `cost`).
+    bytes: usize,
+    /// `--room-history-bytes` (or the room's `history_bytes`).
+    max_bytes: usize,
+    budget: Option<Arc<MemoryBudget>>,
 }
 
 impl History {
-    /// An empty ring keeping at most `capacity` messages (0: keeps nothing). Allocates nothing
-    /// until the first message.
+    /// An empty ring keeping at most `capacity` messages (0: keeps nothing), with no byte
+    /// bound until `bounded`. Allocates nothing until the first message.
     pub fn new(capacity: usize) -> Self {
         History {
             capacity,
             frames: VecDeque::new(),
+            bytes: 0,
+            max_bytes: usize::MAX,
+            budget: None,
+        }
+    }
+
+    /// Bounds this ring in bytes too: `max_bytes` for itself, and its share of `budget`. What
+    /// it holds already is counted, and trimmed if it is over.
+    pub fn bounded(mut self, max_bytes: usize, budget: Option<Arc<MemoryBudget>>) -> Self {
+        if let Some(old) = self.budget.take() {
+            old.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+        if let Some(b) = &budget {
+            b.used.fetch_add(self.bytes, Ordering::Relaxed);
+        }
+        self.max_bytes = max_bytes;
+        self.budget = budget;
+        self.trim();
+        self
+    }
+
+    /// Bytes this ring keeps.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn pop_oldest(&mut self) -> bool {
+        let Some(out) = self.frames.pop_front() else {
+            return false;
+        };
+        let size = cost(&out);
+        self.bytes -= size;
+        if let Some(b) = &self.budget {
+            b.used.fetch_sub(size, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Drops the oldest messages while a byte bound is exceeded, counted.
+    fn trim(&mut self) {
+        while self.bytes > self.max_bytes || self.budget.as_ref().is_some_and(|b| b.over()) {
+            if !self.pop_oldest() {
+                return;
+            }
+            if let Some(b) = &self.budget {
+                b.trimmed.inc();
+            }
         }
     }
 
@@ -73,9 +165,15 @@ impl History {
             return;
         }
         if self.frames.len() >= self.capacity {
-            self.frames.pop_front();
+            self.pop_oldest();
         }
+        let size = cost(out);
         self.frames.push_back(out.clone());
+        self.bytes += size;
+        if let Some(b) = &self.budget {
+            b.used.fetch_add(size, Ordering::Relaxed);
+        }
+        self.trim();
     }
 
     /// The oldest kept seq.
@@ -146,8 +244,22 @@ impl History {
             .collect()
     }
 
-    pub(crate) fn into_frames(self) -> VecDeque<Arc<Outbound>> {
-        self.frames
+    /// The frames, leaving the byte budget (the archive holds them only until its writer has
+    /// them on disk).
+    pub(crate) fn into_frames(mut self) -> VecDeque<Arc<Outbound>> {
+        if let Some(b) = self.budget.take() {
+            b.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+        self.bytes = 0;
+        std::mem::take(&mut self.frames)
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
     }
 }
 
@@ -272,6 +384,37 @@ mod tests {
         assert!(h.is_empty(), "history off keeps nothing");
         let h = ring(10, 1..=3).followed_by(&[]);
         assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn byte_bounds_drop_the_oldest_and_the_budget_is_shared() {
+        // Two-digit seqs: every frame has the same size.
+        let size = cost(&out(11));
+        let trimmed = Counter::default();
+        let budget = Arc::new(MemoryBudget::new(5 * size, trimmed.clone()));
+        // Per room: three messages' worth.
+        let mut a = History::new(100).bounded(3 * size, Some(budget.clone()));
+        for seq in 11..=20 {
+            a.push(&out(seq));
+        }
+        assert_eq!((a.len(), a.first_seq()), (3, Some(18)));
+        assert_eq!(budget.used(), 3 * size);
+        // Another room fills the rest of the budget; past it, the pushing room gives up its own.
+        let mut b = History::new(100).bounded(usize::MAX, Some(budget.clone()));
+        for seq in 11..=14 {
+            b.push(&out(seq));
+        }
+        assert_eq!(b.len(), 2, "5 in all: 3 in a, 2 in b");
+        assert_eq!(budget.used(), 5 * size);
+        assert_eq!(trimmed.get(), 7 + 2);
+        drop(a);
+        assert_eq!(budget.used(), 2 * size, "a ring gives back what it kept");
+        let frames = b.into_frames();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(budget.used(), 0);
+        // A ring loaded over its bound is trimmed at once.
+        let c = ring(10, 11..=16).bounded(2 * size, Some(budget.clone()));
+        assert_eq!((c.len(), c.bytes(), budget.used()), (2, 2 * size, 2 * size));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct Stats {
     pub lag_resyncs: Counter,
     /// Messages committed to the history database.
     pub history_db_written: Counter,
+    /// Kept messages dropped from rooms' rings by `--history-memory` or a room's byte bound.
+    pub history_trimmed: Counter,
     /// Room seeds read from the history database under the registry's lock, because the read
     /// made beforehand went stale (the room closed or its note changed meanwhile).
     pub history_db_locked_reads: Counter,
@@ -91,6 +93,10 @@ impl Stats {
             "history_db_dropped",
             "Messages dropped from the history database (writer queue full)",
         );
+        let history_trimmed = counter(
+            "history_trimmed",
+            "Kept messages dropped from rooms' rings by --history-memory or a room's byte bound",
+        );
         let history_db_locked_reads = counter(
             "history_db_locked_reads",
             "Room seeds read from the history database under the registry lock (the read made beforehand went stale)",
@@ -138,6 +144,7 @@ impl Stats {
             history_db_written,
             history_db_dropped,
             history_db_locked_reads,
+            history_trimmed,
             rss,
             cpu,
             registry,

@@ -58,6 +58,8 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "history_db_written": s.history_db_written.get(),
         "history_db_dropped": s.history_db_dropped.get(),
         "history_db_locked_reads": s.history_db_locked_reads.get(),
+        "history_trimmed": s.history_trimmed.get(),
+        "history_bytes": api.bus.hub().history().memory_used(),
         "rss_bytes": rss_bytes(),
         // User + system CPU seconds since start: a load test divides deliveries by its
         // change over a window (server cost per delivery).
