@@ -38,6 +38,15 @@ pub struct Stats {
     /// Messages the history database never got: its writer queue was full (or it failed at
     /// shutdown). Delivery is never affected.
     pub history_db_dropped: Counter,
+    // Bounded by design: admission, the shutdown drain, presence names.
+    /// Upgrades refused by `--accept-rate`.
+    pub accept_rate_refused: Counter,
+    /// Connections still waiting for their turn when the shutdown drain's deadline passed,
+    /// closed at once.
+    pub shutdown_late_closes: Counter,
+    /// User names left out of presence frames (past the per-frame cap); the frame says
+    /// `truncated`.
+    pub presence_names_dropped: Counter,
     rss: Gauge,
     /// CPU seconds this process has used (user + system), refreshed when scraped: divided into
     /// the deliveries of a load test window it gives the server's cost per delivery.
@@ -91,6 +100,17 @@ impl Stats {
             "history_db_dropped",
             "Messages dropped from the history database (writer queue full)",
         );
+        // Bounded by design: admission, the shutdown drain, presence names.
+        let accept_rate_refused =
+            counter("accept_rate_refused", "Upgrades refused by --accept-rate");
+        let shutdown_late_closes = counter(
+            "shutdown_late_closes",
+            "Connections closed at once when the shutdown drain's deadline passed",
+        );
+        let presence_names_dropped = counter(
+            "presence_names_dropped",
+            "User names left out of presence frames past the per-frame cap",
+        );
         let connections = Gauge::default();
         registry.register(
             "connections",
@@ -127,6 +147,9 @@ impl Stats {
             lag_resyncs,
             history_db_written,
             history_db_dropped,
+            accept_rate_refused,
+            shutdown_late_closes,
+            presence_names_dropped,
             rss,
             cpu,
             registry,

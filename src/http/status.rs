@@ -56,6 +56,9 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "lag_resyncs": s.lag_resyncs.get(),
         "history_db_written": s.history_db_written.get(),
         "history_db_dropped": s.history_db_dropped.get(),
+        "accept_rate_refused": s.accept_rate_refused.get(),
+        "shutdown_late_closes": s.shutdown_late_closes.get(),
+        "presence_names_dropped": s.presence_names_dropped.get(),
         "rss_bytes": rss_bytes(),
         // User + system CPU seconds since start: a load test divides deliveries by its
         // change over a window (server cost per delivery).
