@@ -121,15 +121,18 @@ pub async fn run(
              publish into any room, as any user, with POST /api/rooms/{{room}}/messages"
         );
     }
-    let api = Arc::new(Api::new(
-        bus.clone(),
-        stats.clone(),
-        access,
-        cx,
-        config.max_connections,
-        config.max_message_bytes as usize,
-        config.echo,
-    ));
+    let api = Arc::new(
+        Api::new(
+            bus.clone(),
+            stats.clone(),
+            access,
+            cx,
+            config.max_connections,
+            config.max_message_bytes as usize,
+            config.echo,
+        )
+        .with_accept_rate(config.accept_rate()),
+    );
     let shutdown_timeout = config.shutdown_timeout;
     let drain_rate = config.drain_per_second();
     let handshake_timeout = config.handshake_timeout;

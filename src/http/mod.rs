@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use governor::DefaultDirectRateLimiter;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -25,7 +26,9 @@ pub use access::Access;
 pub use reply::{ApiError, Body};
 
 use crate::bus::Bus;
+use crate::config::rate::RateSpec;
 use crate::conn;
+use crate::core::limit::limiter;
 use crate::core::stats::Stats;
 use crate::proto::names::{validate_room, NameError};
 use reply::Reply;
@@ -43,6 +46,8 @@ pub struct Api {
     pub max_message_bytes: usize,
     /// `--echo`: the `/echo` route exists.
     pub echo: bool,
+    /// `--accept-rate`: upgrades past it get 503 before any other work.
+    accept: Option<DefaultDirectRateLimiter>,
     next_id: AtomicU64,
 }
 
@@ -64,8 +69,15 @@ impl Api {
             max_connections,
             max_message_bytes,
             echo,
+            accept: None,
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Applies `--accept-rate` to WebSocket upgrades.
+    pub fn with_accept_rate(mut self, spec: Option<RateSpec>) -> Self {
+        self.accept = spec.map(limiter);
+        self
     }
 
     /// A fresh connection id (also the member id in every room). Never 0.

@@ -25,7 +25,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     reason: Cow<'static, str>,
-    /// `Retry-After` and `retry_after_ms` (429).
+    /// `Retry-After` and `retry_after_ms` (429, 503 `accept_rate`).
     retry_after: Option<Duration>,
     /// `WWW-Authenticate: Bearer` (401).
     challenge: bool,
@@ -74,6 +74,14 @@ impl ApiError {
         ApiError {
             retry_after: Some(wait),
             ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", reason)
+        }
+    }
+
+    /// This refusal with `Retry-After` and `retry_after_ms`.
+    pub fn retry_after(self, wait: Duration) -> Self {
+        ApiError {
+            retry_after: Some(wait),
+            ..self
         }
     }
 
