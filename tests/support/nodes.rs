@@ -117,8 +117,15 @@ impl Node {
     }
 
     pub async fn spawn(extra: &[&str]) -> Node {
+        // A test may set its own presence interval (clap refuses a flag given twice).
+        let presence: &[&str] = if extra.contains(&"--presence-interval") {
+            &[]
+        } else {
+            &["--presence-interval", "50ms"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
-            .args(["--listen", "127.0.0.1:0", "--presence-interval", "50ms"])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(presence)
             // The tests publish faster than the default 20 messages/s per socket.
             .args(["--rate-limit", "off"])
             .args(extra)
