@@ -508,6 +508,9 @@ impl Cluster {
             p.author = Author::Key(&qualified);
         }
         let p = &p;
+        // A local room that closed after it was looked up is no reason to publish: the script
+        // is asked to check for members elsewhere, as when there was none here.
+        let local = local.filter(|r| !r.is_closed());
         if let Some(seq) = local.as_ref().and_then(|r| r.duplicate_of(p)) {
             return Ok(Published {
                 seq,
@@ -525,8 +528,7 @@ impl Cluster {
                 let delivered_locally = match (&local, fallback) {
                     (Some(room), Fallback::LocalMembers) => {
                         self.metrics.local_only.inc();
-                        room.publish_message(p);
-                        true
+                        room.publish_message(p).is_some()
                     }
                     _ => false,
                 };

@@ -281,7 +281,8 @@ impl Room {
         true
     }
 
-    /// Publishes a chat message to every member; returns its seq. Encodes the frame exactly once.
+    /// Publishes a chat message to every member; returns its seq (0: the room has closed).
+    /// Encodes the frame exactly once.
     pub fn publish(&self, user: &str, text: &str, origin: u64, skip_origin: bool) -> u64 {
         self.publish_message(&Publish {
             user,
@@ -291,26 +292,36 @@ impl Room {
             origin,
             skip_origin,
         })
-        .seq
+        .map_or(0, |p| p.seq)
     }
 
     /// Publishes `p` unless its `id` repeats one inside the dedupe window. Encodes the frame
-    /// exactly once; history and archive keep that same frame.
-    pub fn publish_message(&self, p: &Publish<'_>) -> Published {
+    /// exactly once; history and archive keep that same frame. `None`: the room closed (its last
+    /// member left) after the caller found it; nothing is numbered, since nobody would get it
+    /// and the room that replaces it would number another message the same.
+    pub fn publish_message(&self, p: &Publish<'_>) -> Option<Published> {
         let now_ms = unix_millis();
         let mut state = self.state.lock();
+        if state.retired {
+            return None;
+        }
         if let Some(seq) = self.duplicate_in(&mut state, p, now_ms) {
-            return Published {
+            return Some(Published {
                 seq,
                 duplicate: true,
-            };
+            });
         }
         let seq = state.seq + 1;
         self.send_message(&mut state, seq, now_ms, p);
-        Published {
+        Some(Published {
             seq,
             duplicate: false,
-        }
+        })
+    }
+
+    /// Whether the room has left the registry (its last member left).
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().retired
     }
 
     /// The seq of an earlier message with `p`'s `id` by `p`'s author inside the dedupe window,
