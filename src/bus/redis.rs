@@ -225,13 +225,15 @@ struct Metrics {
     stale_dropped: Counter,
     bad_payloads: Counter,
     join_waits_timed_out: Counter,
+    /// Kept (history) messages in Redis dropped for not being past the one before them.
+    kept_out_of_order: Counter,
 }
 
 impl Metrics {
     fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("cluster");
         r.register("up", "1 while the Redis link is up", self.up.clone());
-        let counters: [(&str, &str, &Counter); 9] = [
+        let counters: [(&str, &str, &Counter); 10] = [
             ("outages", "Times the Redis link went down", &self.outages),
             (
                 "connect_failures",
@@ -267,6 +269,11 @@ impl Metrics {
                 "bad_payloads",
                 "Payloads on a room channel that could not be read",
                 &self.bad_payloads,
+            ),
+            (
+                "kept_out_of_order",
+                "Kept messages read from Redis not past the one before them (dropped)",
+                &self.kept_out_of_order,
             ),
             (
                 "join_waits_timed_out",
@@ -669,6 +676,7 @@ impl Cluster {
         v["local_only"] = m.local_only.get().into();
         v["received"] = m.received.get().into();
         v["stale_dropped"] = m.stale_dropped.get().into();
+        v["kept_out_of_order"] = m.kept_out_of_order.get().into();
         v
     }
 }

@@ -339,7 +339,15 @@ async fn seed(
         state.last_seq = state.last_seq.max(seq);
         // Checked under the interest lock, which a joiner creating the room holds.
         if cluster.history_depth > 0 && hub.get(&interest.name).is_none() {
-            let fresh = kept::from_list(&interest.name, &list, seq);
+            let (fresh, out_of_order) = kept::from_list(&interest.name, &list, seq);
+            if out_of_order > 0 {
+                cluster.metrics.kept_out_of_order.inc_by(out_of_order);
+                tracing::warn!(
+                    room = %interest.name,
+                    out_of_order,
+                    "cluster: kept messages out of order in Redis were dropped"
+                );
+            }
             let arrived = std::mem::take(&mut state.kept);
             state.kept = kept::merge(fresh, arrived, cluster.history_depth);
         }
