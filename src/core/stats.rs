@@ -35,8 +35,8 @@ pub struct Stats {
     pub lag_resyncs: Counter,
     /// Messages committed to the history database.
     pub history_db_written: Counter,
-    /// Messages the history database never got: its writer queue was full (or it failed at
-    /// shutdown). Delivery is never affected.
+    /// Messages the history database never got: its writer queue was full, or they were not
+    /// written by the shutdown deadline. Delivery is never affected.
     pub history_db_dropped: Counter,
     // Bounded by design: admission, the shutdown drain, presence names.
     /// Upgrades refused by `--accept-rate`.
@@ -98,7 +98,7 @@ impl Stats {
         );
         let history_db_dropped = counter(
             "history_db_dropped",
-            "Messages dropped from the history database (writer queue full)",
+            "Messages dropped from the history database (writer queue full, or unwritten at shutdown)",
         );
         // Bounded by design: admission, the shutdown drain, presence names.
         let accept_rate_refused =
