@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::bus::local::Local;
 use crate::bus::redis::{Cluster, RedisSettings};
@@ -25,10 +26,11 @@ use crate::core::limit::PerIpLimit;
 use crate::core::lockout::Lockout;
 use crate::core::stats::Stats;
 use crate::http::{self, Access, Api, Side};
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
-/// Serves `listener` until `signal` completes, then closes every WebSocket with 1001 and
-/// returns once every connection task has ended or `--shutdown-timeout` has passed.
+/// Serves `listener` until `signal` completes, then stops accepting, closes the WebSockets with
+/// 1012 at `--drain-rate` and returns once every connection task has ended or
+/// `--shutdown-timeout` has passed (and the history database is flushed).
 /// Fails at once if `--rooms-config` names a file that is unreadable or invalid, or if
 /// `--jwt-secret` is shorter than 32 bytes.
 pub async fn run(
@@ -60,7 +62,11 @@ pub async fn run(
         Some(path) => Settings::load(path, room_buffer)?,
         None => Settings::from_flags(room_buffer),
     };
+    // `shutdown` stops accepting and hands the WebSockets their turns to close; `stop` ends the
+    // background work (the bus, the lobby) once they are gone, so the last ones to go are
+    // served as fully as the first.
     let (trigger, shutdown) = shutdown::channel();
+    let (stop_trigger, stop) = shutdown::channel();
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let mut stats = Stats::new();
     let broker: Arc<dyn Broker> = match &config.redis {
@@ -139,18 +145,20 @@ pub async fn run(
         config.max_connections,
         config.max_message_bytes as usize,
         config.echo,
-    );
+    )
+    .with_accept_rate(config.accept_rate());
     if admin.is_some() {
         api = api.with_admin_listener();
     }
     let api = Arc::new(api);
     let shutdown_timeout = config.shutdown_timeout;
+    let drain_rate = config.drain_per_second();
     let handshake_timeout = config.handshake_timeout;
-    bus.spawn(shutdown.clone());
+    bus.spawn(stop.clone());
     // The `$lobby` is each process's own (never a broker's room).
-    tokio::spawn(lobby_task(hub.clone(), shutdown.clone()));
+    tokio::spawn(lobby_task(hub.clone(), stop.clone()));
     if config.rooms_config.is_some() {
-        reload_on_sighup(hub.clone(), shutdown.clone());
+        reload_on_sighup(hub.clone(), stop);
     }
     drop(bus);
     tracing::info!(addr = %listener.local_addr()?, "roomcast listening");
@@ -191,16 +199,36 @@ pub async fn run(
         ));
     }
 
-    tracing::info!("shutting down: closing every socket with 1001");
+    let started = Instant::now();
+    let open = stats.connections.get().max(0);
+    tracing::info!(open, ?drain_rate, "shutting down: draining WebSockets");
     drop(listener);
     trigger.trigger();
     drop(api);
-    if tokio::time::timeout(shutdown_timeout, alive_rx.recv())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections did not finish within {shutdown_timeout:?}");
+    // The last turns go out one close grace before the deadline, so that their closes can
+    // finish within it too.
+    let grace = conn::CLOSE_GRACE.min(shutdown_timeout / 4);
+    let release_by = started + (shutdown_timeout - grace);
+    let planned = drain_rate.map_or(Duration::ZERO, |per_second| {
+        Duration::from_secs_f64(open as f64 / per_second).min(shutdown_timeout - grace)
+    });
+    trigger.set_window(planned.max(MIN_RECONNECT_WINDOW));
+    if !drain(&trigger, drain_rate, &mut alive_rx, release_by).await {
+        trigger.release_late();
+        let ended = tokio::time::timeout_at(started + shutdown_timeout, alive_rx.recv()).await;
+        let late = stats.shutdown_late_closes.get();
+        if late > 0 {
+            tracing::warn!(
+                late,
+                "{late} connections were still waiting for their turn at the drain deadline \
+                 and were closed at once: raise --drain-rate or --shutdown-timeout"
+            );
+        }
+        if ended.is_err() {
+            tracing::warn!("some connections did not finish within {shutdown_timeout:?}");
+        }
     }
+    stop_trigger.trigger();
     // Whatever is still queued for the history database is written before `run` returns.
     let _ = tokio::task::spawn_blocking(move || history.close(shutdown_timeout)).await;
     Ok(())
@@ -233,6 +261,39 @@ async fn serve_admin(
             stream,
             peer.ip(),
         ));
+    }
+}
+
+/// The shortest window that reconnect delays are spread over, even when the drain is shorter
+/// (or off): a second's worth of clients then come back spread over a second.
+const MIN_RECONNECT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Hands out the WebSockets' turns to close at `per_second` (all at once when `None`) until
+/// every connection task has ended (`true`) or `release_by` has passed (`false`).
+async fn drain(
+    trigger: &ShutdownTrigger,
+    per_second: Option<f64>,
+    alive: &mut mpsc::Receiver<()>,
+    release_by: Instant,
+) -> bool {
+    let Some(per_second) = per_second else {
+        trigger.release_all();
+        return tokio::time::timeout_at(release_by, alive.recv())
+            .await
+            .is_ok();
+    };
+    // A batch every 10 ms at 100/s and more; one connection per tick below.
+    let batch = (per_second / 100.0).ceil().max(1.0);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(batch / per_second));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let batch = batch.min(f64::from(u32::MAX)) as u32;
+    loop {
+        tokio::select! {
+            // Nothing is ever sent: `None` once every connection task has ended.
+            _ = alive.recv() => return true,
+            () = tokio::time::sleep_until(release_by) => return false,
+            _ = tick.tick() => trigger.release(batch),
+        }
     }
 }
 

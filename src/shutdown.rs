@@ -1,14 +1,22 @@
-//! Shutdown signalling: one flag the accept loop raises, and a receiver per task.
+//! Shutdown signalling: one flag the accept loop raises, a receiver per task, and the turns that
+//! release WebSocket connections a few at a time.
 //!
 //! hyper stops tracking a connection once it is upgraded, so WebSocket tasks listen here
-//! themselves and send their own close 1001.
+//! themselves and send their own close. They do not all go when the flag is raised: each waits
+//! for its turn ([`Shutdown::turn`]), which the shutdown sequence hands out at `--drain-rate`, so
+//! that thousands of clients do not reconnect in the same second.
 //!
 //! Why a flag and a `Notify` rather than a `watch` channel: every idle connection waits here for
 //! its whole life, and `Notify`'s wait is half the size of `watch::Receiver::wait_for`'s
-//! (about 80 bytes against 160, measured with `-Zprint-type-sizes`).
+//! (about 80 bytes against 160, measured with `-Zprint-type-sizes`). Turns are a second
+//! `Notify` woken with `notify_one`, so a connection carries no slot or number of its own: the
+//! queue of waiters is the `Notify`'s.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -17,10 +25,24 @@ use tokio::sync::Notify;
 struct Flag {
     down: AtomicBool,
     notify: Notify,
+    /// Whether every connection's turn has come: `WAITING`, `ALL` or `LATE`.
+    released: AtomicU8,
+    /// One `notify_one` per connection released. A woken waiter dropped before it completes
+    /// passes its turn on (tokio's `Notified` does), so a turn is never lost to a `select!`.
+    turns: Notify,
+    /// The window, in ms, that each connection's `retry_after_ms` is drawn from.
+    window_ms: AtomicU64,
+    /// Seeds the draw, so that two processes spread the same ids differently.
+    seed: RandomState,
 }
 
-/// Raises the shutdown flag for every `Shutdown` made from it. Dropping it raises the flag too,
-/// so a receiver never waits for a trigger that is gone.
+const WAITING: u8 = 0;
+const ALL: u8 = 1;
+const LATE: u8 = 2;
+
+/// Raises the shutdown flag for every `Shutdown` made from it, and hands out the connections'
+/// turns. Dropping it raises the flag and releases everyone, so a receiver never waits for a
+/// trigger that is gone.
 #[derive(Debug)]
 pub struct ShutdownTrigger(Arc<Flag>);
 
@@ -38,12 +60,58 @@ impl ShutdownTrigger {
         self.0.down.store(true, Ordering::SeqCst);
         self.0.notify.notify_waiters();
     }
+
+    /// Sets the window the connections' reconnect delays are drawn from. Call before releasing
+    /// anyone.
+    pub fn set_window(&self, window: Duration) {
+        let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.0.window_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Gives `n` waiting connections their turn. With fewer waiting, one turn is kept for the
+    /// next to wait and the rest lapse: the next batch comes soon anyway.
+    pub fn release(&self, n: u32) {
+        for _ in 0..n {
+            self.0.turns.notify_one();
+        }
+    }
+
+    /// Every connection's turn has come, now and for any that waits later (`Turn::All`).
+    pub fn release_all(&self) {
+        self.release_everyone(ALL);
+    }
+
+    /// The drain's deadline passed: every connection still waiting goes now (`Turn::Late`).
+    pub fn release_late(&self) {
+        self.release_everyone(LATE);
+    }
+
+    fn release_everyone(&self, how: u8) {
+        // The first word stays: `Drop` must not turn a drain that ended on time into a late one.
+        let _ = self
+            .0
+            .released
+            .compare_exchange(WAITING, how, Ordering::SeqCst, Ordering::SeqCst);
+        self.0.turns.notify_waiters();
+    }
 }
 
 impl Drop for ShutdownTrigger {
     fn drop(&mut self) {
         self.trigger();
+        self.release_all();
     }
+}
+
+/// How a connection's turn came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Released by the drain, at its rate.
+    Paced,
+    /// Released with everyone else: the drain is off.
+    All,
+    /// Released with everyone still waiting when the drain's deadline passed.
+    Late,
 }
 
 impl Shutdown {
@@ -63,6 +131,34 @@ impl Shutdown {
             return;
         }
         notified.await;
+    }
+
+    /// Completes when this connection's turn to close has come.
+    /// Cancel-safe: a turn handed to a wait that is dropped goes to the next waiter.
+    pub async fn turn(&self) -> Turn {
+        let notified = self.0.turns.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(turn) = self.everyone() {
+            return turn;
+        }
+        notified.await;
+        self.everyone().unwrap_or(Turn::Paced)
+    }
+
+    fn everyone(&self) -> Option<Turn> {
+        match self.0.released.load(Ordering::SeqCst) {
+            ALL => Some(Turn::All),
+            LATE => Some(Turn::Late),
+            _ => None,
+        }
+    }
+
+    /// How long connection `id` is asked to wait before it reconnects: drawn evenly from the
+    /// window the shutdown sequence set, the same for the same id within one process.
+    pub fn retry_after_ms(&self, id: u64) -> u64 {
+        let window = self.0.window_ms.load(Ordering::SeqCst).max(1);
+        self.0.seed.hash_one(id) % window
     }
 }
 
@@ -91,5 +187,55 @@ mod tests {
         drop(trigger);
         shutdown.recv().await;
         assert!(shutdown.is_shutdown());
+        assert_eq!(shutdown.turn().await, Turn::All);
+    }
+
+    #[tokio::test]
+    async fn turns_go_one_per_release_then_to_everyone() {
+        let (trigger, shutdown) = channel();
+        trigger.trigger();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..5 {
+            let s = shutdown.clone();
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                let _ = done.send(s.turn().await);
+            });
+        }
+        // Let all five register.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        trigger.release(2);
+        assert_eq!(done_rx.recv().await, Some(Turn::Paced));
+        assert_eq!(done_rx.recv().await, Some(Turn::Paced));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(done_rx.try_recv().is_err(), "only two turns were given");
+        trigger.release_late();
+        for _ in 0..3 {
+            assert_eq!(done_rx.recv().await, Some(Turn::Late));
+        }
+        drop(trigger);
+        assert_eq!(
+            shutdown.turn().await,
+            Turn::Late,
+            "dropping keeps the first word"
+        );
+    }
+
+    #[test]
+    fn retry_after_stays_in_the_window_and_spreads() {
+        let (trigger, shutdown) = channel();
+        trigger.set_window(Duration::from_millis(1000));
+        let draws: Vec<u64> = (1..=1000).map(|id| shutdown.retry_after_ms(id)).collect();
+        assert!(draws.iter().all(|&ms| ms < 1000));
+        // Evenly spread: each quarter of the window holds about a quarter of the draws.
+        for q in 0..4 {
+            let n = draws.iter().filter(|&&ms| ms / 250 == q).count();
+            assert!((150..350).contains(&n), "quarter {q}: {n}");
+        }
+        assert_eq!(shutdown.retry_after_ms(7), shutdown.retry_after_ms(7));
     }
 }

@@ -833,3 +833,40 @@ async fn password_guesses_are_locked_out(d: Deployment) {
         "{metrics}"
     );
 }
+
+in_both_modes!(
+    presence_frames_say_when_names_were_left_out,
+    "--presence-interval",
+    "3s"
+);
+/// 250 joins in one or two presence intervals: a frame lists at most 100 names, says
+/// `truncated`, and the names left out are counted.
+async fn presence_frames_say_when_names_were_left_out(d: Deployment) {
+    support::raise_nofile();
+    let (mut alice, _) = Client::join(&d.a().ws("/ws/crowd?user=alice")).await;
+    let joins = (0..250).map(|i| {
+        let url = d.b().ws(&format!("/ws/crowd?user=u{i}"));
+        async move { Client::join(&url).await.0 }
+    });
+    let _crowd = futures_util::future::join_all(joins).await;
+    d.wait_members("crowd", 251).await;
+    let mut truncated = None;
+    let mut named = 0;
+    while named < 250 && truncated.is_none() {
+        let p = alice.recv_type("presence").await;
+        let joined = p["joined"].as_array().unwrap().len();
+        assert!(joined <= 100, "{joined} names in one frame");
+        named += joined;
+        if p["truncated"] == true {
+            truncated = Some(p);
+        } else {
+            assert!(p.get("truncated").is_none(), "only ever `true`: {p}");
+        }
+    }
+    let p = truncated.expect("a frame says truncated");
+    assert_eq!(p["joined"].as_array().unwrap().len(), 100, "{p}");
+    let dropped = d.b().get("/api/stats").await.1["presence_names_dropped"]
+        .as_u64()
+        .unwrap();
+    assert!(dropped >= 50, "{dropped} names counted as left out");
+}

@@ -627,6 +627,25 @@ async fn history_recovery_and_ids_work_across_instances() {
 }
 
 impl Redis {
+    /// Runs one command (sent as a RESP array, so arguments may hold spaces); the first line
+    /// of the answer.
+    fn command(&self, args: &[&str]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).expect("write to redis");
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).expect("redis answer");
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    }
+
     /// Whether `key` exists (an inline command over a plain socket).
     fn exists(&self, key: &str) -> bool {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
@@ -819,4 +838,31 @@ async fn a_burst_of_count_reads_scans_redis_once_a_second() {
     );
     let (_, list) = nodes[0].get("/api/rooms").await;
     assert_eq!(list["rooms"][0]["members"], 2, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn kept_messages_out_of_order_in_redis_are_dropped_and_counted() {
+    let redis = Redis::start();
+    let node = Instance::start(&redis, &[]).await;
+    // Someone other than roomcast wrote seq 2 after seq 3 into the room's kept list.
+    let body =
+        |text: &str| format!(r#"{{"n":"other","o":0,"k":false,"t":1000,"u":"al","x":"{text}"}}"#);
+    assert_eq!(redis.command(&["SET", "roomcast:seq:odd", "3"]), "+OK");
+    for entry in [format!("3 {}", body("three")), format!("2 {}", body("two"))] {
+        assert!(redis
+            .command(&["RPUSH", "roomcast:hist:odd", &entry])
+            .starts_with(':'));
+    }
+    let (mut c, welcome) = Client::join(&node.ws("/ws/odd?user=b&history=10")).await;
+    assert_eq!(welcome["seq"], 3, "{welcome}");
+    let m = next_message(&mut c).await;
+    assert_eq!(
+        (m["seq"].as_u64(), m["text"].as_str()),
+        (Some(3), Some("three"))
+    );
+    let (_, stats) = node.get("/api/stats").await;
+    assert_eq!(stats["cluster"]["kept_out_of_order"], 1, "{stats}");
+    let r = http(node.addr, "GET", "/metrics", None).await.unwrap();
+    assert!(String::from_utf8_lossy(&r.body).contains("roomcast_cluster_kept_out_of_order_total 1"));
 }

@@ -481,7 +481,7 @@ async fn receive_b(c: &mut Client, t0: Instant, count: usize) -> Duration {
 
 /// `--threads 1` (the current-thread runtime, used when several servers share a few cores)
 /// serves the whole protocol: joins, ordered fan-out, REST publish, stats, and a SIGTERM that
-/// closes every socket with 1001.
+/// closes every socket with 1012.
 #[tokio::test]
 async fn a_one_thread_server_delivers_in_order_and_shuts_down_cleanly() {
     let mut server = ServerProcess::start(&["--threads", "1", "--rate-limit", "off"]);
@@ -521,7 +521,7 @@ async fn a_one_thread_server_delivers_in_order_and_shuts_down_cleanly() {
         .unwrap();
     assert!(term.success());
     let (code, _) = b.expect_close().await;
-    assert_eq!(code, 1001);
+    assert_eq!(code, 1012);
     let status = server.child.wait().expect("wait for roomcast");
     assert!(status.success(), "exit status {status}");
 }

@@ -641,3 +641,47 @@ async fn operator_routes_can_live_on_their_own_listener() {
     }
     assert_eq!(get(node.addr, "/api/rooms").await, 200);
 }
+
+#[tokio::test]
+async fn upgrades_past_the_accept_rate_get_503_with_retry_after_and_are_counted() {
+    let server = TestServer::with(|c| {
+        c.accept_rate = "1/m burst 3".parse().unwrap();
+        // With tokens on, a refused upgrade never reaches the (costly) token check.
+        c.jwt_secret = Some(SECRET.into());
+    })
+    .await;
+    let path = format!(
+        "/ws/gate?token={}",
+        token("al", None, Duration::from_secs(60))
+    );
+    // A request that is not an upgrade does not spend the budget.
+    let plain = http_with(server.addr, "GET", &path, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(plain.status, 400, "{}", plain.json());
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(Client::join(&server.ws_url(&path)).await.0);
+    }
+    // Past the burst, even a request with a bad token is refused here first.
+    for path in [path.as_str(), "/ws/gate?token=forged"] {
+        let r = http_with(server.addr, "GET", path, &UPGRADE, None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 503, "{}", r.json());
+        let body = r.json();
+        assert_eq!(body["error"], "accept_rate", "{body}");
+        let ms = body["retry_after_ms"].as_u64().unwrap();
+        assert!((1..=60_000).contains(&ms), "{body}");
+        let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert_eq!(secs, ms.div_ceil(1000), "{body}");
+    }
+    let stats = server.stats().await;
+    assert_eq!(stats["accept_rate_refused"], 2, "{stats}");
+    assert_eq!(stats["auth_refused"], 0, "no token was checked: {stats}");
+    assert_eq!(stats["connections"], 3, "{stats}");
+    let metrics = http_with(server.addr, "GET", "/metrics", &[], None)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&metrics.body).contains("roomcast_accept_rate_refused_total 2"));
+}

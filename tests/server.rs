@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use serde_json::json;
-use support::{http, http_with, Client, TestServer};
+use support::nodes::Node;
+use support::{eventually, http, http_with, Client, TestServer, STEP};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
@@ -644,4 +646,149 @@ async fn echo_endpoint_exists_only_with_the_flag_and_echoes_exactly() {
         0,
         "echo sockets join no room"
     );
+}
+
+/// Reads a 1012 close's reason as docs/PROTOCOL.md describes it: its `retry_after_ms`.
+fn retry_after_of(reason: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(reason)
+        .unwrap_or_else(|e| panic!("close reason {reason:?} is not JSON: {e}"));
+    v["retry_after_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no retry_after_ms in {reason:?}"))
+}
+
+/// Connects `n` sockets spread over four rooms; each returns (code, reason, time since `t0`)
+/// once the server closes it.
+async fn sockets_closing(
+    node: &Node,
+    n: usize,
+) -> (
+    tokio::sync::oneshot::Sender<tokio::time::Instant>,
+    Vec<tokio::task::JoinHandle<(u16, String, Duration)>>,
+) {
+    support::raise_nofile();
+    let (t0_tx, t0_rx) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
+    let t0 = futures_util::FutureExt::shared(async move { t0_rx.await.unwrap() });
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut c = Client::connect(&node.ws(&format!("/ws/drain{}?user=u{i}", i % 4))).await;
+        c.recv_type("welcome").await;
+        let t0 = t0.clone();
+        tasks.push(tokio::spawn(async move {
+            let (code, reason) = c.expect_close().await;
+            let at = tokio::time::Instant::now();
+            (code, reason, at.saturating_duration_since(t0.await))
+        }));
+    }
+    (t0_tx, tasks)
+}
+
+#[tokio::test]
+async fn sigterm_drains_sockets_at_the_drain_rate_with_1012_and_a_reconnect_delay() {
+    let mut node = Node::standalone(&["--drain-rate", "100/s", "--shutdown-timeout", "10s"]).await;
+    // An upgrade whose request is half in when the signal comes (a connection with nothing in
+    // yet is closed at once): it finds the server shutting down.
+    let mut late = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let head = format!("GET /ws/drain0 HTTP/1.1\r\nHost: {}\r\n", node.addr);
+    late.write_all(head.as_bytes()).await.unwrap();
+    let (t0, tasks) = sockets_closing(&node, 200).await;
+    node.wait_for("/api/stats", "200 sockets", STEP, |_, v| {
+        v["connections"] == 200
+    })
+    .await;
+
+    node.sigterm();
+    let _ = t0.send(tokio::time::Instant::now());
+    // The listener goes at once.
+    eventually(
+        "the listener to close",
+        Duration::from_millis(10),
+        || async {
+            tokio::net::TcpStream::connect(node.addr)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    let rest = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    late.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(STEP, late.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains(r#""error":"shutting_down""#), "{answer}");
+
+    let mut closes = Vec::new();
+    for t in tasks {
+        closes.push(t.await.unwrap());
+    }
+    let mut delays = std::collections::HashSet::new();
+    for (code, reason, _) in &closes {
+        assert_eq!(*code, 1012, "Service Restart: {reason}");
+        let ms = retry_after_of(reason);
+        // 200 sockets at 100/s: a 2 s drain, and the delays are drawn from a 2 s window.
+        assert!(ms < 2000, "retry_after_ms {ms} past the drain's window");
+        delays.insert(ms);
+    }
+    assert!(delays.len() > 100, "the delays are spread: {delays:?}");
+    let mut times: Vec<Duration> = closes.iter().map(|(_, _, at)| *at).collect();
+    times.sort();
+    let spread = times[199] - times[0];
+    assert!(
+        spread >= Duration::from_millis(1500),
+        "200 closes at 100/s take about 2 s, not {spread:?}"
+    );
+    let early = times
+        .iter()
+        .filter(|t| **t < times[0] + Duration::from_millis(500))
+        .count();
+    assert!(
+        early <= 80,
+        "{early} closes in the first half second (100/s)"
+    );
+    let status = node.wait_exit(STEP).await;
+    assert!(status.success(), "exit status {status}");
+    assert!(!node.log().contains("closed at once"), "{}", node.log());
+}
+
+#[tokio::test]
+async fn sockets_still_waiting_at_the_drain_deadline_are_closed_at_once_and_counted() {
+    // 100 sockets at 20/s need 5 s; the turns stop at 1.5 s (2 s less the close grace).
+    let mut node = Node::standalone(&["--drain-rate", "20/s", "--shutdown-timeout", "2s"]).await;
+    let (t0, tasks) = sockets_closing(&node, 100).await;
+    node.wait_for("/api/stats", "100 sockets", STEP, |_, v| {
+        v["connections"] == 100
+    })
+    .await;
+    node.sigterm();
+    let _ = t0.send(tokio::time::Instant::now());
+    let mut times = Vec::new();
+    for t in tasks {
+        let (code, reason, at) = t.await.unwrap();
+        assert_eq!(code, 1012, "{reason}");
+        retry_after_of(&reason);
+        times.push(at);
+    }
+    times.sort();
+    assert!(
+        times[99] < Duration::from_secs(3),
+        "closed by {:?}",
+        times[99]
+    );
+    let status = node.wait_exit(STEP).await;
+    assert!(status.success(), "exit status {status}");
+    let log = node.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("were still waiting for their turn at the drain deadline"))
+        .unwrap_or_else(|| panic!("no late-close line in\n{log}"));
+    let late: u64 = line
+        .split("late=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"));
+    assert!((40..=90).contains(&late), "{late} late closes: {line}");
 }

@@ -48,7 +48,8 @@ impl Broker for Local {
         _fallback: Fallback,
     ) -> BoxFuture<'a, Result<Published, PublishError>> {
         let published = match local {
-            Some(room) => Ok(room.publish_message(p)),
+            // A room that closed after it was looked up answers like one that was never there.
+            Some(room) => room.publish_message(p).ok_or(PublishError::NoSuchRoom),
             None => Err(PublishError::NoSuchRoom),
         };
         Box::pin(std::future::ready(published))

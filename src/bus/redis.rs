@@ -226,13 +226,15 @@ struct Metrics {
     stale_dropped: Counter,
     bad_payloads: Counter,
     join_waits_timed_out: Counter,
+    /// Kept (history) messages in Redis dropped for not being past the one before them.
+    kept_out_of_order: Counter,
 }
 
 impl Metrics {
     fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("cluster");
         r.register("up", "1 while the Redis link is up", self.up.clone());
-        let counters: [(&str, &str, &Counter); 9] = [
+        let counters: [(&str, &str, &Counter); 10] = [
             ("outages", "Times the Redis link went down", &self.outages),
             (
                 "connect_failures",
@@ -268,6 +270,11 @@ impl Metrics {
                 "bad_payloads",
                 "Payloads on a room channel that could not be read",
                 &self.bad_payloads,
+            ),
+            (
+                "kept_out_of_order",
+                "Kept messages read from Redis not past the one before them (dropped)",
+                &self.kept_out_of_order,
             ),
             (
                 "join_waits_timed_out",
@@ -515,6 +522,9 @@ impl Cluster {
             p.author = Author::Key(&qualified);
         }
         let p = &p;
+        // A local room that closed after it was looked up is no reason to publish: the script
+        // is asked to check for members elsewhere, as when there was none here.
+        let local = local.filter(|r| !r.is_closed());
         if let Some(seq) = local.as_ref().and_then(|r| r.duplicate_of(p)) {
             return Ok(Published {
                 seq,
@@ -532,8 +542,7 @@ impl Cluster {
                 let delivered_locally = match (&local, fallback) {
                     (Some(room), Fallback::LocalMembers) => {
                         self.metrics.local_only.inc();
-                        room.publish_message(p);
-                        true
+                        room.publish_message(p).is_some()
                     }
                     _ => false,
                 };
@@ -674,6 +683,7 @@ impl Cluster {
         v["local_only"] = m.local_only.get().into();
         v["received"] = m.received.get().into();
         v["stale_dropped"] = m.stale_dropped.get().into();
+        v["kept_out_of_order"] = m.kept_out_of_order.get().into();
         v
     }
 }

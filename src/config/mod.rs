@@ -83,8 +83,8 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_ECHO")]
     pub echo: bool,
 
-    /// Time given to open sockets to receive their close 1001 on shutdown before the process
-    /// exits anyway. Syntax: a duration, 1ms to 24h. Default: 4s.
+    /// Time given to open sockets to receive their close 1012 on shutdown (paced by
+    /// `--drain-rate`) before the process exits anyway. Syntax: a duration, 1ms to 24h. Default: 4s.
     #[arg(long, env = "ROOMCAST_SHUTDOWN_TIMEOUT", default_value = "4s", value_parser = parse_timeout)]
     pub shutdown_timeout: Duration,
 
@@ -221,6 +221,20 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HISTORY_DB_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
     pub history_db_queue: u32,
 
+    // Bounded by design: admission and the shutdown drain.
+    /// WebSocket upgrades this process accepts: `N/s` or `N/m`, optionally ` burst B`
+    /// (B defaults to N), or `off`. An upgrade past it gets HTTP 503 `accept_rate` with
+    /// `Retry-After`, before any other work. Default: off.
+    #[arg(long, env = "ROOMCAST_ACCEPT_RATE", default_value = "off", value_parser = parse_current_rate)]
+    pub accept_rate: RateLimitArg,
+
+    /// On shutdown, WebSockets closed per unit of time (close 1012 with a jittered
+    /// `retry_after_ms`), so that clients do not all reconnect at once: `N/s` or `N/m`, or `off`
+    /// (or `0`) to close every socket at once. What is still open when `--shutdown-timeout`
+    /// nears its end is closed at once. Default: 1000/s.
+    #[arg(long, env = "ROOMCAST_DRAIN_RATE", default_value = "1000/s", value_parser = parse_drain_rate)]
+    pub drain_rate: RateLimitArg,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -258,6 +272,38 @@ impl Config {
     /// The per-room limit, if any.
     pub fn room_rate(&self) -> Option<RateSpec> {
         self.room_rate_limit.0
+    }
+
+    /// `--accept-rate`, if any.
+    pub fn accept_rate(&self) -> Option<RateSpec> {
+        self.accept_rate.0
+    }
+
+    /// `--drain-rate` in connections per second; `None` closes every socket at once.
+    pub fn drain_per_second(&self) -> Option<f64> {
+        self.drain_rate
+            .0
+            .map(|spec| f64::from(spec.count.get()) / spec.unit.duration().as_secs_f64())
+    }
+}
+
+/// A rate in the current syntax only: a new flag never took the old spellings.
+fn parse_current_rate(s: &str) -> Result<RateLimitArg, String> {
+    RateLimitArg::parse_current(s)
+}
+
+/// `--drain-rate`: `N/s`, `N/m`, `off` or `0`; a burst means nothing here.
+fn parse_drain_rate(s: &str) -> Result<RateLimitArg, String> {
+    if s.trim() == "0" {
+        return Ok(RateLimitArg(None));
+    }
+    let rate = RateLimitArg::parse_current(s)?;
+    match rate.0 {
+        Some(spec) if spec.burst != spec.count => Err(format!(
+            "`{}`: the drain rate takes no burst: write `N/s`, `N/m` or `off`",
+            s.trim()
+        )),
+        _ => Ok(rate),
     }
 }
 
@@ -441,6 +487,8 @@ enum Syntax {
     DedupeWindow,
     Retention,
     Rate,
+    /// A rate flag that only ever read the current syntax.
+    CurrentRate,
 }
 
 impl Syntax {
@@ -452,12 +500,13 @@ impl Syntax {
             Syntax::DedupeWindow => parse_dedupe_window_spelling(s).ok()?.1,
             Syntax::Retention => parse_retention_spelling(s).ok()?.1,
             Syntax::Rate => RateLimitArg::parse(s).ok()?.1,
+            Syntax::CurrentRate => None,
         }
     }
 }
 
 /// The flags that still read a deprecated spelling, by clap id.
-const DEPRECATABLE: [(&str, Syntax); 11] = [
+const DEPRECATABLE: [(&str, Syntax); 13] = [
     ("write_timeout", Syntax::Timeout),
     ("ping_interval", Syntax::Timeout),
     ("presence_interval", Syntax::PresenceInterval),
@@ -469,6 +518,8 @@ const DEPRECATABLE: [(&str, Syntax); 11] = [
     ("retention", Syntax::Retention),
     ("rate_limit", Syntax::Rate),
     ("room_rate_limit", Syntax::Rate),
+    ("accept_rate", Syntax::CurrentRate),
+    ("drain_rate", Syntax::CurrentRate),
 ];
 
 /// One warning per flag or environment variable given in a spelling that is going away, naming
@@ -553,6 +604,30 @@ mod tests {
         assert!(c.max_connections_per_ip.is_none());
         assert_eq!(c.rooms_config, None);
         assert_eq!(c.lobby_top, 50);
+        assert!(c.accept_rate().is_none());
+        assert_eq!(c.drain_per_second(), Some(1000.0));
+    }
+
+    #[test]
+    fn drain_and_accept_rates() {
+        let parse = |args: &[&str]| Config::try_parse_from(["roomcast"].iter().chain(args));
+        let c = parse(&["--drain-rate", "120/m", "--accept-rate", "50/s burst 200"]).unwrap();
+        assert_eq!(c.drain_per_second(), Some(2.0));
+        assert_eq!(c.accept_rate().map(|s| s.burst.get()), Some(200));
+        assert_eq!(
+            parse(&["--drain-rate", "0"]).unwrap().drain_per_second(),
+            None
+        );
+        assert_eq!(
+            parse(&["--drain-rate", "off"]).unwrap().drain_per_second(),
+            None
+        );
+        assert!(parse(&["--drain-rate", "10/s burst 20"]).is_err());
+        assert!(
+            parse(&["--accept-rate", "5:10"]).is_err(),
+            "no old spellings"
+        );
+        assert!(parse(&["--accept-rate", "0/s"]).is_err());
     }
 
     #[test]

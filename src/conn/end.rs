@@ -2,12 +2,16 @@
 //! refused with an error frame while the socket stays open (`Refusal`).
 
 use crate::proto::ProtocolError;
+use crate::shutdown::Turn;
 
 /// Why the connection ends; decides the close frame it sends.
 #[derive(Debug)]
 pub(crate) enum End {
     /// Send this close frame, then wait briefly for the peer's answer.
     Close(u16, &'static str),
+    /// The server is shutting down and this connection's turn to go has come: close 1012 with
+    /// a reconnect delay in the reason.
+    Restart(Turn),
     /// The peer closed (its close was already answered) or vanished: just drop the socket.
     Gone,
 }

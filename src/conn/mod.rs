@@ -34,7 +34,7 @@ use crate::core::room::Joined;
 use crate::core::stats::{AuthReason, Stats};
 use crate::proto;
 use crate::proto::close;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Turn};
 use crate::ws::write::{total_len, write_now, write_rest};
 use end::{End, Handled, Refusal};
 use membership::{recv_any, Membership};
@@ -101,7 +101,7 @@ const MAX_BATCH: usize = 64;
 /// Bytes asked of the kernel per read. The buffer exists only while bytes are in flight.
 const READ_CHUNK: usize = 4096;
 /// How long a closing socket is given to answer our close frame.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a socket is for.
 pub enum Mode {
@@ -194,8 +194,16 @@ pub(crate) async fn run(accepted: Box<Accepted>) {
         None => conn.serve().await,
     };
     conn.leave_all();
-    if let End::Close(code, reason) = end {
-        Box::pin(conn.close(code, reason)).await;
+    match end {
+        End::Close(code, reason) => Box::pin(conn.close(code, reason)).await,
+        End::Restart(turn) => {
+            if turn == Turn::Late {
+                conn.cx.stats.shutdown_late_closes.inc();
+            }
+            let reason = close::restart_reason(conn.shutdown.retry_after_ms(conn.id));
+            Box::pin(conn.close(close::SERVICE_RESTART, &reason)).await;
+        }
+        End::Gone => {}
     }
 }
 
@@ -295,7 +303,8 @@ impl Connection {
             // `select!` drops its futures before a handler runs, so the state of a handler and
             // that of the wait share space: the handlers here stay at most as large as the wait.
             tokio::select! {
-                _ = self.shutdown.recv() => return End::Close(close::GOING_AWAY, "server shutting down"),
+                // Not when the flag goes up: when the drain gives this connection its turn.
+                turn = self.shutdown.turn() => return End::Restart(turn),
                 // `poll_read_ready` keeps its waker in the socket's own state: unlike
                 // `readable()`'s 150-byte future, this wait costs the task nothing.
                 ready = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
@@ -385,7 +394,7 @@ impl Connection {
     /// Sends our close frame and our FIN, then reads (and discards) what the peer still sends
     /// for up to `CLOSE_GRACE`: closing a socket with unread input makes the kernel send a
     /// reset, which can destroy the close frame before the peer reads it.
-    async fn close(mut self, code: u16, reason: &'static str) {
+    async fn close(mut self, code: u16, reason: &str) {
         let frame = proto::close_frame(code, reason);
         let sent = tokio::time::timeout(CLOSE_GRACE, write_rest(&self.stream, &[&frame], 0)).await;
         if !matches!(sent, Ok(Ok(()))) {

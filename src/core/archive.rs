@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -129,7 +129,21 @@ pub struct Archive {
     notes: Notes,
     stats: Arc<Stats>,
     stopping: Arc<AtomicBool>,
+    /// What the writer and `close` share to account for every queued message at shutdown.
+    books: Arc<Books>,
     writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The count of messages queued but neither written nor counted as dropped, so that a
+/// shutdown that cannot wait for the writer can still say (and count) what was not written.
+#[derive(Default)]
+struct Books {
+    pending: AtomicU64,
+    /// `close` gave up waiting: the writer writes nothing more, and counts nothing more.
+    abandoned: AtomicBool,
+    /// Held while a batch is written and counted: `close` takes it before it reads `pending`,
+    /// so a batch is never counted both as written and as lost.
+    committing: Mutex<()>,
 }
 
 /// Why the history database could not be opened or read.
@@ -149,6 +163,7 @@ impl Archive {
         queue: usize,
         stats: Arc<Stats>,
     ) -> Result<Archive, DbError> {
+        create_private(path)?;
         let conn = Connection::open(path)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -174,6 +189,7 @@ impl Archive {
         let (tx, rx) = mpsc::sync_channel(queue.max(1));
         let notes: Notes = Arc::default();
         let stopping = Arc::new(AtomicBool::new(false));
+        let books = Arc::new(Books::default());
         let writer = Writer {
             conn,
             rx,
@@ -181,6 +197,8 @@ impl Archive {
             stats: stats.clone(),
             retention,
             stopping: stopping.clone(),
+            books: books.clone(),
+            failed_at_stop: false,
             touched: HashSet::new(),
         };
         let handle = std::thread::Builder::new()
@@ -193,6 +211,7 @@ impl Archive {
             notes,
             stats,
             stopping,
+            books,
             writer: Mutex::new(Some(handle)),
         })
     }
@@ -205,7 +224,9 @@ impl Archive {
             ts,
             out: out.clone(),
         });
+        self.books.pending.fetch_add(1, Ordering::SeqCst);
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(job) {
+            self.books.pending.fetch_sub(1, Ordering::SeqCst);
             self.stats.history_db_dropped.inc();
             let mut book = self.notes.lock();
             book.changed(room);
@@ -334,10 +355,12 @@ impl Archive {
         Ok(read_rows(&self.reader(), room, before, limit)?)
     }
 
-    /// Asks the writer to flush what is queued and stop; waits at most `within`. Blocking.
+    /// Asks the writer to flush what is queued and stop; waits at most `within` (and, past it,
+    /// for the batch being committed, at most a few busy timeouts). What was not written by
+    /// then is counted in `history_db_dropped` and logged with its number. Blocking.
     pub fn close(&self, within: Duration) {
         let deadline = Instant::now() + within;
-        self.stopping.store(true, Ordering::Relaxed);
+        self.stopping.store(true, Ordering::SeqCst);
         while let Err(TrySendError::Full(_)) = self.tx.try_send(Job::Stop) {
             if Instant::now() >= deadline {
                 break;
@@ -347,13 +370,31 @@ impl Archive {
         let mut writer = self.writer.lock();
         while writer.as_ref().is_some_and(|h| !h.is_finished()) {
             if Instant::now() >= deadline {
-                tracing::warn!("the history writer did not finish within {within:?}");
+                self.abandon(within);
                 return;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
         if let Some(h) = writer.take() {
             let _ = h.join();
+        }
+    }
+
+    /// Stops the writer where it is and counts what it had not written.
+    fn abandon(&self, within: Duration) {
+        self.books.abandoned.store(true, Ordering::SeqCst);
+        let committing = self.books.committing.try_lock_for(WRITER_BUSY * 4);
+        let lost = self.books.pending.swap(0, Ordering::SeqCst);
+        drop(committing);
+        if lost > 0 {
+            self.stats.history_db_dropped.inc_by(lost);
+            tracing::warn!(
+                lost,
+                "history not written at shutdown: {lost} messages were still queued for the \
+                 database after {within:?}"
+            );
+        } else {
+            tracing::warn!("the history writer did not finish within {within:?}");
         }
     }
 }
@@ -403,6 +444,10 @@ struct Writer {
     stats: Arc<Stats>,
     retention: Retention,
     stopping: Arc<AtomicBool>,
+    books: Arc<Books>,
+    /// A write failed while stopping: the rest is dropped (counted) without trying, so that
+    /// the shutdown is not a busy timeout per batch.
+    failed_at_stop: bool,
     /// Rooms written since the last prune (per-room retention prunes only those).
     touched: HashSet<Arc<str>>,
 }
@@ -457,10 +502,23 @@ impl Writer {
     fn write(&mut self, batch: &[Record]) {
         let mut backoff = Duration::from_millis(20);
         let mut warned = false;
+        let n = batch.len() as u64;
         loop {
+            let books = self.books.clone();
+            let _committing = books.committing.lock();
+            if books.abandoned.load(Ordering::SeqCst) {
+                // `close` has counted these already.
+                return;
+            }
+            if self.failed_at_stop {
+                self.stats.history_db_dropped.inc_by(n);
+                books.pending.fetch_sub(n, Ordering::SeqCst);
+                return;
+            }
             match insert_batch(&mut self.conn, batch) {
                 Ok(()) => {
-                    self.stats.history_db_written.inc_by(batch.len() as u64);
+                    self.stats.history_db_written.inc_by(n);
+                    books.pending.fetch_sub(n, Ordering::SeqCst);
                     for r in batch {
                         if !self.touched.contains(&r.room) {
                             self.touched.insert(r.room.clone());
@@ -472,15 +530,18 @@ impl Writer {
                     return;
                 }
                 Err(e) => {
-                    if self.stopping.load(Ordering::Relaxed) {
-                        tracing::warn!(error = %e, lost = batch.len(), "history not written at shutdown");
-                        self.stats.history_db_dropped.inc_by(batch.len() as u64);
+                    if self.stopping.load(Ordering::SeqCst) {
+                        tracing::warn!(error = %e, lost = n, "history not written at shutdown");
+                        self.stats.history_db_dropped.inc_by(n);
+                        books.pending.fetch_sub(n, Ordering::SeqCst);
+                        self.failed_at_stop = true;
                         return;
                     }
                     if !warned {
                         tracing::warn!(error = %e, "history database write failed; retrying");
                         warned = true;
                     }
+                    drop(_committing);
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
@@ -541,6 +602,21 @@ impl Writer {
             Ok(n) => tracing::debug!(deleted = n, "history pruned"),
             Err(e) => tracing::warn!(error = %e, "history prune failed"),
         }
+    }
+}
+
+/// Creates the database file readable and writable by this user alone (0600), before SQLite
+/// opens it: messages are private. SQLite gives its -wal and -shm files the database file's
+/// mode. An existing file keeps the mode it has.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -611,6 +687,51 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&page[0].1).unwrap();
         assert_eq!(v["text"], "m4");
         assert_eq!(a.seed("other", 3, None).last_seq, 0);
+    }
+
+    #[test]
+    fn what_is_not_written_by_the_shutdown_deadline_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let stats = Arc::new(Stats::new());
+        let room: Arc<str> = "r".into();
+        let a = Archive::open(&path, Retention::default(), 10_000, stats.clone()).unwrap();
+        // Another process holds the database: nothing can be written.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        for seq in 1..=3000 {
+            a.append(&room, unix_millis(), &publish(seq));
+        }
+        a.close(Duration::from_millis(100));
+        assert_eq!(stats.history_db_written.get(), 0);
+        assert_eq!(
+            stats.history_db_dropped.get(),
+            3000,
+            "every message not written is counted by the time close returns"
+        );
+        other.execute_batch("ROLLBACK").unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_database_and_its_wal_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let stats = Arc::new(Stats::new());
+        let a = Archive::open(&path, Retention::default(), 100, stats.clone()).unwrap();
+        a.append(&"r".into(), unix_millis(), &publish(1));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats.history_db_written.get() == 0 {
+            assert!(Instant::now() < deadline, "nothing written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let file = dir.path().join(format!("h.sqlite{suffix}"));
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{} is {mode:o}", file.display());
+        }
+        a.close(Duration::from_secs(10));
     }
 
     #[test]

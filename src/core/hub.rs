@@ -896,4 +896,26 @@ mod tests {
         );
         assert_eq!(payload(&replay.frames[1].frame)["id"], "k3");
     }
+
+    #[test]
+    fn a_publish_that_finds_the_room_as_its_last_member_leaves_numbers_nothing() {
+        let hub = hub();
+        let u: Arc<str> = "u".into();
+        let a = join(&hub, "r", 1, &u, None).unwrap();
+        assert_eq!(a.room.publish("u", "one", 1, false), 1);
+        // A REST publish looked the room up; then its last member leaves.
+        let found = hub.get("r").unwrap();
+        hub.leave(&a.room, 1);
+        let p = crate::core::room::Publish {
+            user: "api",
+            text: "late",
+            id: None,
+            author: crate::core::dedupe::Author::Api,
+            origin: 0,
+            skip_origin: false,
+        };
+        assert_eq!(found.publish_message(&p), None, "reaches nobody: no seq");
+        assert!(found.is_closed());
+        assert_eq!(found.last_seq(), 1, "the closed room numbered nothing more");
+    }
 }

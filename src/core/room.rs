@@ -56,6 +56,8 @@ pub(crate) struct RoomState {
     /// Joins and leaves since the last presence frame.
     joined: Vec<Arc<str>>,
     left: Vec<Arc<str>>,
+    /// Names were left out of `joined` or `left` (past `PRESENCE_NAMES_MAX`).
+    presence_truncated: bool,
     /// Whether the room is already queued for the next presence flush.
     pub(crate) presence_queued: bool,
     /// The last messages, for joins with `history`/`since` and the paging API. Under this
@@ -95,7 +97,13 @@ pub struct Published {
 }
 
 /// User names that joined and left since the last presence frame.
-pub type PresenceDelta = (Vec<Arc<str>>, Vec<Arc<str>>);
+#[derive(Debug, Default)]
+pub struct PresenceDelta {
+    pub joined: Vec<Arc<str>>,
+    pub left: Vec<Arc<str>>,
+    /// Some names were left out: the frame says so (`"truncated": true`).
+    pub truncated: bool,
+}
 
 /// A point-in-time copy of a room's figures, for the HTTP API.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -156,6 +164,7 @@ impl Room {
             rate: RateWindow::default(),
             joined: Vec::new(),
             left: Vec::new(),
+            presence_truncated: false,
             presence_queued: false,
             history: seed.history,
             dedupe: history_service.new_dedupe(),
@@ -236,8 +245,13 @@ impl Room {
     ) {
         let rx = self.tx.subscribe();
         state.members.insert(id, user.clone());
-        if state.settings.presence != Presence::Off && state.joined.len() < PRESENCE_NAMES_MAX {
-            state.joined.push(user.clone());
+        if state.settings.presence != Presence::Off {
+            if state.joined.len() < PRESENCE_NAMES_MAX {
+                state.joined.push(user.clone());
+            } else {
+                state.presence_truncated = true;
+                self.stats.presence_names_dropped.inc();
+            }
         }
         let members = state.members.len() + self.remote_members.load(Ordering::Relaxed);
         let welcome = ServerFrame::Welcome {
@@ -256,13 +270,19 @@ impl Room {
         let Some(user) = state.members.remove(&id) else {
             return false;
         };
-        if state.settings.presence != Presence::Off && state.left.len() < PRESENCE_NAMES_MAX {
-            state.left.push(user);
+        if state.settings.presence != Presence::Off {
+            if state.left.len() < PRESENCE_NAMES_MAX {
+                state.left.push(user);
+            } else {
+                state.presence_truncated = true;
+                self.stats.presence_names_dropped.inc();
+            }
         }
         true
     }
 
-    /// Publishes a chat message to every member; returns its seq. Encodes the frame exactly once.
+    /// Publishes a chat message to every member; returns its seq (0: the room has closed).
+    /// Encodes the frame exactly once.
     pub fn publish(&self, user: &str, text: &str, origin: u64, skip_origin: bool) -> u64 {
         self.publish_message(&Publish {
             user,
@@ -272,26 +292,36 @@ impl Room {
             origin,
             skip_origin,
         })
-        .seq
+        .map_or(0, |p| p.seq)
     }
 
     /// Publishes `p` unless its `id` repeats one inside the dedupe window. Encodes the frame
-    /// exactly once; history and archive keep that same frame.
-    pub fn publish_message(&self, p: &Publish<'_>) -> Published {
+    /// exactly once; history and archive keep that same frame. `None`: the room closed (its last
+    /// member left) after the caller found it; nothing is numbered, since nobody would get it
+    /// and the room that replaces it would number another message the same.
+    pub fn publish_message(&self, p: &Publish<'_>) -> Option<Published> {
         let now_ms = unix_millis();
         let mut state = self.state.lock();
+        if state.retired {
+            return None;
+        }
         if let Some(seq) = self.duplicate_in(&mut state, p, now_ms) {
-            return Published {
+            return Some(Published {
                 seq,
                 duplicate: true,
-            };
+            });
         }
         let seq = state.seq + 1;
         self.send_message(&mut state, seq, now_ms, p);
-        Published {
+        Some(Published {
             seq,
             duplicate: false,
-        }
+        })
+    }
+
+    /// Whether the room has left the registry (its last member left).
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().retired
     }
 
     /// The seq of an earlier message with `p`'s `id` by `p`'s author inside the dedupe window,
@@ -368,8 +398,8 @@ impl Room {
 
     /// Sends the coalesced presence frame if anything changed since the last one.
     pub(crate) fn flush_presence(&self) {
-        if let Some((joined, left)) = self.take_presence() {
-            self.send_presence(&joined, &left);
+        if let Some(delta) = self.take_presence() {
+            self.send_presence(&delta);
         }
     }
 
@@ -380,27 +410,40 @@ impl Room {
         if state.joined.is_empty() && state.left.is_empty() {
             return None;
         }
-        Some((
-            std::mem::take(&mut state.joined),
-            std::mem::take(&mut state.left),
-        ))
+        Some(PresenceDelta {
+            joined: std::mem::take(&mut state.joined),
+            left: std::mem::take(&mut state.left),
+            truncated: std::mem::take(&mut state.presence_truncated),
+        })
     }
 
     /// Sends one presence frame with these names to the local members (if any are left), as the
     /// room's presence mode says: names for `events`, the count alone for `counts`, nothing for
-    /// `off`.
-    pub fn send_presence(&self, joined: &[Arc<str>], left: &[Arc<str>]) {
+    /// `off`. At most `PRESENCE_NAMES_MAX` names per direction, whoever made the delta (another
+    /// process's may be longer); the rest are counted and the frame says `truncated`.
+    pub fn send_presence(&self, delta: &PresenceDelta) {
         let state = self.state.lock();
         if state.members.is_empty() || state.settings.presence == Presence::Off {
             return;
         }
         // `counts` keeps the frame's shape (clients need not care) but names nobody.
         let named = state.settings.presence == Presence::Events;
+        let capped = |names: &'_ [Arc<str>]| -> usize {
+            let over = names.len().saturating_sub(PRESENCE_NAMES_MAX);
+            if named && over > 0 {
+                self.stats.presence_names_dropped.inc_by(over as u64);
+            }
+            names.len().min(PRESENCE_NAMES_MAX)
+        };
+        let (joined, left) = (capped(&delta.joined), capped(&delta.left));
+        let truncated =
+            named && (delta.truncated || joined < delta.joined.len() || left < delta.left.len());
         let frame = ServerFrame::Presence {
             room: &self.name,
-            joined: if named { joined } else { &[] },
-            left: if named { left } else { &[] },
+            joined: if named { &delta.joined[..joined] } else { &[] },
+            left: if named { &delta.left[..left] } else { &[] },
             members: state.members.len() + self.remote_members.load(Ordering::Relaxed),
+            truncated,
         }
         .encode();
         self.stats.frames_encoded.inc();

@@ -41,9 +41,18 @@ pub struct Stats {
     /// Room seeds read from the history database under the registry's lock, because the read
     /// made beforehand went stale (the room closed or its note changed meanwhile).
     pub history_db_locked_reads: Counter,
-    /// Messages the history database never got: its writer queue was full (or it failed at
-    /// shutdown). Delivery is never affected.
+    /// Messages the history database never got: its writer queue was full, or they were not
+    /// written by the shutdown deadline. Delivery is never affected.
     pub history_db_dropped: Counter,
+    // Bounded by design: admission, the shutdown drain, presence names.
+    /// Upgrades refused by `--accept-rate`.
+    pub accept_rate_refused: Counter,
+    /// Connections still waiting for their turn when the shutdown drain's deadline passed,
+    /// closed at once.
+    pub shutdown_late_closes: Counter,
+    /// User names left out of presence frames (past the per-frame cap); the frame says
+    /// `truncated`.
+    pub presence_names_dropped: Counter,
     rss: Gauge,
     /// CPU seconds this process has used (user + system), refreshed when scraped: divided into
     /// the deliveries of a load test window it gives the server's cost per delivery.
@@ -91,7 +100,18 @@ impl Stats {
         );
         let history_db_dropped = counter(
             "history_db_dropped",
-            "Messages dropped from the history database (writer queue full)",
+            "Messages dropped from the history database (writer queue full, or unwritten at shutdown)",
+        );
+        // Bounded by design: admission, the shutdown drain, presence names.
+        let accept_rate_refused =
+            counter("accept_rate_refused", "Upgrades refused by --accept-rate");
+        let shutdown_late_closes = counter(
+            "shutdown_late_closes",
+            "Connections closed at once when the shutdown drain's deadline passed",
+        );
+        let presence_names_dropped = counter(
+            "presence_names_dropped",
+            "User names left out of presence frames past the per-frame cap",
         );
         let history_trimmed = counter(
             "history_trimmed",
@@ -145,6 +165,9 @@ impl Stats {
             history_db_dropped,
             history_db_locked_reads,
             history_trimmed,
+            accept_rate_refused,
+            shutdown_late_closes,
+            presence_names_dropped,
             rss,
             cpu,
             registry,

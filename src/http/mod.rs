@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use governor::DefaultDirectRateLimiter;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -25,7 +26,9 @@ pub use access::Access;
 pub use reply::{ApiError, Body};
 
 use crate::bus::Bus;
+use crate::config::rate::RateSpec;
 use crate::conn;
+use crate::core::limit::limiter;
 use crate::core::stats::Stats;
 use crate::proto::names::{validate_room, NameError};
 use reply::Reply;
@@ -45,6 +48,8 @@ pub struct Api {
     pub echo: bool,
     /// `--admin-listen` is set: `/metrics` and `/api/stats` are served there only.
     admin_apart: bool,
+    /// `--accept-rate`: upgrades past it get 503 before any other work.
+    accept: Option<DefaultDirectRateLimiter>,
     next_id: AtomicU64,
 }
 
@@ -76,6 +81,7 @@ impl Api {
             max_message_bytes,
             echo,
             admin_apart: false,
+            accept: None,
             next_id: AtomicU64::new(1),
         }
     }
@@ -83,6 +89,12 @@ impl Api {
     /// Serves `/metrics` and `/api/stats` on the admin listener only.
     pub fn with_admin_listener(mut self) -> Self {
         self.admin_apart = true;
+        self
+    }
+
+    /// Applies `--accept-rate` to WebSocket upgrades.
+    pub fn with_accept_rate(mut self, spec: Option<RateSpec>) -> Self {
+        self.accept = spec.map(limiter);
         self
     }
 

@@ -25,7 +25,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     reason: Cow<'static, str>,
-    /// `Retry-After` and `retry_after_ms` (429).
+    /// `Retry-After` and `retry_after_ms` (429, 503 `accept_rate`).
     retry_after: Option<Duration>,
     /// `WWW-Authenticate: Bearer` (401).
     challenge: bool,
@@ -79,13 +79,19 @@ impl ApiError {
 
     /// 429 `too_many_failures` with `Retry-After`: the failure lockout.
     pub fn locked_out(wait: Duration) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_failures",
+            "too many failed attempts from this address for this room: try again later",
+        )
+        .retry_after(wait)
+    }
+
+    /// This refusal with `Retry-After` and `retry_after_ms`.
+    pub fn retry_after(self, wait: Duration) -> Self {
         ApiError {
             retry_after: Some(wait),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_failures",
-                "too many failed attempts from this address for this room: try again later",
-            )
+            ..self
         }
     }
 

@@ -60,6 +60,9 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "history_db_locked_reads": s.history_db_locked_reads.get(),
         "history_trimmed": s.history_trimmed.get(),
         "history_bytes": api.bus.hub().history().memory_used(),
+        "accept_rate_refused": s.accept_rate_refused.get(),
+        "shutdown_late_closes": s.shutdown_late_closes.get(),
+        "presence_names_dropped": s.presence_names_dropped.get(),
         "rss_bytes": rss_bytes(),
         // User + system CPU seconds since start: a load test divides deliveries by its
         // change over a window (server cost per delivery).

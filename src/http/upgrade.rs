@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use governor::clock::{Clock, DefaultClock};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
@@ -23,6 +24,7 @@ use crate::proto::ReplayRequest;
 /// `GET /ws`, `/ws/{room}`: the chat protocol. With tokens on, the user name is the token's
 /// `sub` (a different `user=` is refused) and the first room must be allowed.
 pub async fn chat(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply {
+    admit(&api, &req)?;
     let WsTarget { room, user } = parse_ws_target(req.uri().path(), req.uri().query())?;
     let q: query::Upgrade = query::parse(&req)?;
     let replay = ReplayRequest::from_parts(q.history, q.since)
@@ -66,8 +68,31 @@ pub async fn chat(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply 
 
 /// `GET /echo` (`--echo` only): echoes every message, for conformance runs.
 pub async fn echo(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply {
+    admit(&api, &req)?;
     let user = parse_user(req.uri().query())?;
     upgrade(api, peer, req, Wanted::Echo, None, user).await
+}
+
+/// `--accept-rate`, checked first: a storm of upgrades is refused before any token is verified
+/// or any room is looked up. Requests that are not upgrades do not count (they are refused
+/// later, with 400).
+fn admit<B>(api: &Api, req: &Request<B>) -> Result<(), ApiError> {
+    let Some(accept) = &api.accept else {
+        return Ok(());
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        return Ok(());
+    }
+    accept.check().map_err(|not_until| {
+        api.stats.accept_rate_refused.inc();
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "accept_rate",
+            "the server is accepting new connections at --accept-rate: retry later",
+        )
+        .retry_after(wait)
+    })
 }
 
 /// What an upgrade request asks for, before anything is granted.

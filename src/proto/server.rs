@@ -38,6 +38,9 @@ pub enum ServerFrame<'a> {
         joined: &'a [Arc<str>],
         left: &'a [Arc<str>],
         members: usize,
+        /// Names were left out (more joined or left in one interval than a frame lists).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     /// A refused client message; the socket stays open.
     Error {

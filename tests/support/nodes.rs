@@ -155,8 +155,15 @@ impl Node {
     }
 
     pub async fn spawn(extra: &[&str]) -> Node {
+        // A test may set its own presence interval (clap refuses a flag given twice).
+        let presence: &[&str] = if extra.contains(&"--presence-interval") {
+            &[]
+        } else {
+            &["--presence-interval", "50ms"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
-            .args(["--listen", "127.0.0.1:0", "--presence-interval", "50ms"])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(presence)
             // The tests publish faster than the default 20 messages/s per socket.
             .args(["--rate-limit", "off"])
             .args(extra)
@@ -306,6 +313,37 @@ impl Node {
             },
         )
         .await;
+    }
+
+    /// Sends SIGTERM (the start of a graceful shutdown).
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits up to `within` for the process to exit; its exit status.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for roomcast") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not exit within {within:?}; log:\n{}",
+                self.addr,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything the process has printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn sigkill(&mut self) {

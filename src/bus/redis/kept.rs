@@ -32,19 +32,27 @@ pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outb
     })
 }
 
-/// The frames of a kept list (oldest first) up to `max_seq`, in ascending seq order. What is
-/// not a readable chat message, or not past the previous one, is skipped.
-pub(super) fn from_list(room: &str, payloads: &[Vec<u8>], max_seq: u64) -> Vec<Arc<Outbound>> {
+/// The frames of a kept list (oldest first) up to `max_seq`, in ascending seq order, and how
+/// many messages were dropped for not being past the one before them (the publish script only
+/// ever appends in order: someone else wrote to the list). What is not a readable chat message
+/// is skipped too.
+pub(super) fn from_list(
+    room: &str,
+    payloads: &[Vec<u8>],
+    max_seq: u64,
+) -> (Vec<Arc<Outbound>>, u64) {
     let mut out: Vec<Arc<Outbound>> = Vec::with_capacity(payloads.len());
+    let mut out_of_order = 0;
     for payload in payloads {
         if let Ok(wire::Payload::Message { seq, body }) = wire::decode(payload) {
-            let after_last = out.last().is_none_or(|o| seq > o.seq);
-            if after_last && seq <= max_seq {
+            if out.last().is_some_and(|o| seq <= o.seq) {
+                out_of_order += 1;
+            } else if seq <= max_seq {
                 out.push(frame_of(room, seq, &body));
             }
         }
     }
-    out
+    (out, out_of_order)
 }
 
 /// Appends `out` unless it is not past the last kept frame; keeps at most `depth`.
@@ -147,8 +155,9 @@ mod tests {
             payload(4, "d"),
             payload(6, "past the seed seq"),
         ];
-        let frames = from_list("r", &list, 5);
+        let (frames, out_of_order) = from_list("r", &list, 5);
         assert_eq!(seqs(&frames), [3, 4]);
+        assert_eq!(out_of_order, 1, "seq 2 after seq 3");
         let v: serde_json::Value =
             serde_json::from_slice(proto::frame_payload(&frames[1].frame)).unwrap();
         assert_eq!(
@@ -166,12 +175,12 @@ mod tests {
 
     #[test]
     fn arrivals_after_the_list_are_appended_once_and_capped() {
-        let fresh = from_list("r", &[payload(1, "a"), payload(2, "b")], 2);
-        let arrived = from_list("r", &[payload(2, "b"), payload(3, "c")], 9);
+        let (fresh, _) = from_list("r", &[payload(1, "a"), payload(2, "b")], 2);
+        let (arrived, _) = from_list("r", &[payload(2, "b"), payload(3, "c")], 9);
         assert_eq!(seqs(&merge(fresh.clone(), arrived.clone(), 10)), [1, 2, 3]);
         assert_eq!(seqs(&merge(fresh, arrived, 2)), [2, 3]);
         let mut kept = Vec::new();
-        for f in from_list("r", &[payload(1, "a"), payload(2, "b")], 9) {
+        for f in from_list("r", &[payload(1, "a"), payload(2, "b")], 9).0 {
             push(&mut kept, f, 0);
         }
         assert!(kept.is_empty(), "depth 0 keeps nothing");

@@ -19,7 +19,7 @@ use tokio::time::{interval, interval_at, Instant, MissedTickBehavior};
 use super::{kept, scripts, wire, Cluster, ClusterError, Interest, ROOMS_PER_CALL, SEQ_TTL_MS};
 use crate::core::dedupe::Author;
 use crate::core::hub::Hub;
-use crate::core::room::Publish;
+use crate::core::room::{PresenceDelta, Publish};
 use crate::core::stats::unix_millis;
 use crate::core::stats::Stats;
 use crate::shutdown::Shutdown;
@@ -241,9 +241,11 @@ impl Cluster {
                 };
                 if let Some(room) = hub.get(name) {
                     room.set_remote_members(remote);
-                    let joined: Vec<Arc<str>> = body.joined.iter().map(|s| (**s).into()).collect();
-                    let left: Vec<Arc<str>> = body.left.iter().map(|s| (**s).into()).collect();
-                    room.send_presence(&joined, &left);
+                    room.send_presence(&PresenceDelta {
+                        joined: body.joined.iter().map(|s| (**s).into()).collect(),
+                        left: body.left.iter().map(|s| (**s).into()).collect(),
+                        truncated: body.truncated,
+                    });
                 }
             }
             Err(e) => {
@@ -337,7 +339,15 @@ async fn seed(
         state.last_seq = state.last_seq.max(seq);
         // Checked under the interest lock, which a joiner creating the room holds.
         if cluster.history_depth > 0 && hub.get(&interest.name).is_none() {
-            let fresh = kept::from_list(&interest.name, &list, seq);
+            let (fresh, out_of_order) = kept::from_list(&interest.name, &list, seq);
+            if out_of_order > 0 {
+                cluster.metrics.kept_out_of_order.inc_by(out_of_order);
+                tracing::warn!(
+                    room = %interest.name,
+                    out_of_order,
+                    "cluster: kept messages out of order in Redis were dropped"
+                );
+            }
             let arrived = std::mem::take(&mut state.kept);
             state.kept = kept::merge(fresh, arrived, cluster.history_depth);
         }
@@ -463,7 +473,7 @@ async fn sync_presence(
     let mut pipe = redis::pipe();
     let mut announced = Vec::with_capacity(rooms.len());
     for room in rooms {
-        let Some((joined, left)) = room.take_presence() else {
+        let Some(delta) = room.take_presence() else {
             continue;
         };
         let count = shared.hub.get(room.name()).map_or(0, |r| r.member_count());
@@ -479,14 +489,15 @@ async fn sync_presence(
         let payload = wire::encode_presence(&wire::PresenceBody {
             node: Cow::Borrowed(&cluster.node),
             count,
-            joined: joined.iter().map(|s| Cow::Borrowed(&**s)).collect(),
-            left: left.iter().map(|s| Cow::Borrowed(&**s)).collect(),
+            joined: delta.joined.iter().map(|s| Cow::Borrowed(&**s)).collect(),
+            left: delta.left.iter().map(|s| Cow::Borrowed(&**s)).collect(),
+            truncated: delta.truncated,
         });
         pipe.cmd("PUBLISH")
             .arg(cluster.keys.channel(room.name()))
             .arg(payload)
             .ignore();
-        announced.push((room, joined, left));
+        announced.push((room, delta));
     }
     pipe.cmd("HSET").arg(&key).arg("!conns").arg(conns).ignore();
     pipe.cmd("PEXPIRE")
@@ -497,8 +508,8 @@ async fn sync_presence(
         Ok(()) => Ok(conns),
         Err(e) => {
             // Local members still hear about each other.
-            for (room, joined, left) in announced {
-                room.send_presence(&joined, &left);
+            for (room, delta) in announced {
+                room.send_presence(&delta);
             }
             Err(e)
         }

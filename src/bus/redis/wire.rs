@@ -69,6 +69,9 @@ pub struct PresenceBody<'a> {
     pub joined: Vec<Cow<'a, str>>,
     #[serde(rename = "l", borrow)]
     pub left: Vec<Cow<'a, str>>,
+    /// That process left names out of `joined` or `left`. Absent (false) from older processes.
+    #[serde(rename = "t", default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// A payload received on a room channel.
@@ -168,6 +171,7 @@ mod tests {
             count: 3,
             joined: vec!["a".into(), "b c".into()],
             left: vec![],
+            truncated: true,
         };
         let payload = encode_presence(&body);
         assert_eq!(decode(payload.as_bytes()).unwrap(), Payload::Presence(body));
