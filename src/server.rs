@@ -103,6 +103,7 @@ pub async fn run(
             stats.clone(),
         )
         .with_room_rate(config.room_rate())
+        .with_max_rooms(usize::try_from(config.max_rooms).unwrap_or(usize::MAX))
         .with_history(history.clone()),
     );
     let bus = Arc::new(Bus::new(hub.clone(), broker, stats.clone()));

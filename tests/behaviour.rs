@@ -870,3 +870,45 @@ async fn presence_frames_say_when_names_were_left_out(d: Deployment) {
         .unwrap();
     assert!(dropped >= 50, "{dropped} names counted as left out");
 }
+
+in_both_modes!(a_process_holds_at_most_max_rooms, "--max-rooms", "2");
+/// Rooms are bounded per process: a join that would create one more is refused on both join
+/// paths, counted, and works again once a room has closed.
+async fn a_process_holds_at_most_max_rooms(d: Deployment) {
+    let a = d.a();
+    let (r1, _) = Client::join(&a.ws("/ws/r1?user=u")).await;
+    let (_r2, _) = Client::join(&a.ws("/ws/r2?user=u")).await;
+    let r = support::http_with(
+        a.addr,
+        "GET",
+        "/ws/r3?user=u",
+        &[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (503, json!("max_rooms"))
+    );
+    let mut c = Client::connect(&a.ws("/ws?user=c")).await;
+    c.send_json(&json!({"type": "join", "room": "r3"})).await;
+    assert_eq!(c.recv_type("error").await["code"], "max_rooms");
+    // An existing room still takes members.
+    c.send_json(&json!({"type": "join", "room": "r1"})).await;
+    assert_eq!(c.recv_type("welcome").await["room"], "r1");
+    c.send_json(&json!({"type": "leave", "room": "r1"})).await;
+    c.recv_type("left").await;
+    drop(r1);
+    a.wait_for("/api/rooms/r1", "r1 closed", support::STEP, |s, _| s == 404)
+        .await;
+    c.send_json(&json!({"type": "join", "room": "r3"})).await;
+    assert_eq!(c.recv_type("welcome").await["room"], "r3");
+    let (_, stats) = a.get("/api/stats").await;
+    assert_eq!(stats["rooms_refused"], 2, "{stats}");
+}

@@ -61,6 +61,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_MAX_ROOMS_PER_CONNECTION", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_rooms_per_connection: u16,
 
+    /// Rooms this process holds at once; a join that would create one more is refused (HTTP 503
+    /// `max_rooms` before the upgrade, the error frame `max_rooms` after it), counted as
+    /// `rooms_refused`. Unit: rooms. Default: 100000.
+    #[arg(long, env = "ROOMCAST_MAX_ROOMS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_rooms: u64,
+
     /// Runtime worker threads. 1 runs everything on one thread (no work stealing, no cross-thread
     /// wake-ups): the right choice when several server processes share a few cores, as in the
     /// 100k run on a 2-core machine. Default: 0 = one per CPU core.

@@ -236,7 +236,7 @@ impl Connection {
                 JoinError::PasswordRequired => {
                     self.cx.stats.auth_refused.inc(AuthReason::BadPassword)
                 }
-                JoinError::RoomFull { .. } => {}
+                JoinError::RoomFull { .. } | JoinError::TooManyRooms { .. } => {}
             }
             Refusal::Reply(ProtocolError::new(e.code(), e.to_string()))
         })?;

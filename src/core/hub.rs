@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -36,6 +37,9 @@ pub struct Hub {
     stats: Arc<Stats>,
     /// Rooms with joins or leaves not yet announced; drained by the presence task.
     presence_queue: Mutex<Vec<Arc<Room>>>,
+    /// Rooms held now, against `max_rooms` (`--max-rooms`).
+    rooms: AtomicUsize,
+    max_rooms: usize,
     lobby: Lobby,
 }
 
@@ -48,6 +52,8 @@ pub enum JoinError {
     WrongPassword,
     #[error("the room is full ({max} members)")]
     RoomFull { max: u32 },
+    #[error("the server holds --max-rooms rooms ({max}): no new room can be created")]
+    TooManyRooms { max: usize },
 }
 
 impl JoinError {
@@ -56,7 +62,13 @@ impl JoinError {
         match self {
             JoinError::PasswordRequired | JoinError::WrongPassword => "bad_password",
             JoinError::RoomFull { .. } => "room_full",
+            JoinError::TooManyRooms { .. } => "max_rooms",
         }
+    }
+
+    /// Whether the refusal is the server's capacity, not the room's rules (HTTP 503, not 403).
+    pub fn is_capacity(&self) -> bool {
+        matches!(self, JoinError::TooManyRooms { .. })
     }
 }
 
@@ -134,7 +146,15 @@ impl Hub {
             lobby: Lobby::new(lobby_top, stats.clone()),
             stats,
             presence_queue: Mutex::new(Vec::new()),
+            rooms: AtomicUsize::new(0),
+            max_rooms: usize::MAX,
         }
+    }
+
+    /// Caps the rooms held at once (`--max-rooms`).
+    pub fn with_max_rooms(mut self, max: usize) -> Self {
+        self.max_rooms = max;
+        self
     }
 
     /// Sets the publish limit of rooms created from now on whose settings do not set one.
@@ -174,6 +194,15 @@ impl Hub {
             None => {
                 let settings = self.settings.read().resolve(name);
                 admit(&settings, 0, req.password)?;
+                // Under the shard lock: a refused join creates nothing. Exact across shards:
+                // the count is taken before the room exists and given back if refused.
+                if self.rooms.fetch_add(1, Ordering::Relaxed) >= self.max_rooms {
+                    self.rooms.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.rooms_refused.inc();
+                    return Err(JoinError::TooManyRooms {
+                        max: self.max_rooms,
+                    });
+                }
                 let settings_private = settings.is_private();
                 let room = self.create_room(name, settings, start.seq, start.kept, start.prepared);
                 room.set_remote_members(start.remote_members);
@@ -280,6 +309,7 @@ impl Hub {
             if shard.get(room.name()).is_some_and(|r| Arc::ptr_eq(r, room)) {
                 shard.remove(room.name());
                 self.stats.rooms.dec();
+                self.rooms.fetch_sub(1, Ordering::Relaxed);
                 state.retired = true;
                 let history = std::mem::replace(&mut state.history, History::new(0));
                 self.history.retire(room.name_arc(), state.seq(), history);

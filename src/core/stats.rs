@@ -36,6 +36,8 @@ pub struct Stats {
     pub lag_resyncs: Counter,
     /// Messages committed to the history database.
     pub history_db_written: Counter,
+    /// Joins refused because the process holds `--max-rooms` rooms.
+    pub rooms_refused: Counter,
     /// Kept messages dropped from rooms' rings by `--history-memory` or a room's byte bound.
     pub history_trimmed: Counter,
     /// Room seeds read from the history database under the registry's lock, because the read
@@ -113,6 +115,10 @@ impl Stats {
             "presence_names_dropped",
             "User names left out of presence frames past the per-frame cap",
         );
+        let rooms_refused = counter(
+            "rooms_refused",
+            "Joins refused because the process holds --max-rooms rooms",
+        );
         let history_trimmed = counter(
             "history_trimmed",
             "Kept messages dropped from rooms' rings by --history-memory or a room's byte bound",
@@ -165,6 +171,7 @@ impl Stats {
             history_db_dropped,
             history_db_locked_reads,
             history_trimmed,
+            rooms_refused,
             accept_rate_refused,
             shutdown_late_closes,
             presence_names_dropped,

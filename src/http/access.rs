@@ -189,7 +189,7 @@ impl Access {
                 self.count(AuthReason::BadPassword);
             }
             JoinError::PasswordRequired => self.count(AuthReason::BadPassword),
-            JoinError::RoomFull { .. } => {}
+            JoinError::RoomFull { .. } | JoinError::TooManyRooms { .. } => {}
         }
     }
 

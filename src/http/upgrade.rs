@@ -206,7 +206,12 @@ async fn upgrade(
                 },
                 Err(e) => {
                     api.access.join_refused(peer, &room, &e);
-                    return Err(ApiError::forbidden(e.code(), e.to_string()));
+                    let status = if e.is_capacity() {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::FORBIDDEN
+                    };
+                    return Err(ApiError::new(status, e.code(), e.to_string()));
                 }
             }
         }
