@@ -967,3 +967,39 @@ async fn kept_history_stays_within_its_memory_budget() {
         "resident memory grew {grown} bytes for a {BUDGET}-byte budget"
     );
 }
+
+/// A page stops before 1 MiB of messages, whatever `limit` asks, and `next_before` goes on.
+#[tokio::test]
+async fn a_page_is_bounded_in_bytes_and_continues() {
+    let server = TestServer::with(|c| c.history = 100).await;
+    let (_anchor, _) = Client::join(&server.ws_url("/ws/big?user=anchor")).await;
+    let text = "x".repeat(60_000);
+    for _ in 0..40 {
+        publish(&server, "big", &text).await;
+    }
+    let (status, v) = server.get("/api/rooms/big/messages?limit=1000").await;
+    assert_eq!(status, 200);
+    let first = v["messages"].as_array().unwrap().len();
+    assert!(
+        (1..40).contains(&first),
+        "{first} messages of 60 KB in one page"
+    );
+    let body = serde_json::to_vec(&v).unwrap().len();
+    assert!(body < (1 << 20) + 4096, "{body} bytes in one page");
+    // Walking on reaches every message once.
+    let mut seen = first;
+    let mut before = v["next_before"].as_u64().expect("more pages");
+    loop {
+        let (_, v) = server
+            .get(&format!(
+                "/api/rooms/big/messages?limit=1000&before={before}"
+            ))
+            .await;
+        seen += v["messages"].as_array().unwrap().len();
+        match v["next_before"].as_u64() {
+            Some(b) => before = b,
+            None => break,
+        }
+    }
+    assert_eq!(seen, 40);
+}

@@ -23,6 +23,10 @@ use crate::core::room::Publish;
 use crate::core::stats::AuthReason;
 use crate::proto::names::validate_user;
 
+/// Most bytes of messages in one page: a client that never reads pins at most this much (in
+/// the kernel's socket buffer), whatever `limit` it asks for.
+pub const PAGE_MAX_BYTES: usize = 1 << 20;
+
 /// A page of kept messages: each is the JSON payload exactly as it was broadcast.
 #[derive(Serialize)]
 struct Page<'a> {
@@ -90,8 +94,22 @@ pub async fn page(api: &Api, peer: IpAddr, room: String, req: &Request<Incoming>
             })?;
         rows.extend(archived.into_iter().map(|(seq, p)| (seq, Bytes::from(p))));
     }
-    let more = rows.len() > limit;
+    let mut more = rows.len() > limit;
     rows.truncate(limit);
+    // A page is bounded in bytes too: whole messages up to `PAGE_MAX_BYTES` (at least one),
+    // and `next_before` continues where it stopped.
+    let mut bytes = 0;
+    let fit = rows
+        .iter()
+        .position(|(_, p)| {
+            bytes += p.len();
+            bytes > PAGE_MAX_BYTES
+        })
+        .map_or(rows.len(), |i| i.max(1));
+    if fit < rows.len() {
+        rows.truncate(fit);
+        more = true;
+    }
     // Our own frames: a payload that is not JSON would be a bug, and is left out, not sent.
     let messages = rows
         .iter()
