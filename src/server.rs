@@ -27,6 +27,7 @@ use crate::core::lockout::Lockout;
 use crate::core::stats::Stats;
 use crate::http::{self, Access, Api, Side};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
+use crate::ws::io::TimedStream;
 
 /// Serves `listener` until `signal` completes, then stops accepting, closes the WebSockets with
 /// 1012 at `--drain-rate` and returns once every connection task has ended or
@@ -310,6 +311,9 @@ async fn serve_http(
 ) {
     // Chat frames are small and latency matters more than packet count.
     let _ = stream.set_nodelay(true);
+    // Responses (and the 101) get `--write-timeout` too: a client that stops reading is dropped.
+    let stream = TimedStream::new(stream, api.conn.limits.write_timeout);
+    let stats = api.stats.clone();
     let service = service_fn(move |req| {
         let api = api.clone();
         async move { Ok::<_, std::convert::Infallible>(http::handle(api, side, peer, req).await) }
@@ -323,6 +327,12 @@ async fn serve_http(
     tokio::select! {
         res = conn.as_mut() => {
             if let Err(e) = res {
+                let timed_out = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+                if timed_out {
+                    stats.http_write_timeouts.inc();
+                }
                 tracing::debug!(error = %e, "http connection ended with an error");
             }
         }

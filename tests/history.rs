@@ -1003,3 +1003,36 @@ async fn a_page_is_bounded_in_bytes_and_continues() {
     }
     assert_eq!(seen, 40);
 }
+
+/// A client that asks for a page and never reads it is dropped after `--write-timeout`, not
+/// kept (with its response) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_page_is_dropped_at_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::with(|c| {
+        c.history = 100;
+        c.write_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (_anchor, _) = Client::join(&server.ws_url("/ws/big?user=anchor")).await;
+    let text = "x".repeat(60_000);
+    for _ in 0..17 {
+        publish(&server, "big", &text).await;
+    }
+    // A receive window of a few KiB, and ten pages asked at once (pipelined): more than any
+    // socket buffer takes, so the server's writes stall.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    let request = "GET /api/rooms/big/messages?limit=1000 HTTP/1.1\r\nhost: x\r\n\r\n".repeat(10);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    server
+        .wait_for("/api/stats", "the write timeout", |_, v| {
+            v["http_write_timeouts"] == 1
+        })
+        .await;
+    // What the kernel had taken before the timeout still arrives, then the end: not the page.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut got)).await;
+    assert!(got.len() < 10 * 16 * 60_000, "{} bytes arrived", got.len());
+}

@@ -35,6 +35,7 @@ use crate::core::stats::{AuthReason, Stats};
 use crate::proto;
 use crate::proto::close;
 use crate::shutdown::{Shutdown, Turn};
+use crate::ws::io::TimedStream;
 use crate::ws::write::{total_len, write_now, write_rest};
 use end::{End, Handled, Refusal};
 use membership::{recv_any, Membership};
@@ -230,7 +231,7 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
     let parts = match ws
         .into_inner()
         .into_inner()
-        .downcast::<TokioIo<TcpStream>>()
+        .downcast::<TokioIo<TimedStream>>()
     {
         Ok(parts) => parts,
         Err(_) => {
@@ -242,7 +243,7 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
     // What hyper read past the request (rarely anything) is the start of the first frame.
     // hyper hands it over as a freeze of its whole read buffer: copy just these bytes.
     let inbuf = BytesMut::from(&parts.read_buf[..]);
-    let stream = parts.io.into_inner();
+    let stream = parts.io.into_inner().into_inner();
 
     let (first, echo, grant) = match mode {
         Mode::Rooms { first, grant } => (first, false, grant),

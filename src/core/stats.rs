@@ -36,6 +36,9 @@ pub struct Stats {
     pub lag_resyncs: Counter,
     /// Messages committed to the history database.
     pub history_db_written: Counter,
+    /// HTTP connections dropped because the client took no bytes of a response within
+    /// `--write-timeout`.
+    pub http_write_timeouts: Counter,
     /// Joins refused because the process holds `--max-rooms` rooms.
     pub rooms_refused: Counter,
     /// Kept messages dropped from rooms' rings by `--history-memory` or a room's byte bound.
@@ -115,6 +118,10 @@ impl Stats {
             "presence_names_dropped",
             "User names left out of presence frames past the per-frame cap",
         );
+        let http_write_timeouts = counter(
+            "http_write_timeouts",
+            "HTTP connections dropped: the client took no bytes of a response within --write-timeout",
+        );
         let rooms_refused = counter(
             "rooms_refused",
             "Joins refused because the process holds --max-rooms rooms",
@@ -172,6 +179,7 @@ impl Stats {
             history_db_locked_reads,
             history_trimmed,
             rooms_refused,
+            http_write_timeouts,
             accept_rate_refused,
             shutdown_late_closes,
             presence_names_dropped,

@@ -60,6 +60,7 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "history_db_locked_reads": s.history_db_locked_reads.get(),
         "history_trimmed": s.history_trimmed.get(),
         "rooms_refused": s.rooms_refused.get(),
+        "http_write_timeouts": s.http_write_timeouts.get(),
         "history_bytes": api.bus.hub().history().memory_used(),
         "accept_rate_refused": s.accept_rate_refused.get(),
         "shutdown_late_closes": s.shutdown_late_closes.get(),

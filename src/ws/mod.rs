@@ -2,4 +2,5 @@
 //! whole frames.
 
 pub mod frame;
+pub mod io;
 pub mod write;
