@@ -61,6 +61,7 @@ pub async fn run(
                 node_ttl: config.cluster_node_ttl,
                 history_depth: config.history as usize,
                 presence_interval: config.presence_interval,
+                max_text_bytes: config.max_message_bytes as usize,
             };
             Arc::new(Cluster::new(settings, stats.registry_mut())?)
         }

@@ -239,7 +239,10 @@ impl Room {
         if state.settings.presence != Presence::Off && state.joined.len() < PRESENCE_NAMES_MAX {
             state.joined.push(user.clone());
         }
-        let members = state.members.len() + self.remote_members.load(Ordering::Relaxed);
+        let members = state
+            .members
+            .len()
+            .saturating_add(self.remote_members.load(Ordering::Relaxed));
         let welcome = ServerFrame::Welcome {
             room: &self.name,
             user,
@@ -286,7 +289,7 @@ impl Room {
                 duplicate: true,
             };
         }
-        let seq = state.seq + 1;
+        let seq = state.seq.saturating_add(1);
         self.send_message(&mut state, seq, now_ms, p);
         Published {
             seq,
@@ -400,7 +403,10 @@ impl Room {
             room: &self.name,
             joined: if named { joined } else { &[] },
             left: if named { left } else { &[] },
-            members: state.members.len() + self.remote_members.load(Ordering::Relaxed),
+            members: state
+                .members
+                .len()
+                .saturating_add(self.remote_members.load(Ordering::Relaxed)),
         }
         .encode();
         self.stats.frames_encoded.inc();

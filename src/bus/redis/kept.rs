@@ -17,14 +17,17 @@ use super::ClusterError;
 use crate::proto::{self, Outbound};
 
 /// The frame of a message received (or kept) from Redis, encoded like a local publication.
+/// `body` has passed `wire::decode`'s checks.
 pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outbound> {
-    // Checked like a client's: anything may write to Redis.
-    let id = body
-        .id
-        .as_deref()
-        .filter(|id| crate::proto::validate_id(id).is_ok());
     Arc::new(Outbound {
-        frame: proto::message_frame_with_id(room, &body.user, &body.text, seq, body.ts, id),
+        frame: proto::message_frame_with_id(
+            room,
+            &body.user,
+            &body.text,
+            seq,
+            body.ts,
+            body.id.as_deref(),
+        ),
         origin: 0,
         skip_origin: false,
         published_at: Instant::now(),
@@ -32,19 +35,30 @@ pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outb
     })
 }
 
-/// The frames of a kept list (oldest first) up to `max_seq`, in ascending seq order. What is
-/// not a readable chat message, or not past the previous one, is skipped.
-pub(super) fn from_list(room: &str, payloads: &[Vec<u8>], max_seq: u64) -> Vec<Arc<Outbound>> {
+/// The frames of a kept list (oldest first) up to `max_seq`, in ascending seq order, and how
+/// many payloads were dropped for not being a valid chat message (`wire::decode`, with
+/// `max_text_bytes`). A valid message not past the previous one is skipped, uncounted.
+pub(super) fn from_list(
+    room: &str,
+    payloads: &[Vec<u8>],
+    max_seq: u64,
+    max_text_bytes: usize,
+) -> (Vec<Arc<Outbound>>, u64) {
     let mut out: Vec<Arc<Outbound>> = Vec::with_capacity(payloads.len());
+    let mut dropped = 0u64;
     for payload in payloads {
-        if let Ok(wire::Payload::Message { seq, body }) = wire::decode(payload) {
-            let after_last = out.last().is_none_or(|o| seq > o.seq);
-            if after_last && seq <= max_seq {
-                out.push(frame_of(room, seq, &body));
+        match wire::decode(payload, max_text_bytes) {
+            Ok(wire::Payload::Message { seq, body }) => {
+                let after_last = out.last().is_none_or(|o| seq > o.seq);
+                if after_last && seq <= max_seq {
+                    out.push(frame_of(room, seq, &body));
+                }
             }
+            // The list only ever holds what the publish script pushed: chat messages.
+            Ok(wire::Payload::Presence(_)) | Err(_) => dropped += 1,
         }
     }
-    out
+    (out, dropped)
 }
 
 /// Appends `out` unless it is not past the last kept frame; keeps at most `depth`.
@@ -147,8 +161,9 @@ mod tests {
             payload(4, "d"),
             payload(6, "past the seed seq"),
         ];
-        let frames = from_list("r", &list, 5);
+        let (frames, dropped) = from_list("r", &list, 5, 100);
         assert_eq!(seqs(&frames), [3, 4]);
+        assert_eq!(dropped, 2, "the presence payload and the garbage");
         let v: serde_json::Value =
             serde_json::from_slice(proto::frame_payload(&frames[1].frame)).unwrap();
         assert_eq!(
@@ -166,12 +181,12 @@ mod tests {
 
     #[test]
     fn arrivals_after_the_list_are_appended_once_and_capped() {
-        let fresh = from_list("r", &[payload(1, "a"), payload(2, "b")], 2);
-        let arrived = from_list("r", &[payload(2, "b"), payload(3, "c")], 9);
+        let fresh = from_list("r", &[payload(1, "a"), payload(2, "b")], 2, 100).0;
+        let arrived = from_list("r", &[payload(2, "b"), payload(3, "c")], 9, 100).0;
         assert_eq!(seqs(&merge(fresh.clone(), arrived.clone(), 10)), [1, 2, 3]);
         assert_eq!(seqs(&merge(fresh, arrived, 2)), [2, 3]);
         let mut kept = Vec::new();
-        for f in from_list("r", &[payload(1, "a"), payload(2, "b")], 9) {
+        for f in from_list("r", &[payload(1, "a"), payload(2, "b")], 9, 100).0 {
             push(&mut kept, f, 0);
         }
         assert!(kept.is_empty(), "depth 0 keeps nothing");
