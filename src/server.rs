@@ -95,6 +95,8 @@ pub async fn run(
         lag_policy: config.lag_policy,
         max_rooms: usize::from(config.max_rooms_per_connection),
         rate: config.connection_rate(),
+        idle_timeout: config.idle_timeout(),
+        message_timeout: config.message_timeout,
     };
     let cx = Arc::new(conn::Context::new(
         bus.clone(),
@@ -116,15 +118,18 @@ pub async fn run(
              publish into any room, as any user, with POST /api/rooms/{{room}}/messages"
         );
     }
-    let api = Arc::new(Api::new(
-        bus.clone(),
-        stats.clone(),
-        access,
-        cx,
-        config.max_connections,
-        config.max_message_bytes as usize,
-        config.echo,
-    ));
+    let api = Arc::new(
+        Api::new(
+            bus.clone(),
+            stats.clone(),
+            access,
+            cx,
+            config.max_connections,
+            config.max_message_bytes as usize,
+            config.echo,
+        )
+        .with_body_timeout(config.body_timeout),
+    );
     let shutdown_timeout = config.shutdown_timeout;
     let handshake_timeout = config.handshake_timeout;
     bus.spawn(shutdown.clone());

@@ -51,8 +51,14 @@ pub struct Limits {
     pub lag_policy: LagPolicy,
     /// `--max-rooms-per-connection`.
     pub max_rooms: usize,
-    /// `--rate-limit` on the messages one socket sends.
+    /// `--rate-limit` on the messages (and pings, pongs, continuation fragments) one socket
+    /// sends.
     pub rate: Option<RateSpec>,
+    /// `--idle-timeout`: a socket in no room for this long is closed (4002); `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// `--message-timeout`: a frame, and a fragmented message, must arrive whole within this
+    /// from its first byte (1008 `message timeout`).
+    pub message_timeout: Duration,
 }
 
 /// What every connection task shares.
@@ -150,6 +156,17 @@ pub(crate) struct Accepted {
     pub(crate) guard: ConnectionGuard,
 }
 
+/// A fragmented message between its first frame and its last.
+struct Partial {
+    /// The first frame's: text or binary.
+    opcode: OpCode,
+    buf: BytesMut,
+    /// When its first frame arrived: the whole message is due `--message-timeout` later.
+    started: Instant,
+    /// A fragment was refused by `--rate-limit`: the rest is read and dropped.
+    refused: bool,
+}
+
 /// Everything one connection owns. Dropped when the task ends; `leave_all` runs before.
 pub struct Connection {
     id: u64,
@@ -164,9 +181,9 @@ pub struct Connection {
     inbuf: BytesMut,
     shutdown: Shutdown,
     rooms: SmallVec<[Membership; 1]>,
-    /// A fragmented message being reassembled, and its first frame's opcode. Boxed (as is
-    /// `limiter`) because it is rare and every idle connection would carry its space.
-    partial: Option<Box<(OpCode, BytesMut)>>,
+    /// A fragmented message being reassembled. Boxed (as is `limiter`) because it is rare and
+    /// every idle connection would carry its space.
+    partial: Option<Box<Partial>>,
     echo: bool,
     grant: Option<Arc<Grant>>,
     /// `--rate-limit` on the messages this socket sends.
@@ -268,22 +285,59 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
     Some((conn, end))
 }
 
+/// Where the deadlines that depend on what the client did start from; kept by `serve`.
+struct Timers {
+    /// Since when the socket has been in no room (`--idle-timeout`); `None` while in one.
+    idle_since: Option<Instant>,
+    /// Since when `inbuf` has held the same partial frame (`--message-timeout`).
+    frame_since: Option<Instant>,
+}
+
+impl Timers {
+    /// After a read whose frames were handled: `complete` frames came out of it. A partial
+    /// frame left behind started in this read if any frame completed, else it is the same one.
+    fn after_read(&mut self, conn: &Connection, complete: usize, now: Instant) {
+        self.frame_since = match (conn.inbuf.is_empty(), complete) {
+            (true, _) => None,
+            (false, 0) => Some(self.frame_since.unwrap_or(now)),
+            (false, _) => Some(now),
+        };
+    }
+
+    /// After anything that may have joined or left a room: joining cancels the idle timeout,
+    /// leaving the last room starts it again. Echo sockets have no rooms and no idle timeout.
+    fn after_rooms(&mut self, conn: &Connection, now: Instant) {
+        self.idle_since = if conn.rooms.is_empty() && !conn.echo {
+            Some(self.idle_since.unwrap_or(now))
+        } else {
+            None
+        };
+    }
+}
+
 impl Connection {
     /// Runs until the connection must end. Reading waits for readiness with no buffer held, so an
     /// idle socket costs no read buffer; `inbuf` holds only a partial frame between reads.
     async fn serve(&mut self) -> End {
+        let mut timers = Timers {
+            idle_since: None,
+            frame_since: None,
+        };
         if !self.inbuf.is_empty() {
-            if let Err(end) = Box::pin(self.drain_frames()).await {
-                return end;
+            match Box::pin(self.drain_frames()).await {
+                Ok(complete) => timers.after_read(self, complete, Instant::now()),
+                Err(end) => return end,
             }
             self.release_inbuf();
         }
+        timers.after_rooms(self, Instant::now());
         let ping_interval = self.cx.limits.ping_interval;
         let mut last_seen = Instant::now();
-        // One timer for both deadlines: the next ping and the token's expiry. A second `Sleep`
-        // would add its size to every idle connection's task.
-        let ping_timer = sleep_until(self.until_expiry(last_seen + ping_interval));
-        tokio::pin!(ping_timer);
+        let mut ping_at = last_seen + ping_interval;
+        // One timer for every deadline: the next ping, the token's expiry, the idle and the
+        // message timeouts. A second `Sleep` would add its size to every idle connection's task.
+        let timer = sleep_until(self.next_wake(ping_at, &timers));
+        tokio::pin!(timer);
         loop {
             // Unbiased on purpose: a client that keeps sending must not starve its own deliveries
             // (its receiver would lag and be evicted), and a busy room must not starve reading
@@ -304,14 +358,18 @@ impl Connection {
                             last_seen = Instant::now();
                             // Boxed: handling messages (parsing, publishing, joining, answering)
                             // needs far more state than waiting does (see `run`).
-                            if let Err(end) = Box::pin(self.drain_frames()).await {
-                                return end;
+                            match Box::pin(self.drain_frames()).await {
+                                Ok(complete) => timers.after_read(self, complete, last_seen),
+                                Err(end) => return end,
                             }
                             self.release_inbuf();
-                            // A refresh may have brought the expiry closer than the timer.
-                            let wake = self.until_expiry(ping_timer.deadline());
-                            if wake < ping_timer.deadline() {
-                                ping_timer.as_mut().reset(wake);
+                            timers.after_rooms(self, Instant::now());
+                            // A refresh may have brought the expiry closer than the timer, a
+                            // partial frame or leaving the last room a deadline: a later one
+                            // is left to the timer's next wake.
+                            let wake = self.next_wake(ping_at, &timers);
+                            if wake < timer.deadline() {
+                                timer.as_mut().reset(wake);
                             }
                         }
                         Err(end) => return end,
@@ -322,26 +380,65 @@ impl Connection {
                         return end;
                     }
                 }
-                () = &mut ping_timer => {
-                    // The timer may have woken for the expiry that a refresh has since pushed
-                    // back: then only the ping schedule below goes on.
+                () = &mut timer => {
+                    let now = Instant::now();
+                    // The timer may have woken for a deadline that has since moved (a refresh,
+                    // a frame that completed, a join): each is checked against the clock.
                     if self.grant.as_ref().is_some_and(|g| g.expired()) {
                         return End::Close(close::TOKEN_EXPIRED, "token expired");
                     }
-                    let silent = last_seen.elapsed();
-                    if silent >= ping_interval * 2 {
-                        return End::Close(close::POLICY, "ping timeout");
+                    if self.message_due(&timers).is_some_and(|due| due <= now) {
+                        self.cx.stats.dropped.message_timeouts.inc();
+                        return End::Close(close::POLICY, "message timeout");
                     }
-                    if silent >= ping_interval
-                        && self.write_frames(&[&proto::ping_frame()]).await.is_err()
-                    {
-                        return End::Gone;
+                    if self.idle_due(&timers).is_some_and(|due| due <= now) {
+                        self.cx.stats.dropped.idle_closes.inc();
+                        return End::Close(close::IDLE, "idle timeout");
                     }
-                    let next = if silent >= ping_interval { Instant::now() } else { last_seen };
-                    ping_timer.as_mut().reset(self.until_expiry(next + ping_interval));
+                    if now >= ping_at {
+                        let silent = last_seen.elapsed();
+                        if silent >= ping_interval * 2 {
+                            return End::Close(close::POLICY, "ping timeout");
+                        }
+                        if silent >= ping_interval
+                            && self.write_frames(&[&proto::ping_frame()]).await.is_err()
+                        {
+                            return End::Gone;
+                        }
+                        ping_at = if silent >= ping_interval { Instant::now() } else { last_seen }
+                            + ping_interval;
+                    }
+                    timer.as_mut().reset(self.next_wake(ping_at, &timers));
                 }
             }
         }
+    }
+
+    /// The earliest deadline: `ping_at`, the token's expiry, the idle and message timeouts.
+    fn next_wake(&self, ping_at: Instant, timers: &Timers) -> Instant {
+        let mut wake = self.until_expiry(ping_at);
+        for due in [self.message_due(timers), self.idle_due(timers)]
+            .into_iter()
+            .flatten()
+        {
+            wake = wake.min(due);
+        }
+        wake
+    }
+
+    /// When what is only partly in (a frame, a fragmented message) must be whole.
+    fn message_due(&self, timers: &Timers) -> Option<Instant> {
+        let message = self.partial.as_ref().map(|p| p.started);
+        let first = match (timers.frame_since, message) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        first.map(|t| t + self.cx.limits.message_timeout)
+    }
+
+    /// When a socket in no room is closed.
+    fn idle_due(&self, timers: &Timers) -> Option<Instant> {
+        Some(timers.idle_since? + self.cx.limits.idle_timeout?)
     }
 
     /// `wake`, or the moment the token expires when that comes first. Read from the grant each

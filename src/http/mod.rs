@@ -17,6 +17,7 @@ mod upgrade;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -43,6 +44,8 @@ pub struct Api {
     pub max_message_bytes: usize,
     /// `--echo`: the `/echo` route exists.
     pub echo: bool,
+    /// `--body-timeout`: 408 for a REST body that has not arrived whole by then.
+    pub body_timeout: Duration,
     next_id: AtomicU64,
 }
 
@@ -64,8 +67,15 @@ impl Api {
             max_connections,
             max_message_bytes,
             echo,
+            body_timeout: Duration::from_secs(10),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Sets `--body-timeout` (default 10 s).
+    pub fn with_body_timeout(mut self, body_timeout: Duration) -> Self {
+        self.body_timeout = body_timeout;
+        self
     }
 
     /// A fresh connection id (also the member id in every room). Never 0.
