@@ -900,6 +900,23 @@ async fn hostile_payloads_on_a_room_channel_are_dropped_and_counted() {
     }
     let (_, room) = nodes[1].get("/api/rooms/hostile").await;
     assert_eq!(room["members"], 2, "{room}");
+
+    // A room's kept history in Redis is read the same way: what fails is left out, counted.
+    let kept_ok = br#"1 {"n":"0123abcd","o":0,"k":false,"t":5,"u":"old","x":"kept ok"}"#;
+    assert_eq!(redis.command(&[b"SET", b"roomcast:seq:kept", b"3"]), "+OK");
+    let bogus = message("2", "u", json!(""));
+    let pushed = redis.command(&[b"RPUSH", b"roomcast:hist:kept", kept_ok, &bogus, b"3 junk"]);
+    assert_eq!(pushed, ":3");
+    let (mut k, welcome) = Client::join(&nodes[0].ws("/ws/kept?user=k&history=10")).await;
+    assert_eq!(welcome["seq"], 3, "{welcome}");
+    assert_eq!(k.recv_type("history").await["count"], 1);
+    let m = next_message(&mut k).await;
+    assert_eq!(
+        (&m["text"], &m["seq"], &m["user"]),
+        (&json!("kept ok"), &json!(1), &json!("old"))
+    );
+    let (_, s) = nodes[0].get("/api/stats").await;
+    assert_eq!(s["redis_payloads_dropped"], n + 2, "{s}");
     for node in &mut nodes {
         node.assert_healthy();
     }
