@@ -31,3 +31,11 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use http::target;
 pub use server::run;
+
+/// The decoders of network bytes that the fuzz targets (`fuzz/`) drive directly: client
+/// WebSocket frames and cluster payloads from Redis. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::bus::redis::wire;
+    pub use crate::ws::frame;
+}

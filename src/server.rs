@@ -79,6 +79,7 @@ pub async fn run(
                 node_ttl: config.cluster_node_ttl,
                 history_depth: config.history as usize,
                 presence_interval: config.presence_interval,
+                max_text_bytes: config.max_message_bytes as usize,
             };
             Arc::new(Cluster::new(settings, stats.registry_mut())?)
         }
@@ -115,6 +116,8 @@ pub async fn run(
         lag_policy: config.lag_policy,
         max_rooms: usize::from(config.max_rooms_per_connection),
         rate: config.connection_rate(),
+        idle_timeout: config.idle_timeout(),
+        message_timeout: config.message_timeout,
     };
     let lockout = Arc::new(Lockout::default());
     let cx = Arc::new(conn::Context::new(
@@ -148,7 +151,8 @@ pub async fn run(
         config.max_message_bytes as usize,
         config.echo,
     )
-    .with_accept_rate(config.accept_rate());
+    .with_accept_rate(config.accept_rate())
+    .with_body_timeout(config.body_timeout);
     if admin.is_some() {
         api = api.with_admin_listener();
     }

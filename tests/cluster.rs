@@ -627,25 +627,6 @@ async fn history_recovery_and_ids_work_across_instances() {
 }
 
 impl Redis {
-    /// Runs one command (sent as a RESP array, so arguments may hold spaces); the first line
-    /// of the answer.
-    fn command(&self, args: &[&str]) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        s.write_all(req.as_bytes()).expect("write to redis");
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).expect("redis answer");
-        String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_owned()
-    }
-
     /// Whether `key` exists (an inline command over a plain socket).
     fn exists(&self, key: &str) -> bool {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
@@ -848,10 +829,10 @@ async fn kept_messages_out_of_order_in_redis_are_dropped_and_counted() {
     // Someone other than roomcast wrote seq 2 after seq 3 into the room's kept list.
     let body =
         |text: &str| format!(r#"{{"n":"other","o":0,"k":false,"t":1000,"u":"al","x":"{text}"}}"#);
-    assert_eq!(redis.command(&["SET", "roomcast:seq:odd", "3"]), "+OK");
+    assert_eq!(redis.command(&[b"SET", b"roomcast:seq:odd", b"3"]), "+OK");
     for entry in [format!("3 {}", body("three")), format!("2 {}", body("two"))] {
         assert!(redis
-            .command(&["RPUSH", "roomcast:hist:odd", &entry])
+            .command(&[b"RPUSH", b"roomcast:hist:odd", entry.as_bytes()])
             .starts_with(':'));
     }
     let (mut c, welcome) = Client::join(&node.ws("/ws/odd?user=b&history=10")).await;
@@ -865,4 +846,140 @@ async fn kept_messages_out_of_order_in_redis_are_dropped_and_counted() {
     assert_eq!(stats["cluster"]["kept_out_of_order"], 1, "{stats}");
     let r = http(node.addr, "GET", "/metrics", None).await.unwrap();
     assert!(String::from_utf8_lossy(&r.body).contains("roomcast_cluster_kept_out_of_order_total 1"));
+}
+
+impl Redis {
+    /// Runs one command given as raw arguments (any bytes) over a plain socket; answers the
+    /// first line of the reply.
+    fn command(&self, args: &[&[u8]]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            req.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            req.extend_from_slice(arg);
+            req.extend_from_slice(b"\r\n");
+        }
+        s.write_all(&req).expect("write to redis");
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            s.read_exact(&mut byte).expect("redis answer");
+            line.push(byte[0]);
+        }
+        String::from_utf8_lossy(&line).trim_end().to_owned()
+    }
+}
+
+/// Anything that can PUBLISH on a room's channel is a hostile peer: payloads that do not parse,
+/// or break a rule a local publication obeys, reach no member, overflow nothing, are counted in
+/// `redis_payloads_dropped` on every process, and the room goes on as before (its numbering
+/// included: a seq of u64::MAX would otherwise make every later message look stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn hostile_payloads_on_a_room_channel_are_dropped_and_counted() {
+    let redis = Redis::start();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(Instance::start(&redis, &["--max-message-bytes", "256"]).await);
+    }
+    let (mut a, _) = Client::join(&nodes[0].ws("/ws/hostile?user=a")).await;
+    let (mut b, _) = Client::join(&nodes[1].ws("/ws/hostile?user=b")).await;
+    nodes[0].wait_room("hostile", 2, 1).await;
+    nodes[1].wait_room("hostile", 2, 1).await;
+
+    let message = |seq: &str, field: &str, value: Value| {
+        let mut body =
+            json!({"n": "0123abcd", "o": 0, "k": false, "t": 1, "u": "mallory", "x": "bogus"});
+        body[field] = value;
+        format!("{seq} {body}").into_bytes()
+    };
+    let presence = |body: Value| format!("p {body}").into_bytes();
+    let hostile: Vec<Vec<u8>> = vec![
+        message(&u64::MAX.to_string(), "x", json!("poison the seq")),
+        message(&(1u64 << 53).to_string(), "x", json!("past 2^53")),
+        message("0", "x", json!("seq zero")),
+        message("1", "u", json!("bell\u{7}")),
+        message("1", "u", json!("m".repeat(33))),
+        message("1", "u", json!("")),
+        message("1", "x", json!("x".repeat(257))),
+        message("1", "x", json!("")),
+        message("1", "i", json!("id\u{0}")),
+        message("1", "t", json!(u64::MAX)),
+        message("1", "n", json!("")),
+        presence(json!({"n": "evil1", "c": u64::MAX, "j": ["ghost"], "l": []})),
+        presence(json!({"n": "evil2", "c": u64::MAX, "j": [], "l": []})),
+        presence(json!({"n": "evil3", "c": 1, "j": ["nul\u{0}"], "l": []})),
+        presence(json!({"n": "evil4", "c": 1, "j": [], "l": ["x".repeat(40)]})),
+        b"\xff\xfe not utf-8".to_vec(),
+        b"hello".to_vec(),
+        b"12 {not json".to_vec(),
+    ];
+    for payload in &hostile {
+        let answer = redis.command(&[b"PUBLISH", b"roomcast:room:hostile", payload]);
+        assert_eq!(answer, ":2", "both processes are subscribed");
+    }
+    let n = hostile.len() as u64;
+    for node in &nodes {
+        node.wait_for(
+            "/api/stats",
+            "every hostile payload counted",
+            STEP,
+            |s, v| s == 200 && v["redis_payloads_dropped"] == n,
+        )
+        .await;
+        let metrics = http(node.addr, "GET", "/metrics", None).await.unwrap();
+        let text = String::from_utf8_lossy(&metrics.body);
+        assert!(
+            text.contains(&format!("roomcast_redis_payloads_dropped_total {n}")),
+            "{text}"
+        );
+    }
+
+    // Normal traffic still flows, numbered from 1 as if nothing had been published.
+    a.send("after").await;
+    for c in [&mut a, &mut b] {
+        loop {
+            let v = c.recv().await;
+            match v["type"].as_str() {
+                Some("presence") => {
+                    assert!(v["members"].as_u64().is_some_and(|m| m <= 2), "{v}");
+                    let names = v["joined"]
+                        .as_array()
+                        .into_iter()
+                        .chain(v["left"].as_array());
+                    for name in names.flatten() {
+                        assert!(matches!(name.as_str(), Some("a" | "b")), "{v}");
+                    }
+                }
+                Some("message") => {
+                    assert_eq!((&v["text"], &v["seq"]), (&json!("after"), &json!(1)), "{v}");
+                    break;
+                }
+                _ => panic!("nothing else may arrive: {v}"),
+            }
+        }
+    }
+    let (_, room) = nodes[1].get("/api/rooms/hostile").await;
+    assert_eq!(room["members"], 2, "{room}");
+
+    // A room's kept history in Redis is read the same way: what fails is left out, counted.
+    let kept_ok = br#"1 {"n":"0123abcd","o":0,"k":false,"t":5,"u":"old","x":"kept ok"}"#;
+    assert_eq!(redis.command(&[b"SET", b"roomcast:seq:kept", b"3"]), "+OK");
+    let bogus = message("2", "u", json!(""));
+    let pushed = redis.command(&[b"RPUSH", b"roomcast:hist:kept", kept_ok, &bogus, b"3 junk"]);
+    assert_eq!(pushed, ":3");
+    let (mut k, welcome) = Client::join(&nodes[0].ws("/ws/kept?user=k&history=10")).await;
+    assert_eq!(welcome["seq"], 3, "{welcome}");
+    assert_eq!(k.recv_type("history").await["count"], 1);
+    let m = next_message(&mut k).await;
+    assert_eq!(
+        (&m["text"], &m["seq"], &m["user"]),
+        (&json!("kept ok"), &json!(1), &json!("old"))
+    );
+    let (_, s) = nodes[0].get("/api/stats").await;
+    assert_eq!(s["redis_payloads_dropped"], n + 2, "{s}");
+    for node in &mut nodes {
+        node.assert_healthy();
+    }
 }

@@ -294,7 +294,7 @@ impl Bus {
             }
             None => return None,
         };
-        info.members += remote.members;
+        info.members = info.members.saturating_add(remote.members);
         info.last_seq = info.last_seq.max(remote.last_seq);
         Some(info)
     }

@@ -33,11 +33,11 @@
 mod kept;
 mod link;
 mod scripts;
-mod wire;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,12 +72,16 @@ pub struct RedisSettings {
     pub history_depth: usize,
     /// `--presence-interval`.
     pub presence_interval: Duration,
+    /// `--max-message-bytes`: the longest text accepted from the channel, as from a client.
+    pub max_text_bytes: usize,
 }
 
 /// How long a room's seq key outlives its last publish or subscription, and its history list
 /// its last publish. Unit: milliseconds. Long enough that a quiet room keeps its numbering and
 /// its recent messages; a room nobody uses stops costing memory.
 const SEQ_TTL_MS: u64 = 24 * 3600 * 1000;
+/// Most other processes whose member counts one room keeps.
+const MAX_REMOTE_NODES: usize = 1024;
 /// Most rooms one script call reads or seeds (Lua's `unpack` has a stack limit near 8,000).
 const ROOMS_PER_CALL: usize = 500;
 
@@ -110,6 +114,12 @@ pub struct Cluster {
     /// `--history`: messages each room's Redis list keeps (0: no list).
     history_depth: usize,
     presence_interval: Duration,
+    /// `--max-message-bytes`: payloads with longer text are dropped.
+    max_text_bytes: usize,
+    /// When a dropped payload was last logged (Unix ms), and the drop count logged then: the
+    /// log says how many went unlogged in between.
+    drop_logged_at: AtomicU64,
+    drops_logged: AtomicU64,
     /// Commands go through this connection; `None` while the link is down. Cloned out under
     /// the lock (a multiplexed connection is a handle), never used under it.
     conn: Mutex<Option<MultiplexedConnection>>,
@@ -158,20 +168,30 @@ struct InterestState {
 }
 
 impl InterestState {
+    /// Saturating: the counts come from other processes (or whoever writes to Redis).
     fn remote_sum(&self) -> usize {
-        self.remote.iter().map(|(_, n)| n).sum()
+        self.remote
+            .iter()
+            .fold(0usize, |sum, (_, n)| sum.saturating_add(*n))
     }
 
-    fn set_remote(&mut self, node: &str, count: usize) {
+    /// Records `node`'s count; `false` (and nothing recorded) when that would make more than
+    /// `MAX_REMOTE_NODES` processes: names of processes come from the channel, where anyone
+    /// may publish, and the heartbeat only clears the ones that do not exist every third of
+    /// `--cluster-node-ttl`.
+    fn set_remote(&mut self, node: &str, count: usize) -> bool {
+        let full = self.remote.len() >= MAX_REMOTE_NODES;
         match self.remote.iter_mut().find(|(n, _)| &**n == node) {
             Some(slot) if count == 0 => {
                 let node = slot.0.clone();
                 self.remote.retain(|(n, _)| *n != node);
             }
             Some(slot) => slot.1 = count,
+            None if count > 0 && full => return false,
             None if count > 0 => self.remote.push((node.into(), count)),
             None => {}
         }
+        true
     }
 }
 
@@ -224,7 +244,6 @@ struct Metrics {
     local_only: Counter,
     received: Counter,
     stale_dropped: Counter,
-    bad_payloads: Counter,
     join_waits_timed_out: Counter,
     /// Kept (history) messages in Redis dropped for not being past the one before them.
     kept_out_of_order: Counter,
@@ -234,7 +253,7 @@ impl Metrics {
     fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("cluster");
         r.register("up", "1 while the Redis link is up", self.up.clone());
-        let counters: [(&str, &str, &Counter); 10] = [
+        let counters: [(&str, &str, &Counter); 9] = [
             ("outages", "Times the Redis link went down", &self.outages),
             (
                 "connect_failures",
@@ -265,11 +284,6 @@ impl Metrics {
                 "stale_dropped",
                 "Messages received with a seq not past the room's (dropped)",
                 &self.stale_dropped,
-            ),
-            (
-                "bad_payloads",
-                "Payloads on a room channel that could not be read",
-                &self.bad_payloads,
             ),
             (
                 "kept_out_of_order",
@@ -323,6 +337,9 @@ impl Cluster {
             node_ttl: settings.node_ttl,
             history_depth: settings.history_depth,
             presence_interval: settings.presence_interval,
+            max_text_bytes: settings.max_text_bytes,
+            drop_logged_at: AtomicU64::new(0),
+            drops_logged: AtomicU64::new(0),
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
             health: Mutex::new(Health {
@@ -614,8 +631,7 @@ impl Cluster {
             members: remotes
                 .iter()
                 .flat_map(|r| r.rooms.iter())
-                .map(|(_, n)| n)
-                .sum(),
+                .fold(0usize, |sum, (_, n)| sum.saturating_add(*n)),
             last_seq: seq.unwrap_or(0),
         })
     }
@@ -632,9 +648,11 @@ impl Cluster {
             snap.rooms.insert(room.name().to_owned(), n);
         }
         for remote in remotes {
-            snap.connections += remote.connections;
+            // Saturating: each node hash is whatever is in Redis.
+            snap.connections = snap.connections.saturating_add(remote.connections);
             for (room, n) in remote.rooms {
-                *snap.rooms.entry(room).or_default() += n;
+                let sum = snap.rooms.entry(room).or_default();
+                *sum = sum.saturating_add(n);
             }
         }
         snap.rooms.retain(|_, n| *n > 0);
@@ -812,13 +830,27 @@ mod tests {
     #[test]
     fn remote_counts_by_node() {
         let mut s = InterestState::default();
-        s.set_remote("a", 3);
-        s.set_remote("b", 2);
-        s.set_remote("a", 1);
+        assert!(s.set_remote("a", 3));
+        assert!(s.set_remote("b", 2));
+        assert!(s.set_remote("a", 1));
         assert_eq!(s.remote_sum(), 3);
-        s.set_remote("b", 0);
-        s.set_remote("c", 0);
+        assert!(s.set_remote("b", 0));
+        assert!(s.set_remote("c", 0));
         assert_eq!(s.remote, vec![(Arc::from("a"), 1)]);
+    }
+
+    #[test]
+    fn remote_counts_saturate_and_are_capped_by_node() {
+        let mut s = InterestState::default();
+        assert!(s.set_remote("a", usize::MAX));
+        assert!(s.set_remote("b", usize::MAX));
+        assert_eq!(s.remote_sum(), usize::MAX);
+        for i in 2..MAX_REMOTE_NODES {
+            assert!(s.set_remote(&format!("n{i}"), 1));
+        }
+        assert!(!s.set_remote("one-too-many", 1));
+        assert!(s.set_remote("a", 0), "a known node may always leave");
+        assert!(s.set_remote("one-too-many", 1));
     }
 
     #[test]

@@ -84,6 +84,25 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub handshake_timeout: Duration,
 
+    /// A REST request body (`POST /api/rooms/{room}/messages`) must arrive whole within this
+    /// after the request head, or the answer is 408 `body_timeout` (slow-body protection).
+    /// Syntax: a duration, 1ms to 24h. Default: 10s.
+    #[arg(long, env = "ROOMCAST_BODY_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub body_timeout: Duration,
+
+    /// A WebSocket in no room (connected to `/ws` without one, or after leaving every room;
+    /// `$lobby` counts as a room) is closed after this long (close 4002 "idle timeout").
+    /// Joining a room stops the clock; leaving the last one starts it again.
+    /// Syntax: a duration, 0s (off) to 24h. Default: 60s.
+    #[arg(long, env = "ROOMCAST_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_optional_timeout)]
+    pub idle_timeout: Duration,
+
+    /// A WebSocket frame, and a fragmented message, must arrive whole within this from its
+    /// first byte, or the socket is closed (close 1008 "message timeout": slow-frame
+    /// protection). Syntax: a duration, 1ms to 24h. Default: 10s.
+    #[arg(long, env = "ROOMCAST_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub message_timeout: Duration,
+
     /// Adds a `/echo` WebSocket endpoint that echoes every text and binary message exactly, for
     /// conformance testing (Autobahn). Off by default: it is not part of the chat protocol.
     #[arg(long, env = "ROOMCAST_ECHO")]
@@ -291,6 +310,11 @@ impl Config {
             .0
             .map(|spec| f64::from(spec.count.get()) / spec.unit.duration().as_secs_f64())
     }
+
+    /// `--idle-timeout`, or `None` when it is off (`0s`).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (!self.idle_timeout.is_zero()).then_some(self.idle_timeout)
+    }
 }
 
 /// A rate in the current syntax only: a new flag never took the old spellings.
@@ -443,6 +467,15 @@ fn parse_dedupe_window(s: &str) -> Result<Duration, String> {
     parse_dedupe_window_spelling(s).map(|(d, _)| d)
 }
 
+/// Timeouts that may be off: 0s (off) to 24h; a bare number is seconds (deprecated).
+fn parse_optional_timeout_spelling(s: &str) -> Result<(Duration, Option<String>), String> {
+    parse_duration(s, Duration::ZERO, DAY, Duration::from_secs(1))
+}
+
+fn parse_optional_timeout(s: &str) -> Result<Duration, String> {
+    parse_optional_timeout_spelling(s).map(|(d, _)| d)
+}
+
 /// `token --ttl`: 1s to 3650d, humantime form only (it never took another).
 fn parse_token_ttl(s: &str) -> Result<Duration, String> {
     match parse_duration(
@@ -489,6 +522,7 @@ fn parse_retention(s: &str) -> Result<Retention, String> {
 #[derive(Clone, Copy)]
 enum Syntax {
     Timeout,
+    OptionalTimeout,
     PresenceInterval,
     DedupeWindow,
     Retention,
@@ -502,6 +536,7 @@ impl Syntax {
     fn current_spelling(self, s: &str) -> Option<String> {
         match self {
             Syntax::Timeout => parse_timeout_spelling(s).ok()?.1,
+            Syntax::OptionalTimeout => parse_optional_timeout_spelling(s).ok()?.1,
             Syntax::PresenceInterval => parse_presence_interval_spelling(s).ok()?.1,
             Syntax::DedupeWindow => parse_dedupe_window_spelling(s).ok()?.1,
             Syntax::Retention => parse_retention_spelling(s).ok()?.1,
@@ -512,11 +547,14 @@ impl Syntax {
 }
 
 /// The flags that still read a deprecated spelling, by clap id.
-const DEPRECATABLE: [(&str, Syntax); 13] = [
+const DEPRECATABLE: [(&str, Syntax); 16] = [
     ("write_timeout", Syntax::Timeout),
     ("ping_interval", Syntax::Timeout),
     ("presence_interval", Syntax::PresenceInterval),
     ("handshake_timeout", Syntax::Timeout),
+    ("body_timeout", Syntax::Timeout),
+    ("idle_timeout", Syntax::OptionalTimeout),
+    ("message_timeout", Syntax::Timeout),
     ("shutdown_timeout", Syntax::Timeout),
     ("redis_timeout", Syntax::Timeout),
     ("cluster_node_ttl", Syntax::Timeout),
@@ -602,6 +640,9 @@ mod tests {
         assert_eq!(c.retention, Retention::Age(Duration::from_secs(7 * 86_400)));
         assert_eq!(c.rate_limit.to_string(), "20/s burst 40");
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.body_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout(), Some(Duration::from_secs(60)));
+        assert_eq!(c.message_timeout, Duration::from_secs(10));
         assert_eq!(c.shutdown_timeout, Duration::from_secs(4));
         assert_eq!(c.redis_timeout, Duration::from_secs(2));
         assert_eq!(c.cluster_node_ttl, Duration::from_secs(15));
@@ -707,6 +748,9 @@ mod tests {
         assert!(!parses(&["--ping-interval", "NaN"]));
         assert!(!parses(&["--ping-interval", "1e300"]));
         assert!(parses(&["--ping-interval", "500ms"]));
+        assert!(!parses(&["--message-timeout", "0s"]));
+        assert!(!parses(&["--body-timeout", "0s"]));
+        assert!(!parses(&["--idle-timeout", "25h"]));
         assert!(parses(&["--ping-interval", "1m 30s"]));
         assert!(
             !parses(&["token", "--sub", "a", "--ttl", "3600"]),

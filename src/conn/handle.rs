@@ -25,23 +25,10 @@ impl Connection {
     /// Handles one complete client text message; protocol errors answer with an error frame.
     pub(super) async fn on_text(&mut self, text: &str) -> Option<End> {
         self.cx.stats.messages_in.inc();
-        if let Some(limiter) = &mut self.limiter {
-            match limiter.check() {
-                Verdict::Allow => {}
-                Verdict::Refuse { retry_after } => {
-                    self.cx.stats.rate_limited.inc();
-                    let err = ProtocolError::rate_limited(
-                        "this socket sends faster than --rate-limit; the message was dropped",
-                        retry_after_ms(retry_after),
-                    );
-                    let frame = proto::error_frame(&err, None);
-                    return self.write_frames(&[&frame]).await.err();
-                }
-                Verdict::Flooding => {
-                    self.cx.stats.rate_limited.inc();
-                    return Some(End::Close(close::POLICY, "rate limit exceeded"));
-                }
-            }
+        match self.admit().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(end) => return Some(end),
         }
         // `room` borrows from `text`; it is only needed again to label an error frame.
         let (result, room) = match parse_client_message(text) {
@@ -84,6 +71,33 @@ impl Connection {
                 self.write_frames(&[&frame]).await.err()
             }
             Err(Refusal::End(end)) => Some(end),
+        }
+    }
+
+    /// Takes one token from the socket's `--rate-limit` bucket for what the client just sent
+    /// (a message, a ping, a pong or a continuation fragment). `Ok(false)`: refused, and the
+    /// `rate_limited` error frame is written: the caller drops what was sent. `Err`: the client
+    /// kept sending through `burst` refusals (close 1008), or the write failed.
+    pub(super) async fn admit(&mut self) -> Result<bool, End> {
+        let Some(limiter) = &mut self.limiter else {
+            return Ok(true);
+        };
+        match limiter.check() {
+            Verdict::Allow => Ok(true),
+            Verdict::Refuse { retry_after } => {
+                self.cx.stats.rate_limited.inc();
+                let err = ProtocolError::rate_limited(
+                    "this socket sends faster than --rate-limit; the message was dropped",
+                    retry_after_ms(retry_after),
+                );
+                let frame = proto::error_frame(&err, None);
+                self.write_frames(&[&frame]).await?;
+                Ok(false)
+            }
+            Verdict::Flooding => {
+                self.cx.stats.rate_limited.inc();
+                Err(End::Close(close::POLICY, "rate limit exceeded"))
+            }
         }
     }
 

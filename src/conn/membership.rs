@@ -75,7 +75,7 @@ impl Membership {
     /// is missing until the next message says where the gap ends.
     pub(super) fn lagged(&mut self) {
         if self.gap_from.is_none() {
-            self.gap_from = Some(self.last_seq + 1);
+            self.gap_from = Some(self.last_seq.saturating_add(1));
         }
     }
 }

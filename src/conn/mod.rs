@@ -53,8 +53,14 @@ pub struct Limits {
     pub lag_policy: LagPolicy,
     /// `--max-rooms-per-connection`.
     pub max_rooms: usize,
-    /// `--rate-limit` on the messages one socket sends.
+    /// `--rate-limit` on the messages (and pings, pongs, continuation fragments) one socket
+    /// sends.
     pub rate: Option<RateSpec>,
+    /// `--idle-timeout`: a socket in no room for this long is closed (4002); `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// `--message-timeout`: a frame, and a fragmented message, must arrive whole within this
+    /// from its first byte (1008 `message timeout`).
+    pub message_timeout: Duration,
 }
 
 /// What every connection task shares.
@@ -155,6 +161,17 @@ pub(crate) struct Accepted {
     pub(crate) guard: ConnectionGuard,
 }
 
+/// A fragmented message between its first frame and its last.
+struct Partial {
+    /// The first frame's: text or binary.
+    opcode: OpCode,
+    buf: BytesMut,
+    /// When its first frame arrived: the whole message is due `--message-timeout` later.
+    started: Instant,
+    /// A fragment was refused by `--rate-limit`: the rest is read and dropped.
+    refused: bool,
+}
+
 /// Everything one connection owns. Dropped when the task ends; `leave_all` runs before.
 pub struct Connection {
     id: u64,
@@ -169,9 +186,9 @@ pub struct Connection {
     inbuf: BytesMut,
     shutdown: Shutdown,
     rooms: SmallVec<[Membership; 1]>,
-    /// A fragmented message being reassembled, and its first frame's opcode. Boxed (as is
-    /// `limiter`) because it is rare and every idle connection would carry its space.
-    partial: Option<Box<(OpCode, BytesMut)>>,
+    /// A fragmented message being reassembled. Boxed (as is `limiter`) because it is rare and
+    /// every idle connection would carry its space.
+    partial: Option<Box<Partial>>,
     echo: bool,
     grant: Option<Arc<Grant>>,
     /// `--rate-limit` on the messages this socket sends.
@@ -281,22 +298,82 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
     Some((conn, end))
 }
 
+/// Marks a clock of [`Clocks`] that is not running.
+const STOPPED: u32 = u32::MAX;
+
+/// Where the deadlines that depend on what the client did start from, kept by `serve` as ages
+/// in milliseconds before the last read (`last_seen`), or `STOPPED`. Both clocks start at a read
+/// (or when serving starts), so neither is ever later than it. Ages rather than two `Instant`s
+/// because this sits in every idle connection's task: 8 bytes instead of 32.
+#[derive(Clone, Copy)]
+struct Clocks {
+    /// How long the socket has been in no room (`--idle-timeout`).
+    idle: u32,
+    /// How long `inbuf` has held the same partial frame (`--message-timeout`).
+    frame: u32,
+}
+
+impl Clocks {
+    const ALL_STOPPED: Clocks = Clocks {
+        idle: STOPPED,
+        frame: STOPPED,
+    };
+
+    /// After a read (or the start), `elapsed` after the previous one, whose `complete` frames
+    /// were handled. A partial frame left behind started in this read if any frame completed,
+    /// else it is the same one as before. Joining a room stops the idle clock; leaving the last
+    /// one starts it again (echo sockets have no rooms and no idle clock).
+    fn after_read(&mut self, conn: &Connection, complete: usize, elapsed: Duration) {
+        // Rounded, so that many short reads do not drift the clocks one way.
+        let ms = u32::try_from(elapsed.as_micros().saturating_add(500) / 1000).unwrap_or(STOPPED);
+        let older = |age: u32| match age {
+            STOPPED => 0,
+            age => age.saturating_add(ms).min(STOPPED - 1),
+        };
+        self.frame = match (conn.inbuf.is_empty(), complete) {
+            (true, _) => STOPPED,
+            (false, 0) => older(self.frame),
+            (false, _) => 0,
+        };
+        self.idle = if conn.rooms.is_empty() && !conn.echo {
+            older(self.idle)
+        } else {
+            STOPPED
+        };
+    }
+
+    /// When a clock started, from its age before `last_seen`.
+    fn since(last_seen: Instant, age: u32) -> Option<Instant> {
+        (age != STOPPED).then(|| {
+            last_seen
+                .checked_sub(Duration::from_millis(u64::from(age)))
+                .unwrap_or(last_seen)
+        })
+    }
+}
+
 impl Connection {
     /// Runs until the connection must end. Reading waits for readiness with no buffer held, so an
     /// idle socket costs no read buffer; `inbuf` holds only a partial frame between reads.
     async fn serve(&mut self) -> End {
+        let mut last_seen = Instant::now();
+        let mut clocks = Clocks::ALL_STOPPED;
+        let mut complete = 0;
         if !self.inbuf.is_empty() {
-            if let Err(end) = Box::pin(self.drain_frames()).await {
-                return end;
+            match Box::pin(self.drain_frames()).await {
+                Ok(n) => complete = n,
+                Err(end) => return end,
             }
             self.release_inbuf();
         }
-        let ping_interval = self.cx.limits.ping_interval;
-        let mut last_seen = Instant::now();
-        // One timer for both deadlines: the next ping and the token's expiry. A second `Sleep`
-        // would add its size to every idle connection's task.
-        let ping_timer = sleep_until(self.until_expiry(last_seen + ping_interval));
-        tokio::pin!(ping_timer);
+        clocks.after_read(self, complete, Duration::ZERO);
+        // A ping went out since the peer was last heard: the next check is the close. (A flag
+        // rather than the ping's own deadline: every byte of this wait is in every idle task.)
+        let mut pinged = false;
+        // One timer for every deadline: the next ping, the token's expiry, the idle and the
+        // message timeouts. A second `Sleep` would add its size to every idle connection's task.
+        let timer = sleep_until(self.next_wake(last_seen, pinged, clocks));
+        tokio::pin!(timer);
         loop {
             // Unbiased on purpose: a client that keeps sending must not starve its own deliveries
             // (its receiver would lag and be evicted), and a busy room must not starve reading
@@ -315,17 +392,23 @@ impl Connection {
                     match self.read_available() {
                         Ok(false) => {}
                         Ok(true) => {
-                            last_seen = Instant::now();
+                            let now = Instant::now();
+                            let elapsed = now.saturating_duration_since(last_seen);
+                            last_seen = now;
+                            pinged = false;
                             // Boxed: handling messages (parsing, publishing, joining, answering)
                             // needs far more state than waiting does (see `run`).
-                            if let Err(end) = Box::pin(self.drain_frames()).await {
-                                return end;
+                            match Box::pin(self.drain_frames()).await {
+                                Ok(complete) => clocks.after_read(self, complete, elapsed),
+                                Err(end) => return end,
                             }
                             self.release_inbuf();
-                            // A refresh may have brought the expiry closer than the timer.
-                            let wake = self.until_expiry(ping_timer.deadline());
-                            if wake < ping_timer.deadline() {
-                                ping_timer.as_mut().reset(wake);
+                            // A refresh may have brought the expiry closer than the timer, a
+                            // partial frame or leaving the last room a deadline: a later one
+                            // is left to the timer's next wake.
+                            let wake = self.next_wake(last_seen, pinged, clocks);
+                            if wake < timer.deadline() {
+                                timer.as_mut().reset(wake);
                             }
                         }
                         Err(end) => return end,
@@ -336,27 +419,77 @@ impl Connection {
                         return end;
                     }
                 }
-                () = &mut ping_timer => {
-                    // The timer may have woken for the expiry that a refresh has since pushed
-                    // back: then only the ping schedule below goes on.
+                () = &mut timer => {
+                    let now = Instant::now();
+                    // The timer may have woken for a deadline that has since moved (a refresh,
+                    // a frame that completed, a join): each is checked against the clock.
                     if self.grant.as_ref().is_some_and(|g| g.expired()) {
                         self.cx.stats.auth_refused.inc(AuthReason::SocketExpired);
                         return End::Close(close::TOKEN_EXPIRED, "token expired");
                     }
-                    let silent = last_seen.elapsed();
+                    if self.message_due(last_seen, clocks).is_some_and(|due| due <= now) {
+                        self.cx.stats.dropped.message_timeouts.inc();
+                        return End::Close(close::POLICY, "message timeout");
+                    }
+                    if self.idle_due(last_seen, clocks).is_some_and(|due| due <= now) {
+                        self.cx.stats.dropped.idle_closes.inc();
+                        return End::Close(close::IDLE, "idle timeout");
+                    }
+                    let ping_interval = self.cx.limits.ping_interval;
+                    let silent = now.saturating_duration_since(last_seen);
                     if silent >= ping_interval * 2 {
                         return End::Close(close::POLICY, "ping timeout");
                     }
-                    if silent >= ping_interval
-                        && self.write_frames(&[&proto::ping_frame()]).await.is_err()
-                    {
-                        return End::Gone;
+                    if silent >= ping_interval && !pinged {
+                        if self.write_frames(&[&proto::ping_frame()]).await.is_err() {
+                            return End::Gone;
+                        }
+                        pinged = true;
                     }
-                    let next = if silent >= ping_interval { Instant::now() } else { last_seen };
-                    ping_timer.as_mut().reset(self.until_expiry(next + ping_interval));
+                    timer.as_mut().reset(self.next_wake(last_seen, pinged, clocks));
                 }
             }
         }
+    }
+
+    /// The earliest deadline: the next ping check (a ping one `--ping-interval` after the peer
+    /// was last heard, the close one more after), the token's expiry, the idle and message
+    /// timeouts.
+    fn next_wake(&self, last_seen: Instant, pinged: bool, clocks: Clocks) -> Instant {
+        let ping_interval = self.cx.limits.ping_interval;
+        let ping = last_seen
+            + if pinged {
+                ping_interval * 2
+            } else {
+                ping_interval
+            };
+        let mut wake = self.until_expiry(ping);
+        for due in [
+            self.message_due(last_seen, clocks),
+            self.idle_due(last_seen, clocks),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            wake = wake.min(due);
+        }
+        wake
+    }
+
+    /// When what is only partly in (a frame, a fragmented message) must be whole.
+    fn message_due(&self, last_seen: Instant, clocks: Clocks) -> Option<Instant> {
+        let frame = Clocks::since(last_seen, clocks.frame);
+        let message = self.partial.as_ref().map(|p| p.started);
+        let first = match (frame, message) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        first.map(|t| t + self.cx.limits.message_timeout)
+    }
+
+    /// When a socket in no room is closed.
+    fn idle_due(&self, last_seen: Instant, clocks: Clocks) -> Option<Instant> {
+        Some(Clocks::since(last_seen, clocks.idle)? + self.cx.limits.idle_timeout?)
     }
 
     /// `wake`, or the moment the token expires when that comes first. Read from the grant each

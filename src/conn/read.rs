@@ -6,8 +6,10 @@ use std::io;
 use bytes::BytesMut;
 use fastwebsockets::{Frame, OpCode, Payload};
 
+use tokio::time::Instant;
+
 use super::end::End;
-use super::{Connection, READ_CHUNK};
+use super::{Connection, Partial, READ_CHUNK};
 use crate::proto;
 use crate::proto::close;
 use crate::ws::frame::{self, close_request, CloseRequest, InFrame};
@@ -35,13 +37,17 @@ impl Connection {
         }
     }
 
-    /// Handles every complete frame in `inbuf`, leaving a partial one in place.
-    pub(super) async fn drain_frames(&mut self) -> Result<(), End> {
+    /// Handles every complete frame in `inbuf`, leaving a partial one in place. Returns how
+    /// many frames were complete: with none, a partial frame left in `inbuf` is the same one
+    /// as before this read (what `--message-timeout` times).
+    pub(super) async fn drain_frames(&mut self) -> Result<usize, End> {
         let max = self.cx.limits.max_message_bytes;
+        let mut complete = 0;
         loop {
             match frame::decode(&mut self.inbuf, max) {
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(complete),
                 Ok(Some(frame)) => {
+                    complete += 1;
                     if let Some(end) = self.on_frame(frame).await {
                         return Err(end);
                     }
@@ -54,7 +60,9 @@ impl Connection {
         }
     }
 
-    /// Handles one frame from the client; `Some` ends the connection.
+    /// Handles one frame from the client; `Some` ends the connection. Pings, pongs and
+    /// continuation fragments each take a token from the socket's `--rate-limit` bucket, as a
+    /// whole message does (in `on_text`): a flood of any frame meets the same limit.
     async fn on_frame(&mut self, frame: InFrame) -> Option<End> {
         let max = self.cx.limits.max_message_bytes;
         let message = match frame.opcode {
@@ -65,10 +73,15 @@ impl Connection {
                 })
             }
             OpCode::Ping => {
+                match self.admit().await {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(end) => return Some(end),
+                }
                 let pong = proto::encode_control(Frame::pong(Payload::Borrowed(&frame.payload)));
                 return self.write_frames(&[&pong]).await.err();
             }
-            OpCode::Pong => return None,
+            OpCode::Pong => return self.admit().await.err(),
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
                 return Some(End::Close(
                     close::PROTOCOL_ERROR,
@@ -77,25 +90,46 @@ impl Connection {
             }
             OpCode::Text | OpCode::Binary if frame.fin => (frame.opcode, frame.payload),
             OpCode::Text | OpCode::Binary => {
-                self.partial = Some(Box::new((frame.opcode, frame.payload)));
+                self.partial = Some(Box::new(Partial {
+                    opcode: frame.opcode,
+                    buf: frame.payload,
+                    started: Instant::now(),
+                    refused: false,
+                }));
                 return None;
             }
             OpCode::Continuation => {
-                let Some((_, buf)) = self.partial.as_deref_mut() else {
+                if self.partial.is_none() {
                     return Some(End::Close(
                         close::PROTOCOL_ERROR,
                         "continuation frame without a message",
                     ));
-                };
-                if buf.len() + frame.payload.len() > max {
-                    return Some(End::Close(close::TOO_BIG, "message too big"));
                 }
-                buf.extend_from_slice(&frame.payload);
+                let admitted = match self.admit().await {
+                    Ok(admitted) => admitted,
+                    Err(end) => return Some(end),
+                };
+                let p = self.partial.as_deref_mut()?;
+                if !admitted && !p.refused {
+                    // The message is dropped whole: its bytes so far go, and the fragments
+                    // still to come are read and discarded (each still takes a token).
+                    p.refused = true;
+                    p.buf = BytesMut::new();
+                }
+                if !p.refused {
+                    if p.buf.len() + frame.payload.len() > max {
+                        return Some(End::Close(close::TOO_BIG, "message too big"));
+                    }
+                    p.buf.extend_from_slice(&frame.payload);
+                }
                 if !frame.fin {
                     return None;
                 }
-                let (opcode, buf) = *self.partial.take()?;
-                (opcode, buf)
+                let p = *self.partial.take()?;
+                if p.refused {
+                    return None;
+                }
+                (p.opcode, p.buf)
             }
         };
         if self.echo {

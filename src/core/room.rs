@@ -253,7 +253,10 @@ impl Room {
                 self.stats.presence_names_dropped.inc();
             }
         }
-        let members = state.members.len() + self.remote_members.load(Ordering::Relaxed);
+        let members = state
+            .members
+            .len()
+            .saturating_add(self.remote_members.load(Ordering::Relaxed));
         let welcome = ServerFrame::Welcome {
             room: &self.name,
             user,
@@ -311,7 +314,7 @@ impl Room {
                 duplicate: true,
             });
         }
-        let seq = state.seq + 1;
+        let seq = state.seq.saturating_add(1);
         self.send_message(&mut state, seq, now_ms, p);
         Some(Published {
             seq,
@@ -442,7 +445,10 @@ impl Room {
             room: &self.name,
             joined: if named { &delta.joined[..joined] } else { &[] },
             left: if named { &delta.left[..left] } else { &[] },
-            members: state.members.len() + self.remote_members.load(Ordering::Relaxed),
+            members: state
+                .members
+                .len()
+                .saturating_add(self.remote_members.load(Ordering::Relaxed)),
             truncated,
         }
         .encode();

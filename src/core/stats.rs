@@ -58,6 +58,8 @@ pub struct Stats {
     /// User names left out of presence frames (past the per-frame cap); the frame says
     /// `truncated`.
     pub presence_names_dropped: Counter,
+    /// Deadlines that closed a peer and hostile input dropped (one block, see [`Dropped`]).
+    pub dropped: Dropped,
     rss: Gauge,
     /// CPU seconds this process has used (user + system), refreshed when scraped: divided into
     /// the deliveries of a load test window it gives the server's cost per delivery.
@@ -140,6 +142,7 @@ impl Stats {
             "Requests, joins and sockets refused by the access rules (tokens, passwords, the API key, the failure lockout), by reason",
             auth_refused.by_reason.clone(),
         );
+        let dropped = Dropped::register(&mut registry);
         let connections = Gauge::default();
         registry.register(
             "connections",
@@ -183,6 +186,7 @@ impl Stats {
             accept_rate_refused,
             shutdown_late_closes,
             presence_names_dropped,
+            dropped,
             rss,
             cpu,
             registry,
@@ -303,6 +307,64 @@ impl AuthRefused {
             .filter(|(_, n)| *n > 0)
             .map(|(l, n)| (l.to_owned(), n.into()))
             .collect()
+    }
+}
+
+/// What the server's deadlines closed and what hostile input it dropped: each is a peer or a
+/// payload that broke a bound, counted where it is refused.
+#[derive(Default)]
+pub struct Dropped {
+    /// WebSockets closed after `--idle-timeout` in no room (4002 `idle timeout`).
+    pub idle_closes: Counter,
+    /// WebSockets closed because a message did not arrive whole within `--message-timeout`
+    /// (1008 `message timeout`).
+    pub message_timeouts: Counter,
+    /// REST requests answered 408 because the body did not arrive within `--body-timeout`.
+    pub body_timeouts: Counter,
+    /// Payloads from Redis (room channels and kept history) that did not parse or broke a rule
+    /// a local publication obeys; never delivered.
+    pub redis_payloads_dropped: Counter,
+}
+
+impl Dropped {
+    fn register(registry: &mut Registry) -> Self {
+        let d = Dropped::default();
+        let counters: [(&str, &str, &Counter); 4] = [
+            (
+                "idle_closes",
+                "WebSockets closed after --idle-timeout in no room",
+                &d.idle_closes,
+            ),
+            (
+                "message_timeouts",
+                "WebSockets closed because a message did not arrive within --message-timeout",
+                &d.message_timeouts,
+            ),
+            (
+                "body_timeouts",
+                "REST requests answered 408: body not read within --body-timeout",
+                &d.body_timeouts,
+            ),
+            (
+                "redis_payloads_dropped",
+                "Payloads from Redis dropped because they did not parse or validate",
+                &d.redis_payloads_dropped,
+            ),
+        ];
+        for (name, help, c) in counters {
+            registry.register(name, help, c.clone());
+        }
+        d
+    }
+
+    /// The `/api/stats` fields, by name.
+    pub fn fields(&self) -> [(&'static str, u64); 4] {
+        [
+            ("idle_closes", self.idle_closes.get()),
+            ("message_timeouts", self.message_timeouts.get()),
+            ("body_timeouts", self.body_timeouts.get()),
+            ("redis_payloads_dropped", self.redis_payloads_dropped.get()),
+        ]
     }
 }
 

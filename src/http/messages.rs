@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -182,7 +183,13 @@ pub async fn publish(api: &Arc<Api>, peer: IpAddr, room: &str, req: Request<Inco
     let publisher = may_publish(api, peer, room, &req)?;
     let q: query::Publish = query::parse(&req)?;
     let header_password = room_password(&req, q.password.as_deref()).map(str::to_owned);
-    let body = read_body(req, api.max_message_bytes).await?;
+    let body = read_body(req, api.max_message_bytes, api.body_timeout)
+        .await
+        .inspect_err(|e| {
+            if e.code() == "body_timeout" {
+                api.stats.dropped.body_timeouts.inc();
+            }
+        })?;
     let parsed: PublishBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request("bad_json", format!("body is not a JSON object: {e}"))
     })?;
@@ -275,8 +282,13 @@ pub async fn publish(api: &Arc<Api>, peer: IpAddr, room: &str, req: Request<Inco
     }
 }
 
-/// The request body, at most `max` bytes (413 past it, before reading when it says so).
-async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+/// The request body, at most `max` bytes (413 past it, before reading when it says so), whole
+/// within `timeout` (408 past it: a client that trickles its body holds a task and a socket).
+async fn read_body(
+    req: Request<Incoming>,
+    max: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -292,7 +304,15 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), max).collect().await {
+    let collect = Limited::new(req.into_body(), max).collect();
+    let Ok(collected) = tokio::time::timeout(timeout, collect).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body did not arrive within --body-timeout",
+        ));
+    };
+    match collected {
         Ok(body) => Ok(body.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(_) => Err(ApiError::bad_request(

@@ -17,6 +17,7 @@ mod upgrade;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use governor::DefaultDirectRateLimiter;
 use hyper::body::Incoming;
@@ -50,6 +51,8 @@ pub struct Api {
     admin_apart: bool,
     /// `--accept-rate`: upgrades past it get 503 before any other work.
     accept: Option<DefaultDirectRateLimiter>,
+    /// `--body-timeout`: 408 for a REST body that has not arrived whole by then.
+    pub body_timeout: Duration,
     next_id: AtomicU64,
 }
 
@@ -82,6 +85,7 @@ impl Api {
             echo,
             admin_apart: false,
             accept: None,
+            body_timeout: Duration::from_secs(10),
             next_id: AtomicU64::new(1),
         }
     }
@@ -95,6 +99,12 @@ impl Api {
     /// Applies `--accept-rate` to WebSocket upgrades.
     pub fn with_accept_rate(mut self, spec: Option<RateSpec>) -> Self {
         self.accept = spec.map(limiter);
+        self
+    }
+
+    /// Sets `--body-timeout` (default 10 s).
+    pub fn with_body_timeout(mut self, body_timeout: Duration) -> Self {
+        self.body_timeout = body_timeout;
         self
     }
 

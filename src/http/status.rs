@@ -71,6 +71,9 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "cpu_seconds": cpu_seconds(),
         "uptime_secs": s.uptime().as_secs(),
     });
+    for (name, n) in s.dropped.fields() {
+        v[name] = n.into();
+    }
     if let Some(cluster) = api.bus.broker_stats() {
         v["cluster"] = cluster;
         // Whether the totals above are every process's or, the others being unreachable,

@@ -9,7 +9,7 @@ pub const PROTOCOL_ERROR: u16 = 1002;
 pub const UNSUPPORTED_DATA: u16 = 1003;
 /// A text message that is not UTF-8.
 pub const INVALID_DATA: u16 = 1007;
-/// `slow consumer`, `ping timeout`, `rate limit exceeded`.
+/// `slow consumer`, `ping timeout`, `rate limit exceeded`, `message timeout`.
 pub const POLICY: u16 = 1008;
 /// A message over `--max-message-bytes`.
 pub const TOO_BIG: u16 = 1009;
@@ -21,6 +21,9 @@ pub const SERVICE_RESTART: u16 = 1012;
 /// `token expired`: the access token's `exp` (plus leeway) passed without a `refresh`. An
 /// application code, not 1008, so that a client can tell "get a new token" from abuse.
 pub const TOKEN_EXPIRED: u16 = 4001;
+/// `idle timeout`: the socket was in no room for `--idle-timeout`. An application code, not
+/// 1008: nothing was abused, and a client that reconnects into a room is welcome.
+pub const IDLE: u16 = 4002;
 
 /// Encodes a control or close frame that fastwebsockets asked us to send.
 pub fn encode_control(mut frame: Frame<'_>) -> Vec<u8> {

@@ -17,14 +17,17 @@ use super::ClusterError;
 use crate::proto::{self, Outbound};
 
 /// The frame of a message received (or kept) from Redis, encoded like a local publication.
+/// `body` has passed `wire::decode`'s checks.
 pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outbound> {
-    // Checked like a client's: anything may write to Redis.
-    let id = body
-        .id
-        .as_deref()
-        .filter(|id| crate::proto::validate_id(id).is_ok());
     Arc::new(Outbound {
-        frame: proto::message_frame_with_id(room, &body.user, &body.text, seq, body.ts, id),
+        frame: proto::message_frame_with_id(
+            room,
+            &body.user,
+            &body.text,
+            seq,
+            body.ts,
+            body.id.as_deref(),
+        ),
         origin: 0,
         skip_origin: false,
         published_at: Instant::now(),
@@ -33,26 +36,42 @@ pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outb
 }
 
 /// The frames of a kept list (oldest first) up to `max_seq`, in ascending seq order, and how
-/// many messages were dropped for not being past the one before them (the publish script only
-/// ever appends in order: someone else wrote to the list). What is not a readable chat message
-/// is skipped too.
+/// many were dropped: `out_of_order` for not being past the one before them (the publish script
+/// only ever appends in order: someone else wrote to the list), `invalid` for not being a valid
+/// chat message (`wire::decode`, with `max_text_bytes`).
 pub(super) fn from_list(
     room: &str,
     payloads: &[Vec<u8>],
     max_seq: u64,
-) -> (Vec<Arc<Outbound>>, u64) {
-    let mut out: Vec<Arc<Outbound>> = Vec::with_capacity(payloads.len());
-    let mut out_of_order = 0;
+    max_text_bytes: usize,
+) -> FromList {
+    let mut list = FromList {
+        frames: Vec::with_capacity(payloads.len()),
+        out_of_order: 0,
+        invalid: 0,
+    };
     for payload in payloads {
-        if let Ok(wire::Payload::Message { seq, body }) = wire::decode(payload) {
-            if out.last().is_some_and(|o| seq <= o.seq) {
-                out_of_order += 1;
-            } else if seq <= max_seq {
-                out.push(frame_of(room, seq, &body));
+        match wire::decode(payload, max_text_bytes) {
+            Ok(wire::Payload::Message { seq, body }) => {
+                if list.frames.last().is_some_and(|o| seq <= o.seq) {
+                    list.out_of_order += 1;
+                } else if seq <= max_seq {
+                    list.frames.push(frame_of(room, seq, &body));
+                }
             }
+            // The list only ever holds what the publish script pushed: chat messages.
+            Ok(wire::Payload::Presence(_)) | Err(_) => list.invalid += 1,
         }
     }
-    (out, out_of_order)
+    list
+}
+
+/// What `from_list` read from a room's kept list.
+pub(super) struct FromList {
+    /// Oldest first.
+    pub(super) frames: Vec<Arc<Outbound>>,
+    pub(super) out_of_order: u64,
+    pub(super) invalid: u64,
 }
 
 /// Appends `out` unless it is not past the last kept frame; keeps at most `depth`.
@@ -155,9 +174,14 @@ mod tests {
             payload(4, "d"),
             payload(6, "past the seed seq"),
         ];
-        let (frames, out_of_order) = from_list("r", &list, 5);
+        let FromList {
+            frames,
+            out_of_order,
+            invalid,
+        } = from_list("r", &list, 5, 100);
         assert_eq!(seqs(&frames), [3, 4]);
         assert_eq!(out_of_order, 1, "seq 2 after seq 3");
+        assert_eq!(invalid, 2, "the presence payload and the garbage");
         let v: serde_json::Value =
             serde_json::from_slice(proto::frame_payload(&frames[1].frame)).unwrap();
         assert_eq!(
@@ -175,12 +199,12 @@ mod tests {
 
     #[test]
     fn arrivals_after_the_list_are_appended_once_and_capped() {
-        let (fresh, _) = from_list("r", &[payload(1, "a"), payload(2, "b")], 2);
-        let (arrived, _) = from_list("r", &[payload(2, "b"), payload(3, "c")], 9);
+        let fresh = from_list("r", &[payload(1, "a"), payload(2, "b")], 2, 100).frames;
+        let arrived = from_list("r", &[payload(2, "b"), payload(3, "c")], 9, 100).frames;
         assert_eq!(seqs(&merge(fresh.clone(), arrived.clone(), 10)), [1, 2, 3]);
         assert_eq!(seqs(&merge(fresh, arrived, 2)), [2, 3]);
         let mut kept = Vec::new();
-        for f in from_list("r", &[payload(1, "a"), payload(2, "b")], 9).0 {
+        for f in from_list("r", &[payload(1, "a"), payload(2, "b")], 9, 100).frames {
             push(&mut kept, f, 0);
         }
         assert!(kept.is_empty(), "depth 0 keeps nothing");

@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ struct Here {
 /// First pause between reconnection attempts; doubled after each failure up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Most one line per this long about dropped payloads.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 /// On shutdown, time given to remove this process's counts from Redis.
 const RETIRE_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -175,13 +178,19 @@ async fn serve(
 /// Ends when the connection does.
 async fn deliver(shared: Arc<Here>, cluster: Arc<Cluster>, mut stream: PubSubStream) {
     while let Some(msg) = stream.next().await {
-        cluster.on_payload(&shared.hub, msg.get_channel_name(), msg.get_payload_bytes());
+        cluster.on_payload(
+            &shared.hub,
+            &shared.stats,
+            msg.get_channel_name(),
+            msg.get_payload_bytes(),
+        );
     }
 }
 
 impl Cluster {
-    /// One payload from a room channel.
-    fn on_payload(&self, hub: &Hub, channel: &str, payload: &[u8]) {
+    /// One payload from a room channel. What does not parse or validate (`wire::decode`) is
+    /// dropped and counted, and reaches no member.
+    fn on_payload(&self, hub: &Hub, stats: &Stats, channel: &str, payload: &[u8]) {
         let Some(name) = channel.strip_prefix(&self.keys.channel_prefix) else {
             return;
         };
@@ -189,7 +198,7 @@ impl Cluster {
         let Some(interest) = self.interest(name) else {
             return;
         };
-        match wire::decode(payload) {
+        match wire::decode(payload, self.max_text_bytes) {
             Ok(wire::Payload::Message { seq, body }) => {
                 self.metrics.received.inc();
                 let (origin, skip) = if *body.node == *self.node {
@@ -213,11 +222,7 @@ impl Cluster {
                     let p = Publish {
                         user: &body.user,
                         text: &body.text,
-                        // Checked like a client's: anything may write to a channel.
-                        id: body
-                            .id
-                            .as_deref()
-                            .filter(|id| crate::proto::validate_id(id).is_ok()),
+                        id: body.id.as_deref(),
                         author,
                         origin,
                         skip_origin: skip,
@@ -234,8 +239,10 @@ impl Cluster {
             Ok(wire::Payload::Presence(body)) => {
                 let remote = {
                     let mut state = interest.state.lock();
-                    if *body.node != *self.node {
-                        state.set_remote(&body.node, body.count);
+                    if *body.node != *self.node && !state.set_remote(&body.node, body.count) {
+                        drop(state);
+                        self.dropped(stats, channel, &"too many processes claim members");
+                        return;
                     }
                     state.remote_sum()
                 };
@@ -248,11 +255,32 @@ impl Cluster {
                     });
                 }
             }
-            Err(e) => {
-                self.metrics.bad_payloads.inc();
-                tracing::warn!(channel, error = %e, "cluster: unreadable payload");
-            }
+            Err(e) => self.dropped(stats, channel, &e),
         }
+    }
+
+    /// Counts a dropped payload; logs it at most once per `DROP_LOG_EVERY`, with the number
+    /// dropped since the last line, so that a flood of garbage cannot flood the log.
+    fn dropped(&self, stats: &Stats, channel: &str, why: &dyn std::fmt::Display) {
+        stats.dropped.redis_payloads_dropped.inc();
+        let now = unix_millis();
+        let last = self.drop_logged_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < DROP_LOG_EVERY.as_millis() as u64
+            || self
+                .drop_logged_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let total = stats.dropped.redis_payloads_dropped.get();
+        let since = total.saturating_sub(self.drops_logged.swap(total, Ordering::Relaxed));
+        tracing::warn!(
+            channel,
+            error = %why,
+            dropped_since_last_log = since,
+            "cluster: payload dropped (did not parse or validate)"
+        );
     }
 }
 
@@ -305,7 +333,7 @@ async fn reconcile(
             for interest in chunk {
                 subscribed.insert(interest.name.clone());
             }
-            seed(&shared.hub, cluster, conn, chunk).await?;
+            seed(shared, cluster, conn, chunk).await?;
             cluster.ready.notify_waiters();
         }
     }
@@ -315,11 +343,12 @@ async fn reconcile(
 /// subscribed rooms, and marks them ready. A room that does not exist here yet gets the kept
 /// messages as the start of its ring (`kept.rs`).
 async fn seed(
-    hub: &Hub,
+    shared: &Here,
     cluster: &Cluster,
     conn: &mut MultiplexedConnection,
     interests: &[Arc<Interest>],
 ) -> Result<(), ClusterError> {
+    let hub = &*shared.hub;
     let mut invocation = scripts::SEED.prepare_invoke();
     invocation.arg(SEQ_TTL_MS);
     for interest in interests {
@@ -339,7 +368,12 @@ async fn seed(
         state.last_seq = state.last_seq.max(seq);
         // Checked under the interest lock, which a joiner creating the room holds.
         if cluster.history_depth > 0 && hub.get(&interest.name).is_none() {
-            let (fresh, out_of_order) = kept::from_list(&interest.name, &list, seq);
+            let kept::FromList {
+                frames: fresh,
+                out_of_order,
+                invalid,
+            } = kept::from_list(&interest.name, &list, seq, cluster.max_text_bytes);
+            shared.stats.dropped.redis_payloads_dropped.inc_by(invalid);
             if out_of_order > 0 {
                 cluster.metrics.kept_out_of_order.inc_by(out_of_order);
                 tracing::warn!(
@@ -384,7 +418,8 @@ fn apply_remote(state: &mut super::InterestState, remote: &RemoteCounts, room: &
     state.remote.clear();
     for (node, rooms) in remote {
         if let Some(&n) = rooms.get(room) {
-            state.set_remote(node, n);
+            // Past the cap the rest are left out (set_remote's reason).
+            let _ = state.set_remote(node, n);
         }
     }
 }

@@ -14,6 +14,9 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
+use crate::proto::names::validate_user;
+use crate::proto::validate_id;
+
 /// A chat message as published to Redis (the seq is added by the script).
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MessageBody<'a> {
@@ -81,7 +84,21 @@ pub enum Payload<'a> {
     Presence(PresenceBody<'a>),
 }
 
-/// Why a payload could not be read (another program on the channel, or a version mismatch).
+/// Largest seq and timestamp accepted from the channel: 2^53 − 1. Clients read both as JSON
+/// numbers (a browser loses precision past it) and the publish script raises a room's seq with
+/// Lua numbers (doubles), so a real seq never gets there; a larger one could only poison the
+/// room (every later message would look stale) or wrap an addition.
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// Most members one process may claim in one room: more sockets than any process can hold.
+pub const MAX_MEMBER_COUNT: usize = u32::MAX as usize;
+
+/// Longest node id accepted (ours are 16 hex digits).
+pub const MAX_NODE_BYTES: usize = 64;
+
+/// Why a payload could not be read or was refused. Anything can PUBLISH on a channel (another
+/// program, a version mismatch, someone with access to Redis): every field is checked against
+/// the rules a local publication obeys before the payload may reach a member.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("payload is not UTF-8")]
@@ -92,6 +109,22 @@ pub enum WireError {
     Json(#[from] serde_json::Error),
     #[error("message author is empty, too long or has control characters")]
     BadAuthor,
+    #[error("seq is 0 or past 2^53 - 1")]
+    BadSeq,
+    #[error("timestamp is past 2^53 - 1")]
+    BadTs,
+    #[error("node id is empty, too long or not alphanumeric")]
+    BadNode,
+    #[error("user name breaks the name rules")]
+    BadUser,
+    #[error("text is empty or longer than --max-message-bytes")]
+    BadText,
+    #[error("message id is empty, too long or has control characters")]
+    BadId,
+    #[error("presence count is larger than any process holds")]
+    BadCount,
+    #[error("presence names a user that breaks the name rules")]
+    BadPresenceName,
 }
 
 /// The JSON body of a chat message (the publish script prefixes the seq).
@@ -107,26 +140,81 @@ pub fn encode_presence(body: &PresenceBody<'_>) -> String {
     out
 }
 
-pub fn decode(payload: &[u8]) -> Result<Payload<'_>, WireError> {
+/// Reads a payload and checks every field: `max_text_bytes` is `--max-message-bytes`, the
+/// most a local publication may carry. Never panics, whatever the bytes.
+pub fn decode(payload: &[u8], max_text_bytes: usize) -> Result<Payload<'_>, WireError> {
     let text = std::str::from_utf8(payload).map_err(|_| WireError::NotUtf8)?;
     let (head, body) = text.split_once(' ').ok_or(WireError::BadHeader)?;
     if head == "p" {
-        return Ok(Payload::Presence(serde_json::from_str(body)?));
+        let body: PresenceBody<'_> = serde_json::from_str(body)?;
+        check_presence(&body)?;
+        return Ok(Payload::Presence(body));
     }
     let seq: u64 = head.parse().map_err(|_| WireError::BadHeader)?;
     let body: MessageBody<'_> = serde_json::from_str(body)?;
-    // Anything may write to the channel; an author is a map key in every room's dedupe.
+    check_message(seq, &body, max_text_bytes)?;
+    Ok(Payload::Message { seq, body })
+}
+
+fn check_node(node: &str) -> Result<(), WireError> {
+    if node.is_empty()
+        || node.len() > MAX_NODE_BYTES
+        || !node.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(WireError::BadNode);
+    }
+    Ok(())
+}
+
+fn check_message(seq: u64, body: &MessageBody<'_>, max_text_bytes: usize) -> Result<(), WireError> {
+    if seq == 0 || seq > MAX_SAFE_INTEGER {
+        return Err(WireError::BadSeq);
+    }
+    if body.ts > MAX_SAFE_INTEGER {
+        return Err(WireError::BadTs);
+    }
+    check_node(&body.node)?;
+    validate_user(&body.user).map_err(|_| WireError::BadUser)?;
+    if body.text.is_empty() || body.text.len() > max_text_bytes {
+        return Err(WireError::BadText);
+    }
+    if body
+        .id
+        .as_deref()
+        .is_some_and(|id| validate_id(id).is_err())
+    {
+        return Err(WireError::BadId);
+    }
+    // An author is a map key in every room's dedupe.
     if body.author.as_deref().is_some_and(|a| {
         a.is_empty() || a.len() > MAX_AUTHOR_BYTES || a.chars().any(char::is_control)
     }) {
         return Err(WireError::BadAuthor);
     }
-    Ok(Payload::Message { seq, body })
+    Ok(())
+}
+
+fn check_presence(body: &PresenceBody<'_>) -> Result<(), WireError> {
+    check_node(&body.node)?;
+    if body.count > MAX_MEMBER_COUNT {
+        return Err(WireError::BadCount);
+    }
+    if body
+        .joined
+        .iter()
+        .chain(&body.left)
+        .any(|name| validate_user(name).is_err())
+    {
+        return Err(WireError::BadPresenceName);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MAX: usize = 100;
 
     #[test]
     fn a_message_survives_the_round_trip_with_the_seq_the_script_adds() {
@@ -142,7 +230,7 @@ mod tests {
         };
         let payload = format!("42 {}", encode_message(&body));
         assert_eq!(
-            decode(payload.as_bytes()).unwrap(),
+            decode(payload.as_bytes(), MAX).unwrap(),
             Payload::Message { seq: 42, body }
         );
     }
@@ -150,7 +238,7 @@ mod tests {
     #[test]
     fn a_message_without_an_author_is_keyed_by_its_node_and_connection() {
         let payload = br#"9 {"n":"n1","o":7,"k":false,"t":1,"u":"u","x":"x","i":"k"}"#;
-        let Ok(Payload::Message { body, .. }) = decode(payload) else {
+        let Ok(Payload::Message { body, .. }) = decode(payload, MAX) else {
             panic!("an older process's message must still decode");
         };
         assert_eq!(body.author, None);
@@ -159,7 +247,7 @@ mod tests {
         let payload =
             format!(r#"9 {{"n":"n1","o":7,"k":false,"t":1,"u":"u","x":"x","a":"{long}"}}"#);
         assert!(matches!(
-            decode(payload.as_bytes()),
+            decode(payload.as_bytes(), MAX),
             Err(WireError::BadAuthor)
         ));
     }
@@ -174,7 +262,10 @@ mod tests {
             truncated: true,
         };
         let payload = encode_presence(&body);
-        assert_eq!(decode(payload.as_bytes()).unwrap(), Payload::Presence(body));
+        assert_eq!(
+            decode(payload.as_bytes(), MAX).unwrap(),
+            Payload::Presence(body)
+        );
     }
 
     #[test]
@@ -191,7 +282,86 @@ mod tests {
             br#"1 {"n":"n","o":1,"k":false,"t":1,"u":"u","x":"x","i":"k","a":"u:\u0000"}"#,
             br#"1 {"n":"n","o":1,"k":false,"t":1,"u":"u","x":"x","i":"k","a":5}"#,
         ] {
-            assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                decode(bad, MAX).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    /// A message payload with one field replaced.
+    fn message_with(seq: &str, field: &str, value: &str) -> String {
+        let mut v = serde_json::json!({"n":"n1","o":1,"k":false,"t":1,"u":"u","x":"hi","i":"k"});
+        v[field] = serde_json::from_str(value).unwrap();
+        format!("{seq} {v}")
+    }
+
+    #[test]
+    fn every_field_is_checked_against_the_local_rules() {
+        let ok = message_with("1", "t", "1");
+        assert!(decode(ok.as_bytes(), MAX).is_ok());
+        let max_seq = MAX_SAFE_INTEGER.to_string();
+        assert!(decode(message_with(&max_seq, "t", "1").as_bytes(), MAX).is_ok());
+        let cases: Vec<(String, &str)> = vec![
+            (message_with("0", "t", "1"), "seq"),
+            (
+                message_with(&(MAX_SAFE_INTEGER + 1).to_string(), "t", "1"),
+                "seq",
+            ),
+            (message_with(&u64::MAX.to_string(), "t", "1"), "seq"),
+            (message_with("18446744073709551616", "t", "1"), "header"),
+            (message_with("1", "t", &u64::MAX.to_string()), "ts"),
+            (message_with("1", "t", "-1"), "json"),
+            (message_with("1", "n", r#""""#), "node"),
+            (message_with("1", "n", r#""a:b""#), "node"),
+            (
+                message_with("1", "n", &format!("\"{}\"", "a".repeat(65))),
+                "node",
+            ),
+            (message_with("1", "u", r#""""#), "user"),
+            (message_with("1", "u", r#""a\u0007b""#), "user"),
+            (
+                message_with("1", "u", &format!("\"{}\"", "a".repeat(33))),
+                "user",
+            ),
+            (message_with("1", "x", r#""""#), "text"),
+            (
+                message_with("1", "x", &format!("\"{}\"", "a".repeat(MAX + 1))),
+                "text",
+            ),
+            (message_with("1", "i", r#""""#), "id"),
+            (
+                message_with("1", "i", &format!("\"{}\"", "a".repeat(65))),
+                "id",
+            ),
+            (message_with("1", "o", "-1"), "json"),
+        ];
+        for (payload, what) in cases {
+            assert!(
+                decode(payload.as_bytes(), MAX).is_err(),
+                "{what}: {payload}"
+            );
+        }
+        // Exactly at the limit passes: the bound is the local one.
+        let at = message_with("1", "x", &format!("\"{}\"", "a".repeat(MAX)));
+        assert!(decode(at.as_bytes(), MAX).is_ok());
+    }
+
+    #[test]
+    fn presence_is_checked_too() {
+        let p = |v: serde_json::Value| format!("p {v}");
+        let ok = p(serde_json::json!({"n":"n1","c":2,"j":["al"],"l":[]}));
+        assert!(decode(ok.as_bytes(), MAX).is_ok());
+        for bad in [
+            serde_json::json!({"n":"n1","c":u64::MAX,"j":[],"l":[]}),
+            serde_json::json!({"n":"n1","c":(MAX_MEMBER_COUNT as u64) + 1,"j":[],"l":[]}),
+            serde_json::json!({"n":"n1","c":-1,"j":[],"l":[]}),
+            serde_json::json!({"n":"","c":1,"j":[],"l":[]}),
+            serde_json::json!({"n":"n1","c":1,"j":[""],"l":[]}),
+            serde_json::json!({"n":"n1","c":1,"j":[],"l":["a\u{0}"]}),
+        ] {
+            assert!(decode(p(bad.clone()).as_bytes(), MAX).is_err(), "{bad}");
         }
     }
 }
