@@ -93,6 +93,7 @@ pub async fn run(
         db: config.history_db.clone(),
         retention: config.retention,
         db_queue: config.history_db_queue as usize,
+        db_queue_bytes: usize::try_from(config.history_db_queue_bytes).unwrap_or(usize::MAX),
         memory: usize::try_from(config.history_memory).unwrap_or(usize::MAX),
         room_bytes: usize::try_from(config.room_history_bytes).unwrap_or(usize::MAX),
     };

@@ -246,6 +246,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HISTORY_DB_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=4_194_304))]
     pub history_db_queue: u32,
 
+    /// Frame bytes waiting for the history database writer; past it new messages are not
+    /// written (counted as `history_db_dropped`) and delivery goes on. Unit: bytes.
+    /// Default: 67108864 (64 MiB).
+    #[arg(long, env = "ROOMCAST_HISTORY_DB_QUEUE_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    pub history_db_queue_bytes: u64,
+
     // Bounded by design: admission and the shutdown drain.
     /// WebSocket upgrades this process accepts: `N/s` or `N/m`, optionally ` burst B`
     /// (B defaults to N), or `off`. An upgrade past it gets HTTP 503 `accept_rate` with

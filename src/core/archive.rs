@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -132,6 +132,9 @@ pub struct Archive {
     /// What the writer and `close` share to account for every queued message at shutdown.
     books: Arc<Books>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Most frame bytes the writer queue holds (`--history-db-queue-bytes`): the queue is
+    /// bounded in messages by its channel and in bytes by this.
+    max_queue_bytes: usize,
 }
 
 /// The count of messages queued but neither written nor counted as dropped, so that a
@@ -139,6 +142,8 @@ pub struct Archive {
 #[derive(Default)]
 struct Books {
     pending: AtomicU64,
+    /// Frame bytes of the messages queued and not yet taken by the writer.
+    pending_bytes: AtomicUsize,
     /// `close` gave up waiting: the writer writes nothing more, and counts nothing more.
     abandoned: AtomicBool,
     /// Held while a batch is written and counted: `close` takes it before it reads `pending`,
@@ -213,7 +218,14 @@ impl Archive {
             stopping,
             books,
             writer: Mutex::new(Some(handle)),
+            max_queue_bytes: usize::MAX,
         })
+    }
+
+    /// Bounds the writer queue in bytes too (`--history-db-queue-bytes`).
+    pub fn with_max_queue_bytes(mut self, bytes: usize) -> Self {
+        self.max_queue_bytes = bytes;
+        self
     }
 
     /// Queues a published message. Never blocks; a full queue drops it (counted) and notes the
@@ -224,9 +236,18 @@ impl Archive {
             ts,
             out: out.clone(),
         });
-        self.books.pending.fetch_add(1, Ordering::SeqCst);
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(job) {
-            self.books.pending.fetch_sub(1, Ordering::SeqCst);
+        let size = out.frame.len();
+        let queued = self.books.pending_bytes.fetch_add(size, Ordering::SeqCst);
+        let sent = if queued.saturating_add(size) > self.max_queue_bytes {
+            Err(())
+        } else {
+            self.books.pending.fetch_add(1, Ordering::SeqCst);
+            self.tx.try_send(job).map_err(|_| {
+                self.books.pending.fetch_sub(1, Ordering::SeqCst);
+            })
+        };
+        if sent.is_err() {
+            self.books.pending_bytes.fetch_sub(size, Ordering::SeqCst);
             self.stats.history_db_dropped.inc();
             let mut book = self.notes.lock();
             book.changed(room);
@@ -482,6 +503,8 @@ impl Writer {
             }
             if !appends.is_empty() {
                 self.write(&appends);
+                let bytes = appends.iter().map(|r| r.out.frame.len()).sum();
+                self.books.pending_bytes.fetch_sub(bytes, Ordering::SeqCst);
             }
             for room in retired {
                 self.forget_note_if_flushed(&room);
@@ -752,6 +775,31 @@ mod tests {
         let seed = a.seed("r", 4, None);
         assert_eq!(seed.last_seq, 50);
         a.close(Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_writer_queue_is_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::new());
+        let frame = publish(1).frame.len();
+        // Room for one frame's bytes: a second one queued behind it is dropped, counted, and
+        // its seq still noted.
+        let a = Archive::open(
+            &dir.path().join("h.sqlite"),
+            Retention::default(),
+            100,
+            stats.clone(),
+        )
+        .unwrap()
+        .with_max_queue_bytes(frame - 1);
+        let room: Arc<str> = "r".into();
+        for seq in 1..=3 {
+            a.append(&room, unix_millis(), &publish(seq));
+        }
+        assert_eq!(stats.history_db_dropped.get(), 3, "no frame fits");
+        assert_eq!(a.seed("r", 4, None).last_seq, 3, "the seqs are not reused");
+        a.close(Duration::from_secs(10));
+        assert_eq!(stats.history_db_written.get(), 0);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct HistorySettings {
     pub retention: Retention,
     /// Messages waiting for the disk writer before new ones are dropped (`--history-db-queue`).
     pub db_queue: usize,
+    /// Frame bytes waiting for the disk writer before new messages are dropped
+    /// (`--history-db-queue-bytes`).
+    pub db_queue_bytes: usize,
     /// Bytes every room's ring may keep together (`--history-memory`).
     pub memory: usize,
     /// Bytes one room's ring may keep, unless its settings say (`--room-history-bytes`).
@@ -51,6 +54,7 @@ impl Default for HistorySettings {
             db: None,
             retention: Retention::default(),
             db_queue: 1,
+            db_queue_bytes: usize::MAX,
             memory: usize::MAX,
             room_bytes: usize::MAX,
         }
@@ -69,12 +73,10 @@ impl HistoryService {
     /// Opens the archive when one is configured (fails on a database that cannot be opened).
     pub fn new(settings: HistorySettings, stats: Arc<Stats>) -> Result<Self, DbError> {
         let archive = match &settings.db {
-            Some(path) => Some(Archive::open(
-                path,
-                settings.retention,
-                settings.db_queue,
-                stats.clone(),
-            )?),
+            Some(path) => Some(
+                Archive::open(path, settings.retention, settings.db_queue, stats.clone())?
+                    .with_max_queue_bytes(settings.db_queue_bytes),
+            ),
             None => None,
         };
         let budget = Arc::new(MemoryBudget::new(
