@@ -17,7 +17,7 @@ for round in 1 2; do
       default) extra=();;
       db) rm -f /tmp/hb.sqlite*; extra=(--history-db /tmp/hb.sqlite);;
     esac
-    target/release/roomcast --listen 127.0.0.1:$port --max-connections 30000 --rate-limit off "${extra[@]}" > /tmp/hb-$cfg.log 2>&1 &
+    target/release/roomcast --listen 127.0.0.1:$port --max-connections 30000 --max-connections-per-ip off --rate-limit off "${extra[@]}" > /tmp/hb-$cfg.log 2>&1 &
     pid=$!
     sleep 1
     out=$(timeout 200 target/release/loadtest --url ws://127.0.0.1:$port --clients 19000 --rooms 190 --scenario chat --rate 1 --duration 10 --quiet \

@@ -107,7 +107,7 @@ start_servers() {
     if [ -z "${THREADS:-}" ] && [ "$n" -gt "$(nproc)" ]; then threads=1; fi
     for ((i = 0; i < n; i++)); do
         port=$((BASE_PORT + i))
-        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" --rate-limit off --threads "$threads" "${cluster[@]}" ${SERVER_ARGS:-} \
+        "$SERVER" --listen "127.0.0.1:$port" --max-connections "$PER_SERVER" --max-connections-per-ip off --rate-limit off --threads "$threads" "${cluster[@]}" ${SERVER_ARGS:-} \
             >"$LOGS/$STAMP-server-$port.log" 2>&1 &
         PIDS+=($!)
         urls+=("ws://127.0.0.1:$port")

@@ -126,7 +126,7 @@ pub async fn run(
         stats.clone(),
         limits,
         shutdown.clone(),
-        config.max_connections_per_ip.map(PerIpLimit::new),
+        config.max_connections_per_ip.0.map(PerIpLimit::new),
         (verifier.clone(), lockout.clone()),
         alive_tx,
     ));
@@ -136,7 +136,8 @@ pub async fn run(
         config.allowed_origins.clone(),
         lockout,
         stats.clone(),
-    );
+    )
+    .with_trusted_proxies(config.trusted_proxies.clone());
     if access.publish_open() {
         tracing::warn!(
             "neither --jwt-secret nor --api-key is set: anyone who can reach this port may \

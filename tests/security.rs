@@ -570,7 +570,8 @@ async fn a_room_rate_limit_refuses_websocket_and_rest_publishes() {
 
 #[tokio::test]
 async fn one_address_may_hold_only_so_many_sockets() {
-    let server = TestServer::with(|c| c.max_connections_per_ip = Some(2)).await;
+    let server =
+        TestServer::with(|c| c.max_connections_per_ip = roomcast::config::PerIpCap(Some(2))).await;
     let a = Client::connect(&server.ws_url("/ws/r")).await;
     let _b = Client::connect(&server.ws_url("/ws/r")).await;
     let r = upgrade(&server, "/ws/r", &[]).await;
@@ -585,6 +586,44 @@ async fn one_address_may_hold_only_so_many_sockets() {
         })
         .await;
     let _c = Client::connect(&server.ws_url("/ws/r")).await;
+}
+
+/// Opens a WebSocket whose upgrade carries `X-Forwarded-For: xff`.
+async fn connect_forwarded(server: &TestServer, xff: &str) -> Result<Client, String> {
+    let mut req = server.ws_url("/ws/r").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-forwarded-for", HeaderValue::from_str(xff).unwrap());
+    match tokio::time::timeout(STEP, tokio_tungstenite::connect_async(req)).await {
+        Ok(Ok((ws, _))) => Ok(Client { ws }),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_has_its_own_cap() {
+    let server = TestServer::with(|c| {
+        c.max_connections_per_ip = roomcast::config::PerIpCap(Some(1));
+        c.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let _a = connect_forwarded(&server, "203.0.113.1").await.unwrap();
+    let _b = connect_forwarded(&server, "203.0.113.2").await.unwrap();
+    let again = connect_forwarded(&server, "203.0.113.1").await;
+    assert!(
+        again.is_err_and(|e| e.contains("429")),
+        "one socket per client address"
+    );
+
+    // From a peer that is not a trusted proxy the header is anyone's words: ignored.
+    let server =
+        TestServer::with(|c| c.max_connections_per_ip = roomcast::config::PerIpCap(Some(1))).await;
+    let _a = connect_forwarded(&server, "203.0.113.1").await.unwrap();
+    let spoofed = connect_forwarded(&server, "203.0.113.2").await;
+    assert!(
+        spoofed.is_err_and(|e| e.contains("429")),
+        "X-Forwarded-For from an untrusted peer moves nothing"
+    );
 }
 
 #[tokio::test]

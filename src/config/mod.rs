@@ -156,10 +156,19 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_ROOM_RATE_LIMIT", default_value = "off")]
     pub room_rate_limit: RateLimitArg,
 
-    /// WebSocket connections one client IP may hold at once; one more gets HTTP 429.
-    /// Default: no limit (deployments behind a proxy see one IP).
-    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections_per_ip: Option<u32>,
+    /// WebSocket connections one client address may hold at once; one more gets HTTP 429.
+    /// Behind a proxy, set `--trusted-proxies` so that the address is the client's, not the
+    /// proxy's. Syntax: a count ≥ 1, or `off`. Default: 4096.
+    #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS_PER_IP", default_value = "4096")]
+    pub max_connections_per_ip: PerIpCap,
+
+    /// Comma-separated addresses or CIDRs (`10.0.0.0/8,127.0.0.1`) of proxies whose
+    /// `Forwarded` / `X-Forwarded-For` headers are believed: a request from one of them is
+    /// charged to the client address the headers name (the last one that is not itself a
+    /// trusted proxy) for the per-IP cap and the failure lockout. Default: none (the headers
+    /// are ignored).
+    #[arg(long, env = "ROOMCAST_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 
     /// Per-room settings file (TOML: `[defaults]` and `[rooms."NAME"]` / `[rooms."PREFIX*"]`
     /// with `password`, `max_members`, `history`, `rate_limit`, `presence`, `room_buffer`).
@@ -341,6 +350,34 @@ fn parse_drain_rate(s: &str) -> Result<RateLimitArg, String> {
         )),
         _ => Ok(rate),
     }
+}
+
+/// `--max-connections-per-ip`: a count, or `off` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerIpCap(pub Option<u32>);
+
+impl std::str::FromStr for PerIpCap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(PerIpCap(None)),
+            n => match n.parse::<u32>() {
+                Ok(n) if n >= 1 => Ok(PerIpCap(Some(n))),
+                _ => Err(format!(
+                    "`{n}`: expected a count of connections ≥ 1, or `off`"
+                )),
+            },
+        }
+    }
+}
+
+/// A CIDR (`10.0.0.0/8`) or a single address (`127.0.0.1`, a /32 or /128).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{s}`: expected an address or a CIDR such as 10.0.0.0/8"))
 }
 
 /// What a member does when it falls `--room-buffer` frames behind a room.
@@ -654,7 +691,8 @@ mod tests {
         assert_eq!(c.cluster_node_ttl, Duration::from_secs(15));
         assert!(c.room_rate().is_none());
         assert!(c.jwt_secret.is_none() && c.api_key.is_none() && c.allowed_origins.is_empty());
-        assert!(c.max_connections_per_ip.is_none());
+        assert_eq!(c.max_connections_per_ip, PerIpCap(Some(4096)));
+        assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.rooms_config, None);
         assert_eq!(c.lobby_top, 50);
         assert!(c.accept_rate().is_none());

@@ -350,9 +350,13 @@ impl Connection {
             .await
     }
 
-    /// The client's address, for the failure lockout (`None` if the socket cannot tell).
+    /// The client's address, for the failure lockout: the one the upgrade was charged to
+    /// (behind a trusted proxy, the client it named), else the socket's peer (`None` if the
+    /// socket cannot tell).
     fn peer(&self) -> Option<IpAddr> {
-        self.stream.peer_addr().ok().map(|a| a.ip())
+        self._guard
+            .ip
+            .or_else(|| self.stream.peer_addr().ok().map(|a| a.ip()))
     }
 
     /// An error frame with `retry_after_ms` while `peer` is locked out of `room` (`""`: token

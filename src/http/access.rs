@@ -5,8 +5,9 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use hyper::header::ORIGIN;
+use hyper::header::{FORWARDED, ORIGIN};
 use hyper::Request;
+use ipnet::IpNet;
 
 use super::reply::ApiError;
 use crate::config::rooms::Password;
@@ -27,6 +28,8 @@ pub struct Access {
     /// Failed passwords and tokens per address and room; shared with the connections.
     lockout: Arc<Lockout>,
     stats: Arc<Stats>,
+    /// `--trusted-proxies`: peers whose `Forwarded` / `X-Forwarded-For` name the client.
+    trusted_proxies: Vec<IpNet>,
 }
 
 /// Who is asking to see rooms, and so which rooms they are shown.
@@ -62,7 +65,55 @@ impl Access {
             allowed_origins,
             lockout,
             stats,
+            trusted_proxies: Vec::new(),
         }
+    }
+
+    /// Believes `Forwarded` / `X-Forwarded-For` from these peers (`--trusted-proxies`).
+    pub fn with_trusted_proxies(mut self, proxies: Vec<IpNet>) -> Self {
+        self.trusted_proxies = proxies;
+        self
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The address a request is charged to (per-IP cap, failure lockout): the TCP peer, or,
+    /// when the peer is a trusted proxy, the last address its forwarding headers name that is
+    /// not itself a trusted proxy. `Forwarded` (RFC 7239) wins over `X-Forwarded-For`; an
+    /// entry that is not an address (`unknown`, an obfuscated name) ends the walk there.
+    pub fn client_addr<B>(&self, req: &Request<B>, peer: IpAddr) -> IpAddr {
+        if !self.trusted(peer) {
+            return peer;
+        }
+        let headers = req.headers();
+        let hops: Vec<Option<IpAddr>> = if headers.contains_key(FORWARDED) {
+            headers
+                .get_all(FORWARDED)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(forwarded_for)
+                .collect()
+        } else {
+            headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|hop| hop.trim().parse::<IpAddr>().ok())
+                .collect()
+        };
+        let mut client = peer;
+        for hop in hops.into_iter().rev() {
+            match hop {
+                Some(ip) if self.trusted(ip) => client = ip,
+                Some(ip) => return ip,
+                None => return client,
+            }
+        }
+        client
     }
 
     fn refused(&self, reason: AuthReason, e: ApiError) -> ApiError {
@@ -244,5 +295,87 @@ impl Access {
                     .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(o))
             }),
         }
+    }
+}
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+
+/// The address of one `Forwarded` element's `for=` parameter: `for=192.0.2.60`,
+/// `for="192.0.2.60:4711"`, `for="[2001:db8::1]:4711"`. `None` for anything else.
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    let value = element.split(';').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        key.trim().eq_ignore_ascii_case("for").then(|| value.trim())
+    })?;
+    let value = value.trim_matches('"');
+    if let Some(rest) = value.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    value
+        .parse()
+        .ok()
+        .or_else(|| value.rsplit_once(':')?.0.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(proxies: &[&str]) -> Access {
+        Access::new(
+            None,
+            None,
+            Vec::new(),
+            Arc::new(Lockout::default()),
+            Arc::new(Stats::new()),
+        )
+        .with_trusted_proxies(proxies.iter().map(|p| p.parse().unwrap()).collect())
+    }
+
+    fn req(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri("/");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarding_headers_count_only_from_trusted_proxies() {
+        let xff = [("x-forwarded-for", "203.0.113.7, 10.0.0.2")];
+        // Not a trusted peer: the headers are anyone's words.
+        assert_eq!(
+            access(&[]).client_addr(&req(&xff), ip("10.0.0.1")),
+            ip("10.0.0.1")
+        );
+        let a = access(&["10.0.0.0/8"]);
+        // The last hop that is not a trusted proxy.
+        assert_eq!(a.client_addr(&req(&xff), ip("10.0.0.1")), ip("203.0.113.7"));
+        // A client cannot hide behind an address it wrote itself further left.
+        let spoofed = [("x-forwarded-for", "1.2.3.4, 198.51.100.9")];
+        assert_eq!(
+            a.client_addr(&req(&spoofed), ip("10.0.0.1")),
+            ip("198.51.100.9")
+        );
+        // RFC 7239 wins, with ports, quotes and IPv6 brackets.
+        let fwd = [
+            (
+                "forwarded",
+                r#"for="[2001:db8::1]:4711";proto=https, for=10.0.0.3"#,
+            ),
+            ("x-forwarded-for", "198.51.100.1"),
+        ];
+        assert_eq!(a.client_addr(&req(&fwd), ip("10.0.0.1")), ip("2001:db8::1"));
+        let fwd = [("forwarded", r#"for="192.0.2.60:4711""#)];
+        assert_eq!(a.client_addr(&req(&fwd), ip("10.0.0.1")), ip("192.0.2.60"));
+        // An obfuscated hop ends the walk at the last trusted one.
+        let hidden = [("forwarded", "for=_hidden, for=10.0.0.9")];
+        assert_eq!(a.client_addr(&req(&hidden), ip("10.0.0.1")), ip("10.0.0.9"));
+        // No headers: the proxy itself.
+        assert_eq!(a.client_addr(&req(&[]), ip("10.0.0.1")), ip("10.0.0.1"));
     }
 }

@@ -134,6 +134,8 @@ pub async fn handle(
 
 /// The route table.
 async fn route(api: Arc<Api>, side: Side, peer: IpAddr, req: Request<Incoming>) -> Reply {
+    // Behind a trusted proxy, the client it names; everything below charges this address.
+    let peer = api.access.client_addr(&req, peer);
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method();
