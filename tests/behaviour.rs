@@ -307,6 +307,14 @@ async fn get_with(node: &Node, path: &str, auth: Option<&str>) -> (u16, Value) {
     )
 }
 
+/// An upgrade the server refuses before the 101: its status and the JSON body's `error`.
+async fn refused_upgrade(node: &Node, path: &str) -> (u16, Value) {
+    let r = support::http_with(node.addr, "GET", path, &support::UPGRADE_HEADERS, None)
+        .await
+        .unwrap();
+    (r.status, r.json()["error"].clone())
+}
+
 /// Room names of a `GET /api/rooms` answer.
 fn listed(v: &Value) -> Vec<String> {
     let mut names: Vec<String> = v["rooms"]
@@ -693,22 +701,8 @@ in_both_modes!(
 /// grant covers, and joining the lobby is itself a grant.
 async fn tokens_bound_what_listings_show(d: Deployment) {
     let no_lobby = token("p", Some("post:*"));
-    let r = support::http_with(
-        d.a().addr,
-        "GET",
-        &format!("/ws/$lobby?token={no_lobby}"),
-        &[
-            ("connection", "Upgrade"),
-            ("upgrade", "websocket"),
-            ("sec-websocket-version", "13"),
-            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ],
-        None,
-    )
-    .await
-    .unwrap();
     assert_eq!(
-        (r.status, r.json()["error"].clone()),
+        refused_upgrade(d.a(), &format!("/ws/$lobby?token={no_lobby}")).await,
         (403, json!("forbidden_room")),
         "a token without `$lobby` may not watch the lobby"
     );
@@ -766,12 +760,7 @@ async fn password_guesses_are_locked_out(d: Deployment) {
             a.addr,
             "GET",
             &format!("/ws/vault?user=g&password={password}"),
-            &[
-                ("connection", "Upgrade"),
-                ("upgrade", "websocket"),
-                ("sec-websocket-version", "13"),
-                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ],
+            &support::UPGRADE_HEADERS,
             None,
         )
         .await
@@ -878,22 +867,8 @@ async fn a_process_holds_at_most_max_rooms(d: Deployment) {
     let a = d.a();
     let (r1, _) = Client::join(&a.ws("/ws/r1?user=u")).await;
     let (_r2, _) = Client::join(&a.ws("/ws/r2?user=u")).await;
-    let r = support::http_with(
-        a.addr,
-        "GET",
-        "/ws/r3?user=u",
-        &[
-            ("connection", "Upgrade"),
-            ("upgrade", "websocket"),
-            ("sec-websocket-version", "13"),
-            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ],
-        None,
-    )
-    .await
-    .unwrap();
     assert_eq!(
-        (r.status, r.json()["error"].clone()),
+        refused_upgrade(a, "/ws/r3?user=u").await,
         (503, json!("max_rooms"))
     );
     let mut c = Client::connect(&a.ws("/ws?user=c")).await;

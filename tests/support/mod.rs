@@ -157,6 +157,15 @@ impl HttpResponse {
     }
 }
 
+/// The headers of a WebSocket upgrade request sent as plain HTTP (to read a refusal's status
+/// and JSON body).
+pub const UPGRADE_HEADERS: [(&str, &str); 4] = [
+    ("connection", "Upgrade"),
+    ("upgrade", "websocket"),
+    ("sec-websocket-version", "13"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
 /// One HTTP/1.1 request on a fresh connection.
 pub async fn http(
     addr: SocketAddr,
