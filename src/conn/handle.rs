@@ -12,7 +12,6 @@ use super::{Connection, MAX_BATCH};
 use crate::bus::{Fallback, JoinRequest, PublishError};
 use crate::core::auth::AuthError;
 use crate::core::dedupe::Author;
-use crate::core::hub::JoinError;
 use crate::core::limit::{retry_after_ms, Verdict};
 use crate::core::room::{Joined, Publish, Room};
 use crate::core::stats::AuthReason;
@@ -239,18 +238,12 @@ impl Connection {
         };
         // Boxed: a broker's join may wait (cluster mode: for the room's subscription).
         let joined = Box::pin(self.cx.bus.join(req)).await.map_err(|e| {
-            match e {
-                JoinError::WrongPassword => {
-                    self.cx.stats.auth_refused.inc(AuthReason::BadPassword);
-                    if let Some(peer) = peer {
-                        // Answered as it is; the lockout bites on the next attempt.
-                        let _ = self.cx.lockout.failed(peer, name);
-                    }
-                }
-                JoinError::PasswordRequired => {
-                    self.cx.stats.auth_refused.inc(AuthReason::BadPassword)
-                }
-                JoinError::RoomFull { .. } | JoinError::TooManyRooms { .. } => {}
+            if let Some(reason) = e.auth_reason() {
+                self.cx.stats.auth_refused.inc(reason);
+            }
+            if let (true, Some(peer)) = (e.is_guess(), peer) {
+                // Answered as it is; the lockout bites on the next attempt.
+                let _ = self.cx.lockout.failed(peer, name);
             }
             Refusal::Reply(ProtocolError::new(e.code(), e.to_string()))
         })?;

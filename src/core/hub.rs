@@ -18,7 +18,7 @@ use crate::core::history::HistoryService;
 use crate::core::lobby::Lobby;
 use crate::core::ring::History;
 use crate::core::room::{Joined, Room};
-use crate::core::stats::Stats;
+use crate::core::stats::{AuthReason, Stats};
 use crate::proto::Outbound;
 use crate::proto::ReplayRequest;
 
@@ -69,6 +69,20 @@ impl JoinError {
     /// Whether the refusal is the server's capacity, not the room's rules (HTTP 503, not 403).
     pub fn is_capacity(&self) -> bool {
         matches!(self, JoinError::TooManyRooms { .. })
+    }
+
+    /// The `auth_refused` label of this refusal, when the access rules made it.
+    pub fn auth_reason(&self) -> Option<AuthReason> {
+        match self {
+            JoinError::PasswordRequired | JoinError::WrongPassword => Some(AuthReason::BadPassword),
+            JoinError::RoomFull { .. } | JoinError::TooManyRooms { .. } => None,
+        }
+    }
+
+    /// Whether this refusal could be a guess (a wrong password), which counts towards the
+    /// failure lockout; a missing one is a client's mistake.
+    pub fn is_guess(&self) -> bool {
+        matches!(self, JoinError::WrongPassword)
     }
 }
 

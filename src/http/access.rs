@@ -234,13 +234,11 @@ impl Access {
     /// Counts a join the hub refused for its password, and notes a wrong one against the
     /// lockout.
     pub fn join_refused(&self, peer: IpAddr, room: &str, e: &JoinError) {
-        match e {
-            JoinError::WrongPassword => {
-                self.failed(peer, room);
-                self.count(AuthReason::BadPassword);
-            }
-            JoinError::PasswordRequired => self.count(AuthReason::BadPassword),
-            JoinError::RoomFull { .. } | JoinError::TooManyRooms { .. } => {}
+        if let Some(reason) = e.auth_reason() {
+            self.count(reason);
+        }
+        if e.is_guess() {
+            self.failed(peer, room);
         }
     }
 

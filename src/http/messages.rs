@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use super::query::{self, bounded};
 use super::reply::{self, ApiError, Reply};
-use super::{no_such_room, room_password, Api};
+use super::{may_read_room, no_such_room, room_password, Api};
 use crate::bus::{Fallback, PublishError};
 use crate::core::archive::payload_of;
 use crate::core::auth::Grant;
@@ -40,14 +40,13 @@ struct Page<'a> {
 /// archive when there is one. Reading is for whoever could join the room (see `may_read`).
 pub async fn page(api: &Api, peer: IpAddr, room: String, req: &Request<Incoming>) -> Reply {
     let q: query::Messages = query::parse(req)?;
-    let settings = api.bus.hub().settings().resolve(&room);
-    api.access.may_read(
+    may_read_room(
+        api,
         req,
         peer,
         &room,
         q.token.as_deref(),
-        settings.password.as_ref(),
-        room_password(req, q.password.as_deref()),
+        q.password.as_deref(),
     )?;
     let limit = bounded("limit", q.limit, 50, 1, 1000)? as usize;
     let before = bounded("before", q.before, u64::MAX, 1, u64::MAX).map_err(|_| {

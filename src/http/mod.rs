@@ -234,6 +234,27 @@ fn room_password<'a, B>(req: &'a Request<B>, query: Option<&'a str>) -> Option<&
         .or(query)
 }
 
+/// Whether the request may read `room` (its info, members, messages; see `Access::may_read`),
+/// against the password the settings in force give the room.
+fn may_read_room<B>(
+    api: &Api,
+    req: &Request<B>,
+    peer: IpAddr,
+    room: &str,
+    query_token: Option<&str>,
+    query_password: Option<&str>,
+) -> Result<(), ApiError> {
+    let settings = api.bus.hub().settings().resolve(room);
+    api.access.may_read(
+        req,
+        peer,
+        room,
+        query_token,
+        settings.password.as_ref(),
+        room_password(req, query_password),
+    )
+}
+
 /// 404 `no_such_room`, the answer for a room nobody is in.
 fn no_such_room() -> ApiError {
     ApiError::new(

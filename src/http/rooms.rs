@@ -8,7 +8,7 @@ use hyper::{Request, StatusCode};
 
 use super::query::{self, bounded};
 use super::reply::{self, Reply};
-use super::{no_such_room, room_password, Api};
+use super::{may_read_room, no_such_room, Api};
 
 /// Rooms with members anywhere, largest first: the public rooms the caller's grant covers
 /// (every room for the API key).
@@ -29,15 +29,13 @@ pub async fn list(api: &Api, peer: IpAddr, req: &Request<Incoming>) -> Reply {
 /// the room is live.
 pub async fn info(api: &Api, peer: IpAddr, room: &str, req: &Request<Incoming>) -> Reply {
     let q: query::RoomInfo = query::parse(req)?;
-    let settings = api.bus.hub().settings().resolve(room);
-    let given = room_password(req, q.password.as_deref());
-    api.access.may_read(
+    may_read_room(
+        api,
         req,
         peer,
         room,
         q.token.as_deref(),
-        settings.password.as_ref(),
-        given,
+        q.password.as_deref(),
     )?;
     let limit = bounded("users_limit", q.users_limit, 100, 1, 1000)? as usize;
     let info = api
