@@ -76,9 +76,11 @@ trap report_not_run EXIT
 
 # WebSocket conformance (Autobahn|Testsuite against `roomcast --echo`, ~30 s). Runs before the
 # Rust suite so the runner's summary stays last.
+# Every step runs whatever the one before did; the script fails at the end if any failed.
+failed=()
 if [ "$autobahn" = yes ]; then
-  scripts/autobahn.sh
-  scripts/autobahn.sh '9.*'
+  scripts/autobahn.sh || failed+=("Autobahn conformance (default cases)")
+  scripts/autobahn.sh '9.*' || failed+=("Autobahn conformance (9.*)")
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then
@@ -96,11 +98,11 @@ if cargo nextest --version >/dev/null 2>&1; then
     not_run_tests="$n test(s) in ${skip_bins[*]} not run"
   fi
   cargo nextest run --workspace --no-fail-fast --run-ignored all \
-    -E "not ($(any_of "${skip_bins[@]}"))" "$@"
+    -E "not ($(any_of "${skip_bins[@]}"))" "$@" || failed+=("the Rust test suite")
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || failed+=("the Rust test suite")
   for bin in "${run_bins[@]}"; do
-    cargo test -p roomcast --test "$bin" --no-fail-fast "$@" -- --ignored
+    cargo test -p roomcast --test "$bin" --no-fail-fast "$@" -- --ignored || failed+=("tests/$bin.rs")
   done
 fi
 
@@ -115,10 +117,15 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-  cargo +nightly fuzz build -s none --dev --target-dir target/fuzz-build
+  cargo +nightly fuzz build -s none --dev --target-dir target/fuzz-build || failed+=("the fuzz targets' build")
 else
   # No nightly here: the stable compiler accepts cargo-fuzz's unstable flags with
   # RUSTC_BOOTSTRAP=1 (a compile check only; fuzzing itself is fuzz/run.sh on nightly).
   echo "scripts/test.sh: no nightly toolchain: building the fuzz targets with stable + RUSTC_BOOTSTRAP=1"
-  RUSTC_BOOTSTRAP=1 cargo fuzz build -s none --dev --target-dir target/fuzz-build
+  RUSTC_BOOTSTRAP=1 cargo fuzz build -s none --dev --target-dir target/fuzz-build ||
+    failed+=("the fuzz targets' build")
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "scripts/test.sh: FAILED: ${failed[*]}" >&2
+  exit 1
 fi

@@ -821,6 +821,13 @@ mod tests {
             ring.push(&out);
         }
         a.retire(&room, 3, ring);
+        // Once the writer has the messages on disk it forgets the room's note, which changes
+        // the name's version: wait for that, so that nothing changes during the read below.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !a.notes.lock().notes.is_empty() {
+            assert!(Instant::now() < deadline, "the writer never caught up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // Read while nothing changes: used as it is, no read under the lock.
         let prepared = a.prepare("r", 4);
         let seed = a.seed("r", 4, Some(prepared));
