@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{BoxFuture, Broker, Fallback, JoinRequest, Link, PublishError, Remote, Totals};
-use crate::core::archive::Prepared;
+use crate::core::archive::Seeding;
 use crate::core::hub::{Hub, JoinError, Start};
 use crate::core::room::{Joined, Publish, Published, Room};
 use crate::core::stats::Stats;
@@ -26,10 +26,10 @@ impl Broker for Local {
         &'a self,
         hub: &'a Hub,
         req: JoinRequest<'a>,
-        prepared: Option<Prepared>,
+        seeding: Seeding,
     ) -> BoxFuture<'a, Result<Joined, JoinError>> {
         let start = Start {
-            prepared,
+            seeding,
             ..Start::default()
         };
         let joined = hub.join(&req, start);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::core::archive::Prepared;
+use crate::core::archive::Seeding;
 use crate::core::auth::Scope;
 pub use crate::core::hub::JoinRequest;
 use crate::core::hub::{Hub, JoinError};
@@ -89,18 +89,22 @@ pub struct Link {
     pub error: Option<String>,
 }
 
+/// How many times a join reads a new room's past off the lock before it reads it under the
+/// lock (the room came or went during each read: rare, and rarer each time).
+const SEED_TRIES: usize = 4;
+
 /// One implementation of where rooms live. Methods take the process's `Hub`, which holds the
 /// local copy of every room with a local member.
 pub trait Broker: Send + Sync + 'static {
     /// Joins a chat room (never `$lobby`) in `hub`, with admission and replay atomic with the
     /// subscription. Cancel-safe: dropped early, it leaves nothing behind.
-    /// `prepared` is the room's past read from the archive beforehand (`Hub::seed_job`), for
-    /// `Start::prepared`.
+    /// `seeding` is the room's past read from the archive beforehand (`Hub::seed_job`), for
+    /// `Start::seeding`.
     fn join<'a>(
         &'a self,
         hub: &'a Hub,
         req: JoinRequest<'a>,
-        prepared: Option<Prepared>,
+        seeding: Seeding,
     ) -> BoxFuture<'a, Result<Joined, JoinError>>;
 
     /// Leaves a chat room this member joined through `join`.
@@ -221,12 +225,24 @@ impl Bus {
             return Ok(self.hub.lobby().join(req.id, req.user, req.replay, scope));
         }
         // A room about to be created reads its past from the archive here, on the blocking
-        // pool, so that no runtime thread waits on the disk and no lock is held meanwhile.
-        let prepared = match self.hub.seed_job(req.name) {
-            Some(job) => tokio::task::spawn_blocking(job).await.ok().flatten(),
-            None => None,
-        };
-        self.broker.join(&self.hub, req, prepared).await
+        // pool, so that no runtime thread waits on the disk and no lock is held meanwhile. If
+        // the room came or went during the read, the read is stale: read again (only the last
+        // of a few tries may read under the lock, counted in `history_db_locked_reads`).
+        for tries_left in (0..SEED_TRIES).rev() {
+            let prepared = match self.hub.seed_job(req.name) {
+                Some(job) => tokio::task::spawn_blocking(job).await.ok().flatten(),
+                None => None,
+            };
+            let seeding = Seeding {
+                prepared,
+                retry_if_stale: tries_left > 0,
+            };
+            match self.broker.join(&self.hub, req, seeding).await {
+                Err(JoinError::SeedStale) if tries_left > 0 => {}
+                done => return done,
+            }
+        }
+        Err(JoinError::SeedStale)
     }
 
     /// Leaves a room joined through `join`.

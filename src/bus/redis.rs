@@ -49,7 +49,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::Notify;
 
 use super::{BoxFuture, Broker, Fallback, Link, PublishError, Remote, Totals};
-use crate::core::archive::Prepared;
+use crate::core::archive::Seeding;
 use crate::core::dedupe::Author;
 use crate::core::hub::{Hub, JoinError, JoinRequest, Start};
 use crate::core::room::{Joined, Publish, Published, Room};
@@ -462,7 +462,7 @@ impl Cluster {
         &self,
         hub: &Hub,
         req: JoinRequest<'_>,
-        prepared: Option<Prepared>,
+        seeding: Seeding,
     ) -> Result<Joined, JoinError> {
         /// Releases the interest unless the join completed.
         struct Release<'a>(&'a Cluster, &'a str, bool);
@@ -483,7 +483,7 @@ impl Cluster {
                 seq: state.last_seq,
                 remote_members: state.remote_sum(),
                 kept: &state.kept,
-                prepared,
+                seeding,
             };
             let joined = hub.join(&req, start)?;
             // The room exists now, with those frames in its ring.
@@ -711,9 +711,9 @@ impl Broker for Cluster {
         &'a self,
         hub: &'a Hub,
         req: JoinRequest<'a>,
-        prepared: Option<Prepared>,
+        seeding: Seeding,
     ) -> BoxFuture<'a, Result<Joined, JoinError>> {
-        Box::pin(self.join_room(hub, req, prepared))
+        Box::pin(self.join_room(hub, req, seeding))
     }
 
     /// Leaves `room` in the hub, then drops this membership's interest in its channel.

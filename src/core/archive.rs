@@ -113,6 +113,16 @@ impl Default for NoteBook {
 
 type Notes = Arc<Mutex<NoteBook>>;
 
+/// What a join that may create a room brings for the room's past.
+#[derive(Default)]
+pub struct Seeding {
+    /// The past read beforehand, off every lock (`Hub::seed_job`).
+    pub prepared: Option<Prepared>,
+    /// When `prepared` will not do, refuse with `JoinError::SeedStale` (the caller prepares
+    /// again, off the lock) rather than read under the lock. Off for a caller's last try.
+    pub retry_if_stale: bool,
+}
+
 /// A room's past as read from disk before the room is created, outside every lock (see
 /// `Archive::prepare`).
 pub struct Prepared {
@@ -296,6 +306,17 @@ impl Archive {
         }
     }
 
+    /// Whether creating room `name` now would have to read the disk under the caller's lock:
+    /// nothing about it is in memory and `prepared` is missing or stale (the room lived or
+    /// retired since it was read). The caller then lets go of its lock and prepares again.
+    pub fn needs_read(&self, name: &str, capacity: usize, prepared: Option<&Prepared>) -> bool {
+        let book = self.notes.lock();
+        if book.notes.get(name).is_some_and(|n| n.frames.is_some()) {
+            return false;
+        }
+        !prepared.is_some_and(|p| p.version == book.version(name) && p.capacity == capacity)
+    }
+
     fn read_seed(
         &self,
         name: &str,
@@ -315,7 +336,8 @@ impl Archive {
     /// messages. Called under the registry's shard lock. `prepared` is the disk's answer read
     /// beforehand (`prepare`); it is used when nothing about the name changed since, and
     /// otherwise (or without one) the disk is read here, under the lock, counted in
-    /// `history_db_locked_reads`. A database error is logged and the room starts from what
+    /// `history_db_locked_reads`: the last resort once `needs_read` has sent a join back to
+    /// prepare again a few times. A database error is logged and the room starts from what
     /// memory knows.
     pub fn seed(&self, name: &str, capacity: usize, prepared: Option<Prepared>) -> Seed {
         let (note, fresh) = {

@@ -130,6 +130,14 @@ impl HistoryService {
         seed
     }
 
+    /// Whether creating room `name` with `prepared` would read the disk under a lock (see
+    /// `Archive::needs_read`).
+    pub fn needs_read(&self, name: &str, capacity: usize, prepared: Option<&Prepared>) -> bool {
+        self.archive
+            .as_ref()
+            .is_some_and(|a| a.needs_read(name, capacity, prepared))
+    }
+
     /// Bytes every room's ring keeps now.
     pub fn memory_used(&self) -> usize {
         self.budget.used()

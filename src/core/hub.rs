@@ -12,7 +12,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::rate::RateSpec;
 use crate::config::rooms::{RoomSettings, Settings};
-use crate::core::archive::Prepared;
+use crate::core::archive::{Prepared, Seeding};
 use crate::core::auth::Grant;
 use crate::core::history::HistoryService;
 use crate::core::lobby::Lobby;
@@ -54,6 +54,11 @@ pub enum JoinError {
     RoomFull { max: u32 },
     #[error("the server holds --max-rooms rooms ({max}): no new room can be created")]
     TooManyRooms { max: usize },
+    /// The room's past read beforehand went stale (`Seeding::retry_if_stale`): prepare it
+    /// again and retry. Never reaches a client: `Bus::join` retries, and its last try reads
+    /// under the lock instead.
+    #[error("the room's history changed while it was read; try again")]
+    SeedStale,
 }
 
 impl JoinError {
@@ -63,19 +68,22 @@ impl JoinError {
             JoinError::PasswordRequired | JoinError::WrongPassword => "bad_password",
             JoinError::RoomFull { .. } => "room_full",
             JoinError::TooManyRooms { .. } => "max_rooms",
+            JoinError::SeedStale => "internal",
         }
     }
 
     /// Whether the refusal is the server's capacity, not the room's rules (HTTP 503, not 403).
     pub fn is_capacity(&self) -> bool {
-        matches!(self, JoinError::TooManyRooms { .. })
+        matches!(self, JoinError::TooManyRooms { .. } | JoinError::SeedStale)
     }
 
     /// The `auth_refused` label of this refusal, when the access rules made it.
     pub fn auth_reason(&self) -> Option<AuthReason> {
         match self {
             JoinError::PasswordRequired | JoinError::WrongPassword => Some(AuthReason::BadPassword),
-            JoinError::RoomFull { .. } | JoinError::TooManyRooms { .. } => None,
+            JoinError::RoomFull { .. } | JoinError::TooManyRooms { .. } | JoinError::SeedStale => {
+                None
+            }
         }
     }
 
@@ -87,6 +95,7 @@ impl JoinError {
 }
 
 /// A request to join one chat room.
+#[derive(Clone, Copy)]
 pub struct JoinRequest<'a> {
     /// Already a valid, joinable name.
     pub name: &'a str,
@@ -112,7 +121,7 @@ pub struct Start<'a> {
     /// What Redis kept of the room, oldest first: the end of its history ring.
     pub kept: &'a [Arc<Outbound>],
     /// The room's past, read from the archive before any lock was taken (`seed_job`).
-    pub prepared: Option<Prepared>,
+    pub seeding: Seeding,
 }
 
 /// Whether a joiner may enter a room with `settings` that has `members` now. The password is
@@ -208,6 +217,17 @@ impl Hub {
             None => {
                 let settings = self.settings.read().resolve(name);
                 admit(&settings, 0, req.password)?;
+                // No disk read under the shard lock: a past read beforehand that went stale
+                // sends the join back to read it again.
+                if start.seeding.retry_if_stale
+                    && self.history.needs_read(
+                        name,
+                        self.capacity(&settings),
+                        start.seeding.prepared.as_ref(),
+                    )
+                {
+                    return Err(JoinError::SeedStale);
+                }
                 // Under the shard lock: a refused join creates nothing. Exact across shards:
                 // the count is taken before the room exists and given back if refused.
                 if self.rooms.fetch_add(1, Ordering::Relaxed) >= self.max_rooms {
@@ -218,7 +238,13 @@ impl Hub {
                     });
                 }
                 let settings_private = settings.is_private();
-                let room = self.create_room(name, settings, start.seq, start.kept, start.prepared);
+                let room = self.create_room(
+                    name,
+                    settings,
+                    start.seq,
+                    start.kept,
+                    start.seeding.prepared,
+                );
                 room.set_remote_members(start.remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
@@ -961,5 +987,82 @@ mod tests {
         assert_eq!(found.publish_message(&p), None, "reaches nobody: no seq");
         assert!(found.is_closed());
         assert_eq!(found.last_seq(), 1, "the closed room numbered nothing more");
+    }
+
+    #[test]
+    fn a_stale_read_of_a_rooms_past_sends_the_join_back_instead_of_reading_under_the_lock() {
+        use crate::core::history::HistorySettings;
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::new());
+        let flag = HistorySettings {
+            capacity: 10,
+            db: Some(dir.path().join("h.sqlite")),
+            db_queue: 100,
+            ..HistorySettings::default()
+        };
+        let service = Arc::new(HistoryService::new(flag, stats.clone()).unwrap());
+        let hub = Hub::new(4, 16, stats.clone()).with_history(service);
+        let u: Arc<str> = "u".into();
+        let req = |id| JoinRequest {
+            name: "r",
+            id,
+            user: &u,
+            password: None,
+            replay: None,
+            grant: None,
+        };
+        let read = |hub: &Hub| Seeding {
+            prepared: hub.seed_job("r").and_then(|job| job()),
+            retry_if_stale: true,
+        };
+        // Read before the room lived once: this read goes stale below.
+        let early = read(&hub);
+        let fresh = read(&hub);
+        let a = hub
+            .join(
+                &req(1),
+                Start {
+                    seeding: fresh,
+                    ..Start::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(a.room.publish("u", "one", 1, false), 1);
+        hub.leave(&a.room, 1);
+        // The retired room's ring stays in memory until the writer has it on disk and forgets
+        // it; from then on a join reads the disk, and the early read no longer matches.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !hub.history.needs_read("r", 10, None) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never caught up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+
+        let stale = Start {
+            seeding: early,
+            ..Start::default()
+        };
+        assert!(matches!(
+            hub.join(&req(2), stale),
+            Err(JoinError::SeedStale)
+        ));
+        assert_eq!(hub.room_count(), 0, "a join sent back creates nothing");
+        let b = hub
+            .join(
+                &req(3),
+                Start {
+                    seeding: read(&hub),
+                    ..Start::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(b.last_seq, 1, "numbering goes on after the room's past");
+        assert_eq!(
+            stats.history_db_locked_reads.get(),
+            0,
+            "nothing was read under the lock"
+        );
     }
 }

@@ -134,7 +134,7 @@ impl Stats {
         );
         let history_db_locked_reads = counter(
             "history_db_locked_reads",
-            "Room seeds read from the history database under the registry lock (the read made beforehand went stale)",
+            "Room seeds read from the history database under the registry lock (the reads made beforehand went stale four times)",
         );
         let auth_refused = AuthRefused::default();
         registry.register(
