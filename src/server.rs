@@ -96,6 +96,7 @@ pub async fn run(
         db_queue_bytes: usize::try_from(config.history_db_queue_bytes).unwrap_or(usize::MAX),
         memory: usize::try_from(config.history_memory).unwrap_or(usize::MAX),
         room_bytes: usize::try_from(config.room_history_bytes).unwrap_or(usize::MAX),
+        page_delay: config.fault_page_read_delay,
     };
     let history = Arc::new(HistoryService::new(history_settings, stats.clone())?);
     let hub = Arc::new(

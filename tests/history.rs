@@ -1036,3 +1036,76 @@ async fn a_client_that_never_reads_its_page_is_dropped_at_the_write_timeout() {
     let _ = tokio::time::timeout(STEP, stream.read_to_end(&mut got)).await;
     assert!(got.len() < 10 * 16 * 60_000, "{} bytes arrived", got.len());
 }
+
+/// A flood of slow page reads (the archive's disk is made slow on purpose) must hold up
+/// neither joins into new rooms, which read their own past from the same database, nor pings
+/// on sockets already open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_slow_page_reads_holds_up_no_join_and_no_ping() {
+    const SLOW: Duration = Duration::from_secs(3);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("pages.sqlite");
+    let server = TestServer::with(move |c| {
+        c.history_db = Some(db);
+        c.fault_page_read_delay = SLOW;
+        c.rate_limit = roomcast::config::rate::RateLimitArg(None);
+    })
+    .await;
+    // An archived room with no member: its pages come from the database.
+    {
+        let (mut c, _) = Client::join(&server.ws_url("/ws/old?user=a")).await;
+        for i in 0..3 {
+            c.send_json(&json!({ "text": format!("m{i}") })).await;
+            c.recv_type("message").await;
+        }
+    }
+    server
+        .wait_for("/api/stats", "archived", |_, v| {
+            v["history_db_written"] == 3
+        })
+        .await;
+    let (mut calm, _) = Client::join(&server.ws_url("/ws/calm?user=calm")).await;
+
+    // Three times as many page reads as the server reads at once, each 3 s long.
+    let flood_start = tokio::time::Instant::now();
+    let addr = server.addr;
+    let flood: Vec<_> = (0..12)
+        .map(|_| {
+            tokio::spawn(async move {
+                let r = support::http(addr, "GET", "/api/rooms/old/messages?limit=10", None)
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200);
+                tokio::time::Instant::now()
+            })
+        })
+        .collect();
+    // Let the page reads reach the server and take every reader.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for i in 0..3 {
+        let t = tokio::time::Instant::now();
+        let (_c, welcome) = Client::join(&server.ws_url(&format!("/ws/new-{i}?user=b"))).await;
+        assert_eq!(welcome["type"], "welcome");
+        let took = t.elapsed();
+        assert!(
+            took < SLOW / 3,
+            "join {i} waited {took:?} behind page reads"
+        );
+        let t = tokio::time::Instant::now();
+        calm.send_json(&json!({"type": "ping"})).await;
+        assert_eq!(calm.recv_type("pong").await["type"], "pong");
+        let took = t.elapsed();
+        assert!(took < SLOW / 3, "a ping waited {took:?}");
+    }
+    let joins_done = tokio::time::Instant::now();
+    let mut first_page = None::<tokio::time::Instant>;
+    for f in flood {
+        let done = f.await.unwrap();
+        first_page = Some(first_page.map_or(done, |p| p.min(done)));
+    }
+    let first_page = first_page.unwrap();
+    // The joins really ran while the page reads held the readers.
+    assert!(first_page >= flood_start + SLOW, "a page read was not slow");
+    assert!(joins_done < first_page, "the joins ran after the flood");
+}

@@ -261,6 +261,11 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_HISTORY_DB_QUEUE_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
     pub history_db_queue_bytes: u64,
 
+    /// Not a flag: tests set it in-process to make every page read from `--history-db` sleep
+    /// this long first, as on a slow disk.
+    #[arg(skip)]
+    pub fault_page_read_delay: Duration,
+
     // Bounded by design: admission and the shutdown drain.
     /// WebSocket upgrades this process accepts: `N/s` or `N/m`, optionally ` burst B`
     /// (B defaults to N), or `off`. An upgrade past it gets HTTP 503 `accept_rate` with

@@ -36,9 +36,11 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const WRITER_BUSY: Duration = Duration::from_millis(250);
 /// How long a read (room seed, paging) waits on a locked database.
 const READER_BUSY: Duration = Duration::from_secs(2);
-/// Read-only connections: a page read holds one for the whole page, so a flood of page reads
-/// uses at most these and leaves the rest of the blocking pool to room seeds.
-const READERS: usize = 4;
+/// Read-only connections for page reads: a page read holds one for the whole page, and at most
+/// this many page reads wait on the blocking pool at once (`page_slot`), so a flood of page
+/// reads waits asynchronously, not on blocking threads. Room seeds have a connection of their
+/// own, so no page read ever holds up a join.
+const PAGE_READERS: usize = 4;
 /// Buckets of the per-name change counters (see `Archive::changes`).
 const CHANGE_BUCKETS: usize = 256;
 
@@ -134,8 +136,13 @@ pub struct Prepared {
 
 pub struct Archive {
     tx: SyncSender<Job>,
-    /// Seeds and pages; the writer has its own connection (WAL: readers never wait for it).
-    readers: Box<[Mutex<Connection>]>,
+    /// Room seeds' own connection; the writer has its own too (WAL: readers never wait for it).
+    seed_reader: Mutex<Connection>,
+    /// Page reads', at most one page read each (`page_slots`).
+    page_readers: Box<[Mutex<Connection>]>,
+    page_slots: Arc<tokio::sync::Semaphore>,
+    /// Fault injection for tests: every page read first sleeps this long, as on a slow disk.
+    page_delay: Duration,
     notes: Notes,
     stats: Arc<Stats>,
     stopping: Arc<AtomicBool>,
@@ -190,15 +197,17 @@ impl Archive {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(WRITER_BUSY)?;
         conn.execute_batch(SCHEMA)?;
-        let readers = (0..READERS)
-            .map(|_| {
-                let reader = Connection::open_with_flags(
-                    path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
-                reader.busy_timeout(READER_BUSY)?;
-                Ok(Mutex::new(reader))
-            })
+        let reader = || -> rusqlite::Result<Mutex<Connection>> {
+            let reader = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            reader.busy_timeout(READER_BUSY)?;
+            Ok(Mutex::new(reader))
+        };
+        let seed_reader = reader()?;
+        let page_readers = (0..PAGE_READERS)
+            .map(|_| reader())
             .collect::<rusqlite::Result<Box<[_]>>>()?;
 
         let (tx, rx) = mpsc::sync_channel(queue.max(1));
@@ -222,7 +231,10 @@ impl Archive {
         tracing::info!(path = %path.display(), ?retention, "durable history");
         Ok(Archive {
             tx,
-            readers,
+            seed_reader,
+            page_readers,
+            page_slots: Arc::new(tokio::sync::Semaphore::new(PAGE_READERS)),
+            page_delay: Duration::ZERO,
             notes,
             stats,
             stopping,
@@ -230,6 +242,12 @@ impl Archive {
             writer: Mutex::new(Some(handle)),
             max_queue_bytes: usize::MAX,
         })
+    }
+
+    /// Makes every page read sleep `delay` first (tests: a slow disk).
+    pub fn with_page_delay(mut self, delay: Duration) -> Self {
+        self.page_delay = delay;
+        self
     }
 
     /// Bounds the writer queue in bytes too (`--history-db-queue-bytes`).
@@ -287,11 +305,19 @@ impl Archive {
     }
 
     /// A free read-only connection, else the first (waiting for it).
-    fn reader(&self) -> parking_lot::MutexGuard<'_, Connection> {
-        self.readers
+    /// A free page reader, or the first to come free. Only `PAGE_READERS` page reads run at
+    /// once (`page_slot`), so this waits only for a caller that skipped the slot (tests).
+    fn page_reader(&self) -> parking_lot::MutexGuard<'_, Connection> {
+        self.page_readers
             .iter()
             .find_map(|r| r.try_lock())
-            .unwrap_or_else(|| self.readers[0].lock())
+            .unwrap_or_else(|| self.page_readers[0].lock())
+    }
+
+    /// Waits (asynchronously) for a page read's turn: hold the permit across `page`. `None`
+    /// never happens (the slots are never closed); a caller may read without a slot then.
+    pub async fn page_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.page_slots.clone().acquire_owned().await.ok()
     }
 
     /// Reads room `name`'s last seq and last `capacity` messages from disk, for a room about to
@@ -322,7 +348,7 @@ impl Archive {
         name: &str,
         capacity: usize,
     ) -> rusqlite::Result<(u64, Vec<(u64, String)>)> {
-        let conn = self.reader();
+        let conn = self.seed_reader.lock();
         let max: Option<i64> = conn.query_row(
             "SELECT max(seq) FROM messages WHERE room = ?1",
             [name],
@@ -387,7 +413,7 @@ impl Archive {
     }
 
     /// Up to `limit` archived messages of `room` with a seq below `before`, newest first, as
-    /// `(seq, JSON payload)`. Blocking: call from `spawn_blocking`.
+    /// `(seq, JSON payload)`. Blocking: call from `spawn_blocking`, holding a `page_slot`.
     pub fn page(
         &self,
         room: &str,
@@ -395,7 +421,11 @@ impl Archive {
         limit: usize,
     ) -> Result<Vec<(u64, String)>, DbError> {
         let before = i64::try_from(before).unwrap_or(i64::MAX);
-        Ok(read_rows(&self.reader(), room, before, limit)?)
+        let reader = self.page_reader();
+        if !self.page_delay.is_zero() {
+            std::thread::sleep(self.page_delay);
+        }
+        Ok(read_rows(&reader, room, before, limit)?)
     }
 
     /// Asks the writer to flush what is queued and stop; waits at most `within` (and, past it,

@@ -42,6 +42,8 @@ pub struct HistorySettings {
     pub memory: usize,
     /// Bytes one room's ring may keep, unless its settings say (`--room-history-bytes`).
     pub room_bytes: usize,
+    /// Fault injection for tests: each page read from the database first sleeps this long.
+    pub page_delay: Duration,
 }
 
 impl Default for HistorySettings {
@@ -57,6 +59,7 @@ impl Default for HistorySettings {
             db_queue_bytes: usize::MAX,
             memory: usize::MAX,
             room_bytes: usize::MAX,
+            page_delay: Duration::ZERO,
         }
     }
 }
@@ -75,7 +78,8 @@ impl HistoryService {
         let archive = match &settings.db {
             Some(path) => Some(
                 Archive::open(path, settings.retention, settings.db_queue, stats.clone())?
-                    .with_max_queue_bytes(settings.db_queue_bytes),
+                    .with_max_queue_bytes(settings.db_queue_bytes)
+                    .with_page_delay(settings.page_delay),
             ),
             None => None,
         };

@@ -68,12 +68,17 @@ pub async fn page(api: &Api, peer: IpAddr, room: String, req: &Request<Incoming>
             older_than = older_than.min(first);
         }
     }
-    if rows.len() <= limit && history.archive().is_some() {
+    if let Some(archive) = history.archive().filter(|_| rows.len() <= limit) {
         let want = limit + 1 - rows.len();
         let name = room.clone();
-        let read = tokio::task::spawn_blocking(move || match history.archive() {
-            Some(archive) => archive.page(&name, older_than, want),
-            None => Ok(Vec::new()),
+        // A flood of page reads queues here, not on the blocking pool.
+        let slot = archive.page_slot().await;
+        let read = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            match history.archive() {
+                Some(archive) => archive.page(&name, older_than, want),
+                None => Ok(Vec::new()),
+            }
         });
         let archived = read
             .await
