@@ -372,6 +372,35 @@ async fn a_ping_flood_meets_the_rate_limit_like_a_message_flood() {
     assert!(stats(&server).await["rate_limited"].as_u64().unwrap() >= 4);
 }
 
+/// With no rate limit, a ping flood costs the server a bounded number of pongs per read, not
+/// one per ping: past the first few of a read, only the last ping is answered (RFC 6455,
+/// 5.5.3).
+#[tokio::test]
+async fn a_ping_flood_is_answered_for_the_last_ping_not_every_ping() {
+    let server = TestServer::with(|c| c.rate_limit = RateLimitArg(None)).await;
+    let mut ws = RawWs::connect(server.addr, "/ws/r?user=pinger").await;
+    let welcome = ws.next_frame().await.expect("welcome");
+    assert_eq!(welcome.0, 1);
+    const PINGS: u32 = 1000;
+    let flood: Vec<u8> = (0..PINGS)
+        .flat_map(|i| RawWs::frame(0x89, i.to_string().as_bytes()))
+        .collect();
+    assert!(ws.send(&flood).await);
+    let mut pongs = 0;
+    loop {
+        let (opcode, payload) = ws.next_frame().await.expect("a pong for the last ping");
+        if opcode != 0xA {
+            continue;
+        }
+        pongs += 1;
+        if payload == (PINGS - 1).to_string().as_bytes() {
+            break;
+        }
+    }
+    // The flood is about 9 KiB: a few reads, at most 17 pongs each.
+    assert!(pongs <= 120, "{pongs} pongs for {PINGS} pings");
+}
+
 #[tokio::test]
 async fn pong_and_continuation_floods_meet_the_rate_limit() {
     let server = TestServer::with(|c| c.rate_limit = "2/s burst 3".parse().unwrap()).await;

@@ -14,6 +14,39 @@ use crate::proto;
 use crate::proto::close;
 use crate::ws::frame::{self, close_request, CloseRequest, InFrame};
 
+/// Pongs answered per read before only the last ping is answered.
+const MAX_PONGS: usize = 16;
+
+/// The pings of one read, to answer in one write.
+#[derive(Default)]
+struct Pings {
+    /// The pongs of the first `MAX_PONGS` pings, encoded back to back.
+    pongs: Vec<u8>,
+    answered: usize,
+    /// The last ping past `MAX_PONGS`.
+    last: Option<BytesMut>,
+}
+
+impl Pings {
+    fn push(&mut self, payload: BytesMut) {
+        if self.answered < MAX_PONGS {
+            self.answered += 1;
+            let pong = proto::encode_control(Frame::pong(Payload::Borrowed(&payload)));
+            self.pongs.extend_from_slice(&pong);
+        } else {
+            self.last = Some(payload);
+        }
+    }
+
+    fn into_pongs(mut self) -> Option<Vec<u8>> {
+        if let Some(last) = self.last.take() {
+            let pong = proto::encode_control(Frame::pong(Payload::Borrowed(&last)));
+            self.pongs.extend_from_slice(&pong);
+        }
+        (!self.pongs.is_empty()).then_some(self.pongs)
+    }
+}
+
 impl Connection {
     /// One read after a readiness event (one per event, so a fast sender cannot monopolise the
     /// task). Returns whether any bytes came in; the caller then handles the frames.
@@ -40,15 +73,26 @@ impl Connection {
     /// Handles every complete frame in `inbuf`, leaving a partial one in place. Returns how
     /// many frames were complete: with none, a partial frame left in `inbuf` is the same one
     /// as before this read (what `--message-timeout` times).
+    ///
+    /// Pings are answered once the frames of the read are handled, in one write: the first
+    /// `MAX_PONGS` each get their pong, and past them only the last one does (RFC 6455 5.5.3
+    /// lets a pong answer the most recent of several pings). A ping flood costs one write and
+    /// a bounded buffer per read, not a write per ping.
     pub(super) async fn drain_frames(&mut self) -> Result<usize, End> {
         let max = self.cx.limits.max_message_bytes;
         let mut complete = 0;
+        let mut pings = Pings::default();
         loop {
             match frame::decode(&mut self.inbuf, max) {
-                Ok(None) => return Ok(complete),
+                Ok(None) => {
+                    if let Some(pongs) = pings.into_pongs() {
+                        self.write_frames(&[&pongs]).await?;
+                    }
+                    return Ok(complete);
+                }
                 Ok(Some(frame)) => {
                     complete += 1;
-                    if let Some(end) = self.on_frame(frame).await {
+                    if let Some(end) = self.on_frame(frame, &mut pings).await {
                         return Err(end);
                     }
                 }
@@ -62,8 +106,9 @@ impl Connection {
 
     /// Handles one frame from the client; `Some` ends the connection. Pings, pongs and
     /// continuation fragments each take a token from the socket's `--rate-limit` bucket, as a
-    /// whole message does (in `on_text`): a flood of any frame meets the same limit.
-    async fn on_frame(&mut self, frame: InFrame) -> Option<End> {
+    /// whole message does (in `on_text`): a flood of any frame meets the same limit. An
+    /// admitted ping goes in `pings`, for `drain_frames` to answer.
+    async fn on_frame(&mut self, frame: InFrame, pings: &mut Pings) -> Option<End> {
         let max = self.cx.limits.max_message_bytes;
         let message = match frame.opcode {
             OpCode::Close => {
@@ -78,8 +123,8 @@ impl Connection {
                     Ok(false) => return None,
                     Err(end) => return Some(end),
                 }
-                let pong = proto::encode_control(Frame::pong(Payload::Borrowed(&frame.payload)));
-                return self.write_frames(&[&pong]).await.err();
+                pings.push(frame.payload);
+                return None;
             }
             OpCode::Pong => return self.admit().await.err(),
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
