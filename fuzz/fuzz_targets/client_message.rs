@@ -109,9 +109,14 @@ fn check_accepted(input: &str, msg: ClientMessage<'_>) {
                         .and_then(|n| u32::try_from(n).ok())
                         .expect("`history` is a u32"),
                 )),
-                (None, Some(s)) => {
-                    Some(ReplayRequest::Since(s.as_u64().expect("`since` is a u64")))
-                }
+                (None, Some(s)) => Some(ReplayRequest::Since(
+                    s.as_u64().expect("`since` is a u64"),
+                    field("epoch").map(|e| {
+                        e.as_str()
+                            .and_then(|e| e.parse().ok())
+                            .expect("`epoch` is an epoch")
+                    }),
+                )),
                 (Some(_), Some(_)) => panic!("`history` and `since` together accepted"),
             };
             assert_eq!(replay, expected);

@@ -26,7 +26,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use crate::config::Retention;
 use crate::core::ring::{History, Seed};
 use crate::core::stats::{unix_millis, Stats};
-use crate::proto::{self, Outbound};
+use crate::proto::{self, Epoch, Outbound};
 
 /// Most messages one transaction writes.
 const BATCH: usize = 1024;
@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS messages (
     seq     INTEGER NOT NULL,
     ts      INTEGER NOT NULL,   -- Unix milliseconds, for age retention
     payload TEXT    NOT NULL,   -- the message frame's JSON, exactly as it was broadcast
+    epoch   INTEGER,            -- the room's epoch (proto::Epoch bits) when it was published
     PRIMARY KEY (room, seq)
 );
 CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
@@ -59,6 +60,7 @@ CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);
 struct Record {
     room: Arc<str>,
     ts: u64,
+    epoch: Epoch,
     out: Arc<Outbound>,
 }
 
@@ -73,6 +75,8 @@ enum Job {
 struct Unflushed {
     /// The room's last used seq.
     last_seq: u64,
+    /// And its epoch.
+    epoch: Epoch,
     /// Its ring when it left memory, fresher than the database while the writer catches up.
     frames: Option<VecDeque<Arc<Outbound>>>,
 }
@@ -131,8 +135,11 @@ pub struct Prepared {
     /// The note book's version of the name when the read began.
     version: u64,
     capacity: usize,
-    read: rusqlite::Result<(u64, Vec<(u64, String)>)>,
+    read: rusqlite::Result<SeedRead>,
 }
+
+/// A room's last seq, the epoch of its last message and its last messages, as on disk.
+type SeedRead = (u64, Option<Epoch>, Vec<(u64, String)>);
 
 pub struct Archive {
     tx: SyncSender<Job>,
@@ -197,6 +204,16 @@ impl Archive {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(WRITER_BUSY)?;
         conn.execute_batch(SCHEMA)?;
+        // Databases made before epochs: their messages get none, so a room of theirs starts a
+        // new epoch the first time it is created again.
+        let has_epoch: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('messages') WHERE name = 'epoch'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_epoch {
+            conn.execute_batch("ALTER TABLE messages ADD COLUMN epoch INTEGER")?;
+        }
         let reader = || -> rusqlite::Result<Mutex<Connection>> {
             let reader = Connection::open_with_flags(
                 path,
@@ -258,10 +275,11 @@ impl Archive {
 
     /// Queues a published message. Never blocks; a full queue drops it (counted) and notes the
     /// seq so that the room's numbering never reuses it.
-    pub(crate) fn append(&self, room: &Arc<str>, ts: u64, out: &Arc<Outbound>) {
+    pub(crate) fn append(&self, room: &Arc<str>, ts: u64, epoch: Epoch, out: &Arc<Outbound>) {
         let job = Job::Append(Record {
             room: room.clone(),
             ts,
+            epoch,
             out: out.clone(),
         });
         let size = out.frame.len();
@@ -281,14 +299,16 @@ impl Archive {
             book.changed(room);
             let note = book.notes.entry(room.as_ref().into()).or_insert(Unflushed {
                 last_seq: 0,
+                epoch,
                 frames: None,
             });
             note.last_seq = note.last_seq.max(out.seq);
+            note.epoch = epoch;
         }
     }
 
     /// A room leaves memory with its last seq and ring.
-    pub(crate) fn retire(&self, room: &Arc<str>, last_seq: u64, history: History) {
+    pub(crate) fn retire(&self, room: &Arc<str>, last_seq: u64, epoch: Epoch, history: History) {
         let mut frames = Some(history.into_frames());
         if self.tx.try_send(Job::Retired(room.clone())).is_err() {
             // Nobody would free the ring: keep just the seq, the ring comes from disk later.
@@ -298,13 +318,14 @@ impl Archive {
         book.changed(room);
         let note = book.notes.entry(room.as_ref().into()).or_insert(Unflushed {
             last_seq: 0,
+            epoch,
             frames: None,
         });
         note.last_seq = note.last_seq.max(last_seq);
+        note.epoch = epoch;
         note.frames = frames;
     }
 
-    /// A free read-only connection, else the first (waiting for it).
     /// A free page reader, or the first to come free. Only `PAGE_READERS` page reads run at
     /// once (`page_slot`), so this waits only for a caller that skipped the slot (tests).
     fn page_reader(&self) -> parking_lot::MutexGuard<'_, Connection> {
@@ -343,19 +364,18 @@ impl Archive {
         !prepared.is_some_and(|p| p.version == book.version(name) && p.capacity == capacity)
     }
 
-    fn read_seed(
-        &self,
-        name: &str,
-        capacity: usize,
-    ) -> rusqlite::Result<(u64, Vec<(u64, String)>)> {
+    /// The room's last seq, the epoch of its last message (none when it has no message, or an
+    /// unreadable one) and its last `capacity` messages.
+    fn read_seed(&self, name: &str, capacity: usize) -> rusqlite::Result<SeedRead> {
         let conn = self.seed_reader.lock();
         let max: Option<i64> = conn.query_row(
             "SELECT max(seq) FROM messages WHERE room = ?1",
             [name],
             |r| r.get(0),
         )?;
+        let epoch = last_epoch(&conn, name)?;
         let rows = read_rows(&conn, name, i64::MAX, capacity)?;
-        Ok((max.unwrap_or(0) as u64, rows))
+        Ok((max.map_or(0, |m| u64::try_from(m).unwrap_or(0)), epoch, rows))
     }
 
     /// Where room `name` starts when it is created: its last seq and its last `capacity`
@@ -378,24 +398,34 @@ impl Archive {
         };
         if let Some(Unflushed {
             last_seq,
+            epoch,
             frames: Some(frames),
         }) = note
         {
             return Seed {
                 last_seq,
+                epoch,
                 history: History::with_frames(capacity, frames),
             };
         }
-        let floor = note.map_or(0, |n| n.last_seq);
+        let floor = note.as_ref().map_or(0, |n| n.last_seq);
+        // What memory knows of the room is newer than the disk, and of the same epoch.
+        let noted = note.map(|n| n.epoch);
         let from_db = fresh.unwrap_or_else(|| {
             self.stats.history_db_locked_reads.inc();
             self.read_seed(name, capacity)
         });
         match from_db {
-            Ok((max, mut rows)) => {
+            Ok((max, epoch, mut rows)) => {
                 rows.reverse();
+                // The epoch goes on while the disk has the room's messages: with none, the
+                // numbering starts again, and so does a new epoch.
+                let epoch = noted
+                    .or(epoch.filter(|_| max > 0))
+                    .unwrap_or_else(Epoch::random);
                 Seed {
                     last_seq: max.max(floor),
+                    epoch,
                     history: History::with_frames(
                         capacity,
                         rows.into_iter().map(|(seq, p)| outbound(seq, &p)),
@@ -406,6 +436,7 @@ impl Archive {
                 tracing::warn!(room = name, error = %e, "could not read the room's history");
                 Seed {
                     last_seq: floor,
+                    epoch: noted.unwrap_or_else(Epoch::random),
                     history: History::new(capacity),
                 }
             }
@@ -413,19 +444,21 @@ impl Archive {
     }
 
     /// Up to `limit` archived messages of `room` with a seq below `before`, newest first, as
-    /// `(seq, JSON payload)`. Blocking: call from `spawn_blocking`, holding a `page_slot`.
+    /// `(seq, JSON payload)`, and the epoch of the room's last archived message. Blocking: call
+    /// from `spawn_blocking`, holding a `page_slot`.
     pub fn page(
         &self,
         room: &str,
         before: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, String)>, DbError> {
+    ) -> Result<(Vec<(u64, String)>, Option<Epoch>), DbError> {
         let before = i64::try_from(before).unwrap_or(i64::MAX);
         let reader = self.page_reader();
         if !self.page_delay.is_zero() {
             std::thread::sleep(self.page_delay);
         }
-        Ok(read_rows(&reader, room, before, limit)?)
+        let rows = read_rows(&reader, room, before, limit)?;
+        Ok((rows, last_epoch(&reader, room)?))
     }
 
     /// Asks the writer to flush what is queued and stop; waits at most `within` (and, past it,
@@ -477,6 +510,22 @@ impl Drop for Archive {
         // The writer stops by itself once the queue's sender is gone; don't wait for it here.
         self.stopping.store(true, Ordering::Relaxed);
     }
+}
+
+/// The epoch of room `room`'s last archived message (none: no message, or one from before
+/// epochs, or a corrupt value).
+fn last_epoch(conn: &Connection, room: &str) -> rusqlite::Result<Option<Epoch>> {
+    let epoch: Option<Option<i64>> = conn
+        .query_row(
+            "SELECT epoch FROM messages WHERE room = ?1 ORDER BY seq DESC LIMIT 1",
+            [room],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(epoch
+        .flatten()
+        .and_then(|e| u64::try_from(e).ok())
+        .and_then(Epoch::from_bits))
 }
 
 fn read_rows(
@@ -699,7 +748,7 @@ fn insert_batch(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<()>
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(
-            "INSERT OR REPLACE INTO messages (room, seq, ts, payload) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT OR REPLACE INTO messages (room, seq, ts, payload, epoch) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         for r in batch {
             let Ok(payload) = std::str::from_utf8(proto::frame_payload(&r.out.frame)) else {
@@ -709,7 +758,8 @@ fn insert_batch(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<()>
                 r.room.as_ref(),
                 r.out.seq as i64,
                 r.ts as i64,
-                payload
+                payload,
+                r.epoch.to_bits() as i64
             ])?;
         }
     }
@@ -725,6 +775,12 @@ pub fn payload_of(out: &Outbound) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The epoch these tests publish in.
+    const E: Epoch = match Epoch::from_bits(42) {
+        Some(e) => e,
+        None => panic!(),
+    };
 
     fn publish(seq: u64) -> Arc<Outbound> {
         Arc::new(Outbound {
@@ -745,7 +801,7 @@ mod tests {
         {
             let a = Archive::open(&path, Retention::default(), 100, stats.clone()).unwrap();
             for seq in 1..=5 {
-                a.append(&room, unix_millis(), &publish(seq));
+                a.append(&room, unix_millis(), E, &publish(seq));
             }
             a.close(Duration::from_secs(10));
         }
@@ -754,7 +810,7 @@ mod tests {
         let seed = a.seed("r", 3, None);
         assert_eq!(seed.last_seq, 5);
         assert_eq!(seed.history.first_seq(), Some(3));
-        let page = a.page("r", 5, 10).unwrap();
+        let page = a.page("r", 5, 10).unwrap().0;
         assert_eq!(
             page.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
             [4, 3, 2, 1]
@@ -762,6 +818,33 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&page[0].1).unwrap();
         assert_eq!(v["text"], "m4");
         assert_eq!(a.seed("other", 3, None).last_seq, 0);
+        assert_eq!(seed.epoch, E, "the epoch goes on with the messages");
+        assert_eq!(a.page("r", 5, 10).unwrap().1, Some(E));
+        assert_ne!(a.seed("other", 3, None).epoch, E, "a room with no past starts a new one");
+    }
+
+    #[test]
+    fn a_database_from_before_epochs_gets_the_column_and_new_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE messages (room TEXT NOT NULL, seq INTEGER NOT NULL,
+                 ts INTEGER NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (room, seq));
+                 INSERT INTO messages VALUES ('r', 7, 0, '{\"type\":\"message\",\"seq\":7}');",
+            )
+            .unwrap();
+            // Recent, so that age retention keeps it.
+            c.execute("UPDATE messages SET ts = ?1", [unix_millis() as i64])
+                .unwrap();
+        }
+        let a = Archive::open(&path, Retention::default(), 100, Arc::new(Stats::new())).unwrap();
+        let seed = a.seed("r", 10, None);
+        assert_eq!(seed.last_seq, 7, "the old messages are still there");
+        a.append(&"r".into(), unix_millis(), seed.epoch, &publish(8));
+        a.close(Duration::from_secs(10));
+        assert_eq!(a.page("r", u64::MAX, 10).unwrap().1, Some(seed.epoch));
     }
 
     #[test]
@@ -775,7 +858,7 @@ mod tests {
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN EXCLUSIVE").unwrap();
         for seq in 1..=3000 {
-            a.append(&room, unix_millis(), &publish(seq));
+            a.append(&room, unix_millis(), E, &publish(seq));
         }
         a.close(Duration::from_millis(100));
         assert_eq!(stats.history_db_written.get(), 0);
@@ -795,7 +878,7 @@ mod tests {
         let path = dir.path().join("h.sqlite");
         let stats = Arc::new(Stats::new());
         let a = Archive::open(&path, Retention::default(), 100, stats.clone()).unwrap();
-        a.append(&"r".into(), unix_millis(), &publish(1));
+        a.append(&"r".into(), unix_millis(), E, &publish(1));
         let deadline = Instant::now() + Duration::from_secs(10);
         while stats.history_db_written.get() == 0 {
             assert!(Instant::now() < deadline, "nothing written");
@@ -820,10 +903,10 @@ mod tests {
         let mut ring = History::new(4);
         for seq in 1..=50 {
             let out = publish(seq);
-            a.append(&room, unix_millis(), &out);
+            a.append(&room, unix_millis(), E, &out);
             ring.push(&out);
         }
-        a.retire(&room, 50, ring);
+        a.retire(&room, 50, E, ring);
         let seed = a.seed("r", 4, None);
         assert_eq!(seed.last_seq, 50);
         a.close(Duration::from_secs(10));
@@ -846,7 +929,7 @@ mod tests {
         .with_max_queue_bytes(frame - 1);
         let room: Arc<str> = "r".into();
         for seq in 1..=3 {
-            a.append(&room, unix_millis(), &publish(seq));
+            a.append(&room, unix_millis(), E, &publish(seq));
         }
         assert_eq!(stats.history_db_dropped.get(), 3, "no frame fits");
         assert_eq!(a.seed("r", 4, None).last_seq, 3, "the seqs are not reused");
@@ -869,10 +952,10 @@ mod tests {
         let mut ring = History::new(4);
         for seq in 1..=3 {
             let out = publish(seq);
-            a.append(&room, unix_millis(), &out);
+            a.append(&room, unix_millis(), E, &out);
             ring.push(&out);
         }
-        a.retire(&room, 3, ring);
+        a.retire(&room, 3, E, ring);
         // Once the writer has the messages on disk it forgets the room's note, which changes
         // the name's version: wait for that, so that nothing changes during the read below.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -892,10 +975,10 @@ mod tests {
         let mut ring = History::new(4);
         for seq in 4..=9 {
             let out = publish(seq);
-            a.append(&room, unix_millis(), &out);
+            a.append(&room, unix_millis(), E, &out);
             ring.push(&out);
         }
-        a.retire(&room, 9, ring);
+        a.retire(&room, 9, E, ring);
         // The writer may have flushed and dropped the note by now: either way, 9.
         a.close(Duration::from_secs(10));
         let seed = a.seed("r", 4, Some(prepared));
@@ -912,11 +995,11 @@ mod tests {
         let room: Arc<str> = "r".into();
         let a = Archive::open(&path, Retention::PerRoom(3), 100, stats.clone()).unwrap();
         for seq in 1..=10 {
-            a.append(&room, unix_millis(), &publish(seq));
+            a.append(&room, unix_millis(), E, &publish(seq));
         }
         // The writer prunes the rooms it wrote to when it stops.
         a.close(Duration::from_secs(10));
-        let page = a.page("r", u64::MAX, 100).unwrap();
+        let page = a.page("r", u64::MAX, 100).unwrap().0;
         assert_eq!(page.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [10, 9, 8]);
     }
 
@@ -928,11 +1011,11 @@ mod tests {
         let room: Arc<str> = "r".into();
         let a = Archive::open(&path, Retention::Age(Duration::from_secs(60)), 100, stats).unwrap();
         let now = unix_millis();
-        a.append(&room, now - 120_000, &publish(1));
-        a.append(&room, now - 90_000, &publish(2));
-        a.append(&room, now, &publish(3));
+        a.append(&room, now - 120_000, E, &publish(1));
+        a.append(&room, now - 90_000, E, &publish(2));
+        a.append(&room, now, E, &publish(3));
         a.close(Duration::from_secs(10));
-        let page = a.page("r", u64::MAX, 100).unwrap();
+        let page = a.page("r", u64::MAX, 100).unwrap().0;
         assert_eq!(page.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [3]);
     }
 }

@@ -19,7 +19,7 @@ use crate::core::archive::{Archive, DbError, Prepared};
 use crate::core::dedupe::Dedupe;
 use crate::core::ring::{History, MemoryBudget, Seed};
 use crate::core::stats::Stats;
-use crate::proto::Outbound;
+use crate::proto::{Epoch, Outbound};
 
 /// History settings shared by every room, parsed from the configuration.
 #[derive(Debug, Clone)]
@@ -127,6 +127,7 @@ impl HistoryService {
             Some(archive) => archive.seed(name, capacity, prepared),
             None => Seed {
                 last_seq: 0,
+                epoch: Epoch::random(),
                 history: History::new(capacity),
             },
         };
@@ -154,16 +155,16 @@ impl HistoryService {
 
     /// Hands a just-published message to the archive. Never blocks: a full writer queue drops
     /// it and counts the drop.
-    pub(crate) fn record(&self, room: &Arc<str>, ts: u64, out: &Arc<Outbound>) {
+    pub(crate) fn record(&self, room: &Arc<str>, ts: u64, epoch: Epoch, out: &Arc<Outbound>) {
         if let Some(archive) = &self.archive {
-            archive.append(room, ts, out);
+            archive.append(room, ts, epoch, out);
         }
     }
 
     /// A room leaves memory (its last member left) with `last_seq` and its ring.
-    pub(crate) fn retire(&self, room: &Arc<str>, last_seq: u64, history: History) {
+    pub(crate) fn retire(&self, room: &Arc<str>, last_seq: u64, epoch: Epoch, history: History) {
         if let Some(archive) = &self.archive {
-            archive.retire(room, last_seq, history);
+            archive.retire(room, last_seq, epoch, history);
         }
     }
 

@@ -352,7 +352,8 @@ impl Hub {
                 self.rooms.fetch_sub(1, Ordering::Relaxed);
                 state.retired = true;
                 let history = std::mem::replace(&mut state.history, History::new(0));
-                self.history.retire(room.name_arc(), state.seq(), history);
+                self.history
+                    .retire(room.name_arc(), state.seq(), state.epoch(), history);
                 self.lobby
                     .room_closed(room.name(), state.settings.is_private());
             }
@@ -824,7 +825,7 @@ mod tests {
             // Some messages back: well inside the ring, and more arrive during the join.
             let since = anchor.room.last_seq().saturating_sub(20);
             let mut j =
-                join_replay(&hub, "r", id, &u, None, Some(ReplayRequest::Since(since))).unwrap();
+                join_replay(&hub, "r", id, &u, None, Some(ReplayRequest::Since(since, None))).unwrap();
             let replay = j.replay.take().unwrap();
             let mut expect = since + 1;
             for f in &replay.frames {
@@ -904,7 +905,7 @@ mod tests {
         let u: Arc<str> = "u".into();
         let a = join(&hub, "vip", 1, &u, Some("pw")).unwrap();
         a.room.publish("u", "secret", 1, false);
-        let since = Some(ReplayRequest::Since(0));
+        let since = Some(ReplayRequest::Since(0, None));
         assert_eq!(
             join_replay(&hub, "vip", 2, &u, Some("no"), since).err(),
             Some(JoinError::WrongPassword)
@@ -955,7 +956,7 @@ mod tests {
             ..retry("k3")
         };
         assert_eq!(a.room.duplicate_of(&someone_else), None);
-        let b = join_replay(&hub, "r", 2, &u, None, Some(ReplayRequest::Since(40))).unwrap();
+        let b = join_replay(&hub, "r", 2, &u, None, Some(ReplayRequest::Since(40, None))).unwrap();
         let replay = b.replay.unwrap();
         let seqs: Vec<u64> = replay.frames.iter().map(|o| o.seq).collect();
         assert_eq!(seqs, [41, 43]);

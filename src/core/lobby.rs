@@ -99,6 +99,7 @@ impl Lobby {
             settings,
             Seed {
                 last_seq: 0,
+                epoch: crate::proto::Epoch::random(),
                 history: History::new(0),
             },
             Arc::new(HistoryService::disabled()),

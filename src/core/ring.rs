@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 
-use crate::proto::{Outbound, ReplayRequest, ServerFrame};
+use crate::proto::{Epoch, Outbound, ReplayRequest, ServerFrame};
 
 /// Frames to write to a joiner right after its welcome: an announcement (`history` or
 /// `recovery`) and the past message frames themselves, oldest first.
@@ -188,7 +188,7 @@ impl History {
 
     /// What a joiner gets for `req`, given the room's last seq. Called under the room's lock
     /// together with the subscription, so the replay ends exactly where live frames begin.
-    pub fn replay(&self, room: &str, req: ReplayRequest, last_seq: u64) -> Replay {
+    pub fn replay(&self, room: &str, req: ReplayRequest, last_seq: u64, epoch: Epoch) -> Replay {
         match req {
             ReplayRequest::Last(n) => {
                 let n = (n as usize).min(self.frames.len());
@@ -201,12 +201,27 @@ impl History {
                     header: ServerFrame::History {
                         room,
                         count: frames.len(),
+                        epoch,
                     }
                     .encode(),
                     frames,
                 }
             }
-            ReplayRequest::Since(since) => {
+            ReplayRequest::Since(since, Some(theirs)) if theirs != epoch => Replay {
+                // The room's numbering started again since the client's position: replaying
+                // from it would send unrelated messages.
+                header: ServerFrame::Recovery {
+                    room,
+                    since,
+                    complete: false,
+                    from: last_seq + 1,
+                    count: 0,
+                    epoch,
+                }
+                .encode(),
+                frames: Vec::new(),
+            },
+            ReplayRequest::Since(since, _) => {
                 // A `since` beyond the last seq means the room's numbering restarted (a server
                 // restart without an archive): the client's position means nothing here, so it
                 // gets everything kept and `complete: false`.
@@ -225,6 +240,7 @@ impl History {
                         complete,
                         from,
                         count: frames.len(),
+                        epoch,
                     }
                     .encode(),
                     frames,
@@ -266,12 +282,19 @@ impl Drop for History {
 /// A new room's starting point: its last seq and its ring (from the archive, if any).
 pub struct Seed {
     pub last_seq: u64,
+    /// The incarnation `last_seq` belongs to (a fresh one when nothing of the past is known).
+    pub epoch: Epoch,
     pub history: History,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const EPOCH: Epoch = match Epoch::from_bits(7) {
+        Some(e) => e,
+        None => panic!(),
+    };
     use crate::proto::{self, client::MAX_HISTORY_REQUEST};
     use std::time::Instant;
 
@@ -309,20 +332,20 @@ mod tests {
     #[test]
     fn last_n_is_capped_by_what_is_kept() {
         let h = ring(10, 1..=5);
-        let r = h.replay("r", ReplayRequest::Last(3), 5);
+        let r = h.replay("r", ReplayRequest::Last(3), 5, EPOCH);
         assert_eq!(seqs(&r), [3, 4, 5]);
         assert_eq!(header(&r)["type"], "history");
         assert_eq!(header(&r)["count"], 3);
-        let r = h.replay("r", ReplayRequest::Last(100), 5);
+        let r = h.replay("r", ReplayRequest::Last(100), 5, EPOCH);
         assert_eq!(seqs(&r), [1, 2, 3, 4, 5]);
-        let r = h.replay("r", ReplayRequest::Last(0), 5);
+        let r = h.replay("r", ReplayRequest::Last(0), 5, EPOCH);
         assert!(r.frames.is_empty());
     }
 
     #[test]
     fn since_is_complete_when_everything_after_is_kept() {
         let h = ring(10, 1..=8);
-        let r = h.replay("r", ReplayRequest::Since(5), 8);
+        let r = h.replay("r", ReplayRequest::Since(5, None), 8, EPOCH);
         assert_eq!(seqs(&r), [6, 7, 8]);
         let v = header(&r);
         assert_eq!(
@@ -333,7 +356,7 @@ mod tests {
             ),
             (Some(true), Some(6), Some(3))
         );
-        let r = h.replay("r", ReplayRequest::Since(8), 8);
+        let r = h.replay("r", ReplayRequest::Since(8, None), 8, EPOCH);
         assert!(r.frames.is_empty());
         assert_eq!(header(&r)["complete"], true);
         assert_eq!(header(&r)["from"], 9);
@@ -342,7 +365,7 @@ mod tests {
     #[test]
     fn since_too_old_is_incomplete_and_sends_what_is_kept() {
         let h = ring(3, 1..=8);
-        let r = h.replay("r", ReplayRequest::Since(2), 8);
+        let r = h.replay("r", ReplayRequest::Since(2, None), 8, EPOCH);
         assert_eq!(seqs(&r), [6, 7, 8]);
         let v = header(&r);
         assert_eq!(
@@ -350,7 +373,7 @@ mod tests {
             (Some(false), Some(6))
         );
         // Nothing kept at all.
-        let r = ring(0, 1..=8).replay("r", ReplayRequest::Since(2), 8);
+        let r = ring(0, 1..=8).replay("r", ReplayRequest::Since(2, None), 8, EPOCH);
         assert!(r.frames.is_empty());
         assert_eq!(header(&r)["complete"], false);
         assert_eq!(header(&r)["from"], 9);
@@ -359,18 +382,41 @@ mod tests {
     #[test]
     fn since_beyond_the_last_seq_means_the_numbering_restarted() {
         let h = ring(10, 1..=3);
-        let r = h.replay("r", ReplayRequest::Since(50), 3);
+        let r = h.replay("r", ReplayRequest::Since(50, None), 3, EPOCH);
         assert_eq!(seqs(&r), [1, 2, 3]);
         assert_eq!(header(&r)["complete"], false);
     }
 
     #[test]
+    fn since_in_another_epoch_replays_nothing_and_names_the_epoch() {
+        let h = ring(10, 1..=8);
+        let other = Epoch::from_bits(8).unwrap();
+        let r = h.replay("r", ReplayRequest::Since(5, Some(other)), 8, EPOCH);
+        assert!(r.frames.is_empty(), "seqs of another epoch are other messages");
+        let v = header(&r);
+        assert_eq!(
+            (
+                v["complete"].as_bool(),
+                v["count"].as_u64(),
+                v["from"].as_u64()
+            ),
+            (Some(false), Some(0), Some(9))
+        );
+        assert_eq!(v["epoch"], EPOCH.to_string());
+        // The same epoch recovers as usual.
+        let r = h.replay("r", ReplayRequest::Since(5, Some(EPOCH)), 8, EPOCH);
+        assert_eq!(seqs(&r), [6, 7, 8]);
+        assert_eq!(header(&r)["complete"], true);
+        assert_eq!(header(&r)["epoch"], EPOCH.to_string());
+    }
+
+    #[test]
     fn holes_from_a_lossy_archive_make_recovery_incomplete() {
         let h = ring(10, [1, 2, 4, 5]);
-        let r = h.replay("r", ReplayRequest::Since(1), 5);
+        let r = h.replay("r", ReplayRequest::Since(1, None), 5, EPOCH);
         assert_eq!(seqs(&r), [2, 4, 5]);
         assert_eq!(header(&r)["complete"], false);
-        let r = h.replay("r", ReplayRequest::Since(3), 5);
+        let r = h.replay("r", ReplayRequest::Since(3, None), 5, EPOCH);
         assert_eq!(header(&r)["complete"], true);
     }
 
@@ -429,16 +475,23 @@ mod tests {
 
     #[test]
     fn replay_request_parts() {
-        assert_eq!(ReplayRequest::from_parts(None, None), Ok(None));
+        assert_eq!(ReplayRequest::from_parts(None, None, None), Ok(None));
         assert_eq!(
-            ReplayRequest::from_parts(Some(5), None),
+            ReplayRequest::from_parts(Some(5), None, None),
             Ok(Some(ReplayRequest::Last(5)))
         );
         assert_eq!(
-            ReplayRequest::from_parts(None, Some(0)),
-            Ok(Some(ReplayRequest::Since(0)))
+            ReplayRequest::from_parts(None, Some(0), None),
+            Ok(Some(ReplayRequest::Since(0, None)))
         );
-        assert!(ReplayRequest::from_parts(Some(1), Some(1)).is_err());
-        assert!(ReplayRequest::from_parts(Some(MAX_HISTORY_REQUEST + 1), None).is_err());
+        assert!(ReplayRequest::from_parts(Some(1), Some(1), None).is_err());
+        assert!(ReplayRequest::from_parts(Some(MAX_HISTORY_REQUEST + 1), None, None).is_err());
+        let e = EPOCH.to_string();
+        assert_eq!(
+            ReplayRequest::from_parts(None, Some(4), Some(&e)),
+            Ok(Some(ReplayRequest::Since(4, Some(EPOCH))))
+        );
+        assert!(ReplayRequest::from_parts(None, None, Some(&e)).is_err());
+        assert!(ReplayRequest::from_parts(None, Some(4), Some("nope")).is_err());
     }
 }

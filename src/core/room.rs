@@ -18,7 +18,7 @@ use crate::core::history::HistoryService;
 use crate::core::ring::{History, Replay, Seed};
 use crate::core::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
 use crate::proto::ReplayRequest;
-use crate::proto::{self, Outbound, ServerFrame};
+use crate::proto::{self, Epoch, Outbound, ServerFrame};
 
 /// Most user names one presence frame lists per direction; the member count stays exact.
 pub const PRESENCE_NAMES_MAX: usize = 100;
@@ -51,6 +51,8 @@ pub(crate) struct RoomState {
     /// Member id (the connection id) → user name. Ordered so the users list pages stably.
     pub(crate) members: BTreeMap<u64, Arc<str>>,
     seq: u64,
+    /// The incarnation `seq` counts in (see `proto::epoch`).
+    epoch: Epoch,
     published: u64,
     rate: RateWindow,
     /// Joins and leaves since the last presence frame.
@@ -160,6 +162,7 @@ impl Room {
         let state = RoomState {
             members: BTreeMap::new(),
             seq: seed.last_seq,
+            epoch: seed.epoch,
             published: 0,
             rate: RateWindow::default(),
             joined: Vec::new(),
@@ -262,9 +265,11 @@ impl Room {
             user,
             members,
             seq: state.seq,
+            epoch: state.epoch,
         }
         .encode();
-        let replay = replay.map(|req| state.history.replay(&self.name, req, state.seq));
+        let replay =
+            replay.map(|req| state.history.replay(&self.name, req, state.seq, state.epoch));
         (rx, welcome, replay)
     }
 
@@ -376,7 +381,8 @@ impl Room {
         }
         if !state.retired {
             state.history.push(&out);
-            self.history_service.record(&self.name, ts, &out);
+            self.history_service
+                .record(&self.name, ts, state.epoch, &out);
         }
         // No receiver means no member is left to deliver to: nothing is lost.
         let _ = self.tx.send(out);
@@ -392,6 +398,17 @@ impl Room {
     /// The room's last seq.
     pub fn last_seq(&self) -> u64 {
         self.state.lock().seq
+    }
+
+    /// The room's epoch and last seq, read together.
+    pub fn position(&self) -> (Epoch, u64) {
+        let state = self.state.lock();
+        (state.epoch, state.seq)
+    }
+
+    /// The room's epoch (what `seq`s count in).
+    pub fn epoch(&self) -> Epoch {
+        self.state.lock().epoch
     }
 
     /// Sets how many members the room has on other cluster processes.
@@ -543,6 +560,10 @@ impl RoomInfo {
 impl RoomState {
     pub(crate) fn seq(&self) -> u64 {
         self.seq
+    }
+
+    pub(crate) fn epoch(&self) -> Epoch {
+        self.epoch
     }
 
     pub(crate) fn has_presence_pending(&self) -> bool {

@@ -23,6 +23,7 @@ use crate::core::dedupe::Author;
 use crate::core::room::Publish;
 use crate::core::stats::AuthReason;
 use crate::proto::names::validate_user;
+use crate::proto::Epoch;
 
 /// Most bytes of messages in one page: a client that never reads pins at most this much (in
 /// the kernel's socket buffer), whatever `limit` it asks for.
@@ -32,6 +33,9 @@ pub const PAGE_MAX_BYTES: usize = 1 << 20;
 #[derive(Serialize)]
 struct Page<'a> {
     room: &'a str,
+    /// What the seqs count in: the live room's epoch, or that of its last archived message
+    /// (`null`: the room has no message anywhere).
+    epoch: Option<Epoch>,
     messages: Vec<&'a RawValue>,
     next_before: Option<u64>,
 }
@@ -58,6 +62,7 @@ pub async fn page(api: &Api, peer: IpAddr, room: String, req: &Request<Incoming>
     if live.is_none() && history.archive().is_none() {
         return Err(no_such_room());
     }
+    let mut epoch = live.as_ref().map(|r| r.epoch());
     // One more than asked, to know whether there is a next page.
     let mut rows: Vec<(u64, Bytes)> = Vec::new();
     let mut older_than = before;
@@ -77,7 +82,7 @@ pub async fn page(api: &Api, peer: IpAddr, room: String, req: &Request<Incoming>
             let _slot = slot;
             match history.archive() {
                 Some(archive) => archive.page(&name, older_than, want),
-                None => Ok(Vec::new()),
+                None => Ok((Vec::new(), None)),
             }
         });
         let archived = read
@@ -97,6 +102,8 @@ pub async fn page(api: &Api, peer: IpAddr, room: String, req: &Request<Incoming>
                     "the history database could not be read",
                 )
             })?;
+        let (archived, archived_epoch) = archived;
+        epoch = epoch.or(archived_epoch);
         rows.extend(archived.into_iter().map(|(seq, p)| (seq, Bytes::from(p))));
     }
     let mut more = rows.len() > limit;
@@ -122,6 +129,7 @@ pub async fn page(api: &Api, peer: IpAddr, room: String, req: &Request<Incoming>
         .collect();
     let page = Page {
         room: &room,
+        epoch,
         messages,
         next_before: rows.last().filter(|_| more).map(|(seq, _)| *seq),
     };

@@ -70,6 +70,7 @@ pub struct Publish {
 pub struct Upgrade {
     pub history: Option<u32>,
     pub since: Option<u64>,
+    pub epoch: Option<String>,
     pub password: Option<String>,
     pub token: Option<String>,
 }

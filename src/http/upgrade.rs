@@ -27,7 +27,7 @@ pub async fn chat(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply 
     admit(&api, &req)?;
     let WsTarget { room, user } = parse_ws_target(req.uri().path(), req.uri().query())?;
     let q: query::Upgrade = query::parse(&req)?;
-    let replay = ReplayRequest::from_parts(q.history, q.since)
+    let replay = ReplayRequest::from_parts(q.history, q.since, q.epoch.as_deref())
         .map_err(|reason| ApiError::bad_request("bad_param", reason))?;
     if replay.is_some() && room.is_none() {
         return Err(ApiError::bad_request(

@@ -5,6 +5,8 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use super::epoch::Epoch;
+
 /// What a client asked for in one text frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientMessage<'a> {
@@ -79,6 +81,8 @@ struct RawClientMessage<'a> {
     #[serde(default)]
     since: Option<u64>,
     #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     password: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     token: Option<Cow<'a, str>>,
@@ -133,7 +137,7 @@ pub fn parse_client_message(input: &str) -> Result<ClientMessage<'_>, ProtocolEr
         Some("join") => Ok(ClientMessage::Join {
             room: need_room(raw.room)?,
             password: raw.password,
-            replay: ReplayRequest::from_parts(raw.history, raw.since)
+            replay: ReplayRequest::from_parts(raw.history, raw.since, raw.epoch.as_deref())
                 .map_err(|e| ProtocolError::new("bad_message", e))?,
         }),
         Some("leave") => Ok(ClientMessage::Leave {
@@ -185,20 +189,31 @@ pub const MAX_HISTORY_REQUEST: u32 = 1_000_000;
 pub enum ReplayRequest {
     /// The last N messages the room keeps.
     Last(u32),
-    /// Every message with a seq greater than this one (recovery after a reconnect).
-    Since(u64),
+    /// Every message with a seq greater than this one (recovery after a reconnect), of the
+    /// room's epoch when one is given: a position in another epoch is never replayed from.
+    Since(u64, Option<Epoch>),
 }
 
 impl ReplayRequest {
-    /// Builds the request from the optional `history` and `since` of a join or an upgrade URL.
-    pub fn from_parts(history: Option<u32>, since: Option<u64>) -> Result<Option<Self>, String> {
+    /// Builds the request from the optional `history`, `since` and `epoch` of a join or an
+    /// upgrade URL.
+    pub fn from_parts(
+        history: Option<u32>,
+        since: Option<u64>,
+        epoch: Option<&str>,
+    ) -> Result<Option<Self>, String> {
+        let epoch = match epoch {
+            None => None,
+            Some(_) if since.is_none() => return Err("`epoch` goes with `since`".into()),
+            Some(e) => Some(e.parse::<Epoch>().map_err(|e| format!("`epoch`: {e}"))?),
+        };
         match (history, since) {
             (Some(_), Some(_)) => Err("`history` and `since` cannot be combined".into()),
             (Some(n), None) if n > MAX_HISTORY_REQUEST => Err(format!(
                 "`history` must be an integer from 0 to {MAX_HISTORY_REQUEST}"
             )),
             (Some(n), None) => Ok(Some(ReplayRequest::Last(n))),
-            (None, Some(seq)) => Ok(Some(ReplayRequest::Since(seq))),
+            (None, Some(seq)) => Ok(Some(ReplayRequest::Since(seq, epoch))),
             (None, None) => Ok(None),
         }
     }

@@ -6,11 +6,13 @@
 
 pub mod client;
 pub mod close;
+pub mod epoch;
 pub mod names;
 pub mod server;
 
 pub use client::{parse_client_message, validate_id, ClientMessage, ProtocolError, ReplayRequest};
 pub use close::{close_frame, encode_control, ping_frame};
+pub use epoch::Epoch;
 pub use server::{
     error_frame, frame_from_payload, frame_payload, message_frame, message_frame_with_id, Outbound,
     RoomCount, ServerFrame,
@@ -132,7 +134,7 @@ mod tests {
             ClientMessage::Join {
                 room: "a".into(),
                 password: None,
-                replay: Some(ReplayRequest::Since(7))
+                replay: Some(ReplayRequest::Since(7, None))
             }
         );
         assert_eq!(
@@ -140,7 +142,7 @@ mod tests {
             ClientMessage::Join {
                 room: "a".into(),
                 password: Some("p".into()),
-                replay: Some(ReplayRequest::Since(3))
+                replay: Some(ReplayRequest::Since(3, None))
             }
         );
         assert_eq!(

@@ -9,6 +9,7 @@ use fastwebsockets::{Frame, Payload};
 use serde::Serialize;
 
 use super::client::ProtocolError;
+use super::epoch::Epoch;
 
 /// Every frame the server sends, as its JSON shape (docs/PROTOCOL.md lists them).
 #[derive(Debug, Serialize)]
@@ -31,6 +32,8 @@ pub enum ServerFrame<'a> {
         user: &'a str,
         members: usize,
         seq: u64,
+        /// The incarnation `seq` belongs to: give it back with `since` to recover.
+        epoch: Epoch,
     },
     /// Joins and leaves of one presence interval, coalesced.
     Presence {
@@ -67,15 +70,19 @@ pub enum ServerFrame<'a> {
     History {
         room: &'a str,
         count: usize,
+        epoch: Epoch,
     },
     /// The next `count` message frames of `room` are past messages from seq `from` (a `since`
-    /// join); `complete` is false when messages between `since` and `from` are no longer kept.
+    /// join); `complete` is false when messages between `since` and `from` are no longer kept,
+    /// or when `since` was in another epoch than `epoch`, the room's now (then `count` is 0:
+    /// the client's position means nothing in this numbering).
     Recovery {
         room: &'a str,
         since: u64,
         complete: bool,
         from: u64,
         count: usize,
+        epoch: Epoch,
     },
     /// `--lag-policy resync`: this member missed `missed_from..=missed_to`.
     Lagged {
