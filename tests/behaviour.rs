@@ -112,7 +112,7 @@ async fn chat_frames_and_room_info(d: Deployment) {
     let (mut alice, welcome) = Client::join(&d.a().ws("/ws/r?user=alice")).await;
     assert_eq!(
         keys(&welcome),
-        set(&["type", "room", "user", "members", "seq"])
+        set(&["type", "room", "user", "members", "seq", "epoch"])
     );
     let (mut bob, _) = Client::join(&d.b().ws("/ws/r?user=bob")).await;
     d.wait_members("r", 2).await;

@@ -657,7 +657,7 @@ async fn history_is_cluster_wide_a_room_created_later_replays_what_others_said()
     for _ in 0..2 {
         nodes.push(Instance::start(&redis, &["--history", "5"]).await);
     }
-    let (mut a, _) = Client::join(&nodes[0].ws("/ws/hw?user=a")).await;
+    let (mut a, first) = Client::join(&nodes[0].ws("/ws/hw?user=a")).await;
     nodes[1].wait_room("hw", 1, 0).await;
     for i in 1..=7 {
         a.send_json(&json!({"text": format!("m{i}"), "id": format!("k{i}")}))
@@ -703,10 +703,12 @@ async fn history_is_cluster_wide_a_room_created_later_replays_what_others_said()
     // Recovery on an instance that has just re-created the room: gapless, then live.
     let (mut c, welcome) = Client::join(&nodes[1].ws("/ws/hw?user=c&since=6")).await;
     assert_eq!(welcome["seq"], 9);
+    assert_eq!(welcome["epoch"], first["epoch"], "one epoch cluster-wide");
     let header = c.recv_type("recovery").await;
     assert_eq!(
         header,
-        json!({"type": "recovery", "room": "hw", "since": 6, "complete": true, "from": 7, "count": 3})
+        json!({"type": "recovery", "room": "hw", "since": 6, "complete": true, "from": 7, "count": 3,
+               "epoch": welcome["epoch"]})
     );
     assert_eq!(message_seqs(&mut c, 3).await, [7, 8, 9]);
     a.send_json(&json!({"text": "m10"})).await;
@@ -821,6 +823,65 @@ async fn a_burst_of_count_reads_scans_redis_once_a_second() {
     assert_eq!(list["rooms"][0]["members"], 2, "{list}");
 }
 
+/// One epoch per room across the cluster; when Redis loses the room's numbering (a new Redis,
+/// here FLUSHALL) the room starts a new epoch everywhere, and a position from the old one is
+/// refused rather than replayed. A seq key that is not a seq starts a new epoch too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_room_whose_numbering_redis_lost_starts_a_new_epoch() {
+    let redis = Redis::start();
+    let a = Instance::start(&redis, &[]).await;
+    let b = Instance::start(&redis, &[]).await;
+    let (mut ca, wa) = Client::join(&a.ws("/ws/ep?user=a")).await;
+    let (mut cb, wb) = Client::join(&b.ws("/ws/ep?user=b")).await;
+    let old = wa["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(
+        wb["epoch"],
+        old.as_str(),
+        "one epoch for the room on every process"
+    );
+    ca.send("one").await;
+    assert_eq!(next_message(&mut cb).await["seq"], 1);
+    assert_eq!(next_message(&mut ca).await["seq"], 1);
+
+    assert_eq!(redis.command(&[b"FLUSHALL"]), "+OK");
+    ca.send("two").await;
+    assert_eq!(
+        next_message(&mut cb).await["seq"],
+        2,
+        "numbering goes on above the floor"
+    );
+    let (_, room) = b.get("/api/rooms/ep/messages").await;
+    let new = room["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(new, old, "{room}");
+    let (_, room) = a.get("/api/rooms/ep/messages").await;
+    assert_eq!(room["epoch"], new.as_str(), "both processes moved");
+
+    let (mut c, welcome) = Client::join(&b.ws(&format!("/ws/ep?user=c&since=1&epoch={old}"))).await;
+    assert_eq!(welcome["epoch"], new.as_str());
+    let header = c.recv_type("recovery").await;
+    assert_eq!(
+        (&header["complete"], &header["count"]),
+        (&json!(false), &json!(0)),
+        "{header}"
+    );
+
+    // Someone writes garbage into the seq key: a new epoch, not a poisoned room.
+    assert_eq!(
+        redis.command(&[b"SET", b"roomcast:seq:ep", b"99999999999999999999"]),
+        "+OK"
+    );
+    ca.send("three").await;
+    let m = next_message(&mut cb).await;
+    assert_eq!(
+        (m["text"].as_str(), m["seq"].as_u64()),
+        (Some("three"), Some(3)),
+        "{m}"
+    );
+    let (_, room) = b.get("/api/rooms/ep/messages").await;
+    assert_ne!(room["epoch"], new.as_str(), "{room}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn kept_messages_out_of_order_in_redis_are_dropped_and_counted() {
@@ -830,6 +891,10 @@ async fn kept_messages_out_of_order_in_redis_are_dropped_and_counted() {
     let body =
         |text: &str| format!(r#"{{"n":"other","o":0,"k":false,"t":1000,"u":"al","x":"{text}"}}"#);
     assert_eq!(redis.command(&[b"SET", b"roomcast:seq:odd", b"3"]), "+OK");
+    assert_eq!(
+        redis.command(&[b"SET", b"roomcast:epoch:odd", b"0123456789ab"]),
+        "+OK"
+    );
     for entry in [format!("3 {}", body("three")), format!("2 {}", body("two"))] {
         assert!(redis
             .command(&[b"RPUSH", b"roomcast:hist:odd", entry.as_bytes()])
@@ -966,6 +1031,10 @@ async fn hostile_payloads_on_a_room_channel_are_dropped_and_counted() {
     // A room's kept history in Redis is read the same way: what fails is left out, counted.
     let kept_ok = br#"1 {"n":"0123abcd","o":0,"k":false,"t":5,"u":"old","x":"kept ok"}"#;
     assert_eq!(redis.command(&[b"SET", b"roomcast:seq:kept", b"3"]), "+OK");
+    assert_eq!(
+        redis.command(&[b"SET", b"roomcast:epoch:kept", b"0123456789ab"]),
+        "+OK"
+    );
     let bogus = message("2", "u", json!(""));
     let pushed = redis.command(&[b"RPUSH", b"roomcast:hist:kept", kept_ok, &bogus, b"3 junk"]);
     assert_eq!(pushed, ":3");

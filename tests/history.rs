@@ -64,7 +64,7 @@ async fn history_on_join_in_both_forms() {
     let (header, frames) = read_replay(&mut a, "history").await;
     assert_eq!(
         header,
-        json!({"type": "history", "room": "talk", "count": 3})
+        json!({"type": "history", "room": "talk", "count": 3, "epoch": welcome["epoch"]})
     );
     assert_eq!(seqs(&frames), [3, 4, 5]);
     assert_eq!(frames[0]["text"], "m3");
@@ -207,11 +207,12 @@ async fn recovery_from_too_far_back_says_so_and_sends_what_is_kept() {
     for i in 1..=20 {
         publish(&server, "r", &format!("m{i}")).await;
     }
-    let (mut c, _) = Client::join(&server.ws_url("/ws/r?since=3")).await;
+    let (mut c, welcome) = Client::join(&server.ws_url("/ws/r?since=3")).await;
     let (header, frames) = read_replay(&mut c, "recovery").await;
     assert_eq!(
         header,
-        json!({"type": "recovery", "room": "r", "since": 3, "complete": false, "from": 16, "count": 5})
+        json!({"type": "recovery", "room": "r", "since": 3, "complete": false, "from": 16, "count": 5,
+               "epoch": welcome["epoch"]})
     );
     assert_eq!(seqs(&frames), [16, 17, 18, 19, 20]);
 
@@ -560,7 +561,8 @@ async fn durable_history_survives_a_restart() {
     };
 
     let mut first = TestServer::with(with_db(db.clone())).await;
-    let (anchor, _) = Client::join(&first.ws_url("/ws/keep?user=anchor")).await;
+    let (anchor, first_welcome) = Client::join(&first.ws_url("/ws/keep?user=anchor")).await;
+    let epoch = first_welcome["epoch"].as_str().unwrap().to_owned();
     for i in 1..=30 {
         publish(&first, "keep", &format!("m{i}")).await;
     }
@@ -571,6 +573,7 @@ async fn durable_history_survives_a_restart() {
         .await;
     let (anchor, welcome) = Client::join(&first.ws_url("/ws/keep?user=anchor")).await;
     assert_eq!(welcome["seq"], 30);
+    assert_eq!(welcome["epoch"], epoch.as_str(), "the same incarnation");
     assert_eq!(publish(&first, "keep", "m31").await, 31);
     drop(anchor);
     first.shutdown().await;
@@ -579,13 +582,16 @@ async fn durable_history_survives_a_restart() {
     let second = TestServer::with(with_db(db.clone())).await;
     let (mut a, welcome) = Client::join(&second.ws_url("/ws/keep?user=a&history=5")).await;
     assert_eq!(welcome["seq"], 31, "seq continues from the database");
+    assert_eq!(welcome["epoch"], epoch.as_str(), "and so does the epoch");
     let (_, frames) = read_replay(&mut a, "history").await;
     assert_eq!(seqs(&frames), [27, 28, 29, 30, 31]);
     assert_eq!(frames[4]["text"], "m31");
 
-    let (mut b, _) = Client::join(&second.ws_url("/ws/keep?user=b&since=15")).await;
+    let (mut b, _) =
+        Client::join(&second.ws_url(&format!("/ws/keep?user=b&since=15&epoch={epoch}"))).await;
     let (header, frames) = read_replay(&mut b, "recovery").await;
     assert_eq!(header["complete"], true, "{header}");
+    assert_eq!(header["epoch"], epoch.as_str());
     assert_eq!(seqs(&frames), (16..=31).collect::<Vec<u64>>());
     // The room's past was read from disk on the blocking pool before the registry's lock was
     // taken, not under it.
@@ -600,6 +606,7 @@ async fn durable_history_survives_a_restart() {
     assert_eq!(v["next_before"], Value::Null);
     let (_, v) = second.get("/api/rooms/keep/messages?limit=1000").await;
     assert_eq!(v["messages"].as_array().unwrap().len(), 32);
+    assert_eq!(v["epoch"], epoch.as_str(), "pages carry the epoch");
     drop((a, b));
     // With no member left the room is served from the database alone.
     second
@@ -609,6 +616,52 @@ async fn durable_history_survives_a_restart() {
             |s, v| s == 200 && v["messages"][0]["seq"] == 32,
         )
         .await;
+}
+
+/// With history in memory only, a restart loses the rooms' numbering: a client recovering
+/// with its position from before must be told, not sent the new incarnation's messages that
+/// happen to carry the seqs it asks for.
+#[tokio::test]
+async fn a_position_from_before_a_restart_without_a_database_is_refused_not_replayed() {
+    let mut first = TestServer::with(|c| c.history = 50).await;
+    let (_a, welcome) = Client::join(&first.ws_url("/ws/r?user=a")).await;
+    let old = welcome["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=3 {
+        publish(&first, "r", &format!("before {i}")).await;
+    }
+    first.shutdown().await;
+
+    let second = TestServer::with(|c| c.history = 50).await;
+    let (_b, welcome) = Client::join(&second.ws_url("/ws/r?user=b")).await;
+    let new = welcome["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(new, old, "a restart without a database starts a new epoch");
+    for i in 1..=5 {
+        publish(&second, "r", &format!("after {i}")).await;
+    }
+    // The old client comes back with seq 2 of the old epoch: seqs 3..5 exist again, but they
+    // are other messages.
+    let (mut c, _) =
+        Client::join(&second.ws_url(&format!("/ws/r?user=c&since=2&epoch={old}"))).await;
+    let header = c.recv_type("recovery").await;
+    assert_eq!(
+        header,
+        json!({"type": "recovery", "room": "r", "since": 2, "complete": false, "from": 6,
+               "count": 0, "epoch": new})
+    );
+    // Nothing of the new incarnation's past follows: the next frame is live.
+    publish(&second, "r", "live").await;
+    let m = c.recv_type("message").await;
+    assert_eq!(
+        (m["seq"].as_u64(), m["text"].as_str()),
+        (Some(6), Some("live"))
+    );
+    // A join frame carries the epoch the same way; a malformed one is refused.
+    c.send_json(&json!({"type": "join", "room": "s", "since": 0, "epoch": "not-an-epoch"}))
+        .await;
+    let e = c.recv_type("error").await;
+    assert_eq!(e["code"], "bad_message", "{e}");
+    let (status, body) = refused(&second, "/ws/r?user=d&since=1&epoch=short").await;
+    assert_eq!((status, body.as_str()), (400, "bad_param"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

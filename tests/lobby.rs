@@ -84,7 +84,8 @@ async fn lobby_announces_rooms_created_and_closed_and_their_counts() {
     let (mut lobby, w) = Client::join(&server.ws_url(&format!("{LOBBY_PATH}?user=watcher"))).await;
     assert_eq!(
         w,
-        json!({"type": "welcome", "room": "$lobby", "user": "watcher", "members": 1, "seq": 0})
+        json!({"type": "welcome", "room": "$lobby", "user": "watcher", "members": 1, "seq": 0,
+               "epoch": w["epoch"]})
     );
     // A joiner gets a first snapshot even when nothing changes.
     let first = lobby.recv().await;

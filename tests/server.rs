@@ -19,8 +19,10 @@ async fn welcome_message_and_presence_have_their_documented_shape() {
     let (mut alice, w) = Client::join(&server.ws_url("/ws/general?user=alice")).await;
     assert_eq!(
         w,
-        json!({"type": "welcome", "room": "general", "user": "alice", "members": 1, "seq": 0})
+        json!({"type": "welcome", "room": "general", "user": "alice", "members": 1, "seq": 0,
+               "epoch": w["epoch"]})
     );
+    assert_eq!(w["epoch"].as_str().map(str::len), Some(12), "{w}");
 
     let (mut bob, w) = Client::join(&server.ws_url("/ws/general?user=bob")).await;
     assert_eq!(w["members"], 2);

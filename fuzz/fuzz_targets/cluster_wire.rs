@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     match &payload {
-        Payload::Message { seq, body } => {
+        Payload::Message { seq, epoch, body } => {
             assert!(*seq >= 1 && *seq <= MAX_SAFE_INTEGER, "seq {seq}");
             assert!(body.ts <= MAX_SAFE_INTEGER);
             assert!(!body.node.is_empty() && body.node.len() <= 64);
@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
             if let Some(id) = &body.id {
                 assert_eq!(validate_id(id), Ok(()));
             }
-            let again = format!("{seq} {}", encode_message(body));
+            let again = match epoch {
+                Some(epoch) => format!("{epoch}:{seq} {}", encode_message(body)),
+                None => format!("{seq} {}", encode_message(body)),
+            };
             assert_eq!(decode(again.as_bytes(), max).ok().as_ref(), Some(&payload));
             let frame = message_frame_with_id(
                 "r",

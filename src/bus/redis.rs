@@ -54,7 +54,7 @@ use crate::core::dedupe::Author;
 use crate::core::hub::{Hub, JoinError, JoinRequest, Start};
 use crate::core::room::{Joined, Publish, Published, Room};
 use crate::core::stats::{unix_millis, Stats};
-use crate::proto::Outbound;
+use crate::proto::{Epoch, Outbound};
 use crate::shutdown::Shutdown;
 
 /// What cluster mode needs to know of the configuration.
@@ -158,6 +158,8 @@ pub(crate) struct Interest {
 struct InterestState {
     /// The largest seq this process has seen or numbered for the room.
     last_seq: u64,
+    /// The room's epoch in Redis, as last read (seed) or received (a message).
+    epoch: Option<Epoch>,
     /// Subscribed (confirmed) and seeded on the current link.
     ready: bool,
     /// Member counts of the room on other processes, by node id, as last heard.
@@ -201,6 +203,8 @@ struct Keys {
     channel_prefix: String,
     /// `P:seq:` + room: the room's last seq.
     seq_prefix: String,
+    /// `P:epoch:` + room: the room's epoch (`proto::epoch`), set with its seq.
+    epoch_prefix: String,
     /// `P:hist:` + room: the room's last messages (a list capped at `--history`).
     hist_prefix: String,
     /// `P:node:` + node id: the node hash (room → count, `!conns`, `!alive`).
@@ -214,6 +218,7 @@ impl Keys {
         Keys {
             channel_prefix: format!("{prefix}:room:"),
             seq_prefix: format!("{prefix}:seq:"),
+            epoch_prefix: format!("{prefix}:epoch:"),
             hist_prefix: format!("{prefix}:hist:"),
             node_prefix: format!("{prefix}:node:"),
             nodes: format!("{prefix}:nodes"),
@@ -224,6 +229,9 @@ impl Keys {
     }
     fn seq(&self, room: &str) -> String {
         format!("{}{room}", self.seq_prefix)
+    }
+    fn epoch(&self, room: &str) -> String {
+        format!("{}{room}", self.epoch_prefix)
     }
     fn hist(&self, room: &str) -> String {
         format!("{}{room}", self.hist_prefix)
@@ -483,6 +491,7 @@ impl Cluster {
                 seq: state.last_seq,
                 remote_members: state.remote_sum(),
                 kept: &state.kept,
+                epoch: state.epoch,
                 seeding,
             };
             let joined = hub.join(&req, start)?;
@@ -593,12 +602,14 @@ impl Cluster {
             let mut invocation = scripts::PUBLISH.key(self.keys.seq(room));
             invocation
                 .key(self.keys.hist(room))
+                .key(self.keys.epoch(room))
                 .arg(self.keys.channel(room))
                 .arg(floor)
                 .arg(body)
                 .arg(SEQ_TTL_MS)
                 .arg(u8::from(need_subscribers))
-                .arg(self.history_depth);
+                .arg(self.history_depth)
+                .arg(Epoch::random().to_string());
             self.timed(invocation.invoke_async::<u64>(&mut conn)).await
         }
         .await;

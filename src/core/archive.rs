@@ -138,6 +138,10 @@ pub struct Prepared {
     read: rusqlite::Result<SeedRead>,
 }
 
+/// Archived messages, newest first, as `(seq, JSON payload)`, and the epoch of the room's last
+/// archived message.
+pub type ArchivedPage = (Vec<(u64, String)>, Option<Epoch>);
+
 /// A room's last seq, the epoch of its last message and its last messages, as on disk.
 type SeedRead = (u64, Option<Epoch>, Vec<(u64, String)>);
 
@@ -375,7 +379,11 @@ impl Archive {
         )?;
         let epoch = last_epoch(&conn, name)?;
         let rows = read_rows(&conn, name, i64::MAX, capacity)?;
-        Ok((max.map_or(0, |m| u64::try_from(m).unwrap_or(0)), epoch, rows))
+        Ok((
+            max.map_or(0, |m| u64::try_from(m).unwrap_or(0)),
+            epoch,
+            rows,
+        ))
     }
 
     /// Where room `name` starts when it is created: its last seq and its last `capacity`
@@ -446,12 +454,7 @@ impl Archive {
     /// Up to `limit` archived messages of `room` with a seq below `before`, newest first, as
     /// `(seq, JSON payload)`, and the epoch of the room's last archived message. Blocking: call
     /// from `spawn_blocking`, holding a `page_slot`.
-    pub fn page(
-        &self,
-        room: &str,
-        before: u64,
-        limit: usize,
-    ) -> Result<(Vec<(u64, String)>, Option<Epoch>), DbError> {
+    pub fn page(&self, room: &str, before: u64, limit: usize) -> Result<ArchivedPage, DbError> {
         let before = i64::try_from(before).unwrap_or(i64::MAX);
         let reader = self.page_reader();
         if !self.page_delay.is_zero() {
@@ -820,7 +823,11 @@ mod tests {
         assert_eq!(a.seed("other", 3, None).last_seq, 0);
         assert_eq!(seed.epoch, E, "the epoch goes on with the messages");
         assert_eq!(a.page("r", 5, 10).unwrap().1, Some(E));
-        assert_ne!(a.seed("other", 3, None).epoch, E, "a room with no past starts a new one");
+        assert_ne!(
+            a.seed("other", 3, None).epoch,
+            E,
+            "a room with no past starts a new one"
+        );
     }
 
     #[test]

@@ -19,8 +19,8 @@ use crate::core::lobby::Lobby;
 use crate::core::ring::History;
 use crate::core::room::{Joined, Room};
 use crate::core::stats::{AuthReason, Stats};
-use crate::proto::Outbound;
 use crate::proto::ReplayRequest;
+use crate::proto::{Epoch, Outbound};
 
 type Shard = Mutex<HashMap<Box<str>, Arc<Room>>>;
 
@@ -122,6 +122,9 @@ pub struct Start<'a> {
     pub kept: &'a [Arc<Outbound>],
     /// The room's past, read from the archive before any lock was taken (`seed_job`).
     pub seeding: Seeding,
+    /// The cluster's epoch of the room (its seqs count in it), rather than the archive's or a
+    /// fresh one.
+    pub epoch: Option<Epoch>,
 }
 
 /// Whether a joiner may enter a room with `settings` that has `members` now. The password is
@@ -244,6 +247,7 @@ impl Hub {
                     start.seq,
                     start.kept,
                     start.seeding.prepared,
+                    start.epoch,
                 );
                 room.set_remote_members(start.remote_members);
                 shard.insert(name.into(), room.clone());
@@ -287,6 +291,7 @@ impl Hub {
         seq: u64,
         kept: &[Arc<Outbound>],
         prepared: Option<Prepared>,
+        epoch: Option<Epoch>,
     ) -> Arc<Room> {
         let capacity = self.capacity(&settings);
         let max_bytes = settings
@@ -296,6 +301,9 @@ impl Hub {
             });
         let mut seed = self.history.new_room(name, capacity, max_bytes, prepared);
         seed.history = seed.history.followed_by(kept);
+        if let Some(epoch) = epoch {
+            seed.epoch = epoch;
+        }
         let limiter = crate::core::limit::room_limiter(settings.rate_limit, self.room_rate);
         Arc::new(
             Room::new(
@@ -824,8 +832,15 @@ mod tests {
         for id in 2..200u64 {
             // Some messages back: well inside the ring, and more arrive during the join.
             let since = anchor.room.last_seq().saturating_sub(20);
-            let mut j =
-                join_replay(&hub, "r", id, &u, None, Some(ReplayRequest::Since(since, None))).unwrap();
+            let mut j = join_replay(
+                &hub,
+                "r",
+                id,
+                &u,
+                None,
+                Some(ReplayRequest::Since(since, None)),
+            )
+            .unwrap();
             let replay = j.replay.take().unwrap();
             let mut expect = since + 1;
             for f in &replay.frames {
@@ -1032,7 +1047,7 @@ mod tests {
         hub.leave(&a.room, 1);
         // The retired room's ring stays in memory until the writer has it on disk and forgets
         // it; from then on a join reads the disk, and the early read no longer matches.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while !hub.history.needs_read("r", 10, None) {
             assert!(
                 std::time::Instant::now() < deadline,

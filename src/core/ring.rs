@@ -392,7 +392,10 @@ mod tests {
         let h = ring(10, 1..=8);
         let other = Epoch::from_bits(8).unwrap();
         let r = h.replay("r", ReplayRequest::Since(5, Some(other)), 8, EPOCH);
-        assert!(r.frames.is_empty(), "seqs of another epoch are other messages");
+        assert!(
+            r.frames.is_empty(),
+            "seqs of another epoch are other messages"
+        );
         let v = header(&r);
         assert_eq!(
             (

@@ -268,8 +268,11 @@ impl Room {
             epoch: state.epoch,
         }
         .encode();
-        let replay =
-            replay.map(|req| state.history.replay(&self.name, req, state.seq, state.epoch));
+        let replay = replay.map(|req| {
+            state
+                .history
+                .replay(&self.name, req, state.seq, state.epoch)
+        });
         (rx, welcome, replay)
     }
 
@@ -404,6 +407,16 @@ impl Room {
     pub fn position(&self) -> (Epoch, u64) {
         let state = self.state.lock();
         (state.epoch, state.seq)
+    }
+
+    /// Moves the room to `epoch` (cluster mode: Redis lost the room's numbering and started a
+    /// new one). Members stay; a `since` in the old epoch is answered `complete: false` from now.
+    pub fn enter_epoch(&self, epoch: Epoch) {
+        let mut state = self.state.lock();
+        if state.epoch != epoch {
+            tracing::info!(room = %self.name, %epoch, "room entered a new epoch");
+            state.epoch = epoch;
+        }
     }
 
     /// The room's epoch (what `seq`s count in).

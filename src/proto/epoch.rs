@@ -123,12 +123,22 @@ mod tests {
         assert_eq!(Epoch::from_bits(a.to_bits()), Some(a));
         assert_eq!(Epoch::from_bits(u64::MAX), None);
         assert_eq!(serde_json::to_string(&a).unwrap(), format!("\"{text}\""));
-        assert_eq!(serde_json::from_str::<Epoch>(&format!("\"{text}\"")).unwrap(), a);
+        assert_eq!(
+            serde_json::from_str::<Epoch>(&format!("\"{text}\"")).unwrap(),
+            a
+        );
     }
 
     #[test]
     fn bad_epochs_are_refused() {
-        for bad in ["", "abc", "0123456789abc", "0123456789aI", "0123456789a!", "ééééééé"] {
+        for bad in [
+            "",
+            "abc",
+            "0123456789abc",
+            "0123456789aI",
+            "0123456789a!",
+            "ééééééé",
+        ] {
             assert_eq!(bad.parse::<Epoch>(), Err(BadEpoch), "{bad}");
         }
         assert!(serde_json::from_str::<Epoch>("12").is_err());

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::wire::{self, MessageBody};
 use super::ClusterError;
-use crate::proto::{self, Outbound};
+use crate::proto::{self, Epoch, Outbound};
 
 /// The frame of a message received (or kept) from Redis, encoded like a local publication.
 /// `body` has passed `wire::decode`'s checks.
@@ -52,7 +52,7 @@ pub(super) fn from_list(
     };
     for payload in payloads {
         match wire::decode(payload, max_text_bytes) {
-            Ok(wire::Payload::Message { seq, body }) => {
+            Ok(wire::Payload::Message { seq, body, .. }) => {
                 if list.frames.last().is_some_and(|o| seq <= o.seq) {
                     list.out_of_order += 1;
                 } else if seq <= max_seq {
@@ -102,7 +102,7 @@ pub(super) fn merge(
 }
 
 /// One room's seq and the payloads its list kept (oldest first), as SEED answers them.
-pub(super) type Seeded = (u64, Vec<Vec<u8>>);
+pub(super) type Seeded = (u64, Vec<Vec<u8>>, Epoch);
 
 /// Reads the SEED script's answer: per room, `[seq, [payload, …]]`.
 pub(super) fn parse_seed(value: redis::Value, rooms: usize) -> Result<Vec<Seeded>, ClusterError> {
@@ -122,9 +122,17 @@ pub(super) fn parse_seed(value: redis::Value, rooms: usize) -> Result<Vec<Seeded
                 return Err(ClusterError::Protocol("SEED room is not an array"));
             };
             let mut pair = pair.into_iter();
-            let (Some(Value::Int(seq)), Some(list)) = (pair.next(), pair.next()) else {
-                return Err(ClusterError::Protocol("SEED room is not [seq, list]"));
+            let (Some(Value::Int(seq)), Some(list), Some(Value::BulkString(epoch))) =
+                (pair.next(), pair.next(), pair.next())
+            else {
+                return Err(ClusterError::Protocol(
+                    "SEED room is not [seq, list, epoch]",
+                ));
             };
+            let epoch = std::str::from_utf8(&epoch)
+                .ok()
+                .and_then(|e| e.parse::<Epoch>().ok())
+                .ok_or(ClusterError::Protocol("SEED epoch"))?;
             let seq = u64::try_from(seq).map_err(|_| ClusterError::Protocol("SEED seq"))?;
             let payloads = match list {
                 Value::Array(list) => list
@@ -137,7 +145,7 @@ pub(super) fn parse_seed(value: redis::Value, rooms: usize) -> Result<Vec<Seeded
                 Value::Nil => Vec::new(),
                 _ => return Err(ClusterError::Protocol("SEED list is not an array")),
             };
-            Ok((seq, payloads))
+            Ok((seq, payloads, epoch))
         })
         .collect()
 }
@@ -213,18 +221,27 @@ mod tests {
     #[test]
     fn seed_answer_is_parsed_and_checked() {
         use redis::Value::{Array, BulkString, Int, Nil};
+        let e = Epoch::random();
+        let epoch = || BulkString(e.to_string().into_bytes());
         let answer = Array(vec![
-            Array(vec![Int(7), Array(vec![BulkString(payload(7, "g"))])]),
-            Array(vec![Int(0), Array(vec![])]),
-            Array(vec![Int(2), Nil]),
+            Array(vec![
+                Int(7),
+                Array(vec![BulkString(payload(7, "g"))]),
+                epoch(),
+            ]),
+            Array(vec![Int(0), Array(vec![]), epoch()]),
+            Array(vec![Int(2), Nil, epoch()]),
         ]);
         let rooms = parse_seed(answer, 3).unwrap();
-        assert_eq!(rooms[0], (7, vec![payload(7, "g")]));
-        assert_eq!(rooms[1], (0, vec![]));
-        assert_eq!(rooms[2], (2, vec![]));
+        assert_eq!(rooms[0], (7, vec![payload(7, "g")], e));
+        assert_eq!(rooms[1], (0, vec![], e));
+        assert_eq!(rooms[2], (2, vec![], e));
         assert!(parse_seed(Array(vec![]), 1).is_err());
         assert!(parse_seed(Array(vec![Int(1)]), 1).is_err());
-        assert!(parse_seed(Array(vec![Array(vec![Int(-1), Nil])]), 1).is_err());
+        assert!(parse_seed(Array(vec![Array(vec![Int(-1), Nil, epoch()])]), 1).is_err());
+        assert!(parse_seed(Array(vec![Array(vec![Int(1), Nil])]), 1).is_err());
+        let bad = BulkString(b"not an epoch".to_vec());
+        assert!(parse_seed(Array(vec![Array(vec![Int(1), Nil, bad])]), 1).is_err());
         assert!(parse_seed(Int(3), 1).is_err());
     }
 }

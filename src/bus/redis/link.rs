@@ -23,6 +23,7 @@ use crate::core::hub::Hub;
 use crate::core::room::{PresenceDelta, Publish};
 use crate::core::stats::unix_millis;
 use crate::core::stats::Stats;
+use crate::proto::Epoch;
 use crate::shutdown::Shutdown;
 
 /// This process's side of the link: its rooms and its connection count.
@@ -199,7 +200,7 @@ impl Cluster {
             return;
         };
         match wire::decode(payload, self.max_text_bytes) {
-            Ok(wire::Payload::Message { seq, body }) => {
+            Ok(wire::Payload::Message { seq, epoch, body }) => {
                 self.metrics.received.inc();
                 let (origin, skip) = if *body.node == *self.node {
                     (body.origin, body.skip_origin)
@@ -210,7 +211,14 @@ impl Cluster {
                 // seq as the room's start or finds the message delivered (`Cluster::join`).
                 let mut state = interest.state.lock();
                 state.last_seq = state.last_seq.max(seq);
+                if epoch.is_some() {
+                    state.epoch = epoch;
+                }
                 if let Some(room) = hub.get(name) {
+                    if let Some(epoch) = epoch {
+                        // Redis started a new epoch (it lost the room's numbering).
+                        room.enter_epoch(epoch);
+                    }
                     let legacy;
                     let author = match body.author.as_deref() {
                         Some(key) => Author::Key(key),
@@ -357,15 +365,23 @@ async fn seed(
         invocation
             .key(cluster.keys.seq(&interest.name))
             .key(cluster.keys.hist(&interest.name))
+            .key(cluster.keys.epoch(&interest.name))
             .arg(floor);
     }
-    invocation.arg(cluster.history_depth);
+    invocation
+        .arg(cluster.history_depth)
+        .arg(Epoch::random().to_string());
     let answer: redis::Value = cluster.timed(invocation.invoke_async(conn)).await?;
     let seeds = kept::parse_seed(answer, interests.len())?;
     let remote = remote_counts(cluster, conn, interests).await?;
-    for (interest, (seq, list)) in interests.iter().zip(seeds) {
+    for (interest, (seq, list, epoch)) in interests.iter().zip(seeds) {
         let mut state = interest.state.lock();
         state.last_seq = state.last_seq.max(seq);
+        state.epoch = Some(epoch);
+        if let Some(room) = hub.get(&interest.name) {
+            // After a Redis restart the room may be in a new epoch.
+            room.enter_epoch(epoch);
+        }
         // Checked under the interest lock, which a joiner creating the room holds.
         if cluster.history_depth > 0 && hub.get(&interest.name).is_none() {
             let kept::FromList {

@@ -1,9 +1,10 @@
 //! What roomcast processes say to each other on a room's Redis channel.
 //!
 //! Two kinds of payload, told apart by their first byte:
-//! - a chat message, `"<seq> <json>"`: the publish script (`scripts::PUBLISH`) puts the seq it
-//!   took from Redis in front of the JSON body the publisher built, so that every process
-//!   receives the same seq with the same message;
+//! - a chat message, `"<epoch>:<seq> <json>"`: the publish script (`scripts::PUBLISH`) puts
+//!   the room's epoch and the seq it took from Redis in front of the JSON body the publisher
+//!   built, so that every process receives the same position with the same message (`"<seq>
+//!   <json>"`, from processes that predate epochs, is read with no epoch);
 //! - a presence update, `"p <json>"`: the joins and leaves one process saw during one presence
 //!   interval, with its member count of the room now.
 //!
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto::names::validate_user;
 use crate::proto::validate_id;
+use crate::proto::Epoch;
 
 /// A chat message as published to Redis (the seq is added by the script).
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -80,7 +82,12 @@ pub struct PresenceBody<'a> {
 /// A payload received on a room channel.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Payload<'a> {
-    Message { seq: u64, body: MessageBody<'a> },
+    Message {
+        seq: u64,
+        /// The room's epoch (none from processes that predate epochs).
+        epoch: Option<Epoch>,
+        body: MessageBody<'a>,
+    },
     Presence(PresenceBody<'a>),
 }
 
@@ -111,6 +118,8 @@ pub enum WireError {
     BadAuthor,
     #[error("seq is 0 or past 2^53 - 1")]
     BadSeq,
+    #[error("epoch is not 12 base32 characters")]
+    BadEpoch,
     #[error("timestamp is past 2^53 - 1")]
     BadTs,
     #[error("node id is empty, too long or not alphanumeric")]
@@ -150,10 +159,14 @@ pub fn decode(payload: &[u8], max_text_bytes: usize) -> Result<Payload<'_>, Wire
         check_presence(&body)?;
         return Ok(Payload::Presence(body));
     }
-    let seq: u64 = head.parse().map_err(|_| WireError::BadHeader)?;
+    let (epoch, seq) = match head.split_once(':') {
+        Some((epoch, seq)) => (Some(epoch.parse().map_err(|_| WireError::BadEpoch)?), seq),
+        None => (None, head),
+    };
+    let seq: u64 = seq.parse().map_err(|_| WireError::BadHeader)?;
     let body: MessageBody<'_> = serde_json::from_str(body)?;
     check_message(seq, &body, max_text_bytes)?;
-    Ok(Payload::Message { seq, body })
+    Ok(Payload::Message { seq, epoch, body })
 }
 
 fn check_node(node: &str) -> Result<(), WireError> {
@@ -228,11 +241,26 @@ mod tests {
             id: Some("k-1".into()),
             author: Some("u:al ice".into()),
         };
-        let payload = format!("42 {}", encode_message(&body));
+        let epoch = Epoch::random();
+        let payload = format!("{epoch}:42 {}", encode_message(&body));
+        let older = format!("42 {}", encode_message(&body));
+        let bad = format!("zz:42 {}", encode_message(&body));
         assert_eq!(
             decode(payload.as_bytes(), MAX).unwrap(),
-            Payload::Message { seq: 42, body }
+            Payload::Message {
+                seq: 42,
+                epoch: Some(epoch),
+                body
+            }
         );
+        assert!(matches!(
+            decode(older.as_bytes(), MAX),
+            Ok(Payload::Message { epoch: None, .. })
+        ));
+        assert!(matches!(
+            decode(bad.as_bytes(), MAX),
+            Err(WireError::BadEpoch)
+        ));
     }
 
     #[test]
