@@ -104,8 +104,8 @@ pub struct Config {
     pub message_timeout: Duration,
 
     /// An event stream (`GET /sse/{room}`) with nothing to send for this long sends a `: ping`
-    /// comment, so that proxies do not close it as idle. Syntax: a duration with its unit, 1ms
-    /// to 24h. Default: 15s.
+    /// comment, so that proxies do not close it as idle. Syntax: a number and its unit (`15s`,
+    /// `500ms`; a bare number is refused), 1ms to 24h. Default: 15s.
     #[arg(long, env = "ROOMCAST_SSE_HEARTBEAT", default_value = "15s", value_parser = parse_sse_heartbeat)]
     pub sse_heartbeat: Duration,
 
