@@ -18,6 +18,7 @@ use crate::bus::redis::{Cluster, RedisSettings};
 use crate::bus::{Broker, Bus};
 use crate::config::rooms::Settings;
 use crate::config::Config;
+use crate::conn::sse::StreamNote;
 use crate::conn::{self, Limits};
 use crate::core::auth::Verifier;
 use crate::core::history::{HistoryService, HistorySettings};
@@ -155,7 +156,8 @@ pub async fn run(
         config.echo,
     )
     .with_accept_rate(config.accept_rate())
-    .with_body_timeout(config.body_timeout);
+    .with_body_timeout(config.body_timeout)
+    .with_sse_heartbeat(config.sse_heartbeat);
     if admin.is_some() {
         api = api.with_admin_listener();
     }
@@ -321,10 +323,16 @@ async fn serve_http(
     // Responses (and the 101) get `--write-timeout` too: a client that stops reading is dropped.
     let stream = TimedStream::new(stream, api.conn.limits.write_timeout);
     let stats = api.stats.clone();
-    let service = service_fn(move |req| {
-        let api = api.clone();
-        async move { Ok::<_, std::convert::Infallible>(http::handle(api, side, peer, req).await) }
-    });
+    // Lets an event stream served on this connection and this loop tell each other how it ends.
+    let note = Arc::new(StreamNote::default());
+    let service = {
+        let note = note.clone();
+        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let api = api.clone();
+            req.extensions_mut().insert(note.clone());
+            async move { Ok::<_, std::convert::Infallible>(http::handle(api, side, peer, req).await) }
+        })
+    };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
@@ -339,13 +347,20 @@ async fn serve_http(
                     .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
                 if timed_out {
                     stats.http_write_timeouts.inc();
+                    note.mark_write_timed_out();
                 }
                 tracing::debug!(error = %e, "http connection ended with an error");
             }
         }
         () = shutdown.recv() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+            // An event stream ends at its turn in the drain (bounded by --shutdown-timeout),
+            // with a `close` event; anything else gets a second.
+            if note.streaming() {
+                let _ = conn.await;
+            } else {
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+            }
         }
     }
 }

@@ -29,6 +29,19 @@ fn missing_prerequisites(dir: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs chromium"]
 async fn chat_page_works_in_a_real_browser() {
+    run_script("chat.mjs").await;
+}
+
+/// The browser's own `EventSource` on `GET /sse/{room}`: it receives, and after its connection
+/// is cut it reconnects by itself with `Last-Event-ID` and misses nothing (tests/browser/sse.mjs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium"]
+async fn event_source_reconnects_and_misses_nothing_in_a_real_browser() {
+    run_script("sse.mjs").await;
+}
+
+/// Runs one script of tests/browser against a fresh server; fails on any failed check.
+async fn run_script(name: &str) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     let missing = missing_prerequisites(&dir);
     assert!(
@@ -38,7 +51,7 @@ async fn chat_page_works_in_a_real_browser() {
     );
     let server = TestServer::start().await;
     let url = format!("http://{}", server.addr);
-    let script = dir.join("chat.mjs");
+    let script = dir.join(name);
     let output =
         tokio::task::spawn_blocking(move || Command::new("node").arg(script).arg(url).output())
             .await

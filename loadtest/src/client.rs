@@ -11,7 +11,8 @@ use hyper::header::{CONNECTION, HOST, UPGRADE};
 use hyper::upgrade::Upgraded;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::Server;
 use crate::payload::{parse_incoming, Incoming};
@@ -35,26 +36,7 @@ pub async fn connect(
     room: &str,
     user: &str,
 ) -> Result<(Ws, u64), Reason> {
-    let socket = if server.addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(|e| format!("socket_{}", errno_name(&e)))?;
-    if let Some(ip) = source.filter(|_| server.addr.is_ipv4()) {
-        // Without it, bind picks a port that must be free towards every destination: slow
-        // searches and early exhaustion with tens of thousands of sockets per address.
-        set_bind_address_no_port(&socket).map_err(|e| format!("sockopt_{}", errno_name(&e)))?;
-        socket
-            .bind(SocketAddr::from((ip, 0)))
-            .map_err(|e| format!("bind_{}", errno_name(&e)))?;
-    }
-    let stream = socket
-        .connect(server.addr)
-        .await
-        .map_err(|e| errno_name(&e))?;
-    // Small frames are the whole workload; do not let Nagle hold a publisher's frames back.
-    let _ = stream.set_nodelay(true);
+    let stream = open_tcp(server, source).await?;
 
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -130,6 +112,101 @@ pub async fn connect(
             _ => continue,
         }
     }
+}
+
+/// Binds a source address (if any) and connects.
+async fn open_tcp(server: &Server, source: Option<Ipv4Addr>) -> Result<TcpStream, Reason> {
+    let socket = if server.addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket_{}", errno_name(&e)))?;
+    if let Some(ip) = source.filter(|_| server.addr.is_ipv4()) {
+        // Without it, bind picks a port that must be free towards every destination: slow
+        // searches and early exhaustion with tens of thousands of sockets per address.
+        set_bind_address_no_port(&socket).map_err(|e| format!("sockopt_{}", errno_name(&e)))?;
+        socket
+            .bind(SocketAddr::from((ip, 0)))
+            .map_err(|e| format!("bind_{}", errno_name(&e)))?;
+    }
+    let stream = socket
+        .connect(server.addr)
+        .await
+        .map_err(|e| errno_name(&e))?;
+    // Small frames are the whole workload; do not let Nagle hold a publisher's frames back.
+    let _ = stream.set_nodelay(true);
+
+    Ok(stream)
+}
+
+/// Largest response head and first event an event stream may send before its welcome.
+const MAX_SSE_HEAD: usize = 16 * 1024;
+
+/// Opens an event stream on `room` as `user` (`GET /sse/{room}`), returning the socket and the
+/// welcome's `seq`. What follows on the socket is the chunked event stream, which the caller
+/// reads (and discards) itself: the `idle` scenario measures the server, not the parsing.
+pub async fn connect_sse(
+    server: &Server,
+    source: Option<Ipv4Addr>,
+    room: &str,
+    user: &str,
+) -> Result<(TcpStream, u64), Reason> {
+    let mut stream = open_tcp(server, source).await?;
+    let req = format!(
+        "GET /sse/{room}?user={user} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        server.host
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| errno_name(&e))?;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("before_welcome:{}", errno_name(&e)))?;
+        if n == 0 {
+            return Err("before_welcome:eof".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(status) = text.strip_prefix("HTTP/1.1 ").and_then(|t| t.get(..3)) {
+            if status != "200" && text.contains("\r\n\r\n") {
+                let code = text
+                    .split_once("\"error\":\"")
+                    .and_then(|(_, rest)| rest.split('"').next());
+                return Err(match code {
+                    Some(code) => format!("http_{status}:{code}"),
+                    None => format!("http_{status}"),
+                });
+            }
+        }
+        if let Some(line) = text
+            .split_once("event: welcome\n")
+            .and_then(|(_, rest)| rest.split_once('\n'))
+            .map(|(line, _)| line)
+        {
+            let seq = line
+                .strip_prefix("data: ")
+                .map(parse_incoming_str)
+                .and_then(|w| match w {
+                    Incoming::Welcome { seq } => Some(seq),
+                    _ => None,
+                })
+                .ok_or_else(|| "bad_welcome".to_string())?;
+            return Ok((stream, seq));
+        }
+        if buf.len() > MAX_SSE_HEAD {
+            return Err("before_welcome:too_long".into());
+        }
+    }
+}
+
+fn parse_incoming_str(s: &str) -> Incoming {
+    parse_incoming(s.as_bytes())
 }
 
 /// `close_1008:slow consumer` from a close frame's payload.

@@ -25,6 +25,17 @@ pub enum Scenario {
     Churn,
 }
 
+/// How the clients connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// WebSocket (`/ws/{room}`).
+    #[default]
+    Ws,
+    /// Server-Sent Events (`/sse/{room}`), receive only: `idle` scenario only.
+    Sse,
+}
+
 impl Scenario {
     /// How this scenario's publishers send, as reports and summaries name it: `steady` (each
     /// publisher at evenly spaced, staggered times, one message per write unless it is late, then
@@ -79,6 +90,12 @@ pub struct Config {
     /// What the clients do.
     #[arg(long, value_enum, default_value_t = Scenario::Chat)]
     pub scenario: Scenario,
+
+    /// How clients connect: `sse` opens event streams instead of WebSockets (`idle` only: an
+    /// event stream cannot publish).
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    #[serde(default)]
+    pub transport: Transport,
 
     /// Number of WebSocket clients in all.
     #[arg(long, default_value_t = 1000)]
@@ -229,6 +246,9 @@ impl Config {
         }
         if self.clients == 0 {
             bail!("--clients must be at least 1");
+        }
+        if self.transport == Transport::Sse && self.scenario != Scenario::Idle {
+            bail!("--transport sse runs the idle scenario only (an event stream cannot publish)");
         }
         if self.rooms == 0 || self.rooms > self.clients {
             bail!("--rooms must be between 1 and --clients ({})", self.clients);

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::client::{self, close_reason, ws_reason, Ws};
-use crate::config::{Config, RampOrder, Route, Scenario, Server};
+use crate::config::{Config, RampOrder, Route, Scenario, Server, Transport};
 use crate::gate::Gated;
 use crate::hist::{new_hist, to_buckets};
 use crate::payload::{now_us, parse_incoming, stamped_message, Incoming};
@@ -582,6 +582,9 @@ async fn client_main(shared: Arc<Shared>, c: u32, permit: OwnedSemaphorePermit) 
     let server = &shared.servers[place.server as usize];
     let room = room_name(place.room);
     let user = format!("u{c}");
+    if shared.config.transport == Transport::Sse {
+        return sse_client(shared, c, permit, &room, &user).await;
+    }
     let connected = timeout(
         shared.connect_timeout(),
         client::connect(server, shared.source_for(c), &room, &user),
@@ -609,6 +612,61 @@ async fn client_main(shared: Arc<Shared>, c: u32, permit: OwnedSemaphorePermit) 
         publish_session(&shared, ws, &mut me, stop, &shared.stopping).await
     } else {
         receive_session(&shared, ws, &mut me, stop, &shared.stopping).await
+    };
+    left(&shared, &me, end);
+}
+
+/// One event-stream client (`--transport sse`, `idle` only): connect, then hold the stream,
+/// reading and dropping whatever comes (heartbeats, presence) until told to stop.
+async fn sse_client(
+    shared: Arc<Shared>,
+    c: u32,
+    permit: OwnedSemaphorePermit,
+    room: &str,
+    user: &str,
+) {
+    let place = shared.plan.place(c);
+    let server = &shared.servers[place.server as usize];
+    let connected = timeout(
+        shared.connect_timeout(),
+        client::connect_sse(server, shared.source_for(c), room, user),
+    )
+    .await;
+    drop(permit);
+    let done = shared.done.fetch_add(1, Relaxed) + 1;
+    if done >= shared.assigned {
+        shared.ramp_done.notify_one();
+    }
+    let (stream, welcome) = match connected {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(reason)) => return Shared::count(&shared.failed, reason),
+        Err(_) => return Shared::count(&shared.failed, "timeout".into()),
+    };
+    joined(&shared, place.instance, welcome);
+    let me = Me {
+        id: c,
+        place,
+        shard: c as usize,
+        tracker: SeqTracker::new(welcome),
+    };
+    let stop = wait_stop(shared.stop.subscribe());
+    tokio::pin!(stop);
+    let mut sink = [0u8; 512];
+    let end = loop {
+        tokio::select! {
+            end = &mut stop => break end,
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    break End::Lost("sse_error".into());
+                }
+                match stream.try_read(&mut sink) {
+                    Ok(0) => break End::Lost("eof".into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => break End::Lost(crate::sys::errno_name(&e)),
+                }
+            }
+        }
     };
     left(&shared, &me, end);
 }

@@ -103,6 +103,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
     pub message_timeout: Duration,
 
+    /// An event stream (`GET /sse/{room}`) with nothing to send for this long sends a `: ping`
+    /// comment, so that proxies do not close it as idle. Syntax: a number and its unit (`15s`,
+    /// `500ms`; a bare number is refused), 1ms to 24h. Default: 15s.
+    #[arg(long, env = "ROOMCAST_SSE_HEARTBEAT", default_value = "15s", value_parser = parse_sse_heartbeat)]
+    pub sse_heartbeat: Duration,
+
     /// Adds a `/echo` WebSocket endpoint that echoes every text and binary message exactly, for
     /// conformance testing (Autobahn). Off by default: it is not part of the chat protocol.
     #[arg(long, env = "ROOMCAST_ECHO")]
@@ -492,6 +498,16 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     parse_timeout_spelling(s).map(|(d, _)| d)
 }
 
+/// `--sse-heartbeat`: 1ms to 24h, with its unit (the flag never took a bare number).
+fn parse_sse_heartbeat(s: &str) -> Result<Duration, String> {
+    match parse_timeout_spelling(s)? {
+        (d, None) => Ok(d),
+        (_, Some(_)) => Err(format!(
+            "`{s}` has no unit: write a number and a unit, like 15s"
+        )),
+    }
+}
+
 /// `--presence-interval`: 1ms to 60s; a bare number is milliseconds (deprecated).
 fn parse_presence_interval_spelling(s: &str) -> Result<(Duration, Option<String>), String> {
     parse_duration(
@@ -691,6 +707,9 @@ mod tests {
         assert_eq!(c.body_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout(), Some(Duration::from_secs(60)));
         assert_eq!(c.message_timeout, Duration::from_secs(10));
+        assert_eq!(c.sse_heartbeat, Duration::from_secs(15));
+        assert!(Config::try_parse_from(["roomcast", "--sse-heartbeat", "15"]).is_err());
+        assert!(Config::try_parse_from(["roomcast", "--sse-heartbeat", "0s"]).is_err());
         assert_eq!(c.shutdown_timeout, Duration::from_secs(4));
         assert_eq!(c.redis_timeout, Duration::from_secs(2));
         assert_eq!(c.cluster_node_ttl, Duration::from_secs(15));

@@ -8,6 +8,7 @@ mod end;
 mod handle;
 mod membership;
 mod read;
+pub mod sse;
 
 use std::io;
 use std::net::IpAddr;

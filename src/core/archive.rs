@@ -558,6 +558,7 @@ fn outbound(seq: u64, payload: &str) -> Arc<Outbound> {
         skip_origin: false,
         published_at: Instant::now(),
         seq,
+        sse: Default::default(),
     })
 }
 
@@ -792,6 +793,7 @@ mod tests {
             skip_origin: false,
             published_at: Instant::now(),
             seq,
+            sse: Default::default(),
         })
     }
 

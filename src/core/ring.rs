@@ -305,6 +305,7 @@ mod tests {
             skip_origin: false,
             published_at: Instant::now(),
             seq,
+            sse: Default::default(),
         })
     }
 

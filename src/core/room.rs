@@ -377,6 +377,7 @@ impl Room {
             skip_origin: p.skip_origin,
             published_at: Instant::now(),
             seq,
+            sse: Default::default(),
         });
         if let Some(id) = p.id {
             // The window runs on this process's clock (`ts` may come from another process).
@@ -494,6 +495,7 @@ impl Room {
             skip_origin: false,
             published_at: Instant::now(),
             seq: 0,
+            sse: Default::default(),
         };
         // No receiver means no member is left to deliver to: nothing is lost.
         let _ = self.tx.send(Arc::new(out));

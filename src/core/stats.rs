@@ -60,6 +60,8 @@ pub struct Stats {
     pub presence_names_dropped: Counter,
     /// Deadlines that closed a peer and hostile input dropped (one block, see [`Dropped`]).
     pub dropped: Dropped,
+    /// Server-Sent Events (one block, see [`SseStats`]).
+    pub sse: SseStats,
     rss: Gauge,
     /// CPU seconds this process has used (user + system), refreshed when scraped: divided into
     /// the deliveries of a load test window it gives the server's cost per delivery.
@@ -143,6 +145,7 @@ impl Stats {
             auth_refused.by_reason.clone(),
         );
         let dropped = Dropped::register(&mut registry);
+        let sse = SseStats::register(&mut registry);
         let connections = Gauge::default();
         registry.register(
             "connections",
@@ -187,6 +190,7 @@ impl Stats {
             shutdown_late_closes,
             presence_names_dropped,
             dropped,
+            sse,
             rss,
             cpu,
             registry,
@@ -364,6 +368,51 @@ impl Dropped {
             ("message_timeouts", self.message_timeouts.get()),
             ("body_timeouts", self.body_timeouts.get()),
             ("redis_payloads_dropped", self.redis_payloads_dropped.get()),
+        ]
+    }
+}
+
+/// Server-Sent Events streams. They are counted in `connections`, `frames_out` and `evictions`
+/// like WebSockets; these say how many of them are streams and what their encoding costs.
+#[derive(Default)]
+pub struct SseStats {
+    /// Open SSE streams (also in `connections`).
+    pub streams: Gauge,
+    /// Room frames encoded as events: once per frame whatever the number of SSE members, so
+    /// with fan-out working this stays at most `frames_encoded`.
+    pub events_encoded: Counter,
+    /// Streams evicted as slow consumers (also in `evictions`): behind a room's ring, or no
+    /// byte taken within `--write-timeout`.
+    pub evictions: Counter,
+}
+
+impl SseStats {
+    fn register(registry: &mut Registry) -> Self {
+        let s = SseStats::default();
+        registry.register(
+            "sse_streams",
+            "Open Server-Sent Events streams (also in connections)",
+            s.streams.clone(),
+        );
+        registry.register(
+            "sse_events_encoded",
+            "Room frames encoded as Server-Sent Events (once each)",
+            s.events_encoded.clone(),
+        );
+        registry.register(
+            "sse_evictions",
+            "Server-Sent Events streams evicted as slow consumers (also in evictions)",
+            s.evictions.clone(),
+        );
+        s
+    }
+
+    /// The `/api/stats` fields, by name.
+    pub fn fields(&self) -> [(&'static str, u64); 3] {
+        [
+            ("sse_streams", self.streams.get().max(0) as u64),
+            ("sse_events_encoded", self.events_encoded.get()),
+            ("sse_evictions", self.evictions.get()),
         ]
     }
 }

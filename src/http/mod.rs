@@ -6,10 +6,12 @@
 //! shapes every answer, `query` reads query strings, `access` decides who may do what.
 
 mod access;
+mod body;
 mod messages;
 mod query;
 mod reply;
 mod rooms;
+mod sse;
 mod status;
 pub mod target;
 mod upgrade;
@@ -54,6 +56,8 @@ pub struct Api {
     /// `--body-timeout`: 408 for a REST body that has not arrived whole by then.
     pub body_timeout: Duration,
     next_id: AtomicU64,
+    /// `--sse-heartbeat`: an event stream with nothing to send for this long sends a comment.
+    pub sse_heartbeat: Duration,
 }
 
 /// Which listener a request came in on.
@@ -87,6 +91,7 @@ impl Api {
             accept: None,
             body_timeout: Duration::from_secs(10),
             next_id: AtomicU64::new(1),
+            sse_heartbeat: Duration::from_secs(15),
         }
     }
 
@@ -105,6 +110,12 @@ impl Api {
     /// Sets `--body-timeout` (default 10 s).
     pub fn with_body_timeout(mut self, body_timeout: Duration) -> Self {
         self.body_timeout = body_timeout;
+        self
+    }
+
+    /// Sets `--sse-heartbeat` (default 15 s).
+    pub fn with_sse_heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.sse_heartbeat = heartbeat;
         self
     }
 
@@ -188,6 +199,10 @@ async fn route(api: Arc<Api>, side: Side, peer: IpAddr, req: Request<Incoming>) 
         ["ws"] | ["ws", _] => {
             allow(method, GET)?;
             upgrade::chat(api, peer, req).await
+        }
+        ["sse"] | ["sse", _] => {
+            allow(method, GET)?;
+            sse::stream(api, peer, req).await
         }
         ["echo"] if api.echo => {
             allow(method, GET)?;

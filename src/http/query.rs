@@ -75,6 +75,18 @@ pub struct Upgrade {
     pub token: Option<String>,
 }
 
+/// What an event stream's query carries beyond its rooms and user (read by `target.rs`).
+/// `Last-Event-ID`, when sent, wins over `since` and `history`.
+#[derive(Debug, Default, Deserialize)]
+pub struct Sse {
+    /// Each room's last `history` messages.
+    pub history: Option<u32>,
+    /// One room only: the messages after this seq.
+    pub since: Option<u64>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

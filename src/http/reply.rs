@@ -5,7 +5,6 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::{
     HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
@@ -16,7 +15,7 @@ use serde_json::json;
 use crate::core::auth::AuthError;
 use crate::core::limit::retry_after_ms;
 
-pub type Body = Full<Bytes>;
+pub use super::body::Body;
 
 /// A refused request: status, machine-readable code, human reason, and the headers some
 /// refusals carry. Turned into a response only at the edge.
@@ -165,7 +164,7 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
 
 /// Bytes that already are a JSON document.
 pub fn raw_json(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body));
+    let mut resp = Response::new(Body::full(body));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -176,7 +175,7 @@ pub fn raw_json(status: StatusCode, body: Bytes) -> Response<Body> {
 
 /// A body of `content_type`.
 pub fn typed(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body.into()));
+    let mut resp = Response::new(Body::full(body.into()));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp

@@ -74,6 +74,9 @@ pub async fn stats(api: &Api) -> Response<Body> {
     for (name, n) in s.dropped.fields() {
         v[name] = n.into();
     }
+    for (name, n) in s.sse.fields() {
+        v[name] = n.into();
+    }
     if let Some(cluster) = api.bus.broker_stats() {
         v["cluster"] = cluster;
         // Whether the totals above are every process's or, the others being unreachable,

@@ -57,6 +57,71 @@ pub fn parse_ws_target(path: &str, query: Option<&str>) -> Result<WsTarget, ApiE
     })
 }
 
+/// An event stream's request target, every name in it already valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseTarget {
+    /// `/sse/{room}`, or `/sse?rooms=a,b`: in order, no repeats, at least one.
+    pub rooms: Vec<String>,
+    /// As for an upgrade: `?user=`, else `?username=`.
+    pub user: Option<String>,
+}
+
+/// Parses the target of an event stream, `/sse/{room}` or `/sse?rooms=a,b,…`.
+///
+/// Checks in order: path (404 unless `/sse` or `/sse/{room}`), rooms (400 `bad_room` for a bad
+/// name, 400 `bad_param` for none, both forms at once, or a room named twice), user
+/// (400 `bad_user`). The `$lobby` may be named; other `$` names may not.
+pub fn parse_sse_target(path: &str, query: Option<&str>) -> Result<SseTarget, ApiError> {
+    let mut segments = path.trim_start_matches('/').split('/');
+    let path_room = match (segments.next(), segments.next(), segments.next()) {
+        (Some("sse"), None, _) => None,
+        (Some("sse"), Some(segment), None) => Some(segment),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route",
+            ))
+        }
+    };
+    let listed = query_value(query, "rooms");
+    let rooms = match (path_room, listed) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "bad_param",
+                "name the room in the path or in `rooms`, not both",
+            ))
+        }
+        (Some(raw), None) => vec![decode_room_with(raw, validate_joinable_room)?],
+        (None, Some(list)) => {
+            let mut rooms: Vec<String> = Vec::new();
+            for name in list.split(',') {
+                validate_joinable_room(name).map_err(|e| {
+                    ApiError::new(StatusCode::BAD_REQUEST, e.room_code(), e.room_reason())
+                })?;
+                if rooms.iter().any(|r| r == name) {
+                    return Err(ApiError::bad_request(
+                        "bad_param",
+                        "`rooms` names a room twice",
+                    ));
+                }
+                rooms.push(name.to_owned());
+            }
+            rooms
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "bad_param",
+                "name a room: /sse/{room} or /sse?rooms=a,b",
+            ))
+        }
+    };
+    Ok(SseTarget {
+        rooms,
+        user: parse_user(query)?,
+    })
+}
+
 /// The user name an upgrade asks for (`?user=`, else `?username=`), validated.
 pub fn parse_user(query: Option<&str>) -> Result<Option<String>, ApiError> {
     match query_value(query, "user").or_else(|| query_value(query, "username")) {
@@ -129,5 +194,25 @@ mod tests {
         assert_eq!(code("/ws/a/b", None), (404, "not_found"));
         assert_eq!(code("/api/rooms", None), (404, "not_found"));
         assert_eq!(code("", None), (404, "not_found"));
+    }
+
+    #[test]
+    fn event_stream_targets() {
+        let t = parse_sse_target("/sse/general", Some("user=al")).unwrap();
+        assert_eq!((t.rooms, t.user), (vec![s("general").unwrap()], s("al")));
+        let t = parse_sse_target("/sse", Some("rooms=a,b%3Ac,%24lobby")).unwrap();
+        assert_eq!(t.rooms, ["a", "b:c", "$lobby"]);
+        let code = |path: &str, query: Option<&str>| {
+            let e = parse_sse_target(path, query).unwrap_err();
+            (e.status().as_u16(), e.code())
+        };
+        assert_eq!(code("/sse", None), (400, "bad_param"));
+        assert_eq!(code("/sse/a", Some("rooms=b")), (400, "bad_param"));
+        assert_eq!(code("/sse", Some("rooms=a,a")), (400, "bad_param"));
+        assert_eq!(code("/sse", Some("rooms=a,,b")), (400, "bad_room"));
+        assert_eq!(code("/sse", Some("rooms=a,$x")), (400, "reserved_room"));
+        assert_eq!(code("/sse/a%2Cb", None), (400, "bad_room"));
+        assert_eq!(code("/sse/a/b", None), (404, "not_found"));
+        assert_eq!(code("/sse/a", Some("user=")), (400, "bad_user"));
     }
 }

@@ -6,18 +6,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use governor::clock::{Clock, DefaultClock};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 
 use super::query;
-use super::reply::{ApiError, Reply};
+use super::reply::{ApiError, Body, Reply};
 use super::target::{parse_user, parse_ws_target, WsTarget};
 use super::Api;
 use crate::bus::JoinRequest;
 use crate::conn::{self, Accepted, ConnectionGuard, Mode};
 use crate::core::auth::{self, Grant};
+use crate::core::room::Joined;
 use crate::core::stats::AuthReason;
 use crate::proto::ReplayRequest;
 
@@ -77,12 +77,17 @@ pub async fn echo(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply 
 /// or any room is looked up. Requests that are not upgrades do not count (they are refused
 /// later, with 400).
 fn admit<B>(api: &Api, req: &Request<B>) -> Result<(), ApiError> {
-    let Some(accept) = &api.accept else {
-        return Ok(());
-    };
     if !fastwebsockets::upgrade::is_upgrade_request(req) {
         return Ok(());
     }
+    accept_rate(api)
+}
+
+/// 503 `accept_rate` past `--accept-rate` (WebSocket upgrades and event streams together).
+pub(super) fn accept_rate(api: &Api) -> Result<(), ApiError> {
+    let Some(accept) = &api.accept else {
+        return Ok(());
+    };
     accept.check().map_err(|not_until| {
         api.stats.accept_rate_refused.inc();
         let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -135,6 +140,66 @@ async fn upgrade(
         ));
     }
     let cx = &api.conn;
+    let guard = hold_connection(&api, peer, &req)?;
+    let select_protocol = offers_subprotocol(&req);
+    let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut req)
+        .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
+    let id = api.next_id();
+    let user: Arc<str> = user.unwrap_or_else(|| format!("anon-{id}")).into();
+    let mode = match wanted {
+        Wanted::Echo => Mode::Echo,
+        Wanted::Rooms {
+            first_room: None, ..
+        } => Mode::Rooms { first: None, grant },
+        Wanted::Rooms {
+            first_room: Some(room),
+            replay,
+            password,
+        } => {
+            // The replay is taken with the membership (atomic with publishing) and written
+            // after the welcome.
+            let req = JoinRequest {
+                name: &room,
+                id,
+                user: &user,
+                password: password.as_deref(),
+                replay,
+                grant: grant.as_deref(),
+            };
+            let joined = join_room(&api, peer, req).await?;
+            Mode::Rooms {
+                first: Some(joined),
+                grant,
+            }
+        }
+    };
+    tokio::spawn(conn::run(Box::new(Accepted {
+        cx: cx.clone(),
+        upgrade,
+        id,
+        user,
+        mode,
+        guard,
+    })));
+    let (mut parts, _) = response.into_parts();
+    if select_protocol {
+        parts.headers.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(auth::SUBPROTOCOL),
+        );
+    }
+    Ok(Response::from_parts(parts, Body::full(Bytes::new())))
+}
+
+/// The checks every long-lived connection passes (a WebSocket before its 101, an event stream
+/// before its 200): not shutting down (503), an allowed `Origin` (403), `--max-connections-per-ip`
+/// (429) and `--max-connections` (503). The guard counts the connection until it is dropped.
+pub(super) fn hold_connection<B>(
+    api: &Api,
+    peer: IpAddr,
+    req: &Request<B>,
+) -> Result<ConnectionGuard, ApiError> {
+    let cx = &api.conn;
     if cx.shutdown.is_shutdown() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -142,7 +207,7 @@ async fn upgrade(
             "the server is shutting down",
         ));
     }
-    if !api.access.origin_allowed(&req) {
+    if !api.access.origin_allowed(req) {
         return Err(ApiError::forbidden(
             "origin_not_allowed",
             "this Origin is not in --allowed-origins",
@@ -173,63 +238,26 @@ async fn upgrade(
             "the server is at --max-connections",
         ));
     }
-    let select_protocol = offers_subprotocol(&req);
-    let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut req)
-        .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
-    let id = api.next_id();
-    let user: Arc<str> = user.unwrap_or_else(|| format!("anon-{id}")).into();
-    let mode = match wanted {
-        Wanted::Echo => Mode::Echo,
-        Wanted::Rooms {
-            first_room: None, ..
-        } => Mode::Rooms { first: None, grant },
-        Wanted::Rooms {
-            first_room: Some(room),
-            replay,
-            password,
-        } => {
-            api.access.not_locked(peer, &room)?;
-            // The replay is taken with the membership (atomic with publishing) and written
-            // after the welcome.
-            let req = JoinRequest {
-                name: &room,
-                id,
-                user: &user,
-                password: password.as_deref(),
-                replay,
-                grant: grant.as_deref(),
-            };
-            match api.bus.join(req).await {
-                Ok(joined) => Mode::Rooms {
-                    first: Some(joined),
-                    grant,
-                },
-                Err(e) => {
-                    api.access.join_refused(peer, &room, &e);
-                    let status = if e.is_capacity() {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    } else {
-                        StatusCode::FORBIDDEN
-                    };
-                    return Err(ApiError::new(status, e.code(), e.to_string()));
-                }
-            }
-        }
-    };
-    tokio::spawn(conn::run(Box::new(Accepted {
-        cx: cx.clone(),
-        upgrade,
-        id,
-        user,
-        mode,
-        guard,
-    })));
-    let (mut parts, _) = response.into_parts();
-    if select_protocol {
-        parts.headers.insert(
-            SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(auth::SUBPROTOCOL),
-        );
-    }
-    Ok(Response::from_parts(parts, Full::new(Bytes::new())))
+    Ok(guard)
+}
+
+/// Joins the first room of a connection before it is answered, so that a refusal is a status:
+/// 429 while the address is locked out of the room, 403 for a password or a token, 503 for a
+/// cap (`room_full`, `max_rooms`). A wrong password counts towards the lockout.
+pub(super) async fn join_room(
+    api: &Api,
+    peer: IpAddr,
+    req: JoinRequest<'_>,
+) -> Result<Joined, ApiError> {
+    api.access.not_locked(peer, req.name)?;
+    let room = req.name;
+    api.bus.join(req).await.map_err(|e| {
+        api.access.join_refused(peer, room, &e);
+        let status = if e.is_capacity() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        ApiError::new(status, e.code(), e.to_string())
+    })
 }

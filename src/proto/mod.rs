@@ -9,6 +9,7 @@ pub mod close;
 pub mod epoch;
 pub mod names;
 pub mod server;
+pub mod sse;
 
 pub use client::{parse_client_message, validate_id, ClientMessage, ProtocolError, ReplayRequest};
 pub use close::{close_frame, encode_control, ping_frame};

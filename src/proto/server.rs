@@ -1,7 +1,7 @@
 //! What the server sends: one `ServerFrame` enum, tagged by `type`, each encoded exactly once
 //! into a complete WebSocket text frame (header + JSON payload in one shared `Bytes`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -149,12 +149,26 @@ pub struct Outbound {
     pub published_at: Instant,
     /// The room seq of a chat message; 0 for every other frame (presence, notices).
     pub seq: u64,
+    /// The Server-Sent Events form of `frame`, made by the first SSE member to deliver it and
+    /// shared by the rest: empty in rooms with no SSE member.
+    pub sse: OnceLock<Bytes>,
 }
 
 impl Outbound {
     /// Whether the connection `conn` should receive this frame.
     pub fn is_for(&self, conn: u64) -> bool {
         !(self.skip_origin && self.origin == conn)
+    }
+
+    /// The frame as one Server-Sent Event (`proto::sse::frame_event`), encoded once per frame
+    /// whatever the number of SSE members; `true` when this call encoded it.
+    pub fn sse_event(&self) -> (&Bytes, bool) {
+        let mut encoded = false;
+        let event = self.sse.get_or_init(|| {
+            encoded = true;
+            super::sse::frame_event(self.seq, frame_payload(&self.frame))
+        });
+        (event, encoded)
     }
 }
 
