@@ -18,10 +18,40 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
+/// An event id's positions with their epochs left out, and the epochs; each position must be
+/// `<epoch>.<seq>` with a well-formed epoch.
+fn split_id(id: &str) -> Result<(String, Vec<String>)> {
+    let mut epochs = Vec::new();
+    let mut plain = Vec::new();
+    for entry in id.split(',') {
+        let (room, pos) = match entry.rsplit_once(':') {
+            Some((room, pos)) => (Some(room), pos),
+            None => (None, entry),
+        };
+        let Some((epoch, seq)) = pos.split_once('.') else {
+            bail!("position {pos:?} has no epoch");
+        };
+        if epoch.len() != 12 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            bail!("bad epoch in {id:?}");
+        }
+        epochs.push(epoch.to_owned());
+        plain.push(match room {
+            Some(room) => format!("{room}:{seq}"),
+            None => seq.to_owned(),
+        });
+    }
+    Ok((plain.join(","), epochs))
+}
+
 /// One event as `EventSource` would dispatch it, or a comment.
 #[derive(Debug, Clone, Default)]
 struct Event {
+    /// The id with its epochs left out (`3`, `a:1,b:x:1`): the seqs the tests follow.
     id: Option<String>,
+    /// The id as sent (`<epoch>.<seq>` per room): what `Last-Event-ID` sends back.
+    raw_id: Option<String>,
+    /// The epochs the id names, in its order.
+    epochs: Vec<String>,
     event: String,
     data: String,
     retry: Option<u64>,
@@ -115,7 +145,12 @@ impl Stream {
                     let (field, value) = line.split_once(": ").unwrap_or((line, ""));
                     any = true;
                     match field {
-                        "id" => ev.id = Some(value.to_owned()),
+                        "id" => {
+                            let (id, epochs) = split_id(value)?;
+                            ev.id = Some(id);
+                            ev.epochs = epochs;
+                            ev.raw_id = Some(value.to_owned());
+                        }
                         "event" => ev.event = value.to_owned(),
                         "data" => data.push(value),
                         "retry" => ev.retry = value.parse().ok(),
@@ -263,7 +298,8 @@ async fn a_reconnect_with_last_event_id_misses_nothing(d: Deployment) {
         );
         assert_eq!(ev.id, Some(seq.to_string()));
         assert_eq!(ev.json()["seq"], seq);
-        last = ev.id;
+        assert_eq!(ev.epochs, [welcome.json()["epoch"].as_str().unwrap()]);
+        last = ev.raw_id;
     }
     sse.drop_connection();
     d.wait_members("r", 1).await;
@@ -393,7 +429,7 @@ async fn several_rooms_share_one_composite_position(d: Deployment) {
     let ev = sse.next_named("message").await;
     assert_eq!(ev.id.as_deref(), Some("a:1,b:x:1"));
     assert_eq!(ev.json()["room"], "b:x");
-    let last = ev.id.unwrap();
+    let last = ev.raw_id.unwrap();
     sse.drop_connection();
     d.wait_members("a", 1).await;
     d.publish("a", "a2").await;

@@ -28,7 +28,7 @@ use crate::core::auth::Grant;
 use crate::core::room::Joined;
 use crate::core::stats::AuthReason;
 use crate::proto::sse::{self, composite_id, event_id};
-use crate::proto::{frame_payload, Outbound};
+use crate::proto::{frame_payload, Epoch, Outbound};
 use crate::shutdown::{Shutdown, Turn};
 
 /// What the HTTP layer and the accept loop tell each other about one TCP connection that may
@@ -98,7 +98,7 @@ struct Feed {
     rooms: SmallVec<[Membership; 1]>,
     /// Each room's position: the seq of the last message queued (or, before any, the position
     /// the stream started from). The id of every event is made from these.
-    positions: SmallVec<[u64; 1]>,
+    positions: SmallVec<[(Epoch, u64); 1]>,
     grant: Option<Arc<Grant>>,
     shutdown: Shutdown,
     heartbeat: Duration,
@@ -151,7 +151,7 @@ impl Feed {
                 .as_ref()
                 .and_then(|r| r.frames.first())
                 .map_or(j.last_seq, |o| o.seq.saturating_sub(1));
-            feed.positions.push(start);
+            feed.positions.push((j.room.epoch(), start));
             starts.push((j.welcome, j.replay));
             feed.rooms.push(Membership::new(j.room, j.rx, j.last_seq));
         }
@@ -293,7 +293,8 @@ impl Feed {
     /// frame's shared event as it is (its id is the room's position). Several: the composite
     /// id, then the shared event less its own id line.
     fn push_frame(&mut self, i: usize, out: &Outbound) {
-        let (event, encoded) = out.sse_event();
+        let epoch = self.positions.get(i).map_or_else(Epoch::random, |p| p.0);
+        let (event, encoded) = out.sse_event(epoch);
         if encoded {
             self.cx.stats.sse.events_encoded.inc();
         }
@@ -302,7 +303,7 @@ impl Feed {
             return;
         }
         if let Some(p) = self.positions.get_mut(i) {
-            *p = out.seq;
+            p.1 = out.seq;
         }
         if self.rooms.len() == 1 {
             self.queue.push_back(event.clone());
@@ -315,12 +316,12 @@ impl Feed {
     /// The id of the stream's position now.
     fn current_id(&self) -> String {
         match self.positions.as_slice() {
-            [only] => event_id(*only),
+            [(epoch, seq)] => event_id(*epoch, *seq),
             many => composite_id(
                 self.rooms
                     .iter()
-                    .map(|m| m.room.name())
-                    .zip(many.iter().copied()),
+                    .zip(many)
+                    .map(|(m, (epoch, seq))| (m.room.name(), *epoch, *seq)),
             ),
         }
     }

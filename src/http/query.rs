@@ -83,6 +83,8 @@ pub struct Sse {
     pub history: Option<u32>,
     /// One room only: the messages after this seq.
     pub since: Option<u64>,
+    /// The epoch `since` is in.
+    pub epoch: Option<String>,
     pub password: Option<String>,
     pub token: Option<String>,
 }

@@ -131,8 +131,9 @@ fn replays<B>(
     if let Some(last) = last {
         return match rooms {
             [_] => {
-                let seq = parse_event_id(last).ok_or_else(|| bad_id(IdError::Malformed))?;
-                Ok(vec![Some(ReplayRequest::Since(seq))])
+                let (epoch, seq) =
+                    parse_event_id(last).ok_or_else(|| bad_id(IdError::Malformed))?;
+                Ok(vec![Some(ReplayRequest::Since(seq, epoch))])
             }
             _ => {
                 let positions = parse_composite_id(last).map_err(bad_id)?;
@@ -142,7 +143,7 @@ fn replays<B>(
                         positions
                             .iter()
                             .find(|(r, _)| r == room)
-                            .map(|(_, seq)| ReplayRequest::Since(*seq))
+                            .map(|(_, (epoch, seq))| ReplayRequest::Since(*seq, *epoch))
                     })
                     .collect())
             }
@@ -154,7 +155,7 @@ fn replays<B>(
             "`since` is for one room: a stream in several uses `Last-Event-ID`",
         ));
     }
-    let replay = ReplayRequest::from_parts(q.history, q.since)
+    let replay = ReplayRequest::from_parts(q.history, q.since, q.epoch.as_deref())
         .map_err(|reason| ApiError::bad_request("bad_param", reason))?;
     Ok(vec![replay; rooms.len()])
 }

@@ -162,11 +162,12 @@ impl Outbound {
 
     /// The frame as one Server-Sent Event (`proto::sse::frame_event`), encoded once per frame
     /// whatever the number of SSE members; `true` when this call encoded it.
-    pub fn sse_event(&self) -> (&Bytes, bool) {
+    /// `epoch` is the room's: a frame's event is encoded by the first SSE member that needs it.
+    pub fn sse_event(&self, epoch: Epoch) -> (&Bytes, bool) {
         let mut encoded = false;
         let event = self.sse.get_or_init(|| {
             encoded = true;
-            super::sse::frame_event(self.seq, frame_payload(&self.frame))
+            super::sse::frame_event(epoch, self.seq, frame_payload(&self.frame))
         });
         (event, encoded)
     }

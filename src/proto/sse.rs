@@ -3,10 +3,16 @@
 //!
 //! An event's `data:` is the same JSON as the WebSocket frame's payload. The id of a stream in
 //! one room is that room's position (`event_id`); a stream in several rooms has one composite
-//! id naming every room's position (`composite_id`). Both forms are written and read here
-//! only, so that a position can change shape (an epoch in front of the seq) in one place.
+//! id naming every room's position (`composite_id`). A position is the room's epoch and seq,
+//! `<epoch>.<seq>` (a bare `<seq>` is still read, as a position with no epoch). Both forms are
+//! written and read here only.
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+use super::epoch::Epoch;
+
+/// A recovery position read back from an id: the epoch (none in a bare seq) and the seq.
+pub type Position = (Option<Epoch>, u64);
 
 /// A comment line: proxies see bytes and keep the stream open; `EventSource` ignores it.
 pub const HEARTBEAT: &[u8] = b": ping\n\n";
@@ -15,31 +21,35 @@ pub const HEARTBEAT: &[u8] = b": ping\n\n";
 pub const MAX_ID_ROOMS: usize = 256;
 
 /// The id of a position in one room.
-pub fn event_id(seq: u64) -> String {
-    seq.to_string()
+pub fn event_id(epoch: Epoch, seq: u64) -> String {
+    format!("{epoch}.{seq}")
 }
 
-/// A position read back from an id written by `event_id`. `None`: not one.
-pub fn parse_event_id(id: &str) -> Option<u64> {
+/// A position read back from an id written by `event_id` (or a bare seq). `None`: not one.
+pub fn parse_event_id(id: &str) -> Option<Position> {
+    let (epoch, seq) = match id.split_once('.') {
+        Some((epoch, seq)) => (Some(epoch.parse().ok()?), seq),
+        None => (None, id),
+    };
     // `u64::from_str` takes a leading `+`; an id we wrote never has one.
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    id.parse().ok()
+    Some((epoch, seq.parse().ok()?))
 }
 
 /// The id of a stream in several rooms: `room:position` for each, joined by `,`
 /// (`a:12,b:40`). Room names never hold `,`, and a position never holds `:`, so the last `:`
 /// of an entry ends its name.
-pub fn composite_id<'a>(positions: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+pub fn composite_id<'a>(positions: impl IntoIterator<Item = (&'a str, Epoch, u64)>) -> String {
     let mut id = String::new();
-    for (room, seq) in positions {
+    for (room, epoch, seq) in positions {
         if !id.is_empty() {
             id.push(',');
         }
         id.push_str(room);
         id.push(':');
-        id.push_str(&event_id(seq));
+        id.push_str(&event_id(epoch, seq));
     }
     id
 }
@@ -57,21 +67,21 @@ pub enum IdError {
 
 /// The positions of a composite id, in its order. Rooms are not validated here: the caller
 /// keeps only the ones its stream is in.
-pub fn parse_composite_id(id: &str) -> Result<Vec<(&str, u64)>, IdError> {
+pub fn parse_composite_id(id: &str) -> Result<Vec<(&str, Position)>, IdError> {
     if id.split(',').nth(MAX_ID_ROOMS).is_some() {
         return Err(IdError::TooLong);
     }
-    let mut out: Vec<(&str, u64)> = Vec::new();
+    let mut out: Vec<(&str, Position)> = Vec::new();
     for entry in id.split(',') {
         let (room, pos) = entry.rsplit_once(':').ok_or(IdError::Malformed)?;
-        let seq = parse_event_id(pos).ok_or(IdError::Malformed)?;
+        let position = parse_event_id(pos).ok_or(IdError::Malformed)?;
         if room.is_empty() {
             return Err(IdError::Malformed);
         }
         if out.iter().any(|(r, _)| *r == room) {
             return Err(IdError::Repeated);
         }
-        out.push((room, seq));
+        out.push((room, position));
     }
     Ok(out)
 }
@@ -79,9 +89,9 @@ pub fn parse_composite_id(id: &str) -> Result<Vec<(&str, u64)>, IdError> {
 /// The event of a room frame: a chat message (`seq > 0`) is `event: message` with its position
 /// as `id:`; any other frame is named by its JSON `type` (`presence`, `lagged`, `room_created`…)
 /// and has no id. `payload` is the WebSocket frame's JSON.
-pub fn frame_event(seq: u64, payload: &[u8]) -> Bytes {
+pub fn frame_event(epoch: Epoch, seq: u64, payload: &[u8]) -> Bytes {
     if seq > 0 {
-        let id = event_id(seq);
+        let id = event_id(epoch, seq);
         event(Some(&id), "message", payload)
     } else {
         event(None, frame_type(payload), payload)
@@ -168,16 +178,35 @@ fn frame_type(payload: &[u8]) -> &str {
 mod tests {
     use super::*;
 
+    const E: Epoch = match Epoch::from_bits(1) {
+        Some(e) => e,
+        None => panic!(),
+    };
+
     #[test]
     fn ids_round_trip() {
-        assert_eq!(parse_event_id(&event_id(42)), Some(42));
-        assert_eq!(parse_event_id("0"), Some(0));
-        for bad in ["", "+1", "-1", "1.5", "a", " 1", "99999999999999999999999"] {
+        assert_eq!(event_id(E, 42), "000000000001.42");
+        assert_eq!(parse_event_id(&event_id(E, 42)), Some((Some(E), 42)));
+        assert_eq!(parse_event_id("0"), Some((None, 0)));
+        for bad in [
+            "",
+            "+1",
+            "-1",
+            "1.5",
+            "a",
+            " 1",
+            "99999999999999999999999",
+            "000000000001.",
+            "00000000000i.3",
+        ] {
             assert_eq!(parse_event_id(bad), None, "{bad:?}");
         }
-        let id = composite_id([("a", 12), ("b:c", 40)]);
-        assert_eq!(id, "a:12,b:c:40");
-        assert_eq!(parse_composite_id(&id), Ok(vec![("a", 12), ("b:c", 40)]));
+        let id = composite_id([("a", E, 12), ("b:c", E, 40)]);
+        assert_eq!(id, "a:000000000001.12,b:c:000000000001.40");
+        assert_eq!(
+            parse_composite_id(&id),
+            Ok(vec![("a", (Some(E), 12)), ("b:c", (Some(E), 40))])
+        );
         assert_eq!(parse_composite_id("a:1,a:2"), Err(IdError::Repeated));
         for bad in ["", "a", "a:", ":3", "a:1,", "a:x", "a:1,,b:2"] {
             assert_eq!(parse_composite_id(bad), Err(IdError::Malformed), "{bad:?}");
@@ -188,19 +217,19 @@ mod tests {
 
     #[test]
     fn events_carry_the_frame_json() {
-        let e = frame_event(7, br#"{"type":"message","text":"hi"}"#);
+        let e = frame_event(E, 7, br#"{"type":"message","text":"hi"}"#);
         assert_eq!(
             &e[..],
-            b"id: 7\nevent: message\ndata: {\"type\":\"message\",\"text\":\"hi\"}\n\n"
+            b"id: 000000000001.7\nevent: message\ndata: {\"type\":\"message\",\"text\":\"hi\"}\n\n"
         );
         assert_eq!(
             &without_id(&e)[..],
             b"event: message\ndata: {\"type\":\"message\",\"text\":\"hi\"}\n\n"
         );
-        let p = frame_event(0, br#"{"type":"presence","members":2}"#);
+        let p = frame_event(E, 0, br#"{"type":"presence","members":2}"#);
         assert!(p.starts_with(b"event: presence\ndata: {"), "{p:?}");
         assert_eq!(without_id(&p), p);
-        let odd = frame_event(0, b"{\"type\":\"x\\\"y\"}\nline\r");
+        let odd = frame_event(E, 0, b"{\"type\":\"x\\\"y\"}\nline\r");
         assert_eq!(
             &odd[..],
             b"event: notice\ndata: {\"type\":\"x\\\"y\"}\ndata: line\ndata: \n\n"
