@@ -154,7 +154,8 @@ pub async fn run(
         config.echo,
     )
     .with_accept_rate(config.accept_rate())
-    .with_body_timeout(config.body_timeout);
+    .with_body_timeout(config.body_timeout)
+    .with_cors(&config.cors_origins);
     if admin.is_some() {
         api = api.with_admin_listener();
     }

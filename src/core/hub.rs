@@ -54,6 +54,8 @@ pub enum JoinError {
     RoomFull { max: u32 },
     #[error("the server holds --max-rooms rooms ({max}): no new room can be created")]
     TooManyRooms { max: usize },
+    #[error("this direct-message room is only for the users its name lists")]
+    NotAddressed,
 }
 
 impl JoinError {
@@ -63,6 +65,7 @@ impl JoinError {
             JoinError::PasswordRequired | JoinError::WrongPassword => "bad_password",
             JoinError::RoomFull { .. } => "room_full",
             JoinError::TooManyRooms { .. } => "max_rooms",
+            JoinError::NotAddressed => "forbidden_room",
         }
     }
 
@@ -75,6 +78,7 @@ impl JoinError {
     pub fn auth_reason(&self) -> Option<AuthReason> {
         match self {
             JoinError::PasswordRequired | JoinError::WrongPassword => Some(AuthReason::BadPassword),
+            JoinError::NotAddressed => Some(AuthReason::ForbiddenRoom),
             JoinError::RoomFull { .. } | JoinError::TooManyRooms { .. } => None,
         }
     }

@@ -1,0 +1,1 @@
+// roomcast client library: see docs/CLIENT.md
