@@ -833,3 +833,19 @@ async fn cors_answers_listed_origins_fully_and_others_read_only() {
     .unwrap();
     assert_eq!((r.status, allow_origin(&r)), (200, None));
 }
+
+/// A refused chat message's error frame names its `id`, so a client with several messages in
+/// flight knows which one to keep (its own copies of the others may arrive after the error).
+#[tokio::test]
+async fn a_refused_message_error_names_its_id() {
+    let server = TestServer::with(|c| c.rate_limit = "1/m burst 1".parse().unwrap()).await;
+    let (mut c, _) = Client::join(&server.ws_url("/ws/r?user=u")).await;
+    c.send_json(&json!({"type": "message", "room": "elsewhere", "text": "x", "id": "m-1"}))
+        .await;
+    let e = c.recv_type("error").await;
+    assert_eq!((&e["code"], &e["id"]), (&json!("not_joined"), &json!("m-1")), "{e}");
+    c.send_json(&json!({"text": "y", "id": "m-2"})).await;
+    let e = c.recv_type("error").await;
+    assert_eq!((&e["code"], &e["id"]), (&json!("rate_limited"), &json!("m-2")), "{e}");
+    assert!(e["retry_after_ms"].as_u64().is_some(), "{e}");
+}

@@ -73,7 +73,7 @@ impl Connection {
                 })
             }
             OpCode::Ping => {
-                match self.admit().await {
+                match self.admit(None).await {
                     Ok(true) => {}
                     Ok(false) => return None,
                     Err(end) => return Some(end),
@@ -81,7 +81,7 @@ impl Connection {
                 let pong = proto::encode_control(Frame::pong(Payload::Borrowed(&frame.payload)));
                 return self.write_frames(&[&pong]).await.err();
             }
-            OpCode::Pong => return self.admit().await.err(),
+            OpCode::Pong => return self.admit(None).await.err(),
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
                 return Some(End::Close(
                     close::PROTOCOL_ERROR,
@@ -105,7 +105,7 @@ impl Connection {
                         "continuation frame without a message",
                     ));
                 }
-                let admitted = match self.admit().await {
+                let admitted = match self.admit(None).await {
                     Ok(admitted) => admitted,
                     Err(end) => return Some(end),
                 };

@@ -12,8 +12,8 @@ pub mod server;
 pub use client::{parse_client_message, validate_id, ClientMessage, ProtocolError, ReplayRequest};
 pub use close::{close_frame, encode_control, ping_frame};
 pub use server::{
-    error_frame, frame_from_payload, frame_payload, message_frame, message_frame_with_id, Outbound,
-    RoomCount, ServerFrame,
+    error_frame, frame_from_payload, frame_payload, message_error_frame, message_frame,
+    message_frame_with_id, Outbound, RoomCount, ServerFrame,
 };
 
 #[cfg(test)]
