@@ -843,9 +843,17 @@ async fn a_refused_message_error_names_its_id() {
     c.send_json(&json!({"type": "message", "room": "elsewhere", "text": "x", "id": "m-1"}))
         .await;
     let e = c.recv_type("error").await;
-    assert_eq!((&e["code"], &e["id"]), (&json!("not_joined"), &json!("m-1")), "{e}");
+    assert_eq!(
+        (&e["code"], &e["id"]),
+        (&json!("not_joined"), &json!("m-1")),
+        "{e}"
+    );
     c.send_json(&json!({"text": "y", "id": "m-2"})).await;
     let e = c.recv_type("error").await;
-    assert_eq!((&e["code"], &e["id"]), (&json!("rate_limited"), &json!("m-2")), "{e}");
+    assert_eq!(
+        (&e["code"], &e["id"]),
+        (&json!("rate_limited"), &json!("m-2")),
+        "{e}"
+    );
     assert!(e["retry_after_ms"].as_u64().is_some(), "{e}");
 }

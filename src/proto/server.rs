@@ -236,7 +236,7 @@ pub fn message_error_frame(err: &ProtocolError, room: Option<&str>, id: Option<&
         reason: &err.reason,
         room,
         retry_after_ms: err.retry_after_ms,
-        id: id.filter(|id| crate::proto::validate_id(id).is_ok()),
+        id: id.filter(|id| crate::proto::client::validate_id(id).is_ok()),
     }
     .encode()
 }
