@@ -142,7 +142,7 @@ async fn chat_frames_and_room_info(d: Deployment) {
         assert_eq!(list["total"], 1, "{list}");
         assert_eq!(
             keys(&list["rooms"][0]),
-            set(&["room", "members", "local_members"])
+            set(&["room", "members", "local_members", "password_protected"])
         );
         assert_eq!(list["rooms"][0]["members"], 2);
     }

@@ -232,11 +232,16 @@ export class Client {
       try { f = JSON.parse(ev.data); } catch { return; }
       this._frame(f);
     };
-    ws.onclose = (ev) => {
-      if (gen !== this.generation) return;
+    let ended = false;
+    const end = (ev) => {
+      if (ended || gen !== this.generation) return;
+      ended = true;
       this._failed(gen, ev, opened);
     };
-    ws.onerror = () => {};
+    ws.onclose = end;
+    // Some implementations (Node 20's experimental WebSocket) report a refused connection
+    // with an error and no close: treat an error before the open as the end.
+    ws.onerror = () => { if (!opened) end({ code: 1006, reason: "" }); };
   }
 
   /** The socket ended (or never opened): decide when, and whether, to try again. */
