@@ -157,7 +157,8 @@ pub async fn run(
     )
     .with_accept_rate(config.accept_rate())
     .with_body_timeout(config.body_timeout)
-    .with_sse_heartbeat(config.sse_heartbeat);
+    .with_sse_heartbeat(config.sse_heartbeat)
+    .with_cors(&config.cors_origins);
     if admin.is_some() {
         api = api.with_admin_listener();
     }

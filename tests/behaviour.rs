@@ -142,7 +142,7 @@ async fn chat_frames_and_room_info(d: Deployment) {
         assert_eq!(list["total"], 1, "{list}");
         assert_eq!(
             keys(&list["rooms"][0]),
-            set(&["room", "members", "local_members"])
+            set(&["room", "members", "local_members", "password_protected"])
         );
         assert_eq!(list["rooms"][0]["members"], 2);
     }
@@ -284,7 +284,8 @@ fn rooms_file() -> &'static str {
         ));
         std::fs::write(
             &path,
-            "[rooms.vault]\npassword = \"s3same\"\n[rooms.staff]\nprivate = true\n",
+            "[rooms.vault]\npassword = \"s3same\"\n[rooms.staff]\nprivate = true\n\
+             [rooms.club]\npassword = \"s3club\"\nprivate = false\n",
         )
         .unwrap();
         path.to_string_lossy().into_owned()
@@ -886,4 +887,164 @@ async fn a_process_holds_at_most_max_rooms(d: Deployment) {
     assert_eq!(c.recv_type("welcome").await["room"], "r3");
     let (_, stats) = a.get("/api/stats").await;
     assert_eq!(stats["rooms_refused"], 2, "{stats}");
+}
+
+in_both_modes!(
+    direct_message_rooms_admit_only_their_users_by_token,
+    "--jwt-secret",
+    SECRET,
+    "--api-key",
+    API_KEY
+);
+/// `dm:alice+bob` admits alice and bob by their tokens' `sub`, although neither token lists it,
+/// and nobody else, whatever their token says; over the upgrade, over a `join` frame, and for
+/// the room's info. It is never listed.
+async fn direct_message_rooms_admit_only_their_users_by_token(d: Deployment) {
+    let (alice_t, bob_t, carol_t) = (
+        token("alice", Some("general")),
+        token("bob", Some("general")),
+        token("carol", Some("*")),
+    );
+    let (mut alice, w) =
+        Client::join(&d.a().ws(&format!("/ws/dm:alice+bob?token={alice_t}"))).await;
+    assert_eq!(w["room"], "dm:alice+bob", "{w}");
+    let mut bob = Client::connect(&d.b().ws(&format!("/ws?token={bob_t}"))).await;
+    bob.send_json(&json!({"type": "join", "room": "dm:alice+bob"}))
+        .await;
+    bob.recv_type("welcome").await;
+    d.wait_members(&format!("dm:alice+bob?token={bob_t}"), 2)
+        .await;
+
+    assert_eq!(
+        refused_upgrade(d.a(), &format!("/ws/dm:alice+bob?token={carol_t}")).await,
+        (403, json!("forbidden_room"))
+    );
+    let mut carol = Client::connect(&d.b().ws(&format!("/ws?token={carol_t}"))).await;
+    carol
+        .send_json(&json!({"type": "join", "room": "dm:alice+bob"}))
+        .await;
+    let e = carol.recv_type("error").await;
+    assert_eq!(e["code"], "forbidden_room", "{e}");
+    // One set of users has one room name: unsorted or repeated lists are no room at all.
+    for bad in ["dm:bob+alice", "dm:alice+alice+bob"] {
+        assert_eq!(
+            refused_upgrade(d.a(), &format!("/ws/{bad}?token={alice_t}")).await,
+            (400, json!("bad_room"))
+        );
+        carol.send_json(&json!({"type": "join", "room": bad})).await;
+        assert_eq!(carol.recv_type("error").await["code"], "bad_room");
+    }
+
+    alice.send("psst").await;
+    let m = bob.recv_non_presence().await;
+    assert_eq!((&m["text"], &m["user"]), (&json!("psst"), &json!("alice")));
+
+    for node in &d.nodes {
+        let (status, v) = get_with(node, "/api/rooms/dm:alice+bob", Some(&carol_t)).await;
+        assert_eq!((status, &v["error"]), (403, &json!("forbidden_room")));
+        let (status, _) = get_with(node, "/api/rooms/dm:alice+bob", Some(&bob_t)).await;
+        assert_eq!(status, 200);
+        let (status, _) = get_with(node, "/api/rooms/dm:alice+bob/messages", Some(&alice_t)).await;
+        assert_eq!(status, 200);
+        let (_, v) = get_with(node, "/api/rooms", Some(&carol_t)).await;
+        assert!(!v.to_string().contains("dm:"), "a DM was listed: {v}");
+        let (_, v) = get_with(node, "/api/rooms", Some(API_KEY)).await;
+        assert!(
+            v.to_string().contains("dm:alice+bob"),
+            "the key sees all: {v}"
+        );
+    }
+    let (status, v) = post_with(
+        d.a(),
+        "/api/rooms/dm:alice+bob/messages",
+        Some(&carol_t),
+        &json!({"text": "let me in"}),
+    )
+    .await;
+    assert_eq!((status, &v["error"]), (403, &json!("forbidden_room")));
+    let (_, stats) = d.b().get("/api/stats").await;
+    assert!(
+        stats["auth_refused_by_reason"]["forbidden_room"].as_u64() >= Some(2),
+        "{stats}"
+    );
+}
+
+in_both_modes!(direct_message_rooms_admit_only_their_users_by_name);
+/// Without tokens a DM room goes by the name a client gives (unauthenticated, as every name
+/// is then): others are refused at the upgrade, on a `join` frame, on reads and REST
+/// publishes.
+async fn direct_message_rooms_admit_only_their_users_by_name(d: Deployment) {
+    let (_alice, _) = Client::join(&d.a().ws("/ws/dm:alice+bob?user=alice")).await;
+    assert_eq!(
+        refused_upgrade(d.a(), "/ws/dm:alice+bob?user=carol").await,
+        (403, json!("forbidden_room"))
+    );
+    assert_eq!(
+        refused_upgrade(d.a(), "/ws/dm:alice+bob").await,
+        (403, json!("forbidden_room")),
+        "an anonymous name is nobody's"
+    );
+    let mut carol = Client::connect(&d.b().ws("/ws?user=carol")).await;
+    carol
+        .send_json(&json!({"type": "join", "room": "dm:alice+bob"}))
+        .await;
+    assert_eq!(carol.recv_type("error").await["code"], "forbidden_room");
+    d.wait_members("dm:alice+bob?user=alice", 1).await;
+    for path in [
+        "/api/rooms/dm:alice+bob",
+        "/api/rooms/dm:alice+bob?user=carol",
+    ] {
+        let (status, v) = d.b().get(path).await;
+        assert_eq!(
+            (status, &v["error"]),
+            (403, &json!("forbidden_room")),
+            "{path}"
+        );
+    }
+    // The paging API answers from the server asked: the one with the member.
+    let (status, _) = d.a().get("/api/rooms/dm:alice+bob/messages?user=bob").await;
+    assert_eq!(status, 200);
+    let (status, v) = d
+        .a()
+        .post(
+            "/api/rooms/dm:alice+bob/messages",
+            &json!({"text": "hi", "user": "carol"}),
+        )
+        .await;
+    assert_eq!((status, &v["error"]), (403, &json!("forbidden_room")));
+    let (status, _) = d
+        .a()
+        .post(
+            "/api/rooms/dm:alice+bob/messages",
+            &json!({"text": "hi", "user": "bob"}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let (_, v) = d.a().get("/api/rooms").await;
+    assert!(!v.to_string().contains("dm:"), "a DM was listed: {v}");
+}
+
+in_both_modes!(
+    listed_password_rooms_are_marked,
+    "--rooms-config",
+    rooms_file()
+);
+/// A password room its operator lists (`private = false`) appears in `GET /api/rooms` marked
+/// `password_protected`, so a client asks for the password before it joins.
+async fn listed_password_rooms_are_marked(d: Deployment) {
+    let (_c, _) = Client::join(&d.a().ws("/ws/club?user=c&password=s3club")).await;
+    let (_o, _) = Client::join(&d.a().ws("/ws/open?user=o")).await;
+    for node in &d.nodes {
+        let v = node
+            .wait_for(
+                "/api/rooms",
+                "club and open listed",
+                support::STEP,
+                |s, v| s == 200 && listed(v) == ["club", "open"],
+            )
+            .await;
+        for room in v["rooms"].as_array().unwrap() {
+            assert_eq!(room["password_protected"], room["room"] == "club", "{room}");
+        }
+    }
 }

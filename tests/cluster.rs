@@ -278,8 +278,8 @@ async fn cluster_counts_are_exact_after_joins_and_leaves() {
     assert_eq!(
         list["rooms"],
         json!([
-            {"room": "count", "members": 5, "local_members": 3},
-            {"room": "other", "members": 1, "local_members": 0},
+            {"room": "count", "members": 5, "local_members": 3, "password_protected": false},
+            {"room": "other", "members": 1, "local_members": 0, "password_protected": false},
         ]),
         "{list}"
     );

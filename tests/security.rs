@@ -724,3 +724,136 @@ async fn upgrades_past_the_accept_rate_get_503_with_retry_after_and_are_counted(
         .unwrap();
     assert!(String::from_utf8_lossy(&metrics.body).contains("roomcast_accept_rate_refused_total 2"));
 }
+
+/// `--cors-origins`: a listed origin may read and publish with `Authorization`; `*` lets any
+/// other origin GET without it, never publish; refused preflights are 403 and counted.
+#[tokio::test]
+async fn cors_answers_listed_origins_fully_and_others_read_only() {
+    let server = TestServer::with(|c| {
+        c.cors_origins = vec!["http://app.test:8080".into(), "*".into()];
+    })
+    .await;
+    let preflight = |origin: &'static str, method: &'static str, headers: &'static str| {
+        let addr = server.addr;
+        async move {
+            let mut h = vec![
+                ("origin", origin),
+                ("access-control-request-method", method),
+            ];
+            if !headers.is_empty() {
+                h.push(("access-control-request-headers", headers));
+            }
+            http_with(addr, "OPTIONS", "/api/rooms/r/messages", &h, None)
+                .await
+                .unwrap()
+        }
+    };
+    let allow_origin = |r: &HttpResponse| {
+        r.headers
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let ok = preflight("http://app.test:8080", "POST", "authorization,content-type").await;
+    assert_eq!(ok.status, 204);
+    assert_eq!(allow_origin(&ok).as_deref(), Some("http://app.test:8080"));
+    let methods = ok.headers["access-control-allow-methods"].to_str().unwrap();
+    assert!(methods.contains("POST"), "{methods}");
+    assert!(ok.headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("Authorization"));
+    assert_eq!(ok.headers["access-control-max-age"], "600");
+
+    let read = preflight("http://else.test", "GET", "content-type").await;
+    assert_eq!(
+        (read.status, allow_origin(&read).as_deref()),
+        (204, Some("*"))
+    );
+    for (method, headers) in [("POST", "content-type"), ("GET", "authorization")] {
+        let r = preflight("http://else.test", method, headers).await;
+        assert_eq!(r.status, 403, "{method} {headers}");
+        assert_eq!(r.json()["error"], "origin_not_allowed");
+        assert_eq!(allow_origin(&r), None);
+    }
+
+    // Simple requests: the answer is marked for whoever may read it, refusals included.
+    let get = |origin: &'static str| {
+        let addr = server.addr;
+        async move {
+            http_with(addr, "GET", "/api/rooms", &[("origin", origin)], None)
+                .await
+                .unwrap()
+        }
+    };
+    let r = get("http://app.test:8080").await;
+    assert_eq!(allow_origin(&r).as_deref(), Some("http://app.test:8080"));
+    assert_eq!(r.headers["vary"], "Origin");
+    assert_eq!(
+        allow_origin(&get("http://else.test").await).as_deref(),
+        Some("*")
+    );
+    let post = http_with(
+        server.addr,
+        "POST",
+        "/api/rooms/r/messages",
+        &[("origin", "http://else.test")],
+        Some(r#"{"text":"x"}"#.into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(allow_origin(&post), None, "never a publish under *");
+    // Not the API: no CORS.
+    let page = http_with(
+        server.addr,
+        "GET",
+        "/healthz",
+        &[("origin", "http://app.test:8080")],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(allow_origin(&page), None);
+    let stats = http_with(server.addr, "GET", "/api/stats", &[], None)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(stats["cors_refused"], 2, "{stats}");
+
+    // Without `*`, other origins get nothing.
+    let listed_only =
+        TestServer::with(|c| c.cors_origins = vec!["http://app.test:8080".into()]).await;
+    let r = http_with(
+        listed_only.addr,
+        "GET",
+        "/api/rooms",
+        &[("origin", "http://else.test")],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, allow_origin(&r)), (200, None));
+}
+
+/// A refused chat message's error frame names its `id`, so a client with several messages in
+/// flight knows which one to keep (its own copies of the others may arrive after the error).
+#[tokio::test]
+async fn a_refused_message_error_names_its_id() {
+    let server = TestServer::with(|c| c.rate_limit = "1/m burst 1".parse().unwrap()).await;
+    let (mut c, _) = Client::join(&server.ws_url("/ws/r?user=u")).await;
+    c.send_json(&json!({"type": "message", "room": "elsewhere", "text": "x", "id": "m-1"}))
+        .await;
+    let e = c.recv_type("error").await;
+    assert_eq!(
+        (&e["code"], &e["id"]),
+        (&json!("not_joined"), &json!("m-1")),
+        "{e}"
+    );
+    c.send_json(&json!({"text": "y", "id": "m-2"})).await;
+    let e = c.recv_type("error").await;
+    assert_eq!(
+        (&e["code"], &e["id"]),
+        (&json!("rate_limited"), &json!("m-2")),
+        "{e}"
+    );
+    assert!(e["retry_after_ms"].as_u64().is_some(), "{e}");
+}

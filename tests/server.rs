@@ -542,12 +542,12 @@ async fn room_info_counts_follow_joins_and_leaves() {
     assert_eq!(list["total"], 2);
     assert_eq!(
         list["rooms"][0],
-        json!({"room": "count", "members": 5, "local_members": 5}),
+        json!({"room": "count", "members": 5, "local_members": 5, "password_protected": false}),
         "largest first"
     );
     assert_eq!(
         list["rooms"][1],
-        json!({"room": "small", "members": 1, "local_members": 1})
+        json!({"room": "small", "members": 1, "local_members": 1, "password_protected": false})
     );
     let (_, list) = server.get("/api/rooms?limit=1").await;
     assert_eq!(list["rooms"].as_array().unwrap().len(), 1);

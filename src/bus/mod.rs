@@ -28,7 +28,7 @@ pub use crate::core::hub::JoinRequest;
 use crate::core::hub::{Hub, JoinError};
 use crate::core::room::{Joined, Publish, Published, Room, RoomInfo};
 use crate::core::stats::Stats;
-use crate::proto::names::LOBBY;
+use crate::proto::names::{direct_admits, LOBBY};
 use crate::shutdown::Shutdown;
 
 /// A boxed future borrowing from its broker.
@@ -183,6 +183,8 @@ pub struct RoomCount {
     pub room: String,
     pub members: usize,
     pub local_members: usize,
+    /// Joining needs the room's password: a client asks for it before it tries.
+    pub password_protected: bool,
 }
 
 /// `/api/stats`'s view of every process together.
@@ -216,8 +218,13 @@ impl Bus {
         tokio::spawn(run);
     }
 
-    /// Joins a room (`$lobby` included). Cancel-safe.
+    /// Joins a room (`$lobby` included). Cancel-safe. A direct-message room admits only the
+    /// users it names (with tokens on, the user is the token's `sub`), checked here so the
+    /// upgrade and a `join` frame, in either deployment, refuse alike.
     pub async fn join(&self, req: JoinRequest<'_>) -> Result<Joined, JoinError> {
+        if !direct_admits(req.name, req.user) {
+            return Err(JoinError::NotAddressed);
+        }
         // The lobby is each process's own: never a broker's room.
         if req.name == LOBBY {
             let all = Scope::all();
@@ -319,6 +326,7 @@ impl Bus {
     /// `limit`; `total` counts the shown ones. From the counts snapshot: at most
     /// `COUNTS_MAX_AGE` old.
     pub async fn rooms(&self, limit: usize, shown: impl Fn(&str) -> bool) -> RoomList {
+        let settings = self.hub.settings();
         let counts = self.counts().await;
         let mut visible = counts.all.iter().filter(|(room, _)| shown(room));
         let rooms = visible
@@ -326,6 +334,7 @@ impl Bus {
             .take(limit)
             .map(|(room, members)| RoomCount {
                 local_members: counts.local.get(room).copied().unwrap_or(0),
+                password_protected: settings.has_password(room),
                 room: room.clone(),
                 members: *members,
             })

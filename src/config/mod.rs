@@ -150,6 +150,13 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// Comma-separated origins whose pages may call the REST API (`/api/...`) from a browser,
+    /// with `Authorization`; `*` lets any other origin use the GET routes, without
+    /// `Authorization` (never publish). Preflights from other origins get 403. Default: none
+    /// (no CORS headers).
+    #[arg(long, env = "ROOMCAST_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
     /// Messages one socket may send: `N/s` or `N/m`, optionally ` burst B` (B defaults to N), or
     /// `off`. Excess messages get an error frame with `retry_after_ms`; B refusals in a row
     /// close the socket (1008). Default: 20/s burst 40.

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::config::rate::RateLimitArg;
-use crate::proto::names::{validate_room, NameError, MAX_ROOM_BYTES};
+use crate::proto::names::{direct_users, validate_room, NameError, MAX_ROOM_BYTES};
 
 /// Longest password accepted in the file, in bytes.
 pub const MAX_PASSWORD_BYTES: usize = 256;
@@ -136,7 +136,8 @@ impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX>
 #[serde(deny_unknown_fields)]
 struct Entry {
     password: Option<Password>,
-    /// Unlisted: left out of `/api/rooms` and `$lobby` (a room with a password always is).
+    /// Unlisted: left out of `/api/rooms` and `$lobby`. Absent: private exactly when the room
+    /// has a password.
     private: Option<bool>,
     /// 0 means no cap.
     max_members: Option<Bounded<0, MAX_MEMBERS_CAP>>,
@@ -175,8 +176,12 @@ impl<'de> Deserialize<'de> for Pattern {
                         MAX_ROOM_BYTES - 1
                     )));
                 }
-                validate_room(prefix)
-                    .map_err(|e| de::Error::custom(format!("room prefix `{s}`: {}", reason(e))))?;
+                // `dm:` is the start of many a room name, though not a whole one itself.
+                match validate_room(prefix) {
+                    Err(NameError::BadDirect) => Ok(()),
+                    r => r,
+                }
+                .map_err(|e| de::Error::custom(format!("room prefix `{s}`: {}", reason(e))))?;
                 Ok(Pattern::Prefix(prefix.to_owned()))
             }
             None => {
@@ -203,8 +208,9 @@ struct File {
 pub struct RoomSettings {
     /// Joining needs this password.
     pub password: Option<Password>,
-    /// `private = true`: unlisted even without a password (see `is_private`).
-    pub private: bool,
+    /// `private` as the file says it; `None`: private exactly when there is a password (see
+    /// `is_private`).
+    pub private: Option<bool>,
     /// Most members at once; a join beyond it is refused with `room_full`. `None`: no cap.
     pub max_members: Option<u32>,
     /// Messages of history to keep. `None`: the file does not say, `--history` decides.
@@ -223,7 +229,7 @@ impl RoomSettings {
     pub fn from_flags(room_buffer: usize) -> RoomSettings {
         RoomSettings {
             password: None,
-            private: false,
+            private: None,
             max_members: None,
             history: None,
             history_bytes: None,
@@ -238,7 +244,7 @@ impl RoomSettings {
             self.password = Some(p.clone());
         }
         if let Some(p) = e.private {
-            self.private = p;
+            self.private = Some(p);
         }
         if let Some(Bounded(n)) = e.max_members {
             self.max_members = (n > 0).then_some(n as u32);
@@ -263,9 +269,11 @@ impl RoomSettings {
 
 impl RoomSettings {
     /// Whether the room is left out of every listing (`/api/rooms`, `$lobby`): marked
-    /// `private`, or guarded by a password (whose room's very name is for its members).
+    /// `private`, or guarded by a password unless the file says `private = false` (a room
+    /// whose name is for its members stays unlisted unless its operator lists it).
+    /// Direct-message rooms always are: their names say who talks to whom.
     pub fn is_private(&self) -> bool {
-        self.private || self.password.is_some()
+        self.private.unwrap_or(self.password.is_some())
     }
 }
 
@@ -378,6 +386,9 @@ impl Settings {
         if let Some(e) = self.exact.get(name) {
             s.overlay(e);
         }
+        if direct_users(name).is_some() {
+            s.private = Some(true);
+        }
         s
     }
 
@@ -397,8 +408,19 @@ impl Settings {
             .iter()
             .flatten()
             .find_map(|e| e.private)
-            .unwrap_or(self.defaults.private);
-        password || private
+            .or(self.defaults.private);
+        direct_users(name).is_some() || private.unwrap_or(password)
+    }
+
+    /// Whether joining room `name` needs a password (listings mark such rooms).
+    pub fn has_password(&self, name: &str) -> bool {
+        self.defaults.password.is_some()
+            || self.exact.get(name).is_some_and(|e| e.password.is_some())
+            || self
+                .prefixes
+                .iter()
+                .find(|(p, _)| name.starts_with(&**p))
+                .is_some_and(|(_, e)| e.password.is_some())
     }
 }
 
@@ -558,7 +580,8 @@ rate_limit = "off"
     fn private_rooms_are_marked_or_guarded() {
         let s = parse(
             "[rooms.\"staff*\"]\nprivate = true\n[rooms.staff-open]\nprivate = false\n\
-             [rooms.vault]\npassword = \"s3cret-pass\"\nprivate = false\n",
+             [rooms.vault]\npassword = \"s3cret-pass\"\nprivate = false\n\
+             [rooms.safe]\npassword = \"s3cret-pass\"\n[rooms.\"dm:*\"]\nprivate = false\n",
         )
         .unwrap();
         for (name, private) in [
@@ -566,12 +589,16 @@ rate_limit = "off"
             ("staff", true),
             ("staff-room", true),
             ("staff-open", false),
-            // A password always makes a room private: its name is for its members.
-            ("vault", true),
+            // A password makes a room private unless the file lists it.
+            ("vault", false),
+            ("safe", true),
+            // Direct-message rooms are private whatever the file says.
+            ("dm:alice+bob", true),
         ] {
             assert_eq!(s.is_private(name), private, "{name}");
             assert_eq!(s.resolve(name).is_private(), private, "{name}");
         }
+        assert!(s.has_password("vault") && s.has_password("safe") && !s.has_password("staff"));
         let all = parse("[defaults]\nprivate = true\n[rooms.hall]\nprivate = false\n").unwrap();
         assert!(all.is_private("anything"));
         assert!(!all.is_private("hall"));

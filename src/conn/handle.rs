@@ -24,12 +24,14 @@ impl Connection {
     /// Handles one complete client text message; protocol errors answer with an error frame.
     pub(super) async fn on_text(&mut self, text: &str) -> Option<End> {
         self.cx.stats.messages_in.inc();
-        match self.admit().await {
+        match self.admit(Some(text)).await {
             Ok(true) => {}
             Ok(false) => return None,
             Err(end) => return Some(end),
         }
-        // `room` borrows from `text`; it is only needed again to label an error frame.
+        // `room` and `id` borrow from `text`; they are only needed again to label an error
+        // frame.
+        let mut message_id = None;
         let (result, room) = match parse_client_message(text) {
             Ok(ClientMessage::Message {
                 room,
@@ -45,6 +47,7 @@ impl Connection {
                     Ok(None) => Ok(()),
                     Err(e) => Err(e),
                 };
+                message_id = id;
                 (res, room)
             }
             Ok(ClientMessage::Join {
@@ -66,7 +69,7 @@ impl Connection {
                 // Only a well-formed name is echoed back (`$` names included).
                 let room =
                     room.filter(|r| matches!(validate_room(r), Ok(()) | Err(NameError::Reserved)));
-                let frame = proto::error_frame(&e, room.as_deref());
+                let frame = proto::message_error_frame(&e, room.as_deref(), message_id.as_deref());
                 self.write_frames(&[&frame]).await.err()
             }
             Err(Refusal::End(end)) => Some(end),
@@ -75,9 +78,10 @@ impl Connection {
 
     /// Takes one token from the socket's `--rate-limit` bucket for what the client just sent
     /// (a message, a ping, a pong or a continuation fragment). `Ok(false)`: refused, and the
-    /// `rate_limited` error frame is written: the caller drops what was sent. `Err`: the client
+    /// `rate_limited` error frame is written (naming the `id` of `text`, a complete message,
+    /// when it is a chat message with one): the caller drops what was sent. `Err`: the client
     /// kept sending through `burst` refusals (close 1008), or the write failed.
-    pub(super) async fn admit(&mut self) -> Result<bool, End> {
+    pub(super) async fn admit(&mut self, text: Option<&str>) -> Result<bool, End> {
         let Some(limiter) = &mut self.limiter else {
             return Ok(true);
         };
@@ -89,7 +93,12 @@ impl Connection {
                     "this socket sends faster than --rate-limit; the message was dropped",
                     retry_after_ms(retry_after),
                 );
-                let frame = proto::error_frame(&err, None);
+                // Parsed only on this refused path: the id lets the client keep the message.
+                let id = match text.map(parse_client_message) {
+                    Some(Ok(ClientMessage::Message { id, .. })) => id,
+                    _ => None,
+                };
+                let frame = proto::message_error_frame(&err, None, id.as_deref());
                 self.write_frames(&[&frame]).await?;
                 Ok(false)
             }

@@ -118,7 +118,7 @@ impl Connection {
                 })
             }
             OpCode::Ping => {
-                match self.admit().await {
+                match self.admit(None).await {
                     Ok(true) => {}
                     Ok(false) => return None,
                     Err(end) => return Some(end),
@@ -126,7 +126,7 @@ impl Connection {
                 pings.push(frame.payload);
                 return None;
             }
-            OpCode::Pong => return self.admit().await.err(),
+            OpCode::Pong => return self.admit(None).await.err(),
             OpCode::Text | OpCode::Binary if self.partial.is_some() => {
                 return Some(End::Close(
                     close::PROTOCOL_ERROR,
@@ -150,7 +150,7 @@ impl Connection {
                         "continuation frame without a message",
                     ));
                 }
-                let admitted = match self.admit().await {
+                let admitted = match self.admit(None).await {
                     Ok(admitted) => admitted,
                     Err(end) => return Some(end),
                 };

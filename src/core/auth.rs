@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::core::stats::AuthReason;
-use crate::proto::names::validate_user;
+use crate::proto::names::{direct_users, validate_user};
 
 /// The subprotocol a browser offers next to `bearer.<token>`; the server selects it, since a
 /// browser refuses an upgrade whose response selects none of the offered subprotocols.
@@ -116,9 +116,15 @@ impl Scope {
 }
 
 impl Grant {
-    /// Whether the token allows joining `room` (`$lobby` included: see `Scope::allows`).
+    /// Whether the token allows joining `room` (`$lobby` included: see `Scope::allows`). A
+    /// direct-message room (`dm:alice+bob`) is allowed exactly when it names the token's `sub`,
+    /// whatever the `rooms` claim says: the claim need not list every conversation, and no
+    /// claim (`*`, `dm:*`) opens someone else's.
     pub fn allows(&self, room: &str) -> bool {
-        self.rooms.allows(room)
+        match direct_users(room) {
+            Some(mut users) => users.any(|u| u == &*self.user),
+            None => self.rooms.allows(room),
+        }
     }
 
     /// The rooms the token covers.

@@ -59,6 +59,8 @@ pub enum JoinError {
     /// under the lock instead.
     #[error("the room's history changed while it was read; try again")]
     SeedStale,
+    #[error("this direct-message room is only for the users its name lists")]
+    NotAddressed,
 }
 
 impl JoinError {
@@ -69,6 +71,7 @@ impl JoinError {
             JoinError::RoomFull { .. } => "room_full",
             JoinError::TooManyRooms { .. } => "max_rooms",
             JoinError::SeedStale => "internal",
+            JoinError::NotAddressed => "forbidden_room",
         }
     }
 
@@ -81,6 +84,7 @@ impl JoinError {
     pub fn auth_reason(&self) -> Option<AuthReason> {
         match self {
             JoinError::PasswordRequired | JoinError::WrongPassword => Some(AuthReason::BadPassword),
+            JoinError::NotAddressed => Some(AuthReason::ForbiddenRoom),
             JoinError::RoomFull { .. } | JoinError::TooManyRooms { .. } | JoinError::SeedStale => {
                 None
             }

@@ -328,12 +328,15 @@ pub struct Dropped {
     /// Payloads from Redis (room channels and kept history) that did not parse or broke a rule
     /// a local publication obeys; never delivered.
     pub redis_payloads_dropped: Counter,
+    /// CORS preflights refused: an origin not in `--cors-origins`, or one covered by `*` that
+    /// asked to publish or to send `Authorization`.
+    pub cors_refused: Counter,
 }
 
 impl Dropped {
     fn register(registry: &mut Registry) -> Self {
         let d = Dropped::default();
-        let counters: [(&str, &str, &Counter); 4] = [
+        let counters: [(&str, &str, &Counter); 5] = [
             (
                 "idle_closes",
                 "WebSockets closed after --idle-timeout in no room",
@@ -354,6 +357,11 @@ impl Dropped {
                 "Payloads from Redis dropped because they did not parse or validate",
                 &d.redis_payloads_dropped,
             ),
+            (
+                "cors_refused",
+                "CORS preflights refused by --cors-origins",
+                &d.cors_refused,
+            ),
         ];
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());
@@ -362,12 +370,13 @@ impl Dropped {
     }
 
     /// The `/api/stats` fields, by name.
-    pub fn fields(&self) -> [(&'static str, u64); 4] {
+    pub fn fields(&self) -> [(&'static str, u64); 5] {
         [
             ("idle_closes", self.idle_closes.get()),
             ("message_timeouts", self.message_timeouts.get()),
             ("body_timeouts", self.body_timeouts.get()),
             ("redis_payloads_dropped", self.redis_payloads_dropped.get()),
+            ("cors_refused", self.cors_refused.get()),
         ]
     }
 }

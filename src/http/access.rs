@@ -15,6 +15,7 @@ use crate::core::auth::{self, Grant, Scope, Verifier};
 use crate::core::hub::JoinError;
 use crate::core::lockout::Lockout;
 use crate::core::stats::{AuthReason, Stats};
+use crate::proto::names::direct_admits;
 
 /// The server's security settings.
 pub struct Access {
@@ -260,21 +261,37 @@ impl Access {
     }
 
     /// Whether the request may read `room` (its info, members and messages): what joining it
-    /// needs (a token that allows it, its password) or the API key.
+    /// needs (a token that allows it, its password `(expected, given)`) or the API key. A
+    /// direct-message room is read by the users it names: with tokens, the token's `sub`;
+    /// without, whoever names one of them as `user` (no more proof than joining asks).
     pub fn may_read<B>(
         &self,
         req: &Request<B>,
         peer: IpAddr,
         room: &str,
         query_token: Option<&str>,
-        expected: Option<&Password>,
-        given: Option<&str>,
+        (expected, given): (Option<&Password>, Option<&str>),
+        user: Option<&str>,
     ) -> Result<(), ApiError> {
         if self.has_api_key(req) {
             return Ok(());
         }
-        self.grant(req, peer, query_token, Some(room))?;
+        if self.grant(req, peer, query_token, Some(room))?.is_none() {
+            self.direct(room, user.unwrap_or(""))?;
+        }
         self.password(peer, room, expected, given)
+    }
+
+    /// 403 `forbidden_room` when `room` is a direct-message room that does not name `user`.
+    pub fn direct(&self, room: &str, user: &str) -> Result<(), ApiError> {
+        if direct_admits(room, user) {
+            return Ok(());
+        }
+        let e = JoinError::NotAddressed;
+        Err(self.refused(
+            AuthReason::ForbiddenRoom,
+            ApiError::forbidden(e.code(), e.to_string()),
+        ))
     }
 
     /// Whether the browser `Origin` of the request may open a WebSocket.

@@ -24,6 +24,22 @@ impl Body {
     }
 }
 
+/// An empty body (204s, preflights).
+impl Default for Body {
+    fn default() -> Body {
+        Body::full(Bytes::new())
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Full(full) => f.debug_tuple("Full").field(full).finish(),
+            Body::Events(_) => f.write_str("Events"),
+        }
+    }
+}
+
 impl hyper::body::Body for Body {
     type Data = Bytes;
     type Error = Infallible;

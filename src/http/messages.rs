@@ -51,6 +51,7 @@ pub async fn page(api: &Api, peer: IpAddr, room: String, req: &Request<Incoming>
         &room,
         q.token.as_deref(),
         q.password.as_deref(),
+        q.user.as_deref(),
     )?;
     let limit = bounded("limit", q.limit, 50, 1, 1000)? as usize;
     let before = bounded("before", q.before, u64::MAX, 1, u64::MAX).map_err(|_| {
@@ -255,6 +256,11 @@ pub async fn publish(api: &Arc<Api>, peer: IpAddr, room: &str, req: Request<Inco
         }
         Publisher::Key | Publisher::Open => (user.unwrap_or_else(|| "api".to_owned()), Author::Api),
     };
+    // Open publishing speaks for whoever it names, but a direct-message room still hears only
+    // from the users it lists (a token's `sub` was checked by the grant; the key may do all).
+    if matches!(publisher, Publisher::Open) {
+        api.access.direct(room, &user)?;
+    }
     let id = match parsed.id {
         None => None,
         Some(serde_json::Value::String(id)) => {

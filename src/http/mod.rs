@@ -7,6 +7,7 @@
 
 mod access;
 mod body;
+mod cors;
 mod messages;
 mod query;
 mod reply;
@@ -58,6 +59,8 @@ pub struct Api {
     next_id: AtomicU64,
     /// `--sse-heartbeat`: an event stream with nothing to send for this long sends a comment.
     pub sse_heartbeat: Duration,
+    /// `--cors-origins`: which other origins' pages may read (and, listed, write) the API.
+    cors: Option<cors::Cors>,
 }
 
 /// Which listener a request came in on.
@@ -92,7 +95,14 @@ impl Api {
             body_timeout: Duration::from_secs(10),
             next_id: AtomicU64::new(1),
             sse_heartbeat: Duration::from_secs(15),
+            cors: None,
         }
+    }
+
+    /// Applies `--cors-origins` to the REST API (`/api/...`).
+    pub fn with_cors(mut self, origins: &[String]) -> Self {
+        self.cors = cors::Cors::new(origins);
+        self
     }
 
     /// Serves `/metrics` and `/api/stats` on the admin listener only.
@@ -130,6 +140,8 @@ const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
 const GET_POST: &[Method] = &[Method::GET, Method::POST];
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
+/// The client library the page is built on, for apps to load from the server they talk to.
+const ROOMCAST_JS: &str = include_str!("../../web/roomcast.js");
 
 /// Answers one HTTP request. Never fails: every problem is a status code with a JSON body.
 pub async fn handle(
@@ -138,9 +150,27 @@ pub async fn handle(
     peer: IpAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    route(api, side, peer, req)
+    // CORS (`--cors-origins`) covers the REST API on the public listener: a preflight is
+    // answered here, and every answer (refusals too, so a page can read why) is marked.
+    let cors_request = match &api.cors {
+        Some(cors) if side == Side::Public && req.uri().path().starts_with("/api/") => {
+            if cors::Cors::is_preflight(req.method(), req.headers()) {
+                return cors.preflight(req.headers()).unwrap_or_else(|e| {
+                    api.stats.dropped.cors_refused.inc();
+                    e.response()
+                });
+            }
+            Some((req.method().clone(), req.headers().clone()))
+        }
+        _ => None,
+    };
+    let mut response = route(api.clone(), side, peer, req)
         .await
-        .unwrap_or_else(|e| e.response())
+        .unwrap_or_else(|e| e.response());
+    if let (Some(cors), Some((method, headers))) = (&api.cors, cors_request) {
+        cors.decorate(&method, &headers, &mut response);
+    }
+    response
 }
 
 /// The route table.
@@ -165,6 +195,10 @@ async fn route(api: Arc<Api>, side: Side, peer: IpAddr, req: Request<Incoming>) 
         [""] => {
             allow(method, GET_HEAD)?;
             Ok(reply::typed("text/html; charset=utf-8", INDEX_HTML))
+        }
+        ["roomcast.js"] => {
+            allow(method, GET_HEAD)?;
+            Ok(reply::typed("text/javascript; charset=utf-8", ROOMCAST_JS))
         }
         ["healthz"] => {
             allow(method, GET)?;
@@ -258,6 +292,7 @@ fn may_read_room<B>(
     room: &str,
     query_token: Option<&str>,
     query_password: Option<&str>,
+    query_user: Option<&str>,
 ) -> Result<(), ApiError> {
     let settings = api.bus.hub().settings().resolve(room);
     api.access.may_read(
@@ -265,8 +300,11 @@ fn may_read_room<B>(
         peer,
         room,
         query_token,
-        settings.password.as_ref(),
-        room_password(req, query_password),
+        (
+            settings.password.as_ref(),
+            room_password(req, query_password),
+        ),
+        query_user,
     )
 }
 

@@ -46,6 +46,8 @@ pub struct RoomInfo {
     pub users_after: Option<u64>,
     pub password: Option<String>,
     pub token: Option<String>,
+    /// Without tokens, the reader of a direct-message room names itself (unauthenticated).
+    pub user: Option<String>,
 }
 
 /// `GET /api/rooms/{room}/messages`.
@@ -56,6 +58,8 @@ pub struct Messages {
     pub before: Option<u64>,
     pub password: Option<String>,
     pub token: Option<String>,
+    /// Without tokens, the reader of a direct-message room names itself (unauthenticated).
+    pub user: Option<String>,
 }
 
 /// `POST /api/rooms/{room}/messages`.

@@ -36,6 +36,7 @@ pub async fn info(api: &Api, peer: IpAddr, room: &str, req: &Request<Incoming>) 
         room,
         q.token.as_deref(),
         q.password.as_deref(),
+        q.user.as_deref(),
     )?;
     let limit = bounded("users_limit", q.users_limit, 100, 1, 1000)? as usize;
     let info = api

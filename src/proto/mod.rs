@@ -15,8 +15,8 @@ pub use client::{parse_client_message, validate_id, ClientMessage, ProtocolError
 pub use close::{close_frame, encode_control, ping_frame};
 pub use epoch::Epoch;
 pub use server::{
-    error_frame, frame_from_payload, frame_payload, message_frame, message_frame_with_id, Outbound,
-    RoomCount, ServerFrame,
+    error_frame, frame_from_payload, frame_payload, message_error_frame, message_frame,
+    message_frame_with_id, Outbound, RoomCount, ServerFrame,
 };
 
 #[cfg(test)]

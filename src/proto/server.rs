@@ -53,6 +53,10 @@ pub enum ServerFrame<'a> {
         room: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        /// The refused message's `id`: a client with several messages in flight knows which
+        /// one failed (its own copies of the others may still be on their way).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
     },
     Pong,
     /// The socket left `room`: it asked to, or (with `reason`) a refreshed token no longer
@@ -244,11 +248,17 @@ pub fn message_frame_with_id(
 }
 
 pub fn error_frame(err: &ProtocolError, room: Option<&str>) -> Bytes {
+    message_error_frame(err, room, None)
+}
+
+/// The error frame refusing a chat message, naming its `id` when it had a valid one.
+pub fn message_error_frame(err: &ProtocolError, room: Option<&str>, id: Option<&str>) -> Bytes {
     ServerFrame::Error {
         code: err.code,
         reason: &err.reason,
         room,
         retry_after_ms: err.retry_after_ms,
+        id: id.filter(|id| crate::proto::client::validate_id(id).is_ok()),
     }
     .encode()
 }

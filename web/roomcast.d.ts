@@ -1,0 +1,87 @@
+// Types of roomcast.js (see docs/CLIENT.md).
+
+export interface ConnectOptions {
+  /** The server's http(s) base URL. Default: the page's origin. */
+  url?: string;
+  /** The user name, when the server has no --jwt-secret. */
+  user?: string;
+  /** Returns an access token; called before each connection and before the token's exp. */
+  getToken?: () => Promise<string | null> | string | null;
+  /** Also join $lobby and emit its frames as `lobby` events. */
+  lobby?: boolean;
+  /** Past messages asked for on a room's first join. Default 50. */
+  history?: number;
+  backoff?: { baseMs?: number; maxMs?: number };
+  /** How long before the token's exp it is refreshed. Default 60000. */
+  refreshBeforeMs?: number;
+  WebSocket?: unknown;
+  fetch?: typeof fetch;
+  random?: () => number;
+}
+
+export type State = "idle" | "connecting" | "connected" | "reconnecting" | "offline" | "failed" | "closed";
+
+export interface StateEvent { state: State; delay?: number; at?: number; code?: number; error?: RoomcastError }
+
+export interface Message {
+  type: "message"; room: string; user: string; text: string; seq: number; ts: number;
+  id?: string;
+  /** Replayed (history or recovery), not live. */
+  past: boolean;
+  /** Sent by this client. */
+  mine: boolean;
+}
+
+export interface Welcome { type: "welcome"; room: string; user: string; members: number; seq: number; epoch: string }
+export interface Presence { type: "presence"; room: string; joined: string[]; left: string[]; members: number; truncated?: true }
+export interface Replay { type: "history" | "recovery"; room: string; count: number; epoch: string; since?: number; complete?: boolean; from?: number }
+export interface Published { room: string; seq: number; duplicate: boolean }
+
+export class RoomcastError extends Error {
+  code: string;
+  reason: string;
+  status?: number;
+  room?: string;
+  retryAfterMs?: number;
+  terminal: boolean;
+}
+
+export interface EventMap {
+  state: StateEvent;
+  welcome: Welcome;
+  replay: Replay;
+  message: Message;
+  presence: Presence;
+  lagged: { type: "lagged"; room: string; missed_from: number; missed_to: number };
+  left: { type: "left"; room: string; reason?: string };
+  refreshed: { type: "refreshed"; exp: number };
+  lobby: { type: string; [key: string]: unknown };
+  error: RoomcastError;
+  frame: { type: string; [key: string]: unknown };
+}
+
+export class Client {
+  readonly state: State;
+  on<K extends keyof EventMap>(type: K, fn: (event: EventMap[K]) => void): () => void;
+  join(room: string, options?: { password?: string; history?: number }): Promise<Welcome>;
+  leave(room: string): void;
+  publish(room: string, text: string, options?: { id?: string }): Promise<Published>;
+  isMine(message: { id?: string }): boolean;
+  history(room: string, options?: { before?: number; limit?: number }): Promise<{ messages: Omit<Message, "past" | "mine">[]; nextBefore: number | null }>;
+  roomInfo(room: string, options?: { usersAfter?: number; usersLimit?: number }): Promise<{
+    room: string; members: number; users: { id: number; user: string }[]; next_users_after: number | null;
+    password_protected: boolean; [key: string]: unknown;
+  }>;
+  listRooms(options?: { limit?: number }): Promise<{ rooms: { room: string; members: number; local_members: number; password_protected: boolean }[]; total: number }>;
+  sendRaw(frame: object): boolean;
+  drop(): void;
+  pause(): void;
+  resume(): void;
+  close(): void;
+  /** Where an SSE transport would plug in; not built. */
+  static sseFallback: null;
+}
+
+export function connect(options?: ConnectOptions): Client;
+export function validRoom(name: string): boolean;
+export function dmRoom(...users: string[]): string;

@@ -1,0 +1,532 @@
+// roomcast.js: the browser (and Node >= 22) client of a roomcast server. No dependencies, one
+// ES module: `import { connect } from "/roomcast.js"`. The wire protocol it speaks is
+// docs/PROTOCOL.md; how to use it is docs/CLIENT.md.
+//
+// One socket carries every room. The library owns reconnection (exponential backoff with full
+// jitter, or the server's own hint), token refresh, re-joining with `since` so that nothing is
+// lost or shown twice, and publish acknowledgements.
+
+const LOBBY = "$lobby";
+const ROOM_RE = /^[A-Za-z0-9_\-.:#@]{1,64}$/;
+const DM_RE = /^dm:[A-Za-z0-9_\-.:#@+]{1,61}$/;
+
+/** Close codes and error codes after which retrying the same thing cannot succeed. */
+const TERMINAL_JOIN = new Set(["bad_password", "room_full", "forbidden_room", "bad_room",
+  "reserved_room", "too_many_rooms", "token_expired"]);
+/** Error-frame codes that refuse a chat message (the frame names the message's `id`). */
+const MESSAGE_ERRORS = new Set(["rate_limited", "not_joined", "room_required", "bad_id",
+  "bad_message", "reserved_room", "cluster_unavailable", "bad_room"]);
+
+/** An error with the server's machine-readable `code`. */
+export class RoomcastError extends Error {
+  constructor(code, reason, extra = {}) {
+    super(reason ? `${code}: ${reason}` : code);
+    this.name = "RoomcastError";
+    this.code = code;
+    this.reason = reason || "";
+    /** HTTP status, when the answer was one. */
+    this.status = extra.status;
+    this.room = extra.room;
+    /** When to try again, for `rate_limited`, `too_many_failures`, 429 and 503. */
+    this.retryAfterMs = extra.retryAfterMs;
+    /** Retrying the same request cannot succeed (a wrong password, a refused token, ...). */
+    this.terminal = !!extra.terminal;
+  }
+}
+
+/** Whether `name` is a valid room name (dm: names: sorted, distinct users joined by `+`). */
+export function validRoom(name) {
+  if (typeof name !== "string") return false;
+  if (name.startsWith("dm:")) {
+    if (!DM_RE.test(name)) return false;
+    const users = name.slice(3).split("+");
+    return users.every((u, i) => u !== "" && (i === 0 || users[i - 1] < u));
+  }
+  return ROOM_RE.test(name);
+}
+
+/** The direct-message room of a set of users: `dmRoom("bob", "alice")` is `dm:alice+bob`. */
+export function dmRoom(...users) {
+  const sorted = Array.from(new Set(users.map(String))).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  return "dm:" + sorted.join("+");
+}
+
+/**
+ * Where a room's stream stands: the last seq shown. A rejoin asks for what follows it, so
+ * nothing is lost and nothing shown twice. Kept in one place so that a room epoch (a numbering
+ * that restarts) can be added beside the seq without touching the rest.
+ */
+class Position {
+  constructor() {
+    this.seq = null;      // last seq shown; null before the first welcome
+    this.epoch = null;    // the room's epoch that seq counts in (from the welcome)
+    this.sentEpoch = null; // the epoch the last join's `since` was in
+    this.welcome = 0;     // the last welcome's seq
+    this.replay = 0;      // replayed messages still to come
+    this.asked = false;   // whether the last join asked for a replay
+  }
+  /** The fields a (re)join sends: `since` once the room was joined, `history` before. */
+  joinFields(historyOnFirstJoin) {
+    const fields = this.seq === null
+      ? (historyOnFirstJoin > 0 ? { history: historyOnFirstJoin } : {})
+      : (this.epoch ? { since: this.seq, epoch: this.epoch } : { since: this.seq });
+    this.asked = Object.keys(fields).length > 0;
+    return fields;
+  }
+  welcomed(seq, epoch) {
+    this.sentEpoch = this.epoch;
+    if (typeof epoch === "string") this.epoch = epoch;
+    this.welcome = typeof seq === "number" ? seq : 0;
+    this.replay = 0;
+    if (this.seq === null) this.seq = 0;
+    if (!this.asked) this.seq = Math.max(this.seq, this.welcome);
+  }
+  /** A `history` or `recovery` announcement: `count` past messages follow. */
+  replaying(frame) {
+    // The room's numbering started again (a new epoch; or, from a server without epochs, a
+    // `since` beyond its last seq): the old position means nothing. The server replays
+    // nothing for another epoch and says `complete: false`: the app reloads what it shows.
+    const otherEpoch = this.sentEpoch && frame.epoch && frame.epoch !== this.sentEpoch;
+    if (frame.type === "recovery" && (otherEpoch || frame.since > this.welcome)) this.seq = 0;
+    this.replay = frame.count || 0;
+    if (this.replay === 0) this.seq = Math.max(this.seq, this.welcome);
+  }
+  /** A message: whether it is `past` (replayed) and `fresh` (not shown before). */
+  take(seq) {
+    const past = this.replay > 0;
+    if (past) this.replay -= 1;
+    let fresh = true;
+    if (typeof seq === "number") {
+      fresh = seq > this.seq;
+      if (fresh) this.seq = seq;
+    }
+    // Everything up to the welcome is now either shown or deliberately not asked for.
+    if (past && this.replay === 0) this.seq = Math.max(this.seq, this.welcome);
+    return { past, fresh };
+  }
+}
+
+function backoffDelay(attempt, baseMs, maxMs, random) {
+  // Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"): uniform in
+  // [0, min(max, base * 2^attempt)], so a crowd of clients spreads instead of pulsing.
+  const cap = Math.min(maxMs, baseMs * 2 ** Math.min(attempt, 30));
+  return Math.floor(random() * cap);
+}
+
+function jwtExpiry(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const json = typeof atob === "function" ? atob(part) : Buffer.from(part, "base64").toString();
+    const exp = JSON.parse(json).exp;
+    return typeof exp === "number" ? exp * 1000 : null;
+  } catch { return null; }
+}
+
+function b64url(text) {
+  const bytes = new TextEncoder().encode(text);
+  let bin = "";
+  for (const b of bytes) bin += String.fromCharCode(b);
+  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+/**
+ * Connects to a roomcast server and keeps the connection up until `close()`.
+ *
+ * options:
+ * - `url`: the server's http(s) base URL (default: the page's origin);
+ * - `user`: the user name when the server has no `--jwt-secret`;
+ * - `getToken`: `async () => jwt` when it has; called before each connection and again before
+ *   the token's `exp`, the new token then goes over the open socket (`refresh`);
+ * - `lobby`: also join `$lobby` and emit its frames as `lobby` events;
+ * - `history`: past messages to show on a room's first join (default 50);
+ * - `backoff`: `{ baseMs: 500, maxMs: 30000 }`; `refreshBeforeMs`: 60000;
+ * - `WebSocket`, `fetch`, `random`: injectable (Node without a global WebSocket, tests).
+ */
+export function connect(options = {}) {
+  return new Client(options);
+}
+
+export class Client {
+  constructor(options) {
+    const g = globalThis;
+    this.base = String(options.url || (g.location ? g.location.origin : "")).replace(/\/+$/, "");
+    this.user = options.user || null;
+    this.getToken = options.getToken || null;
+    this.lobby = !!options.lobby;
+    this.historyOnJoin = options.history ?? 50;
+    this.baseMs = options.backoff?.baseMs ?? 500;
+    this.maxMs = options.backoff?.maxMs ?? 30000;
+    this.refreshBeforeMs = options.refreshBeforeMs ?? 60000;
+    this.WebSocket = options.WebSocket || g.WebSocket;
+    this.fetch = options.fetch || g.fetch.bind(g);
+    this.random = options.random || Math.random;
+    this.state = "idle";
+    /** room -> { password, position, joined, pending: {resolve,reject} | null } */
+    this.rooms = new Map();
+    this.pending = new Map(); // message id -> { resolve, reject, room }
+    this.listeners = new Map();
+    this.token = null;
+    this.attempt = 0;
+    this.ws = null;
+    this.generation = 0;
+    this.timers = new Set();
+    this.held = false;
+    this.idPrefix = Math.floor(this.random() * 2 ** 32).toString(36) + "-";
+    this.nextId = 1;
+    this._open();
+  }
+
+  // ---- events ----
+  /** Subscribes to `type` ("state", "message", "presence", "welcome", "replay", "lagged",
+   * "left", "lobby", "error", "frame"); returns the unsubscribe function. */
+  on(type, fn) {
+    if (!this.listeners.has(type)) this.listeners.set(type, new Set());
+    this.listeners.get(type).add(fn);
+    return () => this.listeners.get(type).delete(fn);
+  }
+  _emit(type, value) {
+    for (const fn of this.listeners.get(type) || []) {
+      try { fn(value); } catch (e) { setTimeout(() => { throw e; }); }
+    }
+  }
+  _state(state, extra = {}) {
+    this.state = state;
+    this._emit("state", { state, ...extra });
+  }
+  _later(ms, fn) {
+    const t = setTimeout(() => { this.timers.delete(t); fn(); }, ms);
+    this.timers.add(t);
+    return t;
+  }
+  _clearTimers() { for (const t of this.timers) clearTimeout(t); this.timers.clear(); }
+
+  // ---- the connection ----
+  async _open() {
+    const gen = ++this.generation;
+    this._state("connecting");
+    if (this.getToken) {
+      try { this.token = await this.getToken(); } catch (e) { this.token = null; }
+      if (gen !== this.generation) return;
+    }
+    const url = new URL(this.base + "/ws");
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    if (this.user && !this.token) url.searchParams.set("user", this.user);
+    // Browsers cannot set headers on a WebSocket: the token travels as a subprotocol, which
+    // keeps it out of URLs (and proxy logs).
+    const protocols = ["roomcast"];
+    if (this.token) protocols.push("bearer." + this.token);
+    let ws;
+    try { ws = new this.WebSocket(url.toString(), protocols); } catch (e) {
+      this._failed(gen, { code: 1006, reason: "" }, false);
+      return;
+    }
+    this.ws = ws;
+    let opened = false;
+    ws.onopen = () => {
+      if (gen !== this.generation) return;
+      opened = true;
+      this.attempt = 0;
+      this._state("connected");
+      if (this.lobby) this._send({ type: "join", room: LOBBY });
+      for (const [room, r] of this.rooms) this._sendJoin(room, r);
+      this._scheduleRefresh(gen);
+      const ping = setInterval(() => this._send({ type: "ping" }), 25000);
+      this.timers.add(ping);
+    };
+    ws.onmessage = (ev) => {
+      if (gen !== this.generation || typeof ev.data !== "string") return;
+      let f;
+      try { f = JSON.parse(ev.data); } catch { return; }
+      this._frame(f);
+    };
+    let ended = false;
+    const end = (ev) => {
+      if (ended || gen !== this.generation) return;
+      ended = true;
+      this._failed(gen, ev, opened);
+    };
+    ws.onclose = end;
+    // Some implementations (Node 20's experimental WebSocket) report a refused connection
+    // with an error and no close: treat an error before the open as the end.
+    ws.onerror = () => { if (!opened) end({ code: 1006, reason: "" }); };
+  }
+
+  /** The socket ended (or never opened): decide when, and whether, to try again. */
+  async _failed(gen, ev, opened) {
+    this._clearTimers();
+    this.ws = null;
+    for (const r of this.rooms.values()) r.joined = false;
+    // Messages in flight may or may not have been published: a retry with the same id is
+    // acknowledged, never doubled, so callers may resend them.
+    for (const [id, p] of this.pending) {
+      p.reject(new RoomcastError("disconnected", "the connection closed before the server answered", { room: p.room }));
+      this.pending.delete(id);
+    }
+    if (this.held || this.state === "closed") { if (this.held) this._state("offline"); return; }
+    let delay = null;
+    if (ev.code === 1012) {
+      // The server is restarting and says when this client should come back (spread over the
+      // drain): honour it instead of our own backoff.
+      try { delay = Number(JSON.parse(ev.reason).retry_after_ms); } catch { /* not JSON */ }
+      if (!Number.isFinite(delay) || delay < 0) delay = null;
+    } else if (ev.code === 4001) {
+      delay = 0; // token expired: a fresh one from getToken, at once
+    } else if (!opened) {
+      // A browser cannot see why an upgrade was refused (it reports 1006): ask the REST API
+      // the same question with the same credentials. 401/403 end here; 429/503 carry the wait.
+      const verdict = await this._probe();
+      if (gen !== this.generation) return;
+      if (verdict.terminal) {
+        this._state("failed", { error: verdict.error });
+        return;
+      }
+      if (verdict.retryAfterMs != null) delay = verdict.retryAfterMs;
+    }
+    if (delay === null) delay = backoffDelay(this.attempt, this.baseMs, this.maxMs, this.random);
+    this.attempt += 1;
+    this._state("reconnecting", { delay, code: ev.code, at: Date.now() + delay });
+    this._later(delay, () => { if (gen === this.generation) this._open(); });
+  }
+
+  async _probe() {
+    try {
+      const res = await this._get("/api/rooms?limit=1");
+      if (res.status === 401 || res.status === 403) {
+        const body = await res.json().catch(() => ({}));
+        return { terminal: true, error: new RoomcastError(body.error || "unauthorized", body.reason, { status: res.status, terminal: true }) };
+      }
+      const after = res.headers.get("retry-after");
+      return { terminal: false, retryAfterMs: after ? Number(after) * 1000 : null };
+    } catch {
+      return { terminal: false, retryAfterMs: null }; // the server is down: back off
+    }
+  }
+
+  _scheduleRefresh(gen) {
+    if (!this.getToken || !this.token) return;
+    const exp = jwtExpiry(this.token);
+    if (exp === null) return;
+    const wait = Math.max(1000, exp - Date.now() - this.refreshBeforeMs);
+    this._later(wait, async () => {
+      if (gen !== this.generation) return;
+      let token;
+      try { token = await this.getToken(); } catch { token = null; }
+      if (gen !== this.generation || !token || token === this.token) {
+        this._scheduleRefresh(gen);
+        return;
+      }
+      this.token = token;
+      this._send({ type: "refresh", token });
+    });
+  }
+
+  _send(obj) {
+    if (this.ws && this.ws.readyState === 1) { this.ws.send(JSON.stringify(obj)); return true; }
+    return false;
+  }
+
+  _sendJoin(room, r) {
+    const frame = { type: "join", room, ...r.position.joinFields(r.history ?? this.historyOnJoin) };
+    if (r.password) frame.password = r.password;
+    this._send(frame);
+  }
+
+  // ---- frames ----
+  _frame(f) {
+    this._emit("frame", f);
+    const r = f.room !== undefined ? this.rooms.get(f.room) : undefined;
+    switch (f.type) {
+      case "welcome":
+        if (f.room === LOBBY) { this._emit("lobby", f); return; }
+        if (!r) { this._send({ type: "leave", room: f.room }); return; }
+        r.joined = true;
+        r.position.welcomed(f.seq, f.epoch);
+        this._emit("welcome", f);
+        if (r.waiter) { r.waiter.resolve(f); r.waiter = null; }
+        return;
+      case "history": case "recovery":
+        if (!r) return;
+        r.position.replaying(f);
+        this._emit("replay", f);
+        return;
+      case "message": {
+        if (f.id && this.pending.has(f.id)) {
+          this.pending.get(f.id).resolve({ room: f.room, seq: f.seq, duplicate: false });
+          this.pending.delete(f.id);
+        }
+        if (!r) return;
+        const { past, fresh } = r.position.take(f.seq);
+        if (!fresh) return; // already shown
+        this._emit("message", { ...f, past, mine: this.isMine(f) });
+        return;
+      }
+      case "ack":
+        if (this.pending.has(f.id)) {
+          this.pending.get(f.id).resolve({ room: f.room, seq: f.seq, duplicate: true });
+          this.pending.delete(f.id);
+        }
+        return;
+      case "presence": if (r) this._emit("presence", f); return;
+      case "lagged": if (r) this._emit("lagged", f); return;
+      case "left":
+        if (f.reason && r) { this.rooms.delete(f.room); this._emit("left", f); }
+        return;
+      case "refreshed": this._emit("refreshed", f); return;
+      case "room_created": case "room_closed": case "rooms_changed": case "room_counts":
+        this._emit("lobby", f);
+        return;
+      case "error": this._error(f); return;
+      default: return;
+    }
+  }
+
+  _error(f) {
+    const err = new RoomcastError(f.code, f.reason, { room: f.room, retryAfterMs: f.retry_after_ms });
+    if (f.id && this.pending.has(f.id)) {
+      this.pending.get(f.id).reject(err);
+      this.pending.delete(f.id);
+      return;
+    }
+    const r = f.room !== undefined ? this.rooms.get(f.room) : undefined;
+    if (r && !r.joined && TERMINAL_JOIN.has(f.code)) {
+      // A join that cannot succeed by retrying: forget the room rather than rejoin forever.
+      err.terminal = true;
+      this.rooms.delete(f.room);
+      if (r.waiter) { r.waiter.reject(err); r.waiter = null; }
+      this._emit("error", err);
+      return;
+    }
+    if (r && !r.joined && f.code === "too_many_failures" && r.waiter) {
+      this.rooms.delete(f.room);
+      r.waiter.reject(err);
+      r.waiter = null;
+      return;
+    }
+    if (f.code === "already_joined" && r) { r.joined = true; if (r.waiter) { r.waiter.resolve({ room: f.room }); r.waiter = null; } return; }
+    this._emit("error", err);
+  }
+
+  // ---- the API ----
+  /** Joins `room` (rejoined after every reconnect until `leave`). Resolves with the welcome;
+   * rejects with a terminal RoomcastError for `bad_password`, `room_full`, `forbidden_room`. */
+  join(room, { password, history } = {}) {
+    if (!validRoom(room) && room !== LOBBY) {
+      return Promise.reject(new RoomcastError("bad_room", "not a valid room name", { room, terminal: true }));
+    }
+    let r = this.rooms.get(room);
+    if (r && r.joined) return Promise.resolve({ room });
+    if (!r) {
+      r = { password: password || null, history, position: new Position(), joined: false, waiter: null };
+      this.rooms.set(room, r);
+    } else if (password) r.password = password;
+    return new Promise((resolve, reject) => {
+      if (r.waiter) r.waiter.reject(new RoomcastError("superseded", "joined again"));
+      r.waiter = { resolve, reject };
+      this._sendJoin(room, r);
+    });
+  }
+
+  leave(room) {
+    const r = this.rooms.get(room);
+    this.rooms.delete(room);
+    if (r && r.joined) this._send({ type: "leave", room });
+  }
+
+  /** Publishes `text` into `room`. Resolves `{ room, seq, duplicate }` when the server has it
+   * (the sender's own copy, or an `ack` for a repeated id); rejects with the error frame's
+   * RoomcastError (`rate_limited` carries `retryAfterMs`) or `disconnected`. Pass the same
+   * `id` to retry a message safely. */
+  publish(room, text, { id } = {}) {
+    id = id || this.idPrefix + this.nextId++;
+    return new Promise((resolve, reject) => {
+      if (!this._send({ type: "message", room, text, id })) {
+        reject(new RoomcastError("disconnected", "not connected", { room }));
+        return;
+      }
+      this.pending.set(id, { resolve, reject, room });
+    });
+  }
+
+  /** Whether `message` (from a `message` event) was sent by this client. */
+  isMine(message) { return !!message.id && message.id.startsWith(this.idPrefix); }
+
+  /** One page of a room's past messages, newest first: `{ messages, nextBefore }`; pass
+   * `nextBefore` as `before` for the next page (`null`: no older message). */
+  async history(room, { before, limit = 50 } = {}) {
+    const q = new URLSearchParams({ limit: String(limit) });
+    if (before != null) q.set("before", String(before));
+    const body = await this._json(`/api/rooms/${encodeURIComponent(room)}/messages?` + q, room);
+    return { messages: body.messages || [], nextBefore: body.next_before ?? null };
+  }
+
+  /** A room's info and one page of its members: `{ members, users, next_users_after, ... }`. */
+  roomInfo(room, { usersAfter, usersLimit = 100 } = {}) {
+    const q = new URLSearchParams({ users_limit: String(usersLimit) });
+    if (usersAfter != null) q.set("users_after", String(usersAfter));
+    return this._json(`/api/rooms/${encodeURIComponent(room)}?` + q, room);
+  }
+
+  /** The rooms this client may see: `{ rooms: [{room, members, password_protected}], total }`. */
+  listRooms({ limit = 100 } = {}) { return this._json(`/api/rooms?limit=${limit}`); }
+
+  _get(path, room) {
+    const headers = {};
+    if (this.token) headers.Authorization = "Bearer " + this.token;
+    const r = room && this.rooms.get(room);
+    if (r && r.password) headers["X-Room-Password"] = r.password;
+    let url = this.base + path;
+    // Without tokens, a DM room is read by the user it names (see docs/SECURITY.md).
+    if (!this.token && this.user && room && room.startsWith("dm:")) url += "&user=" + encodeURIComponent(this.user);
+    return this.fetch(url, { headers, cache: "no-store" });
+  }
+
+  async _json(path, room) {
+    const res = await this._get(path, room);
+    const body = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      const after = res.headers.get("retry-after");
+      throw new RoomcastError(body.error || "http_" + res.status, body.reason, {
+        status: res.status, room, retryAfterMs: body.retry_after_ms ?? (after ? Number(after) * 1000 : undefined),
+        terminal: res.status === 401 || res.status === 403,
+      });
+    }
+    return body;
+  }
+
+  /** Sends one raw frame (debugging). */
+  sendRaw(obj) { return this._send(obj); }
+
+  /** Drops the socket as a network failure would: the normal reconnect path follows. */
+  drop() { if (this.ws) this.ws.close(4000, "dropped by the client"); }
+
+  /** Stays disconnected until `resume()`. */
+  pause() {
+    this.held = true;
+    this._clearTimers();
+    if (this.ws) this.ws.close(4000, "paused");
+    else this._state("offline");
+  }
+
+  /** Connects again now (after `pause()`, a failure, or to use a new token or name). */
+  resume() {
+    this.held = false;
+    this._clearTimers();
+    this.generation++;
+    if (this.ws) { const old = this.ws; this.ws = null; try { old.close(1000); } catch { /* gone */ } }
+    this.attempt = 0;
+    this._open();
+  }
+
+  /** Closes for good. */
+  close() {
+    this._state("closed");
+    this.generation++;
+    this._clearTimers();
+    if (this.ws) this.ws.close(1000);
+    this.ws = null;
+  }
+
+  /** SSE fallback hook: where a transport for networks that block WebSockets would plug in
+   * (`GET /sse/{room}`, being added to the server). Not built: `connect` uses WebSockets. */
+  static sseFallback = null;
+}
