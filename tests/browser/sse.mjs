@@ -117,7 +117,11 @@ try {
     await waitFor(reader, 'three messages', () => window.seen.messages.length === 3);
     const seen = await reader.evaluate(() => window.seen);
     assert(JSON.stringify(seen.messages.map((m) => m.seq)) === '[1,2,3]', `seqs ${JSON.stringify(seen.messages)}`);
-    assert(JSON.stringify(seen.ids) === '["1","2","3"]', `ids ${JSON.stringify(seen.ids)}`);
+    // Each id is the room's position, `<epoch>.<seq>`, all in one epoch.
+    const seqs = seen.ids.map((id) => id.split(".")[1]);
+    const epochs = new Set(seen.ids.map((id) => id.split(".")[0]));
+    assert(JSON.stringify(seqs) === '["1","2","3"]' && epochs.size === 1 && [...epochs][0].length === 12,
+      `ids ${JSON.stringify(seen.ids)}`);
   });
 
   await check('after the connection drops, EventSource reconnects with Last-Event-ID and misses nothing', async () => {
@@ -134,7 +138,7 @@ try {
     const seqs = seen.messages.map((m) => m.seq);
     assert(JSON.stringify(seqs) === '[1,2,3,4,5,6]', `missed or repeated: ${JSON.stringify(seqs)}`);
     assert(seen.resets === 0, 'a reset event although nothing was too old');
-    assert(seen.ids.at(-1) === '6', `last id ${seen.ids.at(-1)}`);
+    assert(seen.ids.at(-1).split(".")[1] === '6', `last id ${seen.ids.at(-1)}`);
     const keeperSeqs = await keeper.evaluate(() => window.seen.messages.map((m) => m.seq));
     assert(JSON.stringify(keeperSeqs) === JSON.stringify(seqs), `the keeper saw ${JSON.stringify(keeperSeqs)}`);
   });
