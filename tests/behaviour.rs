@@ -11,54 +11,9 @@ mod support;
 use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
-use support::nodes::{Node, Redis};
+use support::deployment::Deployment;
+use support::nodes::Node;
 use support::Client;
-
-struct Deployment {
-    nodes: Vec<Node>,
-    _redis: Option<Redis>,
-}
-
-impl Deployment {
-    async fn standalone(extra: &[&str]) -> Deployment {
-        Deployment {
-            nodes: vec![Node::standalone(extra).await],
-            _redis: None,
-        }
-    }
-
-    async fn cluster(extra: &[&str]) -> Deployment {
-        let redis = Redis::start();
-        let a = Node::start(&redis, extra).await;
-        let b = Node::start(&redis, extra).await;
-        Deployment {
-            nodes: vec![a, b],
-            _redis: Some(redis),
-        }
-    }
-
-    fn a(&self) -> &Node {
-        &self.nodes[0]
-    }
-
-    fn b(&self) -> &Node {
-        &self.nodes[self.nodes.len() - 1]
-    }
-
-    /// Waits until both nodes see `members` in `room` (which may carry a query: a password
-    /// room's info wants `?password=`, as joining does).
-    async fn wait_members(&self, room: &str, members: u64) {
-        for node in &self.nodes {
-            node.wait_for(
-                &format!("/api/rooms/{room}"),
-                &format!("{members} members in {room}"),
-                support::STEP,
-                |s, v| s == 200 && v["members"] == members,
-            )
-            .await;
-        }
-    }
-}
 
 /// The fields of `GET /api/rooms/{room}`, in every mode.
 const ROOM_INFO: &[&str] = &[
@@ -85,26 +40,6 @@ fn keys(v: &Value) -> BTreeSet<String> {
 
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
-}
-
-/// Runs `$check` once standalone and once as a two-process cluster.
-macro_rules! in_both_modes {
-    ($check:ident $(, $arg:expr)*) => {
-        mod $check {
-            use super::*;
-
-            #[tokio::test]
-            async fn standalone() {
-                super::$check(Deployment::standalone(&[$($arg),*]).await).await;
-            }
-
-            #[tokio::test]
-            #[ignore = "needs redis-server"]
-            async fn cluster() {
-                super::$check(Deployment::cluster(&[$($arg),*]).await).await;
-            }
-        }
-    };
 }
 
 in_both_modes!(chat_frames_and_room_info);

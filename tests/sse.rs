@@ -12,7 +12,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use support::nodes::{Node, Redis};
+use support::deployment::Deployment;
+use support::nodes::Node;
 use support::{Client, STEP};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -196,82 +197,6 @@ impl Stream {
     fn drop_connection(self) {
         self.conn.abort();
     }
-}
-
-struct Deployment {
-    nodes: Vec<Node>,
-    _redis: Option<Redis>,
-}
-
-impl Deployment {
-    async fn standalone(extra: &[&str]) -> Deployment {
-        Deployment {
-            nodes: vec![Node::standalone(extra).await],
-            _redis: None,
-        }
-    }
-
-    async fn cluster(extra: &[&str]) -> Deployment {
-        let redis = Redis::start();
-        let a = Node::start(&redis, extra).await;
-        let b = Node::start(&redis, extra).await;
-        Deployment {
-            nodes: vec![a, b],
-            _redis: Some(redis),
-        }
-    }
-
-    fn a(&self) -> &Node {
-        &self.nodes[0]
-    }
-
-    fn b(&self) -> &Node {
-        &self.nodes[self.nodes.len() - 1]
-    }
-
-    async fn wait_members(&self, room: &str, members: u64) {
-        for node in &self.nodes {
-            node.wait_for(
-                &format!("/api/rooms/{room}"),
-                &format!("{members} members in {room}"),
-                STEP,
-                |s, v| s == 200 && v["members"] == members,
-            )
-            .await;
-        }
-    }
-
-    async fn publish(&self, room: &str, text: &str) -> u64 {
-        let (status, v) = self
-            .b()
-            .post(
-                &format!("/api/rooms/{room}/messages"),
-                &json!({"text": text}),
-            )
-            .await;
-        assert_eq!(status, 202, "{v}");
-        v["seq"].as_u64().unwrap()
-    }
-}
-
-/// Runs `$check` once standalone and once as a two-process cluster.
-macro_rules! in_both_modes {
-    ($check:ident $(, $arg:expr)*) => {
-        mod $check {
-            use super::*;
-
-            #[tokio::test]
-            async fn standalone() {
-                super::$check(Deployment::standalone(&[$($arg),*]).await).await;
-            }
-
-            #[tokio::test]
-            #[ignore = "needs redis-server"]
-            async fn cluster() {
-                super::$check(Deployment::cluster(&[$($arg),*]).await).await;
-            }
-        }
-    };
 }
 
 in_both_modes!(a_reconnect_with_last_event_id_misses_nothing);
