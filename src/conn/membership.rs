@@ -60,6 +60,7 @@ impl Membership {
                         skip_origin: false,
                         published_at: out.published_at,
                         seq: 0,
+                        deflated: None,
                     };
                     batch.push((i, Arc::new(notice)));
                 }

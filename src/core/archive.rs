@@ -454,6 +454,7 @@ fn outbound(seq: u64, payload: &str) -> Arc<Outbound> {
         skip_origin: false,
         published_at: Instant::now(),
         seq,
+        deflated: None,
     })
 }
 
@@ -681,6 +682,7 @@ mod tests {
             skip_origin: false,
             published_at: Instant::now(),
             seq,
+            deflated: None,
         })
     }
 

@@ -282,6 +282,7 @@ mod tests {
             skip_origin: false,
             published_at: Instant::now(),
             seq,
+            deflated: None,
         })
     }
 

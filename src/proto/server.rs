@@ -1,7 +1,7 @@
 //! What the server sends: one `ServerFrame` enum, tagged by `type`, each encoded exactly once
 //! into a complete WebSocket text frame (header + JSON payload in one shared `Bytes`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -142,6 +142,11 @@ pub struct Outbound {
     pub published_at: Instant,
     /// The room seq of a chat message; 0 for every other frame (presence, notices).
     pub seq: u64,
+    /// The permessage-deflate frame of the same message, made the first time a member that
+    /// negotiated compression needs it and shared by all of them (it is the plain frame again
+    /// when compressing did not shrink it). `None`: this frame always goes plain (presence,
+    /// notices, a room with `compression = false`).
+    pub deflated: Option<OnceLock<Bytes>>,
 }
 
 impl Outbound {

@@ -32,6 +32,7 @@ pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outb
         skip_origin: false,
         published_at: Instant::now(),
         seq,
+        deflated: None,
     })
 }
 
