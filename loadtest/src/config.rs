@@ -106,6 +106,12 @@ pub struct Config {
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
 
+    /// Every client offers permessage-deflate and inflates what comes compressed (the report's
+    /// wire bytes per delivery then count the compressed frames).
+    #[arg(long)]
+    #[serde(default)]
+    pub compression: bool,
+
     /// Worker processes. Default: ceil(clients / (hard nofile limit - 200)); 1 runs the clients
     /// inside this process.
     #[arg(long)]
@@ -218,6 +224,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// `Host` header value (`host:port` from the URL).
     pub host: String,
+    /// `--compression`: offer permessage-deflate in the upgrade.
+    pub compression: bool,
 }
 
 impl Config {
@@ -276,7 +284,15 @@ impl Config {
 
     /// `--url`, resolved. Only loopback targets are accepted: this tool floods what it points at.
     pub fn servers(&self) -> anyhow::Result<Vec<Server>> {
-        self.url.iter().map(|u| parse_server(u)).collect()
+        self.url
+            .iter()
+            .map(|u| {
+                parse_server(u).map(|s| Server {
+                    compression: self.compression,
+                    ..s
+                })
+            })
+            .collect()
     }
 
     /// `--source-ips`, expanded; empty means "do not bind".
@@ -342,6 +358,7 @@ fn parse_server(url: &str) -> anyhow::Result<Server> {
         url: url.to_string(),
         addr,
         host: with_port,
+        compression: false,
     })
 }
 
