@@ -8,6 +8,8 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use crate::payload::PayloadKind;
+
 /// What the clients do once connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -105,6 +107,12 @@ pub struct Config {
     /// Length of the `text` each publisher sends, in bytes (at least the stamp, ~30 bytes).
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+
+    /// What fills each message's text after the stamp: `x` (compresses to nothing), `prose`
+    /// (chat-like English) or `json` (a JSON document, escaped).
+    #[arg(long, value_enum, default_value_t = PayloadKind::X)]
+    #[serde(default)]
+    pub payload_kind: PayloadKind,
 
     /// Every client offers permessage-deflate and inflates what comes compressed (the report's
     /// wire bytes per delivery then count the compressed frames).

@@ -870,7 +870,12 @@ async fn publish_session(
                         Pace::Silent => 1,
                     };
                     while due > 0 {
-                        let text = stamped_message(id, now_us(), shared.config.payload_bytes);
+                        let text = stamped_message(
+                            id,
+                            now_us(),
+                            shared.config.payload_bytes,
+                            shared.config.payload_kind,
+                        );
                         if tx.write_frame(Frame::text(Payload::Owned(text))).await.is_err() {
                             return;
                         }
