@@ -29,6 +29,15 @@ if command -v npm >/dev/null && [ ! -d tests/browser/node_modules/playwright-cor
     echo "scripts/test.sh: WARNING: npm ci failed" >&2
 fi
 
+# tests/compression.rs checks compressed delivery with an independent client: Python
+# `websockets`, in a venv of its own under target/ (nothing system-wide).
+PY_WEBSOCKETS_VENV=target/py-websockets
+if ! "$PY_WEBSOCKETS_VENV/bin/python" -c 'import websockets' >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing Python websockets into $PY_WEBSOCKETS_VENV"
+  { python3 -m venv "$PY_WEBSOCKETS_VENV" && "$PY_WEBSOCKETS_VENV/bin/pip" install -q websockets; } ||
+    echo "scripts/test.sh: WARNING: could not install Python websockets" >&2
+fi
+
 # Each program the ignored tests need, and the test binary (tests/<name>.rs) whose tests need
 # it. Every `#[ignore]`d test must belong to one of these binaries (checked below).
 has_chromium() {
@@ -36,7 +45,9 @@ has_chromium() {
     [ -d tests/browser/node_modules/playwright-core ]
 }
 has_redis() { command -v redis-server >/dev/null; }
-NEEDS=("redis-server:cluster:has_redis" "redis-server:behaviour:has_redis" "chromium:browser:has_chromium")
+has_py_websockets() { "$PY_WEBSOCKETS_VENV/bin/python" -c 'import websockets' >/dev/null 2>&1; }
+NEEDS=("redis-server:cluster:has_redis" "redis-server:behaviour:has_redis" "chromium:browser:has_chromium"
+       "python3-websockets:compression:has_py_websockets")
 
 run_bins=() skip_bins=() not_run=()
 for entry in "${NEEDS[@]}"; do
@@ -81,6 +92,13 @@ failed=()
 if [ "$autobahn" = yes ]; then
   scripts/autobahn.sh || failed+=("Autobahn conformance (default cases)")
   scripts/autobahn.sh '9.*' || failed+=("Autobahn conformance (9.*)")
+  # permessage-deflate: every group of 12.* and 13.* (each payload kind, each negotiation,
+  # small windows and several offers included) at the five sizes up to 4 KiB, 60 cases. The
+  # larger sizes push hundreds of MiB through Python 2's client, about 30 s a case here: run
+  # them with `scripts/autobahn.sh '12.*,13.*'` when the extension code changes.
+  TIMEOUT=${AUTOBAHN_DEFLATE_TIMEOUT:-1200} scripts/autobahn.sh \
+    '12.*.1,12.*.2,12.*.3,12.*.4,12.*.5,13.*.1,13.*.2,13.*.3,13.*.4,13.*.5' ||
+    failed+=("Autobahn conformance (12.*, 13.*: permessage-deflate)")
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then

@@ -17,7 +17,7 @@ use crate::bus::local::Local;
 use crate::bus::redis::{Cluster, RedisSettings};
 use crate::bus::{Broker, Bus};
 use crate::config::rooms::Settings;
-use crate::config::Config;
+use crate::config::{Config, Switch};
 use crate::conn::sse::StreamNote;
 use crate::conn::{self, Limits};
 use crate::core::auth::Verifier;
@@ -121,6 +121,8 @@ pub async fn run(
         rate: config.connection_rate(),
         idle_timeout: config.idle_timeout(),
         message_timeout: config.message_timeout,
+        compression: (config.compression == Switch::On)
+            .then_some(config.compression_min_bytes as usize),
     };
     let lockout = Arc::new(Lockout::default());
     let cx = Arc::new(conn::Context::new(

@@ -983,3 +983,59 @@ async fn listed_password_rooms_are_marked(d: Deployment) {
         }
     }
 }
+
+in_both_modes!(a_room_message_is_compressed_once_per_process);
+/// permessage-deflate: members that agreed get each room message compressed, members that did
+/// not get it plain, and each process compresses a message once however many of its members
+/// get it compressed (`frames_compressed`, as `frames_encoded` counts serialisations).
+async fn a_room_message_is_compressed_once_per_process(d: Deployment) {
+    use support::deflate::DeflateClient;
+    let (a, b) = (d.a(), d.b());
+    let offer = Some("permessage-deflate; client_max_window_bits");
+    let mut zipped = Vec::new();
+    for (node, user) in [(a, "z1"), (a, "z2"), (b, "z3")] {
+        let mut c = DeflateClient::connect(node.addr, &format!("/ws/zip?user={user}"), offer)
+            .await
+            .unwrap();
+        assert_eq!(
+            c.extensions.as_deref(),
+            Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+        );
+        c.recv_type("welcome").await.unwrap();
+        zipped.push(c);
+    }
+    let (mut plain, _) = Client::join(&b.ws("/ws/zip?user=plain")).await;
+    d.wait_members("zip", 4).await;
+    let before = |v: &Value| v["frames_compressed"].as_u64().unwrap();
+    let start_a = before(&a.get("/api/stats").await.1);
+    let start_b = before(&b.get("/api/stats").await.1);
+    let texts: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                "message {i}: {}",
+                "the quick brown fox jumps over the lazy dog ".repeat(12)
+            )
+        })
+        .collect();
+    for text in &texts {
+        plain
+            .send_json(&json!({"type": "message", "text": text}))
+            .await;
+    }
+    for c in &mut zipped {
+        for text in &texts {
+            let (m, compressed) = c.recv_type("message").await.unwrap();
+            assert_eq!(m["text"], text.as_str());
+            assert!(compressed, "a member that agreed gets it compressed");
+        }
+    }
+    for text in &texts {
+        assert_eq!(plain.recv_type("message").await["text"], text.as_str());
+    }
+    let (_, sa) = a.get("/api/stats").await;
+    let (_, sb) = b.get("/api/stats").await;
+    // Standalone `a` and `b` are one process with three compressing members; in a cluster, `a`
+    // has two and `b` one: either way one compression per message per process.
+    assert_eq!(before(&sa) - start_a, texts.len() as u64, "{sa}");
+    assert_eq!(before(&sb) - start_b, texts.len() as u64, "{sb}");
+}

@@ -26,16 +26,23 @@ fn record(f: &InFrame) -> (bool, OpCode, Vec<u8>) {
 }
 
 /// Decodes `chunks` fed one after the other, taking every complete frame after each.
-fn run<'a>(chunks: impl Iterator<Item = &'a [u8]>, max: usize) -> Run {
+fn run<'a>(chunks: impl Iterator<Item = &'a [u8]>, max: usize, deflate: bool) -> Run {
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
     for chunk in chunks {
         buf.extend_from_slice(chunk);
         loop {
             let before = buf.len();
-            match decode(&mut buf, max) {
+            match decode(&mut buf, max, deflate) {
                 Ok(Some(f)) => {
                     check(&f, max, before - buf.len());
+                    // RSV1 only on the first frame of a data message, only when negotiated.
+                    assert!(
+                        !f.compressed
+                            || (deflate && matches!(f.opcode, OpCode::Text | OpCode::Binary)),
+                        "RSV1 on {:?}",
+                        f.opcode
+                    );
                     frames.push(record(&f));
                 }
                 Ok(None) => {
@@ -89,17 +96,19 @@ fn check(f: &InFrame, max: usize, consumed: usize) {
 
 fuzz_target!(|data: &[u8]| {
     // Two bytes choose the payload bound (so that TooLarge is reachable with short inputs),
-    // the rest of the header byte chooses where the bytes are split.
+    // the third where the bytes are split, and its top bit whether permessage-deflate was
+    // negotiated.
     let [a, b, cut, rest @ ..] = data else {
         return;
     };
     let max = usize::from(u16::from_le_bytes([*a, *b]));
-    let whole = run(std::iter::once(rest), max);
-    let step = usize::from(*cut).max(1);
-    let pieces = run(rest.chunks(step), max);
+    let deflate = cut & 0x80 != 0;
+    let whole = run(std::iter::once(rest), max, deflate);
+    let step = usize::from(cut & 0x7F).max(1);
+    let pieces = run(rest.chunks(step), max, deflate);
     assert_eq!(whole, pieces, "split every {step} bytes");
     if whole.error.is_none() {
-        let bytewise = run(rest.chunks(1), max);
+        let bytewise = run(rest.chunks(1), max, deflate);
         assert_eq!(whole, bytewise, "fed byte by byte");
     }
 });

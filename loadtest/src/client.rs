@@ -17,9 +17,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::config::Server;
 use crate::payload::{parse_incoming, Incoming};
 use crate::sys::{errno_name, set_bind_address_no_port};
+use crate::wire::Wire;
 
-/// A connected client socket.
-pub type Ws = WebSocket<TokioIo<Upgraded>>;
+/// A connected client socket, its bytes counted (and inflated, with `--compression`) by `Wire`.
+pub type Ws = WebSocket<Wire<TokioIo<Upgraded>>>;
 
 /// Largest frame a client accepts, bytes: server frames are one chat message each.
 const MAX_FRAME: usize = 1 << 20;
@@ -46,7 +47,11 @@ pub async fn connect(
         let _ = conn.with_upgrades().await;
     });
 
-    let req = Request::get(format!("/ws/{room}?user={user}"))
+    let mut req = Request::get(format!("/ws/{room}?user={user}"));
+    if server.compression {
+        req = req.header("Sec-WebSocket-Extensions", "permessage-deflate");
+    }
+    let req = req
         .header(HOST, server.host.as_str())
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")
@@ -84,11 +89,24 @@ pub async fn connect(
     if !header_is(UPGRADE, "websocket") || !header_is(CONNECTION, "upgrade") {
         return Err("handshake:bad_upgrade_headers".into());
     }
+    // Asked for and not agreed to (`--compression off` on the server): a run that would
+    // measure something else than it says.
+    let agreed = resp
+        .headers()
+        .get("sec-websocket-extensions")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h.starts_with("permessage-deflate"));
+    if server.compression && !agreed {
+        return Err("handshake:compression_declined".into());
+    }
     let upgraded = hyper::upgrade::on(&mut resp)
         .await
         .map_err(|e| format!("upgrade:{}", hyper_reason(&e)))?;
 
-    let mut ws = WebSocket::after_handshake(TokioIo::new(upgraded), Role::Client);
+    let mut ws = WebSocket::after_handshake(
+        Wire::new(TokioIo::new(upgraded), server.compression),
+        Role::Client,
+    );
     ws.set_max_message_size(MAX_FRAME);
     ws.set_auto_pong(true);
     ws.set_auto_close(true);
@@ -279,6 +297,7 @@ mod tests {
             url: format!("ws://127.0.0.1:{port}"),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             host: format!("127.0.0.1:{port}"),
+            compression: false,
         };
         let err = connect(&server, Some(Ipv4Addr::new(127, 0, 0, 2)), "lt-0", "u0")
             .await
@@ -310,6 +329,7 @@ mod tests {
             url: format!("ws://{addr}"),
             addr,
             host: addr.to_string(),
+            compression: false,
         };
         let err = connect(&server, None, "lt-0", "u0")
             .await

@@ -8,6 +8,8 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use crate::payload::PayloadKind;
+
 /// What the clients do once connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -123,6 +125,18 @@ pub struct Config {
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
 
+    /// What fills each message's text after the stamp: `x` (compresses to nothing), `prose`
+    /// (chat-like English) or `json` (a JSON document, escaped).
+    #[arg(long, value_enum, default_value_t = PayloadKind::X)]
+    #[serde(default)]
+    pub payload_kind: PayloadKind,
+
+    /// Every client offers permessage-deflate and inflates what comes compressed (the report's
+    /// wire bytes per delivery then count the compressed frames).
+    #[arg(long)]
+    #[serde(default)]
+    pub compression: bool,
+
     /// Worker processes. Default: ceil(clients / (hard nofile limit - 200)); 1 runs the clients
     /// inside this process.
     #[arg(long)]
@@ -235,6 +249,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// `Host` header value (`host:port` from the URL).
     pub host: String,
+    /// `--compression`: offer permessage-deflate in the upgrade.
+    pub compression: bool,
 }
 
 impl Config {
@@ -296,7 +312,15 @@ impl Config {
 
     /// `--url`, resolved. Only loopback targets are accepted: this tool floods what it points at.
     pub fn servers(&self) -> anyhow::Result<Vec<Server>> {
-        self.url.iter().map(|u| parse_server(u)).collect()
+        self.url
+            .iter()
+            .map(|u| {
+                parse_server(u).map(|s| Server {
+                    compression: self.compression,
+                    ..s
+                })
+            })
+            .collect()
     }
 
     /// `--source-ips`, expanded; empty means "do not bind".
@@ -362,6 +386,7 @@ fn parse_server(url: &str) -> anyhow::Result<Server> {
         url: url.to_string(),
         addr,
         host: with_port,
+        compression: false,
     })
 }
 

@@ -828,6 +828,7 @@ impl Coordinator {
             }
         }
         Ok(Mark {
+            wire_bytes_in: c.wire_bytes_in,
             deliveries_by_server: c.deliveries_by_server,
             loadtest_cpu,
             servers,

@@ -19,6 +19,8 @@ pub struct Mark {
     pub servers: Vec<Option<Stats>>,
     /// Seconds since some fixed instant (only differences matter).
     pub at_secs: f64,
+    /// Bytes the clients read off their sockets so far (every worker process).
+    pub wire_bytes_in: u64,
 }
 
 /// The cost of one server (or of all of them: `url` is `total`) over a window.
@@ -53,6 +55,10 @@ pub struct Cost {
     pub loadtest_cpu_seconds: f64,
     /// `loadtest_cpu_seconds` per delivery, µs.
     pub loadtest_cpu_us_per_delivery: Option<f64>,
+    /// Bytes the clients read in the window per delivery: the wire cost of one delivery
+    /// (compressed frames as they came with `--compression`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_per_delivery: Option<f64>,
 }
 
 /// `num / den` when `den` is positive.
@@ -143,6 +149,10 @@ impl Cost {
                 total.deliveries as f64,
             ),
             loadtest_cpu_seconds,
+            wire_bytes_per_delivery: ratio(
+                b.wire_bytes_in.saturating_sub(a.wire_bytes_in) as f64,
+                total.deliveries as f64,
+            ),
             total,
             servers,
         }
@@ -152,13 +162,16 @@ impl Cost {
     pub fn summary(&self) -> String {
         let t = &self.total;
         format!(
-            "{} deliveries in {:.1} s; {}; loadtest {}",
+            "{} deliveries in {:.1} s; {}; loadtest {}; {} wire bytes per delivery",
             thousands(self.deliveries),
             self.seconds,
             t.summary(),
             self.loadtest_cpu_us_per_delivery
                 .map(|u| format!("{u:.2} µs CPU per delivery"))
                 .unwrap_or_else(|| "µs CPU per delivery ?".into()),
+            self.wire_bytes_per_delivery
+                .map(|b| format!("{b:.0}"))
+                .unwrap_or_else(|| "?".into()),
         )
     }
 }
@@ -248,6 +261,7 @@ mod tests {
                 Some(stats(200, 100, Some(2.0))),
             ],
             at_secs: 10.0,
+            wire_bytes_in: 1_000,
         };
         let b = Mark {
             deliveries_by_server: vec![30_100, 10_200],
@@ -257,6 +271,7 @@ mod tests {
                 Some(stats(10_200, 2_600, Some(2.5))),
             ],
             at_secs: 30.0,
+            wire_bytes_in: 8_001_000,
         };
         let c = Cost::between(&urls, &a, &b);
         assert_eq!(c.deliveries, 40_000);
@@ -273,7 +288,13 @@ mod tests {
         assert_eq!(c.total.frames_per_write, Some(3.2));
         let lt = c.loadtest_cpu_us_per_delivery.expect("deliveries > 0");
         assert!((lt - 2.5).abs() < 1e-6, "0.1 s / 40,000 = 2.5 µs, got {lt}");
+        assert_eq!(c.wire_bytes_per_delivery, Some(200.0));
         assert!(c.summary().contains("40,000 deliveries"), "{}", c.summary());
+        assert!(
+            c.summary().contains("200 wire bytes per delivery"),
+            "{}",
+            c.summary()
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod seq;
 pub mod summary;
 pub mod sys;
 pub mod units;
+pub mod wire;
 pub mod worker;
 
 pub use config::{Config, RampOrder, Route, Scenario};

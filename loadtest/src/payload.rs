@@ -13,17 +13,88 @@ pub fn now_us() -> u64 {
 }
 
 /// The client frame a publisher sends: `{"type":"message","text":"<publisher>:<µs>:xxx…"}`,
-/// padded with `x` so that `text` is `payload_bytes` long (never shorter than the stamp).
-pub fn stamped_message(publisher: u32, sent_us: u64, payload_bytes: usize) -> Vec<u8> {
+/// padded so that `text` is `payload_bytes` long (never shorter than the stamp): with `x`, or
+/// with prose or JSON (`--payload-kind`) for measurements where the bytes' content matters
+/// (compression).
+pub fn stamped_message(
+    publisher: u32,
+    sent_us: u64,
+    payload_bytes: usize,
+    kind: PayloadKind,
+) -> Vec<u8> {
     let stamp = format!("{publisher}:{sent_us}:");
     let pad = payload_bytes.saturating_sub(stamp.len());
     let mut out = Vec::with_capacity(40 + stamp.len() + pad);
     out.extend_from_slice(br#"{"type":"message","text":""#);
     out.extend_from_slice(stamp.as_bytes());
-    out.resize(out.len() + pad, b'x');
+    match kind {
+        PayloadKind::X => out.resize(out.len() + pad, b'x'),
+        PayloadKind::Prose | PayloadKind::Json => {
+            // Each message starts elsewhere in the sample, so no two are the same.
+            let sample = if kind == PayloadKind::Prose {
+                PROSE
+            } else {
+                JSON_SAMPLE
+            };
+            let start = (sent_us as usize).wrapping_mul(31) % sample.len();
+            let mut left = pad;
+            for &b in sample.as_bytes().iter().cycle().skip(start) {
+                if left == 0 {
+                    break;
+                }
+                // JSON text inside a JSON string: its quotes escaped (the text keeps them).
+                if b == b'"' {
+                    out.push(b'\\');
+                }
+                out.push(b);
+                left -= 1;
+            }
+        }
+    }
     out.extend_from_slice(br#""}"#);
     out
 }
+
+/// What fills a message's text after the stamp (`--payload-kind`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadKind {
+    /// `xxx…`: compresses to almost nothing; fine wherever the content does not matter.
+    #[default]
+    X,
+    /// English chat prose.
+    Prose,
+    /// A JSON document (records with ids, names, numbers, timestamps).
+    Json,
+}
+
+/// Plain prose of the kind people type in chat rooms, for `--payload-kind prose`.
+const PROSE: &str = "Morning all! Did anyone else see the deploy notes from last night? \
+I think the new search page is much faster, but the filters on mobile still jump around when \
+you scroll. Maria said she would look into it after lunch. Also, quick reminder that the team \
+lunch moved to Thursday because half of us are at the conference on Wednesday. If you have \
+dietary restrictions, drop them in the sheet before noon tomorrow. Has anybody tried the new \
+coffee place on the corner? Their flat white was decent, a bit pricey though. Back to work: \
+the flaky integration test failed twice again this morning, both times on the payment retry \
+path. My guess is a timeout that is too tight when the sandbox is slow. I'll bump it and add a \
+log line so we can see how long the call really takes. Ping me if you see it fail somewhere \
+else. Weekend plans? We're finally going hiking if the weather holds, otherwise it's board \
+games and pizza. Oh, and congratulations to Sam on the new baby, photos in the other channel! \
+Can someone review my pull request for the export feature? It's mostly tests, the change \
+itself is small. Thanks in advance, I owe you one. ";
+
+/// A JSON document of the kind applications push through rooms, for `--payload-kind json`.
+const JSON_SAMPLE: &str = r#"{"id":8812731,"kind":"order.updated","at":"2026-03-14T09:26:53.589Z","customer":{"id":"c_5d2e9a","name":"Ada Lovelace","tier":"gold","country":"GB"},"items":[{"sku":"BK-1043","title":"Notes on the Analytical Engine","qty":1,"price":24.99,"currency":"GBP"},{"sku":"PN-2211","title":"Fountain pen, fine nib","qty":2,"price":12.5,"currency":"GBP"},{"sku":"NB-0007","title":"Squared notebook A5","qty":3,"price":4.75,"currency":"GBP"}],"totals":{"items":64.24,"shipping":3.99,"tax":12.85,"grand":81.08},"status":{"from":"paid","to":"packed","by":"warehouse-2","note":"fragile items wrapped separately"},"tags":["priority","gift","repeat-customer"],"tracking":null,"version":17}"#;
 
 /// Reads `(publisher, sent_us)` back from a chat text; `None` for text this tool did not write.
 pub fn parse_stamp(text: &str) -> Option<(u32, u64)> {
@@ -281,8 +352,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn prose_and_json_payloads_have_the_length_asked_and_round_trip() {
+        for kind in [PayloadKind::Prose, PayloadKind::Json] {
+            for len in [500, 4096] {
+                let sent = stamped_message(7, 1_700_000_000_000_001, len, kind);
+                let client: serde_json::Value = serde_json::from_slice(&sent).expect("JSON");
+                let text = client["text"].as_str().expect("text");
+                assert_eq!(text.len(), len, "{kind:?}");
+                let echoed = serde_json::json!({"type": "message", "room": "lt-1", "user": "u7",
+                    "text": text, "seq": 3, "ts": 1});
+                assert_eq!(
+                    parse_incoming(echoed.to_string().as_bytes()),
+                    Incoming::Message {
+                        seq: 3,
+                        stamp: Some((7, 1_700_000_000_000_001))
+                    }
+                );
+            }
+        }
+    }
+
+    #[test]
     fn stamp_round_trips_through_the_server_frame() {
-        let sent = stamped_message(42, 1_700_000_000_123_456, 64);
+        let sent = stamped_message(42, 1_700_000_000_123_456, 64, PayloadKind::X);
         let client: serde_json::Value = serde_json::from_slice(&sent).expect("valid JSON");
         let text = client["text"].as_str().expect("text");
         assert_eq!(text.len(), 64);
@@ -302,7 +394,7 @@ mod tests {
 
     #[test]
     fn short_payload_is_never_truncated() {
-        let sent = stamped_message(7, 123, 1);
+        let sent = stamped_message(7, 123, 1, PayloadKind::X);
         let v: serde_json::Value = serde_json::from_slice(&sent).expect("valid JSON");
         assert_eq!(v["text"], "7:123:");
         assert_eq!(parse_stamp("7:123:"), Some((7, 123)));
@@ -351,7 +443,13 @@ mod tests {
 
     #[test]
     fn scanner_agrees_with_serde_on_server_frames() {
-        let text = String::from_utf8(stamped_message(42, 1_700_000_000_123_456, 64)).expect("utf8");
+        let text = String::from_utf8(stamped_message(
+            42,
+            1_700_000_000_123_456,
+            64,
+            PayloadKind::X,
+        ))
+        .expect("utf8");
         let stamp: serde_json::Value = serde_json::from_str(&text).expect("json");
         let stamp = stamp["text"].as_str().expect("text").to_string();
         let frames = [

@@ -89,6 +89,10 @@ pub struct Counters {
     /// that wrote them): divided by that server's CPU time in the report.
     #[serde(default)]
     pub deliveries_by_server: Vec<u64>,
+    /// Bytes the clients read off their sockets after the upgrade (compressed frames as they
+    /// came): divided by deliveries in the report.
+    #[serde(default)]
+    pub wire_bytes_in: u64,
 }
 
 impl Counters {
@@ -106,6 +110,7 @@ impl Counters {
         self.other_frames += o.other_frames;
         self.unstamped += o.unstamped;
         self.clock_skew += o.clock_skew;
+        self.wire_bytes_in += o.wire_bytes_in;
         if self.deliveries_by_server.len() < o.deliveries_by_server.len() {
             self.deliveries_by_server
                 .resize(o.deliveries_by_server.len(), 0);
@@ -365,6 +370,7 @@ impl Shared {
             s.hist.reset();
         }
         p.hist = to_buckets(&interval);
+        p.counters.wire_bytes_in = crate::wire::bytes_in();
         p
     }
 
@@ -922,7 +928,12 @@ async fn publish_session(
                         Pace::Silent => 1,
                     };
                     while due > 0 {
-                        let text = stamped_message(id, now_us(), shared.config.payload_bytes);
+                        let text = stamped_message(
+                            id,
+                            now_us(),
+                            shared.config.payload_bytes,
+                            shared.config.payload_kind,
+                        );
                         if tx.write_frame(Frame::text(Payload::Owned(text))).await.is_err() {
                             return;
                         }

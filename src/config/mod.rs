@@ -184,7 +184,8 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
 
     /// Per-room settings file (TOML: `[defaults]` and `[rooms."NAME"]` / `[rooms."PREFIX*"]`
-    /// with `password`, `max_members`, `history`, `rate_limit`, `presence`, `room_buffer`).
+    /// with `password`, `max_members`, `history`, `rate_limit`, `presence`, `room_buffer`,
+    /// `compression`).
     /// A bad file stops the server at start; SIGHUP reloads it, keeping the old settings if the
     /// new file is bad. Default: none (every room open, flags' values).
     #[arg(long, env = "ROOMCAST_ROOMS_CONFIG")]
@@ -293,6 +294,20 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_DRAIN_RATE", default_value = "1000/s", value_parser = parse_drain_rate)]
     pub drain_rate: RateLimitArg,
 
+    // permessage-deflate (RFC 7692).
+    /// permessage-deflate for clients that offer it: `on` or `off`. Each room message is
+    /// compressed at most once, and that one frame goes to every member that negotiated it; a
+    /// room's `compression = false` in the rooms file turns it off there. Clients that do not
+    /// offer it always get plain frames. Default: on.
+    #[arg(long, env = "ROOMCAST_COMPRESSION", value_enum, default_value = "on")]
+    pub compression: Switch,
+
+    /// Room messages whose JSON payload is shorter than this go uncompressed, even to sockets
+    /// that negotiated compression: deflate without a shared dictionary saves little on short
+    /// messages and still costs a compressor pass. Unit: bytes. Default: 256.
+    #[arg(long, env = "ROOMCAST_COMPRESSION_MIN_BYTES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=(64 << 20)))]
+    pub compression_min_bytes: u32,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -399,6 +414,13 @@ fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
 }
 
 /// What a member does when it falls `--room-buffer` frames behind a room.
+/// A feature switch (`--compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    Off,
+    On,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LagPolicy {
     /// Close it with 1008 "slow consumer".

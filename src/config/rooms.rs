@@ -148,6 +148,7 @@ struct Entry {
     rate_limit: Option<RateLimitArg>,
     presence: Option<Presence>,
     room_buffer: Option<Bounded<1, MAX_ROOM_BUFFER>>,
+    compression: Option<bool>,
 }
 
 /// A key of the `[rooms]` table: an exact room name, or a prefix when it ends in `*`.
@@ -222,6 +223,9 @@ pub struct RoomSettings {
     pub presence: Presence,
     /// Broadcast ring size, used when the room is created (a reload does not resize live rooms).
     pub room_buffer: usize,
+    /// `compression = false`: this room's messages go uncompressed even to sockets that
+    /// negotiated permessage-deflate (already compressed payloads gain nothing from it).
+    pub compression: bool,
 }
 
 impl RoomSettings {
@@ -236,6 +240,7 @@ impl RoomSettings {
             rate_limit: None,
             presence: Presence::Events,
             room_buffer: room_buffer.max(1),
+            compression: true,
         }
     }
 
@@ -263,6 +268,9 @@ impl RoomSettings {
         }
         if let Some(Bounded(n)) = e.room_buffer {
             self.room_buffer = n as usize;
+        }
+        if let Some(c) = e.compression {
+            self.compression = c;
         }
     }
 }
@@ -496,6 +504,7 @@ rate_limit = "20/s burst 40"
 [rooms."post:*"]
 presence = "off"
 room_buffer = 64
+compression = false
 
 [rooms."post:vip:*"]
 password = "prefix-secret"
@@ -531,7 +540,12 @@ rate_limit = "off"
             Some("20/s burst 40")
         );
 
+        assert!(
+            other.compression,
+            "compression is on unless a room turns it off"
+        );
         let post = s.resolve("post:7");
+        assert!(!post.compression);
         assert_eq!(post.presence, Presence::Off);
         assert_eq!(post.room_buffer, 64);
         assert_eq!(

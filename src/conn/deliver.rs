@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use fastwebsockets::OpCode;
 use smallvec::SmallVec;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
@@ -11,7 +12,8 @@ use super::membership::Batch;
 use super::{Connection, MAX_BATCH};
 use crate::config::LagPolicy;
 use crate::proto::close;
-use crate::proto::Outbound;
+use crate::proto::{frame_payload, Outbound};
+use crate::ws::deflate;
 use crate::ws::write::{total_len, write_now, write_rest};
 
 /// A room batch the socket did not take in full at once: the rest is written by a boxed future
@@ -85,7 +87,7 @@ impl Connection {
         if batch.is_empty() {
             return Ok(None);
         }
-        let frames: SmallVec<[&[u8]; 16]> = batch.iter().map(|(_, o)| &o.frame[..]).collect();
+        let frames = self.wire(&batch);
         match write_now(&self.stream, &frames) {
             Ok(written) if written == total_len(&frames) => {}
             Ok(written) => {
@@ -101,8 +103,8 @@ impl Connection {
     /// Writes the rest of a batch the socket did not take at once, within `--write-timeout`
     /// (past it the member is evicted as a slow consumer).
     async fn finish_delivery(&mut self, blocked: Box<Blocked>) -> Option<End> {
-        let frames: SmallVec<[&[u8]; 16]> =
-            blocked.batch.iter().map(|(_, o)| &o.frame[..]).collect();
+        // The same bytes as the first attempt: a compressed frame, once made, stays.
+        let frames = self.wire(&blocked.batch);
         let timeout = self.cx.limits.write_timeout;
         let rest = write_rest(&self.stream, &frames, blocked.written);
         match tokio::time::timeout(timeout, rest).await {
@@ -115,6 +117,31 @@ impl Connection {
         }
         self.count_delivery(&blocked.batch);
         None
+    }
+
+    /// The bytes of each frame of `batch` for this socket: a room message goes compressed when
+    /// the socket negotiated permessage-deflate, its room allows it, and it is at least
+    /// `--compression-min-bytes` long (and fits the window the client asked for). The first
+    /// member that needs a message compressed compresses it; every other one shares the bytes.
+    fn wire<'b>(&self, batch: &'b Batch) -> SmallVec<[&'b [u8]; 16]> {
+        let (Some(agreed), Some(min)) = (self.deflate, self.cx.limits.compression) else {
+            return batch.iter().map(|(_, o)| &o.frame[..]).collect();
+        };
+        let stats = &self.cx.stats.deflate;
+        let pick = |out: &'b Outbound| -> &'b [u8] {
+            let Some(cell) = &out.deflated else {
+                return &out.frame;
+            };
+            let payload = frame_payload(&out.frame);
+            if payload.len() < min || !agreed.fits(payload.len()) {
+                return &out.frame;
+            }
+            cell.get_or_init(|| {
+                stats.frames_compressed.inc();
+                deflate::compress_frame(OpCode::Text, payload).unwrap_or_else(|| out.frame.clone())
+            })
+        };
+        batch.iter().map(|(_, o)| pick(o)).collect()
     }
 
     /// Counts a written batch and records, per room, how long its oldest frame waited.

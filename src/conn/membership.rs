@@ -61,6 +61,7 @@ impl Membership {
                         published_at: out.published_at,
                         seq: 0,
                         sse: Default::default(),
+                        deflated: None,
                     };
                     batch.push((i, Arc::new(notice)));
                 }

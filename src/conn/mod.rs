@@ -36,6 +36,7 @@ use crate::core::stats::{AuthReason, Stats};
 use crate::proto;
 use crate::proto::close;
 use crate::shutdown::{Shutdown, Turn};
+use crate::ws::deflate::Agreed;
 use crate::ws::io::TimedStream;
 use crate::ws::write::{total_len, write_now, write_rest};
 use end::{End, Handled, Refusal};
@@ -62,6 +63,10 @@ pub struct Limits {
     /// `--message-timeout`: a frame, and a fragmented message, must arrive whole within this
     /// from its first byte (1008 `message timeout`).
     pub message_timeout: Duration,
+    /// `--compression on`: permessage-deflate is negotiated with clients that offer it, and
+    /// room messages of at least this many payload bytes (`--compression-min-bytes`) go to them
+    /// compressed. `None`: never negotiated.
+    pub compression: Option<usize>,
 }
 
 /// What every connection task shares.
@@ -160,6 +165,8 @@ pub(crate) struct Accepted {
     pub(crate) user: Arc<str>,
     pub(crate) mode: Mode,
     pub(crate) guard: ConnectionGuard,
+    /// permessage-deflate, when the 101 agreed to it.
+    pub(crate) deflate: Option<Agreed>,
 }
 
 /// A fragmented message between its first frame and its last.
@@ -171,6 +178,8 @@ struct Partial {
     started: Instant,
     /// A fragment was refused by `--rate-limit`: the rest is read and dropped.
     refused: bool,
+    /// RSV1 on the first frame: `buf` is deflated, and inflated once the message is whole.
+    compressed: bool,
 }
 
 /// Everything one connection owns. Dropped when the task ends; `leave_all` runs before.
@@ -191,6 +200,9 @@ pub struct Connection {
     /// every idle connection would carry its space.
     partial: Option<Box<Partial>>,
     echo: bool,
+    /// permessage-deflate, when negotiated: a few bytes; the codec's state is per thread and
+    /// per message, never per socket.
+    deflate: Option<Agreed>,
     grant: Option<Arc<Grant>>,
     /// `--rate-limit` on the messages this socket sends.
     limiter: Option<Box<ConnectionLimiter>>,
@@ -237,6 +249,7 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
         user,
         mode,
         guard,
+        deflate,
     } = *accepted;
     let ws = match upgrade.await {
         Ok(ws) => ws,
@@ -285,6 +298,7 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
         rooms: SmallVec::new(),
         partial: None,
         echo,
+        deflate,
         grant,
         limiter,
         _guard: guard,

@@ -12,6 +12,7 @@ use super::end::End;
 use super::{Connection, Partial, READ_CHUNK};
 use crate::proto;
 use crate::proto::close;
+use crate::ws::deflate::{self, InflateError};
 use crate::ws::frame::{self, close_request, CloseRequest, InFrame};
 
 /// Pongs answered per read before only the last ping is answered.
@@ -83,7 +84,7 @@ impl Connection {
         let mut complete = 0;
         let mut pings = Pings::default();
         loop {
-            match frame::decode(&mut self.inbuf, max) {
+            match frame::decode(&mut self.inbuf, max, self.deflate.is_some()) {
                 Ok(None) => {
                     if let Some(pongs) = pings.into_pongs() {
                         self.write_frames(&[&pongs]).await?;
@@ -133,13 +134,16 @@ impl Connection {
                     "expected a continuation frame",
                 ));
             }
-            OpCode::Text | OpCode::Binary if frame.fin => (frame.opcode, frame.payload),
+            OpCode::Text | OpCode::Binary if frame.fin => {
+                (frame.opcode, frame.payload, frame.compressed)
+            }
             OpCode::Text | OpCode::Binary => {
                 self.partial = Some(Box::new(Partial {
                     opcode: frame.opcode,
                     buf: frame.payload,
                     started: Instant::now(),
                     refused: false,
+                    compressed: frame.compressed,
                 }));
                 return None;
             }
@@ -174,32 +178,67 @@ impl Connection {
                 if p.refused {
                     return None;
                 }
-                (p.opcode, p.buf)
+                (p.opcode, p.buf, p.compressed)
             }
         };
+        let (opcode, payload, compressed) = message;
+        // A compressed message is inflated only now that it is whole, so the inflater exists
+        // for this call alone; its output is bounded by the same limit as a plain message.
+        let inflated;
+        let bytes: &[u8] = if compressed {
+            let stats = &self.cx.stats.deflate;
+            match deflate::inflate(&payload, max) {
+                Ok(out) => {
+                    stats.messages_inflated.inc();
+                    inflated = out;
+                    &inflated
+                }
+                Err(e) => {
+                    stats.inflate_refused.inc();
+                    return Some(match e {
+                        InflateError::TooBig => End::Close(close::TOO_BIG, "message too big"),
+                        InflateError::Corrupt => {
+                            End::Close(close::INVALID_DATA, "invalid compressed data")
+                        }
+                    });
+                }
+            }
+        } else {
+            &payload
+        };
         if self.echo {
-            return self.echo_back(message.0, message.1).await;
+            return self.echo_back(opcode, bytes).await;
         }
-        match message {
+        match (opcode, bytes) {
             (OpCode::Binary, _) => Some(End::Close(
                 close::UNSUPPORTED_DATA,
                 "binary frames are not supported",
             )),
             (_, bytes) if bytes.len() > max => Some(End::Close(close::TOO_BIG, "message too big")),
-            (_, bytes) => match std::str::from_utf8(&bytes) {
+            (_, bytes) => match std::str::from_utf8(bytes) {
                 Ok(text) => self.on_text(text).await,
                 Err(_) => Some(End::Close(close::INVALID_DATA, "invalid utf-8")),
             },
         }
     }
 
-    /// Echo mode: writes the message back with its opcode; text must be UTF-8.
-    async fn echo_back(&mut self, opcode: OpCode, payload: BytesMut) -> Option<End> {
-        if opcode == OpCode::Text && std::str::from_utf8(&payload).is_err() {
+    /// Echo mode: writes the message back with its opcode; text must be UTF-8. On a socket that
+    /// negotiated permessage-deflate the reply is compressed (each reply on its own: echo
+    /// replies go to one socket, there is nothing to share).
+    async fn echo_back(&mut self, opcode: OpCode, payload: &[u8]) -> Option<End> {
+        if opcode == OpCode::Text && std::str::from_utf8(payload).is_err() {
             return Some(End::Close(close::INVALID_DATA, "invalid utf-8"));
         }
+        let min = self.cx.limits.compression.unwrap_or(usize::MAX);
+        let worth = |a: &deflate::Agreed| payload.len() >= min && a.fits(payload.len());
+        if self.deflate.as_ref().is_some_and(worth) {
+            self.cx.stats.deflate.frames_compressed.inc();
+            if let Some(frame) = deflate::compress_frame(opcode, payload) {
+                return self.write_frames(&[&frame]).await.err();
+            }
+        }
         let mut head = [0u8; 10];
-        let len = Frame::new(true, opcode, None, Payload::Borrowed(&payload)).fmt_head(&mut head);
-        self.write_frames(&[&head[..len], &payload]).await.err()
+        let len = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
+        self.write_frames(&[&head[..len], payload]).await.err()
     }
 }

@@ -559,6 +559,7 @@ fn outbound(seq: u64, payload: &str) -> Arc<Outbound> {
         published_at: Instant::now(),
         seq,
         sse: Default::default(),
+        deflated: None,
     })
 }
 
@@ -794,6 +795,7 @@ mod tests {
             published_at: Instant::now(),
             seq,
             sse: Default::default(),
+            deflated: None,
         })
     }
 

@@ -306,6 +306,7 @@ mod tests {
             published_at: Instant::now(),
             seq,
             sse: Default::default(),
+            deflated: None,
         })
     }
 

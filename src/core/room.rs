@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -378,6 +378,7 @@ impl Room {
             published_at: Instant::now(),
             seq,
             sse: Default::default(),
+            deflated: state.settings.compression.then(OnceLock::new),
         });
         if let Some(id) = p.id {
             // The window runs on this process's clock (`ts` may come from another process).
@@ -496,6 +497,7 @@ impl Room {
             published_at: Instant::now(),
             seq: 0,
             sse: Default::default(),
+            deflated: None,
         };
         // No receiver means no member is left to deliver to: nothing is lost.
         let _ = self.tx.send(Arc::new(out));

@@ -62,6 +62,9 @@ pub struct Stats {
     pub dropped: Dropped,
     /// Server-Sent Events (one block, see [`SseStats`]).
     pub sse: SseStats,
+    /// permessage-deflate: work done and compressed input refused (one block, see
+    /// [`Deflate`]).
+    pub deflate: Deflate,
     rss: Gauge,
     /// CPU seconds this process has used (user + system), refreshed when scraped: divided into
     /// the deliveries of a load test window it gives the server's cost per delivery.
@@ -146,6 +149,7 @@ impl Stats {
         );
         let dropped = Dropped::register(&mut registry);
         let sse = SseStats::register(&mut registry);
+        let deflate = Deflate::register(&mut registry);
         let connections = Gauge::default();
         registry.register(
             "connections",
@@ -191,6 +195,7 @@ impl Stats {
             presence_names_dropped,
             dropped,
             sse,
+            deflate,
             rss,
             cpu,
             registry,
@@ -422,6 +427,55 @@ impl SseStats {
             ("sse_streams", self.streams.get().max(0) as u64),
             ("sse_events_encoded", self.events_encoded.get()),
             ("sse_evictions", self.evictions.get()),
+        ]
+    }
+}
+
+/// permessage-deflate counters.
+#[derive(Debug, Default)]
+pub struct Deflate {
+    /// Frames compressed: once per room message however many members receive it compressed
+    /// (compare with `frames_encoded`), plus each echo reply on `/echo`.
+    pub frames_compressed: Counter,
+    /// Compressed client messages inflated.
+    pub messages_inflated: Counter,
+    /// Compressed client messages refused: inflating past `--max-message-bytes` (close 1009)
+    /// or not a valid deflate stream (close 1007).
+    pub inflate_refused: Counter,
+}
+
+impl Deflate {
+    fn register(registry: &mut Registry) -> Self {
+        let d = Deflate::default();
+        let counters: [(&str, &str, &Counter); 3] = [
+            (
+                "frames_compressed",
+                "Frames compressed with permessage-deflate (once per room message)",
+                &d.frames_compressed,
+            ),
+            (
+                "messages_inflated",
+                "Compressed client messages inflated",
+                &d.messages_inflated,
+            ),
+            (
+                "inflate_refused",
+                "Compressed client messages refused: too big once inflated, or corrupt",
+                &d.inflate_refused,
+            ),
+        ];
+        for (name, help, c) in counters {
+            registry.register(name, help, c.clone());
+        }
+        d
+    }
+
+    /// The `/api/stats` fields, by name.
+    pub fn fields(&self) -> [(&'static str, u64); 3] {
+        [
+            ("frames_compressed", self.frames_compressed.get()),
+            ("messages_inflated", self.messages_inflated.get()),
+            ("inflate_refused", self.inflate_refused.get()),
         ]
     }
 }

@@ -71,7 +71,7 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "cpu_seconds": cpu_seconds(),
         "uptime_secs": s.uptime().as_secs(),
     });
-    for (name, n) in s.dropped.fields() {
+    for (name, n) in s.dropped.fields().into_iter().chain(s.deflate.fields()) {
         v[name] = n.into();
     }
     for (name, n) in s.sse.fields() {

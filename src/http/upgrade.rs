@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use governor::clock::{Clock, DefaultClock};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 
 use super::query;
@@ -20,6 +20,7 @@ use crate::core::auth::{self, Grant};
 use crate::core::room::Joined;
 use crate::core::stats::AuthReason;
 use crate::proto::ReplayRequest;
+use crate::ws::deflate;
 
 /// `GET /ws`, `/ws/{room}`: the chat protocol. With tokens on, the user name is the token's
 /// `sub` (a different `user=` is refused) and the first room must be allowed.
@@ -142,6 +143,15 @@ async fn upgrade(
     let cx = &api.conn;
     let guard = hold_connection(&api, peer, &req)?;
     let select_protocol = offers_subprotocol(&req);
+    // permessage-deflate: the client's first acceptable offer, if compression is on.
+    let deflate = cx.limits.compression.and_then(|_| {
+        let offers = req.headers().get_all(SEC_WEBSOCKET_EXTENSIONS);
+        deflate::negotiate(offers.iter().map(HeaderValue::as_bytes))
+    });
+    // Our own text and a number, so always a valid header value; were it not, the socket
+    // would simply not compress.
+    let extensions = deflate.and_then(|agreed| HeaderValue::from_str(&agreed.response()).ok());
+    let deflate = deflate.filter(|_| extensions.is_some());
     let (response, upgrade) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::bad_request("bad_request", e.to_string()))?;
     let id = api.next_id();
@@ -180,6 +190,7 @@ async fn upgrade(
         user,
         mode,
         guard,
+        deflate,
     })));
     let (mut parts, _) = response.into_parts();
     if select_protocol {
@@ -187,6 +198,9 @@ async fn upgrade(
             SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(auth::SUBPROTOCOL),
         );
+    }
+    if let Some(value) = extensions {
+        parts.headers.insert(SEC_WEBSOCKET_EXTENSIONS, value);
     }
     Ok(Response::from_parts(parts, Body::full(Bytes::new())))
 }

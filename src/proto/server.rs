@@ -156,6 +156,11 @@ pub struct Outbound {
     /// The Server-Sent Events form of `frame`, made by the first SSE member to deliver it and
     /// shared by the rest: empty in rooms with no SSE member.
     pub sse: OnceLock<Bytes>,
+    /// The permessage-deflate frame of the same message, made the first time a member that
+    /// negotiated compression needs it and shared by all of them (it is the plain frame again
+    /// when compressing did not shrink it). `None`: this frame always goes plain (presence,
+    /// notices, a room with `compression = false`).
+    pub deflated: Option<OnceLock<Bytes>>,
 }
 
 impl Outbound {

@@ -4,8 +4,9 @@
 //! it for the socket's whole life, which was most of the memory of an idle connection (see
 //! README, "Measured"). Here the connection waits for readiness with no buffer at all, reads
 //! into a buffer only while bytes are in flight, and drops it as soon as every complete frame
-//! has been taken out. The frame rules are RFC 6455's for a server without extensions; the
-//! close-code rules and the unmasking are fastwebsockets' own (`CloseCode`, `unmask`).
+//! has been taken out. The frame rules are RFC 6455's, plus RSV1 for permessage-deflate
+//! (RFC 7692 §6) where the socket negotiated it; the close-code rules and the unmasking are
+//! fastwebsockets' own (`CloseCode`, `unmask`).
 
 use bytes::{Buf, BytesMut};
 use fastwebsockets::{CloseCode, OpCode};
@@ -14,6 +15,9 @@ use fastwebsockets::{CloseCode, OpCode};
 #[derive(Debug)]
 pub struct InFrame {
     pub fin: bool,
+    /// RSV1: the message this frame starts is compressed (only ever set on the first frame of
+    /// a data message, on a socket that negotiated permessage-deflate).
+    pub compressed: bool,
     pub opcode: OpCode,
     pub payload: BytesMut,
 }
@@ -23,6 +27,8 @@ pub struct InFrame {
 pub enum FrameError {
     #[error("reserved bits set without an extension")]
     ReservedBits,
+    #[error("RSV1 on a control or continuation frame")]
+    MisplacedRsv1,
     #[error("unknown opcode")]
     BadOpcode,
     #[error("client frames must be masked")]
@@ -45,13 +51,19 @@ impl FrameError {
 
 /// Takes the next complete frame off the front of `buf`, or `None` if `buf` holds only part of
 /// one. `max_payload` bounds one frame's payload (a message's total is the caller's business).
+/// `deflate`: the socket negotiated permessage-deflate, so RSV1 may start a data message.
 /// Errors are final: the connection must close.
-pub fn decode(buf: &mut BytesMut, max_payload: usize) -> Result<Option<InFrame>, FrameError> {
+pub fn decode(
+    buf: &mut BytesMut,
+    max_payload: usize,
+    deflate: bool,
+) -> Result<Option<InFrame>, FrameError> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0b0111_0000 != 0 {
+    let rsv1 = b0 & 0b0100_0000 != 0;
+    if b0 & 0b0011_0000 != 0 || (rsv1 && !deflate) {
         return Err(FrameError::ReservedBits);
     }
     let fin = b0 & 0b1000_0000 != 0;
@@ -60,6 +72,10 @@ pub fn decode(buf: &mut BytesMut, max_payload: usize) -> Result<Option<InFrame>,
         return Err(FrameError::Unmasked);
     }
     let is_control = matches!(opcode, OpCode::Close | OpCode::Ping | OpCode::Pong);
+    // RFC 7692 §6: RSV1 marks a compressed message on its first frame only.
+    if rsv1 && (is_control || opcode == OpCode::Continuation) {
+        return Err(FrameError::MisplacedRsv1);
+    }
     let (len, header) = match b1 & 0x7F {
         126 => {
             if buf.len() < 4 {
@@ -102,6 +118,7 @@ pub fn decode(buf: &mut BytesMut, max_payload: usize) -> Result<Option<InFrame>,
     fastwebsockets::unmask(&mut payload, mask);
     Ok(Some(InFrame {
         fin,
+        compressed: rsv1,
         opcode,
         payload,
     }))
@@ -168,7 +185,7 @@ mod tests {
             for chunk in wire.chunks(977) {
                 assert!(got.is_none());
                 buf.extend_from_slice(chunk);
-                got = decode(&mut buf, 1 << 20).unwrap();
+                got = decode(&mut buf, 1 << 20, false).unwrap();
             }
             let f = got.expect("complete frame");
             assert!(f.fin);
@@ -184,17 +201,17 @@ mod tests {
         wire.extend(client_frame(0x80, b"lo", [7, 0, 7, 0]));
         wire.extend_from_slice(&[0x81]); // the start of a third
         let mut buf = BytesMut::from(&wire[..]);
-        let a = decode(&mut buf, 100).unwrap().unwrap();
+        let a = decode(&mut buf, 100, false).unwrap().unwrap();
         assert_eq!(
             (a.fin, a.opcode, &a.payload[..]),
             (false, OpCode::Text, &b"hel"[..])
         );
-        let b = decode(&mut buf, 100).unwrap().unwrap();
+        let b = decode(&mut buf, 100, false).unwrap().unwrap();
         assert_eq!(
             (b.fin, b.opcode, &b.payload[..]),
             (true, OpCode::Continuation, &b"lo"[..])
         );
-        assert!(decode(&mut buf, 100).unwrap().is_none());
+        assert!(decode(&mut buf, 100, false).unwrap().is_none());
         assert_eq!(&buf[..], &[0x81]);
     }
 
@@ -213,15 +230,53 @@ mod tests {
         ];
         for (wire, want) in cases {
             let mut buf = BytesMut::from(&wire[..]);
-            assert_eq!(decode(&mut buf, 100).unwrap_err(), want, "{wire:02x?}");
+            assert_eq!(
+                decode(&mut buf, 100, false).unwrap_err(),
+                want,
+                "{wire:02x?}"
+            );
         }
         // A hostile 64-bit length is refused from the header alone, before any payload.
         let mut buf =
             BytesMut::from(&[0x82u8, 0xFF, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF][..]);
-        assert_eq!(decode(&mut buf, 1 << 24).unwrap_err(), FrameError::TooLarge);
+        assert_eq!(
+            decode(&mut buf, 1 << 24, false).unwrap_err(),
+            FrameError::TooLarge
+        );
         assert!(buf.capacity() < 4096, "nothing reserved for it");
         assert_eq!(FrameError::TooLarge.close().0, 1009);
         assert_eq!(FrameError::Unmasked.close().0, 1002);
+    }
+
+    #[test]
+    fn rsv1_only_starts_a_data_message_on_a_deflate_socket() {
+        let m = [0u8; 4];
+        for b0 in [0xC1u8, 0x42, 0xC2] {
+            let wire = client_frame(b0, b"x", m);
+            let mut buf = BytesMut::from(&wire[..]);
+            let f = decode(&mut buf, 100, true).unwrap().unwrap();
+            assert!(f.compressed && f.fin == (b0 & 0x80 != 0));
+            let mut buf = BytesMut::from(&wire[..]);
+            assert_eq!(
+                decode(&mut buf, 100, false).unwrap_err(),
+                FrameError::ReservedBits
+            );
+        }
+        for (b0, want) in [
+            (0xC0u8, FrameError::MisplacedRsv1),
+            (0xC9, FrameError::MisplacedRsv1),
+            (0xCA, FrameError::MisplacedRsv1),
+            (0xC8, FrameError::MisplacedRsv1),
+            (0xA1, FrameError::ReservedBits),
+            (0x91, FrameError::ReservedBits),
+            (0xE1, FrameError::ReservedBits),
+        ] {
+            let mut buf = BytesMut::from(&client_frame(b0, b"", m)[..]);
+            assert_eq!(decode(&mut buf, 100, true).unwrap_err(), want, "{b0:02x}");
+            assert_eq!(want.close().0, 1002);
+        }
+        let mut buf = BytesMut::from(&client_frame(0x81, b"x", m)[..]);
+        assert!(!decode(&mut buf, 100, true).unwrap().unwrap().compressed);
     }
 
     #[test]

@@ -147,6 +147,22 @@ try {
     }
   });
 
+  await check('the browser offers permessage-deflate and the server agrees', async () => {
+    // A socket of the test's own, on a page of its own (the others count their sockets): what
+    // Chromium negotiated with the server.
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    await page.goto(`${base}/healthz`, { timeout: TIMEOUT });
+    const ext = await page.evaluate((url) => new Promise((resolve, reject) => {
+      const ws = new WebSocket(url);
+      ws.onopen = () => { resolve(ws.extensions); ws.close(); };
+      ws.onerror = () => reject(new Error('socket failed'));
+    }), base.replace(/^http/, 'ws') + `/ws/deflate-${nonce}?user=zip`);
+    await context.close();
+    assert(ext.startsWith('permessage-deflate') && ext.includes('server_no_context_takeover')
+      && ext.includes('client_no_context_takeover'), `extensions ${JSON.stringify(ext)}`);
+  });
+
   await check('invalid room name is refused client-side', async () => {
     await carol.fill('#room-input', 'bad room!');
     await carol.click('#join-btn');

@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
+pub mod deflate;
 pub mod deployment;
 pub mod nodes;
 

@@ -33,6 +33,7 @@ pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outb
         published_at: Instant::now(),
         seq,
         sse: Default::default(),
+        deflated: None,
     })
 }
 

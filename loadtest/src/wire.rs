@@ -1,0 +1,222 @@
+//! The client side of the socket below fastwebsockets: counts every byte the server sends (the
+//! wire cost of a delivery, compressed or not) and, with `--compression`, turns compressed
+//! server frames (RSV1, permessage-deflate) into plain ones before fastwebsockets reads them
+//! (it refuses RSV bits). Writes pass through untouched: the clients never compress.
+
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{ready, Context, Poll};
+
+use flate2::{Decompress, FlushDecompress, Status};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes every client of this process has read off its socket after the upgrade.
+static BYTES_IN: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes read from the server by every client of this process so far.
+pub fn bytes_in() -> u64 {
+    BYTES_IN.load(Relaxed)
+}
+
+/// The 4 bytes a sender strips from each compressed message (RFC 7692 §7.2.1).
+const TAIL: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
+
+thread_local! {
+    /// One inflater per thread, reset per message: the server agreed to no context takeover.
+    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
+
+/// A client socket that counts what it reads and, when `inflate`, rewrites compressed frames.
+pub struct Wire<S> {
+    inner: S,
+    inflate: bool,
+    /// Bytes read but not yet a whole frame.
+    raw: Vec<u8>,
+    /// Plain frames ready for fastwebsockets, from `ready_at` on.
+    ready: Vec<u8>,
+    ready_at: usize,
+}
+
+impl<S> Wire<S> {
+    pub fn new(inner: S, inflate: bool) -> Self {
+        Wire {
+            inner,
+            inflate,
+            raw: Vec::new(),
+            ready: Vec::new(),
+            ready_at: 0,
+        }
+    }
+
+    /// Moves every whole frame of `raw` to `ready`, inflated.
+    fn rewrite(&mut self) -> io::Result<()> {
+        let mut at = 0;
+        while let Some((head, len)) = frame_len(&self.raw[at..]) {
+            let frame = &self.raw[at..at + head + len];
+            if frame[0] & 0x40 == 0 {
+                self.ready.extend_from_slice(frame);
+            } else {
+                if frame[0] & 0x80 == 0 {
+                    return Err(io::Error::other("fragmented compressed message"));
+                }
+                let plain = inflate(&frame[head..])?;
+                push_head(&mut self.ready, frame[0] & !0x40, plain.len());
+                self.ready.extend_from_slice(&plain);
+            }
+            at += head + len;
+        }
+        self.raw.drain(..at);
+        Ok(())
+    }
+}
+
+/// The header and payload lengths of the frame at the start of `b`, if it is whole.
+fn frame_len(b: &[u8]) -> Option<(usize, usize)> {
+    let (head, len) = match *b.get(1)? & 0x7F {
+        126 => (4, u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize),
+        127 => (
+            10,
+            u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize,
+        ),
+        n => (2, n as usize),
+    };
+    (b.len() >= head + len).then_some((head, len))
+}
+
+fn push_head(out: &mut Vec<u8>, b0: u8, len: usize) {
+    out.push(b0);
+    match len {
+        n if n < 126 => out.push(n as u8),
+        n if n <= 0xFFFF => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+}
+
+fn inflate(data: &[u8]) -> io::Result<Vec<u8>> {
+    INFLATER.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        let mut out = Vec::with_capacity(data.len() * 4 + 256);
+        for input in [data, &TAIL[..]] {
+            let start = d.total_in();
+            loop {
+                let at = (d.total_in() - start) as usize;
+                let status = d
+                    .decompress_vec(&input[at..], &mut out, FlushDecompress::Sync)
+                    .map_err(io::Error::other)?;
+                let done = (d.total_in() - start) as usize == input.len();
+                if status == Status::StreamEnd || (done && out.len() < out.capacity()) {
+                    break;
+                }
+                out.reserve(out.capacity().max(1024));
+            }
+        }
+        Ok(out)
+    })
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.inflate {
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            BYTES_IN.fetch_add((buf.filled().len() - before) as u64, Relaxed);
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.ready_at < this.ready.len() {
+                let n = buf.remaining().min(this.ready.len() - this.ready_at);
+                buf.put_slice(&this.ready[this.ready_at..this.ready_at + n]);
+                this.ready_at += n;
+                if this.ready_at == this.ready.len() {
+                    this.ready.clear();
+                    this.ready_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let mut rb = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                // End of stream: fastwebsockets sees it as such.
+                return Poll::Ready(Ok(()));
+            }
+            BYTES_IN.fetch_add(n as u64, Relaxed);
+            this.raw.extend_from_slice(rb.filled());
+            this.rewrite()?;
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::{Compress, Compression, FlushCompress};
+
+    #[test]
+    fn compressed_frames_become_plain_ones() {
+        let text = b"hello hello hello hello hello hello hello".repeat(20);
+        let mut c = Compress::new(Compression::default(), false);
+        let mut z = Vec::with_capacity(4096);
+        c.compress_vec(&text, &mut z, FlushCompress::Sync).unwrap();
+        z.truncate(z.len() - 4);
+        let mut wire = Wire::new((), true);
+        push_head(&mut wire.raw, 0xC1, z.len());
+        wire.raw.extend_from_slice(&z);
+        push_head(&mut wire.raw, 0x81, 2);
+        wire.raw.extend_from_slice(b"hi");
+        wire.raw.push(0x81); // the start of the next frame stays
+        wire.rewrite().unwrap();
+        let mut want = Vec::new();
+        push_head(&mut want, 0x81, text.len());
+        want.extend_from_slice(&text);
+        push_head(&mut want, 0x81, 2);
+        want.extend_from_slice(b"hi");
+        assert_eq!(wire.ready, want);
+        assert_eq!(wire.raw, [0x81]);
+    }
+}
