@@ -68,6 +68,12 @@ async function publisher(room) {
       try { await p.publish(room, text, { id }); acked.get(room).push(text); break; }
       catch (e) {
         if (!publishing) return p;
+        // Not a bare `until`: once the server's close frame is in, the socket is CLOSING but
+        // its `close` event has not fired, so `state` still says connected and the room joined
+        // while every publish is refused at once. Retrying then is a loop of microtasks that
+        // never lets the event loop run (the close, the timers, the watchdog): it froze the
+        // process after SIGTERM. Yield to timers first.
+        await sleep(50);
         await until(`publisher ${room} back`, () => p.state === 'connected' && p.rooms.get(room)?.joined, 30_000);
       }
     }
