@@ -36,7 +36,10 @@ has_chromium() {
     [ -d tests/browser/node_modules/playwright-core ]
 }
 has_redis() { command -v redis-server >/dev/null; }
-NEEDS=("redis-server:cluster:has_redis" "redis-server:behaviour:has_redis" "chromium:browser:has_chromium")
+# tests/client.rs: roomcast.js in Node (its own WebSocket, no npm packages).
+has_node() { command -v node >/dev/null; }
+NEEDS=("redis-server:cluster:has_redis" "redis-server:behaviour:has_redis" "chromium:browser:has_chromium"
+  "node:client:has_node")
 
 run_bins=() skip_bins=() not_run=()
 for entry in "${NEEDS[@]}"; do
