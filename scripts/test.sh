@@ -98,7 +98,9 @@ if [ "$autobahn" = yes ]; then
   # small windows and several offers included) at the five sizes up to 4 KiB, 60 cases. The
   # larger sizes push hundreds of MiB through Python 2's client, about 30 s a case here: run
   # them with `scripts/autobahn.sh '12.*,13.*'` when the extension code changes.
-  TIMEOUT=${AUTOBAHN_DEFLATE_TIMEOUT:-1200} scripts/autobahn.sh \
+  # (Autobahn matches case patterns as prefixes: `12.*.1` also names 12.x.10-18, excluded.)
+  large=$(for g in 12 13; do for n in $(seq 10 18); do printf '%s.*.%s,' "$g" "$n"; done; done)
+  EXCLUDE=${large%,} TIMEOUT=${AUTOBAHN_DEFLATE_TIMEOUT:-1200} scripts/autobahn.sh \
     '12.*.1,12.*.2,12.*.3,12.*.4,12.*.5,13.*.1,13.*.2,13.*.3,13.*.4,13.*.5' ||
     failed+=("Autobahn conformance (12.*, 13.*: permessage-deflate)")
 fi

@@ -15,6 +15,11 @@ export interface ConnectOptions {
   /** How long before the token's exp it is refreshed. Default 60000. */
   refreshBeforeMs?: number;
   WebSocket?: unknown;
+  EventSource?: unknown;
+  /** Server-Sent Events fallback: "auto" (default), "always" or "never". */
+  sse?: "auto" | "always" | "never";
+  /** Failed upgrades in a row (with the HTTP API answering) before falling back. Default 2. */
+  sseAfter?: number;
   fetch?: typeof fetch;
   random?: () => number;
 }
@@ -78,8 +83,8 @@ export class Client {
   pause(): void;
   resume(): void;
   close(): void;
-  /** Where an SSE transport would plug in; not built. */
-  static sseFallback: null;
+  /** What the connection uses now. */
+  transport: "websocket" | "sse";
 }
 
 export function connect(options?: ConnectOptions): Client;

@@ -4,7 +4,9 @@
 //
 // One socket carries every room. The library owns reconnection (exponential backoff with full
 // jitter, or the server's own hint), token refresh, re-joining with `since` so that nothing is
-// lost or shown twice, and publish acknowledgements.
+// lost or shown twice, and publish acknowledgements. Where WebSockets are blocked (a proxy that
+// refuses upgrades) while the HTTP API answers, it falls back to Server-Sent Events for
+// receiving and REST for publishing (`SseTransport`), with the same events and promises.
 
 const LOBBY = "$lobby";
 const ROOM_RE = /^[A-Za-z0-9_\-.:#@]{1,64}$/;
@@ -140,6 +142,8 @@ function b64url(text) {
  * - `lobby`: also join `$lobby` and emit its frames as `lobby` events;
  * - `history`: past messages to show on a room's first join (default 50);
  * - `backoff`: `{ baseMs: 500, maxMs: 30000 }`; `refreshBeforeMs`: 60000;
+ * - `sse`: `"auto"` (default: fall back to Server-Sent Events after `sseAfter` (2) upgrades in
+ *   a row fail while the HTTP API answers), `"always"`, or `"never"`;
  * - `WebSocket`, `fetch`, `random`: injectable (Node without a global WebSocket, tests).
  */
 export function connect(options = {}) {
@@ -158,6 +162,12 @@ export class Client {
     this.maxMs = options.backoff?.maxMs ?? 30000;
     this.refreshBeforeMs = options.refreshBeforeMs ?? 60000;
     this.WebSocket = options.WebSocket || g.WebSocket;
+    this.EventSource = options.EventSource || g.EventSource;
+    this.sse = options.sse || "auto";
+    this.sseAfter = options.sseAfter ?? 2;
+    /** "websocket" or "sse": what the connection uses now. */
+    this.transport = this.sse === "always" && this.EventSource ? "sse" : "websocket";
+    this.refusedUpgrades = 0;
     this.fetch = options.fetch || g.fetch.bind(g);
     this.random = options.random || Math.random;
     this.state = "idle";
@@ -216,7 +226,11 @@ export class Client {
     const protocols = ["roomcast"];
     if (this.token) protocols.push("bearer." + this.token);
     let ws;
-    try { ws = new this.WebSocket(url.toString(), protocols); } catch (e) {
+    try {
+      ws = this.transport === "sse"
+        ? new SseTransport(this)
+        : new this.WebSocket(url.toString(), protocols);
+    } catch (e) {
       this._failed(gen, { code: 1006, reason: "" }, false);
       return;
     }
@@ -226,7 +240,8 @@ export class Client {
       if (gen !== this.generation) return;
       opened = true;
       this.attempt = 0;
-      this._state("connected");
+      this.refusedUpgrades = 0;
+      this._state("connected", { transport: this.transport });
       if (this.lobby) this._send({ type: "join", room: LOBBY });
       for (const [room, r] of this.rooms) this._sendJoin(room, r);
       this._scheduleRefresh(gen);
@@ -281,6 +296,14 @@ export class Client {
         return;
       }
       if (verdict.retryAfterMs != null) delay = verdict.retryAfterMs;
+      // The API answers but the upgrade does not go through: something on the way refuses
+      // WebSockets. After a few in a row, receive over Server-Sent Events instead.
+      if (verdict.reachable && this.transport === "websocket") this.refusedUpgrades += 1;
+      if (this.sse === "auto" && this.EventSource && this.refusedUpgrades >= this.sseAfter
+          && this.transport === "websocket") {
+        this.transport = "sse";
+        delay = 0;
+      }
     }
     if (delay === null) delay = backoffDelay(this.attempt, this.baseMs, this.maxMs, this.random);
     this.attempt += 1;
@@ -296,7 +319,7 @@ export class Client {
         return { terminal: true, error: new RoomcastError(body.error || "unauthorized", body.reason, { status: res.status, terminal: true }) };
       }
       const after = res.headers.get("retry-after");
-      return { terminal: false, retryAfterMs: after ? Number(after) * 1000 : null };
+      return { terminal: false, reachable: res.ok, retryAfterMs: after ? Number(after) * 1000 : null };
     } catch {
       return { terminal: false, retryAfterMs: null }; // the server is down: back off
     }
@@ -526,7 +549,135 @@ export class Client {
     this.ws = null;
   }
 
-  /** SSE fallback hook: where a transport for networks that block WebSockets would plug in
-   * (`GET /sse/{room}`, being added to the server). Not built: `connect` uses WebSockets. */
-  static sseFallback = null;
+  /** The REST publish the SSE transport uses: `{ status, body, retryAfterMs }`. */
+  async _post(path, room, body) {
+    const headers = { "content-type": "application/json" };
+    if (this.token) headers.Authorization = "Bearer " + this.token;
+    const r = room && this.rooms.get(room);
+    if (r && r.password) headers["X-Room-Password"] = r.password;
+    const res = await this.fetch(this.base + path, { method: "POST", headers, body: JSON.stringify(body) });
+    const json = await res.json().catch(() => ({}));
+    const after = res.headers.get("retry-after");
+    return { status: res.status, body: json, retryAfterMs: json.retry_after_ms ?? (after ? Number(after) * 1000 : undefined) };
+  }
+}
+
+/**
+ * Receiving over Server-Sent Events and publishing over REST, behind the small part of the
+ * WebSocket interface `Client` uses (`readyState`, `send`, `close`, `onopen`, `onmessage`,
+ * `onclose`, `onerror`), so that everything above it (joins, recovery, acknowledgements,
+ * reconnection) is the same code for both transports. One `EventSource` per room
+ * (`GET /sse/{room}`): each resumes by itself with `Last-Event-ID` after a network drop, and a
+ * rejoin after a reconnect passes `since` and `epoch` in its URL.
+ */
+class SseTransport {
+  constructor(client) {
+    this.client = client;
+    this.readyState = 0;
+    /** room -> EventSource */
+    this.streams = new Map();
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    setTimeout(() => {
+      if (this.readyState !== 0) return;
+      this.readyState = 1;
+      this.onopen?.({});
+    }, 0);
+  }
+
+  _deliver(obj) { this.onmessage?.({ data: typeof obj === "string" ? obj : JSON.stringify(obj) }); }
+
+  send(text) {
+    if (this.readyState !== 1) return;
+    const f = JSON.parse(text);
+    switch (f.type) {
+      case "join": this._join(f); return;
+      case "leave": this._leave(f.room); return;
+      case "message": this._publish(f); return;
+      case "ping": setTimeout(() => this._deliver({ type: "pong" }), 0); return;
+      // A stream cannot take a new token: it ends with `token_expired` and reopens with one.
+      default: return;
+    }
+  }
+
+  _join(f) {
+    const c = this.client;
+    this._leave(f.room);
+    const q = new URLSearchParams();
+    if (c.token) q.set("token", c.token);
+    else if (c.user) q.set("user", c.user);
+    if (f.password) q.set("password", f.password);
+    if (f.since != null) q.set("since", String(f.since));
+    if (f.epoch) q.set("epoch", f.epoch);
+    if (f.history != null) q.set("history", String(f.history));
+    const es = new c.EventSource(`${c.base}/sse/${encodeURIComponent(f.room)}?${q}`);
+    this.streams.set(f.room, es);
+    let opened = false;
+    const relay = (e) => this._deliver(e.data);
+    for (const name of ["welcome", "message", "history", "recovery", "reset", "presence", "lagged", "notice"]) {
+      es.addEventListener(name, relay);
+    }
+    es.onopen = () => { opened = true; };
+    es.addEventListener("close", (e) => {
+      let data = {};
+      try { data = JSON.parse(e.data); } catch { /* not JSON */ }
+      // What the WebSocket would have been closed with.
+      if (data.code === "restart") this._end(1012, JSON.stringify({ reason: "server restarting", retry_after_ms: data.retry_after_ms }));
+      else if (data.code === "token_expired") this._end(4001, "token expired");
+      else this._end(1008, data.code || "closed");
+    });
+    es.onerror = () => {
+      // EventSource retries a dropped stream by itself; it gives up (CLOSED) when the server
+      // refuses it outright (401, 403, 404...): the room's join fails as a WebSocket's would.
+      if (es.readyState !== 2) return;
+      this.streams.delete(f.room);
+      if (!opened) this._refused(f.room);
+      else this._end(1006, "");
+    };
+  }
+
+  /** A stream refused before it opened: ask the API why, as an error frame would say. */
+  async _refused(room) {
+    const c = this.client;
+    try {
+      await c._json(`/api/rooms/${encodeURIComponent(room)}`, room);
+      this._deliver({ type: "error", code: "unavailable", reason: "the event stream was refused", room });
+    } catch (e) {
+      const code = e.code === "no_such_room" ? "unavailable" : e.code;
+      this._deliver({ type: "error", code, reason: e.reason, room, retry_after_ms: e.retryAfterMs });
+    }
+  }
+
+  _leave(room) {
+    const es = this.streams.get(room);
+    if (es) { es.close(); this.streams.delete(room); }
+  }
+
+  async _publish(f) {
+    const c = this.client;
+    const body = { text: f.text, id: f.id };
+    if (!c.token && c.user) body.user = c.user;
+    let res;
+    try {
+      res = await c._post(`/api/rooms/${encodeURIComponent(f.room)}/messages`, f.room, body);
+    } catch {
+      this._deliver({ type: "error", code: "disconnected", reason: "the publish did not reach the server", room: f.room, id: f.id });
+      return;
+    }
+    if (res.status === 202 && res.body.duplicate) {
+      this._deliver({ type: "ack", room: f.room, id: f.id, seq: res.body.seq, duplicate: true });
+    } else if (res.status !== 202) {
+      this._deliver({ type: "error", code: res.body.error || `http_${res.status}`, reason: res.body.reason || "", room: f.room, id: f.id, retry_after_ms: res.retryAfterMs });
+    }
+    // Accepted: the message itself arrives on the room's stream and resolves the publish.
+  }
+
+  _end(code, reason) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    for (const es of this.streams.values()) es.close();
+    this.streams.clear();
+    setTimeout(() => this.onclose?.({ code, reason }), 0);
+  }
+
+  close() { this._end(1000, ""); }
 }

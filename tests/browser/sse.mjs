@@ -92,6 +92,14 @@ async function waitFor(page, what, predicate, arg) {
     });
 }
 
+async function waitForFb(page, what, predicate) {
+  await page.waitForFunction(predicate, undefined, { timeout: TIMEOUT })
+    .catch(async () => {
+      const fb = await page.evaluate(() => JSON.stringify(window.fb));
+      throw new Error(`${what}; saw ${fb}`);
+    });
+}
+
 const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
 let browser;
 const watchdog = setTimeout(() => {
@@ -152,6 +160,44 @@ try {
       assert(Date.now() < deadline, `members stayed ${info.members}`);
       await new Promise((r) => setTimeout(r, 50));
     }
+  });
+
+  await check('roomcast.js falls back to SSE and REST when WebSockets are blocked', async () => {
+    const page = await browser.newPage();
+    await page.goto(`${base}/healthz`);
+    const room = `${ROOM}-fb`;
+    await page.evaluate(async (room) => {
+      const { connect } = await import('/roomcast.js');
+      // A proxy that refuses every upgrade: the socket errors and closes without opening.
+      class Blocked {
+        constructor() {
+          this.readyState = 0;
+          setTimeout(() => { this.readyState = 3; this.onerror?.({}); this.onclose?.({ code: 1006, reason: '' }); }, 0);
+        }
+        send() {}
+        close() {}
+      }
+      window.fb = { states: [], messages: [], acks: [] };
+      const c = connect({ user: 'fallback', WebSocket: Blocked, backoff: { baseMs: 20, maxMs: 50 }, history: 0 });
+      window.client = c;
+      c.on('state', (s) => window.fb.states.push(`${s.state}:${s.transport || ''}`));
+      c.on('message', (m) => window.fb.messages.push({ text: m.text, mine: m.mine, seq: m.seq }));
+      await c.join(room);
+      window.fb.acks.push(await c.publish(room, 'from the page'));
+    }, room);
+    await waitForFb(page, 'own message', () => window.fb.messages.some((m) => m.text === 'from the page'));
+    const res = await fetch(`${base}/api/rooms/${room}/messages`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ text: 'from outside' }),
+    });
+    assert(res.status === 202, `outside publish ${res.status}`);
+    await waitForFb(page, 'the other message', () => window.fb.messages.some((m) => m.text === 'from outside'));
+    const fb = await page.evaluate(() => ({ ...window.fb, transport: window.client.transport }));
+    assert(fb.transport === 'sse', `transport ${fb.transport}`);
+    assert(fb.states.includes('connected:sse'), `states ${JSON.stringify(fb.states)}`);
+    const mine = fb.messages.find((m) => m.text === 'from the page');
+    assert(mine.mine === true && fb.acks[0]?.seq === mine.seq, `own message ${JSON.stringify(fb)}`);
+    assert(fb.messages.find((m) => m.text === 'from outside').mine === false, 'not mine');
+    await page.close();
   });
 } catch (err) {
   if (!err?.reported) {
