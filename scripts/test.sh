@@ -49,7 +49,8 @@ has_py_websockets() { "$PY_WEBSOCKETS_VENV/bin/python" -c 'import websockets' >/
 # tests/client.rs: roomcast.js in Node (its own WebSocket, no npm packages).
 has_node() { command -v node >/dev/null; }
 NEEDS=("redis-server:cluster:has_redis" "redis-server:behaviour:has_redis" "chromium:browser:has_chromium"
-       "python3-websockets:compression:has_py_websockets" "node:client:has_node")
+       "redis-server:sse:has_redis" "python3-websockets:compression:has_py_websockets"
+       "node:client:has_node")
 
 run_bins=() skip_bins=() not_run=()
 for entry in "${NEEDS[@]}"; do

@@ -93,6 +93,13 @@ impl Connection {
                 }
                 Ok(Some(frame)) => {
                     complete += 1;
+                    // Pongs go out before whatever a later frame makes the server write (an
+                    // echo, an error, a close): a pong never overtakes nor trails it.
+                    if frame.opcode != OpCode::Ping {
+                        if let Some(pongs) = std::mem::take(&mut pings).into_pongs() {
+                            self.write_frames(&[&pongs]).await?;
+                        }
+                    }
                     if let Some(end) = self.on_frame(frame, &mut pings).await {
                         return Err(end);
                     }
