@@ -313,13 +313,12 @@ impl Archive {
 
     /// A room leaves memory with its last seq and ring.
     pub(crate) fn retire(&self, room: &Arc<str>, last_seq: u64, epoch: Epoch, history: History) {
-        let mut frames = Some(history.into_frames());
-        if self.tx.try_send(Job::Retired(room.clone())).is_err() {
-            // Nobody would free the ring: keep just the seq, the ring comes from disk later.
-            frames = None;
-        }
+        let frames = history.into_frames();
+        // The note is in the book before the writer can see the job: a writer that took the
+        // job first would find no note to forget, and the ring would stay in memory for good.
         let mut book = self.notes.lock();
         book.changed(room);
+        let sent = self.tx.try_send(Job::Retired(room.clone())).is_ok();
         let note = book.notes.entry(room.as_ref().into()).or_insert(Unflushed {
             last_seq: 0,
             epoch,
@@ -327,7 +326,9 @@ impl Archive {
         });
         note.last_seq = note.last_seq.max(last_seq);
         note.epoch = epoch;
-        note.frames = frames;
+        // Nobody would free the ring if the job was not taken: keep just the seq, the ring
+        // comes from disk later.
+        note.frames = sent.then_some(frames);
     }
 
     /// A free page reader, or the first to come free. Only `PAGE_READERS` page reads run at
