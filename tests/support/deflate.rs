@@ -79,21 +79,7 @@ impl DeflateClient {
 
     /// Sends one frame as given: `b0` is the whole first byte (FIN, RSV bits, opcode).
     pub async fn send_frame(&mut self, b0: u8, payload: &[u8]) -> Result<()> {
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        let mut out = vec![b0];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let out = super::masked_frame(b0, payload, [0x12, 0x34, 0x56, 0x78]);
         // The server may close as soon as it has read a bad header: a failed write is fine.
         let _ = self.stream.write_all(&out).await;
         Ok(())
