@@ -293,7 +293,10 @@ impl Feed {
     /// frame's shared event as it is (its id is the room's position). Several: the composite
     /// id, then the shared event less its own id line.
     fn push_frame(&mut self, i: usize, out: &Outbound) {
-        let epoch = self.positions.get(i).map_or_else(Epoch::random, |p| p.0);
+        // Every room index has its position: both are pushed together at the stream's start.
+        let Some(&(epoch, _)) = self.positions.get(i) else {
+            return;
+        };
         let (event, encoded) = out.sse_event(epoch);
         if encoded {
             self.cx.stats.sse.events_encoded.inc();
