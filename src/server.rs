@@ -21,6 +21,7 @@ use crate::config::{Config, Switch};
 use crate::conn::sse::StreamNote;
 use crate::conn::{self, Limits};
 use crate::core::auth::Verifier;
+use crate::core::coalesce::Coalescer;
 use crate::core::history::{HistoryService, HistorySettings};
 use crate::core::hub::Hub;
 use crate::core::limit::PerIpLimit;
@@ -100,6 +101,14 @@ pub async fn run(
         page_delay: config.fault_page_read_delay,
     };
     let history = Arc::new(HistoryService::new(history_settings, stats.clone())?);
+    let coalescer = if config.write_coalesce.is_zero() {
+        None
+    } else {
+        Some(Coalescer::start(
+            config.write_coalesce,
+            usize::from(config.write_coalesce_frames),
+        )?)
+    };
     let hub = Arc::new(
         Hub::with_settings(
             usize::from(config.shards),
@@ -109,7 +118,8 @@ pub async fn run(
         )
         .with_room_rate(config.room_rate())
         .with_max_rooms(usize::try_from(config.max_rooms).unwrap_or(usize::MAX))
-        .with_history(history.clone()),
+        .with_history(history.clone())
+        .with_coalescer(coalescer),
     );
     let bus = Arc::new(Bus::new(hub.clone(), broker, stats.clone()));
     let limits = Limits {

@@ -291,3 +291,132 @@ async fn shutdown_closes_every_socket_with_1012_promptly() {
         "listener is closed"
     );
 }
+
+/// A room whose only room frames are messages (presence off), so write counters move only for
+/// them.
+fn quiet_presence_rooms(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let rooms = dir.path().join("rooms.toml");
+    std::fs::write(&rooms, format!("[rooms.{name}]\npresence = \"off\"\n")).unwrap();
+    (dir, rooms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_publisher_s_messages_leave_a_busy_room_in_batches() {
+    let (_dir, rooms) = quiet_presence_rooms("busy");
+    let server = TestServer::with(|c| {
+        c.rooms_config = Some(rooms);
+        c.rate_limit = RateLimitArg(None);
+        c.write_coalesce = Duration::from_millis(50);
+        c.write_coalesce_frames = 8;
+    })
+    .await;
+    let mut members = Vec::new();
+    for i in 0..5 {
+        members.push(
+            Client::join(&server.ws_url(&format!("/ws/busy?user=m{i}")))
+                .await
+                .0,
+        );
+    }
+    let (mut publisher, _) = Client::join(&server.ws_url("/ws/busy?user=pub")).await;
+    let before = server.stats().await;
+    // One message per client frame, each sent (and flushed) on its own a little apart: what a
+    // room fed by independent clients looks like, not a burst.
+    const N: u64 = 40;
+    for i in 0..N {
+        publisher
+            .send_json(&json!({"text": format!("m{i}"), "echo": false}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for m in &mut members {
+        for i in 0..N {
+            let msg = m.recv_type("message").await;
+            assert_eq!(msg["seq"], i + 1, "every message, in order");
+        }
+    }
+    let after = server
+        .wait_for("/api/stats", "frames out", |_, v| {
+            v["frames_out"].as_u64().unwrap() >= before["frames_out"].as_u64().unwrap() + 5 * N
+        })
+        .await;
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(delta("frames_out"), 5 * N);
+    // Sent one by one, each message would wake each member for a write of its own (40 writes
+    // each); held for up to 50 ms or 8 messages, the 40 go out in a handful of batches.
+    assert!(
+        delta("writes") * 4 <= delta("frames_out"),
+        "at least 4 frames per write: {} frames in {} writes",
+        delta("frames_out"),
+        delta("writes")
+    );
+    assert!(delta("coalesced_batches") >= 1);
+}
+
+#[tokio::test]
+async fn a_joiner_during_a_held_batch_gets_neither_a_gap_nor_a_duplicate() {
+    let (_dir, rooms) = quiet_presence_rooms("held");
+    let server = TestServer::with(|c| {
+        c.rooms_config = Some(rooms);
+        c.rate_limit = RateLimitArg(None);
+        // Far longer than the test: only the join can send the held messages.
+        c.write_coalesce = Duration::from_secs(30);
+        c.write_coalesce_frames = 1024;
+    })
+    .await;
+    let (mut early, _) = Client::join(&server.ws_url("/ws/held?user=early")).await;
+    for i in 1..=3 {
+        server
+            .post("/api/rooms/held/messages", &format!(r#"{{"text":"m{i}"}}"#))
+            .await;
+    }
+    // The first goes out at once (the room was quiet); 2 and 3 came within the window: held.
+    assert_eq!(early.recv_type("message").await["seq"], 1);
+    early.expect_silence(Duration::from_millis(100)).await;
+
+    let (mut late, welcome) = Client::join(&server.ws_url("/ws/held?user=late&since=1")).await;
+    assert_eq!(welcome["seq"], 3, "held messages are already numbered");
+    // The join sent the batch: the early member gets it now, the late one through its replay.
+    assert_eq!(early.recv_type("message").await["seq"], 2);
+    assert_eq!(early.recv_type("message").await["seq"], 3);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let v = late.recv().await;
+        if v["type"] == "message" {
+            seen.push(v["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(seen, [2, 3], "replayed once each");
+    server
+        .post("/api/rooms/held/messages", r#"{"text":"m4"}"#)
+        .await;
+    // 4 is held (within the window of 3)... until the next join or the window: ask for it by
+    // joining a third member, which sends it.
+    let (_third, _) = Client::join(&server.ws_url("/ws/held?user=third")).await;
+    assert_eq!(
+        late.recv_type("message").await["seq"],
+        4,
+        "no duplicate of 2 or 3"
+    );
+}
+
+#[tokio::test]
+async fn a_quiet_room_sends_each_message_at_once() {
+    let (_dir, rooms) = quiet_presence_rooms("calm");
+    let server = TestServer::with(|c| {
+        c.rooms_config = Some(rooms);
+        c.write_coalesce = Duration::from_millis(5);
+    })
+    .await;
+    let (mut member, _) = Client::join(&server.ws_url("/ws/calm?user=m")).await;
+    for i in 1..=5u64 {
+        server
+            .post("/api/rooms/calm/messages", &format!(r#"{{"text":"m{i}"}}"#))
+            .await;
+        assert_eq!(member.recv_type("message").await["seq"], i);
+        // Well past the window before the next one.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.stats().await["coalesced_batches"], 0);
+}

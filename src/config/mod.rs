@@ -308,6 +308,18 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_COMPRESSION_MIN_BYTES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=(64 << 20)))]
     pub compression_min_bytes: u32,
 
+    /// A room that publishes again less than this after its previous message holds its
+    /// messages for at most this long and sends them together, so each member writes them in
+    /// one vectored write; a room quieter than one message per interval sends each at once.
+    /// `0` turns coalescing off. Syntax: a duration, 0 to 100ms. Default: 1ms.
+    #[arg(long, env = "ROOMCAST_WRITE_COALESCE", default_value = "1ms", value_parser = parse_write_coalesce)]
+    pub write_coalesce: Duration,
+
+    /// Most messages a busy room holds before it sends them without waiting out
+    /// `--write-coalesce`. Unit: messages, 1 to 1024. Default: 16.
+    #[arg(long, env = "ROOMCAST_WRITE_COALESCE_FRAMES", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub write_coalesce_frames: u16,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -525,6 +537,22 @@ fn parse_timeout_spelling(s: &str) -> Result<(Duration, Option<String>), String>
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     parse_timeout_spelling(s).map(|(d, _)| d)
+}
+
+/// `--write-coalesce`: 0 (off) to 100ms, with its unit (the flag never took a bare number).
+fn parse_write_coalesce(s: &str) -> Result<Duration, String> {
+    match parse_duration(
+        s,
+        Duration::ZERO,
+        Duration::from_millis(100),
+        Duration::ZERO,
+    )? {
+        (d, None) => Ok(d),
+        (_, Some(_)) if s.trim() == "0" => Ok(Duration::ZERO),
+        (_, Some(_)) => Err(format!(
+            "`{s}` has no unit: write a number and a unit, like 1ms"
+        )),
+    }
 }
 
 /// `--sse-heartbeat`: 1ms to 24h, with its unit (the flag never took a bare number).

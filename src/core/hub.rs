@@ -14,6 +14,7 @@ use crate::config::rate::RateSpec;
 use crate::config::rooms::{RoomSettings, Settings};
 use crate::core::archive::{Prepared, Seeding};
 use crate::core::auth::Grant;
+use crate::core::coalesce::Coalescer;
 use crate::core::history::HistoryService;
 use crate::core::lobby::Lobby;
 use crate::core::ring::History;
@@ -41,6 +42,8 @@ pub struct Hub {
     rooms: AtomicUsize,
     max_rooms: usize,
     lobby: Lobby,
+    /// `--write-coalesce`: releases busy rooms' held batches; `None`: off.
+    coalescer: Option<Coalescer>,
 }
 
 /// Why a join was refused. Nothing changed: no membership, no room created.
@@ -178,12 +181,20 @@ impl Hub {
             presence_queue: Mutex::new(Vec::new()),
             rooms: AtomicUsize::new(0),
             max_rooms: usize::MAX,
+            coalescer: None,
         }
     }
 
     /// Caps the rooms held at once (`--max-rooms`).
     pub fn with_max_rooms(mut self, max: usize) -> Self {
         self.max_rooms = max;
+        self
+    }
+
+    /// Coalesces the messages of rooms created from now on when they are busy
+    /// (`--write-coalesce`).
+    pub fn with_coalescer(mut self, coalescer: Option<Coalescer>) -> Self {
+        self.coalescer = coalescer;
         self
     }
 
@@ -309,17 +320,17 @@ impl Hub {
             seed.epoch = epoch;
         }
         let limiter = crate::core::limit::room_limiter(settings.rate_limit, self.room_rate);
-        Arc::new(
-            Room::new(
-                name,
-                settings,
-                seed,
-                self.history.clone(),
-                self.stats.clone(),
-            )
-            .with_limiter(limiter)
-            .with_seq(seq),
+        let coalesce = self.coalescer.as_ref().map(|c| c.shared().clone());
+        let room = Room::new(
+            name,
+            settings,
+            seed,
+            self.history.clone(),
+            self.stats.clone(),
         )
+        .with_limiter(limiter)
+        .with_seq(seq);
+        Arc::new_cyclic(|me| room.with_coalesce(coalesce, me.clone()))
     }
 
     /// Messages a room with `settings` keeps.
@@ -363,6 +374,8 @@ impl Hub {
                 self.stats.rooms.dec();
                 self.rooms.fetch_sub(1, Ordering::Relaxed);
                 state.retired = true;
+                // Nobody is left to receive them (they are kept in history already).
+                room.release_held(&mut state);
                 let history = std::mem::replace(&mut state.history, History::new(0));
                 self.history
                     .retire(room.name_arc(), state.seq(), state.epoch(), history);

@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod auth;
+pub mod coalesce;
 pub mod dedupe;
 pub mod history;
 pub mod hub;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use crate::config::rooms::{Presence, RoomSettings};
+use crate::core::coalesce::{self, Held};
 use crate::core::dedupe::{Author, Dedupe};
 use crate::core::history::HistoryService;
 use crate::core::ring::{History, Replay, Seed};
@@ -45,6 +46,9 @@ pub struct Room {
     stats: Arc<Stats>,
     /// `--room-rate-limit`: publishes past it are refused before they are numbered.
     limiter: Option<DefaultDirectRateLimiter>,
+    /// `--write-coalesce`, with this room's own handle for scheduling its batches; `None`: every
+    /// message is sent as it is published.
+    coalesce: Option<(Arc<coalesce::Shared>, Weak<Room>)>,
 }
 
 pub(crate) struct RoomState {
@@ -72,6 +76,14 @@ pub(crate) struct RoomState {
     /// This room's settings (`--rooms-config`), replaced on reload. Under the room lock so a join
     /// checks password and cap against exactly the members it is added to.
     pub(crate) settings: RoomSettings,
+    /// When the previous message was published: one less than a coalescing window before this
+    /// one makes the room busy (see `core::coalesce`).
+    last_message_at: Option<Instant>,
+    /// Messages numbered and kept but not yet sent to the members (a busy room's batch), and
+    /// when the batch started. Sent before anything else goes out or anyone subscribes, so
+    /// members see every frame in order and a joiner's welcome `seq` stays exact.
+    held: Vec<Arc<Outbound>>,
+    held_since: Option<Instant>,
 }
 
 /// A chat message to publish.
@@ -173,6 +185,9 @@ impl Room {
             dedupe: history_service.new_dedupe(),
             retired: false,
             settings,
+            last_message_at: None,
+            held: Vec::new(),
+            held_since: None,
         };
         Room {
             name: name.into(),
@@ -185,7 +200,19 @@ impl Room {
             history_service,
             stats,
             limiter: None,
+            coalesce: None,
         }
+    }
+
+    /// Coalesces this room's busy stretches through `shared`. `me` is the room's own `Arc`
+    /// (`Arc::new_cyclic`), which its scheduled batches point back to.
+    pub(crate) fn with_coalesce(
+        mut self,
+        shared: Option<Arc<coalesce::Shared>>,
+        me: Weak<Room>,
+    ) -> Self {
+        self.coalesce = shared.map(|s| (s, me));
+        self
     }
 
     /// Starts the room after `seq` (cluster mode: the cluster's last seq of the room, so that the
@@ -246,6 +273,9 @@ impl Room {
         bytes::Bytes,
         Option<Replay>,
     ) {
+        // Held messages are already in the welcome's `seq` and the replay: they go out before
+        // this member can receive anything.
+        self.release_held(state);
         let rx = self.tx.subscribe();
         state.members.insert(id, user.clone());
         if state.settings.presence != Presence::Off {
@@ -389,8 +419,44 @@ impl Room {
             self.history_service
                 .record(&self.name, ts, state.epoch, &out);
         }
-        // No receiver means no member is left to deliver to: nothing is lost.
-        let _ = self.tx.send(out);
+        self.send_or_hold(state, out);
+    }
+
+    /// Sends a message to the members now, or holds it for its batch when the room is busy
+    /// (`--write-coalesce`).
+    fn send_or_hold(&self, state: &mut RoomState, out: Arc<Outbound>) {
+        let now = out.published_at;
+        let previous = state.last_message_at.replace(now);
+        let Some((shared, me)) = &self.coalesce else {
+            // No receiver means no member is left to deliver to: nothing is lost.
+            let _ = self.tx.send(out);
+            return;
+        };
+        if state.held.is_empty() && !shared.busy(previous, now) {
+            let _ = self.tx.send(out);
+            return;
+        }
+        state.held.push(out);
+        if state.held.len() >= shared.max_frames() {
+            self.release_held(state);
+        } else if state.held.len() == 1 {
+            state.held_since = Some(now);
+            let me: Weak<dyn Held> = me.clone();
+            shared.schedule(now, me);
+        }
+    }
+
+    /// Sends the held batch, if any, in order.
+    pub(crate) fn release_held(&self, state: &mut RoomState) {
+        if state.held.is_empty() {
+            return;
+        }
+        self.stats.coalesced_batches.inc();
+        self.stats.coalesced_frames.inc_by(state.held.len() as u64);
+        state.held_since = None;
+        for out in state.held.drain(..) {
+            let _ = self.tx.send(out);
+        }
     }
 
     /// Up to `limit` kept messages with a seq below `before`, newest first, and the oldest seq
@@ -457,7 +523,9 @@ impl Room {
     /// `off`. At most `PRESENCE_NAMES_MAX` names per direction, whoever made the delta (another
     /// process's may be longer); the rest are counted and the frame says `truncated`.
     pub fn send_presence(&self, delta: &PresenceDelta) {
-        let state = self.state.lock();
+        let mut state = self.state.lock();
+        // After the messages published before it.
+        self.release_held(&mut state);
         if state.members.is_empty() || state.settings.presence == Presence::Off {
             return;
         }
@@ -549,6 +617,23 @@ impl Room {
             p99_wait_ms: self.wait.quantile_ms(0.99, now_ms / 60_000),
             password_protected: state.settings.password.is_some(),
             max_members: state.settings.max_members,
+        }
+    }
+}
+
+impl Held for Room {
+    fn release_due(&self, now: Instant) {
+        let Some((shared, _)) = &self.coalesce else {
+            return;
+        };
+        let mut state = self.state.lock();
+        // A batch sent early (full, or a join) may have been followed by a newer one, which has
+        // its own turn a window after it started.
+        if state
+            .held_since
+            .is_some_and(|since| since + shared.window() <= now)
+        {
+            self.release_held(&mut state);
         }
     }
 }

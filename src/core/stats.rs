@@ -24,6 +24,10 @@ pub struct Stats {
     /// Room frames serialised; with fan-out working this equals the published count plus
     /// presence frames, independent of the number of members.
     pub frames_encoded: Counter,
+    /// Batches a busy room held and sent together (`--write-coalesce`), and the messages in
+    /// them: `coalesced_frames / coalesced_batches` is how many frames a wake carried.
+    pub coalesced_batches: Counter,
+    pub coalesced_frames: Counter,
     pub evictions: Counter,
     pub connections_refused: Counter,
     /// Messages dropped by `--rate-limit` or `--room-rate-limit` (including flood closes).
@@ -92,6 +96,14 @@ impl Stats {
         let frames_out = counter("frames_out", "Room frames written to sockets");
         let writes = counter("writes", "Socket writes carrying room frames");
         let frames_encoded = counter("frames_encoded", "Room frames serialised (once each)");
+        let coalesced_batches = counter(
+            "coalesced_batches",
+            "Batches of messages a busy room held and sent together (--write-coalesce)",
+        );
+        let coalesced_frames = counter(
+            "coalesced_frames",
+            "Messages sent in held batches (--write-coalesce)",
+        );
         let evictions = counter("evictions", "Members evicted as slow consumers");
         let connections_refused = counter(
             "connections_refused",
@@ -178,6 +190,8 @@ impl Stats {
             frames_out,
             writes,
             frames_encoded,
+            coalesced_batches,
+            coalesced_frames,
             evictions,
             connections_refused,
             rate_limited,

@@ -48,6 +48,8 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "frames_out": s.frames_out.get(),
         "writes": s.writes.get(),
         "frames_encoded": s.frames_encoded.get(),
+        "coalesced_batches": s.coalesced_batches.get(),
+        "coalesced_frames": s.coalesced_frames.get(),
         "evictions": s.evictions.get(),
         "connections_refused": s.connections_refused.get(),
         "rate_limited": s.rate_limited.get(),
