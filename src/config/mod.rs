@@ -311,7 +311,8 @@ pub struct Config {
     /// A room that publishes again less than this after its previous message holds its
     /// messages for at most this long and sends them together, so each member writes them in
     /// one vectored write; a room quieter than one message per interval sends each at once.
-    /// `0` turns coalescing off. Syntax: a duration, 0 to 100ms. Default: 1ms.
+    /// `0` turns coalescing off. Syntax: a number and its unit (`1ms`, `500us`; a bare number
+    /// other than `0` is refused), 0 to 100ms. Default: 1ms.
     #[arg(long, env = "ROOMCAST_WRITE_COALESCE", default_value = "1ms", value_parser = parse_write_coalesce)]
     pub write_coalesce: Duration,
 
