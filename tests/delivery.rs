@@ -301,7 +301,10 @@ fn quiet_presence_rooms(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, rooms)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One runtime thread: a batch sent while a member's task runs on another thread can be split
+// across two of its writes (it takes what is in the ring when it looks), which in an unoptimised
+// build on a busy machine makes the count of writes a matter of luck.
+#[tokio::test]
 async fn a_steady_publisher_s_messages_leave_a_busy_room_in_batches() {
     let (_dir, rooms) = quiet_presence_rooms("busy");
     let server = TestServer::with(|c| {
