@@ -423,3 +423,48 @@ async fn a_quiet_room_sends_each_message_at_once() {
     }
     assert_eq!(server.stats().await["coalesced_batches"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_far_behind_but_within_the_room_buffer_moves_to_larger_rings_and_loses_nothing() {
+    // Rings start small and grow: a member that stops reading for 600 messages (under the
+    // default `--room-buffer` of 1,024) must get all of them, in order, across every move.
+    let (_dir, rooms) = quiet_presence_rooms("deep");
+    let server = TestServer::with(|c| {
+        c.rooms_config = Some(rooms);
+        c.rate_limit = RateLimitArg(None);
+        c.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut slow = connect_small_buffer(&server, "/ws/deep?user=slow").await;
+    let (mut publisher, _) = Client::join(&server.ws_url("/ws/deep?user=pub")).await;
+    const N: u64 = 600;
+    let text = "z".repeat(4096);
+    for i in 0..N {
+        publisher
+            .send_json(&json!({"text": format!("{i}:{text}"), "echo": false}))
+            .await;
+    }
+    // Every message is numbered before `slow` reads anything; its socket filled long ago.
+    server
+        .wait_for("/api/stats", "all published", |_, v| v["published"] == N)
+        .await;
+    let mut next = 1u64;
+    while next <= N {
+        let msg = tokio::time::timeout(STEP, slow.ws.next())
+            .await
+            .expect("slow member stalled")
+            .expect("slow member's socket ended")
+            .expect("slow member's socket failed");
+        let Message::Text(t) = msg else {
+            panic!("unexpected frame {msg:?}");
+        };
+        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+        if v["type"] == "message" {
+            assert_eq!(v["seq"], next, "in order, none missing");
+            next += 1;
+        }
+    }
+    let stats = server.stats().await;
+    assert_eq!(stats["evictions"], 0);
+    assert!(stats["rings_grown"].as_u64().unwrap() >= 2, "{stats}");
+}

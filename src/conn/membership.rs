@@ -45,6 +45,15 @@ impl Membership {
         batch: &mut Batch,
         stats: &Stats,
     ) {
+        if out.moved {
+            // The room's ring was replaced: what follows is on the new one. (Not being in the
+            // room any more cannot happen while this membership exists; the old ring would
+            // then end `Closed`, which closes the connection.)
+            if let Some(rx) = self.room.moved_receiver(conn) {
+                self.rx = rx;
+            }
+            return;
+        }
         if out.seq > 0 {
             if let Some(from) = self.gap_from.take() {
                 if out.seq > from {
@@ -62,6 +71,7 @@ impl Membership {
                         seq: 0,
                         sse: Default::default(),
                         deflated: None,
+                        moved: false,
                     };
                     batch.push((i, Arc::new(notice)));
                 }

@@ -561,6 +561,7 @@ fn outbound(seq: u64, payload: &str) -> Arc<Outbound> {
         seq,
         sse: Default::default(),
         deflated: None,
+        moved: false,
     })
 }
 
@@ -797,6 +798,7 @@ mod tests {
             seq,
             sse: Default::default(),
             deflated: None,
+            moved: false,
         })
     }
 

@@ -307,6 +307,7 @@ mod tests {
             seq,
             sse: Default::default(),
             deflated: None,
+            moved: false,
         })
     }
 

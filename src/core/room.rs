@@ -2,7 +2,7 @@
 //! Membership changes go through `Hub` (which owns the create/remove race); publishing goes
 //! straight here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
@@ -24,11 +24,40 @@ use crate::proto::{self, Epoch, Outbound, ServerFrame};
 /// Most user names one presence frame lists per direction; the member count stays exact.
 pub const PRESENCE_NAMES_MAX: usize = 100;
 
+/// Slots a new room's broadcast ring starts with. Each slot costs about 40 bytes whether it is
+/// used or not, so a full `--room-buffer` ring (1,024 by default) in every room would cost an
+/// idle 100-member room 0.4 KiB per member; rings grow when a member falls behind instead.
+const FIRST_RING: usize = 16;
+
+/// The room's broadcast ring of frames for every member. It starts at `FIRST_RING` slots and
+/// grows (four times, up to `--room-buffer`) as soon as some member is half a ring behind, so a
+/// member is only ever overwritten, and so `Lagged` and evicted, once it falls `--room-buffer`
+/// frames behind; the sender never waits for anyone.
+struct Fanout {
+    tx: broadcast::Sender<Arc<Outbound>>,
+    /// Slots of `tx`'s ring (a power of two) and the most it may have (`--room-buffer`).
+    slots: usize,
+    max_slots: usize,
+    /// Receivers of newer rings, subscribed for each member when its ring was replaced, taken
+    /// in order each time the member reads a `moved` item from the ring it is on.
+    moved: HashMap<u64, VecDeque<broadcast::Receiver<Arc<Outbound>>>>,
+}
+
+impl Fanout {
+    fn new(max_slots: usize) -> Self {
+        let max_slots = max_slots.max(1);
+        let slots = FIRST_RING.min(max_slots).next_power_of_two();
+        Fanout {
+            tx: broadcast::channel(slots).0,
+            slots,
+            max_slots,
+            moved: HashMap::new(),
+        }
+    }
+}
+
 pub struct Room {
     name: Arc<str>,
-    /// Frames for every member. A member that falls `--room-buffer` frames behind gets
-    /// `Lagged` from its receiver and is evicted; the sender never waits for anyone.
-    tx: broadcast::Sender<Arc<Outbound>>,
     /// Everything that must change together with the sequence: publishing holds this lock while
     /// it numbers, encodes and sends, so frames enter the ring in `seq` order, and joining holds
     /// it while it subscribes, so a joiner's `welcome.seq` is exactly the last seq it misses.
@@ -54,6 +83,9 @@ pub struct Room {
 pub(crate) struct RoomState {
     /// Member id (the connection id) → user name. Ordered so the users list pages stably.
     pub(crate) members: BTreeMap<u64, Arc<str>>,
+    /// Under the room lock: frames enter the ring in `seq` order, a joiner subscribes between two
+    /// of them, and replacing the ring moves every member with nothing lost.
+    fanout: Fanout,
     seq: u64,
     /// The incarnation `seq` counts in (see `proto::epoch`).
     epoch: Epoch,
@@ -170,9 +202,9 @@ impl Room {
         history_service: Arc<HistoryService>,
         stats: Arc<Stats>,
     ) -> Self {
-        let (tx, _) = broadcast::channel(settings.room_buffer.max(1));
         let state = RoomState {
             members: BTreeMap::new(),
+            fanout: Fanout::new(settings.room_buffer),
             seq: seed.last_seq,
             epoch: seed.epoch,
             published: 0,
@@ -191,7 +223,6 @@ impl Room {
         };
         Room {
             name: name.into(),
-            tx,
             state: Mutex::new(state),
             evicted: AtomicU64::new(0),
             remote_members: AtomicUsize::new(0),
@@ -276,7 +307,7 @@ impl Room {
         // Held messages are already in the welcome's `seq` and the replay: they go out before
         // this member can receive anything.
         self.release_held(state);
-        let rx = self.tx.subscribe();
+        let rx = state.fanout.tx.subscribe();
         state.members.insert(id, user.clone());
         if state.settings.presence != Presence::Off {
             if state.joined.len() < PRESENCE_NAMES_MAX {
@@ -311,6 +342,7 @@ impl Room {
         let Some(user) = state.members.remove(&id) else {
             return false;
         };
+        state.fanout.moved.remove(&id);
         if state.settings.presence != Presence::Off {
             if state.left.len() < PRESENCE_NAMES_MAX {
                 state.left.push(user);
@@ -409,6 +441,7 @@ impl Room {
             seq,
             sse: Default::default(),
             deflated: state.settings.compression.then(OnceLock::new),
+            moved: false,
         });
         if let Some(id) = p.id {
             // The window runs on this process's clock (`ts` may come from another process).
@@ -428,12 +461,11 @@ impl Room {
         let now = out.published_at;
         let previous = state.last_message_at.replace(now);
         let Some((shared, me)) = &self.coalesce else {
-            // No receiver means no member is left to deliver to: nothing is lost.
-            let _ = self.tx.send(out);
+            self.send(state, out);
             return;
         };
         if state.held.is_empty() && !shared.busy(previous, now) {
-            let _ = self.tx.send(out);
+            self.send(state, out);
             return;
         }
         state.held.push(out);
@@ -454,9 +486,60 @@ impl Room {
         self.stats.coalesced_batches.inc();
         self.stats.coalesced_frames.inc_by(state.held.len() as u64);
         state.held_since = None;
-        for out in state.held.drain(..) {
-            let _ = self.tx.send(out);
+        let held = std::mem::take(&mut state.held);
+        for out in &held {
+            self.send(state, out.clone());
         }
+        // Keep the batch's space for the next one.
+        state.held = held;
+        state.held.clear();
+    }
+
+    /// Puts a frame in the ring, then grows the ring if some member is half a ring behind.
+    fn send(&self, state: &mut RoomState, out: Arc<Outbound>) {
+        let fanout = &mut state.fanout;
+        // No receiver means no member is left to deliver to: nothing is lost.
+        let _ = fanout.tx.send(out);
+        if fanout.slots >= fanout.max_slots || fanout.tx.len() * 2 <= fanout.slots {
+            return;
+        }
+        // A new ring four times larger, with a receiver for every member subscribed now, before
+        // anything is sent on it; then a `moved` item ends the old ring, after every frame a
+        // member still has to read from it.
+        let slots = (fanout.slots * 4).min(fanout.max_slots).next_power_of_two();
+        let (tx, _) = broadcast::channel(slots);
+        for &id in state.members.keys() {
+            fanout
+                .moved
+                .entry(id)
+                .or_default()
+                .push_back(tx.subscribe());
+        }
+        let old = std::mem::replace(&mut fanout.tx, tx);
+        fanout.slots = slots;
+        self.stats.rings_grown.inc();
+        let _ = old.send(Arc::new(Outbound {
+            frame: Bytes::new(),
+            origin: 0,
+            skip_origin: false,
+            published_at: Instant::now(),
+            seq: 0,
+            sse: Default::default(),
+            deflated: None,
+            moved: true,
+        }));
+    }
+
+    /// The receiver of the next ring for member `id`, which has just read the `moved` item
+    /// ending its current one. `None` only if the member is not in the room.
+    pub fn moved_receiver(&self, id: u64) -> Option<broadcast::Receiver<Arc<Outbound>>> {
+        let mut state = self.state.lock();
+        let queue = state.fanout.moved.get_mut(&id)?;
+        let rx = queue.pop_front();
+        if queue.is_empty() {
+            state.fanout.moved.remove(&id);
+        }
+        rx
     }
 
     /// Up to `limit` kept messages with a seq below `before`, newest first, and the oldest seq
@@ -553,11 +636,16 @@ impl Room {
         }
         .encode();
         self.stats.frames_encoded.inc();
-        self.send_frame(frame);
+        self.send_frame_locked(&mut state, frame);
     }
 
     /// Sends a frame the server made (presence, lobby events) to every member. No seq.
     pub(crate) fn send_frame(&self, frame: bytes::Bytes) {
+        let mut state = self.state.lock();
+        self.send_frame_locked(&mut state, frame);
+    }
+
+    fn send_frame_locked(&self, state: &mut RoomState, frame: bytes::Bytes) {
         let out = Outbound {
             frame,
             origin: 0,
@@ -566,9 +654,9 @@ impl Room {
             seq: 0,
             sse: Default::default(),
             deflated: None,
+            moved: false,
         };
-        // No receiver means no member is left to deliver to: nothing is lost.
-        let _ = self.tx.send(Arc::new(out));
+        self.send(state, Arc::new(out));
     }
 
     /// Counts a member evicted as a slow consumer. The caller then leaves the room.

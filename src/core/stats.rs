@@ -28,6 +28,8 @@ pub struct Stats {
     /// them: `coalesced_frames / coalesced_batches` is how many frames a wake carried.
     pub coalesced_batches: Counter,
     pub coalesced_frames: Counter,
+    /// Room rings replaced by a larger one because a member fell half a ring behind.
+    pub rings_grown: Counter,
     pub evictions: Counter,
     pub connections_refused: Counter,
     /// Messages dropped by `--rate-limit` or `--room-rate-limit` (including flood closes).
@@ -103,6 +105,10 @@ impl Stats {
         let coalesced_frames = counter(
             "coalesced_frames",
             "Messages sent in held batches (--write-coalesce)",
+        );
+        let rings_grown = counter(
+            "rings_grown",
+            "Room broadcast rings replaced by a larger one (a member fell half a ring behind)",
         );
         let evictions = counter("evictions", "Members evicted as slow consumers");
         let connections_refused = counter(
@@ -192,6 +198,7 @@ impl Stats {
             frames_encoded,
             coalesced_batches,
             coalesced_frames,
+            rings_grown,
             evictions,
             connections_refused,
             rate_limited,

@@ -50,6 +50,7 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "frames_encoded": s.frames_encoded.get(),
         "coalesced_batches": s.coalesced_batches.get(),
         "coalesced_frames": s.coalesced_frames.get(),
+        "rings_grown": s.rings_grown.get(),
         "evictions": s.evictions.get(),
         "connections_refused": s.connections_refused.get(),
         "rate_limited": s.rate_limited.get(),

@@ -161,6 +161,10 @@ pub struct Outbound {
     /// when compressing did not shrink it). `None`: this frame always goes plain (presence,
     /// notices, a room with `compression = false`).
     pub deflated: Option<OnceLock<Bytes>>,
+    /// Not a frame: the room moved to a larger ring, and this is the last item of the old one.
+    /// Each member takes its receiver of the new ring from the room (`Room::moved_receiver`),
+    /// subscribed when the ring was replaced, so nothing falls between the two.
+    pub moved: bool,
 }
 
 impl Outbound {

@@ -34,6 +34,7 @@ pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outb
         seq,
         sse: Default::default(),
         deflated: None,
+        moved: false,
     })
 }
 
