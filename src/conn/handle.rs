@@ -356,8 +356,7 @@ impl Connection {
     /// (behind a trusted proxy, the client it named), else the socket's peer (`None` if the
     /// socket cannot tell).
     fn peer(&self) -> Option<IpAddr> {
-        self._guard
-            .ip
+        self.ip
             .or_else(|| self.stream.peer_addr().ok().map(|a| a.ip()))
     }
 

@@ -22,7 +22,8 @@ pub(super) struct Membership {
     last_seq: u64,
     /// `--lag-policy resync`: the first seq this member missed; announced by a `lagged` frame
     /// just before the next message it does get.
-    gap_from: Option<u64>,
+    /// 0: none (seqs start at 1). Not an `Option`: 8 bytes less in every connection.
+    gap_from: u64,
 }
 
 impl Membership {
@@ -31,7 +32,7 @@ impl Membership {
             room,
             rx,
             last_seq,
-            gap_from: None,
+            gap_from: 0,
         }
     }
 
@@ -55,26 +56,25 @@ impl Membership {
             return;
         }
         if out.seq > 0 {
-            if let Some(from) = self.gap_from.take() {
-                if out.seq > from {
-                    stats.lag_resyncs.inc();
-                    let notice = Outbound {
-                        frame: ServerFrame::Lagged {
-                            room: self.room.name(),
-                            missed_from: from,
-                            missed_to: out.seq - 1,
-                        }
-                        .encode(),
-                        origin: 0,
-                        skip_origin: false,
-                        published_at: out.published_at,
-                        seq: 0,
-                        sse: Default::default(),
-                        deflated: None,
-                        moved: false,
-                    };
-                    batch.push((i, Arc::new(notice)));
-                }
+            let from = std::mem::take(&mut self.gap_from);
+            if from > 0 && out.seq > from {
+                stats.lag_resyncs.inc();
+                let notice = Outbound {
+                    frame: ServerFrame::Lagged {
+                        room: self.room.name(),
+                        missed_from: from,
+                        missed_to: out.seq - 1,
+                    }
+                    .encode(),
+                    origin: 0,
+                    skip_origin: false,
+                    published_at: out.published_at,
+                    seq: 0,
+                    sse: Default::default(),
+                    deflated: None,
+                    moved: false,
+                };
+                batch.push((i, Arc::new(notice)));
             }
             self.last_seq = out.seq;
         }
@@ -86,8 +86,8 @@ impl Membership {
     /// The receiver skipped frames (`--lag-policy resync`): everything after the last seq seen
     /// is missing until the next message says where the gap ends.
     pub(super) fn lagged(&mut self) {
-        if self.gap_from.is_none() {
-            self.gap_from = Some(self.last_seq.saturating_add(1));
+        if self.gap_from == 0 {
+            self.gap_from = self.last_seq.saturating_add(1);
         }
     }
 }

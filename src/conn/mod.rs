@@ -143,16 +143,32 @@ impl Mode {
 /// Gives back what an accepted upgrade holds (the connection gauge and the per-IP count) when
 /// its task ends, or never starts.
 pub(crate) struct ConnectionGuard {
-    pub(crate) cx: Arc<Context>,
+    /// `None` once a `Connection` took the duty over (`disarm`).
+    pub(crate) cx: Option<Arc<Context>>,
     pub(crate) ip: Option<IpAddr>,
+}
+
+impl ConnectionGuard {
+    /// Hands the duty to whoever holds a context already (a `Connection`, which then gives
+    /// back through `release` itself): one pointer less in every connection.
+    fn disarm(mut self) -> Option<IpAddr> {
+        self.cx = None;
+        self.ip
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.cx.stats.connections.dec();
-        if let (Some(ip), Some(per_ip)) = (self.ip, &self.cx.per_ip) {
-            per_ip.release(ip);
+        if let Some(cx) = &self.cx {
+            release(cx, self.ip);
         }
+    }
+}
+
+fn release(cx: &Context, ip: Option<IpAddr>) {
+    cx.stats.connections.dec();
+    if let (Some(ip), Some(per_ip)) = (ip, &cx.per_ip) {
+        per_ip.release(ip);
     }
 }
 
@@ -194,7 +210,6 @@ pub struct Connection {
     /// Bytes read but not yet taken as frames. Holds no allocation except while a frame is only
     /// partly in.
     inbuf: BytesMut,
-    shutdown: Shutdown,
     rooms: SmallVec<[Membership; 1]>,
     /// A fragmented message being reassembled. Boxed (as is `limiter`) because it is rare and
     /// every idle connection would carry its space.
@@ -206,8 +221,15 @@ pub struct Connection {
     grant: Option<Arc<Grant>>,
     /// `--rate-limit` on the messages this socket sends.
     limiter: Option<Box<ConnectionLimiter>>,
-    /// Dropped with the connection, whichever way it ends.
-    _guard: ConnectionGuard,
+    /// What `ConnectionGuard` held: given back (with the gauge) when the connection is
+    /// dropped, whichever way it ends.
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        release(&self.cx, self.ip);
+    }
 }
 
 /// Runs an accepted upgrade to its end: completes the upgrade, enters the first room, serves,
@@ -231,7 +253,7 @@ pub(crate) async fn run(accepted: Box<Accepted>) {
             if turn == Turn::Late {
                 conn.cx.stats.shutdown_late_closes.inc();
             }
-            let reason = close::restart_reason(conn.shutdown.retry_after_ms(conn.id));
+            let reason = close::restart_reason(conn.cx.shutdown.retry_after_ms(conn.id));
             Box::pin(conn.close(close::SERVICE_RESTART, &reason)).await;
         }
         End::Gone => {}
@@ -291,7 +313,6 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
     let mut conn = Connection {
         id,
         user,
-        shutdown: cx.shutdown.clone(),
         cx,
         stream,
         inbuf,
@@ -301,7 +322,7 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
         deflate,
         grant,
         limiter,
-        _guard: guard,
+        ip: guard.disarm(),
     };
     let end = match first {
         Some(joined) => conn.enter(joined).await.err().map(|e| match e {
@@ -397,7 +418,7 @@ impl Connection {
             // that of the wait share space: the handlers here stay at most as large as the wait.
             tokio::select! {
                 // Not when the flag goes up: when the drain gives this connection its turn.
-                turn = self.shutdown.turn() => return End::Restart(turn),
+                turn = self.cx.shutdown.turn() => return End::Restart(turn),
                 // `poll_read_ready` keeps its waker in the socket's own state: unlike
                 // `readable()`'s 150-byte future, this wait costs the task nothing.
                 ready = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {

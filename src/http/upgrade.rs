@@ -243,7 +243,10 @@ pub(super) fn hold_connection<B>(
     };
     // From here on the guard gives back the per-IP count and the gauge on every path.
     api.stats.connections.inc();
-    let guard = ConnectionGuard { cx: cx.clone(), ip };
+    let guard = ConnectionGuard {
+        cx: Some(cx.clone()),
+        ip,
+    };
     if api.stats.connections.get() > api.max_connections as i64 {
         api.stats.connections_refused.inc();
         return Err(ApiError::new(
