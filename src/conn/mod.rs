@@ -209,7 +209,9 @@ pub struct Connection {
     stream: TcpStream,
     /// Bytes read but not yet taken as frames. Holds no allocation except while a frame is only
     /// partly in.
-    inbuf: BytesMut,
+    /// Boxed: 8 bytes in every idle connection rather than 32, for an allocation that exists
+    /// only while bytes are in.
+    inbuf: Option<Box<BytesMut>>,
     rooms: SmallVec<[Membership; 1]>,
     /// A fragmented message being reassembled. Boxed (as is `limiter`) because it is rare and
     /// every idle connection would carry its space.
@@ -295,7 +297,8 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
     };
     // What hyper read past the request (rarely anything) is the start of the first frame.
     // hyper hands it over as a freeze of its whole read buffer: copy just these bytes.
-    let inbuf = BytesMut::from(&parts.read_buf[..]);
+    let inbuf =
+        (!parts.read_buf.is_empty()).then(|| Box::new(BytesMut::from(&parts.read_buf[..])));
     let stream = parts.io.into_inner().into_inner();
 
     let (first, echo, grant) = match mode {
@@ -366,7 +369,7 @@ impl Clocks {
             STOPPED => 0,
             age => age.saturating_add(ms).min(STOPPED - 1),
         };
-        self.frame = match (conn.inbuf.is_empty(), complete) {
+        self.frame = match (!conn.has_input(), complete) {
             (true, _) => STOPPED,
             (false, 0) => older(self.frame),
             (false, _) => 0,
@@ -395,7 +398,7 @@ impl Connection {
         let mut last_seen = Instant::now();
         let mut clocks = Clocks::ALL_STOPPED;
         let mut complete = 0;
-        if !self.inbuf.is_empty() {
+        if self.has_input() {
             match Box::pin(self.drain_frames()).await {
                 Ok(n) => complete = n,
                 Err(end) => return end,

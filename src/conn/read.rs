@@ -52,8 +52,9 @@ impl Connection {
     /// One read after a readiness event (one per event, so a fast sender cannot monopolise the
     /// task). Returns whether any bytes came in; the caller then handles the frames.
     pub(super) fn read_available(&mut self) -> Result<bool, End> {
-        self.inbuf.reserve(READ_CHUNK);
-        match self.stream.try_read_buf(&mut self.inbuf) {
+        let buf = self.inbuf.get_or_insert_with(Default::default);
+        buf.reserve(READ_CHUNK);
+        match self.stream.try_read_buf(&mut **buf) {
             Ok(0) => Err(End::Gone),
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -64,10 +65,15 @@ impl Connection {
         }
     }
 
+    /// Whether bytes of a frame are waiting in `inbuf`.
+    pub(super) fn has_input(&self) -> bool {
+        self.inbuf.as_ref().is_some_and(|b| !b.is_empty())
+    }
+
     /// Lets go of the read buffer unless it holds part of a frame.
     pub(super) fn release_inbuf(&mut self) {
-        if self.inbuf.is_empty() {
-            self.inbuf = BytesMut::new();
+        if !self.has_input() {
+            self.inbuf = None;
         }
     }
 
@@ -84,7 +90,11 @@ impl Connection {
         let mut complete = 0;
         let mut pings = Pings::default();
         loop {
-            match frame::decode(&mut self.inbuf, max, self.deflate.is_some()) {
+            let decoded = match self.inbuf.as_deref_mut() {
+                Some(buf) => frame::decode(buf, max, self.deflate.is_some()),
+                None => Ok(None),
+            };
+            match decoded {
                 Ok(None) => {
                     if let Some(pongs) = pings.into_pongs() {
                         self.write_frames(&[&pongs]).await?;
