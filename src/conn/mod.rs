@@ -248,17 +248,24 @@ pub(crate) async fn run(accepted: Box<Accepted>) {
         Some(end) => end,
         None => conn.serve().await,
     };
-    conn.leave_all();
-    match end {
-        End::Close(code, reason) => Box::pin(conn.close(code, reason)).await,
-        End::Restart(turn) => {
-            if turn == Turn::Late {
-                conn.cx.stats.shutdown_late_closes.inc();
+    Box::pin(conn.finish(end)).await;
+}
+
+impl Connection {
+    /// Leaves every room and closes as `end` says.
+    async fn finish(mut self, end: End) {
+        self.leave_all();
+        match end {
+            End::Close(code, reason) => self.close(code, reason).await,
+            End::Restart(turn) => {
+                if turn == Turn::Late {
+                    self.cx.stats.shutdown_late_closes.inc();
+                }
+                let reason = close::restart_reason(self.cx.shutdown.retry_after_ms(self.id));
+                self.close(close::SERVICE_RESTART, &reason).await;
             }
-            let reason = close::restart_reason(conn.cx.shutdown.retry_after_ms(conn.id));
-            Box::pin(conn.close(close::SERVICE_RESTART, &reason)).await;
+            End::Gone => {}
         }
-        End::Gone => {}
     }
 }
 
@@ -297,8 +304,7 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
     };
     // What hyper read past the request (rarely anything) is the start of the first frame.
     // hyper hands it over as a freeze of its whole read buffer: copy just these bytes.
-    let inbuf =
-        (!parts.read_buf.is_empty()).then(|| Box::new(BytesMut::from(&parts.read_buf[..])));
+    let inbuf = (!parts.read_buf.is_empty()).then(|| Box::new(BytesMut::from(&parts.read_buf[..])));
     let stream = parts.io.into_inner().into_inner();
 
     let (first, echo, grant) = match mode {
@@ -335,6 +341,41 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
         None => None,
     };
     Some((conn, end))
+}
+
+/// What woke `serve`'s wait.
+enum Step {
+    Readable,
+    Room(
+        usize,
+        Result<Arc<proto::Outbound>, tokio::sync::broadcast::error::RecvError>,
+    ),
+    Timer,
+}
+
+/// A moment as nanoseconds after a fixed one: 8 bytes where an `Instant` takes 16, for the
+/// time of the last read, which `serve` keeps for the whole life of every idle connection.
+#[derive(Clone, Copy)]
+struct Stamp(u64);
+
+impl Stamp {
+    fn base() -> Instant {
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *BASE.get_or_init(Instant::now)
+    }
+
+    fn now() -> Self {
+        Self::at(Instant::now())
+    }
+
+    fn at(t: Instant) -> Self {
+        let nanos = t.saturating_duration_since(Self::base()).as_nanos();
+        Stamp(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    fn get(self) -> Instant {
+        Self::base() + Duration::from_nanos(self.0)
+    }
 }
 
 /// Marks a clock of [`Clocks`] that is not running.
@@ -395,7 +436,7 @@ impl Connection {
     /// Runs until the connection must end. Reading waits for readiness with no buffer held, so an
     /// idle socket costs no read buffer; `inbuf` holds only a partial frame between reads.
     async fn serve(&mut self) -> End {
-        let mut last_seen = Instant::now();
+        let mut last_seen = Stamp::now();
         let mut clocks = Clocks::ALL_STOPPED;
         let mut complete = 0;
         if self.has_input() {
@@ -411,7 +452,7 @@ impl Connection {
         let mut pinged = false;
         // One timer for every deadline: the next ping, the token's expiry, the idle and the
         // message timeouts. A second `Sleep` would add its size to every idle connection's task.
-        let timer = sleep_until(self.next_wake(last_seen, pinged, clocks));
+        let timer = sleep_until(self.next_wake(last_seen.get(), pinged, clocks));
         tokio::pin!(timer);
         loop {
             // Unbiased on purpose: a client that keeps sending must not starve its own deliveries
@@ -419,7 +460,7 @@ impl Connection {
             // (its pongs would go unread and it would be dropped for silence).
             // `select!` drops its futures before a handler runs, so the state of a handler and
             // that of the wait share space: the handlers here stay at most as large as the wait.
-            tokio::select! {
+            let step = tokio::select! {
                 // Not when the flag goes up: when the drain gives this connection its turn.
                 turn = self.cx.shutdown.turn() => return End::Restart(turn),
                 // `poll_read_ready` keeps its waker in the socket's own state: unlike
@@ -428,12 +469,28 @@ impl Connection {
                     if ready.is_err() {
                         return End::Gone;
                     }
+                    Step::Readable
+                }
+                (index, res) = recv_any(&mut self.rooms) => Step::Room(index, res),
+                () = &mut timer => Step::Timer,
+            };
+            // The handlers await outside the `select!`, each after `step` is gone (moved out or
+            // dropped): a value kept across several of their awaits would be laid out beside
+            // the wait's futures and add its size to every idle connection's task.
+            match step {
+                Step::Room(index, res) => {
+                    if let Some(end) = self.on_room_frame(index, res).await {
+                        return end;
+                    }
+                }
+                Step::Readable => {
+                    drop(step);
                     match self.read_available() {
                         Ok(false) => {}
                         Ok(true) => {
                             let now = Instant::now();
-                            let elapsed = now.saturating_duration_since(last_seen);
-                            last_seen = now;
+                            let elapsed = now.saturating_duration_since(last_seen.get());
+                            last_seen = Stamp::at(now);
                             pinged = false;
                             // Boxed: handling messages (parsing, publishing, joining, answering)
                             // needs far more state than waiting does (see `run`).
@@ -445,7 +502,7 @@ impl Connection {
                             // A refresh may have brought the expiry closer than the timer, a
                             // partial frame or leaving the last room a deadline: a later one
                             // is left to the timer's next wake.
-                            let wake = self.next_wake(last_seen, pinged, clocks);
+                            let wake = self.next_wake(last_seen.get(), pinged, clocks);
                             if wake < timer.deadline() {
                                 timer.as_mut().reset(wake);
                             }
@@ -453,12 +510,8 @@ impl Connection {
                         Err(end) => return end,
                     }
                 }
-                (index, res) = recv_any(&mut self.rooms) => {
-                    if let Some(end) = self.on_room_frame(index, res).await {
-                        return end;
-                    }
-                }
-                () = &mut timer => {
+                Step::Timer => {
+                    drop(step);
                     let now = Instant::now();
                     // The timer may have woken for a deadline that has since moved (a refresh,
                     // a frame that completed, a join): each is checked against the clock.
@@ -466,16 +519,22 @@ impl Connection {
                         self.cx.stats.auth_refused.inc(AuthReason::SocketExpired);
                         return End::Close(close::TOKEN_EXPIRED, "token expired");
                     }
-                    if self.message_due(last_seen, clocks).is_some_and(|due| due <= now) {
+                    if self
+                        .message_due(last_seen.get(), clocks)
+                        .is_some_and(|due| due <= now)
+                    {
                         self.cx.stats.dropped.message_timeouts.inc();
                         return End::Close(close::POLICY, "message timeout");
                     }
-                    if self.idle_due(last_seen, clocks).is_some_and(|due| due <= now) {
+                    if self
+                        .idle_due(last_seen.get(), clocks)
+                        .is_some_and(|due| due <= now)
+                    {
                         self.cx.stats.dropped.idle_closes.inc();
                         return End::Close(close::IDLE, "idle timeout");
                     }
                     let ping_interval = self.cx.limits.ping_interval;
-                    let silent = now.saturating_duration_since(last_seen);
+                    let silent = now.saturating_duration_since(last_seen.get());
                     if silent >= ping_interval * 2 {
                         return End::Close(close::POLICY, "ping timeout");
                     }
@@ -485,7 +544,9 @@ impl Connection {
                         }
                         pinged = true;
                     }
-                    timer.as_mut().reset(self.next_wake(last_seen, pinged, clocks));
+                    timer
+                        .as_mut()
+                        .reset(self.next_wake(last_seen.get(), pinged, clocks));
                 }
             }
         }
@@ -567,7 +628,7 @@ impl Connection {
     /// Sends our close frame and our FIN, then reads (and discards) what the peer still sends
     /// for up to `CLOSE_GRACE`: closing a socket with unread input makes the kernel send a
     /// reset, which can destroy the close frame before the peer reads it.
-    async fn close(mut self, code: u16, reason: &str) {
+    async fn close(&mut self, code: u16, reason: &str) {
         let frame = proto::close_frame(code, reason);
         let sent = tokio::time::timeout(CLOSE_GRACE, write_rest(&self.stream, &[&frame], 0)).await;
         if !matches!(sent, Ok(Ok(()))) {
