@@ -1039,3 +1039,146 @@ async fn a_room_message_is_compressed_once_per_process(d: Deployment) {
     assert_eq!(before(&sa) - start_a, texts.len() as u64, "{sa}");
     assert_eq!(before(&sb) - start_b, texts.len() as u64, "{sb}");
 }
+
+/// A rooms file with `[routes]` (the tutorials' paths, and one into a password room), written
+/// once per test process.
+fn routes_file() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!(
+            "roomcast-behaviour-routes-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &path,
+            "[rooms.vault]\npassword = \"s3same\"\n\n[routes]\n\
+             \"/ws/posts/{id}/live\" = \"post:{id}\"\n\
+             \"/ws/chat/{room}\" = \"{room}\"\n\
+             \"/sse/posts/{id}\" = \"post:{id}\"\n\
+             \"/safe/{name}\" = \"{name}\"\n",
+        )
+        .unwrap();
+        path.to_string_lossy().into_owned()
+    })
+}
+
+in_both_modes!(
+    route_templates_lead_into_rooms,
+    "--rooms-config",
+    routes_file()
+);
+/// A path a template maps is a join of the room it names, with every rule of `/ws/{room}`:
+/// query parameters, name rules, passwords; unmapped paths stay 404.
+async fn route_templates_lead_into_rooms(d: Deployment) {
+    let (mut alice, w) = Client::join(&d.a().ws("/ws/posts/42/live?user=alice")).await;
+    assert_eq!(
+        (&w["room"], &w["user"]),
+        (&json!("post:42"), &json!("alice"))
+    );
+    // The same room by another template, on the other process.
+    let (mut bob, w) = Client::join(&d.b().ws("/ws/chat/post:42?username=bob")).await;
+    assert_eq!(w["room"], "post:42");
+    let (_general, w) = Client::join(&d.b().ws("/ws/chat/%23general")).await;
+    assert_eq!(w["room"], "#general");
+    d.wait_members("post:42", 2).await;
+    bob.send("hello from a route").await;
+    let m = alice.recv_type("message").await;
+    assert_eq!(
+        (&m["room"], &m["text"]),
+        (&json!("post:42"), &json!("hello from a route"))
+    );
+    bob.recv_type("message").await;
+
+    // Query parameters as on `/ws/{room}`: history.
+    let (mut carol, _) = Client::join(&d.a().ws("/ws/posts/42/live?user=carol&history=5")).await;
+    let h = carol.recv_type("history").await;
+    assert_eq!(
+        (&h["room"], &h["count"]),
+        (&json!("post:42"), &json!(1)),
+        "{h}"
+    );
+    assert_eq!(
+        carol.recv_type("message").await["text"],
+        "hello from a route"
+    );
+    assert_eq!(
+        refused_upgrade(d.a(), "/ws/posts/42/live?history=x").await,
+        (400, json!("bad_param"))
+    );
+
+    // The substituted name obeys the room rules.
+    for (path, code) in [
+        ("/ws/chat/a%20b", "bad_room"),
+        ("/ws/posts/%ff/live", "bad_room"),
+        ("/ws/chat/%24lobby2", "reserved_room"),
+    ] {
+        assert_eq!(
+            refused_upgrade(d.a(), path).await,
+            (400, json!(code)),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        refused_upgrade(d.a(), "/ws/chat/ok?user=").await,
+        (400, json!("bad_user"))
+    );
+    // A mapped room's password still applies.
+    assert_eq!(
+        refused_upgrade(d.a(), "/safe/vault?user=eve").await,
+        (403, json!("bad_password"))
+    );
+    assert_eq!(
+        refused_upgrade(d.b(), "/safe/vault?user=eve&password=nope").await,
+        (403, json!("bad_password"))
+    );
+    let (_v, w) = Client::join(&d.b().ws("/safe/vault?user=vic&password=s3same")).await;
+    assert_eq!(w["room"], "vault");
+    // Unmapped paths, and a mapped path asked for neither transport.
+    for path in [
+        "/ws/posts/42",
+        "/ws/posts/42/live/x",
+        "/safe",
+        "/nothing/here",
+    ] {
+        assert_eq!(
+            refused_upgrade(d.a(), path).await,
+            (404, json!("not_found")),
+            "{path}"
+        );
+    }
+    let (status, v) = d.a().get("/ws/chat/general").await;
+    assert_eq!((status, &v["error"]), (400, &json!("bad_request")), "{v}");
+    let r = support::http(d.a().addr, "POST", "/ws/chat/general", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 405);
+}
+
+in_both_modes!(
+    route_templates_answer_to_tokens,
+    "--jwt-secret",
+    SECRET,
+    "--rooms-config",
+    routes_file()
+);
+/// The room a template names is the room a token must allow.
+async fn route_templates_answer_to_tokens(d: Deployment) {
+    let posts = token("alice", Some("post:*"));
+    let (_alice, w) = Client::join(&d.a().ws(&format!("/ws/posts/7/live?token={posts}"))).await;
+    assert_eq!(
+        (&w["room"], &w["user"]),
+        (&json!("post:7"), &json!("alice"))
+    );
+    assert_eq!(
+        refused_upgrade(d.b(), &format!("/ws/chat/general?token={posts}")).await,
+        (403, json!("forbidden_room"))
+    );
+    assert_eq!(
+        refused_upgrade(d.b(), &format!("/ws/posts/7/live?token={posts}&user=bob")).await,
+        (403, json!("forbidden_user"))
+    );
+    assert_eq!(
+        refused_upgrade(d.b(), "/ws/posts/7/live").await,
+        (401, json!("unauthorized"))
+    );
+}

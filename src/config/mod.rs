@@ -2,6 +2,7 @@
 
 pub mod rate;
 pub mod rooms;
+pub mod routes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
