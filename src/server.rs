@@ -109,6 +109,7 @@ pub async fn run(
         )
         .with_room_rate(config.room_rate())
         .with_max_rooms(usize::try_from(config.max_rooms).unwrap_or(usize::MAX))
+        .with_roster_limit(usize::from(config.roster_limit))
         .with_history(history.clone()),
     );
     let bus = Arc::new(Bus::new(hub.clone(), broker, stats.clone()));
@@ -160,6 +161,7 @@ pub async fn run(
     .with_accept_rate(config.accept_rate())
     .with_body_timeout(config.body_timeout)
     .with_sse_heartbeat(config.sse_heartbeat)
+    .with_member_ids_after(bus.member_id_base())
     .with_cors(&config.cors_origins);
     if admin.is_some() {
         api = api.with_admin_listener();

@@ -123,13 +123,20 @@ impl Api {
         self
     }
 
+    /// Hands out member ids after `base` (cluster mode: this process's range).
+    pub fn with_member_ids_after(mut self, base: u64) -> Self {
+        self.next_id = AtomicU64::new(base.saturating_add(1));
+        self
+    }
+
     /// Sets `--sse-heartbeat` (default 15 s).
     pub fn with_sse_heartbeat(mut self, heartbeat: Duration) -> Self {
         self.sse_heartbeat = heartbeat;
         self
     }
 
-    /// A fresh connection id (also the member id in every room). Never 0.
+    /// A fresh connection id (also the member id in every room, unique across the cluster).
+    /// Never 0.
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
