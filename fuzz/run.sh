@@ -10,7 +10,7 @@ here="$PWD"
 secs="${1:-600}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(client_message names ws_target ws_frame cluster_wire)
+[ ${#targets[@]} -gt 0 ] || targets=(client_message names ws_target ws_frame cluster_wire routes)
 mkdir -p logs
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"

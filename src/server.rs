@@ -118,6 +118,7 @@ pub async fn run(
         )
         .with_room_rate(config.room_rate())
         .with_max_rooms(usize::try_from(config.max_rooms).unwrap_or(usize::MAX))
+        .with_roster_limit(usize::from(config.roster_limit))
         .with_history(history.clone())
         .with_coalescer(coalescer),
     );
@@ -170,6 +171,7 @@ pub async fn run(
     .with_accept_rate(config.accept_rate())
     .with_body_timeout(config.body_timeout)
     .with_sse_heartbeat(config.sse_heartbeat)
+    .with_member_ids_after(bus.member_id_base())
     .with_cors(&config.cors_origins);
     if admin.is_some() {
         api = api.with_admin_listener();
@@ -182,7 +184,7 @@ pub async fn run(
     // The `$lobby` is each process's own (never a broker's room).
     tokio::spawn(lobby_task(hub.clone(), stop.clone()));
     if config.rooms_config.is_some() {
-        reload_on_sighup(hub.clone(), stop);
+        reload_on_sighup(hub.clone(), stats.clone(), stop);
     }
     drop(bus);
     tracing::info!(addr = %listener.local_addr()?, "roomcast listening");
@@ -392,9 +394,9 @@ async fn lobby_task(hub: Arc<Hub>, mut shutdown: Shutdown) {
 }
 
 /// Reloads `--rooms-config` on every SIGHUP until shutdown. A bad file is logged (with its line
-/// and key) and the settings in force stay.
+/// and key) and counted, and the settings and routes in force stay.
 #[cfg(unix)]
-fn reload_on_sighup(hub: Arc<Hub>, mut shutdown: Shutdown) {
+fn reload_on_sighup(hub: Arc<Hub>, stats: Arc<Stats>, mut shutdown: Shutdown) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(hup) => hup,
@@ -411,10 +413,12 @@ fn reload_on_sighup(hub: Arc<Hub>, mut shutdown: Shutdown) {
             }
             match hub.settings().reload() {
                 Some(Ok(settings)) => {
+                    let routes = settings.routes().len();
                     hub.reload(settings);
-                    tracing::info!("rooms config reloaded");
+                    tracing::info!(routes, "rooms config reloaded");
                 }
                 Some(Err(e)) => {
+                    stats.rooms_config_reloads_refused.inc();
                     tracing::error!("rooms config not reloaded, the previous settings stay: {e}");
                 }
                 None => {}
@@ -424,4 +428,4 @@ fn reload_on_sighup(hub: Arc<Hub>, mut shutdown: Shutdown) {
 }
 
 #[cfg(not(unix))]
-fn reload_on_sighup(_hub: Arc<Hub>, _shutdown: Shutdown) {}
+fn reload_on_sighup(_hub: Arc<Hub>, _stats: Arc<Stats>, _shutdown: Shutdown) {}

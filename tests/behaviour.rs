@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 use support::deployment::Deployment;
@@ -47,7 +47,7 @@ async fn chat_frames_and_room_info(d: Deployment) {
     let (mut alice, welcome) = Client::join(&d.a().ws("/ws/r?user=alice")).await;
     assert_eq!(
         keys(&welcome),
-        set(&["type", "room", "user", "members", "seq", "epoch"])
+        set(&["type", "room", "user", "members", "seq", "epoch", "users"])
     );
     let (mut bob, _) = Client::join(&d.b().ws("/ws/r?user=bob")).await;
     d.wait_members("r", 2).await;
@@ -1038,4 +1038,385 @@ async fn a_room_message_is_compressed_once_per_process(d: Deployment) {
     // has two and `b` one: either way one compression per message per process.
     assert_eq!(before(&sa) - start_a, texts.len() as u64, "{sa}");
     assert_eq!(before(&sb) - start_b, texts.len() as u64, "{sb}");
+}
+
+/// A rooms file with `[routes]` (the tutorials' paths, and one into a password room), written
+/// once per test process.
+fn routes_file() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!(
+            "roomcast-behaviour-routes-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &path,
+            "[rooms.vault]\npassword = \"s3same\"\n\n[routes]\n\
+             \"/ws/posts/{id}/live\" = \"post:{id}\"\n\
+             \"/ws/chat/{room}\" = \"{room}\"\n\
+             \"/sse/posts/{id}\" = \"post:{id}\"\n\
+             \"/safe/{name}\" = \"{name}\"\n",
+        )
+        .unwrap();
+        path.to_string_lossy().into_owned()
+    })
+}
+
+in_both_modes!(
+    route_templates_lead_into_rooms,
+    "--rooms-config",
+    routes_file()
+);
+/// A path a template maps is a join of the room it names, with every rule of `/ws/{room}`:
+/// query parameters, name rules, passwords; unmapped paths stay 404.
+async fn route_templates_lead_into_rooms(d: Deployment) {
+    let (mut alice, w) = Client::join(&d.a().ws("/ws/posts/42/live?user=alice")).await;
+    assert_eq!(
+        (&w["room"], &w["user"]),
+        (&json!("post:42"), &json!("alice"))
+    );
+    // The same room by another template, on the other process.
+    let (mut bob, w) = Client::join(&d.b().ws("/ws/chat/post:42?username=bob")).await;
+    assert_eq!(w["room"], "post:42");
+    let (_general, w) = Client::join(&d.b().ws("/ws/chat/%23general")).await;
+    assert_eq!(w["room"], "#general");
+    d.wait_members("post:42", 2).await;
+    bob.send("hello from a route").await;
+    let m = alice.recv_type("message").await;
+    assert_eq!(
+        (&m["room"], &m["text"]),
+        (&json!("post:42"), &json!("hello from a route"))
+    );
+    bob.recv_type("message").await;
+
+    // Query parameters as on `/ws/{room}`: history.
+    let (mut carol, _) = Client::join(&d.a().ws("/ws/posts/42/live?user=carol&history=5")).await;
+    let h = carol.recv_type("history").await;
+    assert_eq!(
+        (&h["room"], &h["count"]),
+        (&json!("post:42"), &json!(1)),
+        "{h}"
+    );
+    assert_eq!(
+        carol.recv_type("message").await["text"],
+        "hello from a route"
+    );
+    assert_eq!(
+        refused_upgrade(d.a(), "/ws/posts/42/live?history=x").await,
+        (400, json!("bad_param"))
+    );
+
+    // The substituted name obeys the room rules.
+    for (path, code) in [
+        ("/ws/chat/a%20b", "bad_room"),
+        ("/ws/posts/%ff/live", "bad_room"),
+        ("/ws/chat/%24lobby2", "reserved_room"),
+    ] {
+        assert_eq!(
+            refused_upgrade(d.a(), path).await,
+            (400, json!(code)),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        refused_upgrade(d.a(), "/ws/chat/ok?user=").await,
+        (400, json!("bad_user"))
+    );
+    // A mapped room's password still applies.
+    assert_eq!(
+        refused_upgrade(d.a(), "/safe/vault?user=eve").await,
+        (403, json!("bad_password"))
+    );
+    assert_eq!(
+        refused_upgrade(d.b(), "/safe/vault?user=eve&password=nope").await,
+        (403, json!("bad_password"))
+    );
+    let (_v, w) = Client::join(&d.b().ws("/safe/vault?user=vic&password=s3same")).await;
+    assert_eq!(w["room"], "vault");
+    // Unmapped paths, and a mapped path asked for neither transport.
+    for path in [
+        "/ws/posts/42",
+        "/ws/posts/42/live/x",
+        "/safe",
+        "/nothing/here",
+    ] {
+        assert_eq!(
+            refused_upgrade(d.a(), path).await,
+            (404, json!("not_found")),
+            "{path}"
+        );
+    }
+    let (status, v) = d.a().get("/ws/chat/general").await;
+    assert_eq!((status, &v["error"]), (400, &json!("bad_request")), "{v}");
+    let r = support::http(d.a().addr, "POST", "/ws/chat/general", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 405);
+}
+
+in_both_modes!(
+    route_templates_answer_to_tokens,
+    "--jwt-secret",
+    SECRET,
+    "--rooms-config",
+    routes_file()
+);
+/// The room a template names is the room a token must allow.
+async fn route_templates_answer_to_tokens(d: Deployment) {
+    let posts = token("alice", Some("post:*"));
+    let (_alice, w) = Client::join(&d.a().ws(&format!("/ws/posts/7/live?token={posts}"))).await;
+    assert_eq!(
+        (&w["room"], &w["user"]),
+        (&json!("post:7"), &json!("alice"))
+    );
+    assert_eq!(
+        refused_upgrade(d.b(), &format!("/ws/chat/general?token={posts}")).await,
+        (403, json!("forbidden_room"))
+    );
+    assert_eq!(
+        refused_upgrade(d.b(), &format!("/ws/posts/7/live?token={posts}&user=bob")).await,
+        (403, json!("forbidden_user"))
+    );
+    assert_eq!(
+        refused_upgrade(d.b(), "/ws/posts/7/live").await,
+        (401, json!("unauthorized"))
+    );
+}
+
+/// A member list as a client keeps it: the welcome's `users`, then each presence frame's
+/// `joined_ids`/`left_ids` (joined first), keyed by member id.
+#[derive(Debug, Default, PartialEq)]
+struct Roster(BTreeMap<u64, String>);
+
+impl Roster {
+    fn from_welcome(w: &Value) -> Roster {
+        let mut r = Roster::default();
+        for u in w["users"].as_array().expect("a users list") {
+            r.0.insert(
+                u["id"].as_u64().unwrap(),
+                u["user"].as_str().unwrap().to_owned(),
+            );
+        }
+        r
+    }
+
+    fn apply(&mut self, p: &Value) {
+        let pairs = |names: &str, ids: &str| -> Vec<(u64, String)> {
+            let names = p[names].as_array().unwrap();
+            let ids = p[ids]
+                .as_array()
+                .unwrap_or_else(|| panic!("{ids} with names: {p}"));
+            assert_eq!(names.len(), ids.len(), "{p}");
+            ids.iter()
+                .zip(names)
+                .map(|(id, n)| (id.as_u64().unwrap(), n.as_str().unwrap().to_owned()))
+                .collect()
+        };
+        for (id, name) in pairs("joined", "joined_ids") {
+            self.0.insert(id, name);
+        }
+        for (id, _) in pairs("left", "left_ids") {
+            self.0.remove(&id);
+        }
+    }
+
+    fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.0.values().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+/// The `users` of a welcome or a room-info page as `(id, name)`.
+fn users_of(v: &Value) -> Vec<(u64, String)> {
+    v["users"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|u| {
+                    (
+                        u["id"].as_u64().unwrap(),
+                        u["user"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Reads `c`'s presence frames until one counts `members`: from then on the process `c` is on
+/// knows of every one of them (cluster mode: of those elsewhere too).
+async fn until_members(c: &mut Client, members: u64) {
+    while c.recv_type("presence").await["members"] != members {}
+}
+
+in_both_modes!(a_joiner_sees_who_is_there);
+/// The welcome lists the room's members, the joiner included, with the ids the room-info API
+/// uses; in cluster mode those on the other process too.
+async fn a_joiner_sees_who_is_there(d: Deployment) {
+    let (mut alice, w) = Client::join(&d.a().ws("/ws/roster?user=alice")).await;
+    assert_eq!(Roster::from_welcome(&w).names(), ["alice"], "{w}");
+    let (_bob, _) = Client::join(&d.b().ws("/ws/roster?user=bob")).await;
+    until_members(&mut alice, 2).await;
+    let (_carol, w) = Client::join(&d.a().ws("/ws/roster?user=carol")).await;
+    assert_eq!(
+        Roster::from_welcome(&w).names(),
+        ["alice", "bob", "carol"],
+        "{w}"
+    );
+    assert!(
+        w.get("next_users_after").is_none() && w.get("users_partial").is_none(),
+        "{w}"
+    );
+    let ids: Vec<u64> = users_of(&w).iter().map(|(id, _)| *id).collect();
+    assert!(ids.windows(2).all(|p| p[0] < p[1]), "by id: {w}");
+    assert!(
+        ids.iter().all(|id| *id < 1 << 53),
+        "ids a browser reads exactly: {w}"
+    );
+    // The room-info API lists the same members with the same ids, on every process.
+    for node in &d.nodes {
+        let v = node
+            .wait_for("/api/rooms/roster", "three users", support::STEP, |s, v| {
+                s == 200 && users_of(v).len() == 3
+            })
+            .await;
+        assert_eq!(users_of(&v), users_of(&w), "{v}");
+    }
+}
+
+in_both_modes!(
+    a_big_room_lists_one_page_and_a_cursor,
+    "--roster-limit",
+    "2"
+);
+/// Past `--roster-limit` the welcome lists the first members by id and `next_users_after`, the
+/// cursor the room-info API pages on from there.
+async fn a_big_room_lists_one_page_and_a_cursor(d: Deployment) {
+    let (mut first, _) = Client::join(&d.a().ws("/ws/big?user=u0")).await;
+    let mut others = Vec::new();
+    for i in 1..4 {
+        let node = if i % 2 == 0 { d.a() } else { d.b() };
+        others.push(
+            Client::join(&node.ws(&format!("/ws/big?user=u{i}")))
+                .await
+                .0,
+        );
+    }
+    until_members(&mut first, 4).await;
+    let (_joiner, w) = Client::join(&d.a().ws("/ws/big?user=joiner")).await;
+    let all = d
+        .a()
+        .wait_for(
+            "/api/rooms/big?users_limit=100",
+            "five users",
+            support::STEP,
+            |s, v| s == 200 && users_of(v).len() == 5,
+        )
+        .await;
+    let all = users_of(&all);
+    assert_eq!(users_of(&w), all[..2], "{w}");
+    assert_eq!(w["next_users_after"], all[1].0, "{w}");
+    let after = all[1].0;
+    for node in &d.nodes {
+        // Another process's members reach its roster in Redis within a presence interval.
+        node.wait_for(
+            "/api/rooms/big?users_limit=100",
+            "five users",
+            support::STEP,
+            |s, v| s == 200 && users_of(v).len() == 5,
+        )
+        .await;
+        let (_, page) = node
+            .get(&format!("/api/rooms/big?users_limit=2&users_after={after}"))
+            .await;
+        assert_eq!(users_of(&page), all[2..4], "{page}");
+        assert_eq!(page["next_users_after"], all[3].0, "{page}");
+        let (_, last) = node
+            .get(&format!(
+                "/api/rooms/big?users_limit=2&users_after={}",
+                all[3].0
+            ))
+            .await;
+        assert_eq!(users_of(&last), all[4..], "{last}");
+        assert_eq!(last["next_users_after"], Value::Null, "{last}");
+    }
+}
+
+/// A rooms file with a `counts` and an `off` room, written once per test process.
+fn presence_file() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!(
+            "roomcast-behaviour-presence-{}.toml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &path,
+            "[rooms.\"quiet:*\"]\npresence = \"counts\"\n[rooms.\"silent:*\"]\npresence = \"off\"\n",
+        )
+        .unwrap();
+        path.to_string_lossy().into_owned()
+    })
+}
+
+in_both_modes!(
+    rooms_that_name_nobody_list_nobody,
+    "--rooms-config",
+    presence_file()
+);
+/// `counts` and `off` rooms send no names: no `users` in the welcome, no ids in presence.
+async fn rooms_that_name_nobody_list_nobody(d: Deployment) {
+    for room in ["quiet:1", "silent:1"] {
+        let (mut one, w) = Client::join(&d.a().ws(&format!("/ws/{room}?user=one"))).await;
+        assert!(
+            w.get("users").is_none() && w.get("next_users_after").is_none(),
+            "{w}"
+        );
+        let (_two, w) = Client::join(&d.b().ws(&format!("/ws/{room}?user=two"))).await;
+        assert!(w.get("users").is_none(), "{w}");
+        if room == "quiet:1" {
+            let p = one.recv_type("presence").await;
+            assert_eq!(p["joined"], json!([]), "{p}");
+            assert!(
+                p.get("joined_ids").is_none() && p.get("left_ids").is_none(),
+                "{p}"
+            );
+        }
+    }
+}
+
+in_both_modes!(presence_after_the_welcome_keeps_the_roster_right);
+/// A client that starts from its welcome and applies presence frames by id ends with the room's
+/// members exactly, however joins and leaves fall around its welcome, on either process.
+async fn presence_after_the_welcome_keeps_the_roster_right(d: Deployment) {
+    let (mut alice, _) = Client::join(&d.a().ws("/ws/live?user=alice")).await;
+    let (_bob, _) = Client::join(&d.b().ws("/ws/live?user=bob")).await;
+    until_members(&mut alice, 2).await;
+    let (mut carol, w) = Client::join(&d.a().ws("/ws/live?user=carol")).await;
+    let mut roster = Roster::from_welcome(&w);
+    // Joins and leaves after the welcome, on both processes; one user twice.
+    let (_dave, _) = Client::join(&d.b().ws("/ws/live?user=dave")).await;
+    let (_bob2, _) = Client::join(&d.a().ws("/ws/live?user=bob")).await;
+    drop(alice);
+    let (eve, _) = Client::join(&d.b().ws("/ws/live?user=eve")).await;
+    drop(eve);
+    let expected = ["bob", "bob", "carol", "dave"];
+    let deadline = tokio::time::Instant::now() + support::STEP;
+    let mut eve_left = false;
+    while roster.names() != expected || !eve_left {
+        assert!(tokio::time::Instant::now() < deadline, "{roster:?}");
+        let p = carol.recv_type("presence").await;
+        eve_left |= p["left"].as_array().unwrap().contains(&json!("eve"));
+        roster.apply(&p);
+    }
+    d.wait_members("live", 4).await;
+    let v = d
+        .a()
+        .wait_for("/api/rooms/live", "four users", support::STEP, |s, v| {
+            s == 200 && users_of(v).len() == 4
+        })
+        .await;
+    let listed: BTreeMap<u64, String> = users_of(&v).into_iter().collect();
+    assert_eq!(roster.0, listed, "the same members by the same ids");
 }

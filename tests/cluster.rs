@@ -913,6 +913,60 @@ async fn kept_messages_out_of_order_in_redis_are_dropped_and_counted() {
     assert!(String::from_utf8_lossy(&r.body).contains("roomcast_cluster_kept_out_of_order_total 1"));
 }
 
+/// Another process's roster in Redis is hostile too: entries that break the rules are skipped
+/// and counted, good ones are listed, in the welcome and the room-info API alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn hostile_roster_entries_are_skipped_and_counted() {
+    let redis = Redis::start();
+    // A live-looking process with 5 members of `crowd`, one of them a real name.
+    assert_eq!(
+        redis.command(&[
+            b"HSET",
+            b"roomcast:node:evil0",
+            b"!alive",
+            b"1",
+            b"crowd",
+            b"5"
+        ]),
+        ":2"
+    );
+    assert_eq!(redis.command(&[b"SADD", b"roomcast:nodes", b"evil0"]), ":1");
+    let entries: [&[u8]; 6] = [
+        b"crowd 0000000000000005 mallory",
+        b"crowd zzzz bad",
+        b"crowd 0000000000000006 bell\x07",
+        b"crowd 0000000000000000 zero",
+        b"crowd 0020000000000000 past-2^53",
+        b"crowd 0000000000000007 \xff\xfe",
+    ];
+    for entry in entries {
+        assert_eq!(
+            redis.command(&[b"ZADD", b"roomcast:roster:evil0", b"0", entry]),
+            ":1"
+        );
+    }
+    let node = Instance::start(&redis, &[]).await;
+    let (_alice, w) = Client::join(&node.ws("/ws/crowd?user=alice")).await;
+    let names: Vec<&str> = w["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["user"].as_str())
+        .collect();
+    assert_eq!(names, ["mallory", "alice"], "{w}");
+    assert_eq!(w["users"][0]["id"], 5, "{w}");
+    let (_, stats) = node.get("/api/stats").await;
+    assert_eq!(stats["cluster"]["roster_entries_dropped"], 5, "{stats}");
+    let (_, info) = node.get("/api/rooms/crowd").await;
+    assert_eq!(info["users"].as_array().map(Vec::len), Some(2), "{info}");
+    let (_, stats) = node.get("/api/stats").await;
+    assert_eq!(stats["cluster"]["roster_entries_dropped"], 10, "{stats}");
+    let r = http(node.addr, "GET", "/metrics", None).await.unwrap();
+    assert!(String::from_utf8_lossy(&r.body)
+        .contains("roomcast_cluster_roster_entries_dropped_total 10"));
+}
+
 impl Redis {
     /// Runs one command given as raw arguments (any bytes) over a plain socket; answers the
     /// first line of the reply.

@@ -729,3 +729,102 @@ async fn a_room_password_travels_off_the_url_as_a_subprotocol() {
         (400, json!("bad_password"))
     );
 }
+
+#[test]
+fn a_bad_route_template_stops_the_server_naming_its_position() {
+    for (text, expected, why) in [
+        (
+            "[routes]\n\"/ws/posts/{id}/live\" = \"post:{id}\"\n\"/ws/x/{id\" = \"{id}\"\n",
+            ":3:1: key `routes.\"/ws/x/{id\"`",
+            "unbalanced",
+        ),
+        (
+            "[routes]\n\"/live/{id}\" = \"post:{slug}\"\n",
+            ":2:16: key `routes.\"/live/{id}\"`",
+            "not in the path",
+        ),
+        (
+            "[routes]\n\"/a/{x}\" = \"{x}\"\n\"/a/{y}\" = \"{y}\"\n",
+            ":3:12: key `routes.\"/a/{y}\"`",
+            "same paths",
+        ),
+        (
+            "[routes]\n\"/ws/{room}\" = \"{room}\"\n",
+            ":2:1: key `routes.\"/ws/{room}\"`",
+            "server answers itself",
+        ),
+    ] {
+        let file = TempFile::new(text);
+        let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args(["--listen", "127.0.0.1:0", "--rooms-config"])
+            .arg(file.path())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{text}: exit status {:?}",
+            out.status
+        );
+        let expected = format!("{}{expected}", file.path().display());
+        assert!(
+            stderr.contains(&expected) && stderr.contains(why),
+            "{text}: stderr: {stderr}"
+        );
+    }
+}
+
+/// The room an upgrade on `path` lands in (its welcome's), or the refusal's status.
+async fn routed_room(addr: std::net::SocketAddr, path: &str) -> Result<String, u16> {
+    match Client::try_connect(&format!("ws://{addr}{path}")).await {
+        Ok(mut c) => Ok(c.recv_type("welcome").await["room"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()),
+        Err(_) => Err(refused_upgrade(addr, path).await.0),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_route_table_and_a_bad_one_keeps_the_old() {
+    let file = TempFile::new("[routes]\n\"/live/{id}\" = \"post:{id}\"\n");
+    let process = tokio::task::spawn_blocking({
+        let path = file.path().to_owned();
+        move || Process::start(&path)
+    })
+    .await
+    .unwrap();
+    let addr = process.addr;
+    assert_eq!(routed_room(addr, "/live/1").await, Ok("post:1".to_owned()));
+    assert_eq!(routed_room(addr, "/feed/1").await, Err(404));
+
+    // A changed table: the new template leads in, the old one no longer does.
+    file.write("[routes]\n\"/feed/{id}\" = \"feed:{id}\"\n");
+    process.signal("HUP");
+    support::eventually("the new routes", Duration::from_millis(20), || async {
+        (routed_room(addr, "/feed/1").await == Ok("feed:1".to_owned())).then_some(())
+    })
+    .await;
+    assert_eq!(routed_room(addr, "/live/1").await, Err(404));
+
+    // A bad table is refused, counted, and the routes in force stay.
+    file.write("[routes]\n\"/feed/{id}\" = \"x:{id}\"\n\"/feed/{other}\" = \"y:{other}\"\n");
+    process.signal("HUP");
+    support::eventually("the refusal counted", Duration::from_millis(20), || async {
+        let r = http(addr, "GET", "/api/stats", None).await.ok()?;
+        (r.json()["rooms_config_reloads_refused"] == 1).then_some(())
+    })
+    .await;
+    let (_process, line) = tokio::task::spawn_blocking(move || {
+        let line = process.wait_line("not reloaded");
+        (process, line)
+    })
+    .await
+    .unwrap();
+    assert!(
+        line.contains(":3:") && line.contains("same paths"),
+        "{line}"
+    );
+    assert_eq!(routed_room(addr, "/feed/2").await, Ok("feed:2".to_owned()));
+}

@@ -20,7 +20,7 @@ async fn welcome_message_and_presence_have_their_documented_shape() {
     assert_eq!(
         w,
         json!({"type": "welcome", "room": "general", "user": "alice", "members": 1, "seq": 0,
-               "epoch": w["epoch"]})
+               "epoch": w["epoch"], "users": [{"id": w["users"][0]["id"], "user": "alice"}]})
     );
     assert_eq!(w["epoch"].as_str().map(str::len), Some(12), "{w}");
 
@@ -58,10 +58,21 @@ async fn welcome_message_and_presence_have_their_documented_shape() {
         assert!(ts <= now && now - ts < 10_000, "ts {ts} now {now}");
     }
 
+    let bob_id = p["joined_ids"][p["joined"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|n| n == "bob")
+        .unwrap()]
+    .clone();
+    assert!(bob_id.is_u64(), "{p}");
+
     drop(bob);
     let p = alice.recv_type("presence").await;
     assert_eq!(p["members"], 1);
     assert_eq!(p["left"], json!(["bob"]));
+    assert_eq!(p["left_ids"], json!([bob_id]), "{p}");
+    assert_eq!(p["joined_ids"], json!([]), "{p}");
 }
 
 #[tokio::test]

@@ -604,3 +604,64 @@ async fn shutdown_ends_a_stream_with_a_close_event_and_a_retry() {
     // Refused while shutting down is covered by the upgrade's own tests; the stream's own end
     // is what EventSource sees.
 }
+
+/// A rooms file whose `[routes]` has the tutorials' event-stream path.
+fn routes_file() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path =
+            std::env::temp_dir().join(format!("roomcast-sse-routes-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[routes]\n\"/sse/posts/{id}\" = \"post:{id}\"\n\"/ws/posts/{id}/live\" = \"post:{id}\"\n",
+        )
+        .unwrap();
+        path.to_string_lossy().into_owned()
+    })
+}
+
+in_both_modes!(
+    a_route_template_opens_an_event_stream,
+    "--rooms-config",
+    routes_file()
+);
+/// A template's path asked for `text/event-stream` is a stream into the room the template
+/// names, and the same path upgraded is a WebSocket into it.
+async fn a_route_template_opens_an_event_stream(d: Deployment) {
+    let mut s = connect(d.a().addr, "/sse/posts/9?user=reader").await;
+    let w = s.next_named("welcome").await.json();
+    assert_eq!(
+        (&w["room"], &w["user"]),
+        (&json!("post:9"), &json!("reader")),
+        "{w}"
+    );
+    let (mut ws, w) = Client::join(&d.b().ws("/sse/posts/9?user=writer")).await;
+    assert_eq!(w["room"], "post:9");
+    d.wait_members("post:9", 2).await;
+    ws.send("through a route").await;
+    let m = s.next_named("message").await.json();
+    assert_eq!(
+        (&m["room"], &m["text"]),
+        (&json!("post:9"), &json!("through a route"))
+    );
+    let (status, v) = open(d.a().addr, "/sse/posts/9?rooms=other", &[])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("bad_param")),
+        "{v}"
+    );
+    let (status, v) = open(d.a().addr, "/sse/posts/a%20b", &[])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("bad_room")),
+        "{v}"
+    );
+    let (status, _) = open(d.a().addr, "/sse/posts/9/x", &[]).await.err().unwrap();
+    assert_eq!(status, 404);
+}

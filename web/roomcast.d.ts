@@ -37,8 +37,23 @@ export interface Message {
   mine: boolean;
 }
 
-export interface Welcome { type: "welcome"; room: string; user: string; members: number; seq: number; epoch: string }
-export interface Presence { type: "presence"; room: string; joined: string[]; left: string[]; members: number; truncated?: true }
+export interface Member { id: number; user: string }
+export interface Welcome {
+  type: "welcome"; room: string; user: string; members: number; seq: number; epoch: string;
+  /** The room's first members by id, the joiner included; absent where presence names nobody. */
+  users?: Member[];
+  /** There are more members: the next page starts after this id. */
+  next_users_after?: number;
+  /** Cluster mode: other servers' members could not be read. */
+  users_partial?: true;
+}
+export interface Presence {
+  type: "presence"; room: string; joined: string[]; left: string[]; members: number; truncated?: true;
+  /** The member ids of `joined` and `left`, in their order. */
+  joined_ids?: number[]; left_ids?: number[];
+}
+/** The members a client knows of a room, kept current from presence. */
+export interface Roster { room: string; users: Member[]; more: boolean; partial: boolean }
 export interface Replay { type: "history" | "recovery"; room: string; count: number; epoch: string; since?: number; complete?: boolean; from?: number }
 export interface Published { room: string; seq: number; duplicate: boolean }
 
@@ -57,6 +72,7 @@ export interface EventMap {
   replay: Replay;
   message: Message;
   presence: Presence;
+  roster: Roster;
   lagged: { type: "lagged"; room: string; missed_from: number; missed_to: number };
   left: { type: "left"; room: string; reason?: string };
   refreshed: { type: "refreshed"; exp: number };
@@ -73,8 +89,12 @@ export class Client {
   publish(room: string, text: string, options?: { id?: string }): Promise<Published>;
   isMine(message: { id?: string }): boolean;
   history(room: string, options?: { before?: number; limit?: number }): Promise<{ messages: Omit<Message, "past" | "mine">[]; nextBefore: number | null }>;
+  /** The members known of `room` (from its welcome, then presence); null where none are shown. */
+  roster(room: string): Roster | null;
+  /** Reads the next page of `room`'s members into its roster. */
+  moreMembers(room: string, options?: { limit?: number }): Promise<Roster | null>;
   roomInfo(room: string, options?: { usersAfter?: number; usersLimit?: number }): Promise<{
-    room: string; members: number; users: { id: number; user: string }[]; next_users_after: number | null;
+    room: string; members: number; users: Member[]; next_users_after: number | null; users_partial?: true;
     password_protected: boolean; [key: string]: unknown;
   }>;
   listRooms(options?: { limit?: number }): Promise<{ rooms: { room: string; members: number; local_members: number; password_protected: boolean }[]; total: number }>;

@@ -47,6 +47,20 @@ export function validRoom(name) {
   return ROOM_RE.test(name);
 }
 
+/** A roster from a page of members (`users`, by id) and the cursor past it. */
+function newRoster(users, after, partial) {
+  const map = new Map();
+  for (const u of users) map.set(u.id, String(u.user));
+  return { users: map, after: after ?? null, partial: !!partial, limit: Math.max(users.length, 100), reloading: null };
+}
+
+/** Applies `[id, user]` changes in order: a user name adds the member, `null` removes it. */
+function applyChanges(roster, changes) {
+  for (const [id, user] of changes) {
+    if (user === null) roster.users.delete(id); else roster.users.set(id, user);
+  }
+}
+
 /** The direct-message room of a set of users: `dmRoom("bob", "alice")` is `dm:alice+bob`. */
 export function dmRoom(...users) {
   const sorted = Array.from(new Set(users.map(String))).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
@@ -187,8 +201,8 @@ export class Client {
   }
 
   // ---- events ----
-  /** Subscribes to `type` ("state", "message", "presence", "welcome", "replay", "lagged",
-   * "left", "lobby", "error", "frame"); returns the unsubscribe function. */
+  /** Subscribes to `type` ("state", "message", "presence", "roster", "welcome", "replay",
+   * "lagged", "left", "lobby", "error", "frame"); returns the unsubscribe function. */
   on(type, fn) {
     if (!this.listeners.has(type)) this.listeners.set(type, new Set());
     this.listeners.get(type).add(fn);
@@ -364,7 +378,11 @@ export class Client {
         if (!r) { this._send({ type: "leave", room: f.room }); return; }
         r.joined = true;
         r.position.welcomed(f.seq, f.epoch);
+        // The welcome lists the room's first members (rooms whose presence names nobody list
+        // none): the roster starts from it, presence keeps it current.
+        r.roster = Array.isArray(f.users) ? newRoster(f.users, f.next_users_after, f.users_partial) : null;
         this._emit("welcome", f);
+        if (r.roster) this._emit("roster", this.roster(f.room));
         if (r.waiter) { r.waiter.resolve(f); r.waiter = null; }
         return;
       case "history": case "recovery":
@@ -389,7 +407,11 @@ export class Client {
           this.pending.delete(f.id);
         }
         return;
-      case "presence": if (r) this._emit("presence", f); return;
+      case "presence":
+        if (!r) return;
+        this._emit("presence", f);
+        if (r.roster) this._presence(f.room, r, f);
+        return;
       case "lagged": if (r) this._emit("lagged", f); return;
       case "left":
         if (f.reason && r) { this.rooms.delete(f.room); this._emit("left", f); }
@@ -400,6 +422,44 @@ export class Client {
         return;
       case "error": this._error(f); return;
       default: return;
+    }
+  }
+
+  /** Applies a presence frame to a room's roster by member id, so hearing of a change twice
+   * (around the welcome, or in cluster mode) changes nothing. A frame that left names out, or
+   * names without ids (an older server), sends the roster back to the server's first page. */
+  _presence(room, r, f) {
+    const roster = r.roster;
+    const joined = f.joined || [], left = f.left || [];
+    const ids = Array.isArray(f.joined_ids) && Array.isArray(f.left_ids)
+      && f.joined_ids.length === joined.length && f.left_ids.length === left.length;
+    if (f.truncated || !ids) {
+      if (joined.length || left.length || f.truncated) this._reloadRoster(room, r);
+      return;
+    }
+    const changes = [];
+    joined.forEach((user, i) => changes.push([f.joined_ids[i], String(user)]));
+    left.forEach((_, i) => changes.push([f.left_ids[i], null]));
+    applyChanges(roster, changes);
+    if (roster.reloading) roster.reloading.push(...changes);
+    this._emit("roster", this.roster(room));
+  }
+
+  /** Reads the roster's first page again (`GET /api/rooms/{room}`); changes heard while it is
+   * on its way are applied again on top of it. */
+  async _reloadRoster(room, r) {
+    const roster = r.roster;
+    if (!roster || roster.reloading) return;
+    roster.reloading = [];
+    try {
+      const info = await this.roomInfo(room, { usersLimit: roster.limit });
+      if (r.roster !== roster) return;
+      const fresh = newRoster(info.users || [], info.next_users_after, info.users_partial);
+      applyChanges(fresh, roster.reloading);
+      Object.assign(roster, fresh, { reloading: null });
+      this._emit("roster", this.roster(room));
+    } catch {
+      roster.reloading = null; // the next presence frame tries again
     }
   }
 
@@ -480,6 +540,31 @@ export class Client {
     if (before != null) q.set("before", String(before));
     const body = await this._json(`/api/rooms/${encodeURIComponent(room)}/messages?` + q, room);
     return { messages: body.messages || [], nextBefore: body.next_before ?? null };
+  }
+
+  /** The members of `room` this client knows, by id: `{ room, users: [{id, user}], more, partial }`
+   * (`more`: the room has members past these, `moreMembers` reads them; `partial`: in cluster
+   * mode, other servers' members could not be read). `null` before the welcome, and in rooms
+   * whose presence names nobody. Kept current from presence frames: listen for `roster`. */
+  roster(room) {
+    const r = this.rooms.get(room);
+    if (!r || !r.roster) return null;
+    const users = Array.from(r.roster.users, ([id, user]) => ({ id, user })).sort((a, b) => a.id - b.id);
+    return { room, users, more: r.roster.after !== null, partial: r.roster.partial };
+  }
+
+  /** Reads the next page of `room`'s members into its roster (emits `roster`); resolves with
+   * the roster. */
+  async moreMembers(room, { limit = 100 } = {}) {
+    const r = this.rooms.get(room);
+    const roster = r && r.roster;
+    if (!roster || roster.after === null) return this.roster(room);
+    const info = await this.roomInfo(room, { usersAfter: roster.after, usersLimit: limit });
+    if (r.roster !== roster) return this.roster(room);
+    applyChanges(roster, (info.users || []).map((u) => [u.id, String(u.user)]));
+    roster.after = info.next_users_after ?? null;
+    this._emit("roster", this.roster(room));
+    return this.roster(room);
   }
 
   /** A room's info and one page of its members: `{ members, users, next_users_after, ... }`. */

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{BoxFuture, Broker, Fallback, JoinRequest, Link, PublishError, Remote, Totals};
 use crate::core::archive::Seeding;
 use crate::core::hub::{Hub, JoinError, Start};
-use crate::core::room::{Joined, Publish, Published, Room};
+use crate::core::room::{Joined, Publish, Published, Room, UserEntry};
 use crate::core::stats::Stats;
 use crate::shutdown::Shutdown;
 
@@ -53,6 +53,15 @@ impl Broker for Local {
             None => Err(PublishError::NoSuchRoom),
         };
         Box::pin(std::future::ready(published))
+    }
+
+    fn roster<'a>(
+        &'a self,
+        _name: &'a str,
+        _after: Option<u64>,
+        _n: usize,
+    ) -> BoxFuture<'a, Result<Vec<UserEntry>, ()>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
     }
 
     fn remote<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<Remote, ()>> {

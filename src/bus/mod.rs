@@ -26,7 +26,7 @@ use crate::core::archive::Seeding;
 use crate::core::auth::Scope;
 pub use crate::core::hub::JoinRequest;
 use crate::core::hub::{Hub, JoinError};
-use crate::core::room::{Joined, Publish, Published, Room, RoomInfo};
+use crate::core::room::{merge_page, Joined, Publish, Published, Room, RoomInfo, UserEntry};
 use crate::core::stats::Stats;
 use crate::proto::names::{direct_admits, LOBBY};
 use crate::shutdown::Shutdown;
@@ -123,6 +123,21 @@ pub trait Broker: Send + Sync + 'static {
     /// What the other processes have of `name` (`Err`: they cannot be asked now).
     fn remote<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Remote, ()>>;
 
+    /// Up to `n` members of `name` on the other processes with ids above `after`, by id
+    /// (`Err`: they cannot be asked now). This process's members are the hub's.
+    fn roster<'a>(
+        &'a self,
+        name: &'a str,
+        after: Option<u64>,
+        n: usize,
+    ) -> BoxFuture<'a, Result<Vec<UserEntry>, ()>>;
+
+    /// The member ids this process hands out start after this: processes that share rooms take
+    /// ids from ranges of their own, so that an id names one member everywhere.
+    fn member_id_base(&self) -> u64 {
+        0
+    }
+
     /// Counts of every process (`Err`: the other processes cannot be asked now).
     fn totals<'a>(&'a self, hub: &'a Hub, connections: u64) -> BoxFuture<'a, Result<Totals, ()>>;
 
@@ -204,6 +219,11 @@ impl Bus {
         }
     }
 
+    /// Where this process's member ids start (see `Broker::member_id_base`).
+    pub fn member_id_base(&self) -> u64 {
+        self.broker.member_id_base()
+    }
+
     /// This process's rooms.
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
@@ -246,10 +266,50 @@ impl Bus {
             };
             match self.broker.join(&self.hub, req, seeding).await {
                 Err(JoinError::SeedStale) if tries_left > 0 => {}
+                Ok(joined) => return Ok(self.with_roster(joined, req.id).await),
                 done => return done,
             }
         }
         Err(JoinError::SeedStale)
+    }
+
+    /// Adds the other processes' members to a welcome that lists members, when the room has
+    /// some elsewhere. Read after the join subscribed: a change before the read is in it, one
+    /// after it comes as presence (ids make hearing of one twice harmless). Unreadable, the
+    /// welcome lists this process's members and says `users_partial`. Cancel-safe: dropped
+    /// while it reads, it leaves the room it was handed.
+    async fn with_roster(&self, mut joined: Joined, id: u64) -> Joined {
+        if !joined.welcome.lists_users() || joined.room.remote_members() == 0 {
+            return joined;
+        }
+        /// Leaves the room unless the join is handed on.
+        struct Leave<'a> {
+            bus: &'a Bus,
+            room: Arc<Room>,
+            id: u64,
+            armed: bool,
+        }
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                if self.armed {
+                    self.bus.leave(&self.room, self.id);
+                }
+            }
+        }
+        let mut guard = Leave {
+            bus: self,
+            room: joined.room.clone(),
+            id,
+            armed: true,
+        };
+        let n = joined.welcome.limit().saturating_add(1);
+        let remote = self.broker.roster(guard.room.name(), None, n).await;
+        guard.armed = false;
+        match remote {
+            Ok(users) => joined.welcome.merge_users(users),
+            Err(()) => joined.welcome.set_partial(),
+        }
+        joined
     }
 
     /// Leaves a room joined through `join`.
@@ -299,8 +359,9 @@ impl Bus {
         self.broker.publish(name, local, p, fallback).await
     }
 
-    /// A room's figures with one page of its users (this process's users). `None`: no process
-    /// has a member in it.
+    /// A room's figures with one page of its users, those of every process by id. `None`: no
+    /// process has a member in it. When the other processes cannot be asked, the page is this
+    /// process's and says `users_partial`.
     pub async fn room_info(
         &self,
         name: &str,
@@ -308,9 +369,11 @@ impl Bus {
         users_after: Option<u64>,
     ) -> Option<RoomInfo> {
         let local = self.hub.get(name);
-        let remote = self.broker.remote(name).await.unwrap_or_default();
+        let remote = self.broker.remote(name).await;
+        let reachable = remote.is_ok();
+        let remote = remote.unwrap_or_default();
         let mut info = match &local {
-            Some(room) => room.info(users_limit, users_after),
+            Some(room) => room.info(),
             None if remote.members > 0 => {
                 let settings = self.hub.settings().resolve(name);
                 RoomInfo::elsewhere(name, &settings)
@@ -319,6 +382,21 @@ impl Bus {
         };
         info.members = info.members.saturating_add(remote.members);
         info.last_seq = info.last_seq.max(remote.last_seq);
+        // One more than a page: whether there is a next one.
+        let n = users_limit.saturating_add(1);
+        let mut page = local.map_or_else(Vec::new, |r| r.users_page(users_after, n));
+        info.users_partial = !reachable;
+        if remote.members > 0 {
+            match self.broker.roster(name, users_after, n).await {
+                Ok(more) => merge_page(&mut page, more, n),
+                Err(()) => info.users_partial = true,
+            }
+        }
+        if page.len() > users_limit {
+            page.truncate(users_limit);
+            info.next_users_after = page.last().map(|u| u.id);
+        }
+        info.users = page;
         Some(info)
     }
 
@@ -410,5 +488,86 @@ impl Bus {
     /// Broker counters for `/api/stats`.
     pub fn broker_stats(&self) -> Option<serde_json::Value> {
         self.broker.stats_json()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker whose rooms always have members elsewhere and whose roster never answers.
+    struct Stalling;
+
+    impl Broker for Stalling {
+        fn join<'a>(
+            &'a self,
+            hub: &'a Hub,
+            req: JoinRequest<'a>,
+            _seeding: Seeding,
+        ) -> BoxFuture<'a, Result<Joined, JoinError>> {
+            let joined = hub.join(&req, crate::core::hub::Start::default());
+            if let Ok(j) = &joined {
+                j.room.set_remote_members(1);
+            }
+            Box::pin(std::future::ready(joined))
+        }
+        fn leave(&self, hub: &Hub, room: &Arc<Room>, id: u64) {
+            hub.leave(room, id);
+        }
+        fn publish<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<Arc<Room>>,
+            _: &'a Publish<'a>,
+            _: Fallback,
+        ) -> BoxFuture<'a, Result<Published, PublishError>> {
+            Box::pin(std::future::ready(Err(PublishError::NoSuchRoom)))
+        }
+        fn remote<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Remote, ()>> {
+            Box::pin(std::future::ready(Ok(Remote::default())))
+        }
+        fn roster<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<u64>,
+            _: usize,
+        ) -> BoxFuture<'a, Result<Vec<UserEntry>, ()>> {
+            Box::pin(std::future::pending())
+        }
+        fn totals<'a>(&'a self, _: &'a Hub, _: u64) -> BoxFuture<'a, Result<Totals, ()>> {
+            Box::pin(std::future::ready(Err(())))
+        }
+        fn link(&self) -> Option<Link> {
+            None
+        }
+        fn stats_json(&self) -> Option<serde_json::Value> {
+            None
+        }
+        fn run(self: Arc<Self>, _: Arc<Hub>, _: Arc<Stats>, _: Shutdown) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn a_join_dropped_while_it_reads_the_roster_leaves_nothing_behind() {
+        let stats = Arc::new(Stats::new());
+        let hub = Arc::new(Hub::new(4, 16, stats.clone()));
+        let bus = Bus::new(hub.clone(), Arc::new(Stalling), stats);
+        let user: Arc<str> = "alice".into();
+        let req = JoinRequest {
+            name: "r",
+            id: 1,
+            user: &user,
+            password: None,
+            replay: None,
+            grant: None,
+        };
+        let join = tokio::time::timeout(Duration::from_millis(20), bus.join(req)).await;
+        assert!(join.is_err(), "the roster read never ends");
+        assert!(
+            hub.get("r").is_none(),
+            "the member left with the dropped join"
+        );
+        assert_eq!(hub.room_count(), 0);
     }
 }

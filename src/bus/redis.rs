@@ -24,6 +24,14 @@
 //!   plus its connection count, and re-writes it every heartbeat (a third of
 //!   `--cluster-node-ttl`) with that TTL. A process that dies stops heartbeating and its hash
 //!   expires: readers only sum the hashes that still exist.
+//! - **Rosters.** Each process keeps its members in a sorted set of its own (`P:roster:<node>`,
+//!   entries `wire::roster_entry`), written with the presence of each interval (joins and leaves
+//!   in order, before the presence payload that announces them), whole when the link comes up,
+//!   and expiring with the node hash, so a process that dies takes its members with it. A
+//!   welcome and the room-info API read the first page of a room's members from every live
+//!   process's roster (`scripts::ROSTER`) and merge it with this process's own. Member ids are
+//!   unique across processes: each process hands out ids from a range of its own
+//!   (`member_id_base`).
 //! - **Outages.** While Redis is unreachable the process keeps serving its local rooms: a
 //!   WebSocket message is delivered to local members only and its sender gets an error frame
 //!   (`cluster_unavailable`); a REST publish gets 503. The link reconnects with backoff,
@@ -52,7 +60,7 @@ use super::{BoxFuture, Broker, Fallback, Link, PublishError, Remote, Totals};
 use crate::core::archive::Seeding;
 use crate::core::dedupe::Author;
 use crate::core::hub::{Hub, JoinError, JoinRequest, Start};
-use crate::core::room::{Joined, Publish, Published, Room};
+use crate::core::room::{Joined, Publish, Published, Room, UserEntry};
 use crate::core::stats::{unix_millis, Stats};
 use crate::proto::{Epoch, Outbound};
 use crate::shutdown::Shutdown;
@@ -84,6 +92,14 @@ const SEQ_TTL_MS: u64 = 24 * 3600 * 1000;
 const MAX_REMOTE_NODES: usize = 1024;
 /// Most rooms one script call reads or seeds (Lua's `unpack` has a stack limit near 8,000).
 const ROOMS_PER_CALL: usize = 500;
+/// Most roster changes kept between two presence intervals; past it the next interval writes
+/// the roster whole instead (a burst of joins costs one rewrite, not unbounded memory).
+const MAX_ROSTER_QUEUE: usize = 100_000;
+/// Member ids of one process take the low 32 bits; the high bits are the process's range, drawn
+/// at start from `[1, 2^21)` so that every id stays below 2^53 (a JSON number a browser reads
+/// exactly).
+const ID_RANGE_BITS: u32 = 32;
+const ID_RANGES: u64 = (1 << 21) - 1;
 
 /// Why cluster mode could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +147,65 @@ pub struct Cluster {
     wake: Notify,
     /// Raised when rooms become ready or the link goes down: joiners waiting re-check.
     ready: Notify,
+    /// Membership changes not yet written to this process's roster in Redis.
+    roster: Mutex<RosterQueue>,
+    /// The first member id this process hands out, less one (see `ID_RANGE_BITS`).
+    id_base: u64,
     metrics: Metrics,
+}
+
+/// One membership change for this process's roster.
+pub(crate) enum RosterChange {
+    /// A roster entry (`wire::roster_entry`) to add.
+    Add(String),
+    /// One to remove.
+    Remove(String),
+}
+
+/// The roster changes waiting for the next presence interval.
+#[derive(Default)]
+pub(crate) struct RosterQueue {
+    /// `false` while the link is down: nothing is queued, the next link writes the roster whole.
+    open: bool,
+    changes: Vec<RosterChange>,
+    /// More than `MAX_ROSTER_QUEUE` changes came: the next interval writes the roster whole.
+    overflow: bool,
+}
+
+impl RosterQueue {
+    fn push(&mut self, change: RosterChange) {
+        if !self.open || self.overflow {
+            return;
+        }
+        if self.changes.len() >= MAX_ROSTER_QUEUE {
+            self.overflow = true;
+            self.changes = Vec::new();
+            return;
+        }
+        self.changes.push(change);
+    }
+
+    /// The link is up: changes from now on are queued (the roster is being written whole).
+    pub(crate) fn open(&mut self) {
+        *self = RosterQueue {
+            open: true,
+            ..RosterQueue::default()
+        };
+    }
+
+    fn close(&mut self) {
+        *self = RosterQueue::default();
+    }
+
+    pub(crate) fn pending(&self) -> bool {
+        self.overflow || !self.changes.is_empty()
+    }
+
+    /// The changes queued so far, and whether there were too many to keep.
+    pub(crate) fn take(&mut self) -> (Vec<RosterChange>, bool) {
+        let overflow = std::mem::take(&mut self.overflow);
+        (std::mem::take(&mut self.changes), overflow)
+    }
 }
 
 #[derive(Default)]
@@ -211,6 +285,8 @@ struct Keys {
     node_prefix: String,
     /// `P:nodes`: the set of node ids that may be alive.
     nodes: String,
+    /// `P:roster:` + node id: that process's members (`wire::roster_entry`).
+    roster_prefix: String,
 }
 
 impl Keys {
@@ -222,6 +298,7 @@ impl Keys {
             hist_prefix: format!("{prefix}:hist:"),
             node_prefix: format!("{prefix}:node:"),
             nodes: format!("{prefix}:nodes"),
+            roster_prefix: format!("{prefix}:roster:"),
         }
     }
     fn channel(&self, room: &str) -> String {
@@ -239,6 +316,9 @@ impl Keys {
     fn node(&self, node: &str) -> String {
         format!("{}{node}", self.node_prefix)
     }
+    fn roster(&self, node: &str) -> String {
+        format!("{}{node}", self.roster_prefix)
+    }
 }
 
 /// Prometheus metrics of cluster mode (`roomcast_cluster_*`).
@@ -255,13 +335,15 @@ struct Metrics {
     join_waits_timed_out: Counter,
     /// Kept (history) messages in Redis dropped for not being past the one before them.
     kept_out_of_order: Counter,
+    /// Roster entries read from Redis that broke the rules (format, id, user name): skipped.
+    roster_entries_dropped: Counter,
 }
 
 impl Metrics {
     fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("cluster");
         r.register("up", "1 while the Redis link is up", self.up.clone());
-        let counters: [(&str, &str, &Counter); 9] = [
+        let counters: [(&str, &str, &Counter); 10] = [
             ("outages", "Times the Redis link went down", &self.outages),
             (
                 "connect_failures",
@@ -299,6 +381,11 @@ impl Metrics {
                 &self.kept_out_of_order,
             ),
             (
+                "roster_entries_dropped",
+                "Roster entries read from Redis that broke the rules (skipped)",
+                &self.roster_entries_dropped,
+            ),
+            (
                 "join_waits_timed_out",
                 "First joins that stopped waiting for their subscription",
                 &self.join_waits_timed_out,
@@ -331,10 +418,9 @@ impl Cluster {
     /// Checks the URL; connects nothing (the link task does, and retries until Redis answers).
     pub fn new(settings: RedisSettings, registry: &mut Registry) -> Result<Self, ClusterError> {
         let client = redis::Client::open(settings.url.as_str()).map_err(ClusterError::BadUrl)?;
-        let node = format!(
-            "{:016x}",
-            std::hash::RandomState::new().hash_one((std::process::id(), unix_millis()))
-        );
+        let draw = std::hash::RandomState::new().hash_one((std::process::id(), unix_millis()));
+        let node = format!("{draw:016x}");
+        let id_base = (1 + (draw >> 11) % ID_RANGES) << ID_RANGE_BITS;
         let metrics = Metrics::default();
         metrics.register(registry);
         Ok(Cluster {
@@ -357,6 +443,8 @@ impl Cluster {
             interests: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             ready: Notify::new(),
+            roster: Mutex::new(RosterQueue::default()),
+            id_base,
             metrics,
         })
     }
@@ -408,6 +496,8 @@ impl Cluster {
             self.metrics.connect_failures.inc();
             tracing::debug!(error = %error, "cluster: Redis still unreachable");
         }
+        // The next link writes the roster whole.
+        self.roster.lock().close();
         // Rooms are resubscribed (and seeded) on the next link.
         for entry in self.interests.lock().values() {
             entry.interest.state.lock().ready = false;
@@ -500,7 +590,70 @@ impl Cluster {
             joined
         };
         guard.2 = true;
+        self.roster
+            .lock()
+            .push(RosterChange::Add(wire::roster_entry(
+                name, req.id, req.user,
+            )));
         Ok(joined)
+    }
+
+    /// Up to `n` members of `room` with ids above `after` on the other live processes, by id,
+    /// from their rosters. Entries that break the rules are skipped and counted.
+    async fn read_roster(
+        &self,
+        room: &str,
+        after: Option<u64>,
+        n: usize,
+    ) -> Result<Vec<UserEntry>, ClusterError> {
+        let mut conn = self.connection()?;
+        let (min, max) = wire::roster_range(room, after);
+        let mut invocation = scripts::ROSTER.key(&self.keys.nodes);
+        invocation
+            .arg(&self.keys.node_prefix)
+            .arg(&self.keys.roster_prefix)
+            .arg(&*self.node)
+            .arg(min)
+            .arg(max)
+            .arg(n);
+        let value: redis::Value = self.timed(invocation.invoke_async(&mut conn)).await?;
+        let redis::Value::Array(items) = value else {
+            return Err(ClusterError::Protocol("ROSTER did not answer an array"));
+        };
+        let mut out = Vec::new();
+        let mut dropped = 0u64;
+        // Every other item is a node id; the entries of each node follow it.
+        for page in items.iter().skip(1).step_by(2).take(MAX_REMOTE_NODES) {
+            let redis::Value::Array(entries) = page else {
+                dropped += 1;
+                continue;
+            };
+            for entry in entries.iter().take(n) {
+                let parsed = match entry {
+                    redis::Value::BulkString(b) => wire::parse_roster_entry(room, b).ok(),
+                    _ => None,
+                };
+                match parsed {
+                    Some((id, user)) if after.is_none_or(|a| id > a) => out.push(UserEntry {
+                        id,
+                        user: user.into(),
+                    }),
+                    _ => dropped += 1,
+                }
+            }
+        }
+        if dropped > 0 {
+            self.metrics.roster_entries_dropped.inc_by(dropped);
+            tracing::warn!(
+                room,
+                dropped,
+                "cluster: roster entries in Redis broke the rules and were skipped"
+            );
+        }
+        out.sort_unstable_by_key(|u| u.id);
+        out.dedup_by_key(|u| u.id);
+        out.truncate(n);
+        Ok(out)
     }
 
     async fn wait_ready(&self, interest: &Interest) {
@@ -713,6 +866,7 @@ impl Cluster {
         v["received"] = m.received.get().into();
         v["stale_dropped"] = m.stale_dropped.get().into();
         v["kept_out_of_order"] = m.kept_out_of_order.get().into();
+        v["roster_entries_dropped"] = m.roster_entries_dropped.get().into();
         v
     }
 }
@@ -729,9 +883,32 @@ impl Broker for Cluster {
 
     /// Leaves `room` in the hub, then drops this membership's interest in its channel.
     fn leave(&self, hub: &Hub, room: &Arc<Room>, id: u64) {
+        let user = room.member(id);
         if hub.leave(room, id) {
+            if let Some(user) = user {
+                self.roster
+                    .lock()
+                    .push(RosterChange::Remove(wire::roster_entry(
+                        room.name(),
+                        id,
+                        &user,
+                    )));
+            }
             self.release(room.name());
         }
+    }
+
+    fn roster<'a>(
+        &'a self,
+        name: &'a str,
+        after: Option<u64>,
+        n: usize,
+    ) -> BoxFuture<'a, Result<Vec<UserEntry>, ()>> {
+        Box::pin(async move { self.read_roster(name, after, n).await.map_err(|_| ()) })
+    }
+
+    fn member_id_base(&self) -> u64 {
+        self.id_base
     }
 
     fn publish<'a>(

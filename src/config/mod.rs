@@ -2,6 +2,7 @@
 
 pub mod rate;
 pub mod rooms;
+pub mod routes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -185,7 +186,7 @@ pub struct Config {
 
     /// Per-room settings file (TOML: `[defaults]` and `[rooms."NAME"]` / `[rooms."PREFIX*"]`
     /// with `password`, `max_members`, `history`, `rate_limit`, `presence`, `room_buffer`,
-    /// `compression`).
+    /// `compression`; `[routes]` mapping URL path templates to rooms).
     /// A bad file stops the server at start; SIGHUP reloads it, keeping the old settings if the
     /// new file is bad. Default: none (every room open, flags' values).
     #[arg(long, env = "ROOMCAST_ROOMS_CONFIG")]
@@ -195,6 +196,12 @@ pub struct Config {
     /// second). Unit: rooms. Default: 50.
     #[arg(long, env = "ROOMCAST_LOBBY_TOP", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub lobby_top: u16,
+
+    /// Members a `welcome` lists, by id (the rest are paged with `GET /api/rooms/{room}`); 0:
+    /// welcomes list none. Only rooms whose presence is `events` list names. Unit: members.
+    /// Default: 100.
+    #[arg(long, env = "ROOMCAST_ROSTER_LIMIT", default_value_t = 100, value_parser = clap::value_parser!(u16).range(0..=1000))]
+    pub roster_limit: u16,
 
     /// Cluster mode: share rooms with every roomcast process that uses this Redis
     /// (`redis://[:password@]host[:port][/db]`). Unset: this process runs alone.
@@ -777,6 +784,7 @@ mod tests {
         assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.rooms_config, None);
         assert_eq!(c.lobby_top, 50);
+        assert_eq!(c.roster_limit, 100);
         assert!(c.accept_rate().is_none());
         assert_eq!(c.drain_per_second(), Some(1000.0));
     }

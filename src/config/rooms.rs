@@ -7,6 +7,9 @@
 //! layer changes only the keys it sets. Every key and value is checked while parsing, so an error
 //! carries the file's line and column (toml's spans) and the key's whole path (serde
 //! `deny_unknown_fields`, with the path recorded by `serde_path_to_error`).
+//!
+//! A `[routes]` table maps URL path templates to rooms (`config::routes`); it is checked and
+//! reloaded with the rest of the file.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -18,6 +21,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::config::rate::RateLimitArg;
+use crate::config::routes::{PathTemplate, Routes};
 use crate::proto::names::{direct_users, validate_room, NameError, MAX_ROOM_BYTES};
 
 /// Longest password accepted in the file, in bytes.
@@ -202,6 +206,10 @@ struct File {
     defaults: Entry,
     #[serde(default)]
     rooms: BTreeMap<Pattern, Entry>,
+    /// Path template → room template. The values keep their spans: a room template is checked
+    /// against its path after parsing, and its errors point at it.
+    #[serde(default)]
+    routes: BTreeMap<PathTemplate, toml::Spanned<String>>,
 }
 
 /// One room's settings, resolved from the flags and the file.
@@ -303,6 +311,8 @@ pub struct Settings {
     exact: HashMap<Box<str>, Entry>,
     /// Longest first, so the first match is the longest.
     prefixes: Vec<(Box<str>, Entry)>,
+    /// `[routes]`: which request paths lead into which rooms.
+    routes: Routes,
 }
 
 /// Why a settings file was refused. Its text names the file, the line and column, and the key.
@@ -332,6 +342,7 @@ impl Settings {
             defaults: RoomSettings::from_flags(room_buffer),
             exact: HashMap::new(),
             prefixes: Vec::new(),
+            routes: Routes::default(),
         }
     }
 
@@ -370,13 +381,38 @@ impl Settings {
             }
         }
         prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        let routes = Routes::build(
+            file.routes
+                .into_iter()
+                .map(|(path, room)| {
+                    let span = room.span();
+                    (path, room.into_inner(), Some(span))
+                })
+                .collect(),
+        )
+        .map_err(|e| {
+            let (line, column) = position(text, e.span.as_ref().map(|s| s.start));
+            SettingsError::Invalid {
+                path: origin.to_owned(),
+                line,
+                column,
+                key: Some(e.key),
+                message: e.message,
+            }
+        })?;
         Ok(Settings {
             path: None,
             flag_room_buffer: room_buffer,
             defaults,
             exact,
             prefixes,
+            routes,
         })
+    }
+
+    /// The route templates (`[routes]`).
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
     /// The file these settings came from, if any.
@@ -441,17 +477,7 @@ fn invalid(
     e: &toml::de::Error,
     path: Option<&serde_path_to_error::Path>,
 ) -> SettingsError {
-    let (line, column) = match e.span() {
-        Some(span) => {
-            let start = span.start.min(text.len());
-            let before = text.get(..start).unwrap_or(text);
-            let line = before.matches('\n').count() + 1;
-            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-            let column = before.get(line_start..).map_or(0, |l| l.chars().count()) + 1;
-            (line, column)
-        }
-        None => (1, 1),
-    };
+    let (line, column) = position(text, e.span().map(|s| s.start));
     SettingsError::Invalid {
         path: origin.to_owned(),
         line,
@@ -461,12 +487,27 @@ fn invalid(
     }
 }
 
+/// Line and column (both from 1) of byte `offset` in `text`; `None` is the start.
+fn position(text: &str, offset: Option<usize>) -> (usize, usize) {
+    let Some(offset) = offset else {
+        return (1, 1);
+    };
+    let start = offset.min(text.len());
+    let before = text.get(..start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.get(line_start..).map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
 /// A key path as TOML writes it: `rooms."post:*".presence`. Bare keys stay bare, others are quoted.
 fn key_path(path: &serde_path_to_error::Path) -> Option<String> {
     use serde_path_to_error::Segment;
     let mut out = String::new();
     for segment in path.iter() {
         let key = match segment {
+            // The fields `toml::Spanned` reads a value through are no part of the file's keys.
+            Segment::Map { key } if key.starts_with("$__serde_spanned") => continue,
             Segment::Map { key } => key,
             Segment::Enum { variant } => variant,
             Segment::Seq { index } => {
@@ -752,6 +793,55 @@ rate_limit = "off"
     }
 
     #[test]
+    fn routes_are_read_and_their_errors_point_into_the_file() {
+        let s = parse(
+            "[rooms.general]\nmax_members = 5\n\n[routes]\n\"/ws/posts/{id}/live\" = \"post:{id}\"\n\
+             \"/ws/chat/{room}\" = \"{room}\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.routes().len(), 2);
+        assert_eq!(
+            s.routes().find("/ws/posts/42/live"),
+            Some(Ok("post:42".to_owned()))
+        );
+        assert!(parse("").unwrap().routes().is_empty());
+
+        // A bad path points at the key.
+        let e = error_of("[routes]\n\"/ws/x/{id\" = \"{id}\"\n");
+        assert!(
+            e.starts_with("rooms.toml:2:1: key `routes.\"/ws/x/{id\"`: ")
+                && e.contains("unbalanced"),
+            "{e}"
+        );
+        // A bad room points at the value.
+        let e = error_of("[routes]\n\"/live/{id}\" = \"post:{slug}\"\n");
+        assert!(
+            e.starts_with("rooms.toml:2:16: key `routes.\"/live/{id}\"`: ")
+                && e.contains("`{slug}` is not in the path"),
+            "{e}"
+        );
+        // An overlap points at the later entry and names the earlier one.
+        let e = error_of("[routes]\n\"/a/{x}\" = \"{x}\"\n\"/a/b\" = \"b\"\n");
+        assert!(
+            e.starts_with("rooms.toml:3:10: key `routes.\"/a/b\"`: ") && e.contains("`/a/{x}`"),
+            "{e}"
+        );
+        // Built-in routes cannot be taken.
+        let e = error_of("[routes]\n\"/ws/{room}\" = \"{room}\"\n");
+        assert!(
+            e.starts_with("rooms.toml:2:1: ") && e.contains("server answers itself"),
+            "{e}"
+        );
+        // Not a string: the key path has no trace of how the span is read.
+        let e = error_of("[routes]\n\"/a/{x}\" = 5\n");
+        assert!(e.starts_with("rooms.toml:2:"), "{e}");
+        assert!(
+            e.contains("key `routes.\"/a/{x}\"`") && !e.contains("serde_spanned"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn the_configuration_doc_lists_every_key() {
         // serde lists the keys an entry takes in its unknown-field error.
         let e = error_of("[defaults]\nnot_a_key = 1\n");
@@ -763,6 +853,8 @@ rate_limit = "off"
         let (_, section) = doc
             .split_once("## Rooms file")
             .expect("a Rooms file section");
+        // The keys' table, not the `[routes]` subsection after it.
+        let section = section.split("\n### ").next().unwrap_or(section);
         let documented: Vec<&str> = section
             .lines()
             .filter_map(|l| l.strip_prefix("| `"))

@@ -264,11 +264,12 @@ impl Connection {
     pub(super) async fn enter(&mut self, joined: Joined) -> Handled {
         self.rooms
             .push(Membership::new(joined.room, joined.rx, joined.last_seq));
+        let welcome = joined.welcome.encode();
         let Some(replay) = joined.replay else {
-            return self.write_own(&joined.welcome).await;
+            return self.write_own(&welcome).await;
         };
         let mut frames: Vec<&[u8]> = Vec::with_capacity(replay.frames.len() + 2);
-        frames.push(&joined.welcome);
+        frames.push(&welcome);
         frames.push(&replay.header);
         frames.extend(replay.frames.iter().map(|o| &o.frame[..]));
         for chunk in frames.chunks(MAX_BATCH) {

@@ -152,7 +152,7 @@ impl Feed {
                 .and_then(|r| r.frames.first())
                 .map_or(j.last_seq, |o| o.seq.saturating_sub(1));
             feed.positions.push((j.room.epoch(), start));
-            starts.push((j.welcome, j.replay));
+            starts.push((j.welcome.encode(), j.replay));
             feed.rooms.push(Membership::new(j.room, j.rx, j.last_seq));
         }
         for (i, (welcome, replay)) in starts.into_iter().enumerate() {

@@ -25,6 +25,9 @@ use crate::proto::{Epoch, Outbound};
 
 type Shard = Mutex<HashMap<Box<str>, Arc<Room>>>;
 
+/// Members a welcome lists without `--roster-limit`: the REST users page's default.
+pub const DEFAULT_ROSTER_LIMIT: usize = 100;
+
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: RandomState,
@@ -41,6 +44,8 @@ pub struct Hub {
     /// Rooms held now, against `max_rooms` (`--max-rooms`).
     rooms: AtomicUsize,
     max_rooms: usize,
+    /// `--roster-limit`: members a welcome lists at most.
+    roster_limit: usize,
     lobby: Lobby,
     /// `--write-coalesce`: releases busy rooms' held batches; `None`: off.
     coalescer: Option<Coalescer>,
@@ -182,7 +187,14 @@ impl Hub {
             rooms: AtomicUsize::new(0),
             max_rooms: usize::MAX,
             coalescer: None,
+            roster_limit: DEFAULT_ROSTER_LIMIT,
         }
+    }
+
+    /// Sets how many members a welcome lists at most (`--roster-limit`; 0: none).
+    pub fn with_roster_limit(mut self, limit: usize) -> Self {
+        self.roster_limit = limit;
+        self
     }
 
     /// Caps the rooms held at once (`--max-rooms`).
@@ -275,7 +287,8 @@ impl Hub {
         if !created {
             admit(&state.settings, state.members.len(), req.password)?;
         }
-        let (rx, welcome, replay) = room.add_member(&mut state, req.id, req.user, req.replay);
+        let (rx, welcome, replay) =
+            room.add_member(&mut state, req.id, req.user, req.replay, self.roster_limit);
         let last_seq = state.seq();
         self.queue_presence(&room, &mut state);
         drop(state);
@@ -564,7 +577,7 @@ mod tests {
         assert_eq!(a.room.publish("u", "one", 1, false), 1);
         assert_eq!(a.room.publish("u", "two", 1, false), 2);
         let mut b = join(&hub, "r", 2, &u, None).unwrap();
-        let v: serde_json::Value = payload(&b.welcome);
+        let v: serde_json::Value = payload(&b.welcome.encode());
         assert_eq!(v["seq"], 2);
         assert_eq!(v["members"], 2);
         a.room.publish("u", "three", 1, false);
@@ -599,7 +612,7 @@ mod tests {
             ..Start::default()
         };
         let mut a = hub.join(&req, start).unwrap();
-        let v = payload(&a.welcome);
+        let v = payload(&a.welcome.encode());
         assert_eq!(v["seq"], 10);
         assert_eq!(v["members"], 5, "one here, four elsewhere");
         assert!(!a.room.deliver(10, 1, &msg("old")), "not past the welcome");
@@ -613,7 +626,7 @@ mod tests {
         assert!(a.rx.try_recv().is_err());
         // Seeding only applies to a room the join creates.
         let b = seeded(&hub, "r", 2, &u, 99).unwrap();
-        assert_eq!(payload(&b.welcome)["seq"], 12);
+        assert_eq!(payload(&b.welcome.encode())["seq"], 12);
     }
 
     #[test]
@@ -675,7 +688,7 @@ mod tests {
         assert_eq!(hub.get("capped").unwrap().member_count(), 5);
         // One leaves: exactly one more place.
         let room = &joined[0].room;
-        let id = room.info(1, None).users[0].id;
+        let id = room.users_page(None, 1)[0].id;
         assert!(hub.leave(room, id));
         let u: Arc<str> = "late".into();
         assert!(join(&hub, "capped", 9_999, &u, None).is_ok());
@@ -711,7 +724,7 @@ mod tests {
         );
         assert_eq!(JoinError::WrongPassword.code(), "bad_password");
         assert_eq!(JoinError::RoomFull { max: 1 }.code(), "room_full");
-        let info = a.room.info(10, None);
+        let info = a.room.info();
         assert!(info.password_protected);
         assert_eq!(info.max_members, Some(1));
         assert!(
@@ -740,7 +753,7 @@ mod tests {
             "the cap is gone and the password is in force for the live room"
         );
         assert!(join(&hub, "a", 2, &u, Some("p")).is_ok());
-        assert_eq!(a.room.info(1, None).max_members, None);
+        assert_eq!(a.room.info().max_members, None);
         assert_eq!(hub.settings().resolve("b").room_buffer, 3);
     }
 
@@ -777,7 +790,10 @@ mod tests {
         let mut l = hub
             .lobby()
             .join(1, &u, None, &crate::core::auth::Scope::all());
-        assert_eq!(payload(&l.welcome)["room"], crate::proto::names::LOBBY);
+        assert_eq!(
+            payload(&l.welcome.encode())["room"],
+            crate::proto::names::LOBBY
+        );
         assert_eq!(hub.room_count(), 0);
         assert!(hub.get(crate::proto::names::LOBBY).is_none());
         assert_eq!(hub.stats.rooms.get(), 0);
@@ -1097,5 +1113,53 @@ mod tests {
             0,
             "nothing was read under the lock"
         );
+    }
+
+    #[test]
+    fn a_welcome_lists_one_page_whatever_the_room_size() {
+        let hub = Hub::new(4, 16, Arc::new(Stats::new())).with_roster_limit(100);
+        let u: Arc<str> = "member".into();
+        let mut kept = Vec::new();
+        for id in 1..=10_000 {
+            kept.push(join(&hub, "crowd", id, &u, None).unwrap());
+        }
+        let last = join(&hub, "crowd", 10_001, &"late".into(), None).unwrap();
+        let frame = last.welcome.encode();
+        let v = payload(&frame);
+        let users = v["users"].as_array().unwrap();
+        assert_eq!(users.len(), 100, "one page, not 10,001 names");
+        assert_eq!(
+            (&users[0]["id"], &users[99]["id"]),
+            (&1.into(), &100.into())
+        );
+        assert_eq!(v["next_users_after"], 100);
+        assert_eq!(v["members"], 10_001);
+        assert!(frame.len() < 4_000, "{} bytes", frame.len());
+        // A room whose presence names nobody lists nobody; nor does a limit of 0.
+        let quiet = hub_with("[rooms.q]\npresence = \"counts\"\n");
+        let v = payload(&join(&quiet, "q", 1, &u, None).unwrap().welcome.encode());
+        assert!(v.get("users").is_none(), "{v}");
+        let none = Hub::new(4, 16, Arc::new(Stats::new())).with_roster_limit(0);
+        let v = payload(&join(&none, "r", 1, &u, None).unwrap().welcome.encode());
+        assert!(v.get("users").is_none(), "{v}");
+        // Other processes' members merge in by id, each id once.
+        let small = Hub::new(4, 16, Arc::new(Stats::new())).with_roster_limit(2);
+        let mut w = join(&small, "m", 5, &u, None).unwrap().welcome;
+        let entry = |id: u64| crate::proto::UserEntry {
+            id,
+            user: "far".into(),
+        };
+        w.merge_users(vec![entry(9), entry(3), entry(5)]);
+        let v = payload(&w.encode());
+        let ids: Vec<u64> = v["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [3, 5]);
+        assert_eq!(v["next_users_after"], 5);
+        w.set_partial();
+        assert_eq!(payload(&w.encode())["users_partial"], true);
     }
 }

@@ -137,7 +137,8 @@ impl Lobby {
         view.members += 1;
         let room = view.room.clone();
         let mut state = room.lock();
-        let (rx, welcome, replay) = room.add_member(&mut state, id, user, replay);
+        // The lobby lists no members: its presence is off.
+        let (rx, welcome, replay) = room.add_member(&mut state, id, user, replay, 0);
         let last_seq = state.seq();
         self.watchers.fetch_add(1, Ordering::Relaxed);
         self.counts_dirty.store(true, Ordering::Relaxed);

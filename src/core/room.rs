@@ -19,7 +19,8 @@ use crate::core::history::HistoryService;
 use crate::core::ring::{History, Replay, Seed};
 use crate::core::stats::{unix_millis, RateWindow, Stats, WaitHistogram};
 use crate::proto::ReplayRequest;
-use crate::proto::{self, Epoch, Outbound, ServerFrame};
+pub use crate::proto::UserEntry;
+use crate::proto::{self, Epoch, Ids, Names, Outbound, ServerFrame};
 
 /// Most user names one presence frame lists per direction; the member count stays exact.
 pub const PRESENCE_NAMES_MAX: usize = 100;
@@ -92,8 +93,8 @@ pub(crate) struct RoomState {
     published: u64,
     rate: RateWindow,
     /// Joins and leaves since the last presence frame.
-    joined: Vec<Arc<str>>,
-    left: Vec<Arc<str>>,
+    joined: Vec<UserEntry>,
+    left: Vec<UserEntry>,
     /// Names were left out of `joined` or `left` (past `PRESENCE_NAMES_MAX`).
     presence_truncated: bool,
     /// Whether the room is already queued for the next presence flush.
@@ -142,11 +143,12 @@ pub struct Published {
     pub duplicate: bool,
 }
 
-/// User names that joined and left since the last presence frame.
+/// Members that joined and left since the last presence frame.
 #[derive(Debug, Default)]
 pub struct PresenceDelta {
-    pub joined: Vec<Arc<str>>,
-    pub left: Vec<Arc<str>>,
+    /// Id 0 is an id an older process did not send: the frame then names without ids.
+    pub joined: Vec<UserEntry>,
+    pub left: Vec<UserEntry>,
     /// Some names were left out: the frame says so (`"truncated": true`).
     pub truncated: bool,
 }
@@ -157,10 +159,15 @@ pub struct RoomInfo {
     pub room: String,
     /// Members on every process.
     pub members: usize,
-    /// Members on this process (the `users` listed are these).
+    /// Members on this process.
     pub local_members: usize,
+    /// One page of the members of every process, by id.
     pub users: Vec<UserEntry>,
     pub next_users_after: Option<u64>,
+    /// Cluster mode: the other processes' members could not be read; `users` are this
+    /// process's only.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub users_partial: bool,
     pub published: u64,
     pub evicted: u64,
     pub last_seq: u64,
@@ -174,22 +181,92 @@ pub struct RoomInfo {
     pub max_members: Option<u32>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct UserEntry {
-    pub id: u64,
-    pub user: Arc<str>,
-}
-
 /// What a successful join hands to the connection.
 pub struct Joined {
     pub room: Arc<Room>,
     pub rx: broadcast::Receiver<Arc<Outbound>>,
     /// The `welcome` frame, to be written before anything from `rx`.
-    pub welcome: Bytes,
+    pub welcome: Welcome,
     /// Past messages asked for, to be written after the welcome and before anything from `rx`.
     pub replay: Option<Replay>,
     /// The room's last seq at the join (the welcome's `seq`): live frames start after it.
     pub last_seq: u64,
+}
+
+/// A joiner's welcome, kept in parts until it is written: cluster mode adds the other
+/// processes' members to `users` first (`merge_users`). Encoding it copies at most the roster
+/// limit of names, whatever the size of the room.
+#[derive(Debug, Clone)]
+pub struct Welcome {
+    room: Arc<str>,
+    user: Arc<str>,
+    members: usize,
+    seq: u64,
+    epoch: Epoch,
+    /// The first members by id, at most `limit + 1` (one more than listed says there are more);
+    /// `None`: the room shows no names (`presence` other than `events`, or a limit of 0).
+    users: Option<Vec<UserEntry>>,
+    limit: usize,
+    /// Other processes' members could not be read: `users` are this process's only.
+    partial: bool,
+}
+
+impl Welcome {
+    /// Whether the welcome lists members (and so wants the other processes' too).
+    pub fn lists_users(&self) -> bool {
+        self.users.is_some()
+    }
+
+    /// The most members the welcome lists.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Adds members of other processes (ids unique across the cluster), keeping the first
+    /// `limit + 1` by id; a repeated id is kept once.
+    pub fn merge_users(&mut self, more: Vec<UserEntry>) {
+        if let Some(users) = &mut self.users {
+            merge_page(users, more, self.limit + 1);
+        }
+    }
+
+    /// Says that the other processes' members are missing from `users`.
+    pub fn set_partial(&mut self) {
+        self.partial = self.users.is_some();
+    }
+
+    /// The complete WebSocket frame.
+    pub fn encode(&self) -> Bytes {
+        let (users, next_users_after) = match &self.users {
+            Some(users) => {
+                let shown = &users[..users.len().min(self.limit)];
+                let next = (users.len() > self.limit)
+                    .then(|| shown.last().map(|u| u.id))
+                    .flatten();
+                (Some(shown), next)
+            }
+            None => (None, None),
+        };
+        ServerFrame::Welcome {
+            room: &self.room,
+            user: &self.user,
+            members: self.members,
+            seq: self.seq,
+            epoch: self.epoch,
+            users,
+            next_users_after,
+            users_partial: self.partial,
+        }
+        .encode()
+    }
+}
+
+/// Merges `more` into `page` (both by id), keeping the first `keep` and each id once.
+pub fn merge_page(page: &mut Vec<UserEntry>, more: Vec<UserEntry>, keep: usize) {
+    page.extend(more);
+    page.sort_unstable_by_key(|u| u.id);
+    page.dedup_by_key(|u| u.id);
+    page.truncate(keep);
 }
 
 impl Room {
@@ -289,8 +366,19 @@ impl Room {
         self.state.lock().members.len()
     }
 
-    /// Adds a member under the caller's lock of this room; returns its receiver and the welcome
-    /// frame. Called by `Hub::join` only.
+    /// The user name of member `id`, if it is one.
+    pub fn member(&self, id: u64) -> Option<Arc<str>> {
+        self.state.lock().members.get(&id).cloned()
+    }
+
+    /// Members on other cluster processes, as last heard.
+    pub fn remote_members(&self) -> usize {
+        self.remote_members.load(Ordering::Relaxed)
+    }
+
+    /// Adds a member under the caller's lock of this room; returns its receiver and the welcome.
+    /// Called by `Hub::join` only. The welcome lists the first `roster_limit` members by id
+    /// (the joiner included) where the room shows names, and says whether there are more.
     /// With `replay`, also returns the past messages to write right after the welcome: taken
     /// under the same lock as the subscription, they end exactly where `rx` begins.
     pub(crate) fn add_member(
@@ -299,11 +387,8 @@ impl Room {
         id: u64,
         user: &Arc<str>,
         replay: Option<ReplayRequest>,
-    ) -> (
-        broadcast::Receiver<Arc<Outbound>>,
-        bytes::Bytes,
-        Option<Replay>,
-    ) {
+        roster_limit: usize,
+    ) -> (broadcast::Receiver<Arc<Outbound>>, Welcome, Option<Replay>) {
         // Held messages are already in the welcome's `seq` and the replay: they go out before
         // this member can receive anything.
         self.release_held(state);
@@ -311,7 +396,10 @@ impl Room {
         state.members.insert(id, user.clone());
         if state.settings.presence != Presence::Off {
             if state.joined.len() < PRESENCE_NAMES_MAX {
-                state.joined.push(user.clone());
+                state.joined.push(UserEntry {
+                    id,
+                    user: user.clone(),
+                });
             } else {
                 state.presence_truncated = true;
                 self.stats.presence_names_dropped.inc();
@@ -321,14 +409,28 @@ impl Room {
             .members
             .len()
             .saturating_add(self.remote_members.load(Ordering::Relaxed));
-        let welcome = ServerFrame::Welcome {
-            room: &self.name,
-            user,
+        let named = state.settings.presence == Presence::Events && roster_limit > 0;
+        let users = named.then(|| {
+            state
+                .members
+                .iter()
+                .take(roster_limit.saturating_add(1))
+                .map(|(id, user)| UserEntry {
+                    id: *id,
+                    user: user.clone(),
+                })
+                .collect()
+        });
+        let welcome = Welcome {
+            room: self.name.clone(),
+            user: user.clone(),
             members,
             seq: state.seq,
             epoch: state.epoch,
-        }
-        .encode();
+            users,
+            limit: roster_limit,
+            partial: false,
+        };
         let replay = replay.map(|req| {
             state
                 .history
@@ -345,7 +447,7 @@ impl Room {
         state.fanout.moved.remove(&id);
         if state.settings.presence != Presence::Off {
             if state.left.len() < PRESENCE_NAMES_MAX {
-                state.left.push(user);
+                state.left.push(UserEntry { id, user });
             } else {
                 state.presence_truncated = true;
                 self.stats.presence_names_dropped.inc();
@@ -614,7 +716,7 @@ impl Room {
         }
         // `counts` keeps the frame's shape (clients need not care) but names nobody.
         let named = state.settings.presence == Presence::Events;
-        let capped = |names: &'_ [Arc<str>]| -> usize {
+        let capped = |names: &'_ [UserEntry]| -> usize {
             let over = names.len().saturating_sub(PRESENCE_NAMES_MAX);
             if named && over > 0 {
                 self.stats.presence_names_dropped.inc_by(over as u64);
@@ -624,15 +726,24 @@ impl Room {
         let (joined, left) = (capped(&delta.joined), capped(&delta.left));
         let truncated =
             named && (delta.truncated || joined < delta.joined.len() || left < delta.left.len());
+        let (joined, left): (&[UserEntry], &[UserEntry]) = if named {
+            (&delta.joined[..joined], &delta.left[..left])
+        } else {
+            (&[], &[])
+        };
+        // Id 0: an older process sent names only; then the frame carries no ids at all.
+        let with_ids = named && joined.iter().chain(left).all(|u| u.id != 0);
         let frame = ServerFrame::Presence {
             room: &self.name,
-            joined: if named { &delta.joined[..joined] } else { &[] },
-            left: if named { &delta.left[..left] } else { &[] },
+            joined: Names(joined),
+            left: Names(left),
             members: state
                 .members
                 .len()
                 .saturating_add(self.remote_members.load(Ordering::Relaxed)),
             truncated,
+            joined_ids: with_ids.then_some(Ids(joined)),
+            left_ids: with_ids.then_some(Ids(left)),
         }
         .encode();
         self.stats.frames_encoded.inc();
@@ -673,30 +784,33 @@ impl Room {
         );
     }
 
-    /// The room's figures, with one page of its users.
-    pub fn info(&self, users_limit: usize, users_after: Option<u64>) -> RoomInfo {
-        let now_ms = unix_millis();
-        let state = self.state.lock();
-        let start = users_after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        let users: Vec<UserEntry> = state
+    /// Up to `n` members with ids above `after` (all of them without), by id.
+    pub fn users_page(&self, after: Option<u64>, n: usize) -> Vec<UserEntry> {
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        self.state
+            .lock()
             .members
             .range((start, std::ops::Bound::Unbounded))
-            .take(users_limit)
+            .take(n)
             .map(|(id, user)| UserEntry {
                 id: *id,
                 user: user.clone(),
             })
-            .collect();
-        let next_users_after = match users.last() {
-            Some(last) if state.members.range(last.id + 1..).next().is_some() => Some(last.id),
-            _ => None,
-        };
+            .collect()
+    }
+
+    /// The room's figures; its users are paged apart (`users_page`), since in cluster mode
+    /// they come from every process.
+    pub fn info(&self) -> RoomInfo {
+        let now_ms = unix_millis();
+        let state = self.state.lock();
         RoomInfo {
             room: self.name.to_string(),
             members: state.members.len(),
             local_members: state.members.len(),
-            users,
-            next_users_after,
+            users: Vec::new(),
+            next_users_after: None,
+            users_partial: false,
             published: state.published,
             evicted: self.evicted.load(Ordering::Relaxed),
             last_seq: state.seq,
@@ -735,6 +849,7 @@ impl RoomInfo {
             local_members: 0,
             users: Vec::new(),
             next_users_after: None,
+            users_partial: false,
             published: 0,
             evicted: 0,
             last_seq: 0,

@@ -64,6 +64,9 @@ pub struct Stats {
     /// User names left out of presence frames (past the per-frame cap); the frame says
     /// `truncated`.
     pub presence_names_dropped: Counter,
+    /// SIGHUP reloads of the rooms file refused (it did not read or check): the settings and
+    /// routes in force stay.
+    pub rooms_config_reloads_refused: Counter,
     /// Deadlines that closed a peer and hostile input dropped (one block, see [`Dropped`]).
     pub dropped: Dropped,
     /// Server-Sent Events (one block, see [`SseStats`]).
@@ -143,6 +146,10 @@ impl Stats {
             "presence_names_dropped",
             "User names left out of presence frames past the per-frame cap",
         );
+        let rooms_config_reloads_refused = counter(
+            "rooms_config_reloads_refused",
+            "SIGHUP reloads of --rooms-config refused (a bad file): the settings in force stay",
+        );
         let http_write_timeouts = counter(
             "http_write_timeouts",
             "HTTP connections dropped: the client took no bytes of a response within --write-timeout",
@@ -214,6 +221,7 @@ impl Stats {
             accept_rate_refused,
             shutdown_late_closes,
             presence_names_dropped,
+            rooms_config_reloads_refused,
             dropped,
             sse,
             deflate,

@@ -123,13 +123,20 @@ impl Api {
         self
     }
 
+    /// Hands out member ids after `base` (cluster mode: this process's range).
+    pub fn with_member_ids_after(mut self, base: u64) -> Self {
+        self.next_id = AtomicU64::new(base.saturating_add(1));
+        self
+    }
+
     /// Sets `--sse-heartbeat` (default 15 s).
     pub fn with_sse_heartbeat(mut self, heartbeat: Duration) -> Self {
         self.sse_heartbeat = heartbeat;
         self
     }
 
-    /// A fresh connection id (also the member id in every room). Never 0.
+    /// A fresh connection id (also the member id in every room, unique across the cluster).
+    /// Never 0.
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -242,7 +249,38 @@ async fn route(api: Arc<Api>, side: Side, peer: IpAddr, req: Request<Incoming>) 
             allow(method, GET)?;
             upgrade::echo(api, peer, req).await
         }
-        _ => Err(ApiError::not_found("not_found", "no such route")),
+        // Route templates never take a path the arms above answer (refused when the rooms
+        // file is read), so their order does not matter.
+        _ => match api.bus.hub().settings().routes().find(&path) {
+            Some(room) => {
+                allow(method, GET)?;
+                routed(api, peer, req, room).await
+            }
+            None => Err(ApiError::not_found("not_found", "no such route")),
+        },
+    }
+}
+
+/// A path a route template (`[routes]` in the rooms file) leads into `room`. The room is
+/// checked first (400 `bad_room`), then the request says which transport it wants: a WebSocket
+/// upgrade, or `Accept: text/event-stream` for an event stream; anything else is 400.
+async fn routed(
+    api: Arc<Api>,
+    peer: IpAddr,
+    req: Request<Incoming>,
+    room: Result<String, NameError>,
+) -> Reply {
+    let room = room.map_err(|e| ApiError::bad_request(e.room_code(), e.room_reason()))?;
+    if fastwebsockets::upgrade::is_upgrade_request(&req) {
+        upgrade::routed(api, peer, req, room).await
+    } else if sse::wants_events(&req) {
+        sse::routed(api, peer, req, room).await
+    } else {
+        Err(ApiError::bad_request(
+            "bad_request",
+            "this path is a room: open it as a WebSocket (Connection: Upgrade, Upgrade: \
+             websocket) or as an event stream (Accept: text/event-stream)",
+        ))
     }
 }
 

@@ -1,4 +1,5 @@
-//! `GET /sse/{room}`, `GET /sse?rooms=a,b`: Server-Sent Events. Every check a WebSocket upgrade
+//! `GET /sse/{room}`, `GET /sse?rooms=a,b` (and route templates' paths asked for
+//! `text/event-stream`): Server-Sent Events. Every check a WebSocket upgrade
 //! passes (accept rate, token, origin, caps, password, the lockout) happens here, and every
 //! room is joined, before the 200: a refusal is a status and a JSON body, as for an upgrade.
 //! The stream itself is `conn::sse`.
@@ -7,14 +8,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 
 use super::body::Body;
 use super::query;
 use super::reply::{ApiError, Reply};
 use super::room_password;
-use super::target::parse_sse_target;
+use super::target::{parse_sse_target, routed_sse_target, SseTarget};
 use super::upgrade::{accept_rate, hold_connection, join_room};
 use super::Api;
 use crate::bus::JoinRequest;
@@ -29,6 +30,39 @@ const LAST_EVENT_ID: &str = "last-event-id";
 pub async fn stream(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply {
     accept_rate(&api)?;
     let target = parse_sse_target(req.uri().path(), req.uri().query())?;
+    stream_in(api, peer, req, target).await
+}
+
+/// An event stream on a route template's path, into the `room` the template made (already
+/// valid): from here on exactly as `/sse/{room}`.
+pub async fn routed(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>, room: String) -> Reply {
+    accept_rate(&api)?;
+    let target = routed_sse_target(room, req.uri().query())?;
+    stream_in(api, peer, req, target).await
+}
+
+/// Whether a request asks for an event stream (`Accept: text/event-stream`, what
+/// `EventSource` sends): how a route template's path tells a stream from a page load.
+pub fn wants_events<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
+/// The stream into `target`'s rooms: every check after the accept rate and the target's own.
+async fn stream_in(
+    api: Arc<Api>,
+    peer: IpAddr,
+    req: Request<Incoming>,
+    target: SseTarget,
+) -> Reply {
     let rooms = target.rooms;
     let max_rooms = api.conn.limits.max_rooms;
     if rooms.len() > max_rooms {

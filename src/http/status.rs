@@ -68,6 +68,7 @@ pub async fn stats(api: &Api) -> Response<Body> {
         "accept_rate_refused": s.accept_rate_refused.get(),
         "shutdown_late_closes": s.shutdown_late_closes.get(),
         "presence_names_dropped": s.presence_names_dropped.get(),
+        "rooms_config_reloads_refused": s.rooms_config_reloads_refused.get(),
         "rss_bytes": rss_bytes(),
         // User + system CPU seconds since start: a load test divides deliveries by its
         // change over a window (server cost per delivery).

@@ -57,6 +57,31 @@ pub fn parse_ws_target(path: &str, query: Option<&str>) -> Result<WsTarget, ApiE
     })
 }
 
+/// The target of a chat upgrade on a route template's path: the room is the one the template
+/// made (already valid), the user comes from the query as on `/ws/{room}`. `?room=` is not
+/// read: the path names the room.
+pub fn routed_ws_target(room: String, query: Option<&str>) -> Result<WsTarget, ApiError> {
+    Ok(WsTarget {
+        room: Some(room),
+        user: parse_user(query)?,
+    })
+}
+
+/// The target of an event stream on a route template's path: that one room; `?rooms=` as well
+/// is 400 `bad_param`, as on `/sse/{room}`.
+pub fn routed_sse_target(room: String, query: Option<&str>) -> Result<SseTarget, ApiError> {
+    if query_value(query, "rooms").is_some() {
+        return Err(ApiError::bad_request(
+            "bad_param",
+            "name the room in the path or in `rooms`, not both",
+        ));
+    }
+    Ok(SseTarget {
+        rooms: vec![room],
+        user: parse_user(query)?,
+    })
+}
+
 /// An event stream's request target, every name in it already valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseTarget {
@@ -214,5 +239,17 @@ mod tests {
         assert_eq!(code("/sse/a%2Cb", None), (400, "bad_room"));
         assert_eq!(code("/sse/a/b", None), (404, "not_found"));
         assert_eq!(code("/sse/a", Some("user=")), (400, "bad_user"));
+    }
+
+    #[test]
+    fn routed_targets_take_the_room_from_the_template() {
+        let t = routed_ws_target("post:1".into(), Some("room=other&user=al")).unwrap();
+        assert_eq!((t.room, t.user), (s("post:1"), s("al")));
+        let e = routed_ws_target("post:1".into(), Some("user=")).unwrap_err();
+        assert_eq!(e.code(), "bad_user");
+        let t = routed_sse_target("post:1".into(), Some("username=bo")).unwrap();
+        assert_eq!((t.rooms, t.user), (vec!["post:1".to_owned()], s("bo")));
+        let e = routed_sse_target("post:1".into(), Some("rooms=a")).unwrap_err();
+        assert_eq!(e.code(), "bad_param");
     }
 }

@@ -12,7 +12,7 @@ use hyper::{Request, Response, StatusCode};
 
 use super::query;
 use super::reply::{ApiError, Body, Reply};
-use super::target::{parse_user, parse_ws_target, WsTarget};
+use super::target::{parse_user, parse_ws_target, routed_ws_target, WsTarget};
 use super::Api;
 use crate::bus::JoinRequest;
 use crate::conn::{self, Accepted, ConnectionGuard, Mode};
@@ -26,7 +26,21 @@ use crate::ws::deflate;
 /// `sub` (a different `user=` is refused) and the first room must be allowed.
 pub async fn chat(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>) -> Reply {
     admit(&api, &req)?;
-    let WsTarget { room, user } = parse_ws_target(req.uri().path(), req.uri().query())?;
+    let target = parse_ws_target(req.uri().path(), req.uri().query())?;
+    chat_in(api, peer, req, target).await
+}
+
+/// A chat upgrade on a route template's path, into the `room` the template made (already
+/// valid): from here on exactly as `/ws/{room}`.
+pub async fn routed(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>, room: String) -> Reply {
+    admit(&api, &req)?;
+    let target = routed_ws_target(room, req.uri().query())?;
+    chat_in(api, peer, req, target).await
+}
+
+/// The chat protocol into `target`: every check after the accept rate and the target's own.
+async fn chat_in(api: Arc<Api>, peer: IpAddr, req: Request<Incoming>, target: WsTarget) -> Reply {
+    let WsTarget { room, user } = target;
     let q: query::Upgrade = query::parse(&req)?;
     let replay = ReplayRequest::from_parts(q.history, q.since, q.epoch.as_deref())
         .map_err(|reason| ApiError::bad_request("bad_param", reason))?;

@@ -16,7 +16,7 @@ pub use close::{close_frame, encode_control, ping_frame};
 pub use epoch::Epoch;
 pub use server::{
     error_frame, frame_from_payload, frame_payload, message_error_frame, message_frame,
-    message_frame_with_id, Outbound, RoomCount, ServerFrame,
+    message_frame_with_id, Ids, Names, Outbound, RoomCount, ServerFrame, UserEntry,
 };
 
 #[cfg(test)]

@@ -34,16 +34,34 @@ pub enum ServerFrame<'a> {
         seq: u64,
         /// The incarnation `seq` belongs to: give it back with `since` to recover.
         epoch: Epoch,
+        /// The first page of the room's members by id, the joiner included; absent where the
+        /// room shows no names (presence `counts` or `off`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        users: Option<&'a [UserEntry]>,
+        /// There are more members: the next page starts after this id (`users_after`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        next_users_after: Option<u64>,
+        /// Cluster mode: the other processes' members could not be read; `users` are this
+        /// process's only.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        users_partial: bool,
     },
     /// Joins and leaves of one presence interval, coalesced.
     Presence {
         room: &'a str,
-        joined: &'a [Arc<str>],
-        left: &'a [Arc<str>],
+        joined: Names<'a>,
+        left: Names<'a>,
         members: usize,
         /// Names were left out (more joined or left in one interval than a frame lists).
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         truncated: bool,
+        /// The member ids of `joined` and `left`, in the same order: a client keeping a member
+        /// list applies a change once however often it hears of it. Both absent where the frame
+        /// names nobody, or where an older process did not say.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        joined_ids: Option<Ids<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        left_ids: Option<Ids<'a>>,
     },
     /// A refused client message; the socket stays open.
     Error {
@@ -123,6 +141,34 @@ pub enum ServerFrame<'a> {
         rooms: &'a [RoomCount<'a>],
         total: usize,
     },
+}
+
+/// A member: its id (the connection's, unique across the cluster) and its user name. Several
+/// members may share a user name (one user, two tabs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserEntry {
+    pub id: u64,
+    pub user: Arc<str>,
+}
+
+/// The user names of some members, serialised as a list of names.
+#[derive(Debug, Clone, Copy)]
+pub struct Names<'a>(pub &'a [UserEntry]);
+
+impl Serialize for Names<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|e| &*e.user))
+    }
+}
+
+/// The ids of some members, serialised as a list of ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Ids<'a>(pub &'a [UserEntry]);
+
+impl Serialize for Ids<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|e| e.id))
+    }
 }
 
 /// One room of a `room_counts` frame.

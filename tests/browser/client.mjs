@@ -108,7 +108,17 @@ try {
   await check('the member list shows who is in the room and follows presence', async () => {
     await alice.locator('.member-list[data-room="general"] li[data-user="bob"]').waitFor();
     await carol.locator('#room-list li[data-room="general"]').waitFor();
+    // The joiner's list comes with its welcome: no room-info request.
+    const infoReads = [];
+    carol.on('request', (req) => { if (new URL(req.url()).pathname === '/api/rooms/general') infoReads.push(req.url()); });
     await join(carol, 'general'); await joined(carol, 'general');
+    for (const name of ['alice', 'bob', 'carol']) {
+      await carol.locator(`.member-list[data-room="general"] li[data-user="${name}"]`).waitFor();
+    }
+    assert(infoReads.length === 0, `the page read the room info: ${infoReads.join(', ')}`);
+    const roster = await carol.evaluate(() => window.roomcast.client.roster('general'));
+    const names = roster.users.map((u) => u.user).sort().join(',');
+    assert(names === 'alice,bob,carol' && !roster.more, `roster ${JSON.stringify(roster)}`);
     await alice.locator('.member-list[data-room="general"] li[data-user="carol"]').waitFor();
   });
 

@@ -20,7 +20,7 @@ use tokio::time::{interval, interval_at, Instant, MissedTickBehavior};
 use super::{kept, scripts, wire, Cluster, ClusterError, Interest, ROOMS_PER_CALL, SEQ_TTL_MS};
 use crate::core::dedupe::Author;
 use crate::core::hub::Hub;
-use crate::core::room::{PresenceDelta, Publish};
+use crate::core::room::{PresenceDelta, Publish, UserEntry};
 use crate::core::stats::unix_millis;
 use crate::core::stats::Stats;
 use crate::proto::Epoch;
@@ -140,8 +140,11 @@ async fn serve(
         mut sink,
         stream,
     } = link;
-    // Counted before anything else: other processes read these.
+    // Counted before anything else: other processes read these. The roster is written whole:
+    // whatever changed while the link was down (or Redis lost) is in it.
     let mut conns_written = write_counts(shared, cluster, &mut conn).await?;
+    cluster.roster.lock().open();
+    write_roster(shared, cluster, &mut conn).await?;
     cluster.set_up(conn.clone());
     let mut delivery = AbortOnDrop(tokio::spawn(deliver(
         shared.clone(),
@@ -256,9 +259,21 @@ impl Cluster {
                 };
                 if let Some(room) = hub.get(name) {
                     room.set_remote_members(remote);
+                    // Id 0 where an older process sent names only (checked: all or none).
+                    let entries = |names: &[Cow<'_, str>], ids: &[u64]| -> Vec<UserEntry> {
+                        let ids = ids.iter().copied().chain(std::iter::repeat(0));
+                        names
+                            .iter()
+                            .zip(ids)
+                            .map(|(user, id)| UserEntry {
+                                id,
+                                user: (**user).into(),
+                            })
+                            .collect()
+                    };
                     room.send_presence(&PresenceDelta {
-                        joined: body.joined.iter().map(|s| (**s).into()).collect(),
-                        left: body.left.iter().map(|s| (**s).into()).collect(),
+                        joined: entries(&body.joined, &body.joined_ids),
+                        left: entries(&body.left, &body.left_ids),
                         truncated: body.truncated,
                     });
                 }
@@ -498,6 +513,10 @@ async fn write_counts(
         .arg(&key)
         .arg(cluster.node_ttl.as_millis() as u64)
         .ignore();
+    pipe.cmd("PEXPIRE")
+        .arg(cluster.keys.roster(&cluster.node))
+        .arg(cluster.node_ttl.as_millis() as u64)
+        .ignore();
     pipe.cmd("SADD")
         .arg(&cluster.keys.nodes)
         .arg(&*cluster.node)
@@ -506,9 +525,71 @@ async fn write_counts(
     Ok(conns)
 }
 
+/// Rewrites this process's roster whole (atomically): every local member of every room, then
+/// the key's TTL (renewed by every heartbeat, so a process that dies takes its roster with it).
+async fn write_roster(
+    shared: &Here,
+    cluster: &Cluster,
+    conn: &mut MultiplexedConnection,
+) -> Result<(), ClusterError> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    add_whole_roster(&mut pipe, shared, cluster);
+    cluster.timed(pipe.query_async::<()>(conn)).await
+}
+
+/// The commands that replace this process's roster with every local membership now.
+fn add_whole_roster(pipe: &mut redis::Pipeline, shared: &Here, cluster: &Cluster) {
+    let key = cluster.keys.roster(&cluster.node);
+    pipe.cmd("DEL").arg(&key).ignore();
+    for (room, _) in shared.hub.list(usize::MAX).0 {
+        let members = room.users_page(None, usize::MAX);
+        for chunk in members.chunks(1000) {
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(&key);
+            for m in chunk {
+                zadd.arg(0)
+                    .arg(wire::roster_entry(room.name(), m.id, &m.user));
+            }
+            pipe.add_command(zadd).ignore();
+        }
+    }
+    pipe.cmd("PEXPIRE")
+        .arg(&key)
+        .arg(cluster.node_ttl.as_millis() as u64)
+        .ignore();
+}
+
+/// The roster changes of the last interval (or, past the queue's bound, the whole roster again),
+/// written before the presence that announces them: a process that hears of a join can read the
+/// member in Redis.
+fn add_roster_changes(pipe: &mut redis::Pipeline, shared: &Here, cluster: &Cluster) {
+    let (changes, overflow) = cluster.roster.lock().take();
+    if overflow {
+        add_whole_roster(pipe, shared, cluster);
+        return;
+    }
+    if changes.is_empty() {
+        return;
+    }
+    let key = cluster.keys.roster(&cluster.node);
+    // In order: a join and a leave of one member in one interval must end with the leave.
+    for change in changes {
+        match change {
+            super::RosterChange::Add(entry) => pipe.cmd("ZADD").arg(&key).arg(0).arg(entry),
+            super::RosterChange::Remove(entry) => pipe.cmd("ZREM").arg(&key).arg(entry),
+        }
+        .ignore();
+    }
+    pipe.cmd("PEXPIRE")
+        .arg(&key)
+        .arg(cluster.node_ttl.as_millis() as u64)
+        .ignore();
+}
+
 /// Announces the joins and leaves of the last presence interval on the rooms' channels (every
 /// process, this one included, turns them into presence frames on receipt) and updates this
-/// process's counts. Returns the connection count written.
+/// process's counts and roster. Returns the connection count written.
 async fn sync_presence(
     shared: &Here,
     cluster: &Cluster,
@@ -517,11 +598,12 @@ async fn sync_presence(
 ) -> Result<i64, ClusterError> {
     let rooms = shared.hub.take_presence_queue();
     let conns = shared.stats.connections.get();
-    if rooms.is_empty() && conns == conns_written {
+    if rooms.is_empty() && conns == conns_written && !cluster.roster.lock().pending() {
         return Ok(conns);
     }
     let key = cluster.keys.node(&cluster.node);
     let mut pipe = redis::pipe();
+    add_roster_changes(&mut pipe, shared, cluster);
     let mut announced = Vec::with_capacity(rooms.len());
     for room in rooms {
         let Some(delta) = room.take_presence() else {
@@ -540,9 +622,15 @@ async fn sync_presence(
         let payload = wire::encode_presence(&wire::PresenceBody {
             node: Cow::Borrowed(&cluster.node),
             count,
-            joined: delta.joined.iter().map(|s| Cow::Borrowed(&**s)).collect(),
-            left: delta.left.iter().map(|s| Cow::Borrowed(&**s)).collect(),
+            joined: delta
+                .joined
+                .iter()
+                .map(|u| Cow::Borrowed(&*u.user))
+                .collect(),
+            left: delta.left.iter().map(|u| Cow::Borrowed(&*u.user)).collect(),
             truncated: delta.truncated,
+            joined_ids: delta.joined.iter().map(|u| u.id).collect(),
+            left_ids: delta.left.iter().map(|u| u.id).collect(),
         });
         pipe.cmd("PUBLISH")
             .arg(cluster.keys.channel(room.name()))
@@ -575,6 +663,7 @@ async fn retire(cluster: &Cluster) {
     let mut pipe = redis::pipe();
     pipe.cmd("DEL")
         .arg(cluster.keys.node(&cluster.node))
+        .arg(cluster.keys.roster(&cluster.node))
         .ignore();
     pipe.cmd("SREM")
         .arg(&cluster.keys.nodes)

@@ -130,3 +130,25 @@ return out
 ",
     )
 });
+
+/// One page of a room's members on the other live processes, from their rosters.
+///
+/// KEYS[1]: the set of node ids. ARGV[1]: node hash key prefix; ARGV[2]: roster key prefix;
+/// ARGV[3]: this node's id; ARGV[4], ARGV[5]: the room's range of roster entries (ZRANGEBYLEX
+/// min and max, `wire::roster_range`); ARGV[6]: the most entries to read per process.
+/// Answers, per live node other than this one: id, then its entries in the range, in order. A
+/// node whose hash has expired (it stopped heartbeating) is skipped: its roster expires with it.
+pub static ROSTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if id ~= ARGV[3] and redis.call('EXISTS', ARGV[1] .. id) == 1 then
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('ZRANGEBYLEX', ARGV[2] .. id, ARGV[4], ARGV[5], 'LIMIT', 0, ARGV[6])
+  end
+end
+return out
+",
+    )
+});

@@ -10,6 +10,10 @@
 //!
 //! The body carries everything a process needs to encode the client frame itself (user, text,
 //! `ts`), so every process builds byte-identical frames.
+//!
+//! Each process also keeps its members in Redis (its roster, one sorted set): one entry per
+//! membership, `"<room> <id, 16 hex digits> <user>"`, all at score 0, so that the entries of one
+//! room sort together and by member id (`roster_entry`, `parse_roster_entry`).
 
 use std::borrow::Cow;
 
@@ -77,6 +81,12 @@ pub struct PresenceBody<'a> {
     /// That process left names out of `joined` or `left`. Absent (false) from older processes.
     #[serde(rename = "t", default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// The member ids of `joined`, in its order. Absent (empty) from older processes.
+    #[serde(rename = "ji", default, skip_serializing_if = "Vec::is_empty")]
+    pub joined_ids: Vec<u64>,
+    /// The member ids of `left`, in its order.
+    #[serde(rename = "li", default, skip_serializing_if = "Vec::is_empty")]
+    pub left_ids: Vec<u64>,
 }
 
 /// A payload received on a room channel.
@@ -134,6 +144,10 @@ pub enum WireError {
     BadCount,
     #[error("presence names a user that breaks the name rules")]
     BadPresenceName,
+    #[error("presence ids do not go with its names, or one is 0 or past 2^53 - 1")]
+    BadPresenceIds,
+    #[error("roster entry is not `<room> <16 hex digits> <user>` for this room")]
+    BadRosterEntry,
 }
 
 /// The JSON body of a chat message (the publish script prefixes the seq).
@@ -212,6 +226,19 @@ fn check_presence(body: &PresenceBody<'_>) -> Result<(), WireError> {
     if body.count > MAX_MEMBER_COUNT {
         return Err(WireError::BadCount);
     }
+    // Ids come with every name or not at all (an older process sends none).
+    let ids = body.joined_ids.len() + body.left_ids.len();
+    let paired =
+        body.joined_ids.len() == body.joined.len() && body.left_ids.len() == body.left.len();
+    if (ids > 0 && !paired)
+        || body
+            .joined_ids
+            .iter()
+            .chain(&body.left_ids)
+            .any(|id| *id == 0 || *id > MAX_SAFE_INTEGER)
+    {
+        return Err(WireError::BadPresenceIds);
+    }
     if body
         .joined
         .iter()
@@ -221,6 +248,48 @@ fn check_presence(body: &PresenceBody<'_>) -> Result<(), WireError> {
         return Err(WireError::BadPresenceName);
     }
     Ok(())
+}
+
+/// Longest roster entry accepted: a room name, a space, 16 hex digits, a space and a user name
+/// of 32 characters of at most 4 bytes each.
+pub const MAX_ROSTER_ENTRY_BYTES: usize = crate::proto::names::MAX_ROOM_BYTES + 1 + 16 + 1 + 32 * 4;
+
+/// The roster entry of member `id`, `user`, in `room`.
+pub fn roster_entry(room: &str, id: u64, user: &str) -> String {
+    format!("{room} {id:016x} {user}")
+}
+
+/// The lexicographic range (ZRANGEBYLEX min, max) of `room`'s entries with ids above `after`.
+/// A space sorts below every byte a room name may hold, so no other room's entries fall in it.
+pub fn roster_range(room: &str, after: Option<u64>) -> (String, String) {
+    let min = match after {
+        Some(id) => format!("[{room} {:016x}", id.saturating_add(1)),
+        None => format!("[{room} "),
+    };
+    (min, format!("({room}!"))
+}
+
+/// Reads one roster entry of `room` from Redis: its member id and user name, checked like
+/// anything else that comes from there.
+pub fn parse_roster_entry<'a>(room: &str, entry: &'a [u8]) -> Result<(u64, &'a str), WireError> {
+    if entry.len() > MAX_ROSTER_ENTRY_BYTES {
+        return Err(WireError::BadRosterEntry);
+    }
+    let text = std::str::from_utf8(entry).map_err(|_| WireError::NotUtf8)?;
+    let rest = text
+        .strip_prefix(room)
+        .and_then(|r| r.strip_prefix(' '))
+        .ok_or(WireError::BadRosterEntry)?;
+    let (hex, user) = rest.split_once(' ').ok_or(WireError::BadRosterEntry)?;
+    if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(WireError::BadRosterEntry);
+    }
+    let id = u64::from_str_radix(hex, 16).map_err(|_| WireError::BadRosterEntry)?;
+    if id == 0 || id > MAX_SAFE_INTEGER {
+        return Err(WireError::BadRosterEntry);
+    }
+    validate_user(user).map_err(|_| WireError::BadUser)?;
+    Ok((id, user))
 }
 
 #[cfg(test)]
@@ -288,6 +357,8 @@ mod tests {
             joined: vec!["a".into(), "b c".into()],
             left: vec![],
             truncated: true,
+            joined_ids: vec![4, 9],
+            left_ids: vec![],
         };
         let payload = encode_presence(&body);
         assert_eq!(
@@ -381,6 +452,8 @@ mod tests {
         let p = |v: serde_json::Value| format!("p {v}");
         let ok = p(serde_json::json!({"n":"n1","c":2,"j":["al"],"l":[]}));
         assert!(decode(ok.as_bytes(), MAX).is_ok());
+        let ok = p(serde_json::json!({"n":"n1","c":2,"j":["al"],"l":["bo"],"ji":[3],"li":[1]}));
+        assert!(decode(ok.as_bytes(), MAX).is_ok());
         for bad in [
             serde_json::json!({"n":"n1","c":u64::MAX,"j":[],"l":[]}),
             serde_json::json!({"n":"n1","c":(MAX_MEMBER_COUNT as u64) + 1,"j":[],"l":[]}),
@@ -388,8 +461,53 @@ mod tests {
             serde_json::json!({"n":"","c":1,"j":[],"l":[]}),
             serde_json::json!({"n":"n1","c":1,"j":[""],"l":[]}),
             serde_json::json!({"n":"n1","c":1,"j":[],"l":["a\u{0}"]}),
+            serde_json::json!({"n":"n1","c":1,"j":["a"],"l":[],"ji":[1,2]}),
+            serde_json::json!({"n":"n1","c":1,"j":["a"],"l":["b"],"ji":[1]}),
+            serde_json::json!({"n":"n1","c":1,"j":["a"],"l":[],"ji":[0]}),
+            serde_json::json!({"n":"n1","c":1,"j":["a"],"l":[],"ji":[MAX_SAFE_INTEGER + 1]}),
         ] {
             assert!(decode(p(bad.clone()).as_bytes(), MAX).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn roster_entries_round_trip_and_strangers_are_refused() {
+        let e = roster_entry("post:1", 0x2a, "al ice");
+        assert_eq!(e, "post:1 000000000000002a al ice");
+        assert_eq!(
+            parse_roster_entry("post:1", e.as_bytes()).unwrap(),
+            (42, "al ice")
+        );
+        // Another room's entry, even one whose name starts the same.
+        assert!(parse_roster_entry("post:1", b"post:12 000000000000002a al").is_err());
+        assert!(parse_roster_entry("post", e.as_bytes()).is_err());
+        for bad in [
+            &b"post:1 2a al"[..],
+            b"post:1 000000000000002A al",
+            b"post:1 0000000000000000 al",
+            b"post:1 0020000000000000 al",
+            b"post:1 000000000000002a ",
+            b"post:1 000000000000002a a\x07",
+            b"post:1 000000000000002a \xff",
+            b"post:1 000000000000002a",
+        ] {
+            assert!(
+                parse_roster_entry("post:1", bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = roster_entry("post:1", 1, &"\u{10FFFF}".repeat(33));
+        assert!(parse_roster_entry("post:1", long.as_bytes()).is_err());
+        // The range holds exactly the room's entries past the id.
+        let (min, max) = roster_range("r", Some(0x2a));
+        let inside = |e: &str| e >= &min[1..] && e < &max[1..];
+        assert!(inside(&roster_entry("r", 0x2b, "x")));
+        assert!(!inside(&roster_entry("r", 0x2a, "\u{10FFFF}\u{10FFFF}")));
+        assert!(!inside(&roster_entry("r", 0x29, "x")));
+        assert!(!inside(&roster_entry("r.x", 0x2b, "x")));
+        assert!(!inside(&roster_entry("r#", 0x2b, "x")));
+        let (min, _) = roster_range("r", None);
+        assert_eq!(min, "[r ");
     }
 }
