@@ -5,17 +5,24 @@
 //! obeys (seq and ts within 2^53 − 1, seq not 0, a valid user name, text within the bound, a
 //! valid id, presence counts bounded and names valid); re-encoding an accepted payload and
 //! decoding that gives the same payload back; the member frame it becomes is JSON carrying the
-//! same fields.
+//! same fields. The same bytes are also read as a roster entry of room `r`: whatever that
+//! accepts has an id within 1..=2^53 − 1 and a valid user name, and writes back the same bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use roomcast::fuzzing::wire::{
-    decode, encode_message, encode_presence, Payload, MAX_MEMBER_COUNT, MAX_SAFE_INTEGER,
+    decode, encode_message, encode_presence, parse_roster_entry, roster_entry, Payload,
+    MAX_MEMBER_COUNT, MAX_SAFE_INTEGER,
 };
 use roomcast::proto::names::validate_user;
 use roomcast::proto::{frame_payload, message_frame_with_id, validate_id};
 
 fuzz_target!(|data: &[u8]| {
+    if let Ok((id, user)) = parse_roster_entry("r", data) {
+        assert!(id >= 1 && id <= MAX_SAFE_INTEGER, "roster id {id}");
+        assert_eq!(validate_user(user), Ok(()));
+        assert_eq!(roster_entry("r", id, user).as_bytes(), data);
+    }
     let [a, b, rest @ ..] = data else {
         return;
     };
