@@ -17,7 +17,8 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::client::{self, close_reason, ws_reason, Ws};
-use crate::config::{Config, RampOrder, Route, Scenario, Server, Transport};
+use crate::clock;
+use crate::config::{Config, Pacing, RampOrder, Route, Scenario, Server, Transport, BURST_MAX};
 use crate::gate::Gated;
 use crate::hist::{new_hist, to_buckets};
 use crate::payload::{now_us, parse_incoming, stamped_message, Incoming};
@@ -76,6 +77,10 @@ pub struct Counters {
     pub sent: u64,
     /// Publishers' own messages echoed back to them.
     pub acked: u64,
+    /// Socket writes (flushes) that carried publishers' messages: `sent / publish_writes` is
+    /// messages per publisher write (1 when steady).
+    #[serde(default)]
+    pub publish_writes: u64,
     pub presence: u64,
     /// `{"type":"error"}` frames received.
     pub server_errors: u64,
@@ -105,6 +110,7 @@ impl Counters {
         self.tail_loss += o.tail_loss;
         self.sent += o.sent;
         self.acked += o.acked;
+        self.publish_writes += o.publish_writes;
         self.presence += o.presence;
         self.server_errors += o.server_errors;
         self.other_frames += o.other_frames;
@@ -269,8 +275,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const SHARDS: usize = 8;
-/// Publishers write at most this many frames per wake-up before yielding.
-const BURST: u64 = 64;
 /// A gate that is always open (see `gate::Gated`).
 static ALWAYS: AtomicBool = AtomicBool::new(true);
 /// How long a closing client waits for the server's close frame.
@@ -851,6 +855,17 @@ async fn publish_session(
         let mut pace_rx = shared.pace.subscribe();
         let mut closing_rx = closing_rx;
         let mut pace = *pace_rx.borrow_and_update();
+        let config = &shared.config;
+        let steady = config.publish_pacing == Pacing::Steady;
+        // Messages a rate publisher writes at once: one when steady, `--burst-size` in bursts.
+        let group = if steady {
+            1
+        } else {
+            u64::from(config.burst_size)
+        };
+        // `hot` keeps its window under a rate too: a rate the server cannot follow fills it,
+        // and the publisher then waits for echoes instead of queueing without bound.
+        let rate_window = (config.scenario == Scenario::Hot).then_some(config.window);
         // The window compares all sends with all echoes, whatever paces came before.
         let mut sent_total = 0u64;
         let publishers = f64::from(shared.plan.publishers);
@@ -872,21 +887,22 @@ async fn publish_session(
         let mut sent_in_pace = due_by(pace, Instant::now());
         loop {
             let now = Instant::now();
-            let (wake, window_full) = match pace {
-                Pace::Silent => (far, false),
+            let window = match pace {
+                Pace::Window { window } => Some(window),
+                Pace::Rate { .. } => rate_window,
+                Pace::Silent => None,
+            };
+            let window_full = window.is_some_and(|w| window_room(w, sent_total, &acked) == 0);
+            let wake = match pace {
+                Pace::Silent => far,
+                _ if window_full => far,
                 Pace::Rate { rate, since } => {
+                    // When the group's last message is due.
                     let period = publishers / rate;
-                    let at =
-                        since + Duration::from_secs_f64(period * (stagger + sent_in_pace as f64));
-                    (at, false)
+                    let last = (sent_in_pace + group - 1) as f64;
+                    since + Duration::from_secs_f64(period * (stagger + last))
                 }
-                Pace::Window { window } => {
-                    if window_room(window, sent_total, &acked) > 0 {
-                        (now, false)
-                    } else {
-                        (far, true)
-                    }
-                }
+                Pace::Window { .. } => now,
             };
             tokio::select! {
                 biased;
@@ -918,33 +934,43 @@ async fn publish_session(
                     sent_in_pace = due_by(pace, Instant::now());
                 }
                 _ = ack.notified(), if window_full => {}
-                _ = sleep_until(wake), if wake < far => {
+                _ = clock::sleep_until(wake), if wake < far => {
                     let mut due = match pace {
+                        // What the pace owes by now, at most BURST_MAX per wake-up.
                         Pace::Rate { .. } => due_by(pace, Instant::now())
                             .saturating_sub(sent_in_pace)
-                            .clamp(1, BURST),
+                            .clamp(1, BURST_MAX),
                         // Everything the window allows, in one burst.
                         Pace::Window { window } => window_room(window, sent_total, &acked).max(1),
                         Pace::Silent => 1,
                     };
+                    if let Some(w) = window {
+                        due = due.min(window_room(w, sent_total, &acked).max(1));
+                    }
+                    // Steady: every message its own write, also when catching up. Burst: all
+                    // of them in one (the buffer sends what passes its 16 KiB on the way).
+                    let per_write = if steady { 1 } else { due };
                     while due > 0 {
-                        let text = stamped_message(
-                            id,
-                            now_us(),
-                            shared.config.payload_bytes,
-                            shared.config.payload_kind,
-                        );
-                        if tx.write_frame(Frame::text(Payload::Owned(text))).await.is_err() {
+                        for _ in 0..per_write.min(due) {
+                            let text = stamped_message(
+                                id,
+                                now_us(),
+                                config.payload_bytes,
+                                config.payload_kind,
+                            );
+                            if tx.write_frame(Frame::text(Payload::Owned(text))).await.is_err() {
+                                return;
+                            }
+                            sent_in_pace += 1;
+                            sent_total += 1;
+                            due -= 1;
+                            shared.sent[instance as usize].fetch_add(1, Relaxed);
+                            shared.shard(id as usize).c.sent += 1;
+                        }
+                        if tx.flush().await.is_err() {
                             return;
                         }
-                        sent_in_pace += 1;
-                        sent_total += 1;
-                        shared.sent[instance as usize].fetch_add(1, Relaxed);
-                        shared.shard(id as usize).c.sent += 1;
-                        due -= 1;
-                    }
-                    if tx.flush().await.is_err() {
-                        return;
+                        shared.shard(id as usize).c.publish_writes += 1;
                     }
                 }
             }

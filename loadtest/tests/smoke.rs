@@ -19,7 +19,7 @@ async fn two_thousand_clients_in_twenty_rooms_lose_nothing() {
         url: vec![format!("ws://{addr}")],
         clients: 2000,
         rooms: 20,
-        rate: 5.0,
+        rate: Some(5.0),
         duration: 5.0,
         max_seconds: Some(120.0),
         quiet: true,
