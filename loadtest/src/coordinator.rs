@@ -950,6 +950,13 @@ impl Coordinator {
         r.sent = counters.sent;
         r.acked = counters.acked;
         r.publish_writes = counters.publish_writes;
+        r.late_sends = counters.late_sends;
+        if r.late_sends * 10 > r.sent {
+            r.notes.push(format!(
+                "steady publishers wrote {} of {} messages over half a period late (the load generator short of CPU, or a full --window): their spacing was not even",
+                r.late_sends, r.sent
+            ));
+        }
         r.messages_per_publish_write = (counters.publish_writes > 0)
             .then(|| counters.sent as f64 / counters.publish_writes as f64);
         r.deliveries = counters.deliveries;

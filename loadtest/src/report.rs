@@ -120,6 +120,8 @@ pub struct Report {
     pub publish_writes: u64,
     /// `sent / publish_writes`: 1 when every message had a write of its own.
     pub messages_per_publish_write: Option<f64>,
+    /// Steady publishers' messages written more than half a period late.
+    pub late_sends: u64,
     pub deliveries: u64,
     pub deliveries_per_sec: f64,
     /// Deliveries the server owed: unique deliveries plus losses.
@@ -276,10 +278,18 @@ impl Report {
                     thousands(self.acked)
                 ),
             );
+            let late = if self.publishing.as_deref() == Some("steady") {
+                format!(
+                    ", {:.1}% of them over half a period late",
+                    100.0 * self.late_sends as f64 / self.sent.max(1) as f64
+                )
+            } else {
+                String::new()
+            };
             row(
                 "publishing",
                 format!(
-                    "{}: {} messages per publisher write",
+                    "{}: {} messages per publisher write{late}",
                     self.publishing.as_deref().unwrap_or("?"),
                     opt(self.messages_per_publish_write, 2)
                 ),

@@ -43,6 +43,10 @@ pub struct Summary {
     /// Messages per publisher socket write (1 when steady); absent in older reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_per_publish_write: Option<f64>,
+    /// Steady publishers' messages written over half a period late; absent when none was (and
+    /// in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_sends: Option<u64>,
     /// The run passed (no failure).
     pub pass: bool,
     pub connected: u64,
@@ -124,6 +128,7 @@ impl Summary {
             payload_bytes: u(&s["payload_bytes"]),
             publishing: r["publishing"].as_str().map(str::to_string),
             messages_per_publish_write: of(&r["messages_per_publish_write"]),
+            late_sends: r["late_sends"].as_u64().filter(|&n| n > 0),
             pass: failures.is_empty(),
             connected: u(&r["connected"]),
             failed_connects: u(&r["failed_connects"]),

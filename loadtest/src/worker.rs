@@ -81,6 +81,10 @@ pub struct Counters {
     /// messages per publisher write (1 when steady).
     #[serde(default)]
     pub publish_writes: u64,
+    /// Steady publishers' messages written more than half a period after their time (the
+    /// load generator was short of CPU, or a window waited for echoes): spacing not kept.
+    #[serde(default)]
+    pub late_sends: u64,
     pub presence: u64,
     /// `{"type":"error"}` frames received.
     pub server_errors: u64,
@@ -111,6 +115,7 @@ impl Counters {
         self.sent += o.sent;
         self.acked += o.acked;
         self.publish_writes += o.publish_writes;
+        self.late_sends += o.late_sends;
         self.presence += o.presence;
         self.server_errors += o.server_errors;
         self.other_frames += o.other_frames;
@@ -267,6 +272,55 @@ struct Shared {
     stopping: AtomicBool,
     /// Connects in flight at once (ramp and churn reconnects).
     connect_slots: Arc<Semaphore>,
+    /// The runtime the publishers run on (`PublisherThread`); `None`: this one.
+    publish_rt: Option<tokio::runtime::Handle>,
+}
+
+/// A thread of its own for the publishers: on the receivers' thread a publisher's wake-up
+/// waits behind every receiver with frames to read (100 of them in `hot`, each a few µs), so
+/// steady send times drift and catch up in runs. The publishers' sockets are opened on this
+/// runtime, so their I/O stays on it.
+struct PublisherThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl PublisherThread {
+    /// `None` when the thread or its runtime cannot be made (publishers then share this one).
+    fn start(index: u32) -> Option<Self> {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("publishers-{index}"))
+            .spawn(move || {
+                // Made and dropped on this thread: a runtime cannot be dropped inside another.
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                if handle_tx.send(rt.handle().clone()).is_ok() {
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                }
+            })
+            .ok()?;
+        let handle = handle_rx.recv().ok()?;
+        Some(PublisherThread {
+            handle,
+            stop: Some(stop),
+        })
+    }
+}
+
+impl Drop for PublisherThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -424,8 +478,10 @@ pub async fn run(
     let instances = plan.instances() as usize;
     let assigned = u64::from(plan.count_of(index));
     let per_worker = |total: u32| (total / spec.procs).max(1) as usize;
+    let publisher_thread = PublisherThread::start(index);
     let shared = Arc::new(Shared {
         index,
+        publish_rt: publisher_thread.as_ref().map(|p| p.handle.clone()),
         connect_slots: Arc::new(Semaphore::new(per_worker(spec.config.connect_concurrency))),
         config: spec.config.clone(),
         plan,
@@ -571,10 +627,14 @@ async fn ramp(shared: Arc<Shared>) {
             break;
         };
         let s = shared.clone();
+        let rt = match &shared.publish_rt {
+            Some(h) if plan.place(c).publisher => h.clone(),
+            _ => tokio::runtime::Handle::current(),
+        };
         if shared.config.scenario == Scenario::Churn {
-            set.spawn(churn_slot(s, c, permit));
+            set.spawn_on(churn_slot(s, c, permit), &rt);
         } else {
-            set.spawn(client_main(s, c, permit));
+            set.spawn_on(client_main(s, c, permit), &rt);
         }
     }
     while let Some(r) = set.join_next().await {
@@ -952,6 +1012,17 @@ async fn publish_session(
                     let per_write = if steady { 1 } else { due };
                     while due > 0 {
                         for _ in 0..per_write.min(due) {
+                            if let (true, Pace::Rate { rate, since }) = (steady, pace) {
+                                let period = publishers / rate;
+                                let at = since.into_std()
+                                    + Duration::from_secs_f64(
+                                        period * (stagger + sent_in_pace as f64),
+                                    );
+                                let late = std::time::Instant::now().saturating_duration_since(at);
+                                if late.as_secs_f64() > period / 2.0 {
+                                    shared.shard(id as usize).c.late_sends += 1;
+                                }
+                            }
                             let text = stamped_message(
                                 id,
                                 now_us(),
