@@ -293,6 +293,7 @@ impl Coordinator {
                 .and_then(|st| st.cost.clone()),
             None => Some(window),
         };
+        self.note_coarse_cpu();
         self.stats_into(|s| &mut s.end).await;
 
         let final_seq = if self.config.scenario == Scenario::Churn {
@@ -315,6 +316,27 @@ impl Coordinator {
                 .await?;
         }
         Ok(())
+    }
+
+    /// /proc counts CPU in clock ticks: a window of little server CPU gets a coarse figure,
+    /// and the report says how coarse.
+    fn note_coarse_cpu(&mut self) {
+        let Some(cost) = &self.report.cost else {
+            return;
+        };
+        let tick = crate::procfs::tick_seconds();
+        for (server, c) in self.servers.iter().zip(&cost.servers) {
+            if let (Some(pid), Some(cpu)) = (server.pid, c.cpu_seconds) {
+                if cpu > 0.0 && cpu < 100.0 * tick {
+                    self.report.notes.push(format!(
+                        "{}: {cpu:.2} s of server CPU in the window, read from /proc/{pid} in {:.0} ms ticks: its deliveries per CPU-second are good to ±{:.0}%",
+                        server.url,
+                        tick * 1000.0,
+                        100.0 * 2.0 * tick / cpu
+                    ));
+                }
+            }
+        }
     }
 
     fn start_workers(&mut self) -> anyhow::Result<()> {

@@ -13,7 +13,12 @@ pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let (utime, stime) = parse_stat_times(&stat)
         .ok_or_else(|| io::Error::other(format!("/proc/{pid}/stat: unexpected format")))?;
-    Ok((utime + stime) as f64 / clock_ticks_per_second())
+    Ok((utime + stime) as f64 * tick_seconds())
+}
+
+/// The unit of `cpu_seconds`: one clock tick, in seconds (10 ms on Linux).
+pub fn tick_seconds() -> f64 {
+    1.0 / clock_ticks_per_second()
 }
 
 /// Resident set size of process `pid`, bytes (`VmRSS`, as roomcast's own `rss_bytes`).

@@ -276,10 +276,12 @@ struct Shared {
     publish_rt: Option<tokio::runtime::Handle>,
 }
 
-/// A thread of its own for the publishers: on the receivers' thread a publisher's wake-up
+/// A thread of its own for steady publishers: on the receivers' thread a publisher's wake-up
 /// waits behind every receiver with frames to read (100 of them in `hot`, each a few µs), so
 /// steady send times drift and catch up in runs. The publishers' sockets are opened on this
-/// runtime, so their I/O stays on it.
+/// runtime, so their I/O stays on it. Burst publishers stay with the receivers: `hot`'s window
+/// counts only the publisher's own echoes, and sharing the thread is what keeps it from running
+/// ahead of receivers that cannot keep up (the server would evict them).
 struct PublisherThread {
     handle: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -478,7 +480,10 @@ pub async fn run(
     let instances = plan.instances() as usize;
     let assigned = u64::from(plan.count_of(index));
     let per_worker = |total: u32| (total / spec.procs).max(1) as usize;
-    let publisher_thread = PublisherThread::start(index);
+    let publisher_thread = match spec.config.publish_pacing {
+        Pacing::Steady => PublisherThread::start(index),
+        Pacing::Burst => None,
+    };
     let shared = Arc::new(Shared {
         index,
         publish_rt: publisher_thread.as_ref().map(|p| p.handle.clone()),
