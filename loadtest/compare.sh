@@ -111,7 +111,8 @@ B_ID=B-$(hash8 "$B_BIN")
     echo "  B = $B_BIN ($B_ID)"
     echo "  A flags: --listen 127.0.0.1:PORT $A_ARGS"
     echo "  B flags: --listen 127.0.0.1:PORT $B_ARGS"
-    echo "  loadtest = $LOADTEST; $RUNS round(s); scenarios: $SCENARIOS; pacing $PACING; reports in $OUT"
+    if has_flag --publish-pacing; then pacing="pacing $PACING"; else pacing="the load generator's own pacing"; fi
+    echo "  loadtest = $LOADTEST; $RUNS round(s); scenarios: $SCENARIOS; $pacing; reports in $OUT"
     if awk '{ exit !($1 > 1.5) }' /proc/loadavg; then
         echo "  warning: the machine is busy (load average above 1.5): latency and throughput"
         echo "  figures will be lower and noisier than on a quiet machine; RSS is not affected"
