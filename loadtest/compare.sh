@@ -10,15 +10,24 @@
 # run, the medians and the B/A ratios of:
 #   idle      server RSS per connection, KiB      (CLIENTS clients in CLIENTS/100 rooms, 1 server)
 #   chat      p99 latency, ms                     (same clients, 1 msg/s per room, CHAT_SECONDS)
+#   chat      also deliveries per server CPU-second
 #   saturate  highest sustained deliveries/s, and deliveries per server CPU-second at that step
 #             (1,000 clients, 10 rooms, from 100 msg/s/room doubling every STEP_SECONDS)
-#   hot       frames per write                    (100 clients in one room, window 64)
-# Every run gets a fresh server: `B_or_A --listen 127.0.0.1:PORT --rate-limit off
-# --max-connections CLIENTS+500 $SERVER_ARGS`, default threads. The load generator is the same
-# binary for A and B ($LOADTEST), so only the server differs.
+#   hot       frames per write, deliveries/s, deliveries per server CPU-second (100 clients in
+#             one room, one publisher: 1,500 msg/s when steady, window 64)
+# Every run gets a fresh server: `B_or_A --listen 127.0.0.1:PORT` and then A_ARGS or B_ARGS
+# (default, roomcast's: `--rate-limit off --max-connections CLIENTS+500 $SERVER_ARGS`), default
+# threads. The load generator is the same binary for A and B ($LOADTEST), so only the server
+# differs; a load generator that knows `--server-pid` reads both servers' CPU time and RSS from
+# /proc, the same way whatever the server reports itself.
+# loadtest/baseline.sh runs this with A = the `minimal` baseline server.
 #
 # Settings (environment):
 #   LOADTEST=/work/baseline/loadtest   load generator (default: that, else target/release/loadtest)
+#   PACING=steady         --publish-pacing of chat, saturate and hot (steady|burst; needs a load
+#                         generator that has the flag; without it: its own pacing)
+#   A_ARGS, B_ARGS        each server's flags after --listen (set empty for a server that takes
+#                         none of roomcast's)
 #   RUNS=3                rounds (each runs every scenario on A, then on B)
 #   CLIENTS=19000         idle and chat clients on the one server (the open-file cap is 20,000)
 #   IDLE_SECONDS=5 CHAT_SECONDS=10 SAT_SECONDS=40 STEP_SECONDS=5 HOT_SECONDS=10
@@ -70,6 +79,16 @@ if [ -z "${LOADTEST:-}" ]; then
     if [ -x /work/baseline/loadtest ]; then LOADTEST=/work/baseline/loadtest; else LOADTEST=target/release/loadtest; fi
 fi
 [ -x "$LOADTEST" ] || { echo "compare.sh: no load generator at $LOADTEST (set LOADTEST)" >&2; exit 2; }
+PACING=${PACING:-steady}
+LT_HELP=$("$LOADTEST" --help 2>&1 || true)
+has_flag() { grep -q -- "$1" <<<"$LT_HELP"; }
+if ! has_flag --publish-pacing && [ "$PACING" != steady ]; then
+    echo "compare.sh: $LOADTEST has no --publish-pacing (PACING=$PACING)" >&2
+    exit 2
+fi
+ROOMCAST_ARGS="--rate-limit off --max-connections $(( CLIENTS + 500 )) $SERVER_ARGS"
+A_ARGS=${A_ARGS-$ROOMCAST_ARGS}
+B_ARGS=${B_ARGS-$ROOMCAST_ARGS}
 ROOMS=$(( CLIENTS / 100 > 0 ? CLIENTS / 100 : 1 ))
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=loadtest/results/full/compare-$STAMP
@@ -90,7 +109,10 @@ B_ID=B-$(hash8 "$B_BIN")
     echo "compare.sh $STAMP on $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "  A = $A_BIN ($A_ID)"
     echo "  B = $B_BIN ($B_ID)"
-    echo "  loadtest = $LOADTEST; $RUNS round(s); scenarios: $SCENARIOS; reports in $OUT"
+    echo "  A flags: --listen 127.0.0.1:PORT $A_ARGS"
+    echo "  B flags: --listen 127.0.0.1:PORT $B_ARGS"
+    if has_flag --publish-pacing; then pacing="pacing $PACING"; else pacing="the load generator's own pacing"; fi
+    echo "  loadtest = $LOADTEST; $RUNS round(s); scenarios: $SCENARIOS; $pacing; reports in $OUT"
     if awk '{ exit !($1 > 1.5) }' /proc/loadavg; then
         echo "  warning: the machine is busy (load average above 1.5): latency and throughput"
         echo "  figures will be lower and noisier than on a quiet machine; RSS is not affected"
@@ -108,9 +130,9 @@ stop_server() {
 trap stop_server EXIT INT TERM
 
 FAILED=0
-# measure WHICH(A|B) BIN SCENARIO ROUND
+# measure WHICH(A|B) BIN SERVER_FLAGS SCENARIO ROUND
 measure() {
-    local id=$1 bin=$2 scenario=$3 round=$4 args=() seconds
+    local id=$1 bin=$2 flags=$3 scenario=$4 round=$5 args=() seconds
     case $scenario in
         idle) seconds=$IDLE_SECONDS; args=(--clients "$CLIENTS" --rooms "$ROOMS") ;;
         chat) seconds=$CHAT_SECONDS; args=(--clients "$CLIENTS" --rooms "$ROOMS" --rate 1) ;;
@@ -118,6 +140,9 @@ measure() {
         hot) seconds=$HOT_SECONDS; args=(--clients 100 --rooms 1) ;;
         *) echo "compare.sh: unknown scenario $scenario" >&2; exit 2 ;;
     esac
+    if [ "$scenario" != idle ] && has_flag --publish-pacing; then
+        args+=(--publish-pacing "$PACING")
+    fi
     # Bounded twice: the loadtest's own --max-seconds (the run, a ramp at a third of the
     # default 5,000 connects/s, drain and checks), and a hard timeout around it, both within
     # what is left of TOTAL_SECONDS.
@@ -131,10 +156,10 @@ measure() {
     if [ "$bound" -gt $(( left - 15 )) ]; then bound=$(( left - 15 )); fi
     PORT=$((PORT + 1))
     local log=$OUT/server-$round-$scenario-$id.log
-    # shellcheck disable=SC2086 # SERVER_ARGS is a list of flags
-    "$bin" --listen "127.0.0.1:$PORT" --rate-limit off --max-connections $(( CLIENTS + 500 )) \
-        $SERVER_ARGS >"$log" 2>&1 &
+    # shellcheck disable=SC2086 # the flags are a list
+    "$bin" --listen "127.0.0.1:$PORT" $flags >"$log" 2>&1 &
     SERVER_PID=$!
+    if has_flag --server-pid; then args+=(--server-pid "$SERVER_PID"); fi
     local up=0
     for _ in $(seq 1 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then up=1; break; fi
@@ -164,16 +189,17 @@ measure() {
 import json, sys
 s = json.load(sys.stdin)
 print({"idle": lambda: "%.2f KiB/conn" % (s.get("rss_per_conn_bytes", float("nan")) / 1024),
-       "chat": lambda: "p99 %.2f ms, %s deliveries/s" % (s.get("p99_us", float("nan")) / 1000, s["deliveries_per_sec"]),
+       "chat": lambda: "p99 %.2f ms, %s deliveries/s, %s per server CPU-s" % (s.get("p99_us", float("nan")) / 1000, s["deliveries_per_sec"], s.get("deliveries_per_cpu_second")),
        "saturate": lambda: "%s deliveries/s, %s per server CPU-s" % (s.get("best_deliveries_per_sec"), s.get("deliveries_per_cpu_second")),
-       "hot": lambda: "%s frames/write, %s deliveries/s" % (s.get("frames_per_write"), s["deliveries_per_sec"])}[s["scenario"]]())
+       "hot": lambda: "%s frames/write, %s deliveries/s, %s per server CPU-s" % (s.get("frames_per_write"), s["deliveries_per_sec"], s.get("deliveries_per_cpu_second"))}[s["scenario"]]()
+      + ("" if not s.get("publishing") else " (%s)" % s["publishing"]))
 ')" >&2
 }
 
 for round in $(seq 1 "$RUNS"); do
     for scenario in $SCENARIOS; do
-        measure "$A_ID" "$A_BIN" "$scenario" "$round"
-        measure "$B_ID" "$B_BIN" "$scenario" "$round"
+        measure "$A_ID" "$A_BIN" "$A_ARGS" "$scenario" "$round"
+        measure "$B_ID" "$B_BIN" "$B_ARGS" "$scenario" "$round"
     done
 done
 
@@ -193,9 +219,12 @@ def values(who, scenario, key, scale):
 metrics = [
     ("idle", "rss_per_conn_bytes", 1 / 1024, "idle: server RSS per connection, KiB (%d clients, 1 server)" % clients, "lower"),
     ("chat", "p99_us", 1 / 1000, "chat: p99 latency, ms (%d clients, 1 msg/s/room)" % clients, "lower"),
+    ("chat", "deliveries_per_cpu_second", 1, "chat: deliveries per server CPU-second", "higher"),
     ("saturate", "best_deliveries_per_sec", 1, "saturate: highest sustained deliveries/s", "higher"),
     ("saturate", "deliveries_per_cpu_second", 1, "saturate: deliveries per server CPU-second", "higher"),
     ("hot", "frames_per_write", 1, "hot: frames per write", "higher"),
+    ("hot", "deliveries_per_sec", 1, "hot: deliveries/s", "higher"),
+    ("hot", "deliveries_per_cpu_second", 1, "hot: deliveries per server CPU-second", "higher"),
 ]
 fmt = lambda v: "%.2f" % v if abs(v) < 100 else "{:,.0f}".format(v)
 print()
@@ -219,8 +248,8 @@ for s in runs:
 print()
 print("Publishers: " + "; ".join(
     "%s %s" % (sc, "/".join(sorted(m))) for sc, m in sorted(modes.items())) +
-    " (steady: each publisher at evenly spaced times, one message per write unless late;"
-    " bursty: all the unacknowledged window allows, in one write).")
+    " (steady: each publisher at evenly spaced times, one message per write;"
+    " burst: several messages per write, in hot all the unacknowledged window allows).")
 # A saturate run whose first step already missed the bound has no best step: say why.
 for s in runs:
     if s["scenario"] == "saturate" and not s.get("best_deliveries_per_sec"):

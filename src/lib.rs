@@ -32,6 +32,12 @@ pub use error::{Error, Result};
 pub use http::target;
 pub use server::run;
 
+/// The codec the criterion benches (`benches/`) measure directly. Not part of the API.
+#[doc(hidden)]
+pub mod benching {
+    pub use crate::ws::deflate;
+}
+
 /// The decoders of network bytes that the fuzz targets (`fuzz/`) drive directly: client
 /// WebSocket frames and cluster payloads from Redis. Not part of the API.
 #[doc(hidden)]

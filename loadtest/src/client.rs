@@ -298,6 +298,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             host: format!("127.0.0.1:{port}"),
             compression: false,
+            pid: None,
         };
         let err = connect(&server, Some(Ipv4Addr::new(127, 0, 0, 2)), "lt-0", "u0")
             .await
@@ -330,6 +331,7 @@ mod tests {
             addr,
             host: addr.to_string(),
             compression: false,
+            pid: None,
         };
         let err = connect(&server, None, "lt-0", "u0")
             .await

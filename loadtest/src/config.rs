@@ -39,15 +39,36 @@ pub enum Transport {
 }
 
 impl Scenario {
-    /// How this scenario's publishers send, as reports and summaries name it: `steady` (each
-    /// publisher at evenly spaced, staggered times, one message per write unless it is late, then
-    /// what it owes in one write of at most 64), `bursty` (everything the window allows in one
-    /// write); `None` when nobody publishes.
-    pub fn publishing(self) -> Option<&'static str> {
+    /// `--rate` when none is given: 1 message/s per room, or 1,500/s for `hot`'s one publisher.
+    pub fn default_rate(self) -> f64 {
         match self {
-            Scenario::Idle => None,
-            Scenario::Chat | Scenario::Saturate | Scenario::Churn => Some("steady"),
-            Scenario::Hot => Some("bursty"),
+            Scenario::Hot => 1500.0,
+            _ => 1.0,
+        }
+    }
+}
+
+/// How publishers put their messages on the wire (`--publish-pacing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pacing {
+    /// One message per socket write, flushed, at evenly spaced times (publishers' phases
+    /// staggered over the period). A publisher that falls behind catches up one write per
+    /// message. `hot`: `--rate` messages/s, never more than `--window` unacknowledged.
+    #[default]
+    Steady,
+    /// Several messages in one write: `hot` writes everything its `--window` allows at once (no
+    /// rate); with a rate, each publisher writes `--burst-size` messages at once, every
+    /// `--burst-size` periods.
+    Burst,
+}
+
+impl Pacing {
+    /// The name reports and summary lines give it (the flag's value).
+    pub fn name(self) -> &'static str {
+        match self {
+            Pacing::Steady => "steady",
+            Pacing::Burst => "burst",
         }
     }
 }
@@ -85,6 +106,13 @@ pub struct Config {
     #[arg(long, value_delimiter = ',', default_value = "ws://127.0.0.1:8080")]
     pub url: Vec<String>,
 
+    /// Process id of each server, in `--url` order: its CPU time and RSS are read from /proc,
+    /// the same way for any server. Default: the process listening on the URL's port when it
+    /// runs on this machine as this user; otherwise the server's own `/api/stats` figures.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub server_pid: Vec<u32>,
+
     /// How clients map to servers when there are several.
     #[arg(long, value_enum, default_value_t = Route::Rooms)]
     pub route: Route,
@@ -112,10 +140,23 @@ pub struct Config {
     #[arg(long, default_value_t = 1)]
     pub publishers: u32,
 
-    /// Messages per second per room, in every route (`chat`, and the starting rate of
-    /// `saturate`); each publisher sends rate / publishers.
-    #[arg(long, default_value_t = 1.0)]
-    pub rate: f64,
+    /// Messages per second per room, in every route (`chat`, `hot` with steady pacing, and the
+    /// starting rate of `saturate`); each publisher sends rate / publishers.
+    /// Default: 1, `hot` 1500.
+    #[arg(long)]
+    pub rate: Option<f64>,
+
+    /// How publishers write: `steady` (one message per write, evenly spaced) or `burst`
+    /// (several messages per write).
+    #[arg(long, value_enum, default_value_t = Pacing::Steady)]
+    #[serde(default)]
+    pub publish_pacing: Pacing,
+
+    /// `--publish-pacing burst` with a rate (`chat`, `saturate`, `churn`): messages a publisher
+    /// writes at once.
+    #[arg(long, default_value_t = 16)]
+    #[serde(default = "default_burst_size")]
+    pub burst_size: u32,
 
     /// Seconds of steady state after the ramp (`saturate`: the most it may run).
     #[arg(long, default_value_t = 10.0)]
@@ -224,6 +265,10 @@ fn default_ramp_order() -> RampOrder {
     RampOrder::Rooms
 }
 
+fn default_burst_size() -> u32 {
+    16
+}
+
 impl Default for Config {
     fn default() -> Self {
         use clap::Parser;
@@ -251,6 +296,10 @@ pub struct Server {
     pub host: String,
     /// `--compression`: offer permessage-deflate in the upgrade.
     pub compression: bool,
+    /// The server's process (`--server-pid`, or found by its listening socket): CPU time and
+    /// RSS come from its /proc entries instead of `/api/stats`.
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
 impl Config {
@@ -273,6 +322,13 @@ impl Config {
         if servers == 0 {
             bail!("--url needs at least one server");
         }
+        if !self.server_pid.is_empty() && self.server_pid.len() != self.url.len() {
+            bail!(
+                "--server-pid needs one process id per --url ({} given for {} servers)",
+                self.server_pid.len(),
+                servers
+            );
+        }
         let smallest_room = self.clients / self.rooms;
         if self.publishers == 0 || self.publishers > smallest_room {
             bail!(
@@ -281,8 +337,12 @@ impl Config {
                 smallest_room
             );
         }
-        if !positive(self.rate) {
+        let rate = *self.rate.get_or_insert(self.scenario.default_rate());
+        if !positive(rate) {
             bail!("--rate must be a positive number");
+        }
+        if self.burst_size == 0 || u64::from(self.burst_size) > BURST_MAX {
+            bail!("--burst-size must be between 1 and {BURST_MAX}");
         }
         if !(self.duration >= 0.0 && self.duration.is_finite()) {
             bail!("--duration must be zero or more seconds");
@@ -310,13 +370,27 @@ impl Config {
         Ok(())
     }
 
+    /// `--rate` in force: the flag's, or the scenario's default.
+    pub fn rate(&self) -> f64 {
+        self.rate.unwrap_or(self.scenario.default_rate())
+    }
+
+    /// How this run's publishers send, as reports and summary lines name it; `None` when
+    /// nobody publishes (`idle`).
+    pub fn publishing(&self) -> Option<&'static str> {
+        (self.scenario != Scenario::Idle).then(|| self.publish_pacing.name())
+    }
+
     /// `--url`, resolved. Only loopback targets are accepted: this tool floods what it points at.
+    /// `pid` is `--server-pid`'s (see `find_pids` for the default).
     pub fn servers(&self) -> anyhow::Result<Vec<Server>> {
         self.url
             .iter()
-            .map(|u| {
+            .enumerate()
+            .map(|(i, u)| {
                 parse_server(u).map(|s| Server {
                     compression: self.compression,
+                    pid: self.server_pid.get(i).copied(),
                     ..s
                 })
             })
@@ -343,6 +417,10 @@ impl Config {
         60.0 + self.duration + 3.0 * ramp + steps + self.drain_timeout
     }
 }
+
+/// Most messages a publisher puts in one write (`--burst-size`, and a late burst publisher's
+/// catch-up).
+pub const BURST_MAX: u64 = 64;
 
 /// A finite number above zero (NaN is not).
 fn positive(x: f64) -> bool {
@@ -387,6 +465,7 @@ fn parse_server(url: &str) -> anyhow::Result<Server> {
         addr,
         host: with_port,
         compression: false,
+        pid: None,
     })
 }
 
@@ -480,6 +559,40 @@ mod tests {
         };
         c.validate().expect("valid");
         assert_eq!((c.rooms, c.publishers), (1, 1));
+    }
+
+    #[test]
+    fn rate_defaults_by_scenario_and_pacing_is_named() {
+        let mut c = Config::default();
+        assert_eq!(c.rate, None);
+        c.validate().expect("valid");
+        assert_eq!(c.rate, Some(1.0));
+        assert_eq!(c.publishing(), Some("steady"));
+        let mut hot = Config {
+            scenario: Scenario::Hot,
+            publish_pacing: Pacing::Burst,
+            ..Config::default()
+        };
+        hot.validate().expect("valid");
+        assert_eq!(hot.rate(), 1500.0);
+        assert_eq!(hot.publishing(), Some("burst"));
+        let idle = Config {
+            scenario: Scenario::Idle,
+            ..Config::default()
+        };
+        assert_eq!(idle.publishing(), None);
+        let mut given = Config {
+            scenario: Scenario::Hot,
+            rate: Some(10.0),
+            ..Config::default()
+        };
+        given.validate().expect("valid");
+        assert_eq!(given.rate(), 10.0);
+        let mut zero = Config {
+            burst_size: 0,
+            ..Config::default()
+        };
+        assert!(zero.validate().is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 
-use crate::config::{Config, Scenario, Server};
+use crate::config::{Config, Pacing, Scenario, Server};
 use crate::cost::{Cost, Mark};
 use crate::hist::{add_buckets, new_hist, to_buckets};
 use crate::http::{self, Stats};
@@ -44,7 +44,10 @@ const HTTP_CONCURRENCY: usize = 16;
 /// Writes `config.json` and appends to `config.summary` when set. Prints live lines on stderr unless `config.quiet`.
 pub async fn run(mut config: Config) -> anyhow::Result<Report> {
     config.validate()?;
-    let servers = config.servers()?;
+    let mut servers = config.servers()?;
+    for s in servers.iter_mut().filter(|s| s.pid.is_none()) {
+        s.pid = crate::procfs::listener_pid(s.addr);
+    }
     let sources = config.source_addrs()?;
     let (_, hard) = sys::raise_nofile()
         .or_else(|_| sys::nofile())
@@ -76,7 +79,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<Report> {
         c.abort().await;
     }
     c.finish_report(started);
-    c.report.publishing = config.scenario.publishing().map(str::to_string);
+    c.report.publishing = config.publishing().map(str::to_string);
     if let Some(path) = &config.json {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -248,14 +251,21 @@ impl Coordinator {
             Scenario::Idle => self.pump_for(hold).await?,
             Scenario::Chat | Scenario::Churn => {
                 self.publish(Command::Publish {
-                    rate: self.config.rate,
+                    rate: self.config.rate(),
                 });
                 self.pump_for(hold).await?;
                 self.quiet();
             }
             Scenario::Hot => {
-                self.publish(Command::PublishWindow {
-                    window: self.config.window,
+                // Steady: `--rate`, each message its own write, within the window (the
+                // publisher applies it); burst: as fast as the window allows, in bursts.
+                self.publish(match self.config.publish_pacing {
+                    Pacing::Steady => Command::Publish {
+                        rate: self.config.rate(),
+                    },
+                    Pacing::Burst => Command::PublishWindow {
+                        window: self.config.window,
+                    },
                 });
                 self.pump_for(hold).await?;
                 self.quiet();
@@ -283,6 +293,7 @@ impl Coordinator {
                 .and_then(|st| st.cost.clone()),
             None => Some(window),
         };
+        self.note_coarse_cpu();
         self.stats_into(|s| &mut s.end).await;
 
         let final_seq = if self.config.scenario == Scenario::Churn {
@@ -305,6 +316,27 @@ impl Coordinator {
                 .await?;
         }
         Ok(())
+    }
+
+    /// /proc counts CPU in clock ticks: a window of little server CPU gets a coarse figure,
+    /// and the report says how coarse.
+    fn note_coarse_cpu(&mut self) {
+        let Some(cost) = &self.report.cost else {
+            return;
+        };
+        let tick = crate::procfs::tick_seconds();
+        for (server, c) in self.servers.iter().zip(&cost.servers) {
+            if let (Some(pid), Some(cpu)) = (server.pid, c.cpu_seconds) {
+                if cpu > 0.0 && cpu < 100.0 * tick {
+                    self.report.notes.push(format!(
+                        "{}: {cpu:.2} s of server CPU in the window, read from /proc/{pid} in {:.0} ms ticks: its deliveries per CPU-second are good to ±{:.0}%",
+                        server.url,
+                        tick * 1000.0,
+                        100.0 * 2.0 * tick / cpu
+                    ));
+                }
+            }
+        }
     }
 
     fn start_workers(&mut self) -> anyhow::Result<()> {
@@ -725,7 +757,7 @@ impl Coordinator {
             .filter(|room| room.iter().any(|&m| m > 0))
             .count() as f64;
         let mut out = Saturation::default();
-        let mut rate = self.config.rate;
+        let mut rate = self.config.rate();
         let mut start = self.mark().await?;
         loop {
             let (c0, p0) = self.sum();
@@ -939,6 +971,16 @@ impl Coordinator {
         r.disconnects_by_reason = disconnects;
         r.sent = counters.sent;
         r.acked = counters.acked;
+        r.publish_writes = counters.publish_writes;
+        r.late_sends = counters.late_sends;
+        if r.late_sends * 10 > r.sent {
+            r.notes.push(format!(
+                "steady publishers wrote {} of {} messages over half a period late (the load generator short of CPU, or a full --window): their spacing was not even",
+                r.late_sends, r.sent
+            ));
+        }
+        r.messages_per_publish_write = (counters.publish_writes > 0)
+            .then(|| counters.sent as f64 / counters.publish_writes as f64);
         r.deliveries = counters.deliveries;
         r.loss = counters.loss();
         r.dups = counters.dups;

@@ -80,9 +80,27 @@ pub struct Stats {
     pub cpu_seconds: Option<f64>,
     #[serde(default)]
     pub evictions: u64,
+    /// The process whose /proc entries gave `cpu_seconds` and `rss_bytes`; `None`: the server's
+    /// own figures.
+    #[serde(default)]
+    pub measured_pid: Option<u32>,
 }
 
+/// `/api/stats`, with CPU time and RSS from /proc when the server's process is known
+/// (`Server::pid`). A process that can no longer be read is an error, never a silent switch to
+/// the server's own figures in the middle of a window.
 pub async fn stats(server: &Server) -> anyhow::Result<Stats> {
+    let mut st = api_stats(server).await?;
+    if let Some(pid) = server.pid {
+        let gone = |e: std::io::Error| anyhow::anyhow!("server {} process {pid}: {e}", server.url);
+        st.cpu_seconds = Some(crate::procfs::cpu_seconds(pid).map_err(gone)?);
+        st.rss_bytes = crate::procfs::rss_bytes(pid).map_err(gone)?;
+        st.measured_pid = Some(pid);
+    }
+    Ok(st)
+}
+
+async fn api_stats(server: &Server) -> anyhow::Result<Stats> {
     let (status, v) = get_json(server, "/api/stats").await?;
     if status != 200 {
         bail!("GET /api/stats on {}: HTTP {status}: {v}", server.host);

@@ -8,6 +8,7 @@
 //! figures are written) sits below them all.
 
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod coordinator;
 pub mod cost;
@@ -18,6 +19,7 @@ pub mod link;
 pub mod payload;
 pub mod plan;
 pub mod preflight;
+pub mod procfs;
 pub mod report;
 pub mod seq;
 pub mod summary;
@@ -26,7 +28,7 @@ pub mod units;
 pub mod wire;
 pub mod worker;
 
-pub use config::{Config, RampOrder, Route, Scenario};
+pub use config::{Config, Pacing, RampOrder, Route, Scenario};
 pub use coordinator::run;
 pub use report::Report;
 pub use summary::Summary;

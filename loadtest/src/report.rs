@@ -96,7 +96,8 @@ pub struct Report {
     pub clients: u32,
     pub rooms: u32,
     pub servers: usize,
-    /// How the publishers sent: `steady` or `bursty` (see `Scenario::publishing`).
+    /// How the publishers sent: `--publish-pacing`, `steady` or `burst` (`Config::publishing`);
+    /// `None` for `idle`.
     pub publishing: Option<String>,
     /// Sockets that completed the upgrade and got their welcome (churn: every session).
     pub connected: u64,
@@ -115,6 +116,12 @@ pub struct Report {
     pub publish_secs: f64,
     pub sent: u64,
     pub acked: u64,
+    /// Socket writes that carried the publishers' messages.
+    pub publish_writes: u64,
+    /// `sent / publish_writes`: 1 when every message had a write of its own.
+    pub messages_per_publish_write: Option<f64>,
+    /// Steady publishers' messages written more than half a period late.
+    pub late_sends: u64,
     pub deliveries: u64,
     pub deliveries_per_sec: f64,
     /// Deliveries the server owed: unique deliveries plus losses.
@@ -271,6 +278,22 @@ impl Report {
                     thousands(self.acked)
                 ),
             );
+            let late = if self.publishing.as_deref() == Some("steady") {
+                format!(
+                    ", {:.1}% of them over half a period late",
+                    100.0 * self.late_sends as f64 / self.sent.max(1) as f64
+                )
+            } else {
+                String::new()
+            };
+            row(
+                "publishing",
+                format!(
+                    "{}: {} messages per publisher write{late}",
+                    self.publishing.as_deref().unwrap_or("?"),
+                    opt(self.messages_per_publish_write, 2)
+                ),
+            );
             row("deliveries", thousands(self.deliveries));
             row(
                 "deliveries/s",
@@ -301,10 +324,14 @@ impl Report {
                     .map(|s| format!("{:.1} MiB", s.rss_bytes as f64 / 1048576.0))
                     .unwrap_or_else(|| "?".into())
             };
+            let source = match s.before.as_ref().and_then(|b| b.measured_pid) {
+                Some(pid) => format!("CPU and RSS from /proc/{pid}"),
+                None => "CPU and RSS from its /api/stats".into(),
+            };
             row(
                 &format!("server {}", s.url),
                 format!(
-                    "{} sockets; RSS idle {} → ramped {} → end {}; {}",
+                    "{} sockets; RSS idle {} → ramped {} → end {}; {}; {source}",
                     thousands(s.opened),
                     rss(&s.before),
                     rss(&s.after_ramp),

@@ -34,11 +34,19 @@ pub struct Summary {
     pub rate: f64,
     pub duration: f64,
     pub payload_bytes: u64,
-    /// How publishers send: `steady` (evenly spaced, one message per write unless late) or
-    /// `bursty` (all a window allows in one write); absent in reports older than the field, and
-    /// for `idle`.
+    /// How publishers sent (`--publish-pacing`): `steady` (one message per write, evenly
+    /// spaced) or `burst` (several per write); absent for `idle` and in reports older than the
+    /// field. Lines written before the flag existed say `steady` for `chat` and `saturate` (one
+    /// message per write unless late) and `bursty` for `hot` (what `burst` does now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publishing: Option<String>,
+    /// Messages per publisher socket write (1 when steady); absent in older reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_publish_write: Option<f64>,
+    /// Steady publishers' messages written over half a period late; absent when none was (and
+    /// in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_sends: Option<u64>,
     /// The run passed (no failure).
     pub pass: bool,
     pub connected: u64,
@@ -119,6 +127,8 @@ impl Summary {
             duration: f(&s["duration"]),
             payload_bytes: u(&s["payload_bytes"]),
             publishing: r["publishing"].as_str().map(str::to_string),
+            messages_per_publish_write: of(&r["messages_per_publish_write"]),
+            late_sends: r["late_sends"].as_u64().filter(|&n| n > 0),
             pass: failures.is_empty(),
             connected: u(&r["connected"]),
             failed_connects: u(&r["failed_connects"]),

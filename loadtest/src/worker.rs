@@ -17,7 +17,8 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::client::{self, close_reason, ws_reason, Ws};
-use crate::config::{Config, RampOrder, Route, Scenario, Server, Transport};
+use crate::clock;
+use crate::config::{Config, Pacing, RampOrder, Route, Scenario, Server, Transport, BURST_MAX};
 use crate::gate::Gated;
 use crate::hist::{new_hist, to_buckets};
 use crate::payload::{now_us, parse_incoming, stamped_message, Incoming};
@@ -76,6 +77,14 @@ pub struct Counters {
     pub sent: u64,
     /// Publishers' own messages echoed back to them.
     pub acked: u64,
+    /// Socket writes (flushes) that carried publishers' messages: `sent / publish_writes` is
+    /// messages per publisher write (1 when steady).
+    #[serde(default)]
+    pub publish_writes: u64,
+    /// Steady publishers' messages written more than half a period after their time (the
+    /// load generator was short of CPU, or a window waited for echoes): spacing not kept.
+    #[serde(default)]
+    pub late_sends: u64,
     pub presence: u64,
     /// `{"type":"error"}` frames received.
     pub server_errors: u64,
@@ -105,6 +114,8 @@ impl Counters {
         self.tail_loss += o.tail_loss;
         self.sent += o.sent;
         self.acked += o.acked;
+        self.publish_writes += o.publish_writes;
+        self.late_sends += o.late_sends;
         self.presence += o.presence;
         self.server_errors += o.server_errors;
         self.other_frames += o.other_frames;
@@ -261,6 +272,57 @@ struct Shared {
     stopping: AtomicBool,
     /// Connects in flight at once (ramp and churn reconnects).
     connect_slots: Arc<Semaphore>,
+    /// The runtime the publishers run on (`PublisherThread`); `None`: this one.
+    publish_rt: Option<tokio::runtime::Handle>,
+}
+
+/// A thread of its own for steady publishers: on the receivers' thread a publisher's wake-up
+/// waits behind every receiver with frames to read (100 of them in `hot`, each a few µs), so
+/// steady send times drift and catch up in runs. The publishers' sockets are opened on this
+/// runtime, so their I/O stays on it. Burst publishers stay with the receivers: `hot`'s window
+/// counts only the publisher's own echoes, and sharing the thread is what keeps it from running
+/// ahead of receivers that cannot keep up (the server would evict them).
+struct PublisherThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl PublisherThread {
+    /// `None` when the thread or its runtime cannot be made (publishers then share this one).
+    fn start(index: u32) -> Option<Self> {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("publishers-{index}"))
+            .spawn(move || {
+                // Made and dropped on this thread: a runtime cannot be dropped inside another.
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                if handle_tx.send(rt.handle().clone()).is_ok() {
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                }
+            })
+            .ok()?;
+        let handle = handle_rx.recv().ok()?;
+        Some(PublisherThread {
+            handle,
+            stop: Some(stop),
+        })
+    }
+}
+
+impl Drop for PublisherThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -269,8 +331,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 const SHARDS: usize = 8;
-/// Publishers write at most this many frames per wake-up before yielding.
-const BURST: u64 = 64;
 /// A gate that is always open (see `gate::Gated`).
 static ALWAYS: AtomicBool = AtomicBool::new(true);
 /// How long a closing client waits for the server's close frame.
@@ -420,8 +480,13 @@ pub async fn run(
     let instances = plan.instances() as usize;
     let assigned = u64::from(plan.count_of(index));
     let per_worker = |total: u32| (total / spec.procs).max(1) as usize;
+    let publisher_thread = match spec.config.publish_pacing {
+        Pacing::Steady => PublisherThread::start(index),
+        Pacing::Burst => None,
+    };
     let shared = Arc::new(Shared {
         index,
+        publish_rt: publisher_thread.as_ref().map(|p| p.handle.clone()),
         connect_slots: Arc::new(Semaphore::new(per_worker(spec.config.connect_concurrency))),
         config: spec.config.clone(),
         plan,
@@ -567,10 +632,14 @@ async fn ramp(shared: Arc<Shared>) {
             break;
         };
         let s = shared.clone();
+        let rt = match &shared.publish_rt {
+            Some(h) if plan.place(c).publisher => h.clone(),
+            _ => tokio::runtime::Handle::current(),
+        };
         if shared.config.scenario == Scenario::Churn {
-            set.spawn(churn_slot(s, c, permit));
+            set.spawn_on(churn_slot(s, c, permit), &rt);
         } else {
-            set.spawn(client_main(s, c, permit));
+            set.spawn_on(client_main(s, c, permit), &rt);
         }
     }
     while let Some(r) = set.join_next().await {
@@ -851,6 +920,17 @@ async fn publish_session(
         let mut pace_rx = shared.pace.subscribe();
         let mut closing_rx = closing_rx;
         let mut pace = *pace_rx.borrow_and_update();
+        let config = &shared.config;
+        let steady = config.publish_pacing == Pacing::Steady;
+        // Messages a rate publisher writes at once: one when steady, `--burst-size` in bursts.
+        let group = if steady {
+            1
+        } else {
+            u64::from(config.burst_size)
+        };
+        // `hot` keeps its window under a rate too: a rate the server cannot follow fills it,
+        // and the publisher then waits for echoes instead of queueing without bound.
+        let rate_window = (config.scenario == Scenario::Hot).then_some(config.window);
         // The window compares all sends with all echoes, whatever paces came before.
         let mut sent_total = 0u64;
         let publishers = f64::from(shared.plan.publishers);
@@ -872,21 +952,22 @@ async fn publish_session(
         let mut sent_in_pace = due_by(pace, Instant::now());
         loop {
             let now = Instant::now();
-            let (wake, window_full) = match pace {
-                Pace::Silent => (far, false),
+            let window = match pace {
+                Pace::Window { window } => Some(window),
+                Pace::Rate { .. } => rate_window,
+                Pace::Silent => None,
+            };
+            let window_full = window.is_some_and(|w| window_room(w, sent_total, &acked) == 0);
+            let wake = match pace {
+                Pace::Silent => far,
+                _ if window_full => far,
                 Pace::Rate { rate, since } => {
+                    // When the group's last message is due.
                     let period = publishers / rate;
-                    let at =
-                        since + Duration::from_secs_f64(period * (stagger + sent_in_pace as f64));
-                    (at, false)
+                    let last = (sent_in_pace + group - 1) as f64;
+                    since + Duration::from_secs_f64(period * (stagger + last))
                 }
-                Pace::Window { window } => {
-                    if window_room(window, sent_total, &acked) > 0 {
-                        (now, false)
-                    } else {
-                        (far, true)
-                    }
-                }
+                Pace::Window { .. } => now,
             };
             tokio::select! {
                 biased;
@@ -918,33 +999,54 @@ async fn publish_session(
                     sent_in_pace = due_by(pace, Instant::now());
                 }
                 _ = ack.notified(), if window_full => {}
-                _ = sleep_until(wake), if wake < far => {
+                _ = clock::sleep_until(wake), if wake < far => {
                     let mut due = match pace {
+                        // What the pace owes by now, at most BURST_MAX per wake-up.
                         Pace::Rate { .. } => due_by(pace, Instant::now())
                             .saturating_sub(sent_in_pace)
-                            .clamp(1, BURST),
+                            .clamp(1, BURST_MAX),
                         // Everything the window allows, in one burst.
                         Pace::Window { window } => window_room(window, sent_total, &acked).max(1),
                         Pace::Silent => 1,
                     };
+                    if let Some(w) = window {
+                        due = due.min(window_room(w, sent_total, &acked).max(1));
+                    }
+                    // Steady: every message its own write, also when catching up. Burst: all
+                    // of them in one (the buffer sends what passes its 16 KiB on the way).
+                    let per_write = if steady { 1 } else { due };
                     while due > 0 {
-                        let text = stamped_message(
-                            id,
-                            now_us(),
-                            shared.config.payload_bytes,
-                            shared.config.payload_kind,
-                        );
-                        if tx.write_frame(Frame::text(Payload::Owned(text))).await.is_err() {
+                        for _ in 0..per_write.min(due) {
+                            if let (true, Pace::Rate { rate, since }) = (steady, pace) {
+                                let period = publishers / rate;
+                                let at = since.into_std()
+                                    + Duration::from_secs_f64(
+                                        period * (stagger + sent_in_pace as f64),
+                                    );
+                                let late = std::time::Instant::now().saturating_duration_since(at);
+                                if late.as_secs_f64() > period / 2.0 {
+                                    shared.shard(id as usize).c.late_sends += 1;
+                                }
+                            }
+                            let text = stamped_message(
+                                id,
+                                now_us(),
+                                config.payload_bytes,
+                                config.payload_kind,
+                            );
+                            if tx.write_frame(Frame::text(Payload::Owned(text))).await.is_err() {
+                                return;
+                            }
+                            sent_in_pace += 1;
+                            sent_total += 1;
+                            due -= 1;
+                            shared.sent[instance as usize].fetch_add(1, Relaxed);
+                            shared.shard(id as usize).c.sent += 1;
+                        }
+                        if tx.flush().await.is_err() {
                             return;
                         }
-                        sent_in_pace += 1;
-                        sent_total += 1;
-                        shared.sent[instance as usize].fetch_add(1, Relaxed);
-                        shared.shard(id as usize).c.sent += 1;
-                        due -= 1;
-                    }
-                    if tx.flush().await.is_err() {
-                        return;
+                        shared.shard(id as usize).c.publish_writes += 1;
                     }
                 }
             }

@@ -19,7 +19,7 @@ async fn two_thousand_clients_in_twenty_rooms_lose_nothing() {
         url: vec![format!("ws://{addr}")],
         clients: 2000,
         rooms: 20,
-        rate: 5.0,
+        rate: Some(5.0),
         duration: 5.0,
         max_seconds: Some(120.0),
         quiet: true,
@@ -43,6 +43,9 @@ async fn two_thousand_clients_in_twenty_rooms_lose_nothing() {
         report.deliveries
     );
     assert!(report.ok(), "{:?}", report.failures);
+    // Steady pacing by default: every message its own write.
+    assert_eq!(report.publishing.as_deref(), Some("steady"));
+    assert_eq!(report.messages_per_publish_write, Some(1.0));
 
     // The server's side of the window: read from its /api/stats at both ends.
     let cost = report.cost.as_ref().expect("a chat run reports its cost");

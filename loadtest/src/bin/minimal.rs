@@ -1,0 +1,394 @@
+//! `minimal`: the baseline that roomcast's figures are compared with. A room broadcast server
+//! written the straightforward way on the same crates with their defaults (tokio's multi-thread
+//! runtime, hyper 1 HTTP/1 with the fastwebsockets 0.10 upgrade), speaking just enough of
+//! roomcast's protocol for the load generator's `idle`, `chat`, `saturate` and `hot` scenarios:
+//!
+//! - `GET /ws/{room}?user=NAME` upgrades, joins the room and sends
+//!   `{"type":"welcome","room":…,"seq":N}`;
+//! - a client's `{"type":"message","text":…}` is numbered under the room's lock, encoded once
+//!   as `{"type":"message","room":…,"user":…,"text":…,"seq":N,"ts":MS}` and sent as `Bytes`
+//!   into the room's `tokio::sync::broadcast`;
+//! - every member's task writes each message itself with `write_frame(Frame::text(…))`: one
+//!   frame per write, no batching, no rate limit, no presence, no history;
+//! - `GET /api/stats` and `GET /api/rooms/{room}` answer the fields the load generator checks
+//!   (connections, rooms, members, last seq, frames written).
+//!
+//! A member that falls a ring behind is closed with 1008. Nothing else is bounded: it is a
+//! yardstick, not a server to deploy.
+//!
+//!     minimal --listen 127.0.0.1:9000
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use clap::Parser;
+use fastwebsockets::upgrade::{self, UpgradeFut};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+
+#[derive(Parser)]
+#[command(
+    name = "minimal",
+    about = "A minimal room broadcast server: the baseline for loadtest"
+)]
+struct Cli {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Runtime worker threads. Default: one per core (tokio's default).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Messages a room's broadcast ring holds (roomcast's `--room-buffer` default).
+    #[arg(long, default_value_t = 1024)]
+    room_buffer: usize,
+}
+
+/// Everything the connections share.
+struct Server {
+    rooms: Mutex<HashMap<String, Arc<Room>>>,
+    room_buffer: usize,
+    connections: AtomicU64,
+    messages_in: AtomicU64,
+    /// Message frames written; each `write_frame` is one socket write, so also the writes.
+    frames_out: AtomicU64,
+    lagged: AtomicU64,
+}
+
+struct Room {
+    /// The seq and the member count; the lock also keeps broadcast order equal to seq order.
+    state: Mutex<RoomState>,
+    tx: broadcast::Sender<Bytes>,
+}
+
+struct RoomState {
+    seq: u64,
+    members: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Deserialize)]
+struct ClientMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: String,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ServerMessage<'a> {
+    Welcome {
+        room: &'a str,
+        seq: u64,
+    },
+    Message {
+        room: &'a str,
+        user: &'a str,
+        text: &'a str,
+        seq: u64,
+        ts: u64,
+    },
+}
+
+fn json<T: Serialize>(value: &T) -> Bytes {
+    // Plain structs of strings and numbers always serialize.
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Server {
+    /// Joins `name`: the member's receiver and the seq it starts after.
+    fn join(&self, name: &str) -> (Arc<Room>, broadcast::Receiver<Bytes>, u64) {
+        let mut rooms = lock(&self.rooms);
+        let room = rooms
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(Room {
+                    state: Mutex::new(RoomState { seq: 0, members: 0 }),
+                    tx: broadcast::channel(self.room_buffer).0,
+                })
+            })
+            .clone();
+        let mut state = lock(&room.state);
+        state.members += 1;
+        let rx = room.tx.subscribe();
+        let seq = state.seq;
+        drop(state);
+        (room, rx, seq)
+    }
+
+    fn leave(&self, name: &str, room: &Room) {
+        let mut rooms = lock(&self.rooms);
+        let mut state = lock(&room.state);
+        state.members -= 1;
+        if state.members == 0 {
+            rooms.remove(name);
+        }
+    }
+}
+
+impl Room {
+    fn publish(&self, room: &str, user: &str, text: &str) {
+        let mut state = lock(&self.state);
+        state.seq += 1;
+        let frame = json(&ServerMessage::Message {
+            room,
+            user,
+            text,
+            seq: state.seq,
+            ts: unix_millis(),
+        });
+        // No receivers: nobody to deliver to.
+        let _ = self.tx.send(frame);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(cli.listen).await?;
+        eprintln!("minimal: listening on {}", listener.local_addr()?);
+        let server = Arc::new(Server {
+            rooms: Mutex::new(HashMap::new()),
+            room_buffer: cli.room_buffer.max(1),
+            connections: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            lagged: AtomicU64::new(0),
+        });
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors, most likely: back off and go on.
+                    eprintln!("minimal: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let server = server.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let server = server.clone();
+                    async move { Ok::<_, std::convert::Infallible>(route(server, req)) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    })
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn route(server: Arc<Server>, mut req: Request<Incoming>) -> Reply {
+    let path = req.uri().path().to_string();
+    if let Some(room) = path.strip_prefix("/ws/") {
+        if !valid_room(room) {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "bad_room"}),
+            );
+        }
+        let user = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("user=")))
+            .filter(|u| !u.is_empty())
+            .unwrap_or("anonymous")
+            .to_string();
+        return match upgrade::upgrade(&mut req) {
+            Ok((response, fut)) => {
+                let room = room.to_string();
+                tokio::spawn(async move {
+                    server.connections.fetch_add(1, Relaxed);
+                    member(&server, fut, &room, &user).await;
+                    server.connections.fetch_sub(1, Relaxed);
+                });
+                response.map(|_| Full::new(Bytes::new()))
+            }
+            Err(e) => reply(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "bad_upgrade", "reason": e.to_string()}),
+            ),
+        };
+    }
+    if path == "/api/stats" {
+        let rooms = lock(&server.rooms).len();
+        let frames = server.frames_out.load(Relaxed);
+        return reply(
+            StatusCode::OK,
+            serde_json::json!({
+                "connections": server.connections.load(Relaxed),
+                "rooms": rooms,
+                "rss_bytes": rss_bytes(),
+                "messages_in": server.messages_in.load(Relaxed),
+                "frames_out": frames,
+                "writes": frames,
+                "evictions": server.lagged.load(Relaxed),
+            }),
+        );
+    }
+    if let Some(name) = path.strip_prefix("/api/rooms/") {
+        let room = lock(&server.rooms).get(name).cloned();
+        return match room {
+            Some(room) => {
+                let state = lock(&room.state);
+                reply(
+                    StatusCode::OK,
+                    serde_json::json!({"room": name, "members": state.members, "last_seq": state.seq}),
+                )
+            }
+            None => reply(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "no_such_room"}),
+            ),
+        };
+    }
+    reply(
+        StatusCode::NOT_FOUND,
+        serde_json::json!({"error": "not_found"}),
+    )
+}
+
+fn valid_room(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Resident set size, bytes, from /proc (0 where it is absent).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// One member's whole life, in this one task: the upgrade, the welcome, then reading and
+/// writing side by side until either ends.
+async fn member(server: &Server, fut: UpgradeFut, name: &str, user: &str) {
+    let Ok(ws) = fut.await else {
+        return;
+    };
+    let (room, mut rx, seq) = server.join(name);
+    let (reader, mut writer) = ws.split(tokio::io::split);
+    let mut reader = fastwebsockets::FragmentCollectorRead::new(reader);
+    // Pongs and the close reply that reading obliges us to send, for the writing side.
+    let (owed_tx, mut owed_rx) = mpsc::channel::<(OpCode, Vec<u8>)>(16);
+
+    let welcome = json(&ServerMessage::Welcome { room: name, seq });
+    if writer
+        .write_frame(Frame::text(Payload::Borrowed(&welcome)))
+        .await
+        .is_ok()
+    {
+        // Both loops live as long as the connection: neither read is ever cancelled midway
+        // (fastwebsockets' read is not cancel-safe); the writer's waits are.
+        let read = async {
+            let mut owe = |f: Frame<'_>| {
+                let _ = owed_tx.try_send((f.opcode, f.payload.to_vec()));
+                std::future::ready(Ok::<(), WebSocketError>(()))
+            };
+            while let Ok(frame) = reader.read_frame(&mut owe).await {
+                match frame.opcode {
+                    OpCode::Text => {
+                        server.messages_in.fetch_add(1, Relaxed);
+                        if let Ok(m) = serde_json::from_slice::<ClientMessage>(&frame.payload) {
+                            if m.kind == "message" {
+                                room.publish(name, user, &m.text);
+                            }
+                        }
+                    }
+                    OpCode::Close => break,
+                    _ => {}
+                }
+            }
+        };
+        let write = async {
+            loop {
+                tokio::select! {
+                    owed = owed_rx.recv() => {
+                        let Some((op, data)) = owed else { return };
+                        let frame = Frame::new(true, op, None, Payload::Owned(data));
+                        if writer.write_frame(frame).await.is_err() {
+                            return;
+                        }
+                    }
+                    msg = rx.recv() => match msg {
+                        Ok(bytes) => {
+                            if writer.write_frame(Frame::text(Payload::Borrowed(&bytes))).await.is_err() {
+                                return;
+                            }
+                            server.frames_out.fetch_add(1, Relaxed);
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            server.lagged.fetch_add(1, Relaxed);
+                            let _ = writer.write_frame(Frame::close(1008, b"lagged")).await;
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        };
+        tokio::select! {
+            () = read => {}
+            () = write => {}
+        }
+        // The close reply (queued by the read that saw the client's close) goes out last.
+        while let Ok((op, data)) = owed_rx.try_recv() {
+            if op == OpCode::Close {
+                let _ = writer
+                    .write_frame(Frame::new(true, op, None, Payload::Owned(data)))
+                    .await;
+                break;
+            }
+        }
+    }
+    server.leave(name, &room);
+}
