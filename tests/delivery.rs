@@ -468,3 +468,84 @@ async fn a_member_far_behind_but_within_the_room_buffer_moves_to_larger_rings_an
     assert_eq!(stats["evictions"], 0);
     assert!(stats["rings_grown"].as_u64().unwrap() >= 2, "{stats}");
 }
+
+/// The frames in `raw` (server frames: unmasked), and what is left after the last whole one.
+fn split_frames(mut raw: &[u8]) -> (Vec<(u8, Vec<u8>)>, Vec<u8>) {
+    let mut frames = Vec::new();
+    loop {
+        if raw.len() < 2 {
+            break;
+        }
+        let (len, head) = match raw[1] & 0x7f {
+            126 if raw.len() >= 4 => (u16::from_be_bytes([raw[2], raw[3]]) as usize, 4),
+            127 if raw.len() >= 10 => (
+                u64::from_be_bytes(raw[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if raw.len() < head + len {
+            break;
+        }
+        frames.push((raw[0] & 0x0f, raw[head..head + len].to_vec()));
+        raw = &raw[head + len..];
+    }
+    (frames, raw.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cut_inside_a_frame_ends_the_socket_without_a_close_frame_after_it() {
+    // A member whose socket stops taking bytes in the middle of a large frame is evicted when
+    // `--write-timeout` passes. A close frame written then would land inside the half-sent
+    // frame's payload: the peer would read it as payload (or garbage). The stream must end.
+    let server = TestServer::with(|c| {
+        c.rate_limit = RateLimitArg(None);
+        c.write_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(server.addr).await.unwrap();
+    let req = format!(
+        "GET /ws/cut?user=slow HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let (mut publisher, _) = Client::join(&server.ws_url("/ws/cut?user=pub")).await;
+    // Odd-sized frames, so that a full socket almost never stops exactly between two; enough
+    // of them to fill the stuck socket's buffers on both sides.
+    let text = "x".repeat(48_001);
+    for i in 0..80 {
+        publisher
+            .send_json(&json!({"text": format!("{i}:{text}"), "echo": false}))
+            .await;
+    }
+    server
+        .wait_for("/api/stats", "the eviction", |_, v| {
+            v["evictions"].as_u64().unwrap_or(0) >= 1
+        })
+        .await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut raw))
+        .await
+        .expect("the socket did not end")
+        .ok();
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let (frames, rest) = split_frames(&raw[head_end..]);
+    for (opcode, payload) in &frames {
+        match opcode {
+            0x1 => {
+                serde_json::from_slice::<serde_json::Value>(payload).expect("whole text frames");
+            }
+            0x8 => assert!(rest.is_empty(), "a close frame only after whole frames"),
+            other => panic!("unexpected opcode {other}"),
+        }
+    }
+    assert!(
+        !rest.windows(13).any(|w| w == b"slow consumer"),
+        "a close frame was written inside a half-sent frame ({} bytes left over)",
+        rest.len()
+    );
+}

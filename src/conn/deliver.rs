@@ -14,7 +14,7 @@ use crate::config::LagPolicy;
 use crate::proto::close;
 use crate::proto::{frame_payload, Outbound};
 use crate::ws::deflate;
-use crate::ws::write::{total_len, write_now, write_rest};
+use crate::ws::write::{at_frame_boundary, total_len, write_now, write_rest};
 
 /// A room batch the socket did not take in full at once: the rest is written by a boxed future
 /// (`finish_delivery`), so that the rare full socket, not every idle one, pays for the space.
@@ -101,18 +101,26 @@ impl Connection {
     }
 
     /// Writes the rest of a batch the socket did not take at once, within `--write-timeout`
-    /// (past it the member is evicted as a slow consumer).
+    /// (past it the member is evicted as a slow consumer: closed with 1008 when the write
+    /// stopped between two frames, dropped without a close frame when it stopped inside one).
     async fn finish_delivery(&mut self, blocked: Box<Blocked>) -> Option<End> {
         // The same bytes as the first attempt: a compressed frame, once made, stays.
         let frames = self.wire(&blocked.batch);
         let timeout = self.cx.limits.write_timeout;
-        let rest = write_rest(&self.stream, &frames, blocked.written);
+        let mut done = blocked.written;
+        let rest = write_rest(&self.stream, &frames, &mut done);
         match tokio::time::timeout(timeout, rest).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Some(End::Gone),
             Err(_) => {
                 let (index, _) = blocked.batch[0];
-                return Some(self.evict(index));
+                let end = self.evict(index);
+                // Cut in the middle of a frame, the stream has no room for a close frame.
+                return Some(if at_frame_boundary(&frames, done) {
+                    end
+                } else {
+                    End::Gone
+                });
             }
         }
         self.count_delivery(&blocked.batch);

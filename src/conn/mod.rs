@@ -38,7 +38,7 @@ use crate::proto::close;
 use crate::shutdown::{Shutdown, Turn};
 use crate::ws::deflate::Agreed;
 use crate::ws::io::TimedStream;
-use crate::ws::write::{total_len, write_now, write_rest};
+use crate::ws::write::{at_frame_boundary, total_len, write_now, write_rest};
 use end::{End, Handled, Refusal};
 use membership::{recv_any, Membership};
 
@@ -617,10 +617,13 @@ impl Connection {
             Err(_) => return Err(End::Gone),
         };
         let timeout = self.cx.limits.write_timeout;
-        let rest = tokio::time::timeout(timeout, write_rest(&self.stream, frames, written));
+        let mut done = written;
+        let rest = tokio::time::timeout(timeout, write_rest(&self.stream, frames, &mut done));
         match Box::pin(rest).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Gone),
+            // Cut in the middle of a frame, the stream has no room for a close frame.
+            Err(_) if !at_frame_boundary(frames, done) => Err(End::Gone),
             Err(_) => Err(End::Close(close::POLICY, "slow consumer")),
         }
     }
@@ -630,7 +633,8 @@ impl Connection {
     /// reset, which can destroy the close frame before the peer reads it.
     async fn close(&mut self, code: u16, reason: &str) {
         let frame = proto::close_frame(code, reason);
-        let sent = tokio::time::timeout(CLOSE_GRACE, write_rest(&self.stream, &[&frame], 0)).await;
+        let sent =
+            tokio::time::timeout(CLOSE_GRACE, write_rest(&self.stream, &[&frame], &mut 0)).await;
         if !matches!(sent, Ok(Ok(()))) {
             return;
         }

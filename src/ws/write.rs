@@ -33,21 +33,54 @@ pub fn write_now(stream: &TcpStream, frames: &[&[u8]]) -> io::Result<usize> {
     Ok(written)
 }
 
-/// Writes what is left of `frames` after the first `skip` bytes, waiting for the socket
-/// whenever it is full. Cancel-safe only in that it writes nothing twice: dropped part way, it
-/// leaves a partial frame on the wire, so the caller ends the connection.
-pub async fn write_rest(stream: &TcpStream, frames: &[&[u8]], skip: usize) -> io::Result<()> {
+/// Writes what is left of `frames` after the first `*done` bytes, waiting for the socket
+/// whenever it is full, and keeps `*done` at the bytes written so far. Cancel-safe only in
+/// that it writes nothing twice: dropped part way, it may leave a partial frame on the wire,
+/// which `at_frame_boundary(frames, *done)` tells; the caller must then end the connection
+/// without writing another frame (a close frame after half a frame is garbage to the peer).
+pub async fn write_rest(stream: &TcpStream, frames: &[&[u8]], done: &mut usize) -> io::Result<()> {
     let mut slices: SmallVec<[IoSlice<'_>; 16]> = frames.iter().map(|f| IoSlice::new(f)).collect();
     let mut rest: &mut [IoSlice<'_>] = &mut slices;
-    IoSlice::advance_slices(&mut rest, skip);
+    IoSlice::advance_slices(&mut rest, *done);
     while !rest.is_empty() {
         stream.writable().await?;
         match stream.try_write_vectored(rest) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Ok(n) => {
+                *done += n;
+                IoSlice::advance_slices(&mut rest, n);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Whether the first `written` bytes of `frames` end exactly where a frame ends (or nothing
+/// was written), so that another frame may follow them on the wire.
+pub fn at_frame_boundary(frames: &[&[u8]], written: usize) -> bool {
+    let mut end = 0;
+    for f in frames {
+        if end == written {
+            return true;
+        }
+        end += f.len();
+    }
+    end == written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::at_frame_boundary;
+
+    #[test]
+    fn a_boundary_is_where_a_frame_ends() {
+        let frames: [&[u8]; 2] = [b"abc", b"de"];
+        assert!(at_frame_boundary(&frames, 0));
+        assert!(at_frame_boundary(&frames, 3));
+        assert!(at_frame_boundary(&frames, 5));
+        assert!(!at_frame_boundary(&frames, 1));
+        assert!(!at_frame_boundary(&frames, 4));
+    }
 }
