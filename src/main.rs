@@ -120,7 +120,8 @@ fn run_user(config: &Config, action: UserCommand) -> ExitCode {
         } => {
             // The name first: nobody types a password for an account that cannot exist.
             if let Err(e) = accounts::check_name(&name) {
-                return fail(&e);
+                eprintln!("roomcast user add: {e}");
+                return ExitCode::from(2);
             }
             let password = match read_password(password_stdin) {
                 Ok(p) => p,
