@@ -38,6 +38,9 @@ fn fresh_db() -> &'static str {
     Box::leak(path.to_string_lossy().into_owned().into_boxed_str())
 }
 
+/// Request headers, name and value.
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
 async fn send(
     node: &Node,
     method: &str,
@@ -246,7 +249,7 @@ async fn bad_names_passwords_and_bodies_are_refused_with_the_rule() {
             "{taken}"
         );
     }
-    let bodies: [(&[(&str, &str)], String, u16, &str); 6] = [
+    let bodies: [(Headers, String, u16, &str); 6] = [
         (&[], "not json".into(), 400, "bad_request"),
         (
             &[],
