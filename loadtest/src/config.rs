@@ -137,6 +137,13 @@ pub struct Config {
     #[serde(default)]
     pub compression: bool,
 
+    /// An access token for a server run with `--jwt-secret` (`roomcast token --sub loadtest`):
+    /// sent as `Authorization: Bearer` on every upgrade, event stream and API read; the clients
+    /// then give no `user` (the server names them by the token's `sub`). Default: none.
+    #[arg(long)]
+    #[serde(default)]
+    pub token: Option<String>,
+
     /// Worker processes. Default: ceil(clients / (hard nofile limit - 200)); 1 runs the clients
     /// inside this process.
     #[arg(long)]
@@ -251,6 +258,9 @@ pub struct Server {
     pub host: String,
     /// `--compression`: offer permessage-deflate in the upgrade.
     pub compression: bool,
+    /// `--token`: `Authorization: Bearer` on every request.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 impl Config {
@@ -317,6 +327,7 @@ impl Config {
             .map(|u| {
                 parse_server(u).map(|s| Server {
                     compression: self.compression,
+                    token: self.token.clone(),
                     ..s
                 })
             })
@@ -387,6 +398,7 @@ fn parse_server(url: &str) -> anyhow::Result<Server> {
         addr,
         host: with_port,
         compression: false,
+        token: None,
     })
 }
 
