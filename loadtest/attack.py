@@ -147,11 +147,19 @@ async def logins():
     status = await http_status(post("/register", "application/json", body))
     if status not in (201, 409):
         sys.exit(f"POST /register answered {status}: does the server have --accounts-db?")
-    started = asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def report():
+        # Every 5 s: attacks.sh stops this process when the chat run ends, not at SECONDS.
+        while True:
+            await asyncio.sleep(5)
+            took = loop.time() - started
+            print("logins after %.0f s: %s, %.1f logins/s" % (
+                took, dict(sorted(counts.items())), counts.get(200, 0) / took), flush=True)
+    reporter = asyncio.create_task(report())
     await forever(login_loop, 16)
-    took = asyncio.get_running_loop().time() - started
-    print("logins: %s in %.1f s: %.1f logins/s" % (
-        dict(sorted(counts.items())), took, counts.get(200, 0) / took), flush=True)
+    reporter.cancel()
 
 
 async def main():

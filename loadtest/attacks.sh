@@ -8,7 +8,8 @@
 #
 # Settings (environment): LOADTEST (default target/release/loadtest), RUNS=3, CLIENTS=2000,
 # CHAT_SECONDS=10, ATTACKS="slowloris flood pages pings idle" (and `logins`), BASE_PORT=19600,
-# RATE_LIMIT=off (the server's --rate-limit).
+# RATE_LIMIT=off (the server's --rate-limit), SERVER_ARGS (more server flags, split on spaces:
+# SERVER_ARGS="--accounts-hash-slots 2").
 # The server runs with its defaults and --rate-limit off (as every benchmark here), so the
 # floods meet no per-socket limit: what is measured is what the rest of the server does for the
 # normal room meanwhile. RATE_LIMIT=20/s (the server's default) shows what the limit leaves. Only processes this script started are stopped, by PID.
@@ -55,7 +56,7 @@ run() { # round attack
     if [ -n "$ACCOUNTS" ]; then
         accounts=(--jwt-secret "$SECRET" --accounts-db "$OUT/accounts-$round-$attack.db")
     fi
-    "$BIN" --listen "127.0.0.1:$PORT" --rate-limit "${RATE_LIMIT:-off}" "${accounts[@]}" >"$OUT/server-$round-$attack.log" 2>&1 &
+    "$BIN" --listen "127.0.0.1:$PORT" --rate-limit "${RATE_LIMIT:-off}" "${accounts[@]}" ${SERVER_ARGS:-} >"$OUT/server-$round-$attack.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
     if [ "$attack" != quiet ]; then

@@ -273,7 +273,7 @@ fn account_routes(config: &Config, path: &std::path::Path) -> crate::error::Resu
         0 => default_hash_slots(),
         n => usize::from(n),
     };
-    let accounts = Accounts::new(store, Hasher::new()?, slots);
+    let accounts = Accounts::new(store, Hasher::new()?, slots)?;
     tracing::info!(
         db = %path.display(),
         register = ?config.accounts_register,

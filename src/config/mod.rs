@@ -345,8 +345,9 @@ pub struct Config {
     pub accounts_register_rate: RateLimitArg,
 
     /// With --accounts-db: password hashes (Argon2id, 19 MiB and tens of milliseconds of one core
-    /// each) computed at once, on the blocking pool; requests beyond them wait, 32 per slot, and
-    /// past that get HTTP 503 `accounts_busy`. 0: half the CPU cores, at least 1.
+    /// each) computed at once, each on a thread of its own at the lowest CPU priority; requests
+    /// beyond them wait, 32 per slot, and past that get HTTP 503 `accounts_busy`. 0: half the
+    /// CPU cores, at least 1.
     /// Unit: hashes. Default: 0.
     #[arg(long, env = "ROOMCAST_ACCOUNTS_HASH_SLOTS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub accounts_hash_slots: u16,

@@ -1,6 +1,6 @@
 //! Built-in accounts (`--accounts-db`): the SQLite store of account names and Argon2id
-//! password hashes, the rules a new account obeys, and the service that runs every hash on the
-//! blocking pool, a few at a time. No HTTP here: `http::accounts` answers the routes.
+//! password hashes, the rules a new account obeys, and the service that runs every hash on
+//! low-priority threads of its own, a few at a time. No HTTP here: `http::accounts` answers.
 //!
 //! A name is unique by its key, the NFKC form lower-cased: `Alice`, `alice` and `ａｌｉｃｅ`
 //! (fullwidth) are one account, shown and put in tokens as first registered. Logging in takes
@@ -20,6 +20,7 @@ use unicode_normalization::UnicodeNormalization;
 
 use crate::core::archive::create_private;
 use crate::core::stats::unix_millis;
+use crate::core::workers::{WorkError, Workers};
 use crate::proto::names::validate_user;
 
 /// Shortest password, in characters.
@@ -330,17 +331,18 @@ pub fn create(
     Ok(account)
 }
 
-/// What the HTTP routes call. Every password hash and check runs on the blocking pool, at most
-/// `slots` at once (Argon2id takes a core and 19 MiB each); requests beyond them wait in a
-/// queue of bounded length and past it are refused with `Busy`.
+/// What the HTTP routes call. Every password hash and check runs on threads of their own at the
+/// lowest CPU priority (`workers.rs`), `slots` at once (Argon2id takes a core and 19 MiB each),
+/// never on the runtime's threads; requests beyond them wait in a queue of bounded length and
+/// past it are refused with `Busy`. Lookups without a hash go to the blocking pool.
 pub struct Accounts {
     store: Arc<Store>,
     hasher: Arc<Hasher>,
-    hashes: Pool,
+    hashes: Workers,
     lookups: Pool,
 }
 
-/// A semaphore and a bound on the requests waiting for it.
+/// A semaphore before the blocking pool, and a bound on the requests waiting for it.
 struct Pool {
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
@@ -394,14 +396,26 @@ impl Pool {
 }
 
 impl Accounts {
-    /// `hash_slots`: hashes computed at once (at least 1).
-    pub fn new(store: Store, hasher: Hasher, hash_slots: usize) -> Accounts {
-        Accounts {
+    /// `hash_slots`: hashes computed at once (at least 1), each on a thread of its own.
+    pub fn new(store: Store, hasher: Hasher, hash_slots: usize) -> Result<Accounts, AccountError> {
+        let slots = hash_slots.max(1);
+        Ok(Accounts {
             store: Arc::new(store),
             hasher: Arc::new(hasher),
-            hashes: Pool::new(hash_slots),
+            hashes: Workers::new("roomcast-hash", slots, slots * WAITING_PER_SLOT)?,
             lookups: Pool::new(LOOKUP_SLOTS),
-        }
+        })
+    }
+
+    /// Runs a job that hashes on the hash workers.
+    async fn hashing<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> Result<T, AccountError> + Send + 'static,
+    ) -> Result<T, AccountError> {
+        self.hashes.run(job).await.map_err(|e| match e {
+            WorkError::Busy => AccountError::Busy,
+            WorkError::Stopped => AccountError::Worker,
+        })?
     }
 
     /// Creates an account (see `create`); the rules are checked before waiting for a slot.
@@ -410,8 +424,7 @@ impl Accounts {
         check_password(password)?;
         let (store, hasher) = (self.store.clone(), self.hasher.clone());
         let (name, password) = (name.to_owned(), password.to_owned());
-        self.hashes
-            .run(move || create(&store, &hasher, &name, &password))
+        self.hashing(move || create(&store, &hasher, &name, &password))
             .await
     }
 
@@ -420,15 +433,14 @@ impl Accounts {
     pub async fn login(&self, name: &str, password: &str) -> Result<Option<Account>, AccountError> {
         let (store, hasher) = (self.store.clone(), self.hasher.clone());
         let (name, password) = (name.to_owned(), password.to_owned());
-        self.hashes
-            .run(move || match store.row(&name)? {
-                Some(row) => Ok(hasher.verify(&password, &row.hash).then_some(row.account)),
-                None => {
-                    hasher.verify_dummy(&password);
-                    Ok(None)
-                }
-            })
-            .await
+        self.hashing(move || match store.row(&name)? {
+            Some(row) => Ok(hasher.verify(&password, &row.hash).then_some(row.account)),
+            None => {
+                hasher.verify_dummy(&password);
+                Ok(None)
+            }
+        })
+        .await
     }
 
     /// The account whose key is `name`'s (no hash: a token already proved who asks).
@@ -440,7 +452,7 @@ impl Accounts {
 }
 
 /// Hash slots for `--accounts-hash-slots 0`: half the cores, at least one, so that a login
-/// flood leaves cores to the deliveries.
+/// flood leaves cores to the deliveries even where the workers' low priority is not available.
 pub fn default_hash_slots() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get() / 2)
@@ -539,7 +551,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn register_then_login() {
         let (_dir, store) = store();
-        let accounts = Accounts::new(store, Hasher::new().unwrap(), 1);
+        let accounts = Accounts::new(store, Hasher::new().unwrap(), 1).unwrap();
         let a = accounts.register("Alice", "correct horse").await.unwrap();
         assert_eq!(a.name, "Alice");
         assert!(matches!(

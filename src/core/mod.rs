@@ -13,3 +13,4 @@ pub mod lockout;
 pub mod ring;
 pub mod room;
 pub mod stats;
+pub mod workers;
