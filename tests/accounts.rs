@@ -487,7 +487,7 @@ async fn a_burst_past_the_hash_queue_is_refused_not_queued() {
             s => panic!("{s}: {:?}", String::from_utf8_lossy(&r.body)),
         }
     }
-    assert!(busy > 0 && ok >= 33, "{ok} logins, {busy} busy");
+    assert!(busy > 0 && ok >= 32, "{ok} logins, {busy} busy");
     let (_, stats) = node.get_as_operator("/api/stats").await;
     assert_eq!(stats["accounts_busy"], busy, "{stats}");
     assert_eq!(stats["accounts_logins"], ok, "{stats}");
