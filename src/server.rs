@@ -52,7 +52,7 @@ pub async fn run(
         None => None,
     };
     let accounts = match &config.accounts_db {
-        Some(path) => Some(account_routes(&config, path)?),
+        Some(path) => Some(account_routes(&config, path).await?),
         None => None,
     };
     // Bound before anything starts, so a taken port stops the server at once.
@@ -259,7 +259,10 @@ pub async fn run(
 
 /// The account routes of `--accounts-db`: its file opened (and migrated), the dummy hash made,
 /// tokens signed like those the server verifies. Needs `--jwt-secret`.
-fn account_routes(config: &Config, path: &std::path::Path) -> crate::error::Result<AccountRoutes> {
+async fn account_routes(
+    config: &Config,
+    path: &std::path::Path,
+) -> crate::error::Result<AccountRoutes> {
     let Some(secret) = &config.jwt_secret else {
         return Err(crate::error::Error::AccountsWithoutSecret);
     };
@@ -273,7 +276,11 @@ fn account_routes(config: &Config, path: &std::path::Path) -> crate::error::Resu
         0 => default_hash_slots(),
         n => usize::from(n),
     };
-    let accounts = Accounts::new(store, Hasher::new()?, slots)?;
+    // The dummy hash is a hash: not on the runtime's threads, even at start.
+    let hasher = tokio::task::spawn_blocking(Hasher::new)
+        .await
+        .map_err(|_| crate::core::accounts::AccountError::Worker)??;
+    let accounts = Accounts::new(store, hasher, slots)?;
     tracing::info!(
         db = %path.display(),
         register = ?config.accounts_register,
