@@ -8,7 +8,9 @@ MODE: slowloris (sockets that declare a 60,000-byte frame and send one byte a se
 (sockets sending 60,000 control characters as plain text, each a 360 KB frame once escaped, as
 fast as the server takes them), pages (a room of 100 60-KB messages, and 8 loops reading
 `limit=1000` pages), pings (sockets sending ping frames back to back), idle (2,000 sockets in
-no room)."""
+no room), logins (16 loops logging one account in with `POST /token`, the right password, as
+fast as the server answers: every login is one Argon2id hash; needs a server with built-in
+accounts; prints logins per second at the end)."""
 
 import asyncio
 import os
@@ -113,6 +115,53 @@ async def idle():
     await asyncio.sleep(SECONDS)
 
 
+LOGIN_USER, LOGIN_PASSWORD = "flood", "flood-password-1"
+counts = {}
+
+
+async def http_status(request):
+    r, w = await asyncio.open_connection("127.0.0.1", PORT)
+    w.write(request)
+    await w.drain()
+    head = await r.readuntil(b"\r\n")
+    await drain(r)
+    w.close()
+    return int(head.split()[1])
+
+
+def post(path, content_type, body):
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+async def login_loop(i):
+    body = f"grant_type=password&username={LOGIN_USER}&password={LOGIN_PASSWORD}".encode()
+    request = post("/token", "application/x-www-form-urlencoded", body)
+    while True:
+        status = await http_status(request)
+        counts[status] = counts.get(status, 0) + 1
+
+
+async def logins():
+    body = ('{"username":"%s","password":"%s"}' % (LOGIN_USER, LOGIN_PASSWORD)).encode()
+    status = await http_status(post("/register", "application/json", body))
+    if status not in (201, 409):
+        sys.exit(f"POST /register answered {status}: does the server have --accounts-db?")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def report():
+        # Every 5 s: attacks.sh stops this process when the chat run ends, not at SECONDS.
+        while True:
+            await asyncio.sleep(5)
+            took = loop.time() - started
+            print("logins after %.0f s: %s, %.1f logins/s" % (
+                took, dict(sorted(counts.items())), counts.get(200, 0) / took), flush=True)
+    reporter = asyncio.create_task(report())
+    await forever(login_loop, 16)
+    reporter.cancel()
+
+
 async def main():
     if MODE == "slowloris":
         await forever(slowloris, 500)
@@ -124,6 +173,8 @@ async def main():
         await pages()
     elif MODE == "idle":
         await idle()
+    elif MODE == "logins":
+        await logins()
     else:
         sys.exit(f"unknown mode {MODE}")
 

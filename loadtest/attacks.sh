@@ -7,11 +7,15 @@
 #   loadtest/attacks.sh [SERVER_BIN]        # default target/release/roomcast
 #
 # Settings (environment): LOADTEST (default target/release/loadtest), RUNS=3, CLIENTS=2000,
-# CHAT_SECONDS=10, ATTACKS="slowloris flood pages pings idle", BASE_PORT=19600,
-# RATE_LIMIT=off (the server's --rate-limit).
+# CHAT_SECONDS=10, ATTACKS="slowloris flood pages pings idle" (and `logins`), BASE_PORT=19600,
+# RATE_LIMIT=off (the server's --rate-limit), SERVER_ARGS (more server flags, split on spaces:
+# SERVER_ARGS="--accounts-hash-slots 2").
 # The server runs with its defaults and --rate-limit off (as every benchmark here), so the
 # floods meet no per-socket limit: what is measured is what the rest of the server does for the
 # normal room meanwhile. RATE_LIMIT=20/s (the server's default) shows what the limit leaves. Only processes this script started are stopped, by PID.
+# `logins` needs built-in accounts: when it is in ATTACKS, every server of the invocation (the
+# quiet ones too, so that the ratio compares like with like) runs with --jwt-secret and a fresh
+# --accounts-db, and the chat clients connect with a token from `roomcast token`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/roomcast}
@@ -24,17 +28,35 @@ PORT=${BASE_PORT:-19600}
 OUT=loadtest/results/full/attacks-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 LINES=$OUT/summary.jsonl
+ACCOUNTS=''
+case " $ATTACKS " in *" logins "*) ACCOUNTS=1 ;; esac
+SECRET=loadtest-attacks-secret-of-32-bytes!!
+TOKEN_FLAGS=()
+if [ -n "$ACCOUNTS" ]; then
+    TOKEN_FLAGS=(--token "$("$BIN" token --jwt-secret "$SECRET" --sub loadtest --ttl 2h)")
+fi
 SERVER_PID='' ATTACK_PID=''
 stop() {
     for pid in $ATTACK_PID $SERVER_PID; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-    SERVER_PID='' ATTACK_PID=''
+    ACCOUNTS=''
+case " $ATTACKS " in *" logins "*) ACCOUNTS=1 ;; esac
+SECRET=loadtest-attacks-secret-of-32-bytes!!
+TOKEN_FLAGS=()
+if [ -n "$ACCOUNTS" ]; then
+    TOKEN_FLAGS=(--token "$("$BIN" token --jwt-secret "$SECRET" --sub loadtest --ttl 2h)")
+fi
+SERVER_PID='' ATTACK_PID=''
 }
 trap stop EXIT
 
 run() { # round attack
     local round=$1 attack=$2
     PORT=$((PORT + 1))
-    "$BIN" --listen "127.0.0.1:$PORT" --rate-limit "${RATE_LIMIT:-off}" >"$OUT/server-$round-$attack.log" 2>&1 &
+    local accounts=()
+    if [ -n "$ACCOUNTS" ]; then
+        accounts=(--jwt-secret "$SECRET" --accounts-db "$OUT/accounts-$round-$attack.db")
+    fi
+    "$BIN" --listen "127.0.0.1:$PORT" --rate-limit "${RATE_LIMIT:-off}" "${accounts[@]}" ${SERVER_ARGS:-} >"$OUT/server-$round-$attack.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
     if [ "$attack" != quiet ]; then
@@ -43,7 +65,7 @@ run() { # round attack
         ATTACK_PID=$!
         sleep 3
     fi
-    timeout $((CHAT_SECONDS + 60)) "$LOADTEST" --url "ws://127.0.0.1:$PORT" --scenario chat \
+    timeout $((CHAT_SECONDS + 60)) "$LOADTEST" --url "ws://127.0.0.1:$PORT" "${TOKEN_FLAGS[@]}" --scenario chat \
         --clients "$CLIENTS" --rooms $((CLIENTS / 100)) --rate 1 --duration "$CHAT_SECONDS" \
         --max-seconds $((CHAT_SECONDS + 50)) --quiet --summary "$LINES" --label "attack-$attack" \
         >"$OUT/$round-$attack.txt" 2>&1 || true

@@ -21,6 +21,11 @@ pub enum Error {
     Settings(#[from] crate::config::rooms::SettingsError),
     #[error("cluster: {0}")]
     Cluster(#[from] crate::bus::redis::ClusterError),
+    #[error("{0}")]
+    Accounts(#[from] crate::core::accounts::AccountError),
+    /// `--accounts-db` without `--jwt-secret`: accounts issue tokens signed with it.
+    #[error("--accounts-db needs --jwt-secret: the accounts' tokens are signed with it (make one with `openssl rand -base64 32`)")]
+    AccountsWithoutSecret,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

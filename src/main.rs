@@ -1,8 +1,11 @@
 //! The `roomcast` binary: allocator, configuration, listener, signals; everything else is the
 //! library.
 
+use std::process::ExitCode;
+
 use clap::{CommandFactory, FromArgMatches};
-use roomcast::config::Command;
+use roomcast::config::{Command, UserCommand};
+use roomcast::core::accounts::{self, AccountError, Hasher, Store};
 use roomcast::Config;
 
 #[cfg(feature = "mimalloc")]
@@ -92,7 +95,94 @@ fn run_command(config: &Config, command: Command) -> std::process::ExitCode {
                 }
             }
         }
+        Command::User { action } => run_user(config, action),
     }
+}
+
+/// `roomcast user add|del|list` on the `--accounts-db` file (a running server may share it).
+fn run_user(config: &Config, action: UserCommand) -> ExitCode {
+    let Some(path) = config.accounts_db.as_deref() else {
+        eprintln!("roomcast user: set --accounts-db (or ROOMCAST_ACCOUNTS_DB)");
+        return ExitCode::from(2);
+    };
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("roomcast user: {e}");
+        ExitCode::FAILURE
+    };
+    let store = match Store::open(path) {
+        Ok(store) => store,
+        Err(e) => return fail(&e),
+    };
+    match action {
+        UserCommand::Add {
+            name,
+            password_stdin,
+        } => {
+            // The name first: nobody types a password for an account that cannot exist.
+            if let Err(e) = accounts::check_name(&name) {
+                eprintln!("roomcast user add: {e}");
+                return ExitCode::from(2);
+            }
+            let password = match read_password(password_stdin) {
+                Ok(p) => p,
+                Err(e) => return fail(&format!("cannot read the password: {e}")),
+            };
+            let created =
+                Hasher::new().and_then(|h| accounts::create(&store, &h, &name, &password));
+            match created {
+                Ok(account) => {
+                    println!("created account {}", account.name);
+                    ExitCode::SUCCESS
+                }
+                Err(e @ (AccountError::BadPassword(_) | AccountError::NameTaken)) => {
+                    eprintln!("roomcast user add: {e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        UserCommand::Del { name } => match store.delete(&name) {
+            Ok(true) => {
+                println!("deleted account {name}");
+                ExitCode::SUCCESS
+            }
+            Ok(false) => fail(&format!("no account named {name}")),
+            Err(e) => fail(&e),
+        },
+        UserCommand::List => match store.list() {
+            Ok(list) => {
+                for account in list {
+                    let created = std::time::UNIX_EPOCH
+                        + std::time::Duration::from_millis(account.created_at);
+                    println!(
+                        "{}\t{}",
+                        account.name,
+                        humantime::format_rfc3339_seconds(created)
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+/// The new account's password: asked for twice without echo on a terminal, else (or with
+/// `--password-stdin`) the first line of standard input.
+fn read_password(from_stdin: bool) -> std::io::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    if !from_stdin && std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Password again: ")?;
+        if first != again {
+            return Err(std::io::Error::other("the two passwords differ"));
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let line = line.strip_suffix('\n').unwrap_or(&line);
+    Ok(line.strip_suffix('\r').unwrap_or(line).to_owned())
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -20,13 +20,15 @@ use crate::config::rooms::Settings;
 use crate::config::{Config, Switch};
 use crate::conn::sse::StreamNote;
 use crate::conn::{self, Limits};
-use crate::core::auth::Verifier;
+use crate::core::accounts::{default_hash_slots, Accounts, Hasher, Store};
+use crate::core::auth::{Issuer, Verifier};
 use crate::core::coalesce::Coalescer;
 use crate::core::history::{HistoryService, HistorySettings};
 use crate::core::hub::Hub;
 use crate::core::limit::PerIpLimit;
 use crate::core::lockout::Lockout;
 use crate::core::stats::Stats;
+use crate::http::accounts::AccountRoutes;
 use crate::http::{self, Access, Api, Side};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::ws::io::TimedStream;
@@ -48,6 +50,10 @@ pub async fn run(
             config.jwt_audience.as_deref(),
             config.jwt_issuer.as_deref(),
         )?)),
+        None => None,
+    };
+    let accounts = match &config.accounts_db {
+        Some(path) => Some(account_routes(&config, path).await?),
         None => None,
     };
     // Bound before anything starts, so a taken port stops the server at once.
@@ -176,6 +182,9 @@ pub async fn run(
     if admin.is_some() {
         api = api.with_admin_listener();
     }
+    if let Some(routes) = accounts {
+        api = api.with_accounts(routes);
+    }
     let api = Arc::new(api);
     let shutdown_timeout = config.shutdown_timeout;
     let drain_rate = config.drain_per_second();
@@ -258,6 +267,46 @@ pub async fn run(
     // Whatever is still queued for the history database is written before `run` returns.
     let _ = tokio::task::spawn_blocking(move || history.close(shutdown_timeout)).await;
     Ok(())
+}
+
+/// The account routes of `--accounts-db`: its file opened (and migrated), the dummy hash made,
+/// tokens signed like those the server verifies. Needs `--jwt-secret`.
+async fn account_routes(
+    config: &Config,
+    path: &std::path::Path,
+) -> crate::error::Result<AccountRoutes> {
+    let Some(secret) = &config.jwt_secret else {
+        return Err(crate::error::Error::AccountsWithoutSecret);
+    };
+    let issuer = Issuer::new(
+        secret,
+        config.jwt_audience.as_deref(),
+        config.jwt_issuer.as_deref(),
+    )?;
+    let store = Store::open(path)?;
+    let slots = match config.accounts_hash_slots {
+        0 => default_hash_slots(),
+        n => usize::from(n),
+    };
+    // The dummy hash is a hash: not on the runtime's threads, even at start.
+    let hasher = tokio::task::spawn_blocking(Hasher::new)
+        .await
+        .map_err(|_| crate::core::accounts::AccountError::Worker)??;
+    let accounts = Accounts::new(store, hasher, slots)?;
+    tracing::info!(
+        db = %path.display(),
+        register = ?config.accounts_register,
+        hash_slots = slots,
+        "built-in accounts on"
+    );
+    Ok(AccountRoutes::new(
+        accounts,
+        issuer,
+        config.accounts_token_ttl,
+        config.accounts_rooms.clone(),
+        config.accounts_register,
+        config.accounts_register_rate.0,
+    ))
 }
 
 /// Accepts on `--admin-listen` until shutdown.

@@ -1,5 +1,5 @@
 //! The web page in a real headless browser: Debian's chromium driven by playwright-core
-//! (tests/browser/chat.mjs; tests/browser/client.mjs against a server configured like
+//! (tests/browser/chat.mjs; tests/browser/accounts.mjs with built-in accounts; tests/browser/client.mjs against a server configured like
 //! production, with screenshots in target/browser-artifacts/). Needs `chromium`, `node` and `tests/browser/node_modules`, so it
 //! is `#[ignore = "needs chromium"]`: a plain `cargo test` leaves it out (and says so),
 //! `scripts/test.sh` installs them and runs it (`--run-ignored all`), and run without them it
@@ -42,8 +42,29 @@ async fn event_source_reconnects_and_misses_nothing_in_a_real_browser() {
     run_script("sse.mjs").await;
 }
 
+/// Built-in accounts in the page: register, log in, chat, a token refreshed every second or so
+/// (`--accounts-token-ttl 15s`) while the socket stays, a reload that stays logged in, log out
+/// (tests/browser/accounts.mjs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium"]
+async fn accounts_register_log_in_chat_and_survive_a_reload_in_a_real_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("accounts.db");
+    run_script_with("accounts.mjs", move |c| {
+        c.jwt_secret = Some("browser-accounts-secret-of-32-bytes!".into());
+        c.accounts_db = Some(db);
+        c.accounts_token_ttl = Duration::from_secs(15);
+    })
+    .await;
+}
+
 /// Runs one script of tests/browser against a fresh server; fails on any failed check.
 async fn run_script(name: &str) {
+    run_script_with(name, |_| {}).await;
+}
+
+/// `run_script` against a server configured by `tweak`.
+async fn run_script_with(name: &str, tweak: impl FnOnce(&mut roomcast::Config)) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     let missing = missing_prerequisites(&dir);
     assert!(
@@ -51,7 +72,7 @@ async fn run_script(name: &str) {
         "the browser test cannot run, missing: {} (scripts/test.sh installs them)",
         missing.join(", ")
     );
-    let server = TestServer::start().await;
+    let server = TestServer::with(tweak).await;
     let url = format!("http://{}", server.addr);
     let script = dir.join(name);
     let output =

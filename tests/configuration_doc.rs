@@ -15,12 +15,22 @@ fn doc() -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// The server's command, then every subcommand at any depth (`user add`).
+fn commands() -> Vec<clap::Command> {
+    let mut out = vec![Config::command()];
+    let mut i = 0;
+    while i < out.len() {
+        let nested: Vec<clap::Command> = out[i].get_subcommands().cloned().collect();
+        out.extend(nested);
+        i += 1;
+    }
+    out
+}
+
 /// Every flag: the server's, then each subcommand's, as `--name`, with its clap `Arg`.
 fn flags() -> Vec<(String, Arg)> {
-    let command = Config::command();
     let mut out = Vec::new();
-    let subcommands = command.get_subcommands().cloned().collect::<Vec<_>>();
-    for cmd in std::iter::once(&command).chain(&subcommands) {
+    for cmd in commands() {
         for arg in cmd.get_arguments() {
             if let Some(long) = arg.get_long() {
                 out.push((format!("--{long}"), arg.clone()));
@@ -73,11 +83,10 @@ fn mentions(doc: &str) -> (BTreeSet<String>, BTreeSet<String>) {
 /// The flags `--help` lists, for the server and for each subcommand, less `--help` and
 /// `--version`.
 fn help_flags() -> BTreeSet<String> {
-    let mut command = Config::command();
-    let mut helps = vec![command.render_long_help().to_string()];
-    for sub in command.get_subcommands_mut() {
-        helps.push(sub.render_long_help().to_string());
-    }
+    let helps: Vec<String> = commands()
+        .iter_mut()
+        .map(|c| c.render_long_help().to_string())
+        .collect();
     let mut out = BTreeSet::new();
     for help in helps {
         for line in help.lines() {

@@ -110,3 +110,13 @@ export class Client {
 export function connect(options?: ConnectOptions): Client;
 export function validRoom(name: string): boolean;
 export function dmRoom(...users: string[]): string;
+
+/** Options of the account helpers: the server's base URL (default: the page's origin), a fetch. */
+export interface CallOptions { url?: string; fetch?: typeof fetch }
+export function serverInfo(options?: CallOptions): Promise<{
+  accounts: boolean; register: "open" | "closed" | null; tokens_required: boolean; version: string;
+}>;
+export function register(username: string, password: string, options?: CallOptions): Promise<{ username: string }>;
+export function login(username: string, password: string, options?: CallOptions): Promise<{ token: string; expiresIn: number }>;
+export function refreshToken(token: string, options?: CallOptions): Promise<{ token: string; expiresIn: number }>;
+export function tokenExpiry(token: string): number | null;

@@ -67,6 +67,58 @@ export function dmRoom(...users) {
   return "dm:" + sorted.join("+");
 }
 
+// ---- built-in accounts (a server run with --accounts-db) ----
+
+async function call(path, init, options = {}) {
+  const g = globalThis;
+  const base = String(options.url || (g.location ? g.location.origin : "")).replace(/\/+$/, "");
+  const f = options.fetch || g.fetch.bind(g);
+  let res;
+  try {
+    res = await f(base + path, { cache: "no-store", ...init });
+  } catch (e) {
+    throw new RoomcastError("unreachable", String((e && e.message) || e));
+  }
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) {
+    const after = res.headers.get("retry-after");
+    throw new RoomcastError(body.error || "http_" + res.status, body.reason, {
+      status: res.status, retryAfterMs: body.retry_after_ms ?? (after ? Number(after) * 1000 : undefined),
+      terminal: [400, 401, 403, 404, 409].includes(res.status),
+    });
+  }
+  return body;
+}
+
+/** `GET /api/server`: `{accounts, register, tokens_required, version}`, what to show. */
+export function serverInfo(options) {
+  return call("/api/server", {}, options);
+}
+
+/** `POST /register`: resolves `{username}` (the name as registered); rejects with the rule broken. */
+export function register(username, password, options) {
+  return call("/register", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ username, password }),
+  }, options);
+}
+
+/** `POST /token` (the OAuth2 password grant): resolves `{token, expiresIn}` (seconds). */
+export async function login(username, password, options) {
+  const body = new URLSearchParams({ grant_type: "password", username, password });
+  const v = await call("/token", { method: "POST", body }, options);
+  return { token: v.access_token, expiresIn: v.expires_in };
+}
+
+/** `POST /token/refresh`: a fresh token for a valid one, while its account exists. */
+export async function refreshToken(token, options) {
+  const v = await call("/token/refresh", { method: "POST", headers: { Authorization: "Bearer " + token } }, options);
+  return { token: v.access_token, expiresIn: v.expires_in };
+}
+
+/** A token's `exp` in milliseconds since the epoch (`null` if it has none or does not parse). */
+export function tokenExpiry(token) { return jwtExpiry(token); }
+
 /**
  * Where a room's stream stands: the last seq shown. A rejoin asks for what follows it, so
  * nothing is lost and nothing shown twice. Kept in one place so that a room epoch (a numbering
@@ -354,6 +406,8 @@ export class Client {
       }
       this.token = token;
       this._send({ type: "refresh", token });
+      // And again before the new token's exp: a socket outlives many tokens.
+      this._scheduleRefresh(gen);
     });
   }
 

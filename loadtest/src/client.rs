@@ -47,7 +47,12 @@ pub async fn connect(
         let _ = conn.with_upgrades().await;
     });
 
-    let mut req = Request::get(format!("/ws/{room}?user={user}"));
+    // With a token the server names the client by its `sub` (another `user` is refused).
+    let mut req = match &server.token {
+        Some(token) => Request::get(format!("/ws/{room}"))
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}")),
+        None => Request::get(format!("/ws/{room}?user={user}")),
+    };
     if server.compression {
         req = req.header("Sec-WebSocket-Extensions", "permessage-deflate");
     }
@@ -171,10 +176,16 @@ pub async fn connect_sse(
     user: &str,
 ) -> Result<(TcpStream, u64), Reason> {
     let mut stream = open_tcp(server, source).await?;
-    let req = format!(
-        "GET /sse/{room}?user={user} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
-        server.host
-    );
+    let req = match &server.token {
+        Some(token) => format!(
+            "GET /sse/{room} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n",
+            server.host
+        ),
+        None => format!(
+            "GET /sse/{room}?user={user} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+            server.host
+        ),
+    };
     stream
         .write_all(req.as_bytes())
         .await
@@ -299,6 +310,7 @@ mod tests {
             host: format!("127.0.0.1:{port}"),
             compression: false,
             pid: None,
+            token: None,
         };
         let err = connect(&server, Some(Ipv4Addr::new(127, 0, 0, 2)), "lt-0", "u0")
             .await
@@ -332,6 +344,7 @@ mod tests {
             host: addr.to_string(),
             compression: false,
             pid: None,
+            token: None,
         };
         let err = connect(&server, None, "lt-0", "u0")
             .await

@@ -178,6 +178,13 @@ pub struct Config {
     #[serde(default)]
     pub compression: bool,
 
+    /// An access token for a server run with `--jwt-secret` (`roomcast token --sub loadtest`):
+    /// sent as `Authorization: Bearer` on every upgrade, event stream and API read; the clients
+    /// then give no `user` (the server names them by the token's `sub`). Default: none.
+    #[arg(long)]
+    #[serde(default)]
+    pub token: Option<String>,
+
     /// Worker processes. Default: ceil(clients / (hard nofile limit - 200)); 1 runs the clients
     /// inside this process.
     #[arg(long)]
@@ -300,6 +307,9 @@ pub struct Server {
     /// RSS come from its /proc entries instead of `/api/stats`.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// `--token`: `Authorization: Bearer` on every request.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 impl Config {
@@ -391,6 +401,7 @@ impl Config {
                 parse_server(u).map(|s| Server {
                     compression: self.compression,
                     pid: self.server_pid.get(i).copied(),
+                    token: self.token.clone(),
                     ..s
                 })
             })
@@ -466,6 +477,7 @@ fn parse_server(url: &str) -> anyhow::Result<Server> {
         host: with_port,
         compression: false,
         pid: None,
+        token: None,
     })
 }
 

@@ -22,14 +22,18 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// `GET path` and parse the JSON body; `Ok((status, body))` for any HTTP status.
 /// Cancel-safe (it owns its connection).
 pub async fn get_json(server: &Server, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
-    tokio::time::timeout(TIMEOUT, get_inner(server.addr, &server.host, path))
-        .await
-        .with_context(|| format!("GET {path} on {}: timed out", server.host))?
+    tokio::time::timeout(
+        TIMEOUT,
+        get_inner(server.addr, &server.host, server.token.as_deref(), path),
+    )
+    .await
+    .with_context(|| format!("GET {path} on {}: timed out", server.host))?
 }
 
 async fn get_inner(
     addr: SocketAddr,
     host: &str,
+    token: Option<&str>,
     path: &str,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
     let stream = TcpStream::connect(addr)
@@ -37,10 +41,13 @@ async fn get_inner(
         .with_context(|| format!("connect {addr}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let conn = tokio::spawn(conn);
-    let req = Request::get(path)
+    let mut req = Request::get(path)
         .header(hyper::header::HOST, host)
-        .header(hyper::header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())?;
+        .header(hyper::header::CONNECTION, "close");
+    if let Some(token) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
     let resp = sender.send_request(req).await?;
     let status = resp.status().as_u16();
     let body = Limited::new(resp.into_body(), MAX_BODY)

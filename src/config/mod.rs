@@ -328,8 +328,61 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_WRITE_COALESCE_FRAMES", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub write_coalesce_frames: u16,
 
+    // Built-in accounts.
+    /// SQLite file of built-in accounts (created if missing, readable by this user only, WAL
+    /// mode). When set, users register (`POST /register`) and log in (`POST /token`) for an
+    /// access token signed with --jwt-secret, which it needs: without it the server refuses
+    /// to start. Processes on one machine may share the file. Default: off.
+    #[arg(long, env = "ROOMCAST_ACCOUNTS_DB", global = true)]
+    pub accounts_db: Option<PathBuf>,
+
+    /// With --accounts-db: who creates accounts. `open`: anyone, with `POST /register`;
+    /// `closed`: `POST /register` answers 403 and only `roomcast user add` creates them.
+    /// Default: open.
+    #[arg(
+        long,
+        env = "ROOMCAST_ACCOUNTS_REGISTER",
+        value_enum,
+        default_value = "open"
+    )]
+    pub accounts_register: Registration,
+
+    /// With --accounts-db: lifetime of the tokens that `POST /token` and `POST /token/refresh`
+    /// issue. Syntax: a duration, 10s to 30d. Default: 1h.
+    #[arg(long, env = "ROOMCAST_ACCOUNTS_TOKEN_TTL", default_value = "1h", value_parser = parse_accounts_ttl)]
+    pub accounts_token_ttl: Duration,
+
+    /// With --accounts-db: the rooms the tokens issued to accounts allow, comma-separated names
+    /// and `prefix*` wildcards (`general,post:*,$lobby`); `*` is every room, `$lobby` included.
+    /// Direct-message rooms naming the user are always allowed. Default: *.
+    #[arg(long, env = "ROOMCAST_ACCOUNTS_ROOMS", default_value = "*", value_parser = parse_rooms_grant)]
+    pub accounts_rooms: String,
+
+    /// With --accounts-db: registrations one client address may make: `N/s` or `N/m`,
+    /// optionally ` burst B` (B defaults to N), or `off`. Past it: HTTP 429 `rate_limited` with
+    /// `Retry-After`. Default: 1/m burst 5.
+    #[arg(long, env = "ROOMCAST_ACCOUNTS_REGISTER_RATE", default_value = "1/m burst 5", value_parser = parse_current_rate)]
+    pub accounts_register_rate: RateLimitArg,
+
+    /// With --accounts-db: password hashes (Argon2id, 19 MiB and tens of milliseconds of one core
+    /// each) computed at once, each on a thread of its own at the lowest CPU priority; requests
+    /// beyond them wait, 32 per slot, and past that get HTTP 503 `accounts_busy`. 0: half the
+    /// CPU cores, at least 1.
+    /// Unit: hashes. Default: 0.
+    #[arg(long, env = "ROOMCAST_ACCOUNTS_HASH_SLOTS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub accounts_hash_slots: u16,
+
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// Who creates accounts (`--accounts-register`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Registration {
+    /// Anyone, with `POST /register`.
+    Open,
+    /// The operator alone, with `roomcast user add`.
+    Closed,
 }
 
 /// Commands other than serving.
@@ -354,6 +407,35 @@ pub enum Command {
         #[arg(long)]
         iss: Option<String>,
     },
+    /// Manage the built-in accounts of --accounts-db (the server may be running).
+    User {
+        #[command(subcommand)]
+        action: UserCommand,
+    },
+}
+
+/// `roomcast user …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum UserCommand {
+    /// Create an account. The password is read from standard input: asked for, without echo,
+    /// on a terminal; the first line otherwise.
+    Add {
+        /// The user name: 1-32 characters, no control or invisible character, no space at
+        /// either end; unique ignoring case.
+        name: String,
+        /// Read the password from the first line of standard input without asking, even on a
+        /// terminal (scripts). Default: off.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete an account. Tokens already issued stay valid until they expire, but cannot be
+    /// refreshed.
+    Del {
+        /// The user name (any case).
+        name: String,
+    },
+    /// List the accounts: name and creation time.
+    List,
 }
 
 impl Config {
@@ -388,6 +470,44 @@ impl Config {
 /// A rate in the current syntax only: a new flag never took the old spellings.
 fn parse_current_rate(s: &str) -> Result<RateLimitArg, String> {
     RateLimitArg::parse_current(s)
+}
+
+/// `--accounts-token-ttl`: 10s to 30d, humantime form only (a new flag never took another).
+fn parse_accounts_ttl(s: &str) -> Result<Duration, String> {
+    match parse_duration(s, Duration::from_secs(10), DAY * 30, Duration::from_secs(1))? {
+        (d, None) => Ok(d),
+        (_, Some(_)) => Err(format!(
+            "`{}` has no unit: write it like 15m, 1h, 7d",
+            s.trim()
+        )),
+    }
+}
+
+/// `--accounts-rooms`: a `rooms` claim as `roomcast token --rooms` takes it: comma-separated
+/// room names and `prefix*` patterns, at least one.
+fn parse_rooms_grant(s: &str) -> Result<String, String> {
+    let patterns: Vec<&str> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if patterns.is_empty() {
+        return Err("give at least one room or pattern: `*`, or like `general,post:*`".into());
+    }
+    for p in &patterns {
+        let name = p.strip_suffix('*').unwrap_or(p);
+        let ok = *p == crate::proto::names::LOBBY
+            || name.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(b, b'_' | b'-' | b'.' | b':' | b'#' | b'@' | b'+')
+            });
+        if !ok {
+            return Err(format!(
+                "`{p}` is neither a room name nor a `prefix*` pattern (A-Z a-z 0-9 _ - . : # @)"
+            ));
+        }
+    }
+    Ok(patterns.join(","))
 }
 
 /// `--drain-rate`: `N/s`, `N/m`, `off` or `0`; a burst means nothing here.
@@ -658,6 +778,8 @@ enum Syntax {
     Rate,
     /// A rate flag that only ever read the current syntax.
     CurrentRate,
+    /// A duration flag that only ever read the current syntax.
+    CurrentDuration,
 }
 
 impl Syntax {
@@ -670,13 +792,13 @@ impl Syntax {
             Syntax::DedupeWindow => parse_dedupe_window_spelling(s).ok()?.1,
             Syntax::Retention => parse_retention_spelling(s).ok()?.1,
             Syntax::Rate => RateLimitArg::parse(s).ok()?.1,
-            Syntax::CurrentRate => None,
+            Syntax::CurrentRate | Syntax::CurrentDuration => None,
         }
     }
 }
 
 /// The flags that still read a deprecated spelling, by clap id.
-const DEPRECATABLE: [(&str, Syntax); 16] = [
+const DEPRECATABLE: [(&str, Syntax); 18] = [
     ("write_timeout", Syntax::Timeout),
     ("ping_interval", Syntax::Timeout),
     ("presence_interval", Syntax::PresenceInterval),
@@ -693,6 +815,8 @@ const DEPRECATABLE: [(&str, Syntax); 16] = [
     ("room_rate_limit", Syntax::Rate),
     ("accept_rate", Syntax::CurrentRate),
     ("drain_rate", Syntax::CurrentRate),
+    ("accounts_token_ttl", Syntax::CurrentDuration),
+    ("accounts_register_rate", Syntax::CurrentRate),
 ];
 
 /// One warning per flag or environment variable given in a spelling that is going away, naming
@@ -751,6 +875,7 @@ pub fn deprecated_spellings(matches: &clap::ArgMatches) -> Vec<String> {
 mod tests {
     use super::*;
     use clap::{CommandFactory, FromArgMatches};
+    use std::path::Path;
 
     #[test]
     fn defaults_match_the_documentation() {
@@ -862,11 +987,55 @@ mod tests {
                 assert!(rooms.is_none());
                 assert_eq!(ttl, Duration::from_secs(900));
             }
-            None => panic!("expected the token command"),
+            other => panic!("expected the token command, got {other:?}"),
         }
         let c =
             Config::try_parse_from(["roomcast", "--allowed-origins", "http://a,http://b"]).unwrap();
         assert_eq!(c.allowed_origins, ["http://a", "http://b"]);
+    }
+
+    #[test]
+    fn account_flags() {
+        let c = Config::default();
+        assert_eq!(c.accounts_db, None);
+        assert_eq!(c.accounts_register, Registration::Open);
+        assert_eq!(c.accounts_token_ttl, Duration::from_secs(3600));
+        assert_eq!(c.accounts_rooms, "*");
+        assert_eq!(c.accounts_register_rate.to_string(), "1/m burst 5");
+        assert_eq!(c.accounts_hash_slots, 0);
+        let parse = |args: &[&str]| Config::try_parse_from(["roomcast"].iter().chain(args));
+        let c = parse(&[
+            "--accounts-rooms",
+            " general, post:* ,$lobby",
+            "--accounts-register",
+            "closed",
+        ])
+        .unwrap();
+        assert_eq!(c.accounts_rooms, "general,post:*,$lobby");
+        assert_eq!(c.accounts_register, Registration::Closed);
+        for bad in [
+            &["--accounts-rooms", ","][..],
+            &["--accounts-rooms", "a b"],
+            &["--accounts-token-ttl", "3600"],
+            &["--accounts-token-ttl", "5s"],
+            &["--accounts-token-ttl", "31d"],
+            &["--accounts-register", "maybe"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        // The database is global: `roomcast user add --accounts-db FILE NAME`.
+        let c = parse(&["user", "add", "--accounts-db", "/tmp/a.db", "alice"]).unwrap();
+        assert_eq!(c.accounts_db.as_deref(), Some(Path::new("/tmp/a.db")));
+        match c.command {
+            Some(Command::User {
+                action:
+                    UserCommand::Add {
+                        name,
+                        password_stdin,
+                    },
+            }) => assert_eq!((name.as_str(), password_stdin), ("alice", false)),
+            other => panic!("expected user add, got {other:?}"),
+        }
     }
 
     #[test]

@@ -737,9 +737,9 @@ impl Writer {
 }
 
 /// Creates the database file readable and writable by this user alone (0600), before SQLite
-/// opens it: messages are private. SQLite gives its -wal and -shm files the database file's
-/// mode. An existing file keeps the mode it has.
-fn create_private(path: &Path) -> std::io::Result<()> {
+/// opens it: messages (and password hashes, `accounts.rs`) are private. SQLite gives its -wal
+/// and -shm files the database file's mode. An existing file keeps the mode it has.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]

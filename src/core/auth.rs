@@ -350,6 +350,49 @@ pub fn api_key_matches(headers: &HeaderMap, key: &str) -> bool {
 #[error("cannot make a token: {0}")]
 pub struct IssueError(String);
 
+/// Signs tokens with one shared secret: `roomcast token`, and the tokens built-in accounts
+/// issue (`POST /token`), which the server's own `Verifier` accepts.
+pub struct Issuer {
+    key: EncodingKey,
+    /// `--jwt-audience` / `--jwt-issuer`: written into every token, since the verifier wants them.
+    aud: Option<String>,
+    iss: Option<String>,
+}
+
+impl Issuer {
+    pub fn new(secret: &str, aud: Option<&str>, iss: Option<&str>) -> Result<Self, WeakSecret> {
+        // A token the server would refuse for its secret alone is no use to anyone.
+        check_secret(secret)?;
+        Ok(Issuer {
+            key: EncodingKey::from_secret(secret.as_bytes()),
+            aud: aud.map(str::to_owned),
+            iss: iss.map(str::to_owned),
+        })
+    }
+
+    /// A token for `sub` allowing `rooms` (comma-separated patterns; `None`: every room),
+    /// valid for `ttl`; and its `exp`, seconds since the Unix epoch.
+    pub fn issue(
+        &self,
+        sub: &str,
+        rooms: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(String, u64), IssueError> {
+        validate_user(sub).map_err(|e| IssueError(e.user_reason().into()))?;
+        let exp = jsonwebtoken::get_current_timestamp().saturating_add(ttl.as_secs());
+        let claims = Claims {
+            sub: sub.to_owned(),
+            exp,
+            rooms: rooms.map(|r| RoomsClaim::Csv(r.to_owned())),
+            aud: self.aud.clone(),
+            iss: self.iss.clone(),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
+            .map_err(|e| IssueError(e.to_string()))?;
+        Ok((token, exp))
+    }
+}
+
 /// Signs a development token (`roomcast token`).
 pub fn issue(
     secret: &str,
@@ -369,22 +412,8 @@ pub fn issue_for(
     aud: Option<&str>,
     iss: Option<&str>,
 ) -> Result<String, IssueError> {
-    // A token the server would refuse for its secret alone is no use to anyone.
-    check_secret(secret).map_err(|e| IssueError(e.to_string()))?;
-    validate_user(sub).map_err(|e| IssueError(e.user_reason().into()))?;
-    let claims = Claims {
-        sub: sub.to_owned(),
-        exp: jsonwebtoken::get_current_timestamp().saturating_add(ttl.as_secs()),
-        rooms: rooms.map(|r| RoomsClaim::Csv(r.to_owned())),
-        aud: aud.map(str::to_owned),
-        iss: iss.map(str::to_owned),
-    };
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .map_err(|e| IssueError(e.to_string()))
+    let issuer = Issuer::new(secret, aud, iss).map_err(|e| IssueError(e.to_string()))?;
+    issuer.issue(sub, rooms, ttl).map(|(token, _)| token)
 }
 
 #[cfg(test)]

@@ -7,15 +7,54 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 
 use crate::config::rate::{RateLimitArg, RateSpec};
+use crate::core::lockout::key_of;
+
+fn quota(spec: RateSpec) -> Quota {
+    Quota::with_period(spec.period())
+        .unwrap_or_else(|| Quota::per_second(spec.count))
+        .allow_burst(spec.burst)
+}
 
 /// A token bucket for `spec`.
 pub fn limiter(spec: RateSpec) -> DefaultDirectRateLimiter {
-    let quota = Quota::with_period(spec.period()).unwrap_or_else(|| Quota::per_second(spec.count));
-    RateLimiter::direct(quota.allow_burst(spec.burst))
+    RateLimiter::direct(quota(spec))
+}
+
+/// Most addresses `PerIpRate` remembers; past it, once the addresses whose buckets are full
+/// again are forgotten, the rest share one bucket (the unspecified address): a spray from many
+/// addresses is slowed as one rather than remembered without bound.
+const MAX_RATE_ADDRESSES: usize = 100_000;
+
+/// A rate per client address (`--accounts-register-rate`): one token bucket per address, IPv6
+/// by its /64 as the failure lockout charges it.
+pub struct PerIpRate {
+    buckets: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl PerIpRate {
+    pub fn new(spec: RateSpec) -> Self {
+        PerIpRate {
+            buckets: RateLimiter::keyed(quota(spec)),
+        }
+    }
+
+    /// Takes a token from `ip`'s bucket; `Err(wait)` when it is empty.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+        let mut key = key_of(ip);
+        if self.buckets.len() >= MAX_RATE_ADDRESSES {
+            self.buckets.retain_recent();
+            if self.buckets.len() >= MAX_RATE_ADDRESSES {
+                key = IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED);
+            }
+        }
+        self.buckets
+            .check_key(&key)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
 }
 /// What the limiter says about one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +230,22 @@ mod tests {
         l.release(a);
         l.release(b);
         assert_eq!(l.addresses(), 0);
+    }
+
+    #[test]
+    fn per_ip_rate_keeps_one_bucket_per_address() {
+        let r = PerIpRate::new(spec("1/m burst 2").unwrap());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(r.check(a).is_ok() && r.check(a).is_ok());
+        let wait = r.check(a).unwrap_err();
+        assert!(wait > Duration::from_secs(50), "{wait:?}");
+        assert!(r.check(b).is_ok());
+        // One /64 is one client.
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let same: IpAddr = "2001:db8::2".parse().unwrap();
+        assert!(r.check(v6).is_ok() && r.check(same).is_ok());
+        assert!(r.check(v6).is_err());
     }
 
     #[test]

@@ -26,6 +26,9 @@ const MAX_KEYS: usize = 100_000;
 
 type Key = (IpAddr, Box<str>);
 
+/// The address of keys shared by many addresses (past `MAX_KEYS`) and of subject keys.
+const SHARED: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+
 /// Failed attempts per client address and room.
 pub struct Lockout {
     keys: Mutex<HashMap<Key, Instant>>,
@@ -62,12 +65,25 @@ impl Lockout {
         self.failed_at(peer, room, Instant::now())
     }
 
+    /// `Err(wait)` while `subject` (an account name) is locked out, whatever the address.
+    pub fn check_subject(&self, subject: &str) -> Result<(), Duration> {
+        let now = Instant::now();
+        self.check_at(SHARED, subject, now)
+            .and_then(|()| self.check_at(SHARED, "", now))
+    }
+
+    /// Notes a failed attempt charged to `subject` alone, whatever the address it came from, so
+    /// that guesses spread over many addresses still meet the lockout.
+    pub fn failed_subject(&self, subject: &str) -> Result<(), Duration> {
+        self.failed_at(SHARED, subject, Instant::now())
+    }
+
     fn check_at(&self, peer: IpAddr, room: &str, now: Instant) -> Result<(), Duration> {
         let keys = self.keys.lock();
         if keys.is_empty() {
             return Ok(());
         }
-        let worst = [key_of(peer), IpAddr::from(Ipv6Addr::UNSPECIFIED)]
+        let worst = [key_of(peer), SHARED]
             .into_iter()
             .filter_map(|ip| keys.get(&(ip, Box::from(room))).copied())
             .max();
@@ -83,7 +99,13 @@ impl Lockout {
         if !keys.contains_key(&key) && keys.len() >= MAX_KEYS {
             keys.retain(|_, tat| *tat > now);
             if keys.len() >= MAX_KEYS {
-                key.0 = IpAddr::from(Ipv6Addr::UNSPECIFIED);
+                // Addresses past the bound share one key per room; subjects (whose keys have
+                // no address already) share one key between them.
+                if key.0 == SHARED {
+                    key.1 = Box::from("");
+                } else {
+                    key.0 = SHARED;
+                }
             }
         }
         let tat = keys.entry(key).or_insert(now);
@@ -109,8 +131,8 @@ impl Lockout {
     }
 }
 
-/// The address a failure is charged to: IPv6 by its /64.
-fn key_of(peer: IpAddr) -> IpAddr {
+/// The address a failure (or a rate, `limit::PerIpRate`) is charged to: IPv6 by its /64.
+pub(crate) fn key_of(peer: IpAddr) -> IpAddr {
     match peer {
         IpAddr::V4(_) => peer,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -147,6 +169,19 @@ mod tests {
         let later = t0 + wait;
         assert_eq!(l.check_at(A, "vault", later), Ok(()));
         assert!(l.failed_at(A, "vault", later).is_err());
+    }
+
+    #[test]
+    fn a_subject_is_locked_whatever_the_address() {
+        let l = Lockout::new(2, Duration::from_secs(10));
+        assert!(l.failed_subject("alice").is_ok());
+        assert!(l.failed_subject("alice").is_ok());
+        assert!(l.check_subject("alice").is_ok());
+        assert!(l.failed_subject("alice").is_err());
+        assert!(l.check_subject("alice").is_err());
+        assert!(l.check_subject("bob").is_ok());
+        // Subject keys and address keys do not meet.
+        assert!(l.check_at(A, "", Instant::now()).is_ok());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The engine's core, with no I/O of its own: rooms and their registry, history and the
 //! archive, the `$lobby`, rate limits, access tokens and counters.
 
+pub mod accounts;
 pub mod archive;
 pub mod auth;
 pub mod coalesce;
@@ -13,3 +14,4 @@ pub mod lockout;
 pub mod ring;
 pub mod room;
 pub mod stats;
+pub mod workers;

@@ -74,6 +74,9 @@ pub struct Stats {
     /// permessage-deflate: work done and compressed input refused (one block, see
     /// [`Deflate`]).
     pub deflate: Deflate,
+    /// Built-in accounts: registrations, logins, and what was refused (one block, see
+    /// [`AccountStats`]).
+    pub accounts: AccountStats,
     rss: Gauge,
     /// CPU seconds this process has used (user + system), refreshed when scraped: divided into
     /// the deliveries of a load test window it gives the server's cost per delivery.
@@ -175,6 +178,7 @@ impl Stats {
         let dropped = Dropped::register(&mut registry);
         let sse = SseStats::register(&mut registry);
         let deflate = Deflate::register(&mut registry);
+        let accounts = AccountStats::register(&mut registry);
         let connections = Gauge::default();
         registry.register(
             "connections",
@@ -225,6 +229,7 @@ impl Stats {
             dropped,
             sse,
             deflate,
+            accounts,
             rss,
             cpu,
             registry,
@@ -505,6 +510,105 @@ impl Deflate {
             ("frames_compressed", self.frames_compressed.get()),
             ("messages_inflated", self.messages_inflated.get()),
             ("inflate_refused", self.inflate_refused.get()),
+        ]
+    }
+}
+
+/// Built-in accounts (`--accounts-db`). Every refusal of `POST /register`, `POST /token` and
+/// `POST /token/refresh` is in one of them.
+#[derive(Debug, Default)]
+pub struct AccountStats {
+    /// Accounts created over HTTP.
+    pub registered: Counter,
+    /// Registrations refused: a name or password against the rules (400), a taken name (409),
+    /// registration closed (403).
+    pub register_refused: Counter,
+    /// Registrations refused by `--accounts-register-rate` (429).
+    pub register_limited: Counter,
+    /// Tokens issued for a name and password.
+    pub logins: Counter,
+    /// Logins refused for a wrong name or password (401).
+    pub login_failures: Counter,
+    /// Logins refused unseen by the failure lockout, per address or per account (429).
+    pub login_limited: Counter,
+    /// Tokens issued for a token (`POST /token/refresh`).
+    pub refreshed: Counter,
+    /// Requests refused because every hash slot was busy and the queue before them full (503).
+    pub busy: Counter,
+    /// Account requests whose body did not parse or arrive: not a form or JSON object with a
+    /// `username` and a `password`, another `grant_type`, too large, too slow (400, 408, 413,
+    /// 415).
+    pub malformed: Counter,
+}
+
+impl AccountStats {
+    fn register(registry: &mut Registry) -> Self {
+        let a = AccountStats::default();
+        let counters: [(&str, &str, &Counter); 9] = [
+            (
+                "accounts_registered",
+                "Accounts created over HTTP",
+                &a.registered,
+            ),
+            (
+                "accounts_register_refused",
+                "Registrations refused: bad name or password, name taken, registration closed",
+                &a.register_refused,
+            ),
+            (
+                "accounts_register_limited",
+                "Registrations refused by --accounts-register-rate",
+                &a.register_limited,
+            ),
+            (
+                "accounts_logins",
+                "Tokens issued for a name and password",
+                &a.logins,
+            ),
+            (
+                "accounts_login_failures",
+                "Logins refused for a wrong name or password",
+                &a.login_failures,
+            ),
+            (
+                "accounts_login_limited",
+                "Logins refused unseen by the failure lockout (per address or per account)",
+                &a.login_limited,
+            ),
+            (
+                "accounts_refreshed",
+                "Tokens issued for a valid token (POST /token/refresh)",
+                &a.refreshed,
+            ),
+            (
+                "accounts_busy",
+                "Account requests refused: every hash slot busy and the queue full",
+                &a.busy,
+            ),
+            (
+                "accounts_malformed",
+                "Account requests refused: a body that did not parse or arrive whole",
+                &a.malformed,
+            ),
+        ];
+        for (name, help, c) in counters {
+            registry.register(name, help, c.clone());
+        }
+        a
+    }
+
+    /// The `/api/stats` fields, by name.
+    pub fn fields(&self) -> [(&'static str, u64); 9] {
+        [
+            ("accounts_registered", self.registered.get()),
+            ("accounts_register_refused", self.register_refused.get()),
+            ("accounts_register_limited", self.register_limited.get()),
+            ("accounts_logins", self.logins.get()),
+            ("accounts_login_failures", self.login_failures.get()),
+            ("accounts_login_limited", self.login_limited.get()),
+            ("accounts_refreshed", self.refreshed.get()),
+            ("accounts_busy", self.busy.get()),
+            ("accounts_malformed", self.malformed.get()),
         ]
     }
 }

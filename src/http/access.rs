@@ -134,6 +134,11 @@ impl Access {
             .is_some_and(|key| auth::api_key_matches(req.headers(), key))
     }
 
+    /// Whether upgrades need a token (`--jwt-secret`).
+    pub fn tokens_on(&self) -> bool {
+        self.verifier.is_some()
+    }
+
     /// Whether an API key is configured at all.
     pub fn api_key_on(&self) -> bool {
         self.api_key.is_some()

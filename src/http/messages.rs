@@ -3,17 +3,15 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::CONTENT_LENGTH;
 use hyper::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::query::{self, bounded};
+use super::read::read_body;
 use super::reply::{self, ApiError, Reply};
 use super::{may_read_room, no_such_room, room_password, Api};
 use crate::bus::{Fallback, PublishError};
@@ -196,13 +194,18 @@ pub async fn publish(api: &Arc<Api>, peer: IpAddr, room: &str, req: Request<Inco
     let publisher = may_publish(api, peer, room, &req)?;
     let q: query::Publish = query::parse(&req)?;
     let header_password = room_password(&req, q.password.as_deref()).map(str::to_owned);
-    let body = read_body(req, api.max_message_bytes, api.body_timeout)
-        .await
-        .inspect_err(|e| {
-            if e.code() == "body_timeout" {
-                api.stats.dropped.body_timeouts.inc();
-            }
-        })?;
+    let body = read_body(
+        req,
+        api.max_message_bytes,
+        "--max-message-bytes",
+        api.body_timeout,
+    )
+    .await
+    .inspect_err(|e| {
+        if e.code() == "body_timeout" {
+            api.stats.dropped.body_timeouts.inc();
+        }
+    })?;
     let parsed: PublishBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request("bad_json", format!("body is not a JSON object: {e}"))
     })?;
@@ -296,46 +299,6 @@ pub async fn publish(api: &Arc<Api>, peer: IpAddr, room: &str, req: Request<Inco
             StatusCode::SERVICE_UNAVAILABLE,
             "cluster_unavailable",
             format!("{reason}: nothing was published"),
-        )),
-    }
-}
-
-/// The request body, at most `max` bytes (413 past it, before reading when it says so), whole
-/// within `timeout` (408 past it: a client that trickles its body holds a task and a socket).
-async fn read_body(
-    req: Request<Incoming>,
-    max: usize,
-    timeout: Duration,
-) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "body is larger than --max-message-bytes",
-        )
-    };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    let collect = Limited::new(req.into_body(), max).collect();
-    let Ok(collected) = tokio::time::timeout(timeout, collect).await else {
-        return Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            "the request body did not arrive within --body-timeout",
-        ));
-    };
-    match collected {
-        Ok(body) => Ok(body.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(ApiError::bad_request(
-            "bad_request",
-            "could not read the request body",
         )),
     }
 }

@@ -6,10 +6,12 @@
 //! shapes every answer, `query` reads query strings, `access` decides who may do what.
 
 mod access;
+pub mod accounts;
 mod body;
 mod cors;
 mod messages;
 mod query;
+mod read;
 mod reply;
 mod rooms;
 mod sse;
@@ -61,6 +63,8 @@ pub struct Api {
     pub sse_heartbeat: Duration,
     /// `--cors-origins`: which other origins' pages may read (and, listed, write) the API.
     cors: Option<cors::Cors>,
+    /// `--accounts-db`: the account routes; `None` answers them 404 `accounts_off`.
+    accounts: Option<accounts::AccountRoutes>,
 }
 
 /// Which listener a request came in on.
@@ -96,12 +100,19 @@ impl Api {
             next_id: AtomicU64::new(1),
             sse_heartbeat: Duration::from_secs(15),
             cors: None,
+            accounts: None,
         }
     }
 
     /// Applies `--cors-origins` to the REST API (`/api/...`).
     pub fn with_cors(mut self, origins: &[String]) -> Self {
         self.cors = cors::Cors::new(origins);
+        self
+    }
+
+    /// Serves the built-in account routes (`--accounts-db`).
+    pub fn with_accounts(mut self, routes: accounts::AccountRoutes) -> Self {
+        self.accounts = Some(routes);
         self
     }
 
@@ -145,6 +156,7 @@ impl Api {
 const GET: &[Method] = &[Method::GET];
 const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
 const GET_POST: &[Method] = &[Method::GET, Method::POST];
+const POST: &[Method] = &[Method::POST];
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 /// The client library the page is built on, for apps to load from the server they talk to.
@@ -219,9 +231,29 @@ async fn route(api: Arc<Api>, side: Side, peer: IpAddr, req: Request<Incoming>) 
             allow(method, GET)?;
             Ok(status::stats(&api).await)
         }
+        ["api", "server"] => {
+            allow(method, GET)?;
+            Ok(accounts::server(&api))
+        }
         ["api", "rooms"] => {
             allow(method, GET)?;
             rooms::list(&api, peer, &req).await
+        }
+        ["register"] => {
+            allow(method, POST)?;
+            accounts::register(&api, peer, req).await
+        }
+        ["token"] => {
+            allow(method, POST)?;
+            accounts::token(&api, peer, req).await
+        }
+        ["token", "refresh"] => {
+            allow(method, POST)?;
+            accounts::refresh(&api, peer, req).await
+        }
+        ["users", "me"] => {
+            allow(method, GET)?;
+            accounts::me(&api, peer, req).await
         }
         ["api", "rooms", room] => {
             allow(method, GET)?;

@@ -86,6 +86,14 @@ impl ApiError {
         .retry_after(wait)
     }
 
+    /// This refusal with `WWW-Authenticate: Bearer` (a 401 with a code of its own).
+    pub fn with_challenge(self) -> Self {
+        ApiError {
+            challenge: true,
+            ..self
+        }
+    }
+
     /// This refusal with `Retry-After` and `retry_after_ms`.
     pub fn retry_after(self, wait: Duration) -> Self {
         ApiError {

@@ -78,6 +78,9 @@ pub async fn stats(api: &Api) -> Response<Body> {
     for (name, n) in s.dropped.fields().into_iter().chain(s.deflate.fields()) {
         v[name] = n.into();
     }
+    for (name, n) in s.accounts.fields() {
+        v[name] = n.into();
+    }
     for (name, n) in s.sse.fields() {
         v[name] = n.into();
     }

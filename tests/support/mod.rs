@@ -196,7 +196,10 @@ pub async fn http_with(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    if body.is_some() {
+    let typed = headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+    if body.is_some() && !typed {
         req = req.header("content-type", "application/json");
     }
     let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
