@@ -50,7 +50,7 @@ has_py_websockets() { "$PY_WEBSOCKETS_VENV/bin/python" -c 'import websockets' >/
 has_node() { command -v node >/dev/null; }
 NEEDS=("redis-server:cluster:has_redis" "redis-server:behaviour:has_redis" "chromium:browser:has_chromium"
        "redis-server:sse:has_redis" "python3-websockets:compression:has_py_websockets"
-       "node:client:has_node")
+       "node:client:has_node" "redis-server:accounts:has_redis")
 
 run_bins=() skip_bins=() not_run=()
 for entry in "${NEEDS[@]}"; do

@@ -405,18 +405,27 @@ async fn rooms_per_stream_are_capped() {
     assert_eq!(s.next().await.event, "welcome");
 }
 
-fn rooms_file() -> &'static str {
-    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
+/// A file in the temporary folder, named for this process, written once with `contents`.
+fn written_once(
+    cell: &'static std::sync::OnceLock<String>,
+    name: &str,
+    contents: &str,
+) -> &'static str {
+    cell.get_or_init(|| {
         let path =
-            std::env::temp_dir().join(format!("roomcast-sse-rooms-{}.toml", std::process::id()));
-        std::fs::write(
-            &path,
-            "[rooms.vault]\npassword = \"s3same\"\nmax_members = 1\n",
-        )
-        .unwrap();
+            std::env::temp_dir().join(format!("roomcast-sse-{name}-{}.toml", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
         path.to_string_lossy().into_owned()
     })
+}
+
+fn rooms_file() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    written_once(
+        &PATH,
+        "rooms",
+        "[rooms.vault]\npassword = \"s3same\"\nmax_members = 1\n",
+    )
 }
 
 #[tokio::test]
@@ -608,16 +617,11 @@ async fn shutdown_ends_a_stream_with_a_close_event_and_a_retry() {
 /// A rooms file whose `[routes]` has the tutorials' event-stream path.
 fn routes_file() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let path =
-            std::env::temp_dir().join(format!("roomcast-sse-routes-{}.toml", std::process::id()));
-        std::fs::write(
-            &path,
-            "[routes]\n\"/sse/posts/{id}\" = \"post:{id}\"\n\"/ws/posts/{id}/live\" = \"post:{id}\"\n",
-        )
-        .unwrap();
-        path.to_string_lossy().into_owned()
-    })
+    written_once(
+        &PATH,
+        "routes",
+        "[routes]\n\"/sse/posts/{id}\" = \"post:{id}\"\n\"/ws/posts/{id}/live\" = \"post:{id}\"\n",
+    )
 }
 
 in_both_modes!(
