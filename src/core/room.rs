@@ -588,13 +588,13 @@ impl Room {
         self.stats.coalesced_batches.inc();
         self.stats.coalesced_frames.inc_by(state.held.len() as u64);
         state.held_since = None;
-        let held = std::mem::take(&mut state.held);
-        for out in &held {
-            self.send(state, out.clone());
+        // Taken out while it is sent (sending needs the state), then put back empty: the
+        // batch's space serves the next one.
+        let mut held = std::mem::take(&mut state.held);
+        for out in held.drain(..) {
+            self.send(state, out);
         }
-        // Keep the batch's space for the next one.
         state.held = held;
-        state.held.clear();
     }
 
     /// Puts a frame in the ring, then grows the ring if some member is half a ring behind.
