@@ -2,7 +2,7 @@
 # Before/after comparison of two roomcast server binaries on this machine, over loopback.
 #
 #   loadtest/compare.sh A_BIN B_BIN          # A = baseline server binary, B = candidate
-#   loadtest/compare.sh /work/baseline/roomcast target/release/roomcast
+#   loadtest/compare.sh /tmp/before/roomcast target/release/roomcast
 #   QUICK=1 loadtest/compare.sh A_BIN B_BIN  # a few-minute check that the script works (2,000
 #                                            # clients, short runs, 1 round): not for figures
 #
@@ -12,7 +12,7 @@
 #   chat      p99 latency, ms                     (same clients, 1 msg/s per room, CHAT_SECONDS)
 #   chat      also deliveries per server CPU-second
 #   saturate  highest sustained deliveries/s, and deliveries per server CPU-second at that step
-#             (1,000 clients, 10 rooms, from 100 msg/s/room doubling every STEP_SECONDS)
+#             (1,000 clients, 10 rooms, from SAT_RATE msg/s/room doubling every STEP_SECONDS)
 #   hot       frames per write, deliveries/s, deliveries per server CPU-second (100 clients in
 #             one room, one publisher: 1,500 msg/s when steady, window 64)
 # Every run gets a fresh server: `B_or_A --listen 127.0.0.1:PORT` and then A_ARGS or B_ARGS
@@ -23,7 +23,7 @@
 # loadtest/baseline.sh runs this with A = the `minimal` baseline server.
 #
 # Settings (environment):
-#   LOADTEST=/work/baseline/loadtest   load generator (default: that, else target/release/loadtest)
+#   LOADTEST=target/release/loadtest   the load generator
 #   PACING=steady         --publish-pacing of chat, saturate and hot (steady|burst; needs a load
 #                         generator that has the flag; without it: its own pacing)
 #   A_ARGS, B_ARGS        each server's flags after --listen (set empty for a server that takes
@@ -31,6 +31,8 @@
 #   RUNS=3                rounds (each runs every scenario on A, then on B)
 #   CLIENTS=19000         idle and chat clients on the one server (the open-file cap is 20,000)
 #   IDLE_SECONDS=5 CHAT_SECONDS=10 SAT_SECONDS=40 STEP_SECONDS=5 HOT_SECONDS=10
+#   SAT_RATE=100          saturate's first step, msg/s per room (it doubles each step; with
+#                         steady publishers on 2 cores, 100 is already past a 50 ms p99)
 #   SCENARIOS="idle chat saturate hot"
 #   SERVER_ARGS=""        more server flags, for both binaries
 #   BASE_PORT=19300       each run takes the next port
@@ -67,6 +69,7 @@ CLIENTS=${CLIENTS:-19000}
 IDLE_SECONDS=${IDLE_SECONDS:-5}
 CHAT_SECONDS=${CHAT_SECONDS:-10}
 SAT_SECONDS=${SAT_SECONDS:-40}
+SAT_RATE=${SAT_RATE:-100}
 STEP_SECONDS=${STEP_SECONDS:-5}
 HOT_SECONDS=${HOT_SECONDS:-10}
 SCENARIOS=${SCENARIOS:-idle chat saturate hot}
@@ -75,9 +78,7 @@ PORT=${BASE_PORT:-19300}
 SUMMARY=${SUMMARY-loadtest/results/summary.jsonl}
 TOTAL_SECONDS=${TOTAL_SECONDS:-1200}
 STARTED=$SECONDS
-if [ -z "${LOADTEST:-}" ]; then
-    if [ -x /work/baseline/loadtest ]; then LOADTEST=/work/baseline/loadtest; else LOADTEST=target/release/loadtest; fi
-fi
+LOADTEST=${LOADTEST:-target/release/loadtest}
 [ -x "$LOADTEST" ] || { echo "compare.sh: no load generator at $LOADTEST (set LOADTEST)" >&2; exit 2; }
 PACING=${PACING:-steady}
 LT_HELP=$("$LOADTEST" --help 2>&1 || true)
@@ -136,7 +137,7 @@ measure() {
     case $scenario in
         idle) seconds=$IDLE_SECONDS; args=(--clients "$CLIENTS" --rooms "$ROOMS") ;;
         chat) seconds=$CHAT_SECONDS; args=(--clients "$CLIENTS" --rooms "$ROOMS" --rate 1) ;;
-        saturate) seconds=$SAT_SECONDS; args=(--clients 1000 --rooms 10 --rate 100 --step-seconds "$STEP_SECONDS") ;;
+        saturate) seconds=$SAT_SECONDS; args=(--clients 1000 --rooms 10 --rate "$SAT_RATE" --step-seconds "$STEP_SECONDS") ;;
         hot) seconds=$HOT_SECONDS; args=(--clients 100 --rooms 1) ;;
         *) echo "compare.sh: unknown scenario $scenario" >&2; exit 2 ;;
     esac

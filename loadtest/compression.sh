@@ -11,6 +11,12 @@
 # server CPU µs per delivery and bytes on the wire per delivery. Prints the medians and the
 # compressed/plain ratios. Reports go to loadtest/results/full/compression-<stamp>/ (ignored by
 # git). Only processes this script started are stopped, by PID.
+#
+# The compressing clients share the server's machine: if each inflated every delivery, they would
+# saturate before the server does (the server compresses a message once for all its members, the
+# clients would inflate it once each). So the clients of one load generator thread inflate each
+# message once and find it again under the same compressed bytes (`loadtest --inflate shared`,
+# its default); every client still checks every delivery's seq and latency.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVER=${SERVER:-target/release/roomcast}

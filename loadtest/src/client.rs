@@ -109,7 +109,7 @@ pub async fn connect(
         .map_err(|e| format!("upgrade:{}", hyper_reason(&e)))?;
 
     let mut ws = WebSocket::after_handshake(
-        Wire::new(TokioIo::new(upgraded), server.compression),
+        Wire::new(TokioIo::new(upgraded), server.inflate()),
         Role::Client,
     );
     ws.set_max_message_size(MAX_FRAME);
@@ -309,6 +309,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             host: format!("127.0.0.1:{port}"),
             compression: false,
+            inflate_each: false,
             pid: None,
             token: None,
         };
@@ -343,6 +344,7 @@ mod tests {
             addr,
             host: addr.to_string(),
             compression: false,
+            inflate_each: false,
             pid: None,
             token: None,
         };

@@ -178,6 +178,15 @@ pub struct Config {
     #[serde(default)]
     pub compression: bool,
 
+    /// With `--compression`, who inflates a message: `shared` (default), the first client of a
+    /// worker thread to read it, the thread's other clients finding the plain frame under the
+    /// same compressed bytes, or `each` client itself. Shared keeps the clients, on the
+    /// server's machine, from spending more per delivery than the server, which compresses a
+    /// message once for all its members.
+    #[arg(long, value_enum, default_value_t = InflateBy::Shared)]
+    #[serde(default)]
+    pub inflate: InflateBy,
+
     /// An access token for a server run with `--jwt-secret` (`roomcast token --sub loadtest`):
     /// sent as `Authorization: Bearer` on every upgrade, event stream and API read; the clients
     /// then give no `user` (the server names them by the token's `sub`). Default: none.
@@ -303,6 +312,9 @@ pub struct Server {
     pub host: String,
     /// `--compression`: offer permessage-deflate in the upgrade.
     pub compression: bool,
+    /// `--inflate each`.
+    #[serde(default)]
+    pub inflate_each: bool,
     /// The server's process (`--server-pid`, or found by its listening socket): CPU time and
     /// RSS come from its /proc entries instead of `/api/stats`.
     #[serde(default)]
@@ -400,6 +412,7 @@ impl Config {
             .map(|(i, u)| {
                 parse_server(u).map(|s| Server {
                     compression: self.compression,
+                    inflate_each: self.inflate == InflateBy::Each,
                     pid: self.server_pid.get(i).copied(),
                     token: self.token.clone(),
                     ..s
@@ -476,9 +489,31 @@ fn parse_server(url: &str) -> anyhow::Result<Server> {
         addr,
         host: with_port,
         compression: false,
+        inflate_each: false,
         pid: None,
         token: None,
     })
+}
+
+/// `--inflate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InflateBy {
+    Each,
+    #[default]
+    Shared,
+}
+
+impl Server {
+    /// What its clients do with compressed frames.
+    pub fn inflate(&self) -> crate::wire::Inflate {
+        use crate::wire::Inflate;
+        match (self.compression, self.inflate_each) {
+            (false, _) => Inflate::Off,
+            (true, true) => Inflate::Each,
+            (true, false) => Inflate::Shared,
+        }
+    }
 }
 
 /// Parses `127.0.0.1-127.0.0.16,127.0.1.1` into addresses; `none` (or empty) gives none.

@@ -2,10 +2,19 @@
 //! wire cost of a delivery, compressed or not) and, with `--compression`, turns compressed
 //! server frames (RSV1, permessage-deflate) into plain ones before fastwebsockets reads them
 //! (it refuses RSV bits). Writes pass through untouched: the clients never compress.
+//!
+//! The clients of one worker thread share what they inflated (`--inflate shared`, the default):
+//! every member of a room receives the same compressed bytes for a message (the server compresses
+//! it once for all of them), so the first member to read it inflates it and the others find the
+//! plain frame under those exact bytes. A load generator beside the server must not spend more
+//! per delivery than the server; `--inflate each` has every client inflate every message, as
+//! independent clients on other machines would.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{ready, Context, Poll};
 
@@ -28,10 +37,55 @@ thread_local! {
     static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
 }
 
-/// A client socket that counts what it reads and, when `inflate`, rewrites compressed frames.
+/// What a client does with a compressed frame (`--inflate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inflate {
+    /// Nothing was negotiated: frames pass as they come (and are only counted).
+    Off,
+    /// Every message, by this client alone.
+    Each,
+    /// Through the worker thread's cache of messages inflated by its clients.
+    Shared,
+}
+
+/// Bytes (compressed and plain) the cache of one thread holds before it starts over.
+const CACHE_BYTES: usize = 16 << 20;
+
+/// One worker thread's inflated messages, keyed by their compressed bytes.
+#[derive(Default)]
+struct Cache {
+    plain: HashMap<Box<[u8]>, Rc<[u8]>>,
+    bytes: usize,
+}
+
+thread_local! {
+    static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+}
+
+/// The plain payload of the compressed `data`, from the thread's cache or inflated into it.
+fn inflate_shared(data: &[u8]) -> io::Result<Rc<[u8]>> {
+    if let Some(plain) = CACHE.with(|c| c.borrow().plain.get(data).cloned()) {
+        return Ok(plain);
+    }
+    let plain: Rc<[u8]> = inflate(data)?.into();
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.bytes > CACHE_BYTES {
+            // Messages come to the members of a room within moments of each other: what was
+            // inflated long ago is not asked for again.
+            c.plain.clear();
+            c.bytes = 0;
+        }
+        c.bytes += data.len() + plain.len();
+        c.plain.insert(data.into(), plain.clone());
+    });
+    Ok(plain)
+}
+
+/// A client socket that counts what it reads and, unless `Off`, rewrites compressed frames.
 pub struct Wire<S> {
     inner: S,
-    inflate: bool,
+    inflate: Inflate,
     /// Bytes read but not yet a whole frame.
     raw: Vec<u8>,
     /// Plain frames ready for fastwebsockets, from `ready_at` on.
@@ -40,7 +94,7 @@ pub struct Wire<S> {
 }
 
 impl<S> Wire<S> {
-    pub fn new(inner: S, inflate: bool) -> Self {
+    pub fn new(inner: S, inflate: Inflate) -> Self {
         Wire {
             inner,
             inflate,
@@ -61,7 +115,11 @@ impl<S> Wire<S> {
                 if frame[0] & 0x80 == 0 {
                     return Err(io::Error::other("fragmented compressed message"));
                 }
-                let plain = inflate(&frame[head..])?;
+                let data = &frame[head..];
+                let plain = match self.inflate {
+                    Inflate::Shared => inflate_shared(data)?,
+                    _ => inflate(data)?.into(),
+                };
                 push_head(&mut self.ready, frame[0] & !0x40, plain.len());
                 self.ready.extend_from_slice(&plain);
             }
@@ -130,7 +188,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.inflate {
+        if this.inflate == Inflate::Off {
             let before = buf.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
             BYTES_IN.fetch_add((buf.filled().len() - before) as u64, Relaxed);
@@ -204,7 +262,7 @@ mod tests {
         let mut z = Vec::with_capacity(4096);
         c.compress_vec(&text, &mut z, FlushCompress::Sync).unwrap();
         z.truncate(z.len() - 4);
-        let mut wire = Wire::new((), true);
+        let mut wire = Wire::new((), Inflate::Each);
         push_head(&mut wire.raw, 0xC1, z.len());
         wire.raw.extend_from_slice(&z);
         push_head(&mut wire.raw, 0x81, 2);
@@ -218,5 +276,46 @@ mod tests {
         want.extend_from_slice(b"hi");
         assert_eq!(wire.ready, want);
         assert_eq!(wire.raw, [0x81]);
+    }
+
+    fn compressed(text: &[u8]) -> Vec<u8> {
+        let mut c = Compress::new(Compression::default(), false);
+        let mut z = Vec::with_capacity(text.len() + 64);
+        c.compress_vec(text, &mut z, FlushCompress::Sync).unwrap();
+        z.truncate(z.len() - 4);
+        z
+    }
+
+    #[test]
+    fn members_of_one_thread_inflate_a_message_once_and_read_the_same_frame() {
+        let texts = [
+            br#"{"type":"message","seq":1,"text":"one one one one one one one one"}"#.to_vec(),
+            br#"{"type":"message","seq":2,"text":"two two two two two two two two"}"#.to_vec(),
+        ];
+        let mut wires: Vec<_> = (0..3).map(|_| Wire::new((), Inflate::Shared)).collect();
+        for text in &texts {
+            let z = compressed(text);
+            for wire in &mut wires {
+                push_head(&mut wire.raw, 0xC1, z.len());
+                wire.raw.extend_from_slice(&z);
+                wire.rewrite().unwrap();
+            }
+            let cached = CACHE.with(|c| c.borrow().plain.get(&z[..]).map(Rc::strong_count));
+            // The cache's copy, and none kept by the wires: inflated once, shared by all three.
+            assert_eq!(cached, Some(1));
+        }
+        let mut want = Vec::new();
+        for text in &texts {
+            push_head(&mut want, 0x81, text.len());
+            want.extend_from_slice(text);
+        }
+        for wire in &wires {
+            assert_eq!(wire.ready, want);
+        }
+        // Corrupt data is an error for every reader, not a cached result.
+        let mut wire = Wire::new((), Inflate::Shared);
+        push_head(&mut wire.raw, 0xC1, 3);
+        wire.raw.extend_from_slice(&[0xFF, 0xFF, 0xFF]);
+        assert!(wire.rewrite().is_err());
     }
 }
