@@ -150,7 +150,8 @@ impl Shutdown {
         notified.await;
     }
 
-    /// Completes when this connection's turn to close has come.
+    /// Completes when this event stream's turn to close has come (WebSockets wait in
+    /// [`Shutdown::poll_wait`]).
     /// Cancel-safe: a turn handed to a wait that is dropped goes to the next waiter.
     pub fn turn(&self) -> TurnWait<'_> {
         TurnWait {
@@ -227,7 +228,7 @@ impl Flag {
 
 pin_project_lite::pin_project! {
     /// [`Shutdown::turn`]'s wait, written out rather than an `async fn`: it sits in every idle
-    /// connection's task, and the `async fn` kept three references beside the `Notified`
+    /// event stream, and the `async fn` kept three references beside the `Notified`
     /// (104 bytes against 80, `-Zprint-type-sizes`).
     pub struct TurnWait<'a> {
         flag: &'a Flag,

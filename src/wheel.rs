@@ -126,15 +126,17 @@ impl Wheel {
     /// Ready once `alarm`'s moment has come; otherwise makes sure that this task is woken by
     /// then. Takes the lock only when the entry has to be put in or moved.
     pub fn poll(&self, id: u64, alarm: &mut Alarm, cx: &mut Context<'_>) -> Poll<()> {
-        if self.now() >= alarm.due {
-            return Poll::Ready(());
-        }
-        // Still waiting, at or before the moment: nothing to change.
-        if alarm.at <= alarm.due
-            && alarm.at != NEVER
+        // The entry is still in the wheel, at or before the moment: the wheel wakes this task
+        // then. (Checked first, without reading the clock: this runs at every wake of every
+        // connection, for a room frame as much as for the alarm.)
+        if alarm.at != NEVER
+            && alarm.at <= alarm.due
             && alarm.at > self.fired.load(Ordering::Acquire)
         {
             return Poll::Pending;
+        }
+        if self.now() >= alarm.due {
+            return Poll::Ready(());
         }
         let mut state = self.state.lock();
         let fired = self.fired.load(Ordering::Acquire);
@@ -281,4 +283,100 @@ fn next_occupied(slots: &[Vec<Entry>], now: u64) -> u64 {
     (now + 1..=now + SLOTS)
         .find(|tick| !slots[(tick % SLOTS) as usize].is_empty())
         .unwrap_or(NEVER)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A wheel with its driver running for the test's length.
+    fn running() -> Arc<Wheel> {
+        let wheel = Arc::new(Wheel::default());
+        let driver = wheel.clone();
+        tokio::spawn(async move { driver.run(std::future::pending()).await });
+        wheel
+    }
+
+    /// Waits until `alarm`'s moment, as a connection does.
+    async fn wait(wheel: &Wheel, id: u64, alarm: &mut Alarm) {
+        std::future::poll_fn(|cx| wheel.poll(id, alarm, cx)).await;
+    }
+
+    const BOUND: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn an_alarm_wakes_its_task_at_its_moment_never_before() {
+        let wheel = running();
+        let start = Instant::now();
+        let mut alarm = Alarm::NONE;
+        wheel.set(&mut alarm, start + Duration::from_millis(50));
+        tokio::time::timeout(BOUND, wait(&wheel, 1, &mut alarm))
+            .await
+            .expect("woken");
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        // Its entry is gone with the tick: nothing is left to hand a turn to.
+        assert_eq!(wheel.give_turns(1), 0);
+    }
+
+    #[tokio::test]
+    async fn an_earlier_moment_moves_the_entry_and_a_later_one_waits_on() {
+        let wheel = running();
+        let start = Instant::now();
+        let mut alarm = Alarm::NONE;
+        wheel.set(&mut alarm, start + Duration::from_secs(30));
+        let waiting = tokio::time::timeout(Duration::from_millis(30), wait(&wheel, 1, &mut alarm));
+        assert!(waiting.await.is_err(), "not due for 30 s");
+        wheel.set(&mut alarm, start + Duration::from_millis(60));
+        tokio::time::timeout(BOUND, wait(&wheel, 1, &mut alarm))
+            .await
+            .expect("woken at the earlier moment");
+        assert!(start.elapsed() >= Duration::from_millis(60));
+        // Later than the slot it sits in: woken there, the wait goes on to the new moment.
+        let start = Instant::now();
+        wheel.set(&mut alarm, start + Duration::from_millis(40));
+        let waiting = tokio::time::timeout(Duration::from_millis(10), wait(&wheel, 1, &mut alarm));
+        assert!(waiting.await.is_err());
+        wheel.set(&mut alarm, start + Duration::from_millis(120));
+        tokio::time::timeout(BOUND, wait(&wheel, 1, &mut alarm))
+            .await
+            .expect("woken at the later moment");
+        assert!(start.elapsed() >= Duration::from_millis(120));
+    }
+
+    #[tokio::test]
+    async fn a_moment_beyond_the_wheel_waits_in_its_furthest_slot() {
+        let wheel = Wheel::default();
+        let mut alarm = Alarm::NONE;
+        wheel.set(&mut alarm, Instant::now() + Duration::from_secs(3600));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(wheel.poll(7, &mut alarm, &mut cx).is_pending());
+        assert_eq!(alarm.at, SLOTS, "the furthest slot from tick 0");
+        assert!(alarm.due > alarm.at);
+    }
+
+    #[tokio::test]
+    async fn turns_go_to_the_earliest_deadlines_and_a_forgotten_entry_gets_none() {
+        let wheel = Wheel::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        let now = Instant::now();
+        let mut alarms = [Alarm::NONE; 4];
+        for (id, alarm) in alarms.iter_mut().enumerate() {
+            // Ids 0..4 due in 4, 3, 2, 1 seconds.
+            wheel.set(alarm, now + Duration::from_secs(4 - id as u64));
+            assert!(wheel.poll(id as u64, alarm, &mut cx).is_pending());
+        }
+        assert!(!wheel.forget(3, &mut alarms[3]), "no turn given yet");
+        assert_eq!(wheel.give_turns(2), 2);
+        assert!(wheel.take_turn(2));
+        assert!(wheel.take_turn(1));
+        assert!(!wheel.take_turn(1), "a turn is taken once");
+        assert!(!wheel.take_turn(0));
+        assert_eq!(wheel.give_turns(5), 1, "only id 0 is left");
+        assert!(
+            wheel.forget(0, &mut alarms[0]),
+            "given and not taken: passed on"
+        );
+    }
 }
