@@ -3,8 +3,9 @@
 //!
 //! hyper stops tracking a connection once it is upgraded, so WebSocket tasks listen here
 //! themselves and send their own close. They do not all go when the flag is raised: each waits
-//! for its turn ([`Shutdown::turn`]), which the shutdown sequence hands out at `--drain-rate`, so
-//! that thousands of clients do not reconnect in the same second.
+//! for its turn ([`Shutdown::poll_wait`], and [`Shutdown::turn`] for event streams), which the
+//! shutdown sequence hands out at `--drain-rate`, so that thousands of clients do not reconnect
+//! in the same second.
 //!
 //! Every idle WebSocket waits here for its whole life, for its turn and for its own deadlines in
 //! one wait ([`Shutdown::poll_wait`]): the connections' timing wheel (`wheel`) is also the list
