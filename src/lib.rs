@@ -25,6 +25,7 @@ mod http;
 pub mod proto;
 mod server;
 mod shutdown;
+mod wheel;
 mod ws;
 
 pub use config::Config;

@@ -76,6 +76,13 @@ pub async fn run(
     // served as fully as the first.
     let (trigger, shutdown) = shutdown::channel();
     let (stop_trigger, stop) = shutdown::channel();
+    // The WebSockets' deadlines (and the drain's list of who is waiting), until the end: a
+    // socket still waiting for its turn keeps its pings and timeouts.
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        let mut stop = stop.clone();
+        async move { shutdown.run_alarms(stop.recv()).await }
+    });
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let mut stats = Stats::new();
     let broker: Arc<dyn Broker> = match &config.redis {

@@ -3,14 +3,16 @@
 //!
 //! hyper stops tracking a connection once it is upgraded, so WebSocket tasks listen here
 //! themselves and send their own close. They do not all go when the flag is raised: each waits
-//! for its turn ([`Shutdown::turn`]), which the shutdown sequence hands out at `--drain-rate`, so
-//! that thousands of clients do not reconnect in the same second.
+//! for its turn ([`Shutdown::poll_wait`], and [`Shutdown::turn`] for event streams), which the
+//! shutdown sequence hands out at `--drain-rate`, so that thousands of clients do not reconnect
+//! in the same second.
 //!
-//! Why a flag and a `Notify` rather than a `watch` channel: every idle connection waits here for
-//! its whole life, and `Notify`'s wait is half the size of `watch::Receiver::wait_for`'s
-//! (about 80 bytes against 160, measured with `-Zprint-type-sizes`). Turns are a second
-//! `Notify` woken with `notify_one`, so a connection carries no slot or number of its own: the
-//! queue of waiters is the `Notify`'s.
+//! Every idle WebSocket waits here for its whole life, for its turn and for its own deadlines in
+//! one wait ([`Shutdown::poll_wait`]): the connections' timing wheel (`wheel`) is also the list
+//! of WebSockets the drain hands turns to, so a waiting connection holds no `Notify` wait
+//! (80 bytes, `-Zprint-type-sizes`) and no `Sleep` (112) in its task, only an [`Alarm`] (16).
+//! Event streams, which live in hyper's task and are few, wait on a `Notify` for theirs: the
+//! turns the WebSockets do not take go to them.
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;
@@ -23,6 +25,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::wheel::{Alarm, Wheel};
+
 /// The state a trigger and its receivers share.
 #[derive(Debug, Default)]
 struct Flag {
@@ -30,7 +34,9 @@ struct Flag {
     notify: Notify,
     /// Whether every connection's turn has come: `WAITING`, `ALL` or `LATE`.
     released: AtomicU8,
-    /// One `notify_one` per connection released. A woken waiter dropped before it completes
+    /// The WebSockets' deadlines, and the list of those waiting for their turn.
+    wheel: Wheel,
+    /// One `notify_one` per event stream released. A woken waiter dropped before it completes
     /// passes its turn on (tokio's `Notified` does), so a turn is never lost to a `select!`.
     turns: Notify,
     /// The window, in ms, that each connection's `retry_after_ms` is drawn from.
@@ -71,12 +77,11 @@ impl ShutdownTrigger {
         self.0.window_ms.store(ms, Ordering::SeqCst);
     }
 
-    /// Gives `n` waiting connections their turn. With fewer waiting, one turn is kept for the
-    /// next to wait and the rest lapse: the next batch comes soon anyway.
+    /// Gives `n` waiting connections their turn: WebSockets first, the turns left to event
+    /// streams. With fewer waiting, one turn is kept for the next event stream to wait and the
+    /// rest lapse: the next batch comes soon anyway.
     pub fn release(&self, n: u32) {
-        for _ in 0..n {
-            self.0.turns.notify_one();
-        }
+        self.0.release(n);
     }
 
     /// Every connection's turn has come, now and for any that waits later (`Turn::All`).
@@ -96,6 +101,7 @@ impl ShutdownTrigger {
             .released
             .compare_exchange(WAITING, how, Ordering::SeqCst, Ordering::SeqCst);
         self.0.turns.notify_waiters();
+        self.0.wheel.wake_all();
     }
 }
 
@@ -104,6 +110,15 @@ impl Drop for ShutdownTrigger {
         self.trigger();
         self.release_all();
     }
+}
+
+/// What ended a WebSocket's wait ([`Shutdown::poll_wait`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Its turn to close has come.
+    Turn(Turn),
+    /// The moment its alarm was set to has come.
+    Due,
 }
 
 /// How a connection's turn came.
@@ -136,7 +151,8 @@ impl Shutdown {
         notified.await;
     }
 
-    /// Completes when this connection's turn to close has come.
+    /// Completes when this event stream's turn to close has come (WebSockets wait in
+    /// [`Shutdown::poll_wait`]).
     /// Cancel-safe: a turn handed to a wait that is dropped goes to the next waiter.
     pub fn turn(&self) -> TurnWait<'_> {
         TurnWait {
@@ -144,6 +160,46 @@ impl Shutdown {
             notified: self.0.turns.notified(),
             enabled: false,
         }
+    }
+
+    /// Polled by WebSocket `id`'s wait: its turn to close (first), or the moment `alarm` is set
+    /// to ([`Shutdown::set_alarm`]). Pending, the task is woken by whichever comes first.
+    /// Cancel-safe: the alarm stays in the wheel, and a turn stays given until taken.
+    pub fn poll_wait(&self, id: u64, alarm: &mut Alarm, cx: &mut Context<'_>) -> Poll<Wake> {
+        let flag = &self.0;
+        if let Some(turn) = flag.everyone() {
+            return Poll::Ready(Wake::Turn(turn));
+        }
+        if flag.wheel.take_turn(id) {
+            return Poll::Ready(Wake::Turn(Turn::Paced));
+        }
+        match flag.wheel.poll(id, alarm, cx) {
+            Poll::Ready(()) => Poll::Ready(Wake::Due),
+            // In the wheel before the flag is read again: a release between the two still
+            // wakes us (`wake_all`).
+            Poll::Pending => match flag.everyone() {
+                Some(turn) => Poll::Ready(Wake::Turn(turn)),
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    /// Sets the moment `alarm` wakes its connection's wait at (within 10 ms after it).
+    pub fn set_alarm(&self, alarm: &mut Alarm, at: tokio::time::Instant) {
+        self.0.wheel.set(alarm, at);
+    }
+
+    /// Takes WebSocket `id` out of the wheel as it goes; a turn it was given and did not take
+    /// goes to the next waiting connection.
+    pub fn forget(&self, id: u64, alarm: &mut Alarm) {
+        if self.0.wheel.forget(id, alarm) {
+            self.0.release(1);
+        }
+    }
+
+    /// Runs the wheel that wakes the WebSockets at their deadlines, until `stop` completes.
+    pub async fn run_alarms(&self, stop: impl Future<Output = ()>) {
+        self.0.wheel.run(stop).await;
     }
 
     /// How long connection `id` is asked to wait before it reconnects: drawn evenly from the
@@ -155,6 +211,13 @@ impl Shutdown {
 }
 
 impl Flag {
+    fn release(&self, n: u32) {
+        let given = self.wheel.give_turns(n);
+        for _ in given..n {
+            self.turns.notify_one();
+        }
+    }
+
     fn everyone(&self) -> Option<Turn> {
         match self.released.load(Ordering::SeqCst) {
             ALL => Some(Turn::All),
@@ -166,7 +229,7 @@ impl Flag {
 
 pin_project_lite::pin_project! {
     /// [`Shutdown::turn`]'s wait, written out rather than an `async fn`: it sits in every idle
-    /// connection's task, and the `async fn` kept three references beside the `Notified`
+    /// event stream, and the `async fn` kept three references beside the `Notified`
     /// (104 bytes against 80, `-Zprint-type-sizes`).
     pub struct TurnWait<'a> {
         flag: &'a Flag,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u8)] = &[
     ("proto", 0),
     ("shutdown", 0),
+    ("wheel", 0),
     ("config", 1),
     ("ws", 2),
     ("core", 3),

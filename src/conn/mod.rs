@@ -23,7 +23,7 @@ use smallvec::SmallVec;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 
 use crate::bus::Bus;
 use crate::config::rate::RateSpec;
@@ -35,7 +35,8 @@ use crate::core::room::Joined;
 use crate::core::stats::{AuthReason, Stats};
 use crate::proto;
 use crate::proto::close;
-use crate::shutdown::{Shutdown, Turn};
+use crate::shutdown::{Shutdown, Turn, Wake};
+use crate::wheel::Alarm;
 use crate::ws::deflate::Agreed;
 use crate::ws::io::TimedStream;
 use crate::ws::write::{at_frame_boundary, total_len, write_now, write_rest};
@@ -226,10 +227,14 @@ pub struct Connection {
     /// What `ConnectionGuard` held: given back (with the gauge) when the connection is
     /// dropped, whichever way it ends.
     ip: Option<IpAddr>,
+    /// When `serve`'s wait wakes for the next deadline: an entry in the shared wheel rather
+    /// than a timer in every task (see `wheel`).
+    alarm: Alarm,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        self.cx.shutdown.forget(self.id, &mut self.alarm);
         release(&self.cx, self.ip);
     }
 }
@@ -332,6 +337,7 @@ async fn open(accepted: Box<Accepted>) -> Option<(Connection, Option<End>)> {
         grant,
         limiter,
         ip: guard.disarm(),
+        alarm: Alarm::NONE,
     };
     let end = match first {
         Some(joined) => conn.enter(joined).await.err().map(|e| match e {
@@ -450,10 +456,9 @@ impl Connection {
         // A ping went out since the peer was last heard: the next check is the close. (A flag
         // rather than the ping's own deadline: every byte of this wait is in every idle task.)
         let mut pinged = false;
-        // One timer for every deadline: the next ping, the token's expiry, the idle and the
-        // message timeouts. A second `Sleep` would add its size to every idle connection's task.
-        let timer = sleep_until(self.next_wake(last_seen.get(), pinged, clocks));
-        tokio::pin!(timer);
+        // One alarm for every deadline: the next ping, the token's expiry, the idle and the
+        // message timeouts.
+        self.set_alarm(last_seen.get(), pinged, clocks);
         loop {
             // Unbiased on purpose: a client that keeps sending must not starve its own deliveries
             // (its receiver would lag and be evicted), and a busy room must not starve reading
@@ -461,8 +466,13 @@ impl Connection {
             // `select!` drops its futures before a handler runs, so the state of a handler and
             // that of the wait share space: the handlers here stay at most as large as the wait.
             let step = tokio::select! {
-                // Not when the flag goes up: when the drain gives this connection its turn.
-                turn = self.cx.shutdown.turn() => return End::Restart(turn),
+                // The alarm, or this connection's turn in the drain (not the flag going up).
+                wake = std::future::poll_fn(|cx| {
+                    self.cx.shutdown.poll_wait(self.id, &mut self.alarm, cx)
+                }) => match wake {
+                    Wake::Turn(turn) => return End::Restart(turn),
+                    Wake::Due => Step::Timer,
+                },
                 // `poll_read_ready` keeps its waker in the socket's own state: unlike
                 // `readable()`'s 150-byte future, this wait costs the task nothing.
                 ready = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
@@ -472,7 +482,6 @@ impl Connection {
                     Step::Readable
                 }
                 (index, res) = recv_any(&mut self.rooms) => Step::Room(index, res),
-                () = &mut timer => Step::Timer,
             };
             // The handlers await outside the `select!`, each after `step` is gone (moved out or
             // dropped): a value kept across several of their awaits would be laid out beside
@@ -499,13 +508,9 @@ impl Connection {
                                 Err(end) => return end,
                             }
                             self.release_inbuf();
-                            // A refresh may have brought the expiry closer than the timer, a
-                            // partial frame or leaving the last room a deadline: a later one
-                            // is left to the timer's next wake.
-                            let wake = self.next_wake(last_seen.get(), pinged, clocks);
-                            if wake < timer.deadline() {
-                                timer.as_mut().reset(wake);
-                            }
+                            // A refresh may have moved the expiry, a partial frame or leaving
+                            // the last room a deadline, and the read the next ping.
+                            self.set_alarm(last_seen.get(), pinged, clocks);
                         }
                         Err(end) => return end,
                     }
@@ -513,8 +518,8 @@ impl Connection {
                 Step::Timer => {
                     drop(step);
                     let now = Instant::now();
-                    // The timer may have woken for a deadline that has since moved (a refresh,
-                    // a frame that completed, a join): each is checked against the clock.
+                    // The alarm may have been set for a deadline that has since moved (a
+                    // refresh): each is checked against the clock.
                     if self.grant.as_ref().is_some_and(|g| g.expired()) {
                         self.cx.stats.auth_refused.inc(AuthReason::SocketExpired);
                         return End::Close(close::TOKEN_EXPIRED, "token expired");
@@ -544,12 +549,16 @@ impl Connection {
                         }
                         pinged = true;
                     }
-                    timer
-                        .as_mut()
-                        .reset(self.next_wake(last_seen.get(), pinged, clocks));
+                    self.set_alarm(last_seen.get(), pinged, clocks);
                 }
             }
         }
+    }
+
+    /// Sets the alarm to the earliest deadline (`next_wake`).
+    fn set_alarm(&mut self, last_seen: Instant, pinged: bool, clocks: Clocks) {
+        let wake = self.next_wake(last_seen, pinged, clocks);
+        self.cx.shutdown.set_alarm(&mut self.alarm, wake);
     }
 
     /// The earliest deadline: the next ping check (a ping one `--ping-interval` after the peer
