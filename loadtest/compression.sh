@@ -52,14 +52,14 @@ for payload in $PAYLOADS; do
   for run in $(seq "$RUNS"); do
     for mode in plain deflate; do
       port=$((port + 1))
-      "$SERVER" --listen "127.0.0.1:$port" --rate-limit off >"$out/server-$kind-$mode-$run.log" 2>&1 &
+      "$SERVER" --listen "127.0.0.1:$port" --rate-limit off >"$out/server-$kind$bytes-$mode-$run.log" 2>&1 &
       spid=$!
       for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
       flag=()
       [ "$mode" = deflate ] && flag=(--compression)
       "$LOADTEST" --url "ws://127.0.0.1:$port" "${load[@]}" --duration "$DURATION" --payload-bytes "$bytes" \
-        --payload-kind "$kind" "${flag[@]}" --json "$out/$kind-$mode-$run.json" \
-        >"$out/$kind-$mode-$run.txt" 2>&1 || true
+        --payload-kind "$kind" "${flag[@]}" --json "$out/$kind$bytes-$mode-$run.json" \
+        >"$out/$kind$bytes-$mode-$run.txt" 2>&1 || true
       kill "$spid" 2>/dev/null || true
       wait "$spid" 2>/dev/null || true
       spid=
