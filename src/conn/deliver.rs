@@ -24,7 +24,38 @@ struct Blocked {
     written: usize,
 }
 
+/// Batches a drain's turn delivers before its close, at most: a room publishing faster than
+/// the socket takes them is left to the client's recovery (`since`).
+const PENDING_BATCHES: usize = 16;
+
 impl Connection {
+    /// Before a drain's close: what the rooms have already numbered for this member goes out
+    /// first (held batches released, then the queued frames), so that a publisher gets the
+    /// acknowledgement of a message the server kept. Without it, a publisher closed between
+    /// the numbering and its copy sends the message again to the restarted server, where it
+    /// gets a second seq. `Some(end)`: the socket ended another way meanwhile.
+    pub(super) async fn deliver_pending(&mut self) -> Option<End> {
+        for m in &self.rooms {
+            m.room.release();
+        }
+        for _ in 0..PENDING_BATCHES {
+            let next = self
+                .rooms
+                .iter_mut()
+                .enumerate()
+                .find_map(|(i, m)| match m.rx.try_recv() {
+                    Ok(out) => Some((i, Ok(out))),
+                    Err(TryRecvError::Lagged(n)) => Some((i, Err(RecvError::Lagged(n)))),
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => None,
+                });
+            let (index, first) = next?;
+            if let Some(end) = self.on_room_frame(index, first).await {
+                return Some(end);
+            }
+        }
+        None
+    }
+
     /// Handles the first frame `recv_any` produced, then drains whatever else is already queued
     /// in any room (up to `MAX_BATCH`) and writes it all in one vectored write. The gathering
     /// and the write the socket takes at once are synchronous (`deliver`): only a batch the

@@ -259,6 +259,10 @@ pub(crate) async fn run(accepted: Box<Accepted>) {
 impl Connection {
     /// Leaves every room and closes as `end` says.
     async fn finish(mut self, end: End) {
+        let end = match end {
+            End::Restart(turn) => self.deliver_pending().await.unwrap_or(End::Restart(turn)),
+            end => end,
+        };
         self.leave_all();
         match end {
             End::Close(code, reason) => self.close(code, reason).await,
