@@ -38,14 +38,7 @@ fi
 SERVER_PID='' ATTACK_PID=''
 stop() {
     for pid in $ATTACK_PID $SERVER_PID; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-    ACCOUNTS=''
-case " $ATTACKS " in *" logins "*) ACCOUNTS=1 ;; esac
-SECRET=loadtest-attacks-secret-of-32-bytes!!
-TOKEN_FLAGS=()
-if [ -n "$ACCOUNTS" ]; then
-    TOKEN_FLAGS=(--token "$("$BIN" token --jwt-secret "$SECRET" --sub loadtest --ttl 2h)")
-fi
-SERVER_PID='' ATTACK_PID=''
+    SERVER_PID='' ATTACK_PID=''
 }
 trap stop EXIT
 
