@@ -8,6 +8,7 @@
 // Prints one line per check and exits 0 only if every check passed.
 
 import { chromium } from 'playwright-core';
+import { check, assert, setupFailed, finish } from './harness.mjs';
 
 const TIMEOUT = 10_000;
 const base = (process.argv[2] || '').replace(/\/+$/, '');
@@ -19,12 +20,6 @@ const ROOM = 'accounts-test';
 const PASSWORD = 'correct horse battery';
 const nonce = Math.random().toString(36).slice(2, 8);
 
-let passed = 0, failed = 0;
-async function check(name, fn) {
-  try { await fn(); passed += 1; console.log(`ok   ${name}`); }
-  catch (err) { failed += 1; console.log(`FAIL ${name}: ${String(err?.message || err).split('\n')[0]}`); err.reported = true; throw err; }
-}
-function assert(c, msg) { if (!c) throw new Error(msg); }
 
 let browser;
 const pageErrors = [];
@@ -169,10 +164,9 @@ try {
     assert(pageErrors.length === 0, pageErrors.join('; '));
   });
 } catch (err) {
-  if (!err?.reported) { failed += 1; console.log(`FAIL setup: ${String(err?.message || err).split('\n')[0]}`); }
+  setupFailed(err);
 } finally {
   clearTimeout(watchdog);
   try { await browser?.close(); } catch { /* ignore */ }
 }
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+finish();

@@ -9,6 +9,7 @@
 // Prints one line per check and exits 0 only if every check passed.
 
 import { chromium } from 'playwright-core';
+import { check, assert, setupFailed, finish } from './harness.mjs';
 
 const TIMEOUT = 10_000;          // per auto-wait
 const QUIET_MS = 1_000;          // how long to wait before asserting that something did NOT arrive
@@ -26,26 +27,7 @@ const SECOND = 'second-test';
 const XSS = '<img src=x onerror=window.__xss=1>';
 const nonce = Math.random().toString(36).slice(2, 8);
 
-let passed = 0;
-let failed = 0;
 const started = Date.now();
-
-async function check(name, fn) {
-  try {
-    await fn();
-    passed += 1;
-    console.log(`ok   ${name}`);
-  } catch (err) {
-    failed += 1;
-    console.log(`FAIL ${name}: ${String(err && err.message || err).split('\n')[0]}`);
-    if (err && typeof err === 'object') err.reported = true;
-    throw err;   // later checks build on earlier ones: stop here
-  }
-}
-
-function assert(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
 
 // ---- selectors (the page's stable hooks) ----
 const sel = {
@@ -397,15 +379,11 @@ try {
     console.log(`screenshot saved to ${process.env.SCREENSHOT}`);
   }
 } catch (err) {
-  if (!err?.reported) {   // an error outside check(), e.g. chromium failed to start
-    failed += 1;
-    console.log(`FAIL setup: ${String(err?.message || err).split('\n')[0]}`);
-  }
+  setupFailed(err);
 } finally {
   clearTimeout(watchdog);
   try { await browser?.close(); } catch { /* ignore */ }
 }
 
 console.log(`browser test took ${((Date.now() - started) / 1000).toFixed(1)}s`);
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+finish();

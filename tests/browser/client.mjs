@@ -9,6 +9,7 @@
 // corsListedPort, corsOtherPort, artifacts }. Screenshots go to `artifacts`.
 
 import { chromium } from 'playwright-core';
+import { check, assert, setupFailed, finish } from './harness.mjs';
 import http from 'node:http';
 import fs from 'node:fs';
 
@@ -17,12 +18,6 @@ const TIMEOUT = 10_000;
 const base = cfg.base;
 fs.mkdirSync(cfg.artifacts, { recursive: true });
 
-let passed = 0, failed = 0;
-async function check(name, fn) {
-  try { await fn(); passed += 1; console.log(`ok   ${name}`); }
-  catch (err) { failed += 1; console.log(`FAIL ${name}: ${String(err?.message || err).split('\n')[0]}`); err.reported = true; throw err; }
-}
-function assert(c, msg) { if (!c) throw new Error(msg); }
 
 let browser;
 const servers = [];
@@ -212,11 +207,10 @@ try {
 
   await check('no JavaScript errors on any page', async () => { assert(pageErrors.length === 0, pageErrors.join('; ')); });
 } catch (err) {
-  if (!err?.reported) { failed += 1; console.log(`FAIL setup: ${String(err?.message || err).split('\n')[0]}`); }
+  setupFailed(err);
 } finally {
   clearTimeout(watchdog);
   for (const s of servers) s.close();
   try { await browser?.close(); } catch { /* ignore */ }
 }
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+finish();

@@ -10,6 +10,7 @@
 
 import net from 'node:net';
 import { chromium } from 'playwright-core';
+import { check, assert, setupFailed, finish } from './harness.mjs';
 
 const TIMEOUT = 15_000;
 const WATCHDOG_MS = 90_000;
@@ -21,26 +22,6 @@ if (!/^https?:\/\/[^/]+$/.test(base)) {
 }
 const target = new URL(base);
 const ROOM = `sse-${Math.random().toString(36).slice(2, 8)}`;
-
-let passed = 0;
-let failed = 0;
-
-async function check(name, fn) {
-  try {
-    await fn();
-    passed += 1;
-    console.log(`ok   ${name}`);
-  } catch (err) {
-    failed += 1;
-    console.log(`FAIL ${name}: ${String(err && err.message || err).split('\n')[0]}`);
-    if (err && typeof err === 'object') err.reported = true;
-    throw err;
-  }
-}
-
-function assert(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
 
 // A relay to the server whose connections can all be cut at once.
 const relayed = new Set();
@@ -200,10 +181,7 @@ try {
     await page.close();
   });
 } catch (err) {
-  if (!err?.reported) {
-    failed += 1;
-    console.log(`FAIL setup: ${String(err?.message || err).split('\n')[0]}`);
-  }
+  setupFailed(err);
 } finally {
   clearTimeout(watchdog);
   try { await browser?.close(); } catch { /* ignore */ }
@@ -211,5 +189,4 @@ try {
   for (const s of relayed) s.destroy();
 }
 
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+finish();
