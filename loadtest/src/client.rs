@@ -309,7 +309,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             host: format!("127.0.0.1:{port}"),
             compression: false,
-            inflate_each: false,
+            inflate: Default::default(),
             pid: None,
             token: None,
         };
@@ -344,7 +344,7 @@ mod tests {
             addr,
             host: addr.to_string(),
             compression: false,
-            inflate_each: false,
+            inflate: Default::default(),
             pid: None,
             token: None,
         };

@@ -312,9 +312,9 @@ pub struct Server {
     pub host: String,
     /// `--compression`: offer permessage-deflate in the upgrade.
     pub compression: bool,
-    /// `--inflate each`.
+    /// `--inflate`: who inflates what comes compressed.
     #[serde(default)]
-    pub inflate_each: bool,
+    pub inflate: InflateBy,
     /// The server's process (`--server-pid`, or found by its listening socket): CPU time and
     /// RSS come from its /proc entries instead of `/api/stats`.
     #[serde(default)]
@@ -412,7 +412,7 @@ impl Config {
             .map(|(i, u)| {
                 parse_server(u).map(|s| Server {
                     compression: self.compression,
-                    inflate_each: self.inflate == InflateBy::Each,
+                    inflate: self.inflate,
                     pid: self.server_pid.get(i).copied(),
                     token: self.token.clone(),
                     ..s
@@ -489,7 +489,7 @@ fn parse_server(url: &str) -> anyhow::Result<Server> {
         addr,
         host: with_port,
         compression: false,
-        inflate_each: false,
+        inflate: InflateBy::default(),
         pid: None,
         token: None,
     })
@@ -508,10 +508,10 @@ impl Server {
     /// What its clients do with compressed frames.
     pub fn inflate(&self) -> crate::wire::Inflate {
         use crate::wire::Inflate;
-        match (self.compression, self.inflate_each) {
+        match (self.compression, self.inflate) {
             (false, _) => Inflate::Off,
-            (true, true) => Inflate::Each,
-            (true, false) => Inflate::Shared,
+            (true, InflateBy::Each) => Inflate::Each,
+            (true, InflateBy::Shared) => Inflate::Shared,
         }
     }
 }
