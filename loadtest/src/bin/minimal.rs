@@ -16,7 +16,14 @@
 //! A member that falls a ring behind is closed with 1008. Nothing else is bounded: it is a
 //! yardstick, not a server to deploy.
 //!
-//!     minimal --listen 127.0.0.1:9000
+//! `--direct` is the floor for one write per delivery: no broadcast and no member task woken.
+//! The publisher's task encodes the frame once and writes it to every member's socket itself
+//! (`try_write` on the shared `TcpStream`) under the room's lock; each member's task only reads.
+//! A write that does not take the whole frame drops the member from the room (counted as
+//! `evictions`). What a delivery costs there is the socket write and nothing else a server
+//! could leave out.
+//!
+//!     minimal --listen 127.0.0.1:9000 [--direct]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use fastwebsockets::upgrade::{self, UpgradeFut};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
@@ -35,7 +42,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc};
 
 #[derive(Parser)]
@@ -53,6 +60,9 @@ struct Cli {
     /// Messages a room's broadcast ring holds (roomcast's `--room-buffer` default).
     #[arg(long, default_value_t = 1024)]
     room_buffer: usize,
+    /// Publishers write every member's socket themselves (see the top of this file).
+    #[arg(long)]
+    direct: bool,
 }
 
 /// Everything the connections share.
@@ -64,6 +74,8 @@ struct Server {
     /// Message frames written; each `write_frame` is one socket write, so also the writes.
     frames_out: AtomicU64,
     lagged: AtomicU64,
+    direct: bool,
+    next_id: AtomicU64,
 }
 
 struct Room {
@@ -75,6 +87,8 @@ struct Room {
 struct RoomState {
     seq: u64,
     members: u64,
+    /// `--direct`: every member's socket, by member id.
+    sockets: Vec<(u64, Arc<TcpStream>)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,7 +138,11 @@ impl Server {
             .entry(name.to_string())
             .or_insert_with(|| {
                 Arc::new(Room {
-                    state: Mutex::new(RoomState { seq: 0, members: 0 }),
+                    state: Mutex::new(RoomState {
+                        seq: 0,
+                        members: 0,
+                        sockets: Vec::new(),
+                    }),
                     tx: broadcast::channel(self.room_buffer).0,
                 })
             })
@@ -137,9 +155,32 @@ impl Server {
         (room, rx, seq)
     }
 
-    fn leave(&self, name: &str, room: &Room) {
+    /// `--direct`: joins `name` with `socket`, which gets its welcome under the room's lock so
+    /// that no message falls between the welcome's seq and the first delivery.
+    fn join_direct(&self, name: &str, id: u64, socket: &Arc<TcpStream>) -> Option<Arc<Room>> {
+        let (room, _rx, _) = self.join(name);
+        let mut state = lock(&room.state);
+        let welcome = server_frame(
+            0x1,
+            &json(&ServerMessage::Welcome {
+                room: name,
+                seq: state.seq,
+            }),
+        );
+        if !matches!(socket.try_write(&welcome), Ok(n) if n == welcome.len()) {
+            drop(state);
+            self.leave(name, &room, id);
+            return None;
+        }
+        state.sockets.push((id, socket.clone()));
+        drop(state);
+        Some(room)
+    }
+
+    fn leave(&self, name: &str, room: &Room, id: u64) {
         let mut rooms = lock(&self.rooms);
         let mut state = lock(&room.state);
+        state.sockets.retain(|(member, _)| *member != id);
         state.members -= 1;
         if state.members == 0 {
             rooms.remove(name);
@@ -148,7 +189,7 @@ impl Server {
 }
 
 impl Room {
-    fn publish(&self, room: &str, user: &str, text: &str) {
+    fn publish(&self, server: &Server, room: &str, user: &str, text: &str) {
         let mut state = lock(&self.state);
         state.seq += 1;
         let frame = json(&ServerMessage::Message {
@@ -158,9 +199,83 @@ impl Room {
             seq: state.seq,
             ts: unix_millis(),
         });
-        // No receivers: nobody to deliver to.
-        let _ = self.tx.send(frame);
+        if !server.direct {
+            // No receivers: nobody to deliver to.
+            let _ = self.tx.send(frame);
+            return;
+        }
+        let wire = server_frame(0x1, &frame);
+        let mut written = 0;
+        state.sockets.retain(|(_, socket)| {
+            if matches!(socket.try_write(&wire), Ok(n) if n == wire.len()) {
+                written += 1;
+                true
+            } else {
+                server.lagged.fetch_add(1, Relaxed);
+                false
+            }
+        });
+        server.frames_out.fetch_add(written, Relaxed);
     }
+}
+
+/// An unmasked final frame: what a server sends.
+fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::with_capacity(payload.len() + 10);
+    wire.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => wire.push(n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            wire.push(126);
+            wire.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            wire.push(127);
+            wire.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    wire.extend_from_slice(payload);
+    wire
+}
+
+/// The largest client frame `--direct` reads.
+const MAX_CLIENT_FRAME: usize = 1 << 20;
+
+/// Takes one whole client frame off the front of `buf`: its opcode and its unmasked payload.
+/// `Ok(None)`: more bytes needed. `Err`: a frame this yardstick does not take (unmasked,
+/// fragmented, too large).
+fn client_frame(buf: &mut BytesMut) -> Result<Option<(u8, Vec<u8>)>, ()> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x80 == 0 || b1 & 0x80 == 0 {
+        return Err(());
+    }
+    let (len, at) = match b1 & 0x7f {
+        126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() >= 10 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&buf[2..10]);
+            (usize::try_from(u64::from_be_bytes(n)).map_err(|_| ())?, 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (usize::from(n), 2),
+    };
+    if len > MAX_CLIENT_FRAME {
+        return Err(());
+    }
+    if buf.len() < at + 4 + len {
+        return Ok(None);
+    }
+    let frame = buf.split_to(at + 4 + len);
+    let mask = [frame[at], frame[at + 1], frame[at + 2], frame[at + 3]];
+    let payload = frame[at + 4..]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ mask[i % 4])
+        .collect();
+    Ok(Some((b0 & 0x0f, payload)))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -180,6 +295,8 @@ fn main() -> anyhow::Result<()> {
             messages_in: AtomicU64::new(0),
             frames_out: AtomicU64::new(0),
             lagged: AtomicU64::new(0),
+            direct: cli.direct,
+            next_id: AtomicU64::new(0),
         });
         loop {
             let (stream, _) = match listener.accept().await {
@@ -240,7 +357,11 @@ fn route(server: Arc<Server>, mut req: Request<Incoming>) -> Reply {
                 let room = room.to_string();
                 tokio::spawn(async move {
                     server.connections.fetch_add(1, Relaxed);
-                    member(&server, fut, &room, &user).await;
+                    if server.direct {
+                        direct_member(&server, fut, &room, &user).await;
+                    } else {
+                        member(&server, fut, &room, &user).await;
+                    }
                     server.connections.fetch_sub(1, Relaxed);
                 });
                 response.map(|_| Full::new(Bytes::new()))
@@ -340,7 +461,7 @@ async fn member(server: &Server, fut: UpgradeFut, name: &str, user: &str) {
                         server.messages_in.fetch_add(1, Relaxed);
                         if let Ok(m) = serde_json::from_slice::<ClientMessage>(&frame.payload) {
                             if m.kind == "message" {
-                                room.publish(name, user, &m.text);
+                                room.publish(server, name, user, &m.text);
                             }
                         }
                     }
@@ -390,5 +511,64 @@ async fn member(server: &Server, fut: UpgradeFut, name: &str, user: &str) {
             }
         }
     }
-    server.leave(name, &room);
+    server.leave(name, &room, u64::MAX);
+}
+
+/// `--direct`: one member's task, which only reads; publishers write to its socket.
+async fn direct_member(server: &Server, fut: UpgradeFut, name: &str, user: &str) {
+    let Ok(ws) = fut.await else {
+        return;
+    };
+    let Ok(parts) = ws
+        .into_inner()
+        .into_inner()
+        .downcast::<TokioIo<TcpStream>>()
+    else {
+        return;
+    };
+    let socket = Arc::new(parts.io.into_inner());
+    let mut buf = BytesMut::from(&parts.read_buf[..]);
+    let id = server.next_id.fetch_add(1, Relaxed);
+    let Some(room) = server.join_direct(name, id, &socket) else {
+        return;
+    };
+    'serve: loop {
+        loop {
+            match client_frame(&mut buf) {
+                Ok(Some((0x1, payload))) => {
+                    server.messages_in.fetch_add(1, Relaxed);
+                    if let Ok(m) = serde_json::from_slice::<ClientMessage>(&payload) {
+                        if m.kind == "message" {
+                            room.publish(server, name, user, &m.text);
+                        }
+                    }
+                }
+                Ok(Some((0x8, payload))) => {
+                    // The reply shares the socket with publishers: under the room's lock.
+                    let state = lock(&room.state);
+                    let _ = socket.try_write(&server_frame(0x8, &payload[..payload.len().min(2)]));
+                    drop(state);
+                    break 'serve;
+                }
+                Ok(Some((0x9, payload))) => {
+                    let state = lock(&room.state);
+                    let _ = socket.try_write(&server_frame(0xA, &payload));
+                    drop(state);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(()) => break 'serve,
+            }
+        }
+        if socket.readable().await.is_err() {
+            break;
+        }
+        match socket.try_read_buf(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+    }
+    server.leave(name, &room, id);
 }
