@@ -16,8 +16,13 @@ struct Minimal {
 
 impl Minimal {
     fn start() -> Minimal {
+        Minimal::start_with(&[])
+    }
+
+    fn start_with(flags: &[&str]) -> Minimal {
         let mut child = Command::new(env!("CARGO_BIN_EXE_minimal"))
             .args(["--listen", "127.0.0.1:0", "--threads", "2"])
+            .args(flags)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start minimal");
@@ -79,6 +84,38 @@ async fn chat_with_steady_publishers_writes_one_frame_per_write() {
     assert!(cost.total.cpu_seconds.is_some_and(|c| c > 0.0), "{cost:?}");
     // One write_frame per message per member.
     assert_eq!(cost.total.frames_per_write, Some(1.0), "{cost:?}");
+}
+
+/// `--direct`: the publisher's task writes every member's socket; nothing may be lost, doubled
+/// or reordered, and the welcome still comes before the first message.
+#[tokio::test]
+async fn direct_writes_deliver_every_message_once_in_order() {
+    let server = Minimal::start_with(&["--direct"]);
+    for scenario in [Scenario::Chat, Scenario::Hot] {
+        let report = loadtest::run(Config {
+            rate: Some(if scenario == Scenario::Hot {
+                500.0
+            } else {
+                20.0
+            }),
+            ..server.config(scenario)
+        })
+        .await
+        .expect("the load test runs");
+        assert!(report.ok(), "{scenario:?}: {:?}", report.failures);
+        assert_eq!(
+            (report.loss, report.dups, report.reorders),
+            (0, 0, 0),
+            "{scenario:?}"
+        );
+        assert!(report.deliveries > 0, "{scenario:?}");
+        let cost = report.cost.as_ref().expect("a cost");
+        assert_eq!(
+            cost.total.frames_per_write,
+            Some(1.0),
+            "{scenario:?}: {cost:?}"
+        );
+    }
 }
 
 #[tokio::test]
