@@ -67,19 +67,15 @@ impl Membership {
             if gap && out.seq > from {
                 stats.lag_resyncs.inc();
                 let notice = Outbound {
-                    frame: ServerFrame::Lagged {
-                        room: self.room.name(),
-                        missed_from: from,
-                        missed_to: out.seq - 1,
-                    }
-                    .encode(),
-                    origin: 0,
-                    skip_origin: false,
                     published_at: out.published_at,
-                    seq: 0,
-                    sse: Default::default(),
-                    deflated: None,
-                    moved: false,
+                    ..Outbound::notice(
+                        ServerFrame::Lagged {
+                            room: self.room.name(),
+                            missed_from: from,
+                            missed_to: out.seq - 1,
+                        }
+                        .encode(),
+                    )
                 };
                 batch.push((i, Arc::new(notice)));
             }

@@ -553,16 +553,10 @@ fn read_rows(
 
 /// A kept message read back from disk, ready to be replayed: header + the stored JSON.
 fn outbound(seq: u64, payload: &str) -> Arc<Outbound> {
-    Arc::new(Outbound {
-        frame: proto::frame_from_payload(payload.as_bytes()),
-        origin: 0,
-        skip_origin: false,
-        published_at: Instant::now(),
+    Arc::new(Outbound::numbered(
+        proto::frame_from_payload(payload.as_bytes()),
         seq,
-        sse: Default::default(),
-        deflated: None,
-        moved: false,
-    })
+    ))
 }
 
 /// The writer thread's state.
@@ -790,16 +784,10 @@ mod tests {
     };
 
     fn publish(seq: u64) -> Arc<Outbound> {
-        Arc::new(Outbound {
-            frame: proto::message_frame("r", "u", &format!("m{seq}"), seq, 1),
-            origin: 0,
-            skip_origin: false,
-            published_at: Instant::now(),
+        Arc::new(Outbound::numbered(
+            proto::message_frame("r", "u", &format!("m{seq}"), seq, 1),
             seq,
-            sse: Default::default(),
-            deflated: None,
-            moved: false,
-        })
+        ))
     }
 
     #[test]

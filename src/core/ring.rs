@@ -296,19 +296,12 @@ mod tests {
         None => panic!(),
     };
     use crate::proto::{self, client::MAX_HISTORY_REQUEST};
-    use std::time::Instant;
 
     fn out(seq: u64) -> Arc<Outbound> {
-        Arc::new(Outbound {
-            frame: proto::message_frame("r", "u", &format!("m{seq}"), seq, 0),
-            origin: 0,
-            skip_origin: false,
-            published_at: Instant::now(),
+        Arc::new(Outbound::numbered(
+            proto::message_frame("r", "u", &format!("m{seq}"), seq, 0),
             seq,
-            sse: Default::default(),
-            deflated: None,
-            moved: false,
-        })
+        ))
     }
 
     fn header(r: &Replay) -> serde_json::Value {

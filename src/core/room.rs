@@ -629,16 +629,7 @@ impl Room {
         let old = std::mem::replace(&mut fanout.tx, tx);
         fanout.slots = slots;
         self.stats.rings_grown.inc();
-        let _ = old.send(Arc::new(Outbound {
-            frame: Bytes::new(),
-            origin: 0,
-            skip_origin: false,
-            published_at: Instant::now(),
-            seq: 0,
-            sse: Default::default(),
-            deflated: None,
-            moved: true,
-        }));
+        let _ = old.send(Arc::new(Outbound::moved()));
     }
 
     /// The receiver of the next ring for member `id`, which has just read the `moved` item
@@ -766,17 +757,7 @@ impl Room {
     }
 
     fn send_frame_locked(&self, state: &mut RoomState, frame: bytes::Bytes) {
-        let out = Outbound {
-            frame,
-            origin: 0,
-            skip_origin: false,
-            published_at: Instant::now(),
-            seq: 0,
-            sse: Default::default(),
-            deflated: None,
-            moved: false,
-        };
-        self.send(state, Arc::new(out));
+        self.send(state, Arc::new(Outbound::notice(frame)));
     }
 
     /// Counts a member evicted as a slow consumer. The caller then leaves the room.

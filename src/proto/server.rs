@@ -214,6 +214,35 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// A frame the server makes itself (presence, lobby events, notices): for every member, no
+    /// seq, never compressed.
+    pub fn notice(frame: Bytes) -> Self {
+        Outbound::numbered(frame, 0)
+    }
+
+    /// A message numbered `seq` that comes from elsewhere than a local publication (Redis, the
+    /// archive, a replay): from no connection here, sent plain.
+    pub fn numbered(frame: Bytes, seq: u64) -> Self {
+        Outbound {
+            frame,
+            origin: 0,
+            skip_origin: false,
+            published_at: Instant::now(),
+            seq,
+            sse: OnceLock::new(),
+            deflated: None,
+            moved: false,
+        }
+    }
+
+    /// The last item of a ring the room replaced with a larger one (see `moved`).
+    pub fn moved() -> Self {
+        Outbound {
+            moved: true,
+            ..Outbound::notice(Bytes::new())
+        }
+    }
+
     /// Whether the connection `conn` should receive this frame.
     pub fn is_for(&self, conn: u64) -> bool {
         !(self.skip_origin && self.origin == conn)

@@ -10,7 +10,6 @@
 //! and every replay shares.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::wire::{self, MessageBody};
 use super::ClusterError;
@@ -19,8 +18,8 @@ use crate::proto::{self, Epoch, Outbound};
 /// The frame of a message received (or kept) from Redis, encoded like a local publication.
 /// `body` has passed `wire::decode`'s checks.
 pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outbound> {
-    Arc::new(Outbound {
-        frame: proto::message_frame_with_id(
+    Arc::new(Outbound::numbered(
+        proto::message_frame_with_id(
             room,
             &body.user,
             &body.text,
@@ -28,14 +27,8 @@ pub(super) fn frame_of(room: &str, seq: u64, body: &MessageBody<'_>) -> Arc<Outb
             body.ts,
             body.id.as_deref(),
         ),
-        origin: 0,
-        skip_origin: false,
-        published_at: Instant::now(),
         seq,
-        sse: Default::default(),
-        deflated: None,
-        moved: false,
-    })
+    ))
 }
 
 /// The frames of a kept list (oldest first) up to `max_seq`, in ascending seq order, and how
