@@ -113,6 +113,19 @@ async fn open(
     })
 }
 
+/// Opens `GET path` with `headers`, which must be refused with `status` and the error code
+/// `error` in the JSON body.
+async fn refused(addr: SocketAddr, path: &str, headers: &[(&str, &str)], status: u16, error: &str) {
+    match open(addr, path, headers).await {
+        Ok(_) => panic!("{path}: opened, expected {status} {error}"),
+        Err((got, v)) => assert_eq!(
+            (got, v["error"].as_str()),
+            (status, Some(error)),
+            "{path}: {v}"
+        ),
+    }
+}
+
 async fn connect(addr: SocketAddr, path: &str) -> Stream {
     connect_with(addr, path, &[]).await
 }
@@ -291,14 +304,14 @@ async fn a_position_older_than_the_ring_gets_a_reset(d: Deployment) {
         assert_eq!(ev.id, Some(seq.to_string()));
     }
     // A position the server never wrote is a 400 before anything is joined.
-    let (status, v) = open(d.a().addr, "/sse/r", &[("last-event-id", "x1")])
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (400, Some("bad_last_event_id"))
-    );
+    refused(
+        d.a().addr,
+        "/sse/r",
+        &[("last-event-id", "x1")],
+        400,
+        "bad_last_event_id",
+    )
+    .await;
 }
 
 in_both_modes!(sse_members_are_members_and_leave_when_they_go);
@@ -381,24 +394,8 @@ async fn several_rooms_share_one_composite_position(d: Deployment) {
 #[tokio::test]
 async fn rooms_per_stream_are_capped() {
     let node = Node::standalone(&["--max-rooms-per-connection", "2"]).await;
-    let (status, v) = open(node.addr, "/sse?rooms=a,b,c", &[])
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (400, Some("too_many_rooms")),
-        "{v}"
-    );
-    let (status, v) = open(node.addr, "/sse/a?since=1&history=2", &[])
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (400, Some("bad_param")),
-        "{v}"
-    );
+    refused(node.addr, "/sse?rooms=a,b,c", &[], 400, "too_many_rooms").await;
+    refused(node.addr, "/sse/a?since=1&history=2", &[], 400, "bad_param").await;
     let (status, _) = open(node.addr, "/sse/%24nope", &[]).await.err().unwrap();
     assert_eq!(status, 400);
     let mut s = connect(node.addr, "/sse?rooms=a,b").await;
@@ -431,33 +428,26 @@ fn rooms_file() -> &'static str {
 #[tokio::test]
 async fn a_password_room_refuses_without_its_password() {
     let node = Node::standalone(&["--rooms-config", rooms_file()]).await;
-    let (status, v) = open(node.addr, "/sse/vault", &[]).await.err().unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (403, Some("bad_password")),
-        "{v}"
-    );
-    let (status, v) = open(node.addr, "/sse/vault?password=nope", &[])
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (403, Some("bad_password")),
-        "{v}"
-    );
+    refused(node.addr, "/sse/vault", &[], 403, "bad_password").await;
+    refused(
+        node.addr,
+        "/sse/vault?password=nope",
+        &[],
+        403,
+        "bad_password",
+    )
+    .await;
     let mut s = connect(node.addr, "/sse/vault?password=s3same").await;
     assert_eq!(s.next().await.event, "welcome");
     // The header form, and the room's member cap (403 as for an upgrade).
-    let (status, v) = open(node.addr, "/sse/vault", &[("x-room-password", "s3same")])
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (403, Some("room_full")),
-        "{v}"
-    );
+    refused(
+        node.addr,
+        "/sse/vault",
+        &[("x-room-password", "s3same")],
+        403,
+        "room_full",
+    )
+    .await;
     // Nothing was left behind by the refusals.
     let (_, info) = node.get("/api/rooms/vault?password=s3same").await;
     assert_eq!(info["members"], 1, "{info}");
@@ -471,31 +461,24 @@ async fn a_token_server_needs_a_token_that_allows_every_room() {
     let token = |sub: &str, rooms: Option<&str>| {
         roomcast::core::auth::issue(SECRET, sub, rooms, Duration::from_secs(3600)).unwrap()
     };
-    let (status, v) = open(node.addr, "/sse/r", &[]).await.err().unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (401, Some("unauthorized")),
-        "{v}"
-    );
+    refused(node.addr, "/sse/r", &[], 401, "unauthorized").await;
     let narrow = token("ann", Some("r"));
-    let (status, v) = open(node.addr, &format!("/sse?rooms=r,s&token={narrow}"), &[])
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (403, Some("forbidden_room")),
-        "{v}"
-    );
-    let (status, v) = open(node.addr, &format!("/sse/r?token={narrow}&user=bob"), &[])
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (403, Some("forbidden_user")),
-        "{v}"
-    );
+    refused(
+        node.addr,
+        &format!("/sse?rooms=r,s&token={narrow}"),
+        &[],
+        403,
+        "forbidden_room",
+    )
+    .await;
+    refused(
+        node.addr,
+        &format!("/sse/r?token={narrow}&user=bob"),
+        &[],
+        403,
+        "forbidden_user",
+    )
+    .await;
     let mut s = connect(node.addr, &format!("/sse/r?token={narrow}")).await;
     assert_eq!(s.next().await.json()["user"], "ann");
     let bearer = format!("Bearer {}", token("cat", None));
@@ -648,24 +631,15 @@ async fn a_route_template_opens_an_event_stream(d: Deployment) {
         (&m["room"], &m["text"]),
         (&json!("post:9"), &json!("through a route"))
     );
-    let (status, v) = open(d.a().addr, "/sse/posts/9?rooms=other", &[])
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (400, Some("bad_param")),
-        "{v}"
-    );
-    let (status, v) = open(d.a().addr, "/sse/posts/a%20b", &[])
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        (status, v["error"].as_str()),
-        (400, Some("bad_room")),
-        "{v}"
-    );
+    refused(
+        d.a().addr,
+        "/sse/posts/9?rooms=other",
+        &[],
+        400,
+        "bad_param",
+    )
+    .await;
+    refused(d.a().addr, "/sse/posts/a%20b", &[], 400, "bad_room").await;
     let (status, _) = open(d.a().addr, "/sse/posts/9/x", &[]).await.err().unwrap();
     assert_eq!(status, 404);
 }
