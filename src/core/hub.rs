@@ -16,7 +16,7 @@ use crate::core::archive::{Prepared, Seeding};
 use crate::core::auth::Grant;
 use crate::core::coalesce::Coalescer;
 use crate::core::history::HistoryService;
-use crate::core::lobby::Lobby;
+use crate::core::lobby::{Listed, Lobby};
 use crate::core::ring::History;
 use crate::core::room::{Joined, Room};
 use crate::core::stats::{AuthReason, Stats};
@@ -267,7 +267,8 @@ impl Hub {
                         max: self.max_rooms,
                     });
                 }
-                let settings_private = settings.is_private();
+                let (settings_private, locked) =
+                    (settings.is_private(), settings.password.is_some());
                 let room = self.create_room(
                     name,
                     settings,
@@ -279,7 +280,7 @@ impl Hub {
                 room.set_remote_members(start.remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
-                self.lobby.room_created(name, settings_private);
+                self.lobby.room_created(name, settings_private, locked);
                 (room, true)
             }
         };
@@ -430,9 +431,16 @@ impl Hub {
     pub fn flush_lobby(&self) {
         self.lobby.flush(|| {
             let settings = self.settings();
-            let (mut rooms, _) = self.list(usize::MAX);
-            rooms.retain(|(room, _)| !settings.is_private(room.name()));
+            let (rooms, _) = self.list(usize::MAX);
             rooms
+                .into_iter()
+                .filter(|(room, _)| !settings.is_private(room.name()))
+                .map(|(room, members)| Listed {
+                    password_protected: settings.has_password(room.name()),
+                    room,
+                    members,
+                })
+                .collect()
         });
     }
 
@@ -816,6 +824,52 @@ mod tests {
         );
         assert!(hub.lobby().leave(&l.room, 1));
         assert!(!hub.lobby().leave(&l.room, 1));
+    }
+
+    /// A listed room that needs a password says so in every lobby frame that names it, so a
+    /// page that learns the room from the lobby marks it as `GET /api/rooms` does.
+    #[test]
+    fn the_lobby_marks_rooms_that_need_a_password() {
+        let hub = hub_with("[rooms.club]\npassword = \"pw\"\nprivate = false\n");
+        let u: Arc<str> = "u".into();
+        let mut l = hub
+            .lobby()
+            .join(1, &u, None, &crate::core::auth::Scope::all());
+        let _club = join(&hub, "club", 2, &u, Some("pw")).unwrap();
+        let _open = join(&hub, "open", 3, &u, None).unwrap();
+        hub.flush_lobby();
+        let frames: Vec<_> = std::iter::from_fn(|| l.rx.try_recv().ok())
+            .map(|o| payload(&o.frame))
+            .collect();
+        assert_eq!(
+            frames,
+            vec![
+                serde_json::json!({"type": "room_created", "room": "club", "password_protected": true}),
+                serde_json::json!({"type": "room_created", "room": "open"}),
+                serde_json::json!({"type": "room_counts", "rooms": [
+                    {"room": "club", "members": 1, "password_protected": true},
+                    {"room": "open", "members": 1},
+                ], "total": 2}),
+            ]
+        );
+        // A burst (more than four changes in a tick) lists the locked ones beside `created`.
+        let hub2 = hub_with("[rooms.\"vault:*\"]\npassword = \"pw\"\nprivate = false\n");
+        let mut l2 = hub2
+            .lobby()
+            .join(1, &u, None, &crate::core::auth::Scope::all());
+        let _kept: Vec<_> = (0..3u64)
+            .map(|i| join(&hub2, &format!("vault:{i}"), 2 + i, &u, Some("pw")).unwrap())
+            .chain((0..3u64).map(|i| join(&hub2, &format!("hall{i}"), 9 + i, &u, None).unwrap()))
+            .collect();
+        hub2.flush_lobby();
+        let v = payload(&l2.rx.try_recv().unwrap().frame);
+        assert_eq!(v["type"], "rooms_changed", "{v}");
+        assert_eq!(
+            v["password_protected"],
+            serde_json::json!(["vault:0", "vault:1", "vault:2"]),
+            "{v}"
+        );
+        assert_eq!(v["created"].as_array().map(Vec::len), Some(6), "{v}");
     }
 
     #[test]

@@ -44,7 +44,11 @@ const LOBBY_BUFFER: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
-    Created,
+    /// `locked`: the room needs a password, which the frame says so that a list built from the
+    /// lobby marks it as `GET /api/rooms` does.
+    Created {
+        locked: bool,
+    },
     Closed,
 }
 
@@ -64,6 +68,13 @@ struct View {
 
 /// A live room as the counts snapshot lists it: name and members.
 pub type Counted = (Arc<Room>, usize);
+
+/// A public room as `room_counts` lists it.
+pub struct Listed {
+    pub room: Arc<Room>,
+    pub members: usize,
+    pub password_protected: bool,
+}
 
 pub struct Lobby {
     views: Mutex<HashMap<Scope, View>>,
@@ -176,10 +187,11 @@ impl Lobby {
         removed
     }
 
-    /// A room was created (called under its shard lock). Private rooms are never announced.
-    pub(crate) fn room_created(&self, name: &str, private: bool) {
+    /// A room was created (called under its shard lock). Private rooms are never announced;
+    /// `locked`: it needs a password.
+    pub(crate) fn room_created(&self, name: &str, private: bool, locked: bool) {
         if !private {
-            self.note(name, Change::Created);
+            self.note(name, Change::Created { locked });
         }
     }
 
@@ -205,7 +217,7 @@ impl Lobby {
         let mut changes = self.changes.lock();
         match changes.rooms.get(name) {
             // Created then closed, or closed then created, within one tick: nothing to tell.
-            Some(&earlier) if earlier != change => {
+            Some(&earlier) if (earlier == Change::Closed) != (change == Change::Closed) => {
                 changes.rooms.remove(name);
             }
             Some(_) => {}
@@ -218,7 +230,7 @@ impl Lobby {
 
     /// Sends this tick's frames to every view. `snapshot` lists the public rooms with their
     /// member counts, largest first; it is only called when a count moved.
-    pub(crate) fn flush(&self, snapshot: impl FnOnce() -> Vec<Counted>) {
+    pub(crate) fn flush(&self, snapshot: impl FnOnce() -> Vec<Listed>) {
         if !self.watched() {
             // Nobody to tell: forget what was noted while the last watcher was leaving.
             let mut changes = self.changes.lock();
@@ -249,14 +261,15 @@ impl Lobby {
         }
     }
 
-    fn send_counts(&self, room: &Room, scope: &Scope, counts: &[Counted]) {
-        let mut visible = counts.iter().filter(|(r, _)| scope.allows(r.name()));
+    fn send_counts(&self, room: &Room, scope: &Scope, counts: &[Listed]) {
+        let mut visible = counts.iter().filter(|l| scope.allows(l.room.name()));
         let rooms: Vec<RoomCount<'_>> = visible
             .by_ref()
             .take(self.top)
-            .map(|(r, members)| RoomCount {
-                room: r.name(),
-                members: *members,
+            .map(|l| RoomCount {
+                room: l.room.name(),
+                members: l.members,
+                password_protected: l.password_protected,
             })
             .collect();
         let total = rooms.len() + visible.count();
@@ -271,10 +284,15 @@ impl Lobby {
 
     fn send_changes(&self, room: &Room, scope: &Scope, changes: &Changes) {
         let mut created: Vec<&str> = Vec::new();
+        let mut locked: Vec<&str> = Vec::new();
         let mut closed: Vec<&str> = Vec::new();
         for (name, change) in changes.rooms.iter().filter(|(n, _)| scope.allows(n)) {
             match change {
-                Change::Created => created.push(name),
+                Change::Created { locked: false } => created.push(name),
+                Change::Created { locked: true } => {
+                    created.push(name);
+                    locked.push(name);
+                }
                 Change::Closed => closed.push(name),
             }
         }
@@ -282,13 +300,21 @@ impl Lobby {
             return;
         }
         created.sort_unstable();
+        locked.sort_unstable();
         closed.sort_unstable();
         if !changes.truncated && created.len() + closed.len() <= SINGLE_EVENTS_MAX {
             for name in closed {
                 self.send(room, ServerFrame::RoomClosed { room: name });
             }
             for name in created {
-                self.send(room, ServerFrame::RoomCreated { room: name });
+                let password_protected = locked.binary_search(&name).is_ok();
+                self.send(
+                    room,
+                    ServerFrame::RoomCreated {
+                        room: name,
+                        password_protected,
+                    },
+                );
             }
             return;
         }
@@ -296,6 +322,7 @@ impl Lobby {
             room,
             ServerFrame::RoomsChanged {
                 created: &created,
+                password_protected: &locked,
                 closed: &closed,
                 truncated: changes.truncated,
             },
@@ -325,7 +352,7 @@ mod tests {
         Lobby::new(50, Arc::new(Stats::new()))
     }
 
-    fn no_rooms() -> Vec<Counted> {
+    fn no_rooms() -> Vec<Listed> {
         Vec::new()
     }
 
@@ -333,7 +360,7 @@ mod tests {
     fn nothing_is_noted_without_watchers() {
         let l = lobby();
         for i in 0..100 {
-            l.room_created(&format!("r{i}"), false);
+            l.room_created(&format!("r{i}"), false, false);
         }
         l.counts_changed();
         assert!(l.changes.lock().rooms.is_empty());
@@ -353,8 +380,8 @@ mod tests {
         );
 
         // A few changes: single events, the exact shapes.
-        l.room_created("a", false);
-        l.room_created("b", false);
+        l.room_created("a", false, false);
+        l.room_created("b", false, false);
         l.room_closed("b", false); // created and closed in one tick: nothing
         l.room_closed("old", false);
         l.flush(no_rooms);
@@ -372,7 +399,7 @@ mod tests {
 
         // A burst: one frame for all of it.
         for i in 0..500 {
-            l.room_created(&format!("r{i:03}"), false);
+            l.room_created(&format!("r{i:03}"), false, false);
         }
         l.room_closed("a", false);
         l.flush(no_rooms);
@@ -401,7 +428,7 @@ mod tests {
         l.flush(no_rooms);
         let _ = j.rx.try_recv();
         for i in 0..CHANGES_MAX + 5 {
-            l.room_created(&format!("r{i}"), false);
+            l.room_created(&format!("r{i}"), false, false);
         }
         l.flush(no_rooms);
         let v = payload(&j.rx.try_recv().unwrap().frame);
@@ -438,9 +465,9 @@ mod views {
         frames(&mut p2);
 
         let encoded = stats.frames_encoded.get();
-        l.room_created("post:1", false);
-        l.room_created("general", false);
-        l.room_created("post:secret", true);
+        l.room_created("post:1", false, false);
+        l.room_created("general", false, false);
+        l.room_created("post:secret", true, false);
         l.flush(Vec::new);
         let everyone = frames(&mut all);
         assert!(everyone.contains(&serde_json::json!({"type": "room_created", "room": "general"})));

@@ -123,6 +123,9 @@ pub enum ServerFrame<'a> {
     /// `$lobby`: one room created.
     RoomCreated {
         room: &'a str,
+        /// Joining it needs the room's password (as `GET /api/rooms` says).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        password_protected: bool,
     },
     /// `$lobby`: one room closed.
     RoomClosed {
@@ -131,6 +134,9 @@ pub enum ServerFrame<'a> {
     /// `$lobby`: a burst of creations and closures within one tick.
     RoomsChanged {
         created: &'a [&'a str],
+        /// The rooms of `created` that need a password.
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        password_protected: &'a [&'a str],
         closed: &'a [&'a str],
         /// More changed than one frame lists: re-read `GET /api/rooms`.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -176,6 +182,8 @@ impl Serialize for Ids<'_> {
 pub struct RoomCount<'a> {
     pub room: &'a str,
     pub members: usize,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub password_protected: bool,
 }
 
 impl ServerFrame<'_> {

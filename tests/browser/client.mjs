@@ -9,7 +9,7 @@
 // corsListedPort, corsOtherPort, artifacts }. Screenshots go to `artifacts`.
 
 import { chromium } from 'playwright-core';
-import { check, assert, setupFailed, finish } from './harness.mjs';
+import { check, assert, setupFailed, finish, onFailure } from './harness.mjs';
 import http from 'node:http';
 import fs from 'node:fs';
 
@@ -22,6 +22,21 @@ fs.mkdirSync(cfg.artifacts, { recursive: true });
 let browser;
 const servers = [];
 const pageErrors = [];
+/** Every page opened, by name: what a failed check shows of each. */
+const opened = new Map();
+onFailure(async () => {
+  for (const [name, page] of opened) {
+    if (page.isClosed()) continue;
+    await page.screenshot({ path: `${cfg.artifacts}/failed-${name}.png` });
+    const state = await page.evaluate(() => ({
+      status: document.querySelector('#status')?.textContent,
+      rooms: Array.from(document.querySelectorAll('#room-list li'), (li) => `${li.dataset.room}:${li.dataset.password}`),
+      tabs: Array.from(document.querySelectorAll('.tab'), (t) => t.dataset.room),
+      forms: Array.from(document.querySelectorAll('.password-form'), (f) => `${f.dataset.room}:${f.textContent.trim()}`),
+    }));
+    console.log(`     ${name}: ${JSON.stringify(state)}`);
+  }
+});
 const watchdog = setTimeout(() => { console.log('FAIL watchdog'); process.exit(1); }, 150_000);
 
 /** A tiny page on another origin that fetches the roomcast API with a token. */
@@ -46,6 +61,7 @@ try {
     const page = await context.newPage();
     page.setDefaultTimeout(TIMEOUT);
     page.on('pageerror', (e) => pageErrors.push(`${name}: ${e.message}`));
+    opened.set(name, page);
     await page.goto(`${base}/${hash}`);
     return page;
   }
@@ -119,6 +135,9 @@ try {
 
   await check('a password room is marked in the list; the page asks for the password and says when it is wrong', async () => {
     await alice.locator('#room-list li[data-room="club"][data-password="true"]').waitFor();
+    // bob's page was open before the room existed: it learnt the room from $lobby, not from
+    // GET /api/rooms, and must mark it all the same.
+    await bob.locator('#room-list li[data-room="club"][data-password="true"]').waitFor();
     await alice.click('#room-list li[data-room="club"]');
     const form = alice.locator('.password-form[data-room="club"]');
     await form.waitFor();

@@ -4,6 +4,14 @@
 
 let passed = 0;
 let failed = 0;
+const failureHooks = [];
+
+/** Runs `hook(checkName)` when a check fails, after its FAIL line: screenshots and page state,
+ * so that a failure seen once can be read afterwards. A hook that throws is reported and
+ * skipped. */
+export function onFailure(hook) {
+  failureHooks.push(hook);
+}
 
 const firstLine = (err) => String(err?.message || err).split('\n')[0];
 
@@ -15,6 +23,13 @@ export async function check(name, fn) {
   } catch (err) {
     failed += 1;
     console.log(`FAIL ${name}: ${firstLine(err)}`);
+    for (const hook of failureHooks) {
+      try {
+        await hook(name);
+      } catch (e) {
+        console.log(`     (a failure hook failed: ${firstLine(e)})`);
+      }
+    }
     if (err && typeof err === 'object') err.reported = true;
     throw err;
   }
