@@ -16,7 +16,7 @@ use crate::core::archive::{Prepared, Seeding};
 use crate::core::auth::Grant;
 use crate::core::coalesce::Coalescer;
 use crate::core::history::HistoryService;
-use crate::core::lobby::{Listed, Lobby};
+use crate::core::lobby::Lobby;
 use crate::core::ring::History;
 use crate::core::room::{Joined, Room};
 use crate::core::stats::{AuthReason, Stats};
@@ -267,8 +267,7 @@ impl Hub {
                         max: self.max_rooms,
                     });
                 }
-                let (settings_private, locked) =
-                    (settings.is_private(), settings.password.is_some());
+                let settings_private = settings.is_private();
                 let room = self.create_room(
                     name,
                     settings,
@@ -280,7 +279,7 @@ impl Hub {
                 room.set_remote_members(start.remote_members);
                 shard.insert(name.into(), room.clone());
                 self.stats.rooms.inc();
-                self.lobby.room_created(name, settings_private, locked);
+                self.lobby.room_created(name, settings_private);
                 (room, true)
             }
         };
@@ -429,19 +428,15 @@ impl Hub {
 
     /// Sends the lobby's coalesced frames for this tick (nothing when nobody is in it).
     pub fn flush_lobby(&self) {
-        self.lobby.flush(|| {
-            let settings = self.settings();
-            let (rooms, _) = self.list(usize::MAX);
-            rooms
-                .into_iter()
-                .filter(|(room, _)| !settings.is_private(room.name()))
-                .map(|(room, members)| Listed {
-                    password_protected: settings.has_password(room.name()),
-                    room,
-                    members,
-                })
-                .collect()
-        });
+        let settings = self.settings();
+        self.lobby.flush(
+            || {
+                let (mut rooms, _) = self.list(usize::MAX);
+                rooms.retain(|(room, _)| !settings.is_private(room.name()));
+                rooms
+            },
+            |room| settings.has_password(room),
+        );
     }
 
     fn queue_presence(&self, room: &Arc<Room>, state: &mut crate::core::room::RoomState) {

@@ -13,7 +13,7 @@
 //! room. Members with the same scope share one view (one ring, frames encoded once per view per
 //! tick); without tokens there is one view.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,11 +44,7 @@ const LOBBY_BUFFER: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
-    /// `locked`: the room needs a password, which the frame says so that a list built from the
-    /// lobby marks it as `GET /api/rooms` does.
-    Created {
-        locked: bool,
-    },
+    Created,
     Closed,
 }
 
@@ -70,10 +66,10 @@ struct View {
 pub type Counted = (Arc<Room>, usize);
 
 /// A public room as `room_counts` lists it.
-pub struct Listed {
-    pub room: Arc<Room>,
-    pub members: usize,
-    pub password_protected: bool,
+struct Listed {
+    room: Arc<Room>,
+    members: usize,
+    password_protected: bool,
 }
 
 pub struct Lobby {
@@ -187,11 +183,10 @@ impl Lobby {
         removed
     }
 
-    /// A room was created (called under its shard lock). Private rooms are never announced;
-    /// `locked`: it needs a password.
-    pub(crate) fn room_created(&self, name: &str, private: bool, locked: bool) {
+    /// A room was created (called under its shard lock). Private rooms are never announced.
+    pub(crate) fn room_created(&self, name: &str, private: bool) {
         if !private {
-            self.note(name, Change::Created { locked });
+            self.note(name, Change::Created);
         }
     }
 
@@ -217,7 +212,7 @@ impl Lobby {
         let mut changes = self.changes.lock();
         match changes.rooms.get(name) {
             // Created then closed, or closed then created, within one tick: nothing to tell.
-            Some(&earlier) if (earlier == Change::Closed) != (change == Change::Closed) => {
+            Some(&earlier) if earlier != change => {
                 changes.rooms.remove(name);
             }
             Some(_) => {}
@@ -229,8 +224,14 @@ impl Lobby {
     }
 
     /// Sends this tick's frames to every view. `snapshot` lists the public rooms with their
-    /// member counts, largest first; it is only called when a count moved.
-    pub(crate) fn flush(&self, snapshot: impl FnOnce() -> Vec<Listed>) {
+    /// member counts, largest first; it is only called when a count moved. `password_protected`
+    /// says which rooms need a password, as `GET /api/rooms` does: every frame that names such a
+    /// room says so, so that a list built from the lobby marks it too.
+    pub(crate) fn flush(
+        &self,
+        snapshot: impl FnOnce() -> Vec<Counted>,
+        password_protected: impl Fn(&str) -> bool,
+    ) {
         if !self.watched() {
             // Nobody to tell: forget what was noted while the last watcher was leaving.
             let mut changes = self.changes.lock();
@@ -241,10 +242,23 @@ impl Lobby {
             return;
         }
         let changes = std::mem::take(&mut *self.changes.lock());
-        let counts = self
-            .counts_dirty
-            .swap(false, Ordering::Relaxed)
-            .then(snapshot);
+        let locked: HashSet<&str> = changes
+            .rooms
+            .iter()
+            .filter(|(name, change)| **change == Change::Created && password_protected(name))
+            .map(|(name, _)| &**name)
+            .collect();
+        let counts: Option<Vec<Listed>> =
+            self.counts_dirty.swap(false, Ordering::Relaxed).then(|| {
+                snapshot()
+                    .into_iter()
+                    .map(|(room, members)| Listed {
+                        password_protected: password_protected(room.name()),
+                        room,
+                        members,
+                    })
+                    .collect()
+            });
         let views: Vec<(Scope, Arc<Room>)> = self
             .views
             .lock()
@@ -253,7 +267,7 @@ impl Lobby {
             .collect();
         for (scope, room) in &views {
             if !changes.rooms.is_empty() || changes.truncated {
-                self.send_changes(room, scope, &changes);
+                self.send_changes(room, scope, &changes, &locked);
             }
             if let Some(counts) = &counts {
                 self.send_counts(room, scope, counts);
@@ -282,17 +296,13 @@ impl Lobby {
         );
     }
 
-    fn send_changes(&self, room: &Room, scope: &Scope, changes: &Changes) {
+    /// `locked`: the created rooms that need a password.
+    fn send_changes(&self, room: &Room, scope: &Scope, changes: &Changes, locked: &HashSet<&str>) {
         let mut created: Vec<&str> = Vec::new();
-        let mut locked: Vec<&str> = Vec::new();
         let mut closed: Vec<&str> = Vec::new();
         for (name, change) in changes.rooms.iter().filter(|(n, _)| scope.allows(n)) {
             match change {
-                Change::Created { locked: false } => created.push(name),
-                Change::Created { locked: true } => {
-                    created.push(name);
-                    locked.push(name);
-                }
+                Change::Created => created.push(name),
                 Change::Closed => closed.push(name),
             }
         }
@@ -300,29 +310,32 @@ impl Lobby {
             return;
         }
         created.sort_unstable();
-        locked.sort_unstable();
         closed.sort_unstable();
         if !changes.truncated && created.len() + closed.len() <= SINGLE_EVENTS_MAX {
             for name in closed {
                 self.send(room, ServerFrame::RoomClosed { room: name });
             }
             for name in created {
-                let password_protected = locked.binary_search(&name).is_ok();
                 self.send(
                     room,
                     ServerFrame::RoomCreated {
                         room: name,
-                        password_protected,
+                        password_protected: locked.contains(name),
                     },
                 );
             }
             return;
         }
+        let password_protected: Vec<&str> = created
+            .iter()
+            .copied()
+            .filter(|name| locked.contains(name))
+            .collect();
         self.send(
             room,
             ServerFrame::RoomsChanged {
                 created: &created,
-                password_protected: &locked,
+                password_protected: &password_protected,
                 closed: &closed,
                 truncated: changes.truncated,
             },
@@ -352,7 +365,7 @@ mod tests {
         Lobby::new(50, Arc::new(Stats::new()))
     }
 
-    fn no_rooms() -> Vec<Listed> {
+    fn no_rooms() -> Vec<Counted> {
         Vec::new()
     }
 
@@ -360,12 +373,12 @@ mod tests {
     fn nothing_is_noted_without_watchers() {
         let l = lobby();
         for i in 0..100 {
-            l.room_created(&format!("r{i}"), false, false);
+            l.room_created(&format!("r{i}"), false);
         }
         l.counts_changed();
         assert!(l.changes.lock().rooms.is_empty());
         assert!(!l.counts_dirty.load(Ordering::Relaxed));
-        l.flush(|| panic!("no snapshot without watchers"));
+        l.flush(|| panic!("no snapshot without watchers"), |_| false);
     }
 
     #[test]
@@ -373,18 +386,18 @@ mod tests {
         let l = lobby();
         let user: Arc<str> = "w".into();
         let mut j = l.join(1, &user, None, &Scope::all());
-        l.flush(no_rooms); // the joiner's first room_counts
+        l.flush(no_rooms, |_| false); // the joiner's first room_counts
         assert_eq!(
             payload(&j.rx.try_recv().unwrap().frame)["type"],
             "room_counts"
         );
 
         // A few changes: single events, the exact shapes.
-        l.room_created("a", false, false);
-        l.room_created("b", false, false);
+        l.room_created("a", false);
+        l.room_created("b", false);
         l.room_closed("b", false); // created and closed in one tick: nothing
         l.room_closed("old", false);
-        l.flush(no_rooms);
+        l.flush(no_rooms, |_| false);
         let frames: Vec<_> = std::iter::from_fn(|| j.rx.try_recv().ok())
             .map(|o| payload(&o.frame))
             .collect();
@@ -399,10 +412,10 @@ mod tests {
 
         // A burst: one frame for all of it.
         for i in 0..500 {
-            l.room_created(&format!("r{i:03}"), false, false);
+            l.room_created(&format!("r{i:03}"), false);
         }
         l.room_closed("a", false);
-        l.flush(no_rooms);
+        l.flush(no_rooms, |_| false);
         let v = payload(&j.rx.try_recv().unwrap().frame);
         assert_eq!(v["type"], "rooms_changed");
         assert_eq!(v["created"].as_array().unwrap().len(), 500);
@@ -416,7 +429,7 @@ mod tests {
         assert!(j.rx.try_recv().is_err());
 
         // A quiet tick sends nothing.
-        l.flush(no_rooms);
+        l.flush(no_rooms, |_| false);
         assert!(j.rx.try_recv().is_err());
     }
 
@@ -425,12 +438,12 @@ mod tests {
         let l = lobby();
         let user: Arc<str> = "w".into();
         let mut j = l.join(1, &user, None, &Scope::all());
-        l.flush(no_rooms);
+        l.flush(no_rooms, |_| false);
         let _ = j.rx.try_recv();
         for i in 0..CHANGES_MAX + 5 {
-            l.room_created(&format!("r{i}"), false, false);
+            l.room_created(&format!("r{i}"), false);
         }
-        l.flush(no_rooms);
+        l.flush(no_rooms, |_| false);
         let v = payload(&j.rx.try_recv().unwrap().frame);
         assert_eq!(v["truncated"], true);
         assert_eq!(v["created"].as_array().unwrap().len(), CHANGES_MAX);
@@ -459,16 +472,16 @@ mod views {
         let mut all = l.join(1, &user, None, &Scope::all());
         let mut p1 = l.join(2, &user, None, &posts);
         let mut p2 = l.join(3, &user, None, &Scope::of(["$lobby", "post:*"].into_iter()));
-        l.flush(Vec::new);
+        l.flush(Vec::new, |_| false);
         frames(&mut all);
         frames(&mut p1);
         frames(&mut p2);
 
         let encoded = stats.frames_encoded.get();
-        l.room_created("post:1", false, false);
-        l.room_created("general", false, false);
-        l.room_created("post:secret", true, false);
-        l.flush(Vec::new);
+        l.room_created("post:1", false);
+        l.room_created("general", false);
+        l.room_created("post:secret", true);
+        l.flush(Vec::new, |_| false);
         let everyone = frames(&mut all);
         assert!(everyone.contains(&serde_json::json!({"type": "room_created", "room": "general"})));
         assert!(everyone.contains(&serde_json::json!({"type": "room_created", "room": "post:1"})));
