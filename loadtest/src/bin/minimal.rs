@@ -161,7 +161,7 @@ impl Server {
         let (room, _rx, _) = self.join(name);
         let mut state = lock(&room.state);
         let welcome = server_frame(
-            0x1,
+            OpCode::Text,
             &json(&ServerMessage::Welcome {
                 room: name,
                 seq: state.seq,
@@ -169,7 +169,7 @@ impl Server {
         );
         if !matches!(socket.try_write(&welcome), Ok(n) if n == welcome.len()) {
             drop(state);
-            self.leave(name, &room, id);
+            self.leave(name, &room);
             return None;
         }
         state.sockets.push((id, socket.clone()));
@@ -177,10 +177,9 @@ impl Server {
         Some(room)
     }
 
-    fn leave(&self, name: &str, room: &Room, id: u64) {
+    fn leave(&self, name: &str, room: &Room) {
         let mut rooms = lock(&self.rooms);
         let mut state = lock(&room.state);
-        state.sockets.retain(|(member, _)| *member != id);
         state.members -= 1;
         if state.members == 0 {
             rooms.remove(name);
@@ -204,7 +203,7 @@ impl Room {
             let _ = self.tx.send(frame);
             return;
         }
-        let wire = server_frame(0x1, &frame);
+        let wire = server_frame(OpCode::Text, &frame);
         let mut written = 0;
         state.sockets.retain(|(_, socket)| {
             if matches!(socket.try_write(&wire), Ok(n) if n == wire.len()) {
@@ -219,23 +218,11 @@ impl Room {
     }
 }
 
-/// An unmasked final frame: what a server sends.
-fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut wire = Vec::with_capacity(payload.len() + 10);
-    wire.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => wire.push(n as u8),
-        n if n <= usize::from(u16::MAX) => {
-            wire.push(126);
-            wire.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            wire.push(127);
-            wire.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    wire.extend_from_slice(payload);
-    wire
+/// An unmasked final frame, header and payload in one buffer: what a server sends.
+fn server_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    let mut head = [0u8; 10];
+    let n = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
+    [&head[..n], payload].concat()
 }
 
 /// The largest client frame `--direct` reads.
@@ -511,7 +498,7 @@ async fn member(server: &Server, fut: UpgradeFut, name: &str, user: &str) {
             }
         }
     }
-    server.leave(name, &room, u64::MAX);
+    server.leave(name, &room);
 }
 
 /// `--direct`: one member's task, which only reads; publishers write to its socket.
@@ -546,13 +533,16 @@ async fn direct_member(server: &Server, fut: UpgradeFut, name: &str, user: &str)
                 Ok(Some((0x8, payload))) => {
                     // The reply shares the socket with publishers: under the room's lock.
                     let state = lock(&room.state);
-                    let _ = socket.try_write(&server_frame(0x8, &payload[..payload.len().min(2)]));
+                    let _ = socket.try_write(&server_frame(
+                        OpCode::Close,
+                        &payload[..payload.len().min(2)],
+                    ));
                     drop(state);
                     break 'serve;
                 }
                 Ok(Some((0x9, payload))) => {
                     let state = lock(&room.state);
-                    let _ = socket.try_write(&server_frame(0xA, &payload));
+                    let _ = socket.try_write(&server_frame(OpCode::Pong, &payload));
                     drop(state);
                 }
                 Ok(Some(_)) => {}
@@ -570,5 +560,8 @@ async fn direct_member(server: &Server, fut: UpgradeFut, name: &str, user: &str)
             Err(_) => break,
         }
     }
-    server.leave(name, &room, id);
+    lock(&room.state)
+        .sockets
+        .retain(|(member, _)| *member != id);
+    server.leave(name, &room);
 }
